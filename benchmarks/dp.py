@@ -1,0 +1,383 @@
+"""plait data parallel against torch DDP on the same work, alternating A B A B.
+
+Both systems train the same GPT (`bench-dp`: d_model 512, 8 layers, vocab
+8192, seq 128, GPT-2 options) from the same initial weights on the same
+batches, fp32 AdamW, 2 ranks of 1 thread each over gloo. Each rank builds
+both once, then for every pair times a block of steps of each system, the
+first system alternating between pairs. Reported: median tokens/s per system,
+the median per-pair ratio plait/DDP with its spread, model-state bytes per
+rank, the process's peak RSS, and plait's comm bytes per step next to theory.
+
+    python benchmarks/dp.py                  # the full run (a few minutes on 2 cores)
+    python benchmarks/dp.py --quick          # a tiny model, a smoke check (~20 s)
+    python benchmarks/dp.py --profile        # also torch.profiler tables of 2 steps each (rank 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from common import (
+    RESULTS_DIR,
+    current_rss_bytes,
+    environment,
+    format_bytes,
+    format_table,
+    model_state_bytes,
+    peak_rss_bytes,
+    ratio_summary,
+    reset_peak_rss,
+    run_alternating,
+    run_ranks,
+    spread,
+    timed_block,
+    verdict,
+    write_json,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+import plait
+from plait.models import build
+
+TARGET_RATIO = 0.97
+WORLD_SIZE = 2
+PRESET = "bench-dp"
+SYSTEMS = ("plait", "ddp")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    pairs: int = 6
+    steps: int = 4  # timed steps per block
+    warmup: int = 1  # untimed steps per system before the first block
+    batch: int = 4  # sequences per rank per step
+    seq: int = 128
+    d_model: int | None = None  # None: the preset's
+    layers: int | None = None
+    heads: int | None = None
+    vocab: int | None = None
+    lr: float = 3e-4
+    eps: float = 1e-8
+    seed: int = 0
+    profile: bool = False
+    quick: bool = False
+
+    def model_overrides(self) -> dict[str, int]:
+        fields = {"d_model": self.d_model, "num_layers": self.layers, "num_heads": self.heads, "vocab_size": self.vocab}
+        return {"max_seq_len": self.seq, **{k: v for k, v in fields.items() if v is not None}}
+
+    def tokens_per_step(self) -> int:
+        return WORLD_SIZE * self.batch * self.seq
+
+
+def make_optimizer(config: BenchConfig):
+    def optimizer(params):
+        return torch.optim.AdamW(params, lr=config.lr, eps=config.eps)
+
+    return optimizer
+
+
+def make_batches(config: BenchConfig, *, vocab_size: int, rank: int, num_batches: int) -> list[torch.Tensor]:
+    """This rank's distinct token batches (batch, seq); both systems walk the same list."""
+    gen = torch.Generator().manual_seed(config.seed * 1000 + 17 + rank)
+    return [torch.randint(0, vocab_size, (config.batch, config.seq), generator=gen) for _ in range(num_batches)]
+
+
+class PlaitSystem:
+    def __init__(self, model: torch.nn.Module, config: BenchConfig) -> None:
+        self.model = model
+        self.engine = plait.boost(
+            model,
+            optimizer=make_optimizer(config),
+            loss_fn=plait.losses.causal_lm,
+            plan=plait.Plan(dp=WORLD_SIZE),
+        )
+        self.optimizer = self.engine.optimizer
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.engine.train_step({"input_ids": tokens, "labels": tokens}).loss
+
+
+class DDPSystem:
+    def __init__(self, model: torch.nn.Module, config: BenchConfig) -> None:
+        self.model = model
+        self.ddp = DistributedDataParallel(model)
+        self.optimizer = make_optimizer(config)(model.parameters())
+        self.before_zero_grad = None  # a callback, to count grads while they are alive
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": tokens, "labels": tokens}
+        loss_sum, num_tokens = plait.losses.causal_lm(self.ddp(**batch), batch)
+        loss = loss_sum / num_tokens
+        loss.backward()
+        self.optimizer.step()
+        if self.before_zero_grad is not None:
+            self.before_zero_grad()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+
+class Runner:
+    """One system's step counter over the shared batch list, with per-block records."""
+
+    def __init__(self, name: str, system: Any, batches: list[torch.Tensor], config: BenchConfig) -> None:
+        self.name = name
+        self.system = system
+        self.batches = batches
+        self.config = config
+        self.step_index = 0
+        self.block_losses: list[float] = []  # global mean loss of each block's last step
+        self.comm_bytes_per_step: list[float] = []
+
+    def run_steps(self, num_steps: int) -> torch.Tensor:
+        loss = torch.zeros(())
+        for _ in range(num_steps):
+            loss = self.system.step(self.batches[self.step_index % len(self.batches)])
+            self.step_index += 1
+        return loss
+
+    def block(self) -> float:
+        comm = getattr(getattr(self.system, "engine", None), "comm", None)
+        if comm is not None:
+            comm.reset()
+        seconds, loss = timed_block(lambda: self.run_steps(self.config.steps))
+        if comm is not None:
+            self.comm_bytes_per_step.append(comm.total_bytes / self.config.steps)
+        self.block_losses.append(global_mean(loss))
+        return seconds
+
+
+def global_mean(value: torch.Tensor) -> float:
+    value = value.detach().clone().float()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def build_systems(config: BenchConfig) -> tuple[dict[str, Any], dict[str, int | None]]:
+    torch.manual_seed(config.seed)
+    rss = {"start": current_rss_bytes()}
+    model = build(PRESET, **config.model_overrides())
+    reference = copy.deepcopy(model)  # the same initial weights for both
+    rss["models_built"] = current_rss_bytes()
+    systems = {"plait": PlaitSystem(model, config)}
+    rss["plait_built"] = current_rss_bytes()
+    systems["ddp"] = DDPSystem(reference, config)
+    rss["ddp_built"] = current_rss_bytes()
+    return systems, rss
+
+
+def warm_up(runners: dict[str, Runner], config: BenchConfig) -> dict[str, Any]:
+    """Untimed steps of each system; count model states after the first optimizer step."""
+    states: dict[str, Any] = {}
+    ddp = runners["ddp"].system
+
+    def count_ddp() -> None:
+        states["ddp"] = model_state_bytes(ddp.model, ddp.optimizer)
+        ddp.before_zero_grad = None
+
+    ddp.before_zero_grad = count_ddp
+    first_losses = {}
+    for name, runner in runners.items():
+        first_losses[name] = global_mean(runner.run_steps(config.warmup))
+    plait_system = runners["plait"].system
+    states["plait"] = model_state_bytes(plait_system.model, plait_system.optimizer)
+    for runner in runners.values():
+        runner.step_index = 0  # both replay the same batches from here on
+    return {"model_state_bytes": states, "warmup_loss": first_losses}
+
+
+def profile_steps(runners: dict[str, Runner], *, rank: int, num_steps: int = 2) -> dict[str, str]:
+    """torch.profiler tables of `num_steps` steps per system on rank 0 (every rank runs the steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, runner in runners.items():
+        dist.barrier()
+        if rank == 0:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                runner.run_steps(num_steps)
+            tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        else:
+            runner.run_steps(num_steps)
+        dist.barrier()
+    return tables
+
+
+def rank_main(rank: int, world_size: int, config: BenchConfig) -> dict[str, Any]:
+    systems, rss = build_systems(config)
+    model = systems["plait"].model
+    num_params = sum(p.numel() for p in model.parameters())
+    batches = make_batches(config, vocab_size=model.config.vocab_size, rank=rank, num_batches=8)
+    runners = {name: Runner(name, systems[name], batches, config) for name in SYSTEMS}
+    warm = warm_up(runners, config)
+    peak_reset = reset_peak_rss()
+    rss["timed_start"] = current_rss_bytes()
+    started = time.perf_counter()
+    timing = run_alternating({name: runners[name].block for name in SYSTEMS}, num_pairs=config.pairs)
+    wall_s = time.perf_counter() - started
+    result = {
+        "rank": rank,
+        "num_params": num_params,
+        "model_config": asdict(model.config),
+        "timing": timing,
+        "timed_wall_s": wall_s,
+        "block_losses": {name: runners[name].block_losses for name in SYSTEMS},
+        "comm_bytes_per_step": runners["plait"].comm_bytes_per_step,
+        "comm_bytes_by_kind_last_block": dict(systems["plait"].engine.comm.bytes_by_kind),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_reset": peak_reset,
+        "rss_bytes": rss,
+        **warm,
+    }
+    if config.profile:
+        result["profile"] = profile_steps(runners, rank=rank)
+    return result
+
+
+def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, Any]:
+    lead = results[0]
+    tokens = config.tokens_per_step() * config.steps
+    seconds = lead["timing"]["seconds"]
+    rates = {name: [tokens / s for s in seconds[name]] for name in SYSTEMS}
+    num_params = lead["num_params"]
+    comm = lead["comm_bytes_per_step"]
+    return {
+        "tokens_per_block": tokens,
+        "tokens_per_s": {name: spread(rates[name]) for name in SYSTEMS},
+        "tokens_per_s_per_block": rates,
+        "step_s_median": {name: statistics.median(seconds[name]) / config.steps for name in SYSTEMS},
+        "ratio_plait_over_ddp": ratio_summary(rates["plait"], rates["ddp"]),
+        "target_ratio": TARGET_RATIO,
+        "comm": {
+            "plait_bytes_per_step_per_rank": statistics.median(comm) if comm else None,
+            "theory_allreduce_payload_bytes": 4 * num_params,
+            "theory_formula": "one all-reduce of P fp32 gradients: 4P bytes payload (ring wire: 2(N-1)/N of that)",
+        },
+        "memory": {
+            "model_state_bytes_per_rank": [r["model_state_bytes"] for r in results],
+            "model_state_theory_bytes": 16 * num_params,
+            "model_state_formula": "fp32 params 4P + grads 4P + AdamW exp_avg 4P + exp_avg_sq 4P = 16P",
+            "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in results],
+            "peak_rss_note": "one process per rank holds both systems; VmHWM reset after warm-up",
+        },
+        "loss_check": {
+            "warmup": lead["warmup_loss"],
+            "last_block": {name: lead["block_losses"][name][-1] for name in SYSTEMS},
+        },
+    }
+
+
+def print_report(summary: dict[str, Any], results: list[dict[str, Any]], config: BenchConfig) -> None:
+    lead = results[0]
+    ratio = summary["ratio_plait_over_ddp"]
+    cfg = lead["model_config"]
+    print(
+        f"\nplait DP vs torch DDP | {PRESET}: d_model {cfg['d_model']}, {cfg['num_layers']} layers, "
+        f"vocab {cfg['vocab_size']}, seq {config.seq}, P = {lead['num_params']:,} | "
+        f"{WORLD_SIZE} ranks x 1 thread, gloo, batch {config.batch}/rank | "
+        f"{config.pairs} pairs x {config.steps} steps"
+    )
+    rows = []
+    for name in SYSTEMS:
+        rate = summary["tokens_per_s"][name]
+        states = lead["model_state_bytes"][name]
+        rows.append(
+            [
+                name,
+                f"{rate['median']:.1f}",
+                f"{rate['min']:.1f}-{rate['max']:.1f}",
+                f"{summary['step_s_median'][name]:.3f}",
+                format_bytes(states["total"]),
+            ]
+        )
+    print(format_table(["system", "tokens/s (median)", "min-max", "s/step", "model states/rank"], rows))
+    per_pair = ", ".join(f"{r:.3f}" for r in ratio["per_pair"])
+    print(
+        f"\nratio plait/DDP: median {ratio['median']:.3f}  min-max {ratio['min']:.3f}-{ratio['max']:.3f}  "
+        f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}  (pairs: {per_pair})"
+    )
+    memory = summary["memory"]
+    comm = summary["comm"]
+    print(f"model states theory: {format_bytes(memory['model_state_theory_bytes'])} (16P)")
+    peaks = ", ".join(format_bytes(b) for b in memory["peak_rss_bytes_per_rank"])
+    print(f"peak RSS per rank (both systems in one process): {peaks}")
+    print(
+        f"plait comm per step per rank: {format_bytes(comm['plait_bytes_per_step_per_rank'])} "
+        f"vs theory 4P = {format_bytes(comm['theory_allreduce_payload_bytes'])}"
+    )
+    losses = summary["loss_check"]
+    print(
+        "loss check (same weights, same data): "
+        + ", ".join(f"{n} warm-up {losses['warmup'][n]:.4f} last {losses['last_block'][n]:.4f}" for n in SYSTEMS)
+    )
+    print(f"\ntarget ratio >= {TARGET_RATIO}: {verdict(ratio['median'], TARGET_RATIO)}")
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=None, help="A/B pairs (default 6, at least 5 for a figure)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per block (default 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per system first (default 1)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per rank per step (default 4)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
+    parser.add_argument("--d-model", type=int, default=None, help="override the preset's d_model")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--heads", type=int, default=None, help="override the preset's head count")
+    parser.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="also profile 2 steps of each system on rank 0")
+    parser.add_argument("--quick", action="store_true", help="a tiny model: a smoke check in ~20 s")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/dp.json)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the ranks count as hung")
+    args = parser.parse_args(argv)
+    base = {"d_model": 64, "layers": 2, "seq": 32, "batch": 2, "pairs": 5, "steps": 2} if args.quick else {}
+    chosen = {
+        key: getattr(args, key)
+        for key in ("pairs", "steps", "warmup", "batch", "seq", "d_model", "layers", "heads", "vocab")
+        if getattr(args, key) is not None
+    }
+    config = BenchConfig(**{**base, **chosen}, seed=args.seed, profile=args.profile, quick=args.quick)
+    if config.pairs < 1 or config.steps < 1 or config.warmup < 1:
+        parser.error("--pairs, --steps and --warmup must be at least 1")
+    if config.pairs < 5:
+        print(f"note: {config.pairs} pairs; quote a ratio from at least 5", file=sys.stderr)
+    default_name = "dp-quick.json" if config.quick else "dp.json"
+    return config, args.out or RESULTS_DIR / default_name, args.timeout
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, out_path, timeout_s = parse_args(argv)
+    results = run_ranks(rank_main, WORLD_SIZE, config, num_threads=1, timeout_s=timeout_s)
+    summary = summarize(results, config)
+    print_report(summary, results, config)
+    profiles = results[0].pop("profile", None)
+    if profiles:
+        for name, table in profiles.items():
+            path = out_path.with_name(f"{out_path.stem}-profile-{name}.txt")
+            path.write_text(table)
+            print(f"\nprofile of 2 {name} steps (rank 0), top ops by self CPU time -> {path}")
+            print("\n".join(table.splitlines()[:22]))
+    payload = {
+        "benchmark": "dp",
+        "systems": {"A": "plait (plait.boost, Plan(dp=2))", "B": "torch DistributedDataParallel"},
+        "config": {**asdict(config), "preset": PRESET, "world_size": WORLD_SIZE, "threads_per_rank": 1},
+        "environment": environment(),
+        "summary": summary,
+        "per_rank": results,
+        "verdict": verdict(summary["ratio_plait_over_ddp"]["median"], TARGET_RATIO),
+    }
+    print(f"\nwrote {write_json(out_path, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

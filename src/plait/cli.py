@@ -1,0 +1,161 @@
+"""The `plait` command: train, run, verify, generate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from plait.config import Config, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="a TOML config, e.g. configs/gpt-tiny.toml (defaults if omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to launch on this machine (through torchrun)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description="Train large models on PyTorch with one plan.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model from a config")
+    _add_config_args(train)
+    train.add_argument("--resume", default=None, help="a checkpoint directory to continue from")
+    verify = commands.add_parser("verify", help="check a plan's losses against one plain process")
+    _add_config_args(verify)
+    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate.add_argument("checkpoint")
+    generate.add_argument("--prompt", default="def ")
+    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--seed", type=int, default=0)
+    commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
+    return parser
+
+
+def _ranks_wanted(config: Config, nproc: int | None) -> int:
+    if nproc is not None:
+        if nproc < 1:
+            raise ValueError(f"--nproc {nproc}: launch at least one rank")
+        return nproc
+    plan = config.plan
+    if plan.dp == -1:
+        return plan.tp * plan.pp * plan.cp
+    return plan.dp * plan.tp * plan.pp * plan.cp
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this command on `nproc` local ranks through torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "plait.cli", *argv]
+    return subprocess.call(command)
+
+
+def _strip_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.train.setup import validate
+
+    config = load_config(args.config, args.overrides)
+    nproc = _ranks_wanted(config, args.nproc)
+    validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
+    if args.resume and not Path(args.resume).is_dir():
+        raise ValueError(f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints")
+    if nproc > 1 and not _under_torchrun():
+        return _launch(nproc, _strip_nproc(argv))
+    from plait.train.loop import run_training, summary_line
+
+    summary = run_training(config, resume=args.resume)
+    print(summary_line(summary))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.train.setup import validate
+    from plait.train.verify import compare, verification_config
+
+    config = load_config(args.config, args.overrides)
+    nproc = _ranks_wanted(config, args.nproc)
+    validate(config, world_size=nproc)
+    with tempfile.TemporaryDirectory(prefix="plait-verify-") as out_dir:
+        run_config = verification_config(config, out_dir)
+        train_argv = ["train", *([args.config] if args.config else []), *_sets_for(run_config)]
+        code = _launch(nproc, train_argv)
+        if code != 0:
+            return code
+        from plait.train.logs import read_metrics
+
+        plan_losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.csv") if "loss" in row]
+    comparison = compare(plan_losses, config)
+    print(comparison.table())
+    return 0 if comparison.passed else 1
+
+
+def _sets_for(config: Config) -> list[str]:
+    """--set arguments that reproduce the plan and train sections of `config`."""
+    import dataclasses
+
+    items = []
+    for section in ("plan", "train"):
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            text = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+            items += ["--set", f"{section}.{key}={text}"]
+    return items
+
+
+def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.train.generate import generate_text
+
+    path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a checkpoint directory; use one under <out_dir>/checkpoints")
+    text = generate_text(
+        path,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(text)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "verify": cmd_verify, "generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        from plait.dist.launch import torchrun
+
+        return torchrun(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args, argv)
+    except (ValueError, TypeError) as err:
+        print(f"plait {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Plan and training configuration: dataclasses that validate themselves.
+
+A config is four sections (`model`, `data`, `plan`, `train`) that map one to
+one onto TOML tables and onto `--set section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE_MODES = ("none", "full", "selective")
+AXES = ("pp", "dp", "cp", "tp")
+BUILT_ZERO_STAGES = (0,)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class Plan:
+    """How one training step is spread over the ranks.
+
+    The product of dp, tp, pp and cp is the world size (dp=-1 infers it);
+    ep groups experts over the dp x cp ranks. Example::
+
+        plan = plait.Plan(dp=2, zero=0, microbatches=4)
+    """
+
+    dp: int = -1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero: int = 0
+    precision: str = "fp32"
+    microbatches: int = 1
+    recompute: str = "none"
+    bucket_mb: float = 25.0
+
+    def __post_init__(self) -> None:
+        _require(self.dp == -1 or self.dp >= 1, f"plan.dp={self.dp}: use a positive degree or -1 to infer it from the world size")
+        for axis in ("tp", "pp", "cp", "ep"):
+            value = getattr(self, axis)
+            _require(value >= 1, f"plan.{axis}={value}: degrees are positive; use 1 to switch the axis off")
+        _require(self.zero in (0, 1, 2, 3), f"plan.zero={self.zero}: ZeRO stages are 0, 1, 2 or 3")
+        _require(self.precision in PRECISIONS, f"plan.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        _require(self.microbatches >= 1, f"plan.microbatches={self.microbatches}: use 1 or more micro-batches per step")
+        _require(self.recompute in RECOMPUTE_MODES, f"plan.recompute={self.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+        _require(self.bucket_mb > 0, f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)")
+
+    def check_available(self) -> None:
+        """Reject the parts of the plan that plait does not build yet."""
+        for axis in ("tp", "pp", "cp", "ep"):
+            _require(getattr(self, axis) == 1, f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1")
+        _require(self.zero in BUILT_ZERO_STAGES, f"plan.zero={self.zero}: ZeRO stage {self.zero} is not available yet; use plan.zero=0 (data parallel)")
+        _require(self.precision == "fp32", f"plan.precision={self.precision!r}: mixed precision is not available yet; use plan.precision='fp32'")
+        _require(self.recompute == "none", f"plan.recompute={self.recompute!r}: activation recomputation is not available yet; use plan.recompute='none'")
+
+    def resolve(self, world_size: int) -> Plan:
+        """The plan with dp inferred, checked against the world size."""
+        others = self.tp * self.pp * self.cp
+        dp = self.dp
+        if dp == -1:
+            _require(world_size % others == 0, f"world size {world_size} is not divisible by tp*pp*cp={others}; launch a multiple of {others} ranks or change the degrees")
+            dp = world_size // others
+        _require(dp * others == world_size, f"plan dp*tp*pp*cp = {dp}*{self.tp}*{self.pp}*{self.cp} = {dp * others} but the world size is {world_size}; set plan.dp=-1 to infer dp, or launch {dp * others} ranks")
+        return dataclasses.replace(self, dp=dp)
+
+
+@dataclass
+class ModelConfig:
+    """A named preset plus field overrides (see `plait.models.preset_names()`)."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    corpus: str | list[str] = "stdlib"
+    seq_len: int = 128
+    vocab_size: int = 8192
+    val_fraction: float = 0.01
+    cache_dir: str = ".cache/plait"
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, f"data.seq_len={self.seq_len}: a causal LM needs at least 2 tokens per sample")
+        _require(256 < self.vocab_size <= 2**32, f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens (8192 is a good default)")
+        _require(0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01")
+        if isinstance(self.corpus, list):
+            _require(len(self.corpus) > 0, "data.corpus is an empty list; give 'stdlib' or paths to .txt/.jsonl files")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"train.steps={self.steps}: train for at least one step")
+        _require(self.global_batch >= 1, f"train.global_batch={self.global_batch}: use at least one sequence per step")
+        _require(self.lr > 0, f"train.lr={self.lr}: the learning rate must be positive, e.g. 3e-4")
+        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio}: use a fraction of lr between 0 and 1")
+        _require(0 <= self.warmup, f"train.warmup={self.warmup}: warmup steps cannot be negative")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: weight decay cannot be negative")
+        _require(self.eps > 0, f"train.eps={self.eps}: Adam's eps must be positive, e.g. 1e-8")
+        _require(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm}: use a positive norm, or 0 to switch clipping off")
+        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
+            value = getattr(self, name)
+            _require(value >= 1, f"train.{name}={value}: use 1 or more")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    plan: Plan = field(default_factory=Plan)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check_batching(self, dp: int) -> None:
+        """The global batch must split over dp ranks and then into micro-batches."""
+        gb, mb = self.train.global_batch, self.plan.microbatches
+        _require(gb % dp == 0, f"train.global_batch={gb} does not split over dp={dp} ranks; use a multiple of {dp}")
+        per_rank = gb // dp
+        _require(per_rank % mb == 0, f"each rank gets {per_rank} sequences, which plan.microbatches={mb} does not divide; use a global_batch that is a multiple of {dp * mb}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "plan": Plan, "train": TrainConfig}
+
+
+def _closest(word: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(text: str, kind: Any, key: str) -> Any:
+    """Parse a --set value: TOML syntax first, bare words as strings."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if kind in (int, float, bool) and not isinstance(value, kind):
+        raise ValueError(f"--set {key}={text}: expected a {kind.__name__}")
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    types = _field_types(cls)
+    if name == "model":
+        preset = values.get("preset", ModelConfig.preset)
+        overrides = {k: v for k, v in values.items() if k not in ("preset", "overrides")}
+        overrides.update(values.get("overrides", {}))
+        return ModelConfig(preset=preset, overrides=overrides)
+    for key in values:
+        if key not in types:
+            raise ValueError(f"unknown key {name}.{key}{_closest(key, types)}; valid keys: {', '.join(types)}")
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    for name in raw:
+        if name not in SECTIONS:
+            raise ValueError(f"unknown config section [{name}]{_closest(name, SECTIONS)}; valid: {', '.join(SECTIONS)}")
+    return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS})
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw config dict (a new dict)."""
+    merged = {name: dict(raw.get(name, {})) for name in SECTIONS} | {k: v for k, v in raw.items() if k not in SECTIONS}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r}: write it as section.key=value, e.g. --set plan.dp=2")
+        path, text = item.split("=", 1)
+        section, key = path.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"--set {item!r}: unknown section {section!r}{_closest(section, SECTIONS)}; valid: {', '.join(SECTIONS)}")
+        types = _field_types(SECTIONS[section])
+        if section != "model" and key not in types:
+            raise ValueError(f"--set {item!r}: unknown key {path}{_closest(key, types)}; valid keys: {', '.join(types)}")
+        merged[section][key] = _coerce(text, types.get(key), item)
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or start from defaults) and apply --set overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist; pass a TOML file such as configs/gpt-tiny.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    return config_from_dict(apply_overrides(raw, overrides))

@@ -1,0 +1,39 @@
+"""The placement record: how a parameter a strand shards is laid out.
+
+Clipping, optimizers and checkpoints read it; no strand imports another to
+know a tensor's layout. A parameter without a record is replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_ATTRIBUTE = "_plait_placement"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`dim_shards`: (axis, dim) pairs, the tensor split evenly along dim over the axis.
+    `flat_range`: (axis, start, end) when the local tensor is a range of the
+    flattened global tensor (ZeRO). `name` is the parameter's name in the model."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    dim_shards: tuple[tuple[str, int], ...] = ()
+    flat_range: tuple[str, int, int] | None = None
+
+    @property
+    def sharded_axes(self) -> tuple[str, ...]:
+        axes = tuple(axis for axis, _ in self.dim_shards)
+        return (*axes, self.flat_range[0]) if self.flat_range else axes
+
+
+def set_placement(tensor: torch.Tensor, placement: Placement) -> None:
+    setattr(tensor, _ATTRIBUTE, placement)
+
+
+def placement_of(tensor: torch.Tensor) -> Placement | None:
+    """The tensor's placement record, or None if it is replicated."""
+    return getattr(tensor, _ATTRIBUTE, None)

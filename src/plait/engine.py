@@ -1,0 +1,209 @@
+"""boost(): apply a plan to a model and own the training step.
+
+The strands apply in a fixed order (TP -> PP split -> recompute -> ZeRO/DP);
+this is the one place that composes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.config import Plan
+from plait.dist.comm import CommCounter, all_reduce
+from plait.dist.mesh import Mesh
+from plait.optim.clip import clip_grad_norm, global_grad_norm
+from plait.zero.data_parallel import DataParallel
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class StepResult:
+    """What one training step reports; reading a field is the only host sync."""
+
+    loss: torch.Tensor  # 0-dim, the global batch loss, equal on every rank
+    grad_norm: torch.Tensor  # 0-dim, before clipping
+    num_tokens: torch.Tensor  # 0-dim, tokens (or micro-batches, for mean losses) in the global batch
+    skipped: bool
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> list[Batch]:
+    """Split every tensor of a batch along dim 0 into equal micro-batches."""
+    sizes = {key: value.size(0) for key, value in batch.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch tensors disagree on the batch size: {sizes}; give every tensor the same first dim")
+    size = next(iter(sizes.values()))
+    if size % num_microbatches:
+        raise ValueError(
+            f"this rank's batch of {size} sequences does not split into plan.microbatches={num_microbatches}; "
+            f"feed a multiple of {num_microbatches} sequences per rank or change plan.microbatches"
+        )
+    chunks = {key: value.chunk(num_microbatches) for key, value in batch.items()}
+    return [{key: chunks[key][i] for key in batch} for i in range(num_microbatches)]
+
+
+class Engine:
+    """A model trained under a plan. Build it with `plait.boost`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: OptimizerFactory,
+        loss_fn: LossFn,
+        mesh: Mesh,
+        lr_scheduler: SchedulerFactory | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        mesh.plan.check_available()
+        self.mesh = mesh
+        self.plan = mesh.plan
+        self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.comm = CommCounter()
+        self.device = next(model.parameters()).device
+        self.data_parallel = DataParallel(model, mesh=mesh, bucket_mb=self.plan.bucket_mb, counter=self.comm)
+        self.model = model
+        self.optimizer = optimizer(self.data_parallel.params)
+        self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._divisor: torch.Tensor | None = None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.rank("dp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.size("dp")
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def begin_step(self, micro_batches: list[Batch]) -> None:
+        """Fix the step's divisor before any backward: the global token count when
+        the loss can count tokens up front, the number of micro-batches for mean
+        losses. Without it, gradients are summed and divided at optimizer_step."""
+        counter = getattr(self.loss_fn, "count_tokens", None)
+        if counter is not None:
+            count = torch.stack([counter(mb) for mb in micro_batches]).sum().double().to(self.device)
+            all_reduce(count, group=self.mesh.group("dp"), counter=self.comm)
+            self._divisor = count
+        elif micro_batches:
+            self._divisor = None
+
+    def forward_backward(self, micro_batch: Batch, *, sync: bool = True) -> torch.Tensor:
+        """Forward and backward one micro-batch, accumulating gradients.
+
+        Pass sync=False on every micro-batch but the last of a step: only the
+        last one communicates. Returns the micro-batch's loss as the loss_fn gave it.
+        """
+        micro_batch = self._to_device(micro_batch)
+        self.data_parallel.set_sync(sync)
+        outputs = self.model(**micro_batch)
+        loss = self.loss_fn(outputs, micro_batch)
+        if isinstance(loss, tuple):
+            loss_sum, count = loss
+        else:
+            loss_sum, count = loss, torch.ones((), device=loss.device)
+        (loss_sum if self._divisor is None else loss_sum / self._divisor.float()).backward()
+        self._loss_sum += loss_sum.detach().double()
+        self._count += count.detach().double()
+        return loss_sum.detach()
+
+    def optimizer_step(self) -> StepResult:
+        """Finish the reduction, normalise by the global count, clip, step."""
+        self.data_parallel.finish()
+        totals = torch.stack([self._loss_sum, self._count])
+        all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)
+        loss_sum, count = totals.unbind()
+        if self._divisor is None:
+            self.data_parallel.scale_(1.0 / count)
+        params = self.data_parallel.params
+        if self.max_grad_norm:
+            grad_norm = clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh)
+        else:
+            grad_norm = global_grad_norm(params, mesh=self.mesh)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.data_parallel.zero_()
+        self._loss_sum.zero_()
+        self._count.zero_()
+        self._divisor = None
+        return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=False)
+
+    def train_step(self, batch: Batch) -> StepResult:
+        """One optimizer step on this rank's share of the global batch."""
+        micro_batches = split_microbatches(batch, self.plan.microbatches)
+        self.begin_step(micro_batches)
+        for index, micro_batch in enumerate(micro_batches):
+            self.forward_backward(micro_batch, sync=index == len(micro_batches) - 1)
+        return self.optimizer_step()
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
+        """The loss over this rank's share of `batches`, combined over dp as train_step does."""
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in batches:
+            batch = self._to_device(batch)
+            loss = self.loss_fn(self.model(**batch), batch)
+            loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
+            totals += torch.stack([loss_sum.double(), count.to(totals)])
+        all_reduce(totals, group=self.mesh.group("dp"))
+        self.model.train(was_training)
+        return (totals[0] / totals[1]).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and schedule state (replicated under data parallel)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def boost(
+    model: nn.Module,
+    *,
+    optimizer: OptimizerFactory,
+    loss_fn: LossFn,
+    plan: Plan | None = None,
+    mesh: Mesh | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
+    max_grad_norm: float | None = None,
+) -> Engine:
+    """Apply `plan` to `model` and return the engine that trains it.
+
+    Example::
+
+        engine = plait.boost(model, optimizer=lambda ps: torch.optim.AdamW(ps, lr=3e-4),
+                             loss_fn=plait.losses.causal_lm, plan=plait.Plan(dp=-1))
+        result = engine.train_step(batch)
+    """
+    if mesh is None:
+        plan = plan or Plan()
+        plan.check_available()  # before the mesh enters any collective
+        mesh = Mesh(plan, device_type=next(model.parameters()).device.type)
+    elif plan is not None and plan != mesh.plan:
+        raise ValueError("pass either plan= or mesh= (a mesh carries its plan), not two different plans")
+    return Engine(
+        model, optimizer=optimizer, loss_fn=loss_fn, mesh=mesh, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
+    )

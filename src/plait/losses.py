@@ -1,0 +1,59 @@
+"""Losses in the contract `loss_fn(outputs, batch)`.
+
+A loss returns either a scalar mean (micro-batches then count equally) or a
+pair `(loss_sum, num_tokens)`; with the pair, the step's loss is the sum over
+all micro-batches and data-parallel ranks divided by the global token count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a plait model (a tensor) or a Hugging Face model (`.logits`)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        raise TypeError(f"causal_lm expects logits or an output with .logits, got {type(outputs).__name__}")
+    return logits
+
+
+class CausalLM:
+    """Next-token cross entropy: (sum over predicted tokens, number of them).
+
+    `labels` align with `input_ids`; position t predicts label t+1; -100 is
+    ignored. `count_tokens` tells the engine the count before any forward, so
+    backward can start from loss_sum / global_count exactly as one process
+    would (the same rounding, not merely the same value).
+    """
+
+    def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_of(outputs)[:, :-1]  # (batch, seq-1, vocab)
+        targets = batch["labels"][:, 1:]
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return loss_sum, self.count_tokens(batch)
+
+    @staticmethod
+    def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+causal_lm = CausalLM()
+
+
+def causal_lm_mean(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token loss of one batch (what one plain process computes)."""
+    loss_sum, num_tokens = causal_lm(outputs, batch)
+    return loss_sum / num_tokens.clamp(min=1)

@@ -1,0 +1,157 @@
+"""GPT: one decoder-only family covering GPT-2 and the Llama/PaLM options.
+
+Module names are part of the contract: parallel plans address parameters by name.
+
+    embed, pos_embed (learned positions only), drop,
+    blocks.{i}.norm1, blocks.{i}.attn.{q,k,v,o}_proj,
+    blocks.{i}.norm2 (absent with parallel_block),
+    blocks.{i}.mlp.{gate_proj (SwiGLU only), up_proj, down_proj},
+    norm_f, lm_head (its weight is embed.weight when tied)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.models.gpt_config import GPTConfig
+from plait.models.layers import MLP, Attention, build_norm
+
+__all__ = ["GPT", "Block", "GPTConfig"]
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm; sequential (GPT-2, Llama) or parallel (PaLM, GPT-J).
+
+    Sequential: ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``.
+    Parallel: ``x + attn(norm1(x)) + mlp(norm1(x))`` with no ``norm2``.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = build_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = None if config.parallel_block else build_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def reset_parameters(self) -> None:
+        """Initialise norms, attention and MLP, in that order."""
+        self.norm1.reset_parameters()
+        self.attn.reset_parameters()
+        if self.norm2 is not None:
+            self.norm2.reset_parameters()
+        self.mlp.reset_parameters()
+
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` is (batch, seq, d_model); ``position_ids`` default to ``0..seq-1``."""
+        normed = self.norm1(x)
+        attn_out = self.drop(self.attn(normed, position_ids=position_ids))
+        if self.norm2 is None:
+            return x + attn_out + self.drop(self.mlp(normed))
+        x = x + attn_out
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer built from a :class:`GPTConfig`.
+
+    Weights are initialised from torch's global RNG: normal(0, init_std) for linear and
+    embedding weights, std / sqrt(2 * num_layers) for the residual output projections
+    (``o_proj``, ``down_proj``, as in GPT-2), zero biases, unit norm scales.
+    Building under ``torch.device("meta")`` skips initialisation; after
+    ``model.to_empty(device=...)`` call ``model.init_weights()``, which draws the same
+    weights a plain build under the same seed would.
+
+    Example:
+        >>> model = GPT(GPTConfig(vocab_size=512, max_seq_len=64, d_model=64,
+        ...                       num_layers=2, num_heads=4))
+        >>> model(torch.zeros(2, 16, dtype=torch.long)).shape
+        torch.Size([2, 16, 512])
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        target_device = torch.get_default_device()
+        # Built on meta so that nn.Linear's own init draws nothing from the RNG: a plain
+        # build then consumes exactly what init_weights draws, the same as a meta build
+        # materialised later, and large models skip a second full initialisation.
+        with torch.device("meta"):
+            self._build_modules(config)
+        if target_device.type != "meta":
+            self.to_empty(device=target_device)
+            self.init_weights()
+
+    def _build_modules(self, config: GPTConfig) -> None:
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        learned = config.position == "learned"
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm_f = build_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share ``embed.weight`` with ``lm_head`` when the config ties them.
+
+        ``Module.to_empty`` unties shared parameters; ``init_weights`` re-ties first.
+        """
+        if self.config.tied_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter, module by module in a fixed order."""
+        self.tie_weights()
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            block.reset_parameters()
+        self.norm_f.reset_parameters()
+        if not self.config.tied_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab_size) for ``input_ids`` (batch, seq).
+
+        ``attention_mask`` and ``labels`` are accepted so Hugging Face style batches can
+        be passed as ``model(**batch)``, and are not used: the loss is computed outside
+        (``plait.losses``), and attention is causal only, which is exact for packed or
+        right-padded sequences (no real token attends to padding on its right).
+        ``position_ids`` (seq,) or (batch, seq) default to ``0..seq-1``.
+        """
+        self._check_input(input_ids)
+        x = self.embed(input_ids)  # (batch, seq, d_model)
+        if self.pos_embed is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, position_ids=position_ids)
+        return self.lm_head(self.norm_f(x))
+
+    def _check_input(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids[None]"
+            )
+        seq_len, max_seq_len = input_ids.shape[1], self.config.max_seq_len
+        if seq_len > max_seq_len:
+            raise ValueError(
+                f"input has {seq_len} tokens but the model's max_seq_len is {max_seq_len}; "
+                "raise max_seq_len in the model config or lower the data's seq_len"
+            )

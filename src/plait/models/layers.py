@@ -1,0 +1,170 @@
+"""Building blocks of GPT: norms, rotary positions, attention, MLP.
+
+Each module with parameters has ``reset_parameters()`` so a model built on the meta
+device can be materialised and initialised module by module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.models.gpt_config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in Llama's order of operations.
+
+    Normalises in fp32, casts back to the input dtype, then scales by ``weight``.
+    ``torch.nn.RMSNorm`` scales before casting back, which differs in bf16, so exported
+    weights would not reproduce Hugging Face's logits bit for bit.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set the scale to ones."""
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(config: GPTConfig) -> nn.Module:
+    """The norm layer ``config`` asks for (LayerNorm's bias follows ``config.bias``)."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, *, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine tables for rotary embeddings, each ``(*positions.shape, head_dim/2)``.
+
+    Frequency ``i`` is ``theta ** (-2i / head_dim)``, as in Llama; computed in fp32.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by position, in the half-split layout.
+
+    Pairs dimension ``j`` with ``j + head_dim/2`` (Hugging Face's ``rotate_half``
+    convention, not the interleaved pairs of the original RoPE code), so weights move
+    to and from ``LlamaForCausalLM`` without permuting q/k rows.
+    ``cos``/``sin`` are (seq, head_dim/2) or (batch, seq, head_dim/2).
+    """
+    if cos.dim() == 3:  # per-sample positions: add the heads dim
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with separate q/k/v/o projections and optional GQA/RoPE.
+
+    ``num_heads``, ``num_kv_heads`` and ``head_dim`` are instance attributes read by
+    ``forward``: tensor parallelism shards the projections column-wise and then sets the
+    local head counts here.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.resolved_num_kv_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta if config.position == "rope" else None
+        self.attn_dropout = config.dropout
+        self.init_std = config.init_std
+        self.out_init_std = config.init_std / math.sqrt(2 * config.num_layers)
+        d, q_width, kv_width = config.d_model, config.d_model, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, q_width, bias=config.bias)
+        self.k_proj = nn.Linear(d, kv_width, bias=config.bias)
+        self.v_proj = nn.Linear(d, kv_width, bias=config.bias)
+        self.o_proj = nn.Linear(q_width, d, bias=config.bias)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, GPT-2's scaled std for ``o_proj``, zero biases."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            _init_linear(proj, std=self.init_std)
+        _init_linear(self.o_proj, std=self.out_init_std)
+
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self._split_heads(self.q_proj(x), self.num_heads)  # (batch, heads, seq, head_dim)
+        k = self._split_heads(self.k_proj(x), self.num_kv_heads)
+        v = self._split_heads(self.v_proj(x), self.num_kv_heads)
+        if self.rope_theta is not None:
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=x.device)
+            cos, sin = rope_cos_sin(position_ids, self.head_dim, theta=self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _split_heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Repeat each kv head for its group of query heads (query head h uses kv h // group).
+
+        Explicit repetition rather than SDPA's ``enable_gqa`` because the latter rules out
+        the memory-efficient kernel, which fp32 on GPU relies on.
+        """
+        group = self.num_heads // self.num_kv_heads
+        if group == 1:
+            return x
+        batch, num_kv_heads, seq, head_dim = x.shape
+        expanded = x[:, :, None].expand(batch, num_kv_heads, group, seq, head_dim)
+        return expanded.reshape(batch, num_kv_heads * group, seq, head_dim)
+
+
+class MLP(nn.Module):
+    """GPT-2's tanh-GELU MLP (``up_proj``, ``down_proj``) or Llama's SwiGLU (+ ``gate_proj``)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        d, d_ff = config.d_model, config.resolved_d_ff
+        self.init_std = config.init_std
+        self.out_init_std = config.init_std / math.sqrt(2 * config.num_layers)
+        swiglu = config.activation == "swiglu"
+        self.gate_proj = nn.Linear(d, d_ff, bias=config.bias) if swiglu else None
+        self.up_proj = nn.Linear(d, d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(d_ff, d, bias=config.bias)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, GPT-2's scaled std for ``down_proj``, zero biases."""
+        if self.gate_proj is not None:
+            _init_linear(self.gate_proj, std=self.init_std)
+        _init_linear(self.up_proj, std=self.init_std)
+        _init_linear(self.down_proj, std=self.out_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def _init_linear(linear: nn.Linear, *, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)

@@ -1,0 +1,186 @@
+"""The loop behind `plait train`: steps, metrics, validation, checkpoints, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from plait.checkpoint.io import checkpoint_name, prune_checkpoints
+from plait.config import Config
+from plait.dist.launch import get_logger, init_distributed, is_main_rank
+from plait.dist.mesh import Mesh
+from plait.engine import Engine, boost
+from plait.losses import causal_lm
+from plait.models.gpt import GPT
+from plait.optim import adamw, warmup_cosine
+from plait.train import metrics
+from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
+from plait.train.resume import restore, save_training_state
+from plait.train.setup import DataSources, build_data, launched_world_size, seed_everything, validate
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    first_val_loss: float | None
+    last_val_loss: float | None
+    tokens_per_s: float
+    out_dir: str
+    losses: list[float]
+
+
+def build_engine(config: Config, model: GPT, *, mesh: Mesh) -> Engine:
+    train = config.train
+    return boost(
+        model,
+        optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
+        loss_fn=causal_lm,
+        mesh=mesh,
+        lr_scheduler=lambda opt: warmup_cosine(
+            opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
+        ),
+        max_grad_norm=train.max_grad_norm,
+    )
+
+
+class Run:
+    """One training run on this rank."""
+
+    def __init__(self, config: Config, *, resume: str | None) -> None:
+        validated = validate(config, world_size=launched_world_size())  # before any collective
+        self.config = config
+        device = init_distributed()
+        torch.set_num_threads(config.train.threads)
+        self.log = get_logger()
+        self.mesh = Mesh(validated.plan, device_type=device.type)
+        seed_everything(config.train.seed)
+        self.model = GPT(validated.model_config).to(device)
+        self.engine = build_engine(config, self.model, mesh=self.mesh)
+        self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log)
+        self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
+        self.out_dir = Path(config.train.out_dir)
+        self.step = restore(Path(resume), engine=self.engine, loader=self.data.loader) if resume else 0
+        self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
+        self.throughput = metrics.Throughput()
+        self.flops_per_token = validated.model_config.flops_per_token(config.data.seq_len)
+        self.peak_flops = metrics.measure_peak_flops(device)
+        self.val_losses: list[float] = []
+        self.losses: list[float] = []
+        self.log.info(f"{self.mesh} | model {self.model.config.num_parameters() / 1e6:.2f}M params | start step {self.step}")
+
+    def evaluate(self) -> float:
+        val_loss = self.engine.evaluate(self.data.val_batches).item()
+        self.val_losses.append(val_loss)
+        return val_loss
+
+    def train_one_step(self) -> dict[str, float]:
+        batch = self.data.loader.next_batch()
+        start = time.perf_counter()
+        result = self.engine.train_step(batch)
+        loss = result.loss.item()
+        seconds = time.perf_counter() - start
+        num_tokens = self.config.train.global_batch * self.config.data.seq_len
+        self.throughput.record(self.step, num_tokens, seconds)
+        self.losses.append(loss)
+        return {
+            "loss": loss,
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "grad_norm": result.grad_norm.item(),
+            "step_s": seconds,
+            "comm_bytes": float(self.engine.comm.total_bytes),
+        }
+
+    def add_slow_metrics(self, values: dict[str, Any]) -> None:
+        tokens_per_s = self.throughput.recent_tokens_per_s()
+        values["tokens_per_s"] = tokens_per_s
+        values["mfu"] = metrics.mfu(
+            tokens_per_s=tokens_per_s,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
+            num_ranks=self.mesh.world_size,
+        )
+        values["state_bytes"] = metrics.model_state_bytes(self.model, self.engine.optimizer)["total"]
+        values["peak_rss"] = metrics.peak_rss_bytes()
+
+    def save(self) -> None:
+        path = self.out_dir / "checkpoints" / checkpoint_name(self.step)
+        save_training_state(
+            path,
+            engine=self.engine,
+            loader=self.data.loader,
+            step=self.step,
+            config=self.config,
+            tokenizer_json=self.tokenizer_json,
+        )
+        if is_main_rank():
+            prune_checkpoints(path.parent, keep=self.config.train.keep_checkpoints)
+            self.log.info(f"saved {path}")
+
+    def run(self) -> RunSummary:
+        train = self.config.train
+        first_val = self.evaluate() if self.step == 0 else None
+        if first_val is not None:
+            self.metrics_log.log(0, {"val_loss": first_val})
+        bar = tqdm(total=train.steps, initial=self.step, disable=not is_main_rank(), desc="train", unit="step")
+        while self.step < train.steps:
+            self.engine.comm.reset()
+            values = self.train_one_step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if self.step % train.eval_every == 0 or self.step == train.steps:
+                values["val_loss"] = self.evaluate()
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                self.add_slow_metrics(values)
+                bar.write(format_metrics_line(self.step, train.steps, values)) if is_main_rank() else None
+            self.metrics_log.log(self.step, values)
+            if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                self.save()
+        bar.close()
+        return self.finish(first_val)
+
+    def finish(self, first_val: float | None) -> RunSummary:
+        self.metrics_log.close()
+        if is_main_rank():
+            plot_loss_curve(self.metrics_log.csv_path, self.out_dir / "loss.png")
+        summary = RunSummary(
+            steps=self.step,
+            first_val_loss=first_val,
+            last_val_loss=self.val_losses[-1] if self.val_losses else None,
+            tokens_per_s=self.throughput.tokens_per_s(),
+            out_dir=str(self.out_dir),
+            losses=self.losses,
+        )
+        if is_main_rank():
+            self.log.info(f"done: {summary_line(summary)}")
+        return summary
+
+
+def summary_line(summary: RunSummary) -> str:
+    start = f"{summary.first_val_loss:.4f}" if summary.first_val_loss is not None else "?"
+    end = f"{summary.last_val_loss:.4f}" if summary.last_val_loss is not None else "?"
+    return (
+        f"{summary.steps} steps | validation loss {start} -> {end} | {summary.tokens_per_s:.0f} tokens/s | "
+        f"logs, loss.png and checkpoints in {summary.out_dir}"
+    )
+
+
+def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
+    """Train per `config` on this rank (under torchrun: every rank calls this)."""
+    run = Run(config, resume=resume)
+    try:
+        return run.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def config_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,243 @@
+"""Every measured quantity in plait, each computed here and only here, formula in the docstring.
+
+Throughput, model FLOPs, MFU, bytes of model state and resident memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s.
+# Variants come before their family name so the first substring match wins.
+_CUDA_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def model_flops_per_token(*, num_params: int, num_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder, forward and backward (PaLM, appendix B).
+
+    flops_per_token = 6 * N + 12 * L * d * s
+
+    6N covers the dense matmuls (2N forward, 4N backward); 12*L*d*s covers the
+    attention scores (QK^T) and the weighted values (AV), which hold no parameters.
+    N is the parameter count (embeddings included, as PaLM does), L the layers,
+    d the model width and s the sequence length.
+
+    >>> model_flops_per_token(num_params=1000, num_layers=2, d_model=8, seq_len=16)
+    9072.0
+    """
+    return 6.0 * num_params + 12.0 * num_layers * d_model * seq_len
+
+
+def mfu(*, tokens_per_s: float, flops_per_token: float, peak_flops: float, num_ranks: int) -> float:
+    """Model FLOPs utilisation, a fraction in [0, 1] (ideally).
+
+    mfu = tokens_per_s * flops_per_token / (peak_flops * num_ranks)
+
+    tokens_per_s is the whole job's throughput; peak_flops is one rank's peak.
+    """
+    if peak_flops <= 0 or num_ranks <= 0:
+        raise ValueError(
+            f"mfu needs a positive peak and rank count, got peak_flops={peak_flops}, num_ranks={num_ranks}"
+        )
+    return tokens_per_s * flops_per_token / (peak_flops * num_ranks)
+
+
+def _time_matmul(size: int, *, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.mm(a, b)  # warm-up: allocation, kernel selection, thread pool start
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def cuda_bf16_peak(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU by its device name, or None when unknown."""
+    for key, peak in _CUDA_BF16_PEAKS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+def measure_peak_flops(device: torch.device, *, size: int = 2048) -> float:
+    """Peak FLOP/s of one rank's device, the denominator of MFU.
+
+    CPU: a size x size fp32 matmul on the current torch thread count, warmed up,
+    best of 3: peak = 2 * size^3 / seconds.
+    CUDA: the device's dense bf16 peak from the data sheet (H100, H200, A100);
+    for other GPUs a bf16 matmul of 4 * size, measured the same way.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _time_matmul(size, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        peak = cuda_bf16_peak(torch.cuda.get_device_name(device))
+        return peak if peak is not None else _time_matmul(4 * size, dtype=torch.bfloat16, device=device)
+    raise ValueError(f"cannot measure peak FLOP/s on device type {device.type!r}; use a cpu or cuda device")
+
+
+def _union_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes covered by the tensors' memory, each byte once (tied weights, views into one flat buffer)."""
+    spans: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
+    for tensor in tensors:
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        start = tensor.data_ptr()
+        device_key = (tensor.device.type, tensor.device.index)
+        spans.setdefault(device_key, []).append((start, start + tensor.numel() * tensor.element_size()))
+    total = 0
+    for intervals in spans.values():
+        end = -1
+        for lo, hi in sorted(intervals):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
+    return total
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+
+
+def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Bytes of the model states this rank holds, counted from the live tensors.
+
+    params    = bytes of the model's parameters and the optimizer's parameters
+                (master copies or shards), each byte of memory once
+    grads     = bytes of those parameters' .grad tensors (each grad's own
+                numel * element_size, so a view into a flat bucket counts its slice)
+    optimizer = bytes of the tensors in optimizer.state (Adam: exp_avg and
+                exp_avg_sq, 8P in fp32, plus a 4-byte step per parameter)
+    total     = params + grads + optimizer
+
+    Memory shared by several tensors (tied weights, views into one flat
+    buffer) is counted once. Call it after the first optimizer step, once
+    the optimizer state exists.
+    """
+    params = list(model.parameters())
+    if optimizer is not None:
+        params += [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    counts = {
+        "params": _union_bytes(params),
+        "grads": _union_bytes(grads),
+        "optimizer": _union_bytes(_optimizer_tensors(optimizer)) if optimizer is not None else 0,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _getrusage_max_rss_bytes() -> int:
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss if sys.platform == "darwin" else max_rss * 1024  # macOS reports bytes, Linux KiB
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since start or the last `reset_peak_rss()` (VmHWM)."""
+    kib = _proc_status_kib("VmHWM")
+    return kib * 1024 if kib is not None else _getrusage_max_rss_bytes()
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (VmRSS); the peak where /proc is missing."""
+    kib = _proc_status_kib("VmRSS")
+    return kib * 1024 if kib is not None else _getrusage_max_rss_bytes()
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak-RSS mark to the current RSS (Linux only; a no-op elsewhere).
+
+    Call after set-up so `peak_rss_bytes()` reports the steady-state peak.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    step: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Throughput:
+    """Tokens per second over training steps.
+
+    tokens_per_s = median over steps of (step tokens / step seconds), skipping the
+    first `num_warmup_steps` (compilation, allocator growth, cold caches). Until a
+    steady-state step exists, the warm-up steps are used.
+
+    >>> meter = Throughput()
+    >>> for step, seconds in enumerate([5.0, 1.0, 2.0, 1.0]):
+    ...     meter.record(step, tokens=100, seconds=seconds)
+    >>> meter.tokens_per_s()
+    100.0
+    """
+
+    def __init__(self, *, num_warmup_steps: int = 1, window: int = 20) -> None:
+        if num_warmup_steps < 0 or window < 1:
+            raise ValueError(
+                f"Throughput needs num_warmup_steps >= 0 and window >= 1, got {num_warmup_steps} and {window}"
+            )
+        self.num_warmup_steps = num_warmup_steps
+        self.window = window
+        self.timings: list[StepTiming] = []
+
+    def record(self, step: int, tokens: int, seconds: float) -> None:
+        """Record one step: the tokens it processed (all ranks together) and its wall time."""
+        self.timings.append(StepTiming(step=step, tokens=int(tokens), seconds=float(seconds)))
+
+    def _steady(self) -> list[StepTiming]:
+        steady = self.timings[self.num_warmup_steps :]
+        return steady if steady else self.timings
+
+    def tokens_per_s(self) -> float:
+        """Median tokens/s over all steady-state steps (0.0 before the first step)."""
+        steady = self._steady()
+        return statistics.median(t.tokens_per_s for t in steady) if steady else 0.0
+
+    def recent_tokens_per_s(self) -> float:
+        """Median tokens/s over the last `window` steady-state steps (0.0 before the first step)."""
+        recent = self._steady()[-self.window :]
+        return statistics.median(t.tokens_per_s for t in recent) if recent else 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(t.tokens for t in self.timings)

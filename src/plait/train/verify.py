@@ -1,0 +1,78 @@
+"""`plait verify`: a plan's per-step losses against one plain process on the same seed and data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from plait.config import Config
+from plait.data.loader import ShardedLoader, TokenDataset
+from plait.data.shards import prepare_dataset
+from plait.losses import causal_lm
+from plait.models.gpt import GPT
+from plait.optim import adamw, warmup_cosine
+from plait.train.reference import train_reference
+from plait.train.setup import model_config_for, seed_everything
+
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
+
+
+@dataclass
+class Comparison:
+    plan_losses: list[float]
+    reference_losses: list[float]
+    tolerance: float
+
+    @property
+    def relative_diffs(self) -> list[float]:
+        return [abs(p - r) / max(abs(r), 1e-12) for p, r in zip(self.plan_losses, self.reference_losses, strict=True)]
+
+    @property
+    def passed(self) -> bool:
+        return all(math.isfinite(d) and d <= self.tolerance for d in self.relative_diffs)
+
+    def table(self) -> str:
+        lines = [f"{'step':>5} {'plan loss':>12} {'one process':>12} {'rel diff':>10}"]
+        for step, (p, r, d) in enumerate(zip(self.plan_losses, self.reference_losses, self.relative_diffs), 1):
+            lines.append(f"{step:>5} {p:>12.6f} {r:>12.6f} {d:>10.2e}{'' if d <= self.tolerance else '  <- over'}")
+        worst = max(self.relative_diffs)
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"{verdict}: worst relative difference {worst:.2e}, tolerance {self.tolerance:.0e}")
+        return "\n".join(lines)
+
+
+def reference_losses(config: Config) -> list[float]:
+    """Train one plain process on the config's global batches (dp=1, no micro-batches)."""
+    data = prepare_dataset(
+        config.data.corpus,
+        vocab_size=config.data.vocab_size,
+        cache_dir=config.data.cache_dir,
+        val_fraction=config.data.val_fraction,
+    )
+    train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=config.data.seq_len)
+    loader = ShardedLoader(train_set, global_batch=config.train.global_batch, dp_rank=0, dp_size=1, seed=config.train.seed)
+    seed_everything(config.train.seed)
+    model = GPT(model_config_for(config))
+    train = config.train
+    return train_reference(
+        model,
+        (loader.next_batch() for _ in range(train.steps)),
+        optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
+        loss_fn=causal_lm,
+        lr_scheduler=lambda opt: warmup_cosine(opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio),
+        max_grad_norm=train.max_grad_norm,
+    )
+
+
+def verification_config(config: Config, out_dir: str) -> Config:
+    """The config the plan runs under for verification: no eval or checkpoints between steps."""
+    huge = 10**9
+    train = dataclasses.replace(config.train, out_dir=out_dir, eval_every=huge, checkpoint_every=huge, log_every=huge)
+    return dataclasses.replace(config, train=train)
+
+
+def compare(plan_losses: list[float], config: Config) -> Comparison:
+    return Comparison(
+        plan_losses=plan_losses, reference_losses=reference_losses(config), tolerance=TOLERANCE[config.plan.precision]
+    )
