@@ -82,10 +82,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ValueError(f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints")
     if nproc > 1 and not _under_torchrun():
         return _launch(nproc, _strip_nproc(argv))
-    from plait.train.loop import run_training, summary_line
+    from plait.train.loop import run_training
 
-    summary = run_training(config, resume=args.resume)
-    print(summary_line(summary))
+    run_training(config, resume=args.resume)  # rank 0 logs the summary line
     return 0
 
 

@@ -47,32 +47,61 @@ class Plan:
     bucket_mb: float = 25.0
 
     def __post_init__(self) -> None:
-        _require(self.dp == -1 or self.dp >= 1, f"plan.dp={self.dp}: use a positive degree or -1 to infer it from the world size")
+        _require(
+            self.dp == -1 or self.dp >= 1,
+            f"plan.dp={self.dp}: use a positive degree or -1 to infer it from the world size",
+        )
         for axis in ("tp", "pp", "cp", "ep"):
             value = getattr(self, axis)
             _require(value >= 1, f"plan.{axis}={value}: degrees are positive; use 1 to switch the axis off")
         _require(self.zero in (0, 1, 2, 3), f"plan.zero={self.zero}: ZeRO stages are 0, 1, 2 or 3")
-        _require(self.precision in PRECISIONS, f"plan.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        _require(
+            self.precision in PRECISIONS, f"plan.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+        )
         _require(self.microbatches >= 1, f"plan.microbatches={self.microbatches}: use 1 or more micro-batches per step")
-        _require(self.recompute in RECOMPUTE_MODES, f"plan.recompute={self.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
-        _require(self.bucket_mb > 0, f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)")
+        _require(
+            self.recompute in RECOMPUTE_MODES,
+            f"plan.recompute={self.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}",
+        )
+        _require(
+            self.bucket_mb > 0,
+            f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)",
+        )
 
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
         for axis in ("tp", "pp", "cp", "ep"):
-            _require(getattr(self, axis) == 1, f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1")
-        _require(self.zero in BUILT_ZERO_STAGES, f"plan.zero={self.zero}: ZeRO stage {self.zero} is not available yet; use plan.zero=0 (data parallel)")
-        _require(self.precision == "fp32", f"plan.precision={self.precision!r}: mixed precision is not available yet; use plan.precision='fp32'")
-        _require(self.recompute == "none", f"plan.recompute={self.recompute!r}: activation recomputation is not available yet; use plan.recompute='none'")
+            _require(
+                getattr(self, axis) == 1,
+                f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
+            )
+        _require(
+            self.zero in BUILT_ZERO_STAGES,
+            f"plan.zero={self.zero}: ZeRO stage {self.zero} is not available yet; use plan.zero=0 (data parallel)",
+        )
+        _require(
+            self.precision == "fp32",
+            f"plan.precision={self.precision!r}: mixed precision is not available yet; use plan.precision='fp32'",
+        )
+        _require(
+            self.recompute == "none",
+            f"plan.recompute={self.recompute!r}: activation recomputation is not available yet; use plan.recompute='none'",
+        )
 
     def resolve(self, world_size: int) -> Plan:
         """The plan with dp inferred, checked against the world size."""
         others = self.tp * self.pp * self.cp
         dp = self.dp
         if dp == -1:
-            _require(world_size % others == 0, f"world size {world_size} is not divisible by tp*pp*cp={others}; launch a multiple of {others} ranks or change the degrees")
+            _require(
+                world_size % others == 0,
+                f"world size {world_size} is not divisible by tp*pp*cp={others}; launch a multiple of {others} ranks or change the degrees",
+            )
             dp = world_size // others
-        _require(dp * others == world_size, f"plan dp*tp*pp*cp = {dp}*{self.tp}*{self.pp}*{self.cp} = {dp * others} but the world size is {world_size}; set plan.dp=-1 to infer dp, or launch {dp * others} ranks")
+        _require(
+            dp * others == world_size,
+            f"plan dp*tp*pp*cp = {dp}*{self.tp}*{self.pp}*{self.cp} = {dp * others} but the world size is {world_size}; set plan.dp=-1 to infer dp, or launch {dp * others} ranks",
+        )
         return dataclasses.replace(self, dp=dp)
 
 
@@ -94,8 +123,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"data.seq_len={self.seq_len}: a causal LM needs at least 2 tokens per sample")
-        _require(256 < self.vocab_size <= 2**32, f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens (8192 is a good default)")
-        _require(0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01")
+        _require(
+            256 < self.vocab_size <= 2**32,
+            f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens (8192 is a good default)",
+        )
+        _require(
+            0 < self.val_fraction < 0.5,
+            f"data.val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01",
+        )
         if isinstance(self.corpus, list):
             _require(len(self.corpus) > 0, "data.corpus is an empty list; give 'stdlib' or paths to .txt/.jsonl files")
 
@@ -124,11 +159,16 @@ class TrainConfig:
         _require(self.steps >= 1, f"train.steps={self.steps}: train for at least one step")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch}: use at least one sequence per step")
         _require(self.lr > 0, f"train.lr={self.lr}: the learning rate must be positive, e.g. 3e-4")
-        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio}: use a fraction of lr between 0 and 1")
-        _require(0 <= self.warmup, f"train.warmup={self.warmup}: warmup steps cannot be negative")
+        _require(
+            0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio}: use a fraction of lr between 0 and 1"
+        )
+        _require(self.warmup >= 0, f"train.warmup={self.warmup}: warmup steps cannot be negative")
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: weight decay cannot be negative")
         _require(self.eps > 0, f"train.eps={self.eps}: Adam's eps must be positive, e.g. 1e-8")
-        _require(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm}: use a positive norm, or 0 to switch clipping off")
+        _require(
+            self.max_grad_norm >= 0,
+            f"train.max_grad_norm={self.max_grad_norm}: use a positive norm, or 0 to switch clipping off",
+        )
         for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
             value = getattr(self, name)
             _require(value >= 1, f"train.{name}={value}: use 1 or more")
@@ -146,7 +186,10 @@ class Config:
         gb, mb = self.train.global_batch, self.plan.microbatches
         _require(gb % dp == 0, f"train.global_batch={gb} does not split over dp={dp} ranks; use a multiple of {dp}")
         per_rank = gb // dp
-        _require(per_rank % mb == 0, f"each rank gets {per_rank} sequences, which plan.microbatches={mb} does not divide; use a global_batch that is a multiple of {dp * mb}")
+        _require(
+            per_rank % mb == 0,
+            f"each rank gets {per_rank} sequences, which plan.microbatches={mb} does not divide; use a global_batch that is a multiple of {dp * mb}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,10 +250,14 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         path, text = item.split("=", 1)
         section, key = path.split(".", 1)
         if section not in SECTIONS:
-            raise ValueError(f"--set {item!r}: unknown section {section!r}{_closest(section, SECTIONS)}; valid: {', '.join(SECTIONS)}")
+            raise ValueError(
+                f"--set {item!r}: unknown section {section!r}{_closest(section, SECTIONS)}; valid: {', '.join(SECTIONS)}"
+            )
         types = _field_types(SECTIONS[section])
         if section != "model" and key not in types:
-            raise ValueError(f"--set {item!r}: unknown key {path}{_closest(key, types)}; valid keys: {', '.join(types)}")
+            raise ValueError(
+                f"--set {item!r}: unknown key {path}{_closest(key, types)}; valid keys: {', '.join(types)}"
+            )
         merged[section][key] = _coerce(text, types.get(key), item)
     return merged
 

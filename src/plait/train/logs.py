@@ -17,6 +17,8 @@ DEFAULT_COLUMNS: tuple[str, ...] = (
     "mfu",
     "state_bytes",
     "peak_rss",
+    "step_s",
+    "comm_bytes",
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,9 @@ class Run:
         self.peak_flops = metrics.measure_peak_flops(device)
         self.val_losses: list[float] = []
         self.losses: list[float] = []
-        self.log.info(f"{self.mesh} | model {self.model.config.num_parameters() / 1e6:.2f}M params | start step {self.step}")
+        self.log.info(
+            f"{self.mesh} | model {self.model.config.num_parameters() / 1e6:.2f}M params | start step {self.step}"
+        )
 
     def evaluate(self) -> float:
         val_loss = self.engine.evaluate(self.data.val_batches).item()
@@ -174,13 +175,9 @@ def summary_line(summary: RunSummary) -> str:
 
 def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     """Train per `config` on this rank (under torchrun: every rank calls this)."""
-    run = Run(config, resume=resume)
+    owns_group = not dist.is_initialized()  # under a test harness the caller owns it
     try:
-        return run.run()
+        return Run(config, resume=resume).run()
     finally:
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def config_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)

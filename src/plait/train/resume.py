@@ -28,7 +28,9 @@ def save_training_state(
             "rng": rng_state(),
             "tokenizer": tokenizer_json,
         }
-        save_checkpoint(path, model_state=state["model"], trainer_state=trainer_state, config=dataclasses.asdict(config))
+        save_checkpoint(
+            path, model_state=state["model"], trainer_state=trainer_state, config=dataclasses.asdict(config)
+        )
     if dist.is_initialized():
         dist.barrier()
 

@@ -31,7 +31,9 @@ class Validated:
 
 
 def launched_world_size() -> int:
-    """The world size torchrun announced (1 when run as one plain process)."""
+    """The world size of the process group, or the one torchrun announced (1 for one plain process)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -34,7 +34,8 @@ class Comparison:
 
     def table(self) -> str:
         lines = [f"{'step':>5} {'plan loss':>12} {'one process':>12} {'rel diff':>10}"]
-        for step, (p, r, d) in enumerate(zip(self.plan_losses, self.reference_losses, self.relative_diffs), 1):
+        rows = zip(self.plan_losses, self.reference_losses, self.relative_diffs, strict=True)
+        for step, (p, r, d) in enumerate(rows, 1):
             lines.append(f"{step:>5} {p:>12.6f} {r:>12.6f} {d:>10.2e}{'' if d <= self.tolerance else '  <- over'}")
         worst = max(self.relative_diffs)
         verdict = "PASS" if self.passed else "FAIL"
@@ -51,7 +52,9 @@ def reference_losses(config: Config) -> list[float]:
         val_fraction=config.data.val_fraction,
     )
     train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=config.data.seq_len)
-    loader = ShardedLoader(train_set, global_batch=config.train.global_batch, dp_rank=0, dp_size=1, seed=config.train.seed)
+    loader = ShardedLoader(
+        train_set, global_batch=config.train.global_batch, dp_rank=0, dp_size=1, seed=config.train.seed
+    )
     seed_everything(config.train.seed)
     model = GPT(model_config_for(config))
     train = config.train
@@ -60,7 +63,9 @@ def reference_losses(config: Config) -> list[float]:
         (loader.next_batch() for _ in range(train.steps)),
         optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
         loss_fn=causal_lm,
-        lr_scheduler=lambda opt: warmup_cosine(opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio),
+        lr_scheduler=lambda opt: warmup_cosine(
+            opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
+        ),
         max_grad_norm=train.max_grad_norm,
     )
 

@@ -81,6 +81,11 @@ class GradBuckets:
         def on_grad_ready(_param: torch.Tensor) -> None:
             if not self.sync:
                 return
+            if self.reduced:
+                raise RuntimeError(
+                    "gradients were already reduced this step: call optimizer_step() before the next synced "
+                    "backward, and pass sync=False on accumulation micro-batches"
+                )
             self.buckets[index].num_ready += 1
             self._launch_ready()
 
@@ -94,11 +99,6 @@ class GradBuckets:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        if self.reduced:
-            raise RuntimeError(
-                "gradients were already reduced this step: call optimizer_step() before the next synced "
-                "backward, and pass sync=False on accumulation micro-batches"
-            )
         bucket.handle = self.reduce_fn(bucket.buffer)
         bucket.launched = True
         self._next_launch += 1

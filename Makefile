@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/plait: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,hf]'
+	touch $@
+
+.PHONY: demo test lint bench
+demo: $(BIN)/plait
+	$(BIN)/plait train configs/gpt-10m.toml
+
+test: $(BIN)/plait
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest tests
+
+lint: $(BIN)/plait
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(BIN)/plait
+	$(BIN)/python benchmarks/dp.py

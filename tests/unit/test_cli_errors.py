@@ -1,0 +1,64 @@
+"""Bad input gets a one-line error with the fix, a non-zero exit, no traceback, and no process group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from plait.cli import main
+
+TINY = ["--set", "model.preset=tiny", "--set", "data.seq_len=32", "--set", "train.global_batch=8"]
+
+BAD_INPUTS = {
+    "degrees vs world": (["--nproc", "4", "--set", "plan.dp=2"], "but the world size is 4"),
+    "unknown preset": (["--set", "model.preset=gpt5"], "unknown model preset 'gpt5'"),
+    "seq too long": (["--set", "data.seq_len=4096"], "longer than the model's max_seq_len"),
+    "missing corpus": (["--set", "data.corpus=['/no/such/file.txt']"], "does not exist"),
+    "negative lr": (["--set", "train.lr=-0.1"], "learning rate must be positive"),
+    "microbatches": (["--set", "plan.dp=2", "--set", "plan.microbatches=3"], "plan.microbatches=3 does not divide"),
+    "unknown key": (["--set", "train.step=3"], "unknown key train.step"),
+    "unknown section": (["--set", "trainer.steps=3"], "unknown section 'trainer'"),
+    "tp not built": (["--set", "plan.tp=2", "--set", "plan.dp=1"], "not available yet"),
+    "zero not built": (["--set", "plan.zero=3"], "ZeRO stage 3 is not available yet"),
+    "batch vs dp": (["--set", "plan.dp=2", "--set", "train.global_batch=7"], "does not split over dp=2"),
+    "heads": (["--set", "model.num_heads=5"], "num_heads"),
+    "bad model field": (["--set", "model.hidden=5"], "unknown GPTConfig field"),
+    "bad value type": (["--set", "plan.dp=two"], "expected a int"),
+    "vocab": (["--set", "data.vocab_size=100"], "more than 256 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_fast_with_the_fix(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    extra, message = BAD_INPUTS[case]
+    code = main(["train", *TINY, *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("plait train: error: ")
+    assert message in err, err
+    assert not dist.is_initialized()
+
+
+def test_missing_config_file_and_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["train", str(tmp_path / "nope.toml")]) == 2
+    assert main(["train", *TINY, "--resume", str(tmp_path / "nope")]) == 2
+    assert main(["generate", str(tmp_path / "nope")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all("error:" in line for line in lines)
+
+
+def test_console_script_exits_nonzero_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", "--nproc", "2", "--set", "plan.dp=4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "launch 4 ranks" in result.stderr

@@ -1,0 +1,112 @@
+"""Plan and config validation, TOML loading and --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plait.config import Config, Plan, apply_overrides, load_config
+
+
+def test_plan_infers_dp_from_the_world_size() -> None:
+    assert Plan(dp=-1).resolve(4).dp == 4
+    assert Plan(dp=-1, tp=2).resolve(8).dp == 4
+
+
+@pytest.mark.parametrize(
+    ("plan", "world", "message"),
+    [
+        (Plan(dp=2), 4, "launch 2 ranks"),
+        (Plan(dp=-1, tp=3), 4, r"not divisible by tp\*pp\*cp=3"),
+    ],
+)
+def test_plan_rejects_degrees_that_do_not_fill_the_world(plan: Plan, world: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan.resolve(world)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dp": 0}, "positive degree"),
+        ({"tp": 0}, "degrees are positive"),
+        ({"zero": 4}, "0, 1, 2 or 3"),
+        ({"precision": "fp8"}, "fp32, bf16, fp16"),
+        ({"microbatches": 0}, "1 or more"),
+        ({"recompute": "some"}, "none, full, selective"),
+    ],
+)
+def test_plan_validates_itself(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Plan(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tp": 2}, "tensor parallel is not available yet|tp parallel is not available yet"),
+        ({"pp": 2}, "pp parallel is not available yet"),
+        ({"ep": 2}, "ep parallel is not available yet"),
+        ({"cp": 2}, "cp parallel is not available yet"),
+        ({"zero": 3}, "ZeRO stage 3 is not available yet"),
+        ({"precision": "bf16"}, "mixed precision is not available yet"),
+        ({"recompute": "full"}, "recomputation is not available yet"),
+    ],
+)
+def test_axes_not_built_are_rejected_not_ignored(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Plan(**kwargs).check_available()
+
+
+def test_batching_checks() -> None:
+    config = load_config(None, ["train.global_batch=12", "plan.microbatches=4"])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        config.check_batching(2)
+    with pytest.raises(ValueError, match="multiple of 5"):
+        config.check_batching(5)
+    load_config(None, ["train.global_batch=16", "plan.microbatches=4"]).check_batching(2)
+
+
+def test_toml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\npreset = "tiny"\nd_model = 32\n[plan]\ndp = 2\n[train]\nlr = 1e-3\n')
+    config = load_config(path, ["train.lr=2e-3", "plan.microbatches=2", "data.corpus=['a.txt']", "model.num_layers=3"])
+    assert isinstance(config, Config)
+    assert config.train.lr == 2e-3 and config.plan.microbatches == 2 and config.plan.dp == 2
+    assert config.data.corpus == ["a.txt"]
+    assert config.model.overrides == {"d_model": 32, "num_layers": 3}
+
+
+def test_int_given_for_a_float_field_is_accepted() -> None:
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "unknown key train.lrr.*did you mean 'lr'"),
+        (["trian.lr=1"], "unknown section 'trian'.*did you mean 'train'"),
+        (["plan.dp"], "section.key=value"),
+        (["plan.dp=two"], "expected a int"),
+        (["train.lr=-1"], "must be positive"),
+    ],
+)
+def test_bad_overrides(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_overrides_do_not_mutate_their_input() -> None:
+    raw = {"plan": {"dp": 2}}
+    apply_overrides(raw, ["plan.dp=4"])
+    assert raw == {"plan": {"dp": 2}}
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plan\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(bad)
