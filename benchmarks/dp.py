@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -137,6 +138,14 @@ class Runner:
         self.step_index = 0
         self.block_losses: list[float] = []  # global mean loss of each block's last step
         self.comm_bytes_per_step: list[float] = []
+        # Noise diagnostics: the 1-minute load average when the block starts, and the share of
+        # the block's wall time this rank's main thread got on a CPU (low when the box is shared).
+        self.load_at_start: list[float] = []
+        self.cpu_share: list[float] = []
+        # VmHWM over each block (reset at its start), and its rise over the RSS at the start:
+        # the block's transient memory (activations, gradients allocated per step).
+        self.peak_rss: list[int] = []
+        self.peak_rss_growth: list[int] = []
 
     def run_steps(self, num_steps: int) -> torch.Tensor:
         loss = torch.zeros(())
@@ -149,7 +158,15 @@ class Runner:
         comm = getattr(getattr(self.system, "engine", None), "comm", None)
         if comm is not None:
             comm.reset()
+        self.load_at_start.append(os.getloadavg()[0])
+        reset_peak_rss()
+        rss_start = current_rss_bytes() or 0
+        cpu_start = time.thread_time()
         seconds, loss = timed_block(lambda: self.run_steps(self.config.steps))
+        self.cpu_share.append((time.thread_time() - cpu_start) / seconds)
+        peak = peak_rss_bytes() or 0
+        self.peak_rss.append(peak)
+        self.peak_rss_growth.append(peak - rss_start)
         if comm is not None:
             self.comm_bytes_per_step.append(comm.total_bytes / self.config.steps)
         self.block_losses.append(global_mean(loss))
@@ -219,7 +236,7 @@ def rank_main(rank: int, world_size: int, config: BenchConfig) -> dict[str, Any]
     batches = make_batches(config, vocab_size=model.config.vocab_size, rank=rank, num_batches=8)
     runners = {name: Runner(name, systems[name], batches, config) for name in SYSTEMS}
     warm = warm_up(runners, config)
-    peak_reset = reset_peak_rss()
+    peak_reset = reset_peak_rss()  # and again at every block's start
     rss["timed_start"] = current_rss_bytes()
     started = time.perf_counter()
     timing = run_alternating({name: runners[name].block for name in SYSTEMS}, num_pairs=config.pairs)
@@ -232,9 +249,13 @@ def rank_main(rank: int, world_size: int, config: BenchConfig) -> dict[str, Any]
         "timed_wall_s": wall_s,
         "block_losses": {name: runners[name].block_losses for name in SYSTEMS},
         "comm_bytes_per_step": runners["plait"].comm_bytes_per_step,
+        "load_at_block_start": {name: runners[name].load_at_start for name in SYSTEMS},
+        "cpu_share": {name: runners[name].cpu_share for name in SYSTEMS},
         "comm_bytes_by_kind_last_block": dict(systems["plait"].engine.comm.bytes_by_kind),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": max(max(runners[name].peak_rss) for name in SYSTEMS),
         "peak_rss_reset": peak_reset,
+        "peak_rss_bytes_by_system": {name: max(runners[name].peak_rss) for name in SYSTEMS},
+        "peak_rss_growth_bytes_by_system": {name: max(runners[name].peak_rss_growth) for name in SYSTEMS},
         "rss_bytes": rss,
         **warm,
     }
@@ -256,24 +277,65 @@ def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
         "tokens_per_s_per_block": rates,
         "step_s_median": {name: statistics.median(seconds[name]) / config.steps for name in SYSTEMS},
         "ratio_plait_over_ddp": ratio_summary(rates["plait"], rates["ddp"]),
+        # Secondary, robust to bursts of foreign load: the two systems' fastest blocks.
+        "ratio_best_blocks": max(rates["plait"]) / max(rates["ddp"]),
+        "noise": {
+            "cpu_share_min_over_ranks": {
+                name: [min(shares) for shares in zip(*(r["cpu_share"][name] for r in results), strict=True)]
+                for name in SYSTEMS
+            },
+            "load_at_block_start": lead["load_at_block_start"],
+            "note": "cpu_share: main-thread CPU seconds / block wall seconds; well below ~0.9 means a shared box",
+        },
         "target_ratio": TARGET_RATIO,
         "comm": {
             "plait_bytes_per_step_per_rank": statistics.median(comm) if comm else None,
-            "theory_allreduce_payload_bytes": 4 * num_params,
-            "theory_formula": "one all-reduce of P fp32 gradients: 4P bytes payload (ring wire: 2(N-1)/N of that)",
+            "plait_bytes_by_kind_last_block": lead["comm_bytes_by_kind_last_block"],
+            "theory_bytes": 8 * num_params,
+            "theory_formula": (
+                "DDP: 2P fp32 elements per step = 8P bytes, counting an all-reduce as a reduce-scatter plus "
+                "an all-gather (ZeRO paper; plait.dist.comm); ring wire traffic a further (N-1)/N"
+            ),
+            "allreduce_payload_bytes": 4 * num_params,
         },
         "memory": {
             "model_state_bytes_per_rank": [r["model_state_bytes"] for r in results],
             "model_state_theory_bytes": 16 * num_params,
             "model_state_formula": "fp32 params 4P + grads 4P + AdamW exp_avg 4P + exp_avg_sq 4P = 16P",
             "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in results],
-            "peak_rss_note": "one process per rank holds both systems; VmHWM reset after warm-up",
+            "peak_rss_growth_bytes_per_rank": [r["peak_rss_growth_bytes_by_system"] for r in results],
+            "peak_rss_note": (
+                "one process per rank holds both systems; VmHWM is reset at the start of every timed block. "
+                "peak_rss_bytes: the process's peak over the timed phase; growth: a system's largest rise of "
+                "the peak over the RSS at its block's start (its per-step transient memory)"
+            ),
         },
         "loss_check": {
             "warmup": lead["warmup_loss"],
             "last_block": {name: lead["block_losses"][name][-1] for name in SYSTEMS},
         },
     }
+
+
+def pair_rows(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[list[str]]:
+    lead = results[0]
+    seconds = lead["timing"]["seconds"]
+    shares = summary["noise"]["cpu_share_min_over_ranks"]
+    loads = lead["load_at_block_start"]
+    rows = []
+    for pair, order in enumerate(lead["timing"]["orders"]):
+        rows.append(
+            [
+                str(pair),
+                " ".join(order),
+                f"{seconds['plait'][pair]:.2f}",
+                f"{seconds['ddp'][pair]:.2f}",
+                f"{summary['ratio_plait_over_ddp']['per_pair'][pair]:.3f}",
+                f"{shares['plait'][pair]:.2f}/{shares['ddp'][pair]:.2f}",
+                f"{loads['plait'][pair]:.1f}/{loads['ddp'][pair]:.1f}",
+            ]
+        )
+    return rows
 
 
 def print_report(summary: dict[str, Any], results: list[dict[str, Any]], config: BenchConfig) -> None:
@@ -300,19 +362,30 @@ def print_report(summary: dict[str, Any], results: list[dict[str, Any]], config:
             ]
         )
     print(format_table(["system", "tokens/s (median)", "min-max", "s/step", "model states/rank"], rows))
-    per_pair = ", ".join(f"{r:.3f}" for r in ratio["per_pair"])
+    print()
+    print(
+        format_table(
+            ["pair", "order", "plait s", "ddp s", "ratio", "cpu share p/d", "load p/d"], pair_rows(summary, results)
+        )
+    )
     print(
         f"\nratio plait/DDP: median {ratio['median']:.3f}  min-max {ratio['min']:.3f}-{ratio['max']:.3f}  "
-        f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}  (pairs: {per_pair})"
+        f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}  | fastest blocks: {summary['ratio_best_blocks']:.3f}"
     )
     memory = summary["memory"]
     comm = summary["comm"]
     print(f"model states theory: {format_bytes(memory['model_state_theory_bytes'])} (16P)")
     peaks = ", ".join(format_bytes(b) for b in memory["peak_rss_bytes_per_rank"])
-    print(f"peak RSS per rank (both systems in one process): {peaks}")
+    print(f"peak RSS per rank over the timed phase (both systems in one process): {peaks}")
+    growth = memory["peak_rss_growth_bytes_per_rank"]
+    print(
+        "per-step transient memory (peak RSS rise within a block), rank 0: "
+        + ", ".join(f"{name} {format_bytes(growth[0][name])}" for name in SYSTEMS)
+    )
     print(
         f"plait comm per step per rank: {format_bytes(comm['plait_bytes_per_step_per_rank'])} "
-        f"vs theory 4P = {format_bytes(comm['theory_allreduce_payload_bytes'])}"
+        f"vs theory 2P elements = 8P bytes = {format_bytes(comm['theory_bytes'])} "
+        f"(all-reduce payload 4P = {format_bytes(comm['allreduce_payload_bytes'])})"
     )
     losses = summary["loss_check"]
     print(
@@ -339,7 +412,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/dp.json)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the ranks count as hung")
     args = parser.parse_args(argv)
-    base = {"d_model": 64, "layers": 2, "seq": 32, "batch": 2, "pairs": 5, "steps": 2} if args.quick else {}
+    base = {"d_model": 128, "layers": 4, "seq": 64, "batch": 4, "pairs": 5, "steps": 4} if args.quick else {}
     chosen = {
         key: getattr(args, key)
         for key in ("pairs", "steps", "warmup", "batch", "seq", "d_model", "layers", "heads", "vocab")

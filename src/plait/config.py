@@ -17,7 +17,7 @@ from typing import Any
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES = ("none", "full", "selective")
 AXES = ("pp", "dp", "cp", "tp")
-BUILT_ZERO_STAGES = (0,)
+REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -44,7 +44,10 @@ class Plan:
     precision: str = "fp32"
     microbatches: int = 1
     recompute: str = "none"
+    recompute_ratio: float = 1.0
+    recompute_modules: list[str] = field(default_factory=list)
     bucket_mb: float = 25.0
+    reduce_op: str = "auto"
 
     def __post_init__(self) -> None:
         _require(
@@ -64,6 +67,14 @@ class Plan:
             f"plan.recompute={self.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}",
         )
         _require(
+            0 < self.recompute_ratio <= 1,
+            f"plan.recompute_ratio={self.recompute_ratio}: the fraction of layers to recompute lies in (0, 1]",
+        )
+        _require(
+            self.reduce_op in REDUCE_OPS,
+            f"plan.reduce_op={self.reduce_op!r}: choose one of {', '.join(REDUCE_OPS)} (auto: all-reduce on gloo, reduce-scatter on nccl)",
+        )
+        _require(
             self.bucket_mb > 0,
             f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)",
         )
@@ -75,18 +86,6 @@ class Plan:
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
             )
-        _require(
-            self.zero in BUILT_ZERO_STAGES,
-            f"plan.zero={self.zero}: ZeRO stage {self.zero} is not available yet; use plan.zero=0 (data parallel)",
-        )
-        _require(
-            self.precision == "fp32",
-            f"plan.precision={self.precision!r}: mixed precision is not available yet; use plan.precision='fp32'",
-        )
-        _require(
-            self.recompute == "none",
-            f"plan.recompute={self.recompute!r}: activation recomputation is not available yet; use plan.recompute='none'",
-        )
 
     def resolve(self, world_size: int) -> Plan:
         """The plan with dp inferred, checked against the world size."""

@@ -13,11 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from plait.amp.policy import PrecisionPolicy
+from plait.amp.scaler import LossScaler
+from plait.checkpoint.recompute import apply_recompute
 from plait.config import Plan
 from plait.dist.comm import CommCounter, all_reduce
+from plait.dist.launch import get_logger
 from plait.dist.mesh import Mesh
+from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
-from plait.zero.data_parallel import DataParallel
+from plait.zero.factory import build_data_parallel
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
@@ -32,7 +37,7 @@ class StepResult:
     loss: torch.Tensor  # 0-dim, the global batch loss, equal on every rank
     grad_norm: torch.Tensor  # 0-dim, before clipping
     num_tokens: torch.Tensor  # 0-dim, tokens (or micro-batches, for mean losses) in the global batch
-    skipped: bool
+    skipped: bool  # fp16: a non-finite gradient skipped the optimizer step
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> list[Batch]:
@@ -50,30 +55,40 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> list[Batch]:
     return [{key: chunks[key][i] for key in batch} for i in range(num_microbatches)]
 
 
+@dataclass
+class EngineParts:
+    """The factories and knobs `boost` hands the engine."""
+
+    optimizer: OptimizerFactory
+    loss_fn: LossFn
+    lr_scheduler: SchedulerFactory | None = None
+    max_grad_norm: float | None = None
+
+
 class Engine:
     """A model trained under a plan. Build it with `plait.boost`."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        optimizer: OptimizerFactory,
-        loss_fn: LossFn,
-        mesh: Mesh,
-        lr_scheduler: SchedulerFactory | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, *, parts: EngineParts, mesh: Mesh) -> None:
         mesh.plan.check_available()
         self.mesh = mesh
         self.plan = mesh.plan
-        self.loss_fn = loss_fn
-        self.max_grad_norm = max_grad_norm
+        self.loss_fn = parts.loss_fn
+        self.max_grad_norm = parts.max_grad_norm
         self.comm = CommCounter()
-        self.device = next(model.parameters()).device
-        self.data_parallel = DataParallel(model, mesh=mesh, bucket_mb=self.plan.bucket_mb, counter=self.comm)
+        self.policy = PrecisionPolicy.from_name(self.plan.precision)
+        self.scaler = LossScaler.from_policy(self.policy)
+        self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
+        self.recomputed = apply_recompute(
+            model,
+            mode=self.plan.recompute,
+            ratio=self.plan.recompute_ratio,
+            modules=self.plan.recompute_modules or None,
+        )
+        self.data_parallel = build_data_parallel(model, mesh=mesh, policy=self.policy, counter=self.comm)
         self.model = model
-        self.optimizer = optimizer(self.data_parallel.params)
-        self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
+        self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
+        self.steps_done = 0
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._divisor: torch.Tensor | None = None
@@ -91,56 +106,79 @@ class Engine:
 
     def begin_step(self, micro_batches: list[Batch]) -> None:
         """Fix the step's divisor before any backward: the global token count when
-        the loss can count tokens up front, the number of micro-batches for mean
-        losses. Without it, gradients are summed and divided at optimizer_step."""
+        the loss can count tokens up front. Without it, gradients are summed and
+        divided at optimizer_step."""
         counter = getattr(self.loss_fn, "count_tokens", None)
+        self._divisor = None
         if counter is not None:
             count = torch.stack([counter(mb) for mb in micro_batches]).sum().double().to(self.device)
             all_reduce(count, group=self.mesh.group("dp"), counter=self.comm)
             self._divisor = count
-        elif micro_batches:
-            self._divisor = None
 
     def forward_backward(self, micro_batch: Batch, *, sync: bool = True) -> torch.Tensor:
         """Forward and backward one micro-batch, accumulating gradients.
 
         Pass sync=False on every micro-batch but the last of a step: only the
-        last one communicates. Returns the micro-batch's loss as the loss_fn gave it.
+        last one communicates (where the ZeRO stage allows). Returns the
+        micro-batch's loss as the loss_fn gave it.
         """
         micro_batch = self._to_device(micro_batch)
-        self.data_parallel.set_sync(sync)
         outputs = self.model(**micro_batch)
         loss = self.loss_fn(outputs, micro_batch)
-        if isinstance(loss, tuple):
-            loss_sum, count = loss
-        else:
-            loss_sum, count = loss, torch.ones((), device=loss.device)
-        (loss_sum if self._divisor is None else loss_sum / self._divisor.float()).backward()
+        loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones((), device=loss.device))
+        to_backward = loss_sum if self._divisor is None else loss_sum / self._divisor.float()
+        self.data_parallel.before_backward(sync=sync)
+        self.scaler.scale_loss(to_backward).backward()
+        self.data_parallel.after_backward()
         self._loss_sum += loss_sum.detach().double()
         self._count += count.detach().double()
         return loss_sum.detach()
 
+    def _finish_gradients(self, count: torch.Tensor) -> None:
+        factor = 1.0 / self.scaler.scale
+        if self._divisor is None:
+            factor = factor / count
+        if self.scaler.dynamic or self._divisor is None:
+            self.data_parallel.scale_(factor)
+
+    def _overflowed(self, params: list[nn.Parameter]) -> bool:
+        """fp16 only: all ranks agree whether any gradient is non-finite, and name the first."""
+        if not self.scaler.dynamic:
+            return False
+        named = [(_name_of(p, i), p.grad) for i, p in enumerate(params)]
+        overflow = self.scaler.check_overflow(named, groups=[self.mesh.group("dp")], device=self.device)
+        if overflow.found:
+            get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
+        self.scaler.update(overflow)
+        return overflow.found
+
     def optimizer_step(self) -> StepResult:
-        """Finish the reduction, normalise by the global count, clip, step."""
-        self.data_parallel.finish()
+        """Normalise by the global count, unscale, clip, step; skip on fp16 overflow."""
         totals = torch.stack([self._loss_sum, self._count])
         all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)
         loss_sum, count = totals.unbind()
-        if self._divisor is None:
-            self.data_parallel.scale_(1.0 / count)
-        params = self.data_parallel.params
-        if self.max_grad_norm:
-            grad_norm = clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh)
+        self._finish_gradients(count)
+        params = self.data_parallel.optimizer_params
+        skipped = self._overflowed(params)
+        if skipped:
+            grad_norm = torch.full((), float("nan"))
         else:
-            grad_norm = global_grad_norm(params, mesh=self.mesh)
-        self.optimizer.step()
+            grad_norm = self._clip(params)
+            self.optimizer.step()
+            self.data_parallel.after_step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.data_parallel.zero_()
         self._loss_sum.zero_()
         self._count.zero_()
         self._divisor = None
-        return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=False)
+        self.steps_done += 1
+        return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=skipped)
+
+    def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
+        if self.max_grad_norm:
+            return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh)
+        return global_grad_norm(params, mesh=self.mesh)
 
     def train_step(self, batch: Batch) -> StepResult:
         """One optimizer step on this rank's share of the global batch."""
@@ -165,19 +203,35 @@ class Engine:
         self.model.train(was_training)
         return (totals[0] / totals[1]).float()
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full model weights by name (under ZeRO-3 every dp rank must call this)."""
+        return self.data_parallel.full_state_dict()
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and schedule state (replicated under data parallel)."""
+        """Model, optimizer (this rank's shard under ZeRO), schedule and loss-scale state."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.model_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.data_parallel.load_full_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _name_of(param: nn.Parameter, index: int) -> str:
+    placement = placement_of(param)
+    return placement.name if placement else f"parameter {index}"
 
 
 def boost(
@@ -195,15 +249,21 @@ def boost(
     Example::
 
         engine = plait.boost(model, optimizer=lambda ps: torch.optim.AdamW(ps, lr=3e-4),
-                             loss_fn=plait.losses.causal_lm, plan=plait.Plan(dp=-1))
+                             loss_fn=plait.losses.causal_lm, plan=plait.Plan(dp=-1, zero=2))
         result = engine.train_step(batch)
+
+    A model built under `torch.device("meta")` is materialised shard by shard (plan.zero=3).
     """
     if mesh is None:
         plan = plan or Plan()
         plan.check_available()  # before the mesh enters any collective
-        mesh = Mesh(plan, device_type=next(model.parameters()).device.type)
+        mesh = Mesh(plan, device_type=_device_type(model))
     elif plan is not None and plan != mesh.plan:
         raise ValueError("pass either plan= or mesh= (a mesh carries its plan), not two different plans")
-    return Engine(
-        model, optimizer=optimizer, loss_fn=loss_fn, mesh=mesh, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
-    )
+    parts = EngineParts(optimizer=optimizer, loss_fn=loss_fn, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
+    return Engine(model, parts=parts, mesh=mesh)
+
+
+def _device_type(model: nn.Module) -> str:
+    device = next(model.parameters()).device
+    return device.type if device.type != "meta" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -104,7 +104,7 @@ def test_warmup_cosine_shape() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
 
 
 def test_clipping_matches_torch_bit_for_bit() -> None:

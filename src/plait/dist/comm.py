@@ -9,18 +9,19 @@ import torch.distributed as dist
 
 
 class CommCounter:
-    """Bytes each collective puts on this rank's wire, per kind, since the last reset.
+    """Bytes of collective traffic per kind since the last reset, counted as the ZeRO paper does.
 
-    The count is the payload (elements x element size), the figure the ZeRO
-    paper's formulas use; the ring algorithms' wire traffic is a further
-    2(N-1)/N of it for all-reduce and (N-1)/N for gathers and scatters.
+    A reduce-scatter or an all-gather of a P-element buffer counts P elements;
+    an all-reduce counts 2P (it is a reduce-scatter plus an all-gather). So
+    per step with one micro-batch DDP and ZeRO-1 move 2P, ZeRO-3 3P. What a
+    ring puts on the wire is a further (N-1)/N of these figures.
     """
 
     def __init__(self) -> None:
         self.bytes_by_kind: Counter[str] = Counter()
 
-    def add(self, kind: str, tensor: torch.Tensor) -> None:
-        self.bytes_by_kind[kind] += tensor.numel() * tensor.element_size()
+    def add(self, kind: str, tensor: torch.Tensor, *, factor: int = 1) -> None:
+        self.bytes_by_kind[kind] += factor * tensor.numel() * tensor.element_size()
 
     @property
     def total_bytes(self) -> int:
@@ -41,5 +42,5 @@ def all_reduce(
     if group is None:
         return None
     if counter is not None:
-        counter.add("all_reduce", tensor)
+        counter.add("all_reduce", tensor, factor=2)
     return dist.all_reduce(tensor, group=group, async_op=async_op)

@@ -101,19 +101,34 @@ class GPT(nn.Module):
         if self.config.tied_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def init_order(self) -> list[nn.Module]:
+        """The modules whose parameters ``init_weights`` draws, in the order it draws them."""
+        order: list[nn.Module] = [self.embed]
+        if self.pos_embed is not None:
+            order.append(self.pos_embed)
+        order += [*self.blocks, self.norm_f]
+        if not self.config.tied_embeddings:
+            order.append(self.lm_head)
+        return order
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise one module of ``init_order`` (lazy ZeRO-3 init materialises module by module)."""
+        if module is self.embed or module is self.pos_embed or module is self.lm_head:
+            if module is self.lm_head and self.config.tied_embeddings:
+                return  # the tied head's weight is the embedding's, drawn with it
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, Block) or module is self.norm_f:
+            module.reset_parameters()
+        else:
+            raise ValueError(f"init_module: {type(module).__name__} is not one of this GPT's init units")
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re-)initialise every parameter, module by module in a fixed order."""
         self.tie_weights()
-        std = self.config.init_std
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
-        for block in self.blocks:
-            block.reset_parameters()
-        self.norm_f.reset_parameters()
-        if not self.config.tied_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        for module in self.init_order():
+            self.init_module(module)
 
     def forward(
         self,

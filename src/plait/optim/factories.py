@@ -7,6 +7,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from plait.dist.placement import placement_of
+
+
+def is_matrix(param: torch.Tensor) -> bool:
+    """Whether a parameter is a matrix (or higher), judged by its global shape under sharding."""
+    placement = placement_of(param)
+    return len(placement.global_shape if placement else param.shape) >= 2
+
 
 def adamw(
     *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
@@ -19,8 +27,8 @@ def adamw(
     def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         params = list(params)
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if is_matrix(p)], "weight_decay": weight_decay},
+            {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 

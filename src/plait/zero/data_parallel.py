@@ -31,6 +31,8 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, *, mesh: Mesh, bucket_mb: float, counter: CommCounter) -> None:
         self.mesh = mesh
+        self.model = model
+        self.sync = True
         self.group = mesh.group("dp")
         self.counter = counter
         broadcast_module_state(model, mesh=mesh)
@@ -42,17 +44,28 @@ class DataParallel:
         return all_reduce(buffer, group=self.group, counter=self.counter, async_op=True)
 
     @property
-    def params(self) -> list[nn.Parameter]:
+    def optimizer_params(self) -> list[nn.Parameter]:
         return self.buckets.params
 
-    def set_sync(self, sync: bool) -> None:
+    def before_backward(self, *, sync: bool) -> None:
         self.buckets.sync = sync
+        self.sync = sync
 
-    def finish(self) -> None:
-        self.buckets.finish()
+    def after_backward(self) -> None:
+        if self.sync:
+            self.buckets.finish()
 
     def scale_(self, factor: torch.Tensor | float) -> None:
         self.buckets.scale_(factor)
 
+    def after_step(self) -> None:
+        """Replicas stepped identically: nothing to publish."""
+
     def zero_(self) -> None:
         self.buckets.zero_()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Data parallel against one plain process: same losses every step, same final weights."""
+"""Data parallel and ZeRO 1-3 against one plain process: same losses every step, same final weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from plait.train.reference import train_reference
 from tests.dist.harness import run_ranks
 
 STEPS = 20
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 16
 SEQ = 16
 
 
@@ -45,13 +45,13 @@ def fresh_model(preset: str) -> torch.nn.Module:
     return build(preset, max_seq_len=SEQ)
 
 
-def train_plan(rank: int, world_size: int, preset: str, microbatches: int):
+def train_plan(rank: int, world_size: int, preset: str, microbatches: int, zero: int = 0, reduce_op: str = "auto"):
     model = fresh_model(preset)
     engine = plait.boost(
         model,
         optimizer=optimizer,
         loss_fn=plait.losses.causal_lm,
-        plan=plait.Plan(dp=world_size, microbatches=microbatches, bucket_mb=0.01),
+        plan=plait.Plan(dp=world_size, microbatches=microbatches, bucket_mb=0.01, zero=zero, reduce_op=reduce_op),
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
@@ -60,14 +60,12 @@ def train_plan(rank: int, world_size: int, preset: str, microbatches: int):
     for batch in make_batches(model.config.vocab_size):
         shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
         losses.append(engine.train_step(shard).loss.item())
-    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+    return losses, engine.model_state_dict()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
-@pytest.mark.parametrize(("world_size", "microbatches"), [(2, 1), (2, 4), (4, 1), (4, 2)])
-def test_data_parallel_matches_one_process(world_size: int, microbatches: int, preset: str) -> None:
+def reference_run(preset: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     reference = fresh_model(preset)
-    ref_losses = train_reference(
+    losses = train_reference(
         reference,
         make_batches(reference.config.vocab_size),
         optimizer=optimizer,
@@ -75,8 +73,31 @@ def test_data_parallel_matches_one_process(world_size: int, microbatches: int, p
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
-    results = run_ranks(train_plan, world_size, preset, microbatches)
+    return losses, reference.state_dict()
+
+
+def assert_parity(results: list, reference: tuple[list[float], dict[str, torch.Tensor]]) -> None:
+    ref_losses, ref_state = reference
     for losses, state in results:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-        for name, value in reference.state_dict().items():
+        assert state.keys() == ref_state.keys()
+        for name, value in ref_state.items():
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"weight {name}")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize(("world_size", "microbatches"), [(2, 1), (2, 4), (4, 1), (4, 2)])
+def test_data_parallel_matches_one_process(world_size: int, microbatches: int, preset: str) -> None:
+    assert_parity(run_ranks(train_plan, world_size, preset, microbatches), reference_run(preset))
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize(("world_size", "microbatches"), [(2, 1), (2, 4), (4, 1), (4, 4)])
+def test_zero_matches_one_process(zero: int, world_size: int, microbatches: int) -> None:
+    assert_parity(run_ranks(train_plan, world_size, "tiny", microbatches, zero), reference_run("tiny"))
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_with_reduce_scatter_and_llama_options(zero: int) -> None:
+    results = run_ranks(train_plan, 2, "tiny-llama", 2, zero, "reduce_scatter")
+    assert_parity(results, reference_run("tiny-llama"))

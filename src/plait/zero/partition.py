@@ -1,0 +1,73 @@
+"""Which parameters form a unit, and which modules use which units.
+
+A unit is the parameter set gathered and released together under ZeRO-3,
+and the grain of gradient reduction at every stage: each layer of a layer
+list (a ModuleList) is one unit, every other child with parameters is one,
+and parameters held directly by a module that contains a layer list form a
+unit of their own that lives across that module's whole forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class UnitSpec:
+    name: str
+    module: nn.Module
+    named_params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+
+@dataclass
+class HookSite:
+    """A module whose forward needs the parameters of `unit_indices`."""
+
+    name: str
+    module: nn.Module
+    unit_indices: list[int]
+
+
+def _contains_layer_list(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) for m in module.modules())
+
+
+def _candidates(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module, direct_only) in registration order; direct_only: only the module's own parameters."""
+    if not _contains_layer_list(module):
+        return [(prefix, module, False)]
+    out = [(prefix, module, True)]
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.ModuleList):
+            for index, item in child.named_children():
+                out += _candidates(item, f"{path}.{index}")
+        else:
+            out += _candidates(child, path)
+    return out
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def plan_units(model: nn.Module) -> tuple[list[UnitSpec], list[HookSite]]:
+    """Units (each parameter in exactly one, by identity) and the modules that use them."""
+    owner: dict[int, int] = {}
+    units: list[UnitSpec] = []
+    sites: list[HookSite] = []
+    for prefix, module, direct_only in _candidates(model, ""):
+        named = list(module.named_parameters(recurse=not direct_only))
+        spec = UnitSpec(name=prefix or "<root>", module=module)
+        for name, param in named:
+            if id(param) not in owner and param.requires_grad:
+                owner[id(param)] = len(units)
+                spec.named_params.append((_qualified(prefix, name), param))
+        if spec.named_params:
+            units.append(spec)
+        used = sorted({owner[id(p)] for _, p in named if id(p) in owner})
+        if used:
+            sites.append(HookSite(name=prefix or "<root>", module=module, unit_indices=used))
+    return units, sites

@@ -1,0 +1,196 @@
+"""FlatUnit: the storage and collectives of one flat, dp-sharded group of parameters.
+
+Stages differ only in what a unit keeps between uses:
+- stage 1: full parameters and a full gradient buffer (accumulation needs no
+  communication), reduced once per step into this rank's gradient shard;
+- stage 2: full parameters; gradients are reduced as soon as a micro-batch's
+  backward produced them and only the shard is kept;
+- stage 3: only the parameter shard; the full parameters are gathered just
+  before use and their storage released after.
+The optimizer always steps on this rank's pieces of the fp32 master shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.dist.comm import CommCounter
+from plait.zero.flat import FlatLayout, make_piece_param, views_of
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    stage: int
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    group: dist.ProcessGroup | None
+    num_shards: int
+    shard_index: int
+    use_all_reduce: bool  # gloo's all-reduce beats its reduce-scatter; the kept bytes are the same
+    counter: CommCounter
+
+
+@dataclass
+class PendingReduce:
+    handle: dist.Work | None
+    source: torch.Tensor  # the full (padded) gradients in the reduce dtype
+    result: torch.Tensor  # the reduced shard, or `source` itself after an all-reduce
+
+
+class FlatUnit:
+    """One unit's flat parameters and gradients; see the module docstring."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, config: UnitConfig) -> None:
+        self.config = config
+        self.names = [name for name, _ in named_params]
+        self.params = [param for _, param in named_params]
+        self.layout = FlatLayout(
+            [(n, p.shape) for n, p in named_params], num_shards=config.num_shards, shard_index=config.shard_index
+        )
+        self.full = torch.zeros(self.layout.padded_numel, dtype=config.param_dtype, device=self.params[0].device)
+        with torch.no_grad():
+            for param, view in zip(self.params, views_of(self.full, self.layout), strict=True):
+                view.copy_(param.detach())
+                param.data = view
+        shard = self.full[self.layout.shard_start : self.layout.shard_end]
+        self.param_shard = shard.clone() if config.stage == 3 else shard
+        needs_master = config.param_dtype != torch.float32
+        self.master_shard = self.param_shard.float() if needs_master else self.param_shard
+        self.grad_full: torch.Tensor | None = None
+        if config.stage <= 1:
+            self.grad_full = torch.zeros_like(self.full)
+            for param, view in zip(self.params, views_of(self.grad_full, self.layout), strict=True):
+                param.grad = view
+        self.grad_shard = self._make_grad_shard()
+        self.pieces = [
+            make_piece_param(
+                piece,
+                master_shard=self.master_shard,
+                grad_shard=self.grad_shard,
+                layout=self.layout,
+                sharded=config.num_shards > 1,
+            )
+            for piece in self.layout.pieces()
+        ]
+        self.gather_handle: dist.Work | None = None
+        self.gathered = True
+        if config.stage == 3:
+            self.release()
+
+    # --- parameters (stage 3 gathers and releases; stages 1-2 gather after each step) ---
+
+    def _storage_bytes(self) -> int:
+        return self.layout.padded_numel * self.full.element_size()
+
+    def start_gather(self) -> None:
+        """Launch the all-gather of the full parameters (no-op if they are here or coming)."""
+        if self.gathered or self.gather_handle is not None:
+            return
+        self.full.untyped_storage().resize_(self._storage_bytes())
+        self.gather_handle = self._all_gather(self.param_shard)
+
+    def wait_gather(self) -> None:
+        self.start_gather()
+        if self.gather_handle is not None:
+            self.gather_handle.wait()
+            self.gather_handle = None
+        self.gathered = True
+
+    def release(self) -> None:
+        """Free the full parameters' storage; their views stay valid for the next gather."""
+        if self.gather_handle is not None:
+            self.wait_gather()
+        self.full.untyped_storage().resize_(0)
+        self.gathered = False
+
+    def _all_gather(self, shard: torch.Tensor) -> dist.Work | None:
+        if self.config.num_shards == 1:
+            if shard.data_ptr() != self.full.data_ptr():
+                self.full.copy_(shard)
+            return None
+        self.config.counter.add("all_gather", self.full)
+        return dist.all_gather_into_tensor(self.full, shard, group=self.config.group, async_op=True)
+
+    def publish_step(self) -> dist.Work | None:
+        """After the optimizer step: cast masters into the parameter shard; stages 1-2 re-gather."""
+        with torch.no_grad():
+            if self.master_shard is not self.param_shard:
+                self.param_shard.copy_(self.master_shard)
+            if self.config.stage == 3 or self.config.num_shards == 1:
+                return None
+            return self._all_gather(self.param_shard.clone())
+
+    # --- gradients ---
+
+    def _make_grad_shard(self) -> torch.Tensor:
+        """fp32 gradients of this rank's shard: under stage 1 in fp32, a view of the full buffer."""
+        if self.grad_full is not None and self.grad_full.dtype == torch.float32:
+            return self.grad_full[self.layout.shard_start : self.layout.shard_end]
+        return torch.zeros(self.layout.shard_size, dtype=torch.float32, device=self.full.device)
+
+    def _flat_grads(self) -> torch.Tensor:
+        """The unit's full gradients as one padded buffer in the reduce dtype."""
+        reduce_dtype = self.config.reduce_dtype
+        if self.grad_full is not None:
+            return self.grad_full if self.grad_full.dtype == reduce_dtype else self.grad_full.to(reduce_dtype)
+        flat = torch.zeros(self.layout.padded_numel, dtype=reduce_dtype, device=self.full.device)
+        for param, view in zip(self.params, views_of(flat, self.layout), strict=True):
+            if param.grad is not None:
+                view.copy_(param.grad)
+            param.grad = None
+        return flat
+
+    def start_reduce(self) -> PendingReduce:
+        """Sum this unit's gradients over dp; the shard lands in grad_shard at `finish_reduce`."""
+        source = self._flat_grads()
+        config = self.config
+        if config.group is None:
+            return PendingReduce(handle=None, source=source, result=source)
+        if config.use_all_reduce:
+            config.counter.add("all_reduce", source, factor=2)
+            handle = dist.all_reduce(source, group=config.group, async_op=True)
+            return PendingReduce(handle=handle, source=source, result=source)
+        result = torch.empty(self.layout.shard_size, dtype=source.dtype, device=source.device)
+        config.counter.add("reduce_scatter", source)
+        handle = dist.reduce_scatter_tensor(result, source, group=config.group, async_op=True)
+        return PendingReduce(handle=handle, source=source, result=result)
+
+    def finish_reduce(self, pending: PendingReduce) -> None:
+        if pending.handle is not None:
+            pending.handle.wait()
+        result = pending.result
+        if result.numel() != self.layout.shard_size:
+            result = result[self.layout.shard_start : self.layout.shard_end]
+        if self.config.stage >= 2:
+            self.grad_shard.add_(result)  # one reduction per micro-batch accumulates here
+        elif result.data_ptr() != self.grad_shard.data_ptr():  # stage 1 reduces once per step
+            self.grad_shard.copy_(result)
+
+    def zero_grads(self) -> None:
+        self.grad_shard.zero_()
+        if self.grad_full is not None:
+            self.grad_full.zero_()
+            for param, view in zip(self.params, views_of(self.grad_full, self.layout), strict=True):
+                if param.grad is not view:  # a user's zero_grad(set_to_none=True) dropped the view
+                    param.grad = view
+
+    def load_full(self, tensors: list[torch.Tensor]) -> None:
+        """Take this rank's shard (and, under stages 1-2, the full parameters) from full tensors."""
+        flat = torch.zeros(self.layout.padded_numel, dtype=torch.float32, device=self.full.device)
+        for view, tensor in zip(views_of(flat, self.layout), tensors, strict=True):
+            view.copy_(tensor.reshape(view.shape))
+        shard = flat[self.layout.shard_start : self.layout.shard_end]
+        self.master_shard.copy_(shard)
+        self.param_shard.copy_(shard)
+        if self.config.stage < 3:
+            self.full.copy_(flat)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Copies of this unit's full parameters by name (the caller gathers first under stage 3)."""
+        return {
+            name: view.detach().clone() for name, view in zip(self.names, views_of(self.full, self.layout), strict=True)
+        }
