@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from plait.amp.policy import PrecisionPolicy
-from plait.amp.scaler import LossScaler
+from plait.amp.scaler import LossScaler, Overflow
 from plait.checkpoint.recompute import apply_recompute
 from plait.config import Plan
 from plait.dist.comm import CommCounter, all_reduce
 from plait.dist.launch import get_logger
 from plait.dist.mesh import Mesh
-from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.zero.factory import build_data_parallel
 
@@ -89,9 +88,11 @@ class Engine:
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
         self.steps_done = 0
+        self.last_overflow: Overflow | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._divisor: torch.Tensor | None = None
+        self._stand_in = 1.0
 
     @property
     def dp_rank(self) -> int:
@@ -126,7 +127,11 @@ class Engine:
         outputs = self.model(**micro_batch)
         loss = self.loss_fn(outputs, micro_batch)
         loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones((), device=loss.device))
-        to_backward = loss_sum if self._divisor is None else loss_sum / self._divisor.float()
+        if self._divisor is not None:
+            to_backward = loss_sum / self._divisor.float()
+        else:  # the count is known only after the step: divide by a stand-in now (fp16 range), correct later
+            self._stand_in = float(next(iter(micro_batch.values())).numel()) if isinstance(loss, tuple) else 1.0
+            to_backward = loss_sum / self._stand_in
         self.data_parallel.before_backward(sync=sync)
         self.scaler.scale_loss(to_backward).backward()
         self.data_parallel.after_backward()
@@ -137,16 +142,17 @@ class Engine:
     def _finish_gradients(self, count: torch.Tensor) -> None:
         factor = 1.0 / self.scaler.scale
         if self._divisor is None:
-            factor = factor / count
+            factor = factor * self._stand_in / count
         if self.scaler.dynamic or self._divisor is None:
             self.data_parallel.scale_(factor)
 
-    def _overflowed(self, params: list[nn.Parameter]) -> bool:
+    def _overflowed(self) -> bool:
         """fp16 only: all ranks agree whether any gradient is non-finite, and name the first."""
         if not self.scaler.dynamic:
             return False
-        named = [(_name_of(p, i), p.grad) for i, p in enumerate(params)]
+        named = self.data_parallel.named_grads()
         overflow = self.scaler.check_overflow(named, groups=[self.mesh.group("dp")], device=self.device)
+        self.last_overflow = overflow
         if overflow.found:
             get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
         self.scaler.update(overflow)
@@ -159,7 +165,7 @@ class Engine:
         loss_sum, count = totals.unbind()
         self._finish_gradients(count)
         params = self.data_parallel.optimizer_params
-        skipped = self._overflowed(params)
+        skipped = self._overflowed()
         if skipped:
             grad_norm = torch.full((), float("nan"))
         else:
@@ -227,11 +233,6 @@ class Engine:
 
 def _is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
-
-
-def _name_of(param: nn.Parameter, index: int) -> str:
-    placement = placement_of(param)
-    return placement.name if placement else f"parameter {index}"
 
 
 def boost(

@@ -103,8 +103,8 @@ def _union_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes covered by the tensors' memory, each byte once (tied weights, views into one flat buffer)."""
     spans: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
     for tensor in tensors:
-        if tensor.device.type == "meta" or tensor.numel() == 0:
-            continue
+        if tensor.device.type == "meta" or tensor.numel() == 0 or tensor.untyped_storage().nbytes() == 0:
+            continue  # no memory behind it (ZeRO-3 releases full parameters' storage between uses)
         start = tensor.data_ptr()
         device_key = (tensor.device.type, tensor.device.index)
         spans.setdefault(device_key, []).append((start, start + tensor.numel() * tensor.element_size()))

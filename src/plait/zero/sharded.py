@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from plait.dist.placement import placement_of
 from plait.zero.partition import HookSite, UnitSpec, plan_units
 from plait.zero.unit import FlatUnit, PendingReduce, UnitConfig
 
@@ -33,10 +34,11 @@ class ZeroDataParallel:
         self.model = model
         self.stage = config.stage
         specs, self.sites = plan_units(model)
+        self.peak_held_elements = 0  # parameter elements held (shards + gathered units), at its highest
+        self._held_so_far = 0
         self.units = [self._build_unit(spec, materialize) for spec in specs]
         self.sync = True
         self.in_backward = False
-        self.peak_held_elements = 0
         self._pending: list[tuple[FlatUnit, PendingReduce]] = []
         self._ready_counts = [0] * len(self.units)
         self._reduced = [False] * len(self.units)
@@ -53,12 +55,24 @@ class ZeroDataParallel:
                     f"unit {spec.name} has parameters on the meta device; pass lazy init or build the model on a real device"
                 )
             named = materialize(spec)
-        return FlatUnit(named, config=self.config)
+        unit = FlatUnit(named, config=self.config)
+        # while a unit is flattened, its freshly initialised tensors and its flat buffer coexist
+        self.peak_held_elements = max(self.peak_held_elements, self._held_so_far + 2 * unit.layout.padded_numel)
+        self._held_so_far += unit.layout.shard_size
+        return unit
 
     @property
     def optimizer_params(self) -> list[nn.Parameter]:
         """This rank's pieces of the fp32 master shards, each with its placement record."""
         return [piece for unit in self.units for piece in unit.pieces]
+
+    def named_grads(self) -> list[tuple[str, torch.Tensor | None]]:
+        """Every parameter in one global order, with this rank's piece of its gradient (None if it has none)."""
+        out: list[tuple[str, torch.Tensor | None]] = []
+        for unit in self.units:
+            local = {placement_of(piece).name: piece.grad for piece in unit.pieces}
+            out += [(name, local.get(name)) for name in unit.names]
+        return out
 
     # --- gradient reduction ---
 
@@ -150,6 +164,7 @@ class ZeroDataParallel:
         if 0 <= position < len(self.sites):
             for index in self.sites[position].unit_indices:
                 self.units[index].start_gather()
+        self._track_held()
 
     def _track_held(self) -> None:
         held = sum(
