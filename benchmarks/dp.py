@@ -60,6 +60,7 @@ class BenchConfig:
     pairs: int = 6
     steps: int = 4  # timed steps per block
     warmup: int = 1  # untimed steps per system before the first block
+    block_warmup: int = 1  # untimed steps of a system right before each of its blocks
     batch: int = 4  # sequences per rank per step
     seq: int = 128
     d_model: int | None = None  # None: the preset's
@@ -155,6 +156,9 @@ class Runner:
         return loss
 
     def block(self) -> float:
+        # The first step after the other system ran pays for re-faulting memory the allocator gave
+        # back (DDP keeps its .grad tensors until zero_grad, so its heap peak is higher): untimed.
+        self.run_steps(self.config.block_warmup)
         comm = getattr(getattr(self.system, "engine", None), "comm", None)
         if comm is not None:
             comm.reset()
@@ -432,6 +436,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--pairs", type=int, default=None, help="A/B pairs (default 6, at least 5 for a figure)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per block (default 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per system first (default 1)")
+    parser.add_argument(
+        "--block-warmup", type=int, default=None, help="untimed steps before every block (default 1; 0: none)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="sequences per rank per step (default 4)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
     parser.add_argument("--d-model", type=int, default=None, help="override the preset's d_model")
@@ -447,12 +454,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     base = {"d_model": 128, "layers": 4, "seq": 64, "batch": 4, "pairs": 5, "steps": 4} if args.quick else {}
     chosen = {
         key: getattr(args, key)
-        for key in ("pairs", "steps", "warmup", "batch", "seq", "d_model", "layers", "heads", "vocab")
+        for key in ("pairs", "steps", "warmup", "block_warmup", "batch", "seq", "d_model", "layers", "heads", "vocab")
         if getattr(args, key) is not None
     }
     config = BenchConfig(**{**base, **chosen}, seed=args.seed, profile=args.profile, quick=args.quick)
-    if config.pairs < 1 or config.steps < 1 or config.warmup < 1:
-        parser.error("--pairs, --steps and --warmup must be at least 1")
+    if config.pairs < 1 or config.steps < 1 or config.warmup < 1 or config.block_warmup < 0:
+        parser.error("--pairs, --steps and --warmup must be at least 1, --block-warmup at least 0")
     if config.pairs < 5:
         print(f"note: {config.pairs} pairs; quote a ratio from at least 5", file=sys.stderr)
     default_name = "dp-quick.json" if config.quick else "dp.json"

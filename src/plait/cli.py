@@ -77,9 +77,16 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
-    validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
-    if args.resume and not Path(args.resume).is_dir():
-        raise ValueError(f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints")
+    validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
+    if args.resume:
+        from plait.train.resume import check_resumable
+
+        if not Path(args.resume).is_dir():
+            raise ValueError(
+                f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints"
+            )
+        plan = validated.plan
+        check_resumable(Path(args.resume), dp=plan.dp, zero=plan.zero)
     if nproc > 1 and not _under_torchrun():
         return _launch(nproc, _strip_nproc(argv))
     from plait.train.loop import run_training

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from plait.config import load_config
@@ -11,11 +12,13 @@ from plait.train.loop import run_training
 from tests.dist.harness import run_ranks
 
 
-def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20):
+def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero: int = 0):
     overrides = [
+        f"plan.zero={zero}",
         "model.preset=tiny",
         "data.vocab_size=512",
         "data.seq_len=32",
+        "data.val_fraction=0.1",
         f"data.cache_dir='{tmp / 'cache'}'",
         "plan.dp=2",
         f"train.steps={steps}",
@@ -33,16 +36,17 @@ def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20):
     return config
 
 
-def train_then_resume(rank: int, world_size: int, corpus: list[str], tmp: str):
+def train_then_resume(rank: int, world_size: int, corpus: list[str], tmp: str, zero: int):
     tmp_path = Path(tmp)
-    whole = run_training(tiny_config(corpus, tmp_path, out="whole"))
+    whole = run_training(tiny_config(corpus, tmp_path, out="whole", zero=zero))
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-000010"
-    resumed = run_training(tiny_config(corpus, tmp_path, out="resumed"), resume=str(checkpoint))
+    resumed = run_training(tiny_config(corpus, tmp_path, out="resumed", zero=zero), resume=str(checkpoint))
     return whole.losses, resumed.losses, whole.first_val_loss, whole.last_val_loss
 
 
-def test_resume_continues_with_identical_losses(small_corpus: list[str], tmp_path: Path) -> None:
-    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), timeout_s=120)
+@pytest.mark.parametrize("zero", [0, 3])
+def test_resume_continues_with_identical_losses(small_corpus: list[str], tmp_path: Path, zero: int) -> None:
+    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), zero, timeout_s=120)
     for whole, resumed, first_val, last_val in results:
         assert len(whole) == 20 and len(resumed) == 10
         assert resumed == whole[10:]  # bit-identical, not merely close
@@ -52,14 +56,20 @@ def test_resume_continues_with_identical_losses(small_corpus: list[str], tmp_pat
     assert len(rows) == 1 + 21  # header, the step-0 validation row, 20 steps
 
 
-def test_checkpoint_holds_the_replicated_state(small_corpus: list[str], tmp_path: Path) -> None:
+def test_checkpoint_holds_whole_weights_and_every_optimizer_shard(small_corpus: list[str], tmp_path: Path) -> None:
     from plait.checkpoint.io import load_checkpoint
 
-    run_ranks(lambda r, w: run_training(tiny_config(small_corpus, tmp_path, out="a", steps=10)) and None, 2)
+    run_ranks(lambda r, w: run_training(tiny_config(small_corpus, tmp_path, out="a", steps=10, zero=2)) and None, 2)
     model_state, trainer_state, config = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-000010")
     assert trainer_state["step"] == 10
     assert trainer_state["loader"]["offset"] == 10 * 8
-    assert config["plan"]["dp"] == 2
+    assert config["plan"]["dp"] == 2 and config["plan"]["zero"] == 2
+    shards = trainer_state["optimizer_shards"]
+    assert len(shards) == 2 and all(shard["state"] for shard in shards)  # each rank's pieces, its own count
+    numels = [sum(s["exp_avg"].numel() for s in shard["state"].values()) for shard in shards]
+    total = sum(t.numel() for name, t in model_state.items() if name != "lm_head.weight")  # tied to embed
+    assert abs(numels[0] - numels[1]) <= 2 and sum(numels) >= total
+    assert model_state["embed.weight"].shape == (512, 64)
     assert all(torch.isfinite(t).all() for t in model_state.values())
 
 
@@ -71,7 +81,7 @@ def test_verify_and_generate_from_the_command_line(small_corpus: list[str], tmp_
     config = tmp_path / "c.toml"
     corpus = ", ".join(f"'{p}'" for p in small_corpus)
     config.write_text(
-        f'[model]\npreset = "tiny"\n[data]\ncorpus = [{corpus}]\nseq_len = 32\nvocab_size = 512\n'
+        f'[model]\npreset = "tiny"\n[data]\ncorpus = [{corpus}]\nseq_len = 32\nvocab_size = 512\nval_fraction = 0.1\n'
         f"cache_dir = '{tmp_path / 'cache'}'\n[plan]\ndp = 2\nmicrobatches = 2\n"
         f"[train]\nsteps = 6\nglobal_batch = 8\nlr = 1e-3\nwarmup = 2\neval_batches = 2\n"
         f"out_dir = '{tmp_path / 'run'}'\n"

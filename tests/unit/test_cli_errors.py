@@ -63,3 +63,16 @@ def test_console_script_exits_nonzero_without_traceback() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "launch 4 ranks" in result.stderr
+
+
+def test_resume_into_another_optimizer_layout_is_refused_before_launch(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import json
+
+    checkpoint = tmp_path / "step-000010"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"plan": {"dp": 2, "zero": 2}}))
+    code = main(["train", *TINY, "--nproc", "4", "--set", "plan.zero=2", "--resume", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and "saved under zero=2, dp=2 but this run is zero=2, dp=4" in err

@@ -12,12 +12,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
-from plait.config import Config
+from plait.config import Config, Plan
 from plait.dist.launch import get_logger, init_distributed, is_main_rank
 from plait.dist.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
-from plait.models.gpt import GPT
+from plait.models.gpt import GPT, GPTConfig
 from plait.optim import adamw, warmup_cosine
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
@@ -49,6 +49,12 @@ def build_engine(config: Config, model: GPT, *, mesh: Mesh) -> Engine:
     )
 
 
+def build_model(model_config: GPTConfig, *, plan: Plan, device: torch.device) -> GPT:
+    """ZeRO-3 builds on the meta device and materialises shard by shard (same weights, seeded)."""
+    with torch.device("meta" if plan.zero == 3 else device):
+        return GPT(model_config)
+
+
 class Run:
     """One training run on this rank."""
 
@@ -60,7 +66,7 @@ class Run:
         self.log = get_logger()
         self.mesh = Mesh(validated.plan, device_type=device.type)
         seed_everything(config.train.seed)
-        self.model = GPT(validated.model_config).to(device)
+        self.model = build_model(validated.model_config, plan=validated.plan, device=device)
         self.engine = build_engine(config, self.model, mesh=self.mesh)
         self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log)
         self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
@@ -140,7 +146,8 @@ class Run:
                 values["val_loss"] = self.evaluate()
             if self.step % train.log_every == 0 or self.step == train.steps:
                 self.add_slow_metrics(values)
-                bar.write(format_metrics_line(self.step, train.steps, values)) if is_main_rank() else None
+                if is_main_rank():
+                    bar.write(format_metrics_line(self.step, train.steps, values))
             self.metrics_log.log(self.step, values)
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                 self.save()
