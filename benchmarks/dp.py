@@ -50,6 +50,8 @@ import plait
 from plait.models import build
 
 TARGET_RATIO = 0.97
+# A block whose ranks' main threads were on a CPU for less of its wall time than this shared the box.
+QUIET_CPU_SHARE = 0.85
 WORLD_SIZE = 2
 PRESET = "bench-dp"
 SYSTEMS = ("plait", "ddp")
@@ -289,6 +291,16 @@ def cpu_seconds(results: list[dict[str, Any]], name: str) -> list[float]:
     return [sum(block) for block in zip(*per_rank, strict=True)]
 
 
+def quiet_pairs_ratio(results: list[dict[str, Any]], rates: dict[str, list[float]]) -> dict[str, Any]:
+    """The ratio over the pairs where every rank's main thread had the CPU for both blocks."""
+    shares = zip(*(zip(*(r["cpu_share"][name] for name in SYSTEMS), strict=True) for r in results), strict=True)
+    quiet = [pair for pair, pair_shares in enumerate(shares) if min(min(s) for s in pair_shares) >= QUIET_CPU_SHARE]
+    summary: dict[str, Any] = {"pairs": quiet, "min_cpu_share": QUIET_CPU_SHARE}
+    if quiet:
+        summary.update(ratio_summary([rates["plait"][p] for p in quiet], [rates["ddp"][p] for p in quiet]))
+    return summary
+
+
 def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, Any]:
     lead = results[0]
     tokens = config.tokens_per_step() * config.steps
@@ -306,6 +318,7 @@ def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
         # per-pair ratio of main-thread CPU seconds (all ranks), which ignores waiting altogether.
         "ratio_best_blocks": max(rates["plait"]) / max(rates["ddp"]),
         "ratio_cpu_work": ratio_summary(cpu_seconds(results, "ddp"), cpu_seconds(results, "plait")),
+        "ratio_quiet_pairs": quiet_pairs_ratio(results, rates),
         "noise": {
             "cpu_share_min_over_ranks": {
                 name: [min(shares) for shares in zip(*(r["cpu_share"][name] for r in results), strict=True)]
@@ -408,6 +421,14 @@ def print_report(summary: dict[str, Any], results: list[dict[str, Any]], config:
         f"\nratio plait/DDP: median {ratio['median']:.3f}  min-max {ratio['min']:.3f}-{ratio['max']:.3f}  "
         f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}"
     )
+    quiet = summary["ratio_quiet_pairs"]
+    if quiet["pairs"]:
+        print(
+            f"  quiet pairs only (cpu share >= {QUIET_CPU_SHARE} on every rank, {len(quiet['pairs'])} of "
+            f"{len(ratio['per_pair'])}): median {quiet['median']:.3f} ({quiet['min']:.3f}-{quiet['max']:.3f})"
+        )
+    else:
+        print(f"  no quiet pair (cpu share >= {QUIET_CPU_SHARE} on every rank): the box was shared throughout")
     cpu = summary["ratio_cpu_work"]
     print(
         f"  cross-checks: fastest blocks {summary['ratio_best_blocks']:.3f} | CPU work DDP/plait "

@@ -151,6 +151,7 @@ _FORMATS: tuple[tuple[str, Any], ...] = (
     ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
     ("state_bytes", lambda v: f"state {format_bytes(v)}"),
     ("peak_rss", lambda v: f"rss {format_bytes(v)}"),
+    ("comm_bytes", lambda v: f"comm {format_bytes(v)}/step"),
 )
 
 
