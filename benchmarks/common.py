@@ -23,6 +23,7 @@ import platform
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,6 +191,25 @@ def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return counted
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's local part of a DTensor (FSDP2's sharded parameters, grads and Adam state); others as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def count_local_model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """`count_model_state_bytes` for models whose tensors may be DTensors: counts each rank's local shards."""
+    seen: set[int] = set()
+    params = list(model.parameters())
+    counts = {
+        "params": storage_bytes((local_tensor(p) for p in params), seen=seen),
+        "grads": storage_bytes((local_tensor(p.grad) for p in params if p.grad is not None), seen=seen),
+        "optimizer": storage_bytes((local_tensor(t) for t in _optimizer_tensors(optimizer)), seen=seen),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
 # ---------------------------------------------------------------------------
 # Output
 
@@ -205,6 +225,34 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv,
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def wait_for_quiet(pattern: str, *, poll_s: float = 30.0, max_wait_s: float = 1200.0) -> dict[str, Any]:
+    """Wait until no process's command line matches `pattern` (`pgrep -f`), polling every `poll_s`.
+
+    For a box shared with other benchmarks: call before forking the ranks. Gives up
+    after `max_wait_s` and says so in the record it returns.
+    """
+    started = time.monotonic()
+    polls = 0
+    while True:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        found = [pid for pid in found if int(pid) != os.getpid()]
+        waited = time.monotonic() - started
+        if not found or waited >= max_wait_s:
+            return {"pattern": pattern, "waited_s": round(waited, 1), "polls": polls, "still_running": found}
+        if polls == 0:
+            print(f"waiting for {pattern!r} (pids {' '.join(found)}) to finish...", file=sys.stderr, flush=True)
+        polls += 1
+        time.sleep(poll_s)
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -3,13 +3,17 @@
 Both systems train the same GPT (`bench-dp`: d_model 512, 8 layers, vocab
 8192, seq 128, GPT-2 options) from the same initial weights on the same
 batches, fp32 AdamW, 2 ranks of 1 thread each over gloo. Each rank builds
-both once, then for every pair times a block of steps of each system, the
-first system alternating between pairs. Reported: median tokens/s per system,
-the median per-pair ratio plait/DDP with its spread, model-state bytes per
-rank, the process's peak RSS, and plait's comm bytes per step next to theory.
+both once, then for every pair times a block of steps of each system (after
+one untimed step of that system), the first system alternating between
+pairs. Reported: median tokens/s per system, the median per-pair ratio
+plait/DDP with its spread, model-state bytes per rank, the process's peak
+RSS, and plait's comm bytes per step next to theory. The box is shared, so
+each block also records the share of its wall time the ranks' main threads
+were on a CPU; the ratio over the quiet pairs and the ratio of CPU work are
+printed as cross-checks next to the figure.
 
-    python benchmarks/dp.py                  # the full run (a few minutes on 2 cores)
-    python benchmarks/dp.py --quick          # a tiny model, a smoke check (~20 s)
+    python benchmarks/dp.py                  # the full run (~1.5-2.5 min on 2 cores)
+    python benchmarks/dp.py --quick          # a tiny model, a smoke check (~10 s)
     python benchmarks/dp.py --profile        # also torch.profiler tables of 2 steps each (rank 0)
 """
 
@@ -225,7 +229,6 @@ def ddp_reducer_buffers(ddp: DistributedDataParallel) -> dict[str, Any]:
     sizes = [int(size) for size in str(data.get("bucket_sizes", "")).split(",") if size.strip()]
     return {
         "bucket_bytes": sum(sizes),
-        "num_buckets": len(sizes),
         "gradient_as_bucket_view": bool(data.get("gradient_as_bucket_view")),
     }
 
