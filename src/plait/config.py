@@ -48,13 +48,14 @@ class Plan:
     recompute_modules: list[str] = field(default_factory=list)
     bucket_mb: float = 25.0
     reduce_op: str = "auto"
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         _require(
             self.dp == -1 or self.dp >= 1,
             f"plan.dp={self.dp}: use a positive degree or -1 to infer it from the world size",
         )
-        for axis in ("tp", "pp", "cp", "ep"):
+        for axis in ("pp", "cp", "ep"):
             value = getattr(self, axis)
             _require(value >= 1, f"plan.{axis}={value}: degrees are positive; use 1 to switch the axis off")
         _require(self.zero in (0, 1, 2, 3), f"plan.zero={self.zero}: ZeRO stages are 0, 1, 2 or 3")
@@ -81,7 +82,7 @@ class Plan:
 
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
-        for axis in ("tp", "pp", "cp", "ep"):
+        for axis in ("pp", "cp", "ep"):
             _require(
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",

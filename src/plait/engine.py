@@ -20,7 +20,10 @@ from plait.config import Plan
 from plait.dist.comm import CommCounter, all_reduce
 from plait.dist.launch import get_logger
 from plait.dist.mesh import Mesh
+from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
+from plait.tensor.apply import apply_tensor_parallel
+from plait.tensor.state import gather_tp_state, shard_tp_state
 from plait.zero.factory import build_data_parallel
 
 Batch = dict[str, torch.Tensor]
@@ -77,6 +80,7 @@ class Engine:
         self.policy = PrecisionPolicy.from_name(self.plan.precision)
         self.scaler = LossScaler.from_policy(self.policy)
         self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
+        self.tensor_parallel = _apply_tp(model, mesh)
         self.recomputed = apply_recompute(
             model,
             mode=self.plan.recompute,
@@ -165,6 +169,7 @@ class Engine:
         loss_sum, count = totals.unbind()
         self._finish_gradients(count)
         params = self.data_parallel.optimizer_params
+        reduce_partial_grads(params, mesh=self.mesh, counter=self.comm)
         skipped = self._overflowed()
         if skipped:
             grad_norm = torch.full((), float("nan"))
@@ -210,8 +215,9 @@ class Engine:
         return (totals[0] / totals[1]).float()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full model weights by name (under ZeRO-3 every dp rank must call this)."""
-        return self.data_parallel.full_state_dict()
+        """Whole model weights by name (every rank must call this: ZeRO-3 and tp gather)."""
+        state = self.data_parallel.full_state_dict()
+        return gather_tp_state(state, self.model, group=self.mesh.group("tp"))
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer (this rank's shard under ZeRO), schedule and loss-scale state."""
@@ -223,12 +229,44 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.data_parallel.load_full_state_dict(state["model"])
+        local = shard_tp_state(state["model"], self.model, group=self.mesh.group("tp"))
+        self.data_parallel.load_full_state_dict(local)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
+    """Swap in tensor-parallel layers by the model's plan (plait's GPT carries one as `tp_plan()`)."""
+    group = mesh.group("tp")
+    if group is None:
+        return []
+    if _is_meta(model):
+        raise ValueError(
+            "lazy (meta-device) initialisation with plan.tp > 1 is not available yet; build the model on a real device"
+        )
+    plan_of = getattr(model, "tp_plan", None)
+    if plan_of is None:
+        raise ValueError(f"{type(model).__name__} declares no tensor-parallel plan (tp_plan()); use plan.tp=1")
+    return apply_tensor_parallel(model, plan_of(), group=group, sequence_parallel=mesh.plan.sequence_parallel)
+
+
+def reduce_partial_grads(params: list[nn.Parameter], *, mesh: Mesh, counter: CommCounter) -> None:
+    """Sum over their axes the gradients each rank holds only part of (sequence-parallel norms)."""
+    by_axes: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    for param in params:
+        placement = placement_of(param)
+        if placement is not None and placement.partial_grad_axes and param.grad is not None:
+            by_axes.setdefault(placement.partial_grad_axes, []).append(param.grad)
+    for axes, grads in by_axes.items():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        for axis in axes:
+            all_reduce(flat, group=mesh.group(axis), counter=counter)
+        torch._foreach_copy_(
+            grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+        )
 
 
 def _is_meta(model: nn.Module) -> bool:

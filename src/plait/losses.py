@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -35,7 +37,14 @@ class CausalLM:
     """
 
     def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_of(outputs)[:, :-1]  # (batch, seq-1, vocab)
+        logits = logits_of(outputs)
+        shard = is_vocab_sharded(logits)
+        if shard is not None:  # tensor parallel: never gather the vocabulary
+            labels = batch["labels"]
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+            loss_sum = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX).sum()
+            return loss_sum, self.count_tokens(batch)
+        logits = logits[:, :-1]  # (batch, seq-1, vocab)
         targets = batch["labels"][:, 1:]
         loss_sum = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(),

@@ -17,12 +17,20 @@ _ATTRIBUTE = "_plait_placement"
 class Placement:
     """`dim_shards`: (axis, dim) pairs, the tensor split evenly along dim over the axis.
     `flat_range`: (axis, start, end) when the local tensor is a range of the
-    flattened global tensor (ZeRO). `name` is the parameter's name in the model."""
+    flattened global tensor (ZeRO). `partial_grad_axes`: axes over which the
+    parameter is replicated but each rank computes only part of its gradient
+    (sequence parallel norms), so gradients must be summed over them.
+    `segments`: a fused projection (q, k, v) whose local shard is each
+    segment's slice, concatenated. A flat_range applies to the local tensor
+    after the dim shards.
+    `name` is the parameter's name in the model."""
 
     name: str
     global_shape: tuple[int, ...]
     dim_shards: tuple[tuple[str, int], ...] = ()
     flat_range: tuple[str, int, int] | None = None
+    partial_grad_axes: tuple[str, ...] = ()
+    segments: tuple[int, ...] = ()  # a fused tensor's segment sizes along its sharded dim, each split evenly
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:

@@ -101,6 +101,24 @@ class GPT(nn.Module):
         if self.config.tied_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel styles by module-name pattern (read by plait.tensor; only names live here)."""
+        plan = {"embed": "vocab_embed"}
+        if self.pos_embed is not None:
+            plan["pos_embed"] = "sequence_scatter"
+        plan |= {
+            "blocks.*.norm1": "sequence_norm",
+            "blocks.*.attn.[qkv]_proj": "colwise",
+            "blocks.*.attn.o_proj": "rowwise",
+            "blocks.*.attn": "heads",
+        }
+        if not self.config.parallel_block:
+            plan["blocks.*.norm2"] = "sequence_norm"
+        if self.config.activation == "swiglu":
+            plan["blocks.*.mlp.gate_proj"] = "colwise"
+        plan |= {"blocks.*.mlp.up_proj": "colwise", "blocks.*.mlp.down_proj": "rowwise"}
+        return plan | {"norm_f": "sequence_norm", "lm_head": "vocab_head"}
+
     def init_order(self) -> list[nn.Module]:
         """The modules whose parameters ``init_weights`` draws, in the order it draws them."""
         order: list[nn.Module] = [self.embed]

@@ -105,8 +105,9 @@ class Attention(nn.Module):
         _init_linear(self.o_proj, std=self.out_init_std)
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = self._split_heads(self.q_proj(x), self.num_heads)  # (batch, heads, seq, head_dim)
+        query = self.q_proj(x)
+        batch, seq, _ = query.shape  # the projections' length: under sequence parallel x holds a chunk
+        q = self._split_heads(query, self.num_heads)  # (batch, heads, seq, head_dim)
         k = self._split_heads(self.k_proj(x), self.num_kv_heads)
         v = self._split_heads(self.v_proj(x), self.num_kv_heads)
         if self.rope_theta is not None:

@@ -8,7 +8,7 @@ placement record (name, global shape, flat range) for clipping and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -63,19 +63,26 @@ class FlatLayout:
 
 
 def make_piece_param(
-    piece: Piece, *, master_shard: torch.Tensor, grad_shard: torch.Tensor, layout: FlatLayout, sharded: bool
+    piece: Piece,
+    *,
+    master_shard: torch.Tensor,
+    grad_shard: torch.Tensor,
+    layout: FlatLayout,
+    sharded: bool,
+    base: Placement | None,
 ) -> nn.Parameter:
     """An optimizer parameter viewing the master shard, its grad viewing the reduced grad shard.
 
-    Its placement names the parameter and its global shape; `flat_range` only
-    when the shard is a true dp shard (one replica holding everything is replicated).
+    Its placement is the parameter's own (`base`: tensor-parallel dims, partial
+    gradients) plus, when the shard is a true dp shard, the flat range it covers.
     """
     lo, hi = piece.lo - layout.shard_start, piece.hi - layout.shard_start
     param = nn.Parameter(master_shard[lo:hi], requires_grad=True)
     param.grad = grad_shard[lo:hi]
     span = piece.span
     flat_range = ("dp", piece.lo - span.start, piece.hi - span.start) if sharded else None
-    set_placement(param, Placement(name=span.name, global_shape=tuple(span.shape), flat_range=flat_range))
+    placement = base or Placement(name=span.name, global_shape=tuple(span.shape))
+    set_placement(param, replace(placement, name=span.name, flat_range=flat_range))
     return param
 
 

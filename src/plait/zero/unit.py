@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.dist.comm import CommCounter
+from plait.dist.placement import placement_of
 from plait.zero.flat import FlatLayout, make_piece_param, views_of
 
 
@@ -66,6 +67,7 @@ class FlatUnit:
             for param, view in zip(self.params, views_of(self.grad_full, self.layout), strict=True):
                 param.grad = view
         self.grad_shard = self._make_grad_shard()
+        placements = {name: placement_of(p) for name, p in named_params}
         self.pieces = [
             make_piece_param(
                 piece,
@@ -73,6 +75,7 @@ class FlatUnit:
                 grad_shard=self.grad_shard,
                 layout=self.layout,
                 sharded=config.num_shards > 1,
+                base=placements[piece.span.name],
             )
             for piece in self.layout.pieces()
         ]

@@ -1,0 +1,175 @@
+"""Autograd-aware collectives over the tensor-parallel group (Megatron's mappings).
+
+Each function is the identity when `group` is None (tp = 1), so a plan applied
+with one tensor-parallel rank costs nothing. The forward and backward of each
+pair are conjugate, which is what keeps gradients exact:
+
+==============================  ====================  =====================
+function                        forward               backward
+==============================  ====================  =====================
+copy_to_tp                      identity              all-reduce
+reduce_from_tp                  all-reduce            identity
+gather_sequence                 all-gather            reduce-scatter
+reduce_scatter_sequence         reduce-scatter        all-gather
+scatter_sequence                keep own chunk        all-gather
+gather_sequence_no_reduce       all-gather            keep own chunk
+==============================  ====================  =====================
+
+Sequence tensors are batch-first, (batch, seq, hidden), so the sequence is dim 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+
+def tp_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """This rank's index in `group` and the group's size; (0, 1) when group is None."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _check_divisible(x: torch.Tensor, dim: int, size: int) -> None:
+    if x.shape[dim] % size != 0:
+        raise ValueError(
+            f"sequence parallel splits dim {dim} of a {tuple(x.shape)} tensor over {size} tensor-parallel "
+            f"ranks, but {x.shape[dim]} is not divisible by {size}; pad the sequence length to a multiple "
+            f"of {size} or turn sequence_parallel off"
+        )
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    # A fresh buffer: the input may be saved for another node's backward.
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    local = x.movedim(dim, 0).contiguous()
+    out = local.new_empty((size * local.shape[0], *local.shape[1:]))
+    dist.all_gather_single(out, local, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    _check_divisible(x, dim, size)
+    full = x.movedim(dim, 0).contiguous()
+    out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
+    dist.reduce_scatter_single(out, full, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _own_chunk(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    rank, size = tp_rank_and_size(group)
+    _check_divisible(x, dim, size)
+    return x.chunk(size, dim=dim)[rank].clone(memory_format=torch.contiguous_format)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _own_chunk(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherNoReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _own_chunk(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Enter a column-parallel region: identity forward, all-reduce of the gradient backward."""
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Leave a row-parallel region: sum the partial outputs forward, identity backward."""
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+def gather_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Enter a column-parallel region under sequence parallel: all-gather the sequence chunks
+    forward, reduce-scatter the gradient backward (each rank's layer saw only its shard of weights)."""
+    return x if group is None else _GatherSequence.apply(x, group, dim % x.dim())
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Leave a row-parallel region under sequence parallel: sum the partial outputs and keep
+    this rank's sequence chunk forward, all-gather the gradient backward."""
+    return x if group is None else _ReduceScatterSequence.apply(x, group, dim % x.dim())
+
+
+def scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Keep this rank's sequence chunk of a replicated tensor forward, all-gather the gradient
+    backward (e.g. position embeddings entering a sequence-parallel region)."""
+    return x if group is None else _ScatterSequence.apply(x, group, dim % x.dim())
+
+
+def gather_sequence_no_reduce(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """All-gather forward, keep this rank's chunk of the gradient backward.
+
+    Right only when what follows is replicated compute (every rank computes the
+    same gradient for the gathered tensor), e.g. a dense LM head after the final
+    norm under sequence parallel. A vocab-parallel head needs `gather_sequence`.
+    """
+    return x if group is None else _GatherNoReduce.apply(x, group, dim % x.dim())

@@ -1,0 +1,225 @@
+"""Column- and row-parallel linear layers, built from an existing dense layer.
+
+A plan swaps a model's submodule for one of these in place; the new module
+holds this rank's slice of the dense weights (so every plan starts from the
+same initial weights) and each sharded parameter carries a placement record
+named after the dense parameter. `from_conv1d` takes GPT-2's `Conv1D`
+(weight laid out (in, out)), keeping that layout so the records match the
+dense parameter's shape.
+
+    attn.qkv = ColumnParallelLinear.from_dense(attn.qkv, group=tp, name="blocks.0.attn.qkv",
+                                               partition=[q_size, kv_size, kv_size])
+    attn.out = RowParallelLinear.from_dense(attn.out, group=tp, name="blocks.0.attn.out")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.tensor._shard import local_partition, mark_partial, mark_sharded, new_parameter, shard_segments
+from plait.tensor.comm import (
+    ProcessGroup,
+    copy_to_tp,
+    gather_sequence,
+    gather_sequence_no_reduce,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    tp_rank_and_size,
+)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
+    if not transposed:
+        return F.linear(x, weight, bias)
+    out = x @ weight  # Conv1D layout: weight is (in, out)
+    return out if bias is None else out + bias
+
+
+def _set_bias(module: nn.Module, bias: nn.Parameter | None) -> None:
+    if bias is None:
+        module.register_parameter("bias", None)
+    else:
+        module.bias = bias
+
+
+class ColumnParallelLinear(nn.Module):
+    """A linear layer whose output features are split over the tensor-parallel group.
+
+    The output is this rank's features, [seg0_local, seg1_local, ...] when the
+    dense output is a concatenation of segments (fused q/k/v, gate/up), unless
+    `gather_output` is set. Under sequence parallel the input is this rank's
+    sequence chunk (batch, seq/tp, in) and is all-gathered first.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        *,
+        group: ProcessGroup | None,
+        sequence_parallel: bool = False,
+        gather_output: bool = False,
+        local_partition: Sequence[int] = (),
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        _set_bias(self, bias)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.gather_output = gather_output
+        self.transposed = transposed
+        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
+        self.local_partition = tuple(local_partition) or (self.out_features,)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        group: ProcessGroup | None,
+        name: str,
+        sequence_parallel: bool = False,
+        gather_output: bool = False,
+        partition: Sequence[int] | None = None,
+    ) -> ColumnParallelLinear:
+        """This rank's share of `linear` (weight (out, in)); `name` is its name in the model.
+
+        `partition` lists the sizes of the segments the output concatenates
+        (e.g. [q, k, v]); each segment is split separately.
+        """
+        weight, bias, segments = _column_shards(linear, out_dim=0, group=group, name=name, partition=partition)
+        options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output}
+        return cls(weight, bias, group=group, local_partition=segments, **options)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        *,
+        group: ProcessGroup | None,
+        name: str,
+        sequence_parallel: bool = False,
+        gather_output: bool = False,
+        partition: Sequence[int] | None = None,
+    ) -> ColumnParallelLinear:
+        """As `from_dense`, for GPT-2's `Conv1D` (weight (in, out), kept in that layout)."""
+        weight, bias, segments = _column_shards(conv, out_dim=1, group=group, name=name, partition=partition)
+        options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output}
+        return cls(weight, bias, group=group, local_partition=segments, transposed=True, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        out = _project(x, self.weight, self.bias, transposed=self.transposed)
+        return self._gather(out) if self.gather_output else out
+
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        _, size = tp_rank_and_size(self.group)
+        gathered = gather_sequence_no_reduce(out, self.group, dim=-1)  # (..., tp * out_local), rank-major
+        if len(self.local_partition) == 1:
+            return gathered
+        by_rank = gathered.unflatten(-1, (size, self.out_features))
+        segments = by_rank.split(list(self.local_partition), dim=-1)  # each (..., tp, seg_local)
+        return torch.cat([segment.flatten(-2) for segment in segments], dim=-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (local), "
+            f"partition={list(self.local_partition)}, bias={self.bias is not None}, "
+            f"sequence_parallel={self.sequence_parallel}, gather_output={self.gather_output}"
+        )
+
+
+def _column_shards(
+    dense: nn.Module, *, out_dim: int, group: ProcessGroup | None, name: str, partition: Sequence[int] | None
+) -> tuple[nn.Parameter, nn.Parameter | None, tuple[int, ...]]:
+    rank, size = tp_rank_and_size(group)
+    weight, bias = dense.weight, dense.bias
+    segments = tuple(partition) if partition is not None else (weight.shape[out_dim],)
+    local = local_partition(segments, weight.shape[out_dim], size, what=f"{name}: column-parallel output")
+    local_weight = new_parameter(shard_segments(weight, segments, dim=out_dim, rank=rank, size=size), weight)
+    mark_sharded(local_weight, name=f"{name}.weight", global_shape=weight.shape, dim=out_dim, segments=segments)
+    local_bias = None
+    if bias is not None:
+        local_bias = new_parameter(shard_segments(bias, segments, dim=0, rank=rank, size=size), bias)
+        mark_sharded(local_bias, name=f"{name}.bias", global_shape=bias.shape, dim=0, segments=segments)
+    return local_weight, local_bias, local
+
+
+class RowParallelLinear(nn.Module):
+    """A linear layer whose input features are split over the tensor-parallel group.
+
+    Takes this rank's input features (the un-gathered output of a
+    ColumnParallelLinear), sums the partial products over the group (or, under
+    sequence parallel, reduce-scatters them along the sequence), then adds the
+    full, replicated bias. Under sequence parallel each rank adds the bias to its
+    own sequence chunk only, so the bias gradient is partial over tp and its
+    placement says so (`partial_grad_axes=("tp",)`).
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        *,
+        group: ProcessGroup | None,
+        sequence_parallel: bool = False,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        _set_bias(self, bias)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.transposed = transposed
+        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, *, group: ProcessGroup | None, name: str, sequence_parallel: bool = False
+    ) -> RowParallelLinear:
+        """This rank's share of `linear` (weight (out, in)); `name` is its name in the model."""
+        weight, bias = _row_shards(linear, in_dim=1, group=group, name=name, sequence_parallel=sequence_parallel)
+        return cls(weight, bias, group=group, sequence_parallel=sequence_parallel)
+
+    @classmethod
+    def from_conv1d(
+        cls, conv: nn.Module, *, group: ProcessGroup | None, name: str, sequence_parallel: bool = False
+    ) -> RowParallelLinear:
+        """As `from_dense`, for GPT-2's `Conv1D` (weight (in, out), kept in that layout)."""
+        weight, bias = _row_shards(conv, in_dim=0, group=group, name=name, sequence_parallel=sequence_parallel)
+        return cls(weight, bias, group=group, sequence_parallel=sequence_parallel, transposed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"RowParallelLinear holds {self.in_features} of the input features but got {x.shape[-1]}; "
+                "feed it this rank's features (a ColumnParallelLinear's output with gather_output=False)"
+            )
+        out = _project(x, self.weight, None, transposed=self.transposed)
+        out = reduce_scatter_sequence(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features} (local), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}"
+        )
+
+
+def _row_shards(
+    dense: nn.Module, *, in_dim: int, group: ProcessGroup | None, name: str, sequence_parallel: bool
+) -> tuple[nn.Parameter, nn.Parameter | None]:
+    rank, size = tp_rank_and_size(group)
+    weight, bias = dense.weight, dense.bias
+    local_partition(None, weight.shape[in_dim], size, what=f"{name}: row-parallel input")
+    local_weight = new_parameter(weight.chunk(size, dim=in_dim)[rank], weight)
+    mark_sharded(local_weight, name=f"{name}.weight", global_shape=weight.shape, dim=in_dim)
+    local_bias = None if bias is None else new_parameter(bias, bias)
+    if local_bias is not None and sequence_parallel:
+        mark_partial(local_bias, name=f"{name}.bias")
+    return local_weight, local_bias

@@ -1,0 +1,90 @@
+"""Between whole tensors and this rank's tensor-parallel shards, read from placement records.
+
+Column shards split each segment of a fused tensor evenly; vocab shards pad
+the rows up to a multiple of tp (the padding is dropped when gathering).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.dist.placement import Placement, placement_of
+from plait.tensor._shard import shard_segments
+
+
+def _tp_dim(placement: Placement | None) -> int | None:
+    if placement is None:
+        return None
+    dims = [dim for axis, dim in placement.dim_shards if axis == "tp"]
+    return dims[0] if dims else None
+
+
+def tp_placements(model: nn.Module) -> dict[str, Placement]:
+    """Placements of the model's tp-sharded parameters, by state-dict name (tied aliases included)."""
+    out = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        placement = placement_of(param)
+        if _tp_dim(placement) is not None:
+            out[name] = placement
+    return out
+
+
+def gather_tp_tensor(local: torch.Tensor, placement: Placement, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole tensor from every tp rank's shard (call on every tp rank)."""
+    dim = _tp_dim(placement)
+    size = dist.get_world_size(group)
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    if placement.segments:
+        local_sizes = [segment // size for segment in placement.segments]
+        by_rank = [shard.split(local_sizes, dim=dim) for shard in shards]
+        whole = torch.cat(
+            [torch.cat([pieces[i] for pieces in by_rank], dim=dim) for i in range(len(local_sizes))], dim=dim
+        )
+    else:
+        whole = torch.cat(shards, dim=dim)
+    return whole.narrow(dim, 0, placement.global_shape[dim])
+
+
+def shard_tp_tensor(whole: torch.Tensor, placement: Placement, *, rank: int, size: int) -> torch.Tensor:
+    """This tp rank's shard of a whole tensor (the inverse of gather_tp_tensor)."""
+    dim = _tp_dim(placement)
+    if placement.segments:
+        return shard_segments(whole, placement.segments, dim=dim, rank=rank, size=size)
+    rows = whole.shape[dim]
+    per_rank = -(-rows // size)
+    padding = per_rank * size - rows
+    if padding:
+        pad_shape = list(whole.shape)
+        pad_shape[dim] = padding
+        whole = torch.cat([whole, whole.new_zeros(pad_shape)], dim=dim)
+    return whole.narrow(dim, rank * per_rank, per_rank).clone()
+
+
+def gather_tp_state(
+    state: dict[str, torch.Tensor], model: nn.Module, *, group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """A state dict of local tp shards made whole (tied aliases follow their source)."""
+    if group is None:
+        return state
+    placements = tp_placements(model)
+    return {
+        name: gather_tp_tensor(t, placements[name], group=group) if name in placements else t
+        for name, t in state.items()
+    }
+
+
+def shard_tp_state(
+    state: dict[str, torch.Tensor], model: nn.Module, *, group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """A whole-tensor state dict cut down to this rank's tp shards."""
+    if group is None:
+        return state
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    placements = tp_placements(model)
+    return {
+        name: shard_tp_tensor(t, placements[name], rank=rank, size=size) if name in placements else t
+        for name, t in state.items()
+    }
