@@ -85,8 +85,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ValueError(
                 f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints"
             )
-        plan = validated.plan
-        check_resumable(Path(args.resume), dp=plan.dp, zero=plan.zero)
+        check_resumable(Path(args.resume), plan=validated.plan)
     if nproc > 1 and not _under_torchrun():
         return _launch(nproc, _strip_nproc(argv))
     from plait.train.loop import run_training

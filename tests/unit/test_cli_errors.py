@@ -22,7 +22,11 @@ BAD_INPUTS = {
     "microbatches": (["--set", "plan.dp=2", "--set", "plan.microbatches=3"], "plan.microbatches=3 does not divide"),
     "unknown key": (["--set", "train.step=3"], "unknown key train.step"),
     "unknown section": (["--set", "trainer.steps=3"], "unknown section 'trainer'"),
-    "tp not built": (["--set", "plan.tp=2", "--set", "plan.dp=1"], "not available yet"),
+    "pp not built": (["--set", "plan.pp=2", "--set", "plan.dp=1"], "pp parallel is not available yet"),
+    "tp heads": (
+        ["--nproc", "3", "--set", "plan.tp=3", "--set", "plan.dp=1"],
+        "model.num_heads=4 is not divisible by plan.tp=3; use plan.tp in [1, 2, 4]",
+    ),
     "zero stage": (["--set", "plan.zero=4"], "ZeRO stages are 0, 1, 2 or 3"),
     "precision": (["--set", "plan.precision=fp8"], "choose one of fp32, bf16, fp16"),
     "batch vs dp": (["--set", "plan.dp=2", "--set", "train.global_batch=7"], "does not split over dp=2"),
@@ -75,4 +79,4 @@ def test_resume_into_another_optimizer_layout_is_refused_before_launch(
     (checkpoint / "config.json").write_text(json.dumps({"plan": {"dp": 2, "zero": 2}}))
     code = main(["train", *TINY, "--nproc", "4", "--set", "plan.zero=2", "--resume", str(checkpoint)])
     err = capsys.readouterr().err
-    assert code == 2 and "saved under zero=2, dp=2 but this run is zero=2, dp=4" in err
+    assert code == 2 and "saved under zero=2, dp=2, tp=1 but this run is zero=2, dp=4, tp=1" in err

@@ -59,12 +59,6 @@ class Mesh:
         info = self._axes[axis]
         return info.group if info.size > 1 else None
 
-    def dp_ranks_of_main_replica(self) -> list[int]:
-        """Global ranks of rank 0's dp group, in dp-rank order (where dp-sharded state is collected)."""
-        if self.device_mesh is None:
-            return [0]
-        return [int(r) for r in self.device_mesh.mesh[0, :, 0, 0].tolist()]
-
     @property
     def global_rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0

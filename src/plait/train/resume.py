@@ -1,8 +1,9 @@
 """Save and restore the whole training state of a run.
 
-Weights are saved whole (ZeRO-3 gathers them); optimizer state stays in
-each dp rank's own shard, gathered to rank 0 and saved in dp-rank order, so
-resuming needs the same dp size and ZeRO stage (resharding is a later issue).
+Weights are saved whole (ZeRO-3 and tensor parallel gather them); optimizer
+state stays in each rank's own shard, gathered to rank 0 and saved in global
+rank order, so resuming a sharded run needs the same dp, tp and ZeRO stage
+(resharding is a later issue). A plain data-parallel run resumes under any dp.
 """
 
 from __future__ import annotations
@@ -15,22 +16,23 @@ from typing import Any
 import torch.distributed as dist
 
 from plait.checkpoint.io import CONFIG_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from plait.config import Config
+from plait.config import Config, Plan
 from plait.data.loader import ShardedLoader
 from plait.dist.launch import is_main_rank
 from plait.engine import Engine
 
 
+def _is_replicated(engine: Engine) -> bool:
+    return engine.plan.zero == 0 and engine.mesh.size("tp") == 1
+
+
 def _gather_to_main(obj: Any, engine: Engine) -> list[Any]:
-    """Every dp rank's `obj`, in dp-rank order, on the main rank (others get [])."""
-    if not dist.is_initialized():
+    """Every rank's `obj` in global-rank order on the main rank (others get []); replicas send one."""
+    if not dist.is_initialized() or _is_replicated(engine):
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size() if is_main_rank() else []
     dist.gather_object(obj, gathered if is_main_rank() else None, dst=0)
-    if not is_main_rank():
-        return []
-    world_ranks_by_dp = engine.mesh.dp_ranks_of_main_replica()
-    return [gathered[rank] for rank in world_ranks_by_dp]
+    return gathered if is_main_rank() else []
 
 
 def save_training_state(
@@ -48,7 +50,7 @@ def save_training_state(
             "step": step,
             "rng": rng_state(),
             "tokenizer": tokenizer_json,
-            "layout": {"dp": engine.dp_size, "zero": engine.plan.zero},
+            "layout": {"dp": engine.dp_size, "tp": engine.mesh.size("tp"), "zero": engine.plan.zero},
         }
         save_checkpoint(
             path, model_state=state["model"], trainer_state=trainer_state, config=dataclasses.asdict(config)
@@ -57,17 +59,20 @@ def save_training_state(
         dist.barrier()
 
 
-def check_resumable(path: Path, *, dp: int, zero: int) -> None:
+def check_resumable(path: Path, *, plan: Plan) -> None:
     """Raise, before any rank starts, if the checkpoint's optimizer layout differs from this plan's."""
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"--resume {path}: no {CONFIG_FILE} there; pick a directory under <out_dir>/checkpoints")
     saved = json.loads(config_file.read_text())["plan"]
-    saved_zero = saved["zero"]
-    if saved_zero != zero or (zero > 0 and saved["dp"] != dp):
+    saved_tp = saved.get("tp", 1)
+    replicated = plan.zero == 0 and plan.tp == 1
+    same = (saved["zero"], saved_tp) == (plan.zero, plan.tp) and (replicated or saved["dp"] == plan.dp)
+    if not same:
         raise ValueError(
-            f"--resume {path}: saved under zero={saved_zero}, dp={saved['dp']} but this run is zero={zero}, dp={dp}; "
-            "its optimizer shards only load into the same layout: resume with that plan (resharding is not available yet)"
+            f"--resume {path}: saved under zero={saved['zero']}, dp={saved['dp']}, tp={saved_tp} but this run is "
+            f"zero={plan.zero}, dp={plan.dp}, tp={plan.tp}; its optimizer shards only load into the same layout: "
+            "resume with that plan (resharding is not available yet)"
         )
 
 
@@ -75,7 +80,7 @@ def restore(path: Path, *, engine: Engine, loader: ShardedLoader) -> int:
     """Load a checkpoint into the engine and loader; returns the step to continue from."""
     model_state, trainer_state, _ = load_checkpoint(path)
     shards = trainer_state["optimizer_shards"]
-    optimizer_state = shards[engine.dp_rank] if engine.plan.zero > 0 else shards[0]
+    optimizer_state = shards[0] if _is_replicated(engine) else shards[dist.get_rank()]
     engine.load_state_dict(
         {
             "model": model_state,

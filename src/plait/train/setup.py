@@ -53,12 +53,31 @@ def model_config_for(config: Config) -> GPTConfig:
     return model_config
 
 
+def check_tensor_parallel(model_config: GPTConfig, *, tp: int, seq_len: int, sequence_parallel: bool) -> None:
+    """Every size tp splits must divide by it; say which does not and which tp values would work."""
+    sizes = {
+        "model.num_heads": model_config.num_heads,
+        "model.num_kv_heads": model_config.resolved_num_kv_heads,
+        "model.d_ff": model_config.resolved_d_ff,
+    }
+    if sequence_parallel:
+        sizes["data.seq_len (sequence parallel)"] = seq_len
+    for what, size in sizes.items():
+        if size % tp:
+            valid = [t for t in range(1, size + 1) if size % t == 0 and all(v % t == 0 for v in sizes.values())]
+            raise ValueError(f"{what}={size} is not divisible by plan.tp={tp}; use plan.tp in {valid}")
+
+
 def validate(config: Config, *, world_size: int) -> Validated:
     """Check the whole config against the launch; raises ValueError with the fix."""
     plan = config.plan.resolve(world_size)
     plan.check_available()
     config.check_batching(plan.dp)
     model_config = model_config_for(config)
+    if plan.tp > 1:
+        check_tensor_parallel(
+            model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
+        )
     if config.data.corpus != "stdlib":
         corpus_files(config.data.corpus)  # raises for missing paths before any rank waits on another
     return Validated(plan=plan, model_config=model_config)
