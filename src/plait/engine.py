@@ -23,6 +23,7 @@ from plait.dist.mesh import Mesh
 from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.tensor.apply import apply_tensor_parallel
+from plait.train.metrics import model_state_bytes
 from plait.tensor.state import gather_tp_state, shard_tp_state
 from plait.zero.factory import build_data_parallel
 
@@ -213,6 +214,10 @@ class Engine:
         all_reduce(totals, group=self.mesh.group("dp"))
         self.model.train(was_training)
         return (totals[0] / totals[1]).float()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Model-state bytes this rank holds (params, grads, optimizer), from the live storages."""
+        return model_state_bytes(self.model, self.optimizer, held=self.data_parallel.held_tensors())
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole model weights by name (every rank must call this: ZeRO-3 and tp gather)."""

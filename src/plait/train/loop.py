@@ -113,7 +113,7 @@ class Run:
             peak_flops=self.peak_flops,
             num_ranks=self.mesh.world_size,
         )
-        values["state_bytes"] = metrics.model_state_bytes(self.model, self.engine.optimizer)["total"]
+        values["state_bytes"] = self.engine.state_bytes()["total"]
         values["peak_rss"] = metrics.peak_rss_bytes()
 
     def save(self) -> None:

@@ -121,7 +121,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
 
 
-def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+def model_state_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, *, held: Iterable[torch.Tensor] = ()
+) -> dict[str, int]:
     """Bytes of the model states this rank holds, counted from the live tensors.
 
     params    = bytes of the model's parameters and the optimizer's parameters
@@ -136,7 +138,7 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None)
     buffer) is counted once. Call it after the first optimizer step, once
     the optimizer state exists.
     """
-    params = list(model.parameters())
+    params = [*model.parameters(), *held]  # held: parameter storage no parameter object reaches (ZeRO-3 shards)
     if optimizer is not None:
         params += [p for group in optimizer.param_groups for p in group["params"]]
     grads = [p.grad for p in params if p.grad is not None]

@@ -47,6 +47,9 @@ class DataParallel:
     def optimizer_params(self) -> list[nn.Parameter]:
         return self.buckets.params
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        return []
+
     def named_grads(self) -> list[tuple[str, torch.Tensor | None]]:
         return [(name, p.grad) for name, p in self.model.named_parameters()]
 

@@ -61,6 +61,10 @@ class ZeroDataParallel:
         self._held_so_far += unit.layout.shard_size
         return unit
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Parameter storage only the units reach: ZeRO-3's low-precision shards next to the fp32 masters."""
+        return [unit.param_shard for unit in self.units if unit.param_shard is not unit.master_shard]
+
     @property
     def optimizer_params(self) -> list[nn.Parameter]:
         """This rank's pieces of the fp32 master shards, each with its placement record."""
