@@ -23,8 +23,8 @@ from plait.dist.mesh import Mesh
 from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.tensor.apply import apply_tensor_parallel
-from plait.train.metrics import model_state_bytes
 from plait.tensor.state import gather_tp_state, shard_tp_state
+from plait.train.metrics import model_state_bytes
 from plait.zero.factory import build_data_parallel
 
 Batch = dict[str, torch.Tensor]
