@@ -55,7 +55,7 @@ class Plan:
             self.dp == -1 or self.dp >= 1,
             f"plan.dp={self.dp}: use a positive degree or -1 to infer it from the world size",
         )
-        for axis in ("pp", "cp", "ep"):
+        for axis in ("tp", "pp", "cp", "ep"):
             value = getattr(self, axis)
             _require(value >= 1, f"plan.{axis}={value}: degrees are positive; use 1 to switch the axis off")
         _require(self.zero in (0, 1, 2, 3), f"plan.zero={self.zero}: ZeRO stages are 0, 1, 2 or 3")

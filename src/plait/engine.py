@@ -23,6 +23,7 @@ from plait.dist.mesh import Mesh
 from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.tensor.apply import apply_tensor_parallel
+from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.state import gather_tp_state, shard_tp_state
 from plait.train.metrics import model_state_bytes
 from plait.zero.factory import build_data_parallel
@@ -244,18 +245,22 @@ class Engine:
 
 
 def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
-    """Swap in tensor-parallel layers by the model's plan (plait's GPT carries one as `tp_plan()`)."""
+    """Swap in tensor-parallel layers by the model's plan (plait's GPT carries one as `tp_plan()`);
+    a model without one (Hugging Face's) gets `tp_plan_for(model)`, checked before any collective."""
     group = mesh.group("tp")
     if group is None:
         return []
     if _is_meta(model):
         raise ValueError(
-            "lazy (meta-device) initialisation with plan.tp > 1 is not available yet; build the model on a real device"
+            "lazy (meta-device) initialisation with plan.tp > 1 is not available yet; build the model on a real "
+            "device, or load a Hugging Face checkpoint with plait.tensor.hf.load_pretrained_tp"
         )
     plan_of = getattr(model, "tp_plan", None)
     if plan_of is None:
-        raise ValueError(f"{type(model).__name__} declares no tensor-parallel plan (tp_plan()); use plan.tp=1")
-    return apply_tensor_parallel(model, plan_of(), group=group, sequence_parallel=mesh.plan.sequence_parallel)
+        return apply_hf_tensor_parallel(model, group=group, sequence_parallel=mesh.plan.sequence_parallel)
+    plan = plan_of()
+    check_tp(model, mesh.size("tp"), plan=plan)
+    return apply_tensor_parallel(model, plan, group=group, sequence_parallel=mesh.plan.sequence_parallel)
 
 
 def reduce_partial_grads(params: list[nn.Parameter], *, mesh: Mesh, counter: CommCounter) -> None:

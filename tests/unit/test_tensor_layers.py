@@ -43,7 +43,7 @@ def test_layers_with_one_rank_equal_dense() -> None:
     logits = VocabParallelHead.from_dense(embedding.weight, group=None, name="lm_head")(x)
     assert is_vocab_sharded(logits) == VocabShard(group=None, start=0, full_size=10)
     assert_close(gather_vocab_logits(logits), F.linear(x, embedding.weight))
-    assert placement_of(column.weight) == Placement("up.weight", (12, 8), dim_shards=(("tp", 0),))
+    assert placement_of(column.weight) == Placement("up.weight", (12, 8), dim_shards=(("tp", 0),), segments=(4, 8))
 
 
 def test_cross_entropy_with_one_rank_equals_dense() -> None:

@@ -1,0 +1,247 @@
+"""Split a decoder model's layers into contiguous pipeline stages balanced by cost.
+
+The units are the model's transformer layers. The embedding's cost is charged to the
+first layer and the final norm + LM head's to the last, because those parts always
+live on the first and the last stage; a large vocabulary then pushes layers off the
+last stage. Every stage holds at least one layer and no layer is ever dropped.
+
+Example:
+    >>> ranges = partition_layers(model, pp=2, seq_len=128)   # 4 layers
+    >>> ranges
+    [range(0, 2), range(2, 4)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "DecoderLayout",
+    "LayerCost",
+    "balanced_split",
+    "decoder_layout",
+    "layer_costs",
+    "partition_layers",
+    "ranges_from_split_points",
+]
+
+# Hugging Face model types whose decoder layers this module knows how to call in turn.
+HF_LAYOUTS = {
+    "llama": {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "rotary": "model.rotary_emb"},
+    "gpt2": {
+        "embed": "transformer.wte",
+        "pos_embed": "transformer.wpe",
+        "drop": "transformer.drop",
+        "layers": "transformer.h",
+        "norm": "transformer.ln_f",
+    },
+}
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where a decoder-only model keeps its parts, as dotted module paths.
+
+    ``family`` is ``"plait"`` (plait's GPT) or a Hugging Face ``model_type``
+    (``"llama"``, ``"gpt2"``). ``rotary`` is a module every stage calls for rotary
+    position embeddings (Llama), computed once per stage and passed to its layers.
+    """
+
+    family: str
+    embed: str
+    layers: str
+    norm: str
+    head: str = "lm_head"
+    pos_embed: str | None = None
+    drop: str | None = None
+    rotary: str | None = None
+
+    def first_paths(self) -> list[str]:
+        """Modules only the first stage runs: the embeddings and their dropout."""
+        return [path for path in (self.embed, self.pos_embed, self.drop) if path is not None]
+
+    def last_paths(self) -> list[str]:
+        """Modules only the last stage runs: the final norm and the LM head."""
+        return [self.norm, self.head]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One unit of the layer sequence: its name, parameter count and forward FLOPs per token."""
+
+    name: str
+    num_params: int
+    flops_per_token: float
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout:
+    """The :class:`DecoderLayout` of plait's GPT or a Hugging Face Llama / GPT-2 causal LM."""
+    if all(hasattr(model, name) for name in ("embed", "blocks", "norm_f", "lm_head")):
+        pos_embed = "pos_embed" if getattr(model, "pos_embed", None) is not None else None
+        return DecoderLayout("plait", embed="embed", layers="blocks", norm="norm_f", pos_embed=pos_embed, drop="drop")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in HF_LAYOUTS and hasattr(model, "lm_head"):
+        return DecoderLayout(model_type, **HF_LAYOUTS[model_type])
+    raise ValueError(
+        f"pipeline parallelism does not know how to split {type(model).__name__} "
+        f"(model_type={model_type!r}): it supports plait's GPT and Hugging Face causal LMs of "
+        f"model_type {', '.join(repr(name) for name in HF_LAYOUTS)} (LlamaForCausalLM, GPT2LMHeadModel); "
+        "use one of those, or train this model without pp"
+    )
+
+
+def layer_costs(model: nn.Module, *, seq_len: int) -> list[LayerCost]:
+    """Costs of ``[embedding, layer 0, ..., layer L-1, final norm + LM head]``.
+
+    FLOPs per token: 2 per weight for every layer's matmuls (norms and biases are
+    counted too, negligibly) plus ``4 * seq_len * d_model`` for attention scores and
+    their weighted sum; the head costs ``2 * d_model * vocab``; the embedding is a
+    lookup (parameters only, no FLOPs).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r} must be a positive number of tokens per sequence")
+    layout = decoder_layout(model)
+    embed = model.get_submodule(layout.embed)
+    d_model = embed.weight.shape[1]
+    costs = [LayerCost("embeddings", _num_params(model, layout.first_paths()), 0.0)]
+    layers = model.get_submodule(layout.layers)
+    for index, layer in enumerate(layers):
+        num_params = sum(param.numel() for param in layer.parameters())
+        flops = 2.0 * num_params + 4.0 * seq_len * d_model
+        costs.append(LayerCost(f"{layout.layers}.{index}", num_params, flops))
+    head_params = _num_params(model, layout.last_paths())
+    costs.append(LayerCost("head", head_params, 2.0 * head_params))
+    return costs
+
+
+def _num_params(model: nn.Module, paths: Sequence[str]) -> int:
+    return sum(param.numel() for path in paths for param in model.get_submodule(path).parameters())
+
+
+def balanced_split(costs: Sequence[float], num_stages: int) -> list[range]:
+    """Split ``costs`` into ``num_stages`` contiguous non-empty ranges minimising the largest sum.
+
+    Exact (dynamic programming, O(num_stages * n^2)). Among optimal splits, later stages
+    take as many units as they can: earlier stages hold more micro-batches' activations
+    in flight under 1F1B.
+
+    Example:
+        >>> balanced_split([1, 1, 1, 1, 1], 2)
+        [range(0, 2), range(2, 5)]
+    """
+    _check_split_arguments(costs, num_stages)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + float(cost))
+    best = _best_max_costs(prefix, num_stages)
+    return _reconstruct(prefix, best, num_stages)
+
+
+def _check_split_arguments(costs: Sequence[float], num_stages: int) -> None:
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages={num_stages!r} must be a positive int")
+    if num_stages > len(costs):
+        raise ValueError(
+            f"cannot split {len(costs)} layers into {num_stages} non-empty stages; use at most {len(costs)} stages"
+        )
+    bad = [cost for cost in costs if not (math.isfinite(cost) and cost >= 0)]
+    if bad:
+        raise ValueError(f"layer costs must be finite and non-negative, got {bad[:3]}")
+
+
+def _best_max_costs(prefix: list[float], num_stages: int) -> list[list[float]]:
+    """best[s][j]: the smallest possible largest stage cost for units [0, j) in s stages."""
+    num_units = len(prefix) - 1
+    best = [[math.inf] * (num_units + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for stage in range(1, num_stages + 1):
+        for end in range(stage, num_units - (num_stages - stage) + 1):
+            best[stage][end] = min(
+                max(best[stage - 1][start], prefix[end] - prefix[start]) for start in range(stage - 1, end)
+            )
+    return best
+
+
+def _reconstruct(prefix: list[float], best: list[list[float]], num_stages: int) -> list[range]:
+    target = best[num_stages][len(prefix) - 1]
+    ranges, end = [], len(prefix) - 1
+    for stage in range(num_stages, 0, -1):
+        start = min(
+            start
+            for start in range(stage - 1, end)
+            if best[stage - 1][start] <= target and prefix[end] - prefix[start] <= target
+        )
+        ranges.append(range(start, end))
+        end = start
+    return ranges[::-1]
+
+
+def ranges_from_split_points(split_points: Sequence[int], *, num_layers: int, num_stages: int) -> list[range]:
+    """Stage ranges from the layer indices where stages 1, 2, ... start.
+
+    Example:
+        >>> ranges_from_split_points([3], num_layers=8, num_stages=2)
+        [range(0, 3), range(3, 8)]
+    """
+    points = list(split_points)
+    if len(points) != num_stages - 1:
+        raise ValueError(
+            f"split_points={points} gives {len(points) + 1} stages but {num_stages} are needed: "
+            f"pass {num_stages - 1} layer indices, where stages 1..{num_stages - 1} start"
+        )
+    if any(isinstance(p, bool) or not isinstance(p, int) for p in points):
+        raise ValueError(f"split_points={points} must be ints (layer indices where stages start)")
+    bounds = [0, *points, num_layers]
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if not start < end:
+            raise ValueError(
+                f"split_points={points} leaves stage {index} empty: the points must increase strictly "
+                f"and lie in 1..{num_layers - 1} (the model has {num_layers} layers)"
+            )
+    return [range(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
+
+
+def partition_layers(
+    model: nn.Module,
+    *,
+    pp: int,
+    seq_len: int,
+    num_chunks: int = 1,
+    split_points: Sequence[int] | None = None,
+) -> list[range]:
+    """Layer ranges of the ``pp * num_chunks`` (virtual) stages, balanced by forward FLOPs.
+
+    With ``num_chunks > 1`` (interleaved schedules) range ``v`` is virtual stage ``v``,
+    which runs on rank ``v % pp`` as its chunk ``v // pp``. ``split_points`` overrides
+    the balancing: the layer indices where stages 1, 2, ... start.
+    """
+    costs = layer_costs(model, seq_len=seq_len)
+    num_layers = len(costs) - 2
+    num_stages = _num_stages(num_layers, pp=pp, num_chunks=num_chunks)
+    if split_points is not None:
+        return ranges_from_split_points(split_points, num_layers=num_layers, num_stages=num_stages)
+    layer_flops = [cost.flops_per_token for cost in costs[1:-1]]
+    layer_flops[0] += costs[0].flops_per_token
+    layer_flops[-1] += costs[-1].flops_per_token
+    return balanced_split(layer_flops, num_stages)
+
+
+def _num_stages(num_layers: int, *, pp: int, num_chunks: int) -> int:
+    for name, value in (("pp", pp), ("num_chunks", num_chunks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if pp > num_layers:
+        raise ValueError(
+            f"pp={pp} is larger than the model's {num_layers} layers: every stage needs at least one layer; "
+            f"use pp <= {num_layers}"
+        )
+    if pp * num_chunks > num_layers:
+        raise ValueError(
+            f"pp={pp} x {num_chunks} virtual stages per rank = {pp * num_chunks} stages, but the model has only "
+            f"{num_layers} layers; use num_chunks <= {num_layers // pp} (pp x num_chunks <= {num_layers})"
+        )
+    return pp * num_chunks

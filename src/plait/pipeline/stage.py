@@ -1,0 +1,252 @@
+"""One pipeline stage's part of a decoder model, under the model's own parameter names.
+
+A :class:`PipelineStage` holds references to the original submodules it runs,
+registered under their original dotted paths, so ``stage.named_parameters()`` yields
+``"blocks.3.attn.q_proj.weight"`` or ``"model.layers.3.mlp.up_proj.weight"`` exactly
+as the full model names them: checkpoints, placement records and parallel plans line
+up. The full model is not changed; :func:`release_unused` frees what no stage holds.
+
+Its forward runs, in turn: on the first stage the embeddings (from ``input_ids``),
+then its layers, and on the last stage the final norm and LM head (to logits).
+Supported: plait's GPT, and Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel``,
+whose submodules are called as their own model calls them.
+
+Tied embeddings: the first stage holds ``embed.weight`` and the last stage
+``lm_head.weight``. When they run on different ranks the last stage gets its own copy
+of the weight, and ``tied_pairs`` names the pair, so the runtime can sum the two
+gradients over a (first, last) process group every step to keep them equal. When the
+first and last stages share a rank, the weight stays tied.
+
+Example:
+    >>> ranges = partition_layers(model, pp=2, seq_len=128)
+    >>> stages = [build_stage(model, stage_index=i, num_stages=2, layer_ranges=ranges) for i in range(2)]
+    >>> logits = stages[1](stages[0](input_ids))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.pipeline.partition import DecoderLayout, decoder_layout
+
+__all__ = ["PipelineStage", "StageSpec", "build_stage", "build_stage_chunks", "release_unused"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which (virtual) stage this is, of how many, and the layer indices it runs."""
+
+    index: int
+    num_stages: int
+    layers: range
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this stage takes ``input_ids`` (and holds the embeddings)."""
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage returns logits (and holds the final norm and LM head)."""
+        return self.index == self.num_stages - 1
+
+
+class PipelineStage(nn.Module):
+    """The modules of one pipeline stage, named as in the full model; call it on one micro-batch.
+
+    ``forward(inputs, *, position_ids=None, attention_mask=None)``: ``inputs`` are
+    ``input_ids`` (batch, seq) on the first stage and hidden states (batch, seq,
+    d_model) elsewhere; it returns hidden states, or logits (batch, seq, vocab) on the
+    last stage. ``attention_mask`` is the Hugging Face padding mask (plait's GPT, like
+    its full forward, ignores it); pass every stage the micro-batch's
+    ``position_ids``/``attention_mask`` alike.
+
+    Attributes: ``spec`` (:class:`StageSpec`), ``layout`` (:class:`DecoderLayout`),
+    ``tied_pairs`` (``[(name on the first stage, name on the last stage)]``, the same on
+    every stage; empty when the tied weights share one Parameter).
+    """
+
+    def __init__(self, model: nn.Module, spec: StageSpec, *, untie: bool) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layout = decoder_layout(model)
+        self.hf_config = getattr(model, "config", None) if self.layout.family != "plait" else None
+        pairs = _tied_pairs(model, self.layout)
+        self.tied_pairs = pairs if untie else []
+        self.layer_paths = [f"{self.layout.layers}.{index}" for index in spec.layers]
+        for path in _held_paths(self.layout, spec):
+            _graft(self, path, model.get_submodule(path))
+        if spec.is_last:
+            head = model.get_submodule(self.layout.head)
+            tied = {param for _, param in _first_stage_params(model, self.layout)}
+            _graft(self, self.layout.head, _untied_copy(head, tied) if self.tied_pairs else head)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self._embed(inputs, position_ids) if self.spec.is_first else inputs
+        layer_kwargs = self._layer_kwargs(hidden, position_ids, attention_mask)
+        for path in self.layer_paths:
+            hidden = self.get_submodule(path)(hidden, **layer_kwargs)
+        if self.spec.is_last:
+            hidden = self.get_submodule(self.layout.head)(self.get_submodule(self.layout.norm)(hidden))
+        return hidden
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"the first pipeline stage takes input_ids (batch, seq), got shape {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids[None]"
+            )
+        hidden = self.get_submodule(self.layout.embed)(input_ids)  # (batch, seq, d_model)
+        if self.layout.pos_embed is not None:
+            positions = position_ids if position_ids is not None else _arange_like(input_ids)
+            hidden = hidden + self.get_submodule(self.layout.pos_embed)(positions)
+        if self.layout.drop is not None:
+            hidden = self.get_submodule(self.layout.drop)(hidden)
+        return hidden
+
+    def _layer_kwargs(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> dict[str, Any]:
+        if self.layout.family == "plait":
+            return {"position_ids": position_ids}
+        # Imported here: plait's own GPT must not need transformers.
+        from transformers.masking_utils import create_causal_mask
+
+        positions = position_ids if position_ids is not None else _arange_like(hidden)[None]
+        mask = create_causal_mask(
+            config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+        )
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "use_cache": False}
+        if self.layout.rotary is not None:
+            kwargs["position_embeddings"] = self.get_submodule(self.layout.rotary)(hidden, position_ids=positions)
+        return kwargs
+
+
+def _arange_like(inputs: torch.Tensor) -> torch.Tensor:
+    return torch.arange(inputs.shape[1], device=inputs.device)
+
+
+def _held_paths(layout: DecoderLayout, spec: StageSpec) -> list[str]:
+    """Module paths this stage holds, the LM head aside (it may need its own copy)."""
+    paths = [layout.rotary] if layout.rotary is not None else []
+    if spec.is_first:
+        paths += layout.first_paths()
+    paths += [f"{layout.layers}.{index}" for index in spec.layers]
+    if spec.is_last:
+        paths.append(layout.norm)
+    return paths
+
+
+def _graft(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` under dotted ``path`` in ``root``, adding empty containers on the way."""
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        child = dict(node.named_children()).get(name)
+        if child is None:
+            child = nn.Module()
+            node.add_module(name, child)
+        node = child
+    node.add_module(leaf, module)
+
+
+def _first_stage_params(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, nn.Parameter]]:
+    return [
+        (f"{path}.{name}", param)
+        for path in layout.first_paths()
+        for name, param in model.get_submodule(path).named_parameters()
+    ]
+
+
+def _tied_pairs(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, str]]:
+    """(first-stage name, LM-head name) of every parameter the LM head shares with the embeddings."""
+    first = {param: name for name, param in _first_stage_params(model, layout)}
+    head = model.get_submodule(layout.head)
+    return [
+        (first[param], f"{layout.head}.{name}")
+        for name, param in head.named_parameters(remove_duplicate=False)
+        if param in first
+    ]
+
+
+def _untied_copy(head: nn.Module, tied: set[nn.Parameter]) -> nn.Module:
+    """A copy of ``head`` with its own copies of the ``tied`` parameters, sharing everything else."""
+    keep = {id(tensor): tensor for tensor in [*head.parameters(), *head.buffers()] if tensor not in tied}
+    return copy.deepcopy(head, memo=keep)
+
+
+def _check_ranges(layer_ranges: Sequence[range], *, num_stages: int, num_layers: int) -> None:
+    if len(layer_ranges) != num_stages:
+        raise ValueError(f"got {len(layer_ranges)} layer ranges for {num_stages} stages; pass one range per stage")
+    covered = [index for layers in layer_ranges for index in layers]
+    if covered != list(range(num_layers)) or any(len(layers) == 0 for layers in layer_ranges):
+        raise ValueError(
+            f"layer ranges {list(layer_ranges)} must be non-empty, contiguous, in order and cover the model's "
+            f"{num_layers} layers exactly once; build them with partition_layers"
+        )
+
+
+def _num_layers(model: nn.Module) -> int:
+    return len(model.get_submodule(decoder_layout(model).layers))
+
+
+def build_stage(
+    model: nn.Module, *, stage_index: int, num_stages: int, layer_ranges: Sequence[range]
+) -> PipelineStage:
+    """Stage ``stage_index`` of ``num_stages`` (one stage per rank), running ``layer_ranges[stage_index]``.
+
+    The tied LM head of the last stage gets its own weight when ``num_stages > 1``.
+    """
+    _check_ranges(layer_ranges, num_stages=num_stages, num_layers=_num_layers(model))
+    if not 0 <= stage_index < num_stages:
+        raise ValueError(f"stage_index={stage_index} must be in 0..{num_stages - 1}")
+    spec = StageSpec(stage_index, num_stages, layer_ranges[stage_index])
+    return PipelineStage(model, spec, untie=num_stages > 1)
+
+
+def build_stage_chunks(
+    model: nn.Module, *, rank: int, num_ranks: int, num_chunks: int, ranges: Sequence[range]
+) -> list[PipelineStage]:
+    """The ``num_chunks`` stages of pipeline rank ``rank`` (interleaved schedules).
+
+    Chunk ``c`` is virtual stage ``c * num_ranks + rank`` of ``num_ranks * num_chunks``;
+    ``ranges`` has one layer range per virtual stage. With one rank, every chunk lives
+    together and a tied weight stays one Parameter, shared by the first and last chunk.
+    """
+    num_stages = num_ranks * num_chunks
+    _check_ranges(ranges, num_stages=num_stages, num_layers=_num_layers(model))
+    if not 0 <= rank < num_ranks:
+        raise ValueError(f"rank={rank} must be in 0..{num_ranks - 1}: this rank's place in the pipeline")
+    specs = [StageSpec(c * num_ranks + rank, num_stages, ranges[c * num_ranks + rank]) for c in range(num_chunks)]
+    return [PipelineStage(model, spec, untie=num_ranks > 1) for spec in specs]
+
+
+@torch.no_grad()
+def release_unused(model: nn.Module, stages: Sequence[nn.Module]) -> int:
+    """Move to the meta device every parameter of ``model`` that none of ``stages`` holds.
+
+    Frees this rank's memory for the other stages' weights; afterwards the full model
+    cannot run, only the stages. Returns the number of parameter elements freed.
+    """
+    kept = {param for stage in stages for param in stage.parameters()}
+    replaced: dict[nn.Parameter, nn.Parameter] = {}  # one meta stand-in per Parameter keeps ties tied
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param in kept or param.device.type == "meta":
+                continue
+            if param not in replaced:
+                replaced[param] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            setattr(module, name, replaced[param])
+    return sum(param.numel() for param in replaced)

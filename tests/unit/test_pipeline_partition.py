@@ -1,0 +1,206 @@
+"""Pipeline partitioning and stages: optimal balanced splits, costs, names, and stage-chain parity."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from plait.models import build
+from plait.pipeline.partition import balanced_split, layer_costs, partition_layers, ranges_from_split_points
+from plait.pipeline.stage import build_stage, build_stage_chunks, release_unused
+
+pytestmark = pytest.mark.timeout(60)
+
+EXACT = {"rtol": 1e-6, "atol": 1e-6}
+
+
+def brute_force_best(costs: list[float], num_stages: int) -> float:
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(costs)), num_stages - 1):
+        bounds = [0, *cuts, len(costs)]
+        best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)))
+    return best
+
+
+def assert_partition(ranges: list[range], num_units: int, num_stages: int) -> None:
+    assert len(ranges) == num_stages
+    assert all(len(stage) > 0 for stage in ranges)
+    assert [index for stage in ranges for index in stage] == list(range(num_units))
+
+
+def test_balanced_split_is_optimal_against_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(150):
+        num_units = rng.randint(1, 8)
+        num_stages = rng.randint(1, num_units)
+        costs = [rng.choice([0.0, rng.random(), float(rng.randint(1, 5))]) for _ in range(num_units)]
+        ranges = balanced_split(costs, num_stages)
+        assert_partition(ranges, num_units, num_stages)
+        worst = max(sum(costs[i] for i in stage) for stage in ranges)
+        assert worst == pytest.approx(brute_force_best(costs, num_stages), rel=1e-12, abs=1e-12)
+
+
+def test_uneven_split_keeps_every_layer() -> None:
+    assert balanced_split([1, 1, 1, 1, 1], 2) == [range(0, 2), range(2, 5)]
+    assert balanced_split([1, 1, 1, 1, 1], 5) == [range(i, i + 1) for i in range(5)]
+    assert balanced_split([5, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]
+    assert_partition(balanced_split([1.0] * 7, 3), 7, 3)
+
+
+@pytest.mark.parametrize(("costs", "num_stages"), [([1, 2], 3), ([1, 2], 0), ([1, -1], 1), ([float("nan")], 1)])
+def test_balanced_split_rejects_bad_arguments(costs: list[float], num_stages: int) -> None:
+    with pytest.raises(ValueError):
+        balanced_split(costs, num_stages)
+
+
+def test_costs_count_the_lm_head() -> None:
+    model = build("tiny", num_layers=4, vocab_size=8192)
+    costs = layer_costs(model, seq_len=64)
+    assert [cost.name for cost in costs] == ["embeddings", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    d_model, vocab = 64, 8192
+    assert costs[0].flops_per_token == 0 and costs[0].num_params == vocab * d_model + 64 * d_model
+    assert costs[-1].flops_per_token >= 2 * d_model * vocab
+    block_params = sum(param.numel() for param in model.blocks[0].parameters())
+    assert costs[1].flops_per_token == 2 * block_params + 4 * 64 * d_model
+    # The head costs about ten layers: the last stage takes fewer layers.
+    ranges = partition_layers(model, pp=2, seq_len=64)
+    assert len(ranges[1]) < len(ranges[0])
+    assert_partition(ranges, 4, 2)
+
+
+def test_split_points_override_and_errors() -> None:
+    model = build("tiny", num_layers=4)
+    assert partition_layers(model, pp=2, seq_len=16, split_points=[1]) == [range(0, 1), range(1, 4)]
+    assert ranges_from_split_points([1, 3], num_layers=4, num_stages=3) == [range(0, 1), range(1, 3), range(3, 4)]
+    for points in ([0], [4], [2, 2], [3, 1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="split_points"):
+            ranges_from_split_points(points, num_layers=4, num_stages=len(points) + 1 if len(points) < 3 else 2)
+
+
+def test_too_many_stages_is_a_clear_error() -> None:
+    model = build("tiny", num_layers=4)
+    with pytest.raises(ValueError, match=r"4 layers.*pp <= 4"):
+        partition_layers(model, pp=5, seq_len=16)
+    with pytest.raises(ValueError, match=r"num_chunks <= 2"):
+        partition_layers(model, pp=2, num_chunks=3, seq_len=16)
+    assert_partition(partition_layers(model, pp=2, num_chunks=2, seq_len=16), 4, 4)
+
+
+def test_unsupported_model_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="supports plait's GPT"):
+        layer_costs(nn.Sequential(nn.Linear(2, 2)), seq_len=4)
+
+
+def all_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def logits_of(outputs: object) -> torch.Tensor:
+    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+
+
+def assert_stages_match(model: nn.Module, ids: torch.Tensor, **kwargs: torch.Tensor) -> list[nn.Module]:
+    model.eval()
+    ranges = partition_layers(model, pp=2, seq_len=ids.shape[1])
+    stages = [build_stage(model, stage_index=i, num_stages=2, layer_ranges=ranges) for i in range(2)]
+    names = [{name for name, _ in stage.named_parameters()} for stage in stages]
+    assert names[0] | names[1] == all_names(model)
+    assert not names[0] & names[1]
+    with torch.no_grad():
+        torch.testing.assert_close(stages[1](stages[0](ids, **kwargs), **kwargs), logits_of(model(ids, **kwargs)), **EXACT)
+    return stages
+
+
+def tiny_gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=128, n_positions=32, n_embd=32, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_llama(attn_implementation: str = "sdpa") -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attn_implementation=attn_implementation,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_plait_gpt_stages_keep_names_and_logits(preset: str) -> None:
+    torch.manual_seed(0)
+    model = build(preset, num_layers=4)
+    ids = torch.randint(512, (2, 16))
+    stages = assert_stages_match(model, ids)
+    assert "embed.weight" in dict(stages[0].named_parameters())
+    assert "lm_head.weight" in dict(stages[1].named_parameters())
+    assert "blocks.3.attn.q_proj.weight" in dict(stages[1].named_parameters())
+    tied = model.config.tied_embeddings
+    assert stages[1].tied_pairs == ([("embed.weight", "lm_head.weight")] if tied else [])
+    assert stages[0].tied_pairs == stages[1].tied_pairs
+    if tied:
+        assert model.lm_head.weight is model.embed.weight  # the full model stays tied
+    torch.testing.assert_close(stages[1].lm_head.weight, model.embed.weight if tied else model.lm_head.weight)
+
+
+def test_hf_gpt2_stages() -> None:
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    stages = assert_stages_match(model, torch.randint(128, (2, 16)))
+    assert stages[1].tied_pairs == [("transformer.wte.weight", "lm_head.weight")]
+    assert stages[1].get_parameter("lm_head.weight") is not model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_hf_llama_stages(attn_implementation: str) -> None:
+    torch.manual_seed(0)
+    model = tiny_llama(attn_implementation)
+    ids = torch.randint(1, 128, (2, 16))
+    stages = assert_stages_match(model, ids)
+    assert stages[1].tied_pairs == []
+    assert_stages_match(model, ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.arange(12, 16), 0))
+
+
+def test_single_rank_chunks_stay_tied_and_chain() -> None:
+    torch.manual_seed(0)
+    model = build("tiny", num_layers=4).eval()
+    ranges = partition_layers(model, pp=1, num_chunks=4, seq_len=16)
+    chunks = build_stage_chunks(model, rank=0, num_ranks=1, num_chunks=4, ranges=ranges)
+    assert chunks[0].get_parameter("embed.weight") is chunks[3].get_parameter("lm_head.weight")
+    assert all(chunk.tied_pairs == [] for chunk in chunks)
+    ids = torch.randint(512, (2, 16))
+    hidden = ids
+    with torch.no_grad():
+        for chunk in chunks:
+            hidden = chunk(hidden)
+        torch.testing.assert_close(hidden, model(ids), **EXACT)
+
+
+def test_interleaved_chunks_and_release_unused() -> None:
+    model = build("tiny", num_layers=4)
+    ranges = partition_layers(model, pp=2, num_chunks=2, seq_len=16)
+    chunks = build_stage_chunks(model, rank=1, num_ranks=2, num_chunks=2, ranges=ranges)
+    assert [chunk.spec.index for chunk in chunks] == [1, 3]
+    assert chunks[1].spec.is_last and not chunks[0].spec.is_first
+    kept = {name for chunk in chunks for name, _ in chunk.named_parameters()}
+    assert "embed.weight" not in kept and "lm_head.weight" in kept
+    held = {param for chunk in chunks for param in chunk.parameters()}
+    expected = sum(param.numel() for param in model.parameters() if param not in held)
+    assert release_unused(model, chunks) == expected
+    assert model.embed.weight.is_meta and model.lm_head.weight is model.embed.weight  # still tied
+    assert model.blocks[0].attn.q_proj.weight.is_meta and not model.blocks[1].attn.q_proj.weight.is_meta
+    assert not chunks[1].get_parameter("lm_head.weight").is_meta
+
+
+def test_build_stage_rejects_bad_ranges() -> None:
+    model = build("tiny", num_layers=4)
+    with pytest.raises(ValueError, match="cover"):
+        build_stage(model, stage_index=0, num_stages=2, layer_ranges=[range(0, 2), range(3, 4)])
+    with pytest.raises(ValueError, match="stage_index"):
+        build_stage(model, stage_index=2, num_stages=2, layer_ranges=[range(0, 2), range(2, 4)])
