@@ -17,6 +17,7 @@ from typing import Any
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES = ("none", "full", "selective")
 AXES = ("pp", "dp", "cp", "tp")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
 
 
@@ -49,6 +50,9 @@ class Plan:
     bucket_mb: float = 25.0
     reduce_op: str = "auto"
     sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"
+    pp_chunks: int = 1
+    pp_split: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(
@@ -61,6 +65,14 @@ class Plan:
         _require(self.zero in (0, 1, 2, 3), f"plan.zero={self.zero}: ZeRO stages are 0, 1, 2 or 3")
         _require(
             self.precision in PRECISIONS, f"plan.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+        )
+        _require(
+            self.pp_schedule in PP_SCHEDULES,
+            f"plan.pp_schedule={self.pp_schedule!r}: choose one of {', '.join(PP_SCHEDULES)}",
+        )
+        _require(
+            self.pp_chunks >= 1,
+            f"plan.pp_chunks={self.pp_chunks}: use 1, or 2+ virtual stages per rank with interleaved",
         )
         _require(self.microbatches >= 1, f"plan.microbatches={self.microbatches}: use 1 or more micro-batches per step")
         _require(
@@ -82,7 +94,15 @@ class Plan:
 
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
-        for axis in ("pp", "cp", "ep"):
+        _require(
+            self.pp == 1 or self.zero <= 1,
+            f"plan.zero={self.zero} with plan.pp={self.pp}: pipeline parallel composes with ZeRO stage 0 or 1 so far; set plan.zero=1",
+        )
+        _require(
+            self.pp_chunks == 1 or self.pp_schedule == "interleaved",
+            f"plan.pp_chunks={self.pp_chunks} needs plan.pp_schedule='interleaved' (the only schedule with virtual stages)",
+        )
+        for axis in ("cp", "ep"):
             _require(
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",

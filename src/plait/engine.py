@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from plait.amp.policy import PrecisionPolicy
@@ -22,6 +23,8 @@ from plait.dist.launch import get_logger
 from plait.dist.mesh import Mesh
 from plait.dist.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
+from plait.pipeline.build import build_pipeline
+from plait.pipeline.runtime import StepInputs
 from plait.tensor.apply import apply_tensor_parallel
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.state import gather_tp_state, shard_tp_state
@@ -83,17 +86,19 @@ class Engine:
         self.scaler = LossScaler.from_policy(self.policy)
         self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
         self.tensor_parallel = _apply_tp(model, mesh)
-        self.recomputed = apply_recompute(
+        self.recomputed = apply_recompute(  # before the split: the stages hold these same layer objects
             model,
             mode=self.plan.recompute,
             ratio=self.plan.recompute_ratio,
             modules=self.plan.recompute_modules or None,
         )
-        self.data_parallel = build_data_parallel(model, mesh=mesh, policy=self.policy, counter=self.comm)
-        self.model = model
+        self.pipeline = build_pipeline(model, mesh=mesh, device=self.device) if mesh.size("pp") > 1 else None
+        self.model = self.pipeline.module if self.pipeline else model
+        self.data_parallel = build_data_parallel(self.model, mesh=mesh, policy=self.policy, counter=self.comm)
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
         self.steps_done = 0
+        self.record_timeline = False  # pipeline: keep each action's start and end (benchmarks read them)
         self.last_overflow: Overflow | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -168,6 +173,8 @@ class Engine:
         """Normalise by the global count, unscale, clip, step; skip on fp16 overflow."""
         totals = torch.stack([self._loss_sum, self._count])
         all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)
+        if self.pipeline is not None:  # only the last stage saw the loss: share it, count it once
+            all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
         self._finish_gradients(count)
         params = self.data_parallel.optimizer_params
@@ -193,10 +200,33 @@ class Engine:
             return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh)
         return global_grad_norm(params, mesh=self.mesh)
 
+    def _pipeline_step(self, micro_batches: list[Batch]) -> None:
+        """Run the schedule without communicating gradients, sync tied weights, then reduce over dp."""
+        assert self.pipeline is not None
+        micro_batches = [self._to_device(mb) for mb in micro_batches]
+        self.data_parallel.before_backward(sync=False)
+        divisor = self._divisor.float() if self._divisor is not None else 1.0
+        step = StepInputs(
+            micro_batches=micro_batches,
+            loss_fn=self.loss_fn,
+            loss_scale=lambda loss_sum: self.scaler.scale_loss(loss_sum / divisor),
+        )
+        loss_sum, count = self.pipeline.runner.run(step, record_timeline=self.record_timeline)
+        if self.pipeline.tied_group is not None:
+            for param in self.pipeline.tied_params:
+                all_reduce(param.grad, group=self.pipeline.tied_group, counter=self.comm)
+        self.data_parallel.before_backward(sync=True)
+        self.data_parallel.after_backward()
+        self._loss_sum += loss_sum.to(self._loss_sum)
+        self._count += count.to(self._count)
+
     def train_step(self, batch: Batch) -> StepResult:
         """One optimizer step on this rank's share of the global batch."""
         micro_batches = split_microbatches(batch, self.plan.microbatches)
         self.begin_step(micro_batches)
+        if self.pipeline is not None:
+            self._pipeline_step(micro_batches)
+            return self.optimizer_step()
         for index, micro_batch in enumerate(micro_batches):
             self.forward_backward(micro_batch, sync=index == len(micro_batches) - 1)
         return self.optimizer_step()
@@ -207,8 +237,12 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in batches:
-            batch = self._to_device(batch)
+        batches = [self._to_device(batch) for batch in batches]
+        if self.pipeline is not None:
+            loss_sum, count = self.pipeline.runner.forward_only(batches, loss_fn=self.loss_fn)
+            totals += torch.stack([loss_sum, count]).to(totals)
+            all_reduce(totals, group=self.mesh.group("pp"))
+        for batch in batches if self.pipeline is None else []:
             loss = self.loss_fn(self.model(**batch), batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
             totals += torch.stack([loss_sum.double(), count.to(totals)])
@@ -222,8 +256,12 @@ class Engine:
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole model weights by name (every rank must call this: ZeRO-3 and tp gather)."""
-        state = self.data_parallel.full_state_dict()
-        return gather_tp_state(state, self.model, group=self.mesh.group("tp"))
+        state = gather_tp_state(self.data_parallel.full_state_dict(), self.model, group=self.mesh.group("tp"))
+        if self.pipeline is not None:  # each pipeline rank holds some layers: collect them all
+            parts: list[Any] = [None] * self.mesh.size("pp")
+            dist.all_gather_object(parts, state, group=self.mesh.group("pp"))
+            state = {name: tensor for part in parts for name, tensor in part.items()}
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer (this rank's shard under ZeRO), schedule and loss-scale state."""
@@ -256,7 +294,7 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
             "device, or load a Hugging Face checkpoint with plait.tensor.hf.load_pretrained_tp"
         )
     plan_of = getattr(model, "tp_plan", None)
-    if plan_of is None:
+    if not callable(plan_of):  # Hugging Face models hold a dict of HF styles there (or nothing)
         return apply_hf_tensor_parallel(model, group=group, sequence_parallel=mesh.plan.sequence_parallel)
     plan = plan_of()
     check_tp(model, mesh.size("tp"), plan=plan)

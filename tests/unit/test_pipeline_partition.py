@@ -73,13 +73,26 @@ def test_costs_count_the_lm_head() -> None:
     assert_partition(ranges, 4, 2)
 
 
-def test_split_points_override_and_errors() -> None:
+def test_split_points_override() -> None:
     model = build("tiny", num_layers=4)
     assert partition_layers(model, pp=2, seq_len=16, split_points=[1]) == [range(0, 1), range(1, 4)]
     assert ranges_from_split_points([1, 3], num_layers=4, num_stages=3) == [range(0, 1), range(1, 3), range(3, 4)]
-    for points in ([0], [4], [2, 2], [3, 1], [1, 2, 3]):
-        with pytest.raises(ValueError, match="split_points"):
-            ranges_from_split_points(points, num_layers=4, num_stages=len(points) + 1 if len(points) < 3 else 2)
+
+
+@pytest.mark.parametrize(
+    ("points", "num_stages", "message"),
+    [
+        ([0], 2, "stage 0 empty"),
+        ([4], 2, "stage 1 empty"),
+        ([2, 2], 3, "stage 1 empty"),
+        ([3, 1], 3, "stage 1 empty"),
+        ([1, 2], 2, "gives 3 stages but 2"),
+        ([1.5], 2, "must be ints"),
+    ],
+)
+def test_bad_split_points_are_clear_errors(points: list, num_stages: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ranges_from_split_points(points, num_layers=4, num_stages=num_stages)
 
 
 def test_too_many_stages_is_a_clear_error() -> None:
@@ -112,7 +125,9 @@ def assert_stages_match(model: nn.Module, ids: torch.Tensor, **kwargs: torch.Ten
     assert names[0] | names[1] == all_names(model)
     assert not names[0] & names[1]
     with torch.no_grad():
-        torch.testing.assert_close(stages[1](stages[0](ids, **kwargs), **kwargs), logits_of(model(ids, **kwargs)), **EXACT)
+        torch.testing.assert_close(
+            stages[1](stages[0](ids, **kwargs), **kwargs), logits_of(model(ids, **kwargs)), **EXACT
+        )
     return stages
 
 
@@ -165,6 +180,14 @@ def test_hf_llama_stages(attn_implementation: str) -> None:
     stages = assert_stages_match(model, ids)
     assert stages[1].tied_pairs == []
     assert_stages_match(model, ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.arange(12, 16), 0))
+    positions = torch.arange(16) + 5
+    first, last = assert_stages_match(model, ids, position_ids=positions[None])
+    with torch.no_grad():  # (seq,) positions work too, as plait's GPT takes them
+        torch.testing.assert_close(
+            last(first(ids, position_ids=positions), position_ids=positions),
+            model(ids, position_ids=positions[None]).logits,
+            **EXACT,
+        )
 
 
 def test_single_rank_chunks_stay_tied_and_chain() -> None:

@@ -31,10 +31,12 @@ class Placement:
     flat_range: tuple[str, int, int] | None = None
     partial_grad_axes: tuple[str, ...] = ()
     segments: tuple[int, ...] = ()  # a fused tensor's segment sizes along its sharded dim, each split evenly
+    stage_axes: tuple[str, ...] = ()  # ranks along these axes hold different parameters (pipeline stages)
+    duplicate: bool = False  # a synchronised copy of a parameter held elsewhere (a tied head): norms skip it
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:
-        axes = tuple(axis for axis, _ in self.dim_shards)
+        axes = (*(axis for axis, _ in self.dim_shards), *self.stage_axes)
         return (*axes, self.flat_range[0]) if self.flat_range else axes
 
 

@@ -6,42 +6,49 @@ squares across those axes, so the norm is the one a single process sees.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
+from plait.config import AXES
 from plait.dist.mesh import Mesh
 from plait.dist.placement import placement_of
+
+
+def _is_sharded(mesh: Mesh) -> bool:
+    plan = mesh.plan
+    return mesh.world_size > 1 and (plan.zero > 0 or mesh.size("tp") > 1 or mesh.size("pp") > 1)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> torch.Tensor:
     """The L2 norm of all gradients, as one process would compute it (0-dim).
 
-    Per-tensor norms first, then the norm of those, as torch's clip_grad_norm_
-    does: with replicated gradients the result is bit-identical to it.
+    When every rank holds every gradient: per-tensor norms, then the norm of
+    those, as torch's clip_grad_norm_ does (bit-identical to it). Otherwise
+    each gradient's squares count once over the world: divided by the number of
+    ranks holding a replica of it, summed over every rank in one all-reduce (so
+    the collective never depends on which pieces a rank happens to hold).
+    Synchronised duplicates (a tied head on the last pipeline stage) are skipped.
     """
-    grads_by_axes: dict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)
+    by_replicas: dict[int, list[torch.Tensor]] = defaultdict(list)
     for param in params:
-        if param.grad is not None:
-            placement = placement_of(param)
-            grads_by_axes[placement.sharded_axes if placement else ()].append(param.grad.detach())
-    partials = []
-    for axes, grads in sorted(grads_by_axes.items()):
-        partial = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
-        if not axes:
-            partials.append(partial)
+        placement = placement_of(param)
+        if param.grad is None or (placement is not None and placement.duplicate):
             continue
-        squared = partial.pow(2)
-        for axis in axes:
-            group = mesh.group(axis)
-            if group is not None:
-                dist.all_reduce(squared, group=group)
-        partials.append(squared.sqrt())
-    if len(partials) == 1:
-        return partials[0]
-    return torch.linalg.vector_norm(torch.stack(partials), 2)
+        sharded = set(placement.sharded_axes) if placement else set()
+        replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded)
+        by_replicas[replicas].append(param.grad.detach())
+    if not _is_sharded(mesh):
+        grads = [g for group in by_replicas.values() for g in group]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
+    total = torch.zeros((), dtype=torch.float32)
+    for replicas, grads in by_replicas.items():
+        total = total.to(grads[0].device) + torch.stack(torch._foreach_norm(grads, 2)).float().pow(2).sum() / replicas
+    dist.all_reduce(total)
+    return total.sqrt()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], *, max_norm: float, mesh: Mesh) -> torch.Tensor:

@@ -8,7 +8,8 @@ header. Call :meth:`StageLink.reset_shapes` on both ranks when shapes change (ev
 with another batch size, a ragged last batch).
 
 Sends are asynchronous (``isend``): their handles are returned and also kept, with the
-tensors they read, until :meth:`StageLink.wait_sends`. Receives block until the
+tensors they read, until they complete or :meth:`StageLink.wait_sends` (call it once
+per step, before the optimizer touches anything a send may still read). Receives block until the
 tensor has arrived. Forward and backward messages carry different tags, so two ranks
 that are each other's previous and next stage (interleaved schedules on 2 ranks) keep
 the two directions apart.
@@ -95,30 +96,36 @@ class StageLink:
         self._metas: dict[str, TensorMeta] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def send_forward(self, activation: torch.Tensor) -> list[dist.Work]:
-        """Start sending ``activation`` to the next stage; returns the send handles."""
-        return self._send(activation, self._peer(self.next_rank, "send_forward"), channel="forward", tag=FORWARD_TAG)
+    def send_forward(self, activation: torch.Tensor, *, key: int = 0) -> list[dist.Work]:
+        """Start sending ``activation`` to the next stage; returns the send handles.
 
-    def recv_forward(self, *, requires_grad: bool | None = None) -> torch.Tensor:
+        ``key`` (e.g. micro-batch x chunks + chunk) tags the payload, so messages
+        match by key, not by arrival order, when a schedule interleaves chunks.
+        """
+        peer = self._peer(self.next_rank, "send_forward")
+        return self._send(activation, peer, channel="forward", tag=FORWARD_TAG, key=key)
+
+    def recv_forward(self, *, requires_grad: bool | None = None, key: int = 0) -> torch.Tensor:
         """The previous stage's activation; it requires grad (default: when grad mode is on
         and it is floating point) so this stage's backward yields the gradient to send back."""
-        tensor = self._recv(self._peer(self.prev_rank, "recv_forward"), channel="forward", tag=FORWARD_TAG)
+        tensor = self._recv(self._peer(self.prev_rank, "recv_forward"), channel="forward", tag=FORWARD_TAG, key=key)
         if requires_grad is None:
             requires_grad = torch.is_grad_enabled() and tensor.is_floating_point()
         return tensor.requires_grad_(requires_grad)
 
-    def send_backward(self, grad: torch.Tensor) -> list[dist.Work]:
+    def send_backward(self, grad: torch.Tensor, *, key: int = 0) -> list[dist.Work]:
         """Start sending the gradient of the received activation back to the previous stage."""
         if grad is None:
             raise ValueError(
                 "send_backward got None: the received activation has no gradient; receive it with "
                 "recv_forward() under grad mode (requires_grad=True) and run backward before sending"
             )
-        return self._send(grad, self._peer(self.prev_rank, "send_backward"), channel="backward", tag=BACKWARD_TAG)
+        peer = self._peer(self.prev_rank, "send_backward")
+        return self._send(grad, peer, channel="backward", tag=BACKWARD_TAG, key=key)
 
-    def recv_backward(self) -> torch.Tensor:
+    def recv_backward(self, *, key: int = 0) -> torch.Tensor:
         """The gradient of this stage's output, from the next stage."""
-        return self._recv(self._peer(self.next_rank, "recv_backward"), channel="backward", tag=BACKWARD_TAG)
+        return self._recv(self._peer(self.next_rank, "recv_backward"), channel="backward", tag=BACKWARD_TAG, key=key)
 
     def wait_sends(self) -> None:
         """Wait for every send started so far, then let go of the tensors they read."""
@@ -137,33 +144,39 @@ class StageLink:
             raise ValueError(f"{operation} on the {end} pipeline stage: it has no peer that way; skip the call there")
         return rank
 
-    def _send(self, tensor: torch.Tensor, peer: int, *, channel: str, tag: int) -> list[dist.Work]:
+    def _send(self, tensor: torch.Tensor, peer: int, *, channel: str, tag: int, key: int) -> list[dist.Work]:
         payload = tensor.detach().contiguous()
+        self._pending = [(work, sent) for work, sent in self._pending if not work.is_completed()]
         meta = TensorMeta(tuple(payload.shape), payload.dtype)
-        key = f"send_{channel}"
+        slot = f"send_{channel}"
         works = []
-        if key not in self._metas:
+        if slot not in self._metas:
             header = _encode(meta, device=payload.device)
             works.append(dist.isend(header, peer, group=self.group, tag=tag))
             self._pending.append((works[-1], header))
-            self._metas[key] = meta
+            self._metas[slot] = meta
             self.num_headers_sent += 1
-        elif self._metas[key] != meta:
+        elif self._metas[slot] != meta:
             raise ValueError(
-                f"{channel} message is {meta} but this link negotiated {self._metas[key]}; "
+                f"{channel} message is {meta} but this link negotiated {self._metas[slot]}; "
                 "call reset_shapes() on both ranks when shapes change between steps"
             )
-        works.append(dist.isend(payload, peer, group=self.group, tag=tag))
+        works.append(dist.isend(payload, peer, group=self.group, tag=_payload_tag(tag, key)))
         self._pending.append((works[-1], payload))
         return works
 
-    def _recv(self, peer: int, *, channel: str, tag: int) -> torch.Tensor:
-        key = f"recv_{channel}"
-        if key not in self._metas:
+    def _recv(self, peer: int, *, channel: str, tag: int, key: int) -> torch.Tensor:
+        slot = f"recv_{channel}"
+        if slot not in self._metas:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
             dist.recv(header, peer, group=self.group, tag=tag)
-            self._metas[key] = _decode(header)
-        meta = self._metas[key]
+            self._metas[slot] = _decode(header)
+        meta = self._metas[slot]
         tensor = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-        dist.recv(tensor, peer, group=self.group, tag=tag)
+        dist.recv(tensor, peer, group=self.group, tag=_payload_tag(tag, key))
         return tensor
+
+
+def _payload_tag(channel_tag: int, key: int) -> int:
+    """Headers use the channel's own tag; payloads one per key, distinct from every header tag."""
+    return channel_tag + 2 * (key + 1)

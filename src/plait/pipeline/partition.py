@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,12 @@ __all__ = [
 
 # Hugging Face model types whose decoder layers this module knows how to call in turn.
 HF_LAYOUTS = {
-    "llama": {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "rotary": "model.rotary_emb"},
+    "llama": {
+        "embed": "model.embed_tokens",
+        "layers": "model.layers",
+        "norm": "model.norm",
+        "rotary": "model.rotary_emb",
+    },
     "gpt2": {
         "embed": "transformer.wte",
         "pos_embed": "transformer.wpe",
@@ -196,13 +202,13 @@ def ranges_from_split_points(split_points: Sequence[int], *, num_layers: int, nu
     if any(isinstance(p, bool) or not isinstance(p, int) for p in points):
         raise ValueError(f"split_points={points} must be ints (layer indices where stages start)")
     bounds = [0, *points, num_layers]
-    for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
         if not start < end:
             raise ValueError(
                 f"split_points={points} leaves stage {index} empty: the points must increase strictly "
                 f"and lie in 1..{num_layers - 1} (the model has {num_layers} layers)"
             )
-    return [range(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
+    return [range(start, end) for start, end in itertools.pairwise(bounds)]
 
 
 def partition_layers(

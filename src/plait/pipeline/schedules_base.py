@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class Action:
     """One pass of one micro-batch through one model chunk of a rank.
@@ -49,7 +50,7 @@ def stage_location(stage: int, num_ranks: int) -> tuple[int, int]:
     return stage % num_ranks, stage // num_ranks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
     """The per-rank action lists of one pipeline step.
 

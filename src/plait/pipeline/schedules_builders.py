@@ -15,10 +15,17 @@ def gpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     Holds all m micro-batches' activations at once; works for any m >= 1.
     """
     _check_positive(num_ranks=num_ranks, num_microbatches=num_microbatches)
-    actions = tuple(
-        Action("F", i) for i in range(num_microbatches)
-    ) + tuple(Action("B", i) for i in range(num_microbatches))
-    return Schedule("gpipe", num_ranks, num_microbatches, 1, False, (actions,) * num_ranks)
+    actions = tuple(Action("F", i) for i in range(num_microbatches)) + tuple(
+        Action("B", i) for i in range(num_microbatches)
+    )
+    return Schedule(
+        name="gpipe",
+        num_ranks=num_ranks,
+        num_microbatches=num_microbatches,
+        num_chunks=1,
+        splits_weight_grad=False,
+        rank_actions=(actions,) * num_ranks,
+    )
 
 
 def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
@@ -29,7 +36,14 @@ def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
     """
     _check_enough_microbatches("1f1b", num_ranks, num_microbatches)
     rank_actions = tuple(_one_f_one_b_rank(rank, num_ranks, num_microbatches) for rank in range(num_ranks))
-    return Schedule("1f1b", num_ranks, num_microbatches, 1, False, rank_actions)
+    return Schedule(
+        name="1f1b",
+        num_ranks=num_ranks,
+        num_microbatches=num_microbatches,
+        num_chunks=1,
+        splits_weight_grad=False,
+        rank_actions=rank_actions,
+    )
 
 
 def _one_f_one_b_rank(rank: int, num_ranks: int, num_microbatches: int) -> tuple[Action, ...]:
@@ -52,7 +66,14 @@ def zero_bubble_h1(num_ranks: int, num_microbatches: int) -> Schedule:
     """
     _check_enough_microbatches("zb-h1", num_ranks, num_microbatches)
     rank_actions = tuple(_zero_bubble_h1_rank(rank, num_ranks, num_microbatches) for rank in range(num_ranks))
-    return Schedule("zb-h1", num_ranks, num_microbatches, 1, True, rank_actions)
+    return Schedule(
+        name="zb-h1",
+        num_ranks=num_ranks,
+        num_microbatches=num_microbatches,
+        num_chunks=1,
+        splits_weight_grad=True,
+        rank_actions=rank_actions,
+    )
 
 
 def _zero_bubble_h1_rank(rank: int, num_ranks: int, num_microbatches: int) -> tuple[Action, ...]:
@@ -92,10 +113,15 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, num_chunks: int) -> 
             f"interleaved needs num_microbatches to be a multiple of num_ranks={num_ranks} "
             f"(got {num_microbatches}): set plan.microbatches to {lower or num_ranks} or {lower + num_ranks}"
         )
-    rank_actions = tuple(
-        _interleaved_rank(rank, num_ranks, num_microbatches, num_chunks) for rank in range(num_ranks)
+    rank_actions = tuple(_interleaved_rank(rank, num_ranks, num_microbatches, num_chunks) for rank in range(num_ranks))
+    return Schedule(
+        name="interleaved",
+        num_ranks=num_ranks,
+        num_microbatches=num_microbatches,
+        num_chunks=num_chunks,
+        splits_weight_grad=False,
+        rank_actions=rank_actions,
     )
-    return Schedule("interleaved", num_ranks, num_microbatches, num_chunks, False, rank_actions)
 
 
 def _interleaved_rank(rank: int, num_ranks: int, num_microbatches: int, num_chunks: int) -> tuple[Action, ...]:

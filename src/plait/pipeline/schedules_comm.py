@@ -6,9 +6,10 @@ and sends the gradient of its input to s-1 after; W moves nothing. Neighbouring
 stages on the same rank (one rank, several chunks) hand tensors over locally.
 
 `transfer_groups` packs, before each action, the sends of the previous action
-with the receives of this one: one `batch_isend_irecv` per group, waited on
-before the action computes, is the pattern `check_rendezvous` proves
-deadlock-free even when a send cannot finish until its receive is posted.
+with the receives of this one (Megatron's pattern): one `batch_isend_irecv`
+per group, waited on before the action computes, is what `check_rendezvous`
+proves deadlock-free even when a send cannot finish until its receive is
+posted, as with NCCL.
 """
 
 from __future__ import annotations
@@ -47,25 +48,27 @@ def action_transfers(
     """(receives `action` needs before it runs, sends it makes after it ran) on `rank`."""
     stage = virtual_stage(rank, action.chunk, num_ranks)
     last = num_ranks * num_chunks - 1
+    recv_edge: tuple[str, int, int] | None = None
+    send_edge: tuple[str, int, int] | None = None
     if action.kind == "F":
-        recvs = _edge("recv", "activation", action.microbatch, stage - 1, stage, rank, num_ranks) if stage > 0 else ()
-        sends = _edge("send", "activation", action.microbatch, stage, stage + 1, rank, num_ranks) if stage < last else ()
+        recv_edge = ("activation", stage - 1, stage) if stage > 0 else None
+        send_edge = ("activation", stage, stage + 1) if stage < last else None
     elif action.kind == "B":
-        recvs = _edge("recv", "grad", action.microbatch, stage + 1, stage, rank, num_ranks) if stage < last else ()
-        sends = _edge("send", "grad", action.microbatch, stage, stage - 1, rank, num_ranks) if stage > 0 else ()
-    else:
-        recvs, sends = (), ()
-    return recvs, sends
+        recv_edge = ("grad", stage + 1, stage) if stage < last else None
+        send_edge = ("grad", stage, stage - 1) if stage > 0 else None
+    place = {"microbatch": action.microbatch, "rank": rank, "num_ranks": num_ranks}
+    return _transfer("recv", recv_edge, **place), _transfer("send", send_edge, **place)
 
 
-def _edge(
-    op: str, payload: str, microbatch: int, from_stage: int, to_stage: int, rank: int, num_ranks: int
+def _transfer(
+    op: str, edge: tuple[str, int, int] | None, *, microbatch: int, rank: int, num_ranks: int
 ) -> tuple[Transfer, ...]:
-    other_stage = to_stage if op == "send" else from_stage
-    peer, _ = stage_location(other_stage, num_ranks)
-    if peer == rank:
+    """The message over `edge` (payload, from_stage, to_stage), or none when it stays on `rank`."""
+    if edge is None:
         return ()
-    return (Transfer(op, peer, payload, microbatch, from_stage, to_stage),)
+    payload, from_stage, to_stage = edge
+    peer, _ = stage_location(to_stage if op == "send" else from_stage, num_ranks)
+    return () if peer == rank else (Transfer(op, peer, payload, microbatch, from_stage, to_stage),)
 
 
 def transfer_groups(schedule: Schedule, rank: int) -> list[tuple[Transfer, ...]]:
@@ -73,15 +76,32 @@ def transfer_groups(schedule: Schedule, rank: int) -> list[tuple[Transfer, ...]]
 
     Group j holds the sends of action j-1 and the receives of action j, so
     `len(groups) == len(actions) + 1`. Run each group as one
-    `batch_isend_irecv` and wait on it before computing action j.
+    `batch_isend_irecv` and wait on it before computing action j. In an
+    interleaved schedule's steady phase each adjacent (F, B) pair acts as one
+    unit, as in Megatron: both receives go in the group before the F (the group
+    between them is empty) and both sends in the group after the B; without
+    this, two ranks can each wait to send a gradient the other has not yet
+    asked for.
     """
+    actions = schedule.actions(rank)
     per_action = [
         action_transfers(action, rank, num_ranks=schedule.num_ranks, num_chunks=schedule.num_chunks)
-        for action in schedule.actions(rank)
+        for action in actions
     ]
-    sends_before = [(), *(sends for _, sends in per_action)]
-    recvs = [*(recvs for recvs, _ in per_action), ()]
-    return [sends + receives for sends, receives in zip(sends_before, recvs, strict=True)]
+    recvs = [received for received, _ in per_action]
+    sends = [sent for _, sent in per_action]
+    for j in _steady_pairs(schedule, actions):
+        recvs[j], recvs[j + 1] = recvs[j] + recvs[j + 1], ()
+        sends[j], sends[j + 1] = (), sends[j] + sends[j + 1]
+    return [before + after for before, after in zip([(), *sends], [*recvs, ()], strict=True)]
+
+
+def _steady_pairs(schedule: Schedule, actions: list[Action]) -> list[int]:
+    """Indices j where actions j, j+1 are a steady-phase (F, B) pair of an interleaved schedule."""
+    kinds = [action.kind for action in actions]
+    if schedule.num_chunks == 1 or "B" not in kinds or "F" not in kinds[kinds.index("B") :]:
+        return []  # no steady phase: all forwards run before the first backward
+    return [j for j in range(len(kinds) - 1) if kinds[j] == "F" and kinds[j + 1] == "B"]
 
 
 def check_rendezvous(schedule: Schedule) -> None:

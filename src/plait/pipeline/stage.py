@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from plait.dist.placement import placement_of, set_placement
 from plait.pipeline.partition import DecoderLayout, decoder_layout
 
 __all__ = ["PipelineStage", "StageSpec", "build_stage", "build_stage_chunks", "release_unused"]
@@ -124,9 +126,15 @@ class PipelineStage(nn.Module):
         # Imported here: plait's own GPT must not need transformers.
         from transformers.masking_utils import create_causal_mask
 
-        positions = position_ids if position_ids is not None else _arange_like(hidden)[None]
+        positions = position_ids if position_ids is not None else _arange_like(hidden)
+        if positions.dim() == 1:  # Hugging Face layers and masks take (batch, seq) positions
+            positions = positions[None]
         mask = create_causal_mask(
-            config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+            config=self.hf_config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=positions,
         )
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "use_cache": False}
         if self.layout.rotary is not None:
@@ -184,7 +192,14 @@ def _tied_pairs(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, str]
 def _untied_copy(head: nn.Module, tied: set[nn.Parameter]) -> nn.Module:
     """A copy of ``head`` with its own copies of the ``tied`` parameters, sharing everything else."""
     keep = {id(tensor): tensor for tensor in [*head.parameters(), *head.buffers()] if tensor not in tied}
-    return copy.deepcopy(head, memo=keep)
+    for module in head.modules():  # process groups (a tensor-parallel head) are shared, never copied
+        keep |= {id(value): value for value in vars(module).values() if isinstance(value, dist.ProcessGroup)}
+    copied = copy.deepcopy(head, memo=keep)
+    for original in tied:  # the copy is laid out as the original is (a tensor-parallel shard keeps its record)
+        placement = placement_of(original)
+        if placement is not None and id(original) in keep:
+            set_placement(keep[id(original)], placement)
+    return copied
 
 
 def _check_ranges(layer_ranges: Sequence[range], *, num_stages: int, num_layers: int) -> None:
@@ -202,9 +217,7 @@ def _num_layers(model: nn.Module) -> int:
     return len(model.get_submodule(decoder_layout(model).layers))
 
 
-def build_stage(
-    model: nn.Module, *, stage_index: int, num_stages: int, layer_ranges: Sequence[range]
-) -> PipelineStage:
+def build_stage(model: nn.Module, *, stage_index: int, num_stages: int, layer_ranges: Sequence[range]) -> PipelineStage:
     """Stage ``stage_index`` of ``num_stages`` (one stage per rank), running ``layer_ranges[stage_index]``.
 
     The tied LM head of the last stage gets its own weight when ``num_stages > 1``.

@@ -13,6 +13,9 @@ tables and attention masks from the sequence length it sees, which would be the 
 
 from __future__ import annotations
 
+import fnmatch
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from plait.tensor.apply import apply_tensor_parallel
+from plait.tensor.apply import HEAD_ATTRIBUTES, Style, _as_style, apply_tensor_parallel
 from plait.tensor.comm import tp_rank_and_size
 from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
 from plait.tensor.hf_load import ReadStats, build_on_meta, checkpoint_files, materialize
-from plait.tensor.hf_plans import check_tp, tp_plan_for
+from plait.tensor.hf_plans import input_features, output_features, tp_plan_for
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
 
@@ -60,6 +63,91 @@ def apply_hf_tensor_parallel(
     changed = apply_tensor_parallel(model, plan, group=group, sequence_parallel=False)
     _use_vocab_parallel_loss(model)
     return changed
+
+
+def check_tp(
+    model: nn.Module, tp: int, *, world_size: int | None = None, plan: Mapping[str, str | Style] | None = None
+) -> None:
+    """Raise ValueError, before any collective, when `model` cannot be split over `tp` ranks.
+
+    Checks the config's head counts and sizes, then every module the plan (by default the model's
+    `tp_plan()` or `tp_plan_for(model)`) shards, and names the nearest tp values that work.
+    Reads only names, shapes and the config, so a meta-device model works.
+
+        check_tp(model, 3)  # ValueError: tp=3 does not divide attention heads (num_attention_heads)=4, ...
+    """
+    if tp < 1:
+        raise ValueError(f"tp={tp}: the tensor-parallel size must be a positive integer")
+    if world_size is not None and tp > world_size:
+        raise ValueError(
+            f"tp={tp} is larger than the world of {world_size} ranks; use a tp that divides {world_size} "
+            f"or launch at least {tp} ranks"
+        )
+    if tp == 1:
+        return
+    if plan is None:
+        plan_of = getattr(model, "tp_plan", None)  # plait's models: a method; HF's: a dict of HF styles
+        plan = plan_of() if callable(plan_of) else tp_plan_for(model)
+    named, structural = _config_constraints(model), _plan_constraints(model, plan)
+    # The config's names say it best; the modules' own sizes speak when the config has none to blame.
+    bad = [f"{what}={value}" for what, value in named if value % tp]
+    bad = bad or [f"{what}={value}" for what, value in structural if value % tp]
+    if bad:
+        valid = _divisors(math.gcd(*(value for _, value in named + structural)))
+        nearest = min(valid, key=lambda d: (abs(d - tp), d))
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ValueError(
+            f"tp={tp} does not divide {shown} of {type(model).__name__}; valid tp values for this model: "
+            f"{', '.join(map(str, valid))} (nearest: {nearest})"
+        )
+
+
+CONFIG_SIZES = (
+    ("attention heads", "num_attention_heads"),
+    ("KV heads", "num_key_value_heads"),
+    ("hidden size", "hidden_size"),
+    ("intermediate size", "intermediate_size"),
+    ("intermediate size", "n_inner"),  # GPT-2's name; None means 4 x hidden, checked through the plan
+)
+
+
+def _config_constraints(model: nn.Module) -> list[tuple[str, int]]:
+    config = getattr(model, "config", None)
+    out = []
+    for what, attr in CONFIG_SIZES:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out.append((f"{what} ({attr})", value))
+    return out
+
+
+def _plan_constraints(model: nn.Module, plan: Mapping[str, str | Style]) -> list[tuple[str, int]]:
+    """What each plan pattern splits, read from the first module it governs."""
+    out: list[tuple[str, int]] = []
+    seen = set()
+    for name, module in model.named_modules():
+        pattern = next((p for p in plan if fnmatch.fnmatchcase(name, p)), None) if name else None
+        if pattern is None or pattern in seen:
+            continue  # the first pattern that matches a module governs it, as in apply_tensor_parallel
+        seen.add(pattern)
+        out += _module_constraints(module, pattern, _as_style(plan[pattern]))
+    return out
+
+
+def _module_constraints(module: nn.Module, pattern: str, style: Style) -> list[tuple[str, int]]:
+    if style.kind == "colwise":
+        segments = style.partition or (output_features(module),)
+        return [(f"{pattern} output features", segment) for segment in segments]
+    if style.kind == "rowwise":
+        return [(f"{pattern} input features", input_features(module))]
+    if style.kind == "heads":
+        values = [(attr, getattr(module, attr, None)) for attr in HEAD_ATTRIBUTES]
+        return [(f"{pattern}.{attr}", v) for attr, v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _divisors(value: int) -> list[int]:
+    return [d for d in range(1, value + 1) if value % d == 0]
 
 
 def load_pretrained_tp(
@@ -132,28 +220,20 @@ class VocabParallelHFLoss:
         self.original = original
         self.causal = causal
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        vocab_size: int,
-        num_items_in_batch: torch.Tensor | int | None = None,
-        ignore_index: int = -100,
-        shift_labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> torch.Tensor:
         shard = is_vocab_sharded(logits)
         if shard is None:
-            options = {"ignore_index": ignore_index, "shift_labels": shift_labels, **kwargs}
-            return self.original(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, **options)
+            return self.original(logits, labels, vocab_size, **kwargs)
         if not self.causal:
             raise ValueError(
                 "this model's Hugging Face loss cannot read vocab-parallel logits; leave `labels` out of the "
                 "batch the model sees and compute the loss in loss_fn with plait.tensor.vocab_parallel_cross_entropy"
             )
-        if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        targets = shift_labels.to(logits.device)
+        ignore_index = kwargs.get("ignore_index", -100)
+        targets = kwargs.get("shift_labels")
+        if targets is None:
+            targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # position t predicts label t + 1
+        targets = targets.to(logits.device)
         per_token = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=ignore_index)
-        count = num_items_in_batch if num_items_in_batch is not None else (targets != ignore_index).sum()
-        return per_token.sum() / count
+        count = kwargs.get("num_items_in_batch")
+        return per_token.sum() / (count if count is not None else (targets != ignore_index).sum())

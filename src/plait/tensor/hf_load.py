@@ -97,10 +97,13 @@ class _Reader:
         self.prefix = getattr(model, "base_model_prefix", "") or ""
 
     def key_of(self, names: list[str]) -> str | None:
+        """The file's key for a tensor known by `names` (tied aliases); checkpoints of a base model
+        lack the task model's prefix ("bert."), and the other way round."""
         for name in names:
-            for key in (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")):
-                if key in self.files:
-                    return key
+            keys = (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")) if self.prefix else (name,)
+            found = next((key for key in keys if key in self.files), None)
+            if found is not None:
+                return found
         return None
 
     def read(self, key: str, placement: Placement | None, *, expected: tuple[int, ...]) -> torch.Tensor:

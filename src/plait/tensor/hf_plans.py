@@ -3,8 +3,9 @@
     plan = tp_plan_for(model)  # {"model.layers.*.self_attn.q_proj": "colwise", ..., "lm_head": "vocab_head"}
     apply_tensor_parallel(model, plan, group=tp_group, sequence_parallel=False)
 
-In order of preference: (a) the config's `base_model_tp_plan` (Llama, Mistral, Qwen2, ...), translated
-to plait's styles and prefixed with the base model's path; (b) a family of layer names plait recognises
+In order of preference: (a) the model's own HF plan (transformers 5's `model.tp_plan`: the config's
+`base_model_tp_plan` prefixed with the base model's path, or what the user set there; Llama, Mistral,
+Qwen2, ...), translated to plait's styles; (b) a family of layer names plait recognises
 (GPT-2's `attn.c_attn`, BERT's `attention.self.query`, Llama-like `self_attn.q_proj`). Either way the
 attention modules get "heads", the input embeddings "vocab_embed" and the output embeddings
 "vocab_head": plait's LM head never gathers the logits, so HF's `colwise_gather_output` for
@@ -14,13 +15,11 @@ attention modules get "heads", the input embeddings "vocab_embed" and the output
 from __future__ import annotations
 
 import fnmatch
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-from plait.tensor.apply import HEAD_ATTRIBUTES, Style, _as_style
+from plait.tensor.apply import Style
 
 PlanTable = dict[str, str | Style]
 
@@ -33,6 +32,7 @@ HF_STYLES = {
     "rowwise_rep": "replicate",
     "replicate": "replicate",
     "sequence_parallel": "sequence_norm",
+    "embedding_rowwise": "vocab_embed",
 }
 FUSED_QKV = "fused_qkv"  # a fused [q; k; v] projection of three equal segments (GPT-2's c_attn)
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "c_attn", "query_key_value")
@@ -91,11 +91,12 @@ def tp_plan_for(model: nn.Module) -> PlanTable:
     if not body:
         raise ValueError(
             f"{type(model).__name__} has no tensor-parallel plan (no config.base_model_tp_plan) and plait recognises "
-            "none of its layer names; pass a plan table: {pattern: style}, e.g. give the model a tp_plan() method "
-            "returning {'layers.*.attn.q_proj': 'colwise', 'layers.*.attn.o_proj': 'rowwise', 'layers.*.attn': "
-            "'heads', ...}, or use plan.tp=1"
+            "none of its layer names; pass a plan table: {pattern: style}: on a Hugging Face model set "
+            "model.tp_plan = {'layers.*.attn.q_proj': 'colwise', 'layers.*.attn.o_proj': 'rowwise', ...} (HF's "
+            "styles), on any other model add a tp_plan() method returning plait's styles, or use plan.tp=1"
         )
-    return _embeddings_plan(model, head=False) | body | _embeddings_plan(model, head=True)
+    embed_plan, head_plan = _embeddings_plan(model)
+    return embed_plan | body | head_plan
 
 
 def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -109,18 +110,26 @@ def _prefixed(prefix: str, pattern: str) -> str:
     return f"{prefix}.{pattern}" if prefix else pattern
 
 
-def _plan_from_config(model: nn.Module) -> PlanTable:
-    hf_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+def _hf_plan(model: nn.Module) -> dict[str, str]:
+    """HF's plan with full module names: transformers 5's `model.tp_plan` (the config's
+    `base_model_tp_plan` prefixed and merged, or what the user set), else the config's plan prefixed here."""
+    merged = getattr(model, "tp_plan", None)
+    if isinstance(merged, dict) and merged:
+        return dict(merged)
+    config_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
     prefix = module_name(model, getattr(model, "base_model", model)) or ""
+    return {_prefixed(prefix, pattern): style for pattern, style in config_plan.items()}
+
+
+def _plan_from_config(model: nn.Module) -> PlanTable:
     names = [name for name, _ in model.named_modules() if name]
     embeddings = {_embedding_name(model, head=False), _embedding_name(model, head=True)}
     plan: PlanTable = {}
-    for pattern, hf_style in hf_plan.items():
-        full = _prefixed(prefix, pattern)
-        matched = [name for name in names if fnmatch.fnmatchcase(name, full)]
+    for pattern, hf_style in _hf_plan(model).items():
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         if not matched or set(matched) <= embeddings:
-            continue  # HF skips optional modules too; embeddings get plait's vocab styles
-        plan[full] = _translate(hf_style, model.get_submodule(matched[0]), name=full)
+            continue  # HF skips optional modules too; the embeddings get plait's vocab styles
+        plan[pattern] = _translate(hf_style, model.get_submodule(matched[0]), name=pattern)
     return plan | {pattern: "heads" for pattern in _attention_patterns(plan)}
 
 
@@ -129,7 +138,7 @@ def _translate(hf_style: str, module: nn.Module, *, name: str) -> str | Style:
     if style is None:
         raise ValueError(
             f"{name}: Hugging Face's tensor-parallel style {hf_style!r} has no plait equivalent (plait maps "
-            f"{', '.join(sorted(HF_STYLES))}); pass a plan table: {{pattern: style}} via a tp_plan() method, or use plan.tp=1"
+            f"{', '.join(sorted(HF_STYLES))}); pass a plan table: {{pattern: style}} as model.tp_plan, or use plan.tp=1"
         )
     if style == "packed_colwise":
         return Style("colwise", partition=_equal_segments(module, 2, name=name))
@@ -187,97 +196,31 @@ def input_features(module: nn.Module) -> int:
     return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
 
 
-def _embedding_name(model: nn.Module, *, head: bool) -> str | None:
+def _embedding(model: nn.Module, *, head: bool) -> tuple[str | None, nn.Module | None]:
     getter = getattr(model, "get_output_embeddings" if head else "get_input_embeddings", None)
-    if getter is None:
-        return None
     try:
-        return module_name(model, getter())
+        module = getter() if getter is not None else None
     except NotImplementedError:  # HF raises it for models without such embeddings
-        return None
+        module = None
+    return module_name(model, module), module
 
 
-def _embeddings_plan(model: nn.Module, *, head: bool) -> PlanTable:
-    name = _embedding_name(model, head=head)
-    if not name:
-        return {}
-    return {name: "vocab_head" if head else "vocab_embed"}
+def _embedding_name(model: nn.Module, *, head: bool) -> str | None:
+    return _embedding(model, head=head)[0]
 
 
-def check_tp(
-    model: nn.Module, tp: int, *, world_size: int | None = None, plan: Mapping[str, str | Style] | None = None
-) -> None:
-    """Raise ValueError, before any collective, when `model` cannot be split over `tp` ranks.
-
-    Checks the config's head counts and sizes, then every module the plan (by default the model's
-    `tp_plan()` or `tp_plan_for(model)`) shards, and names the nearest tp values that work.
-    Reads only names, shapes and the config, so a meta-device model works.
-
-        check_tp(model, 3)  # ValueError: tp=3 does not divide attention heads (num_attention_heads)=4, ...
-    """
-    if tp < 1:
-        raise ValueError(f"tp={tp}: the tensor-parallel size must be a positive integer")
-    if world_size is not None and tp > world_size:
-        raise ValueError(
-            f"tp={tp} is larger than the world of {world_size} ranks; use a tp that divides {world_size} "
-            f"or launch at least {tp} ranks"
-        )
-    if tp == 1:
-        return
-    plan = plan if plan is not None else (model.tp_plan() if hasattr(model, "tp_plan") else tp_plan_for(model))
-    constraints = _config_constraints(model) + _plan_constraints(model, plan)
-    bad = [f"{what}={value}" for what, value in constraints if value % tp]
-    if bad:
-        valid = _divisors(math.gcd(*(value for _, value in constraints)))
-        nearest = min(valid, key=lambda d: (abs(d - tp), -d))
-        raise ValueError(
-            f"tp={tp} does not divide {', '.join(bad)} of {type(model).__name__}; valid tp values for this "
-            f"model: {', '.join(map(str, valid))} (nearest: {nearest})"
-        )
+def _plain(module: nn.Module | None, base: type[nn.Module]) -> bool:
+    # A subclass with its own forward (Gemma's scaled embedding) would lose its extra step if swapped.
+    return module is not None and isinstance(module, base) and type(module).forward is base.forward
 
 
-CONFIG_SIZES = (
-    ("attention heads", "num_attention_heads"),
-    ("KV heads", "num_key_value_heads"),
-    ("hidden size", "hidden_size"),
-    ("intermediate size", "intermediate_size"),
-    ("intermediate size", "n_inner"),  # GPT-2's name; None means 4 x hidden, checked through the plan
-)
-
-
-def _config_constraints(model: nn.Module) -> list[tuple[str, int]]:
-    config = getattr(model, "config", None)
-    out = []
-    for what, attr in CONFIG_SIZES:
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            out.append((f"{what} ({attr})", value))
-    return out
-
-
-def _plan_constraints(model: nn.Module, plan: Mapping[str, str | Style]) -> list[tuple[str, int]]:
-    """What each plan pattern splits, read from the first module it governs."""
-    out, seen = [], set()
-    for name, module in model.named_modules():
-        pattern = next((p for p in plan if fnmatch.fnmatchcase(name, p)), None) if name else None
-        if pattern is None or pattern in seen:
-            continue  # the first pattern that matches a module governs it, as in apply_tensor_parallel
-        seen.add(pattern)
-        out += _module_constraints(module, pattern, _as_style(plan[pattern]))
-    return out
-
-
-def _module_constraints(module: nn.Module, pattern: str, style: Style) -> list[tuple[str, int]]:
-    if style.kind == "colwise":
-        segments = style.partition or (output_features(module),)
-        return [(f"{pattern} output features", segment) for segment in segments]
-    if style.kind == "rowwise":
-        return [(f"{pattern} input features", input_features(module))]
-    if style.kind == "heads":
-        values = [(attr, getattr(module, attr, None)) for attr in HEAD_ATTRIBUTES]
-        return [(f"{pattern}.{attr}", v) for attr, v in values if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
-def _divisors(value: int) -> list[int]:
-    return [d for d in range(1, value + 1) if value % d == 0]
+def _embeddings_plan(model: nn.Module) -> tuple[PlanTable, PlanTable]:
+    """(input embedding plan, output embedding plan). A head whose logits the model post-processes
+    (soft-capping) would lose the vocab-shard tag, so it stays whole; a tie keeps both whole then."""
+    (embed_name, embed), (head_name, head) = _embedding(model, head=False), _embedding(model, head=True)
+    softcapped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    embed_ok = bool(embed_name) and _plain(embed, nn.Embedding)
+    head_ok = bool(head_name) and _plain(head, nn.Linear) and not softcapped
+    if embed is not None and head is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
+        embed_ok = head_ok = embed_ok and head_ok
+    return ({embed_name: "vocab_embed"} if embed_ok else {}), ({head_name: "vocab_head"} if head_ok else {})

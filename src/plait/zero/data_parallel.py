@@ -74,4 +74,11 @@ class DataParallel:
         return {name: value.detach().clone() for name, value in self.model.state_dict().items()}
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
+        """Load this model's entries of `state` (a pipeline stage holds only some of them)."""
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(
+                f"the state lacks {len(missing)} parameters, e.g. {missing[:3]}; load a checkpoint of this model"
+            )
+        self.model.load_state_dict({name: state[name] for name in own})

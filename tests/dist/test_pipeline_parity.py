@@ -1,0 +1,58 @@
+"""Pipeline parallel: every schedule at pp=2 and pp=4, and 3D (dp x tp x pp) on 8 ranks, against one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import plait
+from plait.train.reference import train_reference
+from tests.dist.harness import run_ranks
+from tests.dist.test_parity import GLOBAL_BATCH, assert_parity, make_batches, optimizer, scheduler
+
+SEQ = 16
+
+
+def build() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return plait.models.build("tiny", max_seq_len=SEQ, num_layers=8)
+
+
+def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = build()
+    losses = train_reference(
+        model, make_batches(model.config.vocab_size), optimizer=optimizer, loss_fn=plait.losses.causal_lm,
+        lr_scheduler=scheduler, max_grad_norm=1.0,
+    )
+    return losses, model.state_dict()
+
+
+def train_pp(rank: int, world_size: int, plan_kwargs: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = build()
+    plan = plait.Plan(bucket_mb=0.01, microbatches=4, **plan_kwargs)
+    engine = plait.boost(
+        model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler, max_grad_norm=1.0
+    )
+    assert engine.pipeline is not None
+    per_rank = GLOBAL_BATCH // engine.dp_size
+    losses = []
+    for batch in make_batches(model.config.vocab_size):
+        shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
+        losses.append(engine.train_step(shard).loss.item())
+    return losses, engine.model_state_dict()
+
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize(("schedule", "chunks"), SCHEDULES)
+def test_each_schedule_matches_one_process(schedule: str, chunks: int, pp: int) -> None:
+    plan = {"dp": 1, "pp": pp, "pp_schedule": schedule, "pp_chunks": chunks}
+    assert_parity(run_ranks(train_pp, pp, plan, timeout_s=120), reference())
+
+
+@pytest.mark.parametrize(("schedule", "zero"), [("1f1b", 1), ("zb-h1", 0)])
+def test_3d_parallel_on_8_ranks_matches_one_process(schedule: str, zero: int) -> None:
+    plan = {"dp": 2, "tp": 2, "pp": 2, "pp_schedule": schedule, "zero": zero, "sequence_parallel": True}
+    assert_parity(run_ranks(train_pp, 8, plan, timeout_s=100), reference())
