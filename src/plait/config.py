@@ -102,11 +102,26 @@ class Plan:
             self.pp_chunks == 1 or self.pp_schedule == "interleaved",
             f"plan.pp_chunks={self.pp_chunks} needs plan.pp_schedule='interleaved' (the only schedule with virtual stages)",
         )
+        if self.pp > 1:
+            self._check_pipeline_microbatches()
         for axis in ("cp", "ep"):
             _require(
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
             )
+
+    def _check_pipeline_microbatches(self) -> None:
+        m, p = self.microbatches, self.pp
+        _require(
+            self.pp_schedule == "gpipe" or m >= p,
+            f"plan.microbatches={m} is fewer than plan.pp={p} stages, which the {self.pp_schedule} schedule needs; "
+            f"raise plan.microbatches to at least {p}, or use plan.pp_schedule='gpipe'",
+        )
+        _require(
+            self.pp_schedule != "interleaved" or (m % p == 0 and self.pp_chunks >= 2),
+            f"the interleaved schedule needs plan.microbatches a multiple of plan.pp={p} (got {m}) and "
+            f"plan.pp_chunks >= 2 (got {self.pp_chunks}); e.g. microbatches={max(p, m // p * p)}, pp_chunks=2",
+        )
 
     def resolve(self, world_size: int) -> Plan:
         """The plan with dp inferred, checked against the world size."""

@@ -22,7 +22,10 @@ BAD_INPUTS = {
     "microbatches": (["--set", "plan.dp=2", "--set", "plan.microbatches=3"], "plan.microbatches=3 does not divide"),
     "unknown key": (["--set", "train.step=3"], "unknown key train.step"),
     "unknown section": (["--set", "trainer.steps=3"], "unknown section 'trainer'"),
-    "pp not built": (["--set", "plan.pp=2", "--set", "plan.dp=1"], "pp parallel is not available yet"),
+    "cp not built": (["--set", "plan.cp=2", "--set", "plan.dp=1"], "cp parallel is not available yet"),
+    "pp microbatches": (["--set", "plan.pp=2", "--set", "plan.dp=1"], "plan.microbatches=1 is fewer than plan.pp=2"),
+    "pp layers": (["--nproc", "4", "--set", "plan.pp=4", "--set", "plan.dp=1", "--set", "plan.microbatches=4"], "4 stages but the model has 2 layers"),
+    "pp zero": (["--set", "plan.pp=2", "--set", "plan.dp=1", "--set", "plan.zero=2", "--set", "plan.microbatches=2"], "composes with ZeRO stage 0 or 1"),
     "tp heads": (
         ["--nproc", "3", "--set", "plan.tp=3", "--set", "plan.dp=1"],
         "model.num_heads=4 is not divisible by plan.tp=3; use plan.tp in [1, 2, 4]",

@@ -47,7 +47,6 @@ def test_plan_validates_itself(kwargs: dict, message: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"pp": 2}, "pp parallel is not available yet"),
         ({"ep": 2}, "ep parallel is not available yet"),
         ({"cp": 2}, "cp parallel is not available yet"),
     ],

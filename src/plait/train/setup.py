@@ -74,6 +74,12 @@ def validate(config: Config, *, world_size: int) -> Validated:
     plan.check_available()
     config.check_batching(plan.dp)
     model_config = model_config_for(config)
+    stages = plan.pp * plan.pp_chunks
+    if stages > model_config.num_layers:
+        raise ValueError(
+            f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but the model has "
+            f"{model_config.num_layers} layers; use at most {model_config.num_layers} stages"
+        )
     if plan.tp > 1:
         check_tensor_parallel(
             model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
