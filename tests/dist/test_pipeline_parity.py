@@ -56,3 +56,16 @@ def test_each_schedule_matches_one_process(schedule: str, chunks: int, pp: int) 
 def test_3d_parallel_on_8_ranks_matches_one_process(schedule: str, zero: int) -> None:
     plan = {"dp": 2, "tp": 2, "pp": 2, "pp_schedule": schedule, "zero": zero, "sequence_parallel": True}
     assert_parity(run_ranks(train_pp, 8, plan, timeout_s=100), reference())
+
+
+def peak_activations(rank: int, world_size: int, schedule: str) -> int:
+    model = build()
+    plan = plait.Plan(dp=1, pp=world_size, microbatches=8, pp_schedule=schedule)
+    engine = plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan)
+    engine.train_step(make_batches(model.config.vocab_size)[0])
+    return engine.pipeline.runner.peak_in_flight
+
+
+def test_gpipe_holds_every_microbatch_and_1f1b_at_most_p() -> None:
+    assert run_ranks(peak_activations, 4, "gpipe") == [8, 8, 8, 8]
+    assert run_ranks(peak_activations, 4, "1f1b") == [4, 3, 2, 1]  # p - rank: never more than p

@@ -12,8 +12,10 @@ from plait.train.loop import run_training
 from tests.dist.harness import run_ranks
 
 
-def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero: int = 0, tp: int = 1):
+def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero: int = 0, tp: int = 1, pp: int = 1):
     overrides = [
+        f"plan.pp={pp}",
+        f"plan.microbatches={2 if pp > 1 else 1}",
         f"plan.zero={zero}",
         f"plan.tp={tp}",
         f"plan.sequence_parallel={str(tp > 1).lower()}",
@@ -22,7 +24,7 @@ def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero
         "data.seq_len=32",
         "data.val_fraction=0.1",
         f"data.cache_dir='{tmp / 'cache'}'",
-        f"plan.dp={2 // tp}",
+        f"plan.dp={2 // tp // pp}",
         f"train.steps={steps}",
         "train.global_batch=8",
         "train.lr=1e-3",
@@ -38,17 +40,19 @@ def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero
     return config
 
 
-def train_then_resume(rank: int, world_size: int, corpus: list[str], tmp: str, zero: int, tp: int):
+def train_then_resume(rank: int, world_size: int, corpus: list[str], tmp: str, zero: int, tp: int, pp: int):
     tmp_path = Path(tmp)
-    whole = run_training(tiny_config(corpus, tmp_path, out="whole", zero=zero, tp=tp))
+    whole = run_training(tiny_config(corpus, tmp_path, out="whole", zero=zero, tp=tp, pp=pp))
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-000010"
-    resumed = run_training(tiny_config(corpus, tmp_path, out="resumed", zero=zero, tp=tp), resume=str(checkpoint))
+    resumed = run_training(tiny_config(corpus, tmp_path, out="resumed", zero=zero, tp=tp, pp=pp), resume=str(checkpoint))
     return whole.losses, resumed.losses, whole.first_val_loss, whole.last_val_loss
 
 
-@pytest.mark.parametrize(("zero", "tp"), [(0, 1), (3, 1), (1, 2)])
-def test_resume_continues_with_identical_losses(small_corpus: list[str], tmp_path: Path, zero: int, tp: int) -> None:
-    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), zero, tp, timeout_s=120)
+@pytest.mark.parametrize(("zero", "tp", "pp"), [(0, 1, 1), (3, 1, 1), (1, 2, 1), (0, 1, 2)])
+def test_resume_continues_with_identical_losses(
+    small_corpus: list[str], tmp_path: Path, zero: int, tp: int, pp: int
+) -> None:
+    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), zero, tp, pp, timeout_s=120)
     for whole, resumed, first_val, last_val in results:
         assert len(whole) == 20 and len(resumed) == 10
         assert resumed == whole[10:]  # bit-identical, not merely close

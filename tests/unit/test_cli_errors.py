@@ -24,8 +24,14 @@ BAD_INPUTS = {
     "unknown section": (["--set", "trainer.steps=3"], "unknown section 'trainer'"),
     "cp not built": (["--set", "plan.cp=2", "--set", "plan.dp=1"], "cp parallel is not available yet"),
     "pp microbatches": (["--set", "plan.pp=2", "--set", "plan.dp=1"], "plan.microbatches=1 is fewer than plan.pp=2"),
-    "pp layers": (["--nproc", "4", "--set", "plan.pp=4", "--set", "plan.dp=1", "--set", "plan.microbatches=4"], "4 stages but the model has 2 layers"),
-    "pp zero": (["--set", "plan.pp=2", "--set", "plan.dp=1", "--set", "plan.zero=2", "--set", "plan.microbatches=2"], "composes with ZeRO stage 0 or 1"),
+    "pp layers": (
+        ["--nproc", "4", "--set", "plan.pp=4", "--set", "plan.dp=1", "--set", "plan.microbatches=4"],
+        "4 stages but the model has 2 layers",
+    ),
+    "pp zero": (
+        ["--set", "plan.pp=2", "--set", "plan.dp=1", "--set", "plan.zero=2", "--set", "plan.microbatches=2"],
+        "composes with ZeRO stage 0 or 1",
+    ),
     "tp heads": (
         ["--nproc", "3", "--set", "plan.tp=3", "--set", "plan.dp=1"],
         "model.num_heads=4 is not divisible by plan.tp=3; use plan.tp in [1, 2, 4]",
@@ -82,4 +88,4 @@ def test_resume_into_another_optimizer_layout_is_refused_before_launch(
     (checkpoint / "config.json").write_text(json.dumps({"plan": {"dp": 2, "zero": 2}}))
     code = main(["train", *TINY, "--nproc", "4", "--set", "plan.zero=2", "--resume", str(checkpoint)])
     err = capsys.readouterr().err
-    assert code == 2 and "saved under zero=2, dp=2, tp=1 but this run is zero=2, dp=4, tp=1" in err
+    assert code == 2 and "saved under zero=2, dp=2, tp=1, pp=1 but this run is zero=2, dp=4, tp=1, pp=1" in err

@@ -56,6 +56,7 @@ class PipelineRunner:
         nxt = pp_ranks[(pp_rank + 1) % self.num_ranks] if pp_rank < self.num_ranks - 1 or wraps else None
         self.link = StageLink(prev, nxt, device=device)
         self.timeline: list[tuple[str, int, int, float, float]] = []  # (kind, micro-batch, chunk, start, end)
+        self.peak_in_flight = 0  # most (micro-batch, chunk) activations held at once in the last step
 
     def schedule(self, num_microbatches: int) -> Schedule:
         return build_schedule(
@@ -68,6 +69,7 @@ class PipelineRunner:
         self._in_flight: dict[tuple[int, int], InFlight] = {}
         self._totals = [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
         self.timeline = []
+        self.peak_in_flight = 0
         for action in schedule.actions(self.rank):
             start = time.perf_counter()
             self._execute(action, step, split=schedule.splits_weight_grad)
@@ -130,6 +132,7 @@ class PipelineRunner:
         else:
             self.link.send_forward(output, key=self._key(action.microbatch, stage))
         self._in_flight[(action.microbatch, action.chunk)] = InFlight(received=received, output=output)
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
     def _backward(self, action: Action, stage: int, *, split: bool) -> None:
         flight = self._in_flight[(action.microbatch, action.chunk)]

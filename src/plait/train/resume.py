@@ -23,7 +23,7 @@ from plait.engine import Engine
 
 
 def _is_replicated(engine: Engine) -> bool:
-    return engine.plan.zero == 0 and engine.mesh.size("tp") == 1
+    return engine.plan.zero == 0 and engine.mesh.size("tp") == 1 and engine.mesh.size("pp") == 1
 
 
 def _gather_to_main(obj: Any, engine: Engine) -> list[Any]:
@@ -50,7 +50,12 @@ def save_training_state(
             "step": step,
             "rng": rng_state(),
             "tokenizer": tokenizer_json,
-            "layout": {"dp": engine.dp_size, "tp": engine.mesh.size("tp"), "zero": engine.plan.zero},
+            "layout": {
+                "dp": engine.dp_size,
+                "tp": engine.mesh.size("tp"),
+                "pp": engine.mesh.size("pp"),
+                "zero": engine.plan.zero,
+            },
         }
         save_checkpoint(
             path, model_state=state["model"], trainer_state=trainer_state, config=dataclasses.asdict(config)
@@ -65,14 +70,16 @@ def check_resumable(path: Path, *, plan: Plan) -> None:
     if not config_file.is_file():
         raise ValueError(f"--resume {path}: no {CONFIG_FILE} there; pick a directory under <out_dir>/checkpoints")
     saved = json.loads(config_file.read_text())["plan"]
-    saved_tp = saved.get("tp", 1)
-    replicated = plan.zero == 0 and plan.tp == 1
-    same = (saved["zero"], saved_tp) == (plan.zero, plan.tp) and (replicated or saved["dp"] == plan.dp)
+    saved_tp, saved_pp = saved.get("tp", 1), saved.get("pp", 1)
+    replicated = plan.zero == 0 and plan.tp == 1 and plan.pp == 1
+    same = (saved["zero"], saved_tp, saved_pp) == (plan.zero, plan.tp, plan.pp) and (
+        replicated or saved["dp"] == plan.dp
+    )
     if not same:
         raise ValueError(
-            f"--resume {path}: saved under zero={saved['zero']}, dp={saved['dp']}, tp={saved_tp} but this run is "
-            f"zero={plan.zero}, dp={plan.dp}, tp={plan.tp}; its optimizer shards only load into the same layout: "
-            "resume with that plan (resharding is not available yet)"
+            f"--resume {path}: saved under zero={saved['zero']}, dp={saved['dp']}, tp={saved_tp}, pp={saved_pp} but "
+            f"this run is zero={plan.zero}, dp={plan.dp}, tp={plan.tp}, pp={plan.pp}; its optimizer shards only load "
+            "into the same layout: resume with that plan (resharding is not available yet)"
         )
 
 
