@@ -1,4 +1,4 @@
-"""The `plait` command: train, run, verify, generate."""
+"""The `plait` command: train, run, verify, generate, export, import."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    export.add_argument("checkpoint")
+    export.add_argument("--to", required=True, choices=["hf"], help="hf: config.json + model.safetensors")
+    export.add_argument("out")
+    import_ = commands.add_parser("import", help="turn a Hugging Face Llama or GPT-2 directory into a checkpoint")
+    import_.add_argument("hf_dir")
+    import_.add_argument("out")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
     return parser
 
@@ -145,7 +152,33 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "verify": cmd_verify, "generate": cmd_generate}
+def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.checkpoint.hf_config import ARCHITECTURES
+    from plait.checkpoint.hf_export import export_hf
+
+    family = export_hf(args.checkpoint, args.out)
+    print(f"wrote {args.out} ({ARCHITECTURES[family]}); load it with transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.checkpoint.hf_config import ARCHITECTURES
+    from plait.checkpoint.hf_export import import_hf
+
+    if not Path(args.hf_dir).is_dir():
+        raise ValueError(f"{args.hf_dir} is not a directory; pass a Hugging Face model directory (save_pretrained)")
+    family = import_hf(args.hf_dir, args.out)
+    print(f"wrote plait checkpoint {args.out} from {ARCHITECTURES[family]} weights")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "verify": cmd_verify,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "import": cmd_import,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

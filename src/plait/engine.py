@@ -103,6 +103,7 @@ class Engine:
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._divisor: torch.Tensor | None = None
+        self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
 
     @property
@@ -122,10 +123,16 @@ class Engine:
         divided at optimizer_step."""
         counter = getattr(self.loss_fn, "count_tokens", None)
         self._divisor = None
-        if counter is not None:
+        if counter is not None:  # summed over dp while the first forward runs; waited for before backward
             count = torch.stack([counter(mb) for mb in micro_batches]).sum().double().to(self.device)
-            all_reduce(count, group=self.mesh.group("dp"), counter=self.comm)
+            self._divisor_work = all_reduce(count, group=self.mesh.group("dp"), counter=self.comm, async_op=True)
             self._divisor = count
+
+    def _global_divisor(self) -> torch.Tensor | None:
+        if self._divisor_work is not None:
+            self._divisor_work.wait()
+            self._divisor_work = None
+        return self._divisor
 
     def forward_backward(self, micro_batch: Batch, *, sync: bool = True) -> torch.Tensor:
         """Forward and backward one micro-batch, accumulating gradients.
@@ -138,8 +145,9 @@ class Engine:
         outputs = self.model(**micro_batch)
         loss = self.loss_fn(outputs, micro_batch)
         loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones((), device=loss.device))
-        if self._divisor is not None:
-            to_backward = loss_sum / self._divisor.float()
+        divisor = self._global_divisor()
+        if divisor is not None:
+            to_backward = loss_sum / divisor.float()
         else:  # the count is known only after the step: divide by a stand-in now (fp16 range), correct later
             self._stand_in = float(next(iter(micro_batch.values())).numel()) if isinstance(loss, tuple) else 1.0
             to_backward = loss_sum / self._stand_in
@@ -205,7 +213,8 @@ class Engine:
         assert self.pipeline is not None
         micro_batches = [self._to_device(mb) for mb in micro_batches]
         self.data_parallel.before_backward(sync=False)
-        divisor = self._divisor.float() if self._divisor is not None else 1.0
+        divisor = self._global_divisor()
+        divisor = divisor.float() if divisor is not None else 1.0
         step = StepInputs(
             micro_batches=micro_batches,
             loss_fn=self.loss_fn,
