@@ -19,7 +19,12 @@ def load_for_inference(path: Path) -> tuple[GPT, Tokenizer]:
     model = GPT(model_config_for(config_from_dict(raw_config)))
     model.load_state_dict(model_state)
     model.eval()
-    return model, Tokenizer.from_str(trainer_state["tokenizer"])
+    tokenizer = trainer_state.get("tokenizer")
+    if not tokenizer:
+        raise ValueError(
+            f"{path} holds no tokenizer (imported without a tokenizer.json?); add one to the Hugging Face directory and import again"
+        )
+    return model, Tokenizer.from_str(tokenizer)
 
 
 @torch.no_grad()

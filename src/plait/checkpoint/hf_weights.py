@@ -1,0 +1,143 @@
+"""plait GPT weights <-> Hugging Face names and layouts (GPT2LMHeadModel, LlamaForCausalLM).
+
+Llama is a renaming. GPT-2 also stores its projections as ``Conv1D`` (weight
+(in, out), our ``nn.Linear`` transposed) and fuses q, k and v into one ``c_attn``.
+A tied head is written once, as its embedding, which is what both classes expect.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from plait.checkpoint.hf_config import GPT2
+from plait.models.gpt import GPT, GPTConfig
+
+# (plait prefix, Hugging Face prefix); "{i}" is a layer index.
+_LLAMA_PREFIXES = (
+    ("embed.", "model.embed_tokens."),
+    ("norm_f.", "model.norm."),
+    ("lm_head.", "lm_head."),
+    ("blocks.{i}.norm1.", "model.layers.{i}.input_layernorm."),
+    ("blocks.{i}.norm2.", "model.layers.{i}.post_attention_layernorm."),
+    ("blocks.{i}.attn.", "model.layers.{i}.self_attn."),
+    ("blocks.{i}.mlp.", "model.layers.{i}.mlp."),
+)
+_GPT2_PREFIXES = (
+    ("embed.", "transformer.wte."),
+    ("pos_embed.", "transformer.wpe."),
+    ("norm_f.", "transformer.ln_f."),
+    ("lm_head.", "lm_head."),
+    ("blocks.{i}.norm1.", "transformer.h.{i}.ln_1."),
+    ("blocks.{i}.norm2.", "transformer.h.{i}.ln_2."),
+    ("blocks.{i}.attn.o_proj.", "transformer.h.{i}.attn.c_proj."),
+    ("blocks.{i}.mlp.up_proj.", "transformer.h.{i}.mlp.c_fc."),
+    ("blocks.{i}.mlp.down_proj.", "transformer.h.{i}.mlp.c_proj."),
+)
+_CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+_QKV = re.compile(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
+_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
+# Buffers some checkpoints carry: GPT-2's causal mask, old Llama's rotary frequencies.
+_BUFFERS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+
+
+def _rename(name: str, prefixes: tuple[tuple[str, str], ...], *, to_hf: bool) -> str | None:
+    for plait_prefix, hf_prefix in prefixes:
+        source, target = (plait_prefix, hf_prefix) if to_hf else (hf_prefix, plait_prefix)
+        match = re.match(re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)"), name)
+        if match:
+            return target.format(**match.groupdict()) + name[match.end() :]
+    return None
+
+
+def check_plait_state(state: dict[str, torch.Tensor], config: GPTConfig, *, source: str) -> None:
+    """Raise ValueError unless ``state`` has exactly the names and shapes of ``GPT(config)``."""
+    with torch.device("meta"):
+        expected = {name: tensor.shape for name, tensor in GPT(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights in {source} do not fit the model its config describes: "
+            f"missing {missing[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}; is the checkpoint complete?"
+        )
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(state[name].shape)} but its config implies {tuple(shape)}"
+            )
+
+
+def plait_to_hf(state: dict[str, torch.Tensor], config: GPTConfig, *, family: str) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors (contiguous, no shared memory) for a checked plait ``state``."""
+    state = dict(state)
+    if config.tied_embeddings:
+        del state["lm_head.weight"]  # Hugging Face re-ties lm_head to the embedding on load
+    hf: dict[str, torch.Tensor] = {}
+    if family == GPT2:
+        hf |= _fuse_qkv(state)
+    prefixes = _GPT2_PREFIXES if family == GPT2 else _LLAMA_PREFIXES
+    for name, tensor in state.items():
+        hf_name = _rename(name, prefixes, to_hf=True)
+        assert hf_name is not None, f"no Hugging Face name for {name}"
+        hf[hf_name] = tensor
+    return {name: _to_hf_layout(name, tensor) for name, tensor in hf.items()}
+
+
+def _fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop every q/k/v projection from ``state``; return GPT-2's fused c_attn (our layout, (3*out, in))."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name in [n for n in state if _QKV.match(n)]:
+        layer, which, kind = _QKV.match(name).groups()
+        parts.setdefault((layer, kind), {})[which] = state.pop(name)
+    return {
+        f"transformer.h.{layer}.attn.c_attn.{kind}": torch.cat([found[w] for w in "qkv"])
+        for (layer, kind), found in parts.items()
+    }
+
+
+def _to_hf_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if _CONV1D_WEIGHT.search(name):
+        tensor = tensor.T
+    return tensor.detach().contiguous()
+
+
+def hf_to_plait(tensors: dict[str, torch.Tensor], config: GPTConfig, *, family: str) -> dict[str, torch.Tensor]:
+    """plait's state dict for Hugging Face ``tensors``; checked against ``GPT(config)``.
+
+    A tied ``lm_head.weight`` is the embedding tensor itself, so saving stores it once.
+    """
+    tensors = {name: tensor for name, tensor in tensors.items() if not _BUFFERS.search(name)}
+    if family == GPT2 and not any(name.startswith("transformer.") for name in tensors):
+        # GPT2Model checkpoints (such as OpenAI's GPT-2) name weights without the LM wrapper's prefix.
+        tensors = {(n if n.startswith("lm_head.") else f"transformer.{n}"): t for n, t in tensors.items()}
+    if config.tied_embeddings:
+        tensors.pop("lm_head.weight", None)  # some writers store the tied copy too; the embedding rules
+    state, unknown = _rename_all(tensors, family=family)
+    if unknown:
+        raise ValueError(f"cannot import: no plait weight for Hugging Face tensor(s) {sorted(unknown)[:4]}")
+    if config.tied_embeddings and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    check_plait_state(state, config, source="the Hugging Face checkpoint")
+    return state
+
+
+def _rename_all(tensors: dict[str, torch.Tensor], *, family: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    prefixes = _GPT2_PREFIXES if family == GPT2 else _LLAMA_PREFIXES
+    for hf_name, tensor in tensors.items():
+        if _CONV1D_WEIGHT.search(hf_name):
+            tensor = tensor.T
+        if family == GPT2 and (match := _C_ATTN.match(hf_name)):
+            layer, kind = match.groups()
+            for which, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):
+                state[f"blocks.{layer}.attn.{which}_proj.{kind}"] = part.contiguous()
+            continue
+        name = _rename(hf_name, prefixes, to_hf=False)
+        if name is None:
+            unknown.append(hf_name)
+        else:
+            state[name] = tensor.contiguous()
+    return state, unknown
