@@ -20,6 +20,8 @@ Sequence tensors are batch-first, (batch, seq, hidden), so the sequence is dim 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -72,97 +74,60 @@ def _own_chunk(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     return x.chunk(size, dim=dim)[rank].clone(memory_format=torch.contiguous_format)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
+def _identity(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    return x.view_as(x)
+
+
+def _reduce(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    return _all_reduce(x, group)
+
+
+Op = Callable[[torch.Tensor, ProcessGroup, int], torch.Tensor]
+
+
+class _Conjugate(torch.autograd.Function):
+    """`forward_op` on the way forward, `backward_op` on the gradient: one row of the table above."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        return _all_reduce(x, group)
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int, forward_op: Op, backward_op: Op) -> torch.Tensor:
+        ctx.group, ctx.dim, ctx.backward_op = group, dim, backward_op
+        return forward_op(x, group, dim)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return ctx.backward_op(grad, ctx.group, ctx.dim), None, None, None, None
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _own_chunk(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _GatherNoReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _own_chunk(grad, ctx.group, ctx.dim), None, None
+def _apply(x: torch.Tensor, group: ProcessGroup | None, dim: int, forward_op: Op, backward_op: Op) -> torch.Tensor:
+    return x if group is None else _Conjugate.apply(x, group, dim % max(x.dim(), 1), forward_op, backward_op)
 
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Enter a column-parallel region: identity forward, all-reduce of the gradient backward."""
-    return x if group is None else _CopyToTP.apply(x, group)
+    return _apply(x, group, 0, _identity, _reduce)
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Leave a row-parallel region: sum the partial outputs forward, identity backward."""
-    return x if group is None else _ReduceFromTP.apply(x, group)
+    return _apply(x, group, 0, _reduce, _identity)
 
 
 def gather_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Enter a column-parallel region under sequence parallel: all-gather the sequence chunks
     forward, reduce-scatter the gradient backward (each rank's layer saw only its shard of weights)."""
-    return x if group is None else _GatherSequence.apply(x, group, dim % x.dim())
+    return _apply(x, group, dim, _all_gather, _reduce_scatter)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Leave a row-parallel region under sequence parallel: sum the partial outputs and keep
     this rank's sequence chunk forward, all-gather the gradient backward."""
-    return x if group is None else _ReduceScatterSequence.apply(x, group, dim % x.dim())
+    return _apply(x, group, dim, _reduce_scatter, _all_gather)
 
 
 def scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Keep this rank's sequence chunk of a replicated tensor forward, all-gather the gradient
     backward (e.g. position embeddings entering a sequence-parallel region)."""
-    return x if group is None else _ScatterSequence.apply(x, group, dim % x.dim())
+    return _apply(x, group, dim, _own_chunk, _all_gather)
 
 
 def gather_sequence_no_reduce(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
@@ -172,4 +137,4 @@ def gather_sequence_no_reduce(x: torch.Tensor, group: ProcessGroup | None, dim: 
     same gradient for the gathered tensor), e.g. a dense LM head after the final
     norm under sequence parallel. A vocab-parallel head needs `gather_sequence`.
     """
-    return x if group is None else _GatherNoReduce.apply(x, group, dim % x.dim())
+    return _apply(x, group, dim, _all_gather, _own_chunk)
