@@ -43,9 +43,17 @@ class PipelineRunner:
     """This rank's chunks of the model and the schedule that drives them."""
 
     def __init__(
-        self, chunks: list[nn.Module], *, schedule_name: str, pp_ranks: list[int], pp_rank: int, device: torch.device
+        self,
+        chunks: list[nn.Module],
+        *,
+        schedule_name: str,
+        pp_ranks: list[int],
+        pp_rank: int,
+        device: torch.device,
+        fuse_last_backward: bool = False,
     ) -> None:
         self.chunks = chunks
+        self.fuse_last_backward = fuse_last_backward
         self.schedule_name = schedule_name
         self.num_ranks = len(pp_ranks)
         self.num_chunks = len(chunks)
@@ -138,9 +146,9 @@ class PipelineRunner:
         flight = self._in_flight[(action.microbatch, action.chunk)]
         if stage < self.num_stages - 1:
             flight.grad = self.link.recv_backward(key=self._key(action.microbatch, stage + 1))
-        # The last stage's B takes the weight gradients too: its loss's backward (vocab-parallel cross
-        # entropy reuses its saved softmax in place) runs once, and W has nothing left to do there.
-        whole = not split or stage == self.num_stages - 1
+        # Under tensor parallel the last stage's B takes the weight gradients too: the vocab-parallel
+        # cross entropy reuses its saved softmax in place, so its backward can run only once.
+        whole = not split or (self.fuse_last_backward and stage == self.num_stages - 1)
         if whole:
             torch.autograd.backward(flight.output, flight.grad)
             flight.weights_done = True
