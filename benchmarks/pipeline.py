@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -65,7 +66,7 @@ from common import (
 
 import plait
 from plait.models import build
-from plait.pipeline import build_schedule, build_stage, partition_layers, simulate
+from plait.pipeline import build_schedule, build_stage, layer_costs, partition_layers, simulate
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 PARTS = ("real", "sleep", "torch")
@@ -94,6 +95,7 @@ class RealConfig:
     ms: tuple[int, ...] = (4, 8, 16)
     warmup: int = 1
     steps: int = 4
+    rank_balanced_interleaved: bool = True  # also run interleaved with a split balanced per rank
 
     def model_overrides(self) -> dict[str, Any]:
         return {
@@ -265,6 +267,11 @@ class Case:
     p: int
     m: int
     v: int
+    split: str = "plait"  # "plait": plait's partition_layers; "rank-balanced": see rank_balanced_split
+
+    @property
+    def label(self) -> str:
+        return self.schedule + ("/rank-bal" if self.split == "rank-balanced" else "")
 
 
 def build_case_model(case: Case, config: BenchConfig) -> torch.nn.Module:
@@ -283,16 +290,36 @@ def case_batches(case: Case, config: BenchConfig, vocab: int) -> list[torch.Tens
     return [torch.randint(0, vocab, (case.m * size, seq), generator=gen) for _ in range(4)]
 
 
+def rank_balanced_split(model: torch.nn.Module, *, p: int, v: int) -> list[int]:
+    """Split points for p*v virtual stages that minimise the busiest rank's summed cost (rank r holds
+    virtual stages r, r+p, ...), ties broken by the costliest stage; costs are plait's `layer_costs`
+    (the embedding charged to the first layer, the head to the last, as `partition_layers` does).
+
+    plait's `partition_layers` minimises the costliest virtual stage only and, among equal splits,
+    gives later stages as many layers as it can, which can leave one rank much more work.
+    """
+    costs = layer_costs(model, seq_len=model.config.max_seq_len)
+    flops = [cost.flops_per_token for cost in costs[1:-1]]
+    flops[0] += costs[0].flops_per_token
+    flops[-1] += costs[-1].flops_per_token
+    best: tuple[tuple[float, float], list[int]] | None = None
+    for points in itertools.combinations(range(1, len(flops)), p * v - 1):
+        bounds = (0, *points, len(flops))
+        stages = [sum(flops[a:b]) for a, b in itertools.pairwise(bounds)]
+        key = (max(sum(stages[r::p]) for r in range(p)), max(stages))
+        if best is None or key < best[0]:
+            best = (key, list(points))
+    assert best is not None
+    return best[1]
+
+
 def run_case(rank: int, case: Case, config: BenchConfig) -> dict[str, Any]:
     part = config.real if case.part == "real" else config.sleep
     model = build_case_model(case, config)
     vocab = model.config.vocab_size
-    engine = plait.boost(
-        model,
-        optimizer=make_optimizer(config.lr),
-        loss_fn=plait.losses.causal_lm,
-        plan=plait.Plan(dp=1, pp=case.p, microbatches=case.m, pp_schedule=case.schedule, pp_chunks=case.v),
-    )
+    split = rank_balanced_split(model, p=case.p, v=case.v) if case.split == "rank-balanced" else []
+    plan = plait.Plan(dp=1, pp=case.p, microbatches=case.m, pp_schedule=case.schedule, pp_chunks=case.v, pp_split=split)
+    engine = plait.boost(model, optimizer=make_optimizer(config.lr), loss_fn=plait.losses.causal_lm, plan=plan)
     engine.record_timeline = True
     runner = engine.pipeline.runner
     link = LinkTimer(runner.link)
@@ -323,6 +350,9 @@ def run_case(rank: int, case: Case, config: BenchConfig) -> dict[str, Any]:
         )
     record = {
         "rank": rank,
+        "pp_split": split,
+        # whether the last stage ran its whole backward in B (plait's runner before its ZB-H1 fix had no flag)
+        "fuse_last_backward": bool(getattr(runner, "fuse_last_backward", True)),
         "stages": [{"virtual_stage": c.spec.index, "layers": list(c.spec.layers)} for c in runner.chunks],
         "steps": steps,
         "tokens_per_step": int(batches[0].numel()),
@@ -489,6 +519,7 @@ def summarize_case(case: Case, records: list[dict[str, Any]]) -> dict[str, Any]:
     per_stage = [statistics.median(s["bubble"][r] for s in steps) for r in range(case.p)]
     return {
         **asdict(case),
+        "label": case.label,
         "tokens_per_step": tokens,
         "tokens_per_s": spread(rates),
         "step_s": spread([s["wall_s"] for s in steps]),
@@ -510,6 +541,8 @@ def summarize_case(case: Case, records: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_share": [[c / s["wall_s"] for c in s["cpu_s"]] for s in steps],
         "start_skew_ms_max": max(s["start_skew_s"] for s in steps) * 1e3,
         "stages": [r["stages"] for r in records],
+        "pp_split": records[0]["pp_split"],
+        "fuse_last_backward": records[-1]["fuse_last_backward"],
         "losses": [s["loss"] for s in steps],
         "plotted_step": median_index,
         "steps": [{k: v for k, v in s.items() if k not in ("span_start", "cost_means_by_rank_s")} for s in steps],
@@ -525,6 +558,12 @@ def run_timeline_cases(part: str, p: int, ms: tuple[int, ...], config: BenchConf
                 skipped.append({"schedule": schedule, "p": p, "m": m, "reason": reason})
             else:
                 cases.append(Case(part, schedule, p, m, chunks_of(schedule)))
+        if part == "real" and schedule == "interleaved" and config.real.rank_balanced_interleaved:
+            cases += [
+                Case(part, schedule, p, m, chunks_of(schedule), "rank-balanced")
+                for m in ms
+                if not invalid_reason(schedule, p, m)
+            ]
     waited = wait_for_quiet(config.wait_for) if config.wait_for else None
     print(f"[{part}] p={p}: {len(cases)} cases, load {load_average()}", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -740,7 +779,7 @@ def plot_timelines(path: Path, title: str, cases: list[dict[str, Any]]) -> Path:
         ax.set_xlim(0, longest * 1.01)
         measured = ", ".join(f"{b:.0%}" for b in step["bubble"])
         ax.set_title(
-            f"{case['schedule']}{' (v=2)' if case['v'] > 1 else ''}, m={case['m']}: bubble per stage {measured} "
+            f"{case['schedule']}{' (v=2)' if case['v'] > 1 else ''}{', split balanced per rank' if case['split'] != 'plait' else ''}, m={case['m']}: bubble per stage {measured} "
             f"(mean {statistics.fmean(step['bubble']):.1%}) | theory {case['theory']:.1%} ({case['theory_formula']}) | "
             f"replay of measured costs {step['replay_bubble']:.1%} | span {step['span_s'] * 1e3:.0f} ms",
             fontsize=9,
@@ -778,7 +817,7 @@ def timeline_table(cases: list[dict[str, Any]], *, with_rate: bool) -> str:
     for c in cases:
         costs = c["cost_means_ms"]
         row = [
-            c["schedule"],
+            c["label"],
             str(c["p"]),
             str(c["m"]),
         ]
@@ -817,11 +856,13 @@ def timeline_table(cases: list[dict[str, Any]], *, with_rate: bool) -> str:
 
 
 def zb_h1_split_effect(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """ZB-H1's bubble with equal F/B/W costs, against plait's split of the backward over B and W.
+    """ZB-H1's bubble with equal F/B/W costs, against other splits of the backward over B and W.
 
-    plait's last stage runs its whole backward in B (W is empty there) and its first stage, having no
-    input gradient to compute, runs its whole backward in W (B is empty). Replayed with unit costs under
-    the schedule's dependencies: each split alone, and both (what plait runs).
+    plait's first stage, having no input gradient to compute, runs its whole backward in W (B is
+    empty). A last stage that runs its whole backward in B (W empty; plait does so under tensor
+    parallel, whose in-place vocab-parallel cross entropy allows one backward pass, and did so always
+    before its ZB-H1 fix) lengthens the backward chain. Replayed with unit costs under the schedule's
+    dependencies: each split alone, and both.
     """
     rows = []
     for p, m in pairs:
@@ -856,9 +897,43 @@ def zb_h1_split_effect(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
 
 
 def zb_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["p", "m", "1f1b theory", "zb-h1 F=B=W", "first stage B=0,W=2", "last stage B=2,W=0", "plait (both)"]
+    headers = ["p", "m", "1f1b theory", "zb-h1 F=B=W", "first stage B=0,W=2", "last stage B=2,W=0", "both"]
     keys = ["1f1b_theory", "zb_h1_equal_costs", "first_stage_all_in_W", "last_stage_all_in_B", "plait_both"]
     return format_table(headers, [[str(r["p"]), str(r["m"]), *(pct(r[k]) for k in keys)] for r in rows])
+
+
+def split_cost_rows(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rank and m: zb-h1's measured B and W against 1f1b's whole backward (same model, same stage)."""
+    whole = {
+        (c["m"], r): costs["B"]
+        for c in cases
+        if c["label"] == "1f1b"
+        for r, costs in enumerate(c["cost_means_by_rank_ms"])
+    }
+    rows = []
+    for c in cases:
+        if c["label"] != "zb-h1":
+            continue
+        for rank, costs in enumerate(c["cost_means_by_rank_ms"]):
+            split = costs["B"] + costs["W"]
+            reference = whole.get((c["m"], rank))
+            rows.append(
+                {"m": c["m"], "stage": rank, "B_ms": costs["B"], "W_ms": costs["W"], "B_plus_W_ms": split}
+                | {"1f1b_B_ms": reference, "ratio": split / reference if reference else None}
+            )
+    return rows
+
+
+def split_cost_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["m", "stage", "zb-h1 B ms", "zb-h1 W ms", "B+W ms", "1f1b B ms", "(B+W)/1f1b B"]
+    return format_table(
+        headers,
+        [
+            [str(r["m"]), str(r["stage"]), f"{r['B_ms']:.1f}", f"{r['W_ms']:.1f}", f"{r['B_plus_W_ms']:.1f}"]
+            + ([f"{r['1f1b_B_ms']:.1f}", f"{r['ratio']:.2f}"] if r["ratio"] else ["-", "-"])
+            for r in rows
+        ],
+    )
 
 
 def peer_table(peer: dict[str, Any]) -> str:
@@ -951,6 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
         real = run_timeline_cases("real", config.real.p, config.real.ms, config, timeout_s)
         payload["real"] = real
         tables["real"] = timeline_table(real["cases"], with_rate=True)
+        real["zb_h1_split_cost"] = split_cost_rows(real["cases"])
+        if real["zb_h1_split_cost"]:
+            tables["split"] = split_cost_table(real["zb_h1_split_cost"])
         plotted = [c for c in real["cases"] if c["m"] == config.plot_m]
         if plotted:
             r = config.real
@@ -997,7 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     titles = {
         "real": f"1. real layers, p={config.real.p}: tokens/s and bubble (measured vs theory)",
         "sleep": "2. fixed-cost (sleeping) stages: bubble (measured vs theory)",
-        "zb": "2b. zb-h1 with unit costs (analysis, not a measurement): where plait's B/W split costs bubble",
+        "split": "1b. real layers: what zb-h1's B/W split costs per stage, against 1f1b's whole backward (mean ms)",
+        "zb": "2b. zb-h1 with unit costs (analysis, not a measurement): what each B/W split of a stage costs",
         "torch": f"3. plait vs torch.distributed.pipelining, p={config.real.p}, m={config.peer.m}, A B A B x {config.peer.pairs}",
     }
     for name, table in tables.items():
@@ -1005,6 +1084,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in [payload.get("real"), *payload.get("sleep", [])]:
         if run and run["skipped"]:
             print(f"skipped (p={run['p']}): " + "; ".join(f"{s['schedule']} m={s['m']}" for s in run["skipped"]))
+    zb_cases = [c for run in [payload.get("real"), *payload.get("sleep", [])] if run for c in run["cases"]]
+    fused = sorted({c["fuse_last_backward"] for c in zb_cases if c["schedule"] == "zb-h1"})
+    if fused:
+        print(f"zb-h1: the last stage ran its whole backward in B (no B/W split there): {' / '.join(map(str, fused))}")
     print(
         f"\nload average: start {payload['load_average_start']}, end {payload['load_average_end']}; wall {payload['wall_s']:.0f} s"
     )
