@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -55,16 +57,24 @@ def train_plan(rank: int, world_size: int, preset: str, microbatches: int, zero:
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
+    return train_every_step(engine, model.config.vocab_size)
+
+
+def shard_of(batch: dict[str, torch.Tensor], engine: plait.Engine) -> dict[str, torch.Tensor]:
+    """This dp rank's slice of a global batch."""
     per_rank = GLOBAL_BATCH // engine.dp_size
-    losses = []
-    for batch in make_batches(model.config.vocab_size):
-        shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
-        losses.append(engine.train_step(shard).loss.item())
+    return {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
+
+
+def train_every_step(engine: plait.Engine, vocab_size: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train on every test batch; the loss of each step and the final whole weights."""
+    losses = [engine.train_step(shard_of(batch, engine)).loss.item() for batch in make_batches(vocab_size)]
     return losses, engine.model_state_dict()
 
 
-def reference_run(preset: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    reference = fresh_model(preset)
+def reference_run(preset: str | Callable[[], torch.nn.Module]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One plain process on the same batches; `preset` names a model or builds one."""
+    reference = fresh_model(preset) if isinstance(preset, str) else preset()
     losses = train_reference(
         reference,
         make_batches(reference.config.vocab_size),

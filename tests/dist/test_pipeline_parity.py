@@ -8,7 +8,7 @@ import torch
 import plait
 from plait.train.reference import train_reference
 from tests.dist.harness import run_ranks
-from tests.dist.test_parity import GLOBAL_BATCH, assert_parity, make_batches, optimizer, scheduler
+from tests.dist.test_parity import assert_parity, make_batches, optimizer, reference_run, scheduler, train_every_step
 
 SEQ = 16
 
@@ -19,12 +19,7 @@ def build() -> torch.nn.Module:
 
 
 def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = build()
-    losses = train_reference(
-        model, make_batches(model.config.vocab_size), optimizer=optimizer, loss_fn=plait.losses.causal_lm,
-        lr_scheduler=scheduler, max_grad_norm=1.0,
-    )
-    return losses, model.state_dict()
+    return reference_run(build)
 
 
 def train_pp(rank: int, world_size: int, plan_kwargs: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -34,12 +29,7 @@ def train_pp(rank: int, world_size: int, plan_kwargs: dict) -> tuple[list[float]
         model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler, max_grad_norm=1.0
     )
     assert engine.pipeline is not None
-    per_rank = GLOBAL_BATCH // engine.dp_size
-    losses = []
-    for batch in make_batches(model.config.vocab_size):
-        shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
-        losses.append(engine.train_step(shard).loss.item())
-    return losses, engine.model_state_dict()
+    return train_every_step(engine, model.config.vocab_size)
 
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]

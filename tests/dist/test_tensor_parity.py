@@ -8,7 +8,7 @@ import torch
 import plait
 from plait.train.reference import train_reference
 from tests.dist.harness import run_ranks
-from tests.dist.test_parity import GLOBAL_BATCH, assert_parity, make_batches, optimizer, scheduler
+from tests.dist.test_parity import assert_parity, make_batches, optimizer, reference_run, scheduler, train_every_step
 
 SEQ = 16
 MODELS = {
@@ -25,16 +25,7 @@ def build(model: str) -> torch.nn.Module:
 
 
 def reference(model: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    net = build(model)
-    losses = train_reference(
-        net,
-        make_batches(net.config.vocab_size),
-        optimizer=optimizer,
-        loss_fn=plait.losses.causal_lm,
-        lr_scheduler=scheduler,
-        max_grad_norm=1.0,
-    )
-    return losses, net.state_dict()
+    return reference_run(lambda: build(model))
 
 
 def train_tp(rank: int, world_size: int, model: str, tp: int, sp: bool, zero: int, microbatches: int):
@@ -45,12 +36,7 @@ def train_tp(rank: int, world_size: int, model: str, tp: int, sp: bool, zero: in
     )
     assert "blocks.0.attn.q_proj" in engine.tensor_parallel and "lm_head" in engine.tensor_parallel
     assert net.blocks[0].attn.num_heads == MODELS[model][1].get("num_heads", 4) // tp  # local heads
-    per_rank = GLOBAL_BATCH // engine.dp_size
-    losses = []
-    for batch in make_batches(net.config.vocab_size):
-        shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
-        losses.append(engine.train_step(shard).loss.item())
-    return losses, engine.model_state_dict()
+    return train_every_step(engine, net.config.vocab_size)
 
 
 @pytest.mark.parametrize("sp", [False, True])

@@ -8,7 +8,7 @@ import torch
 import plait
 from plait.train.metrics import model_state_bytes
 from tests.dist.harness import run_ranks
-from tests.dist.test_parity import GLOBAL_BATCH, assert_parity, fresh_model, make_batches, optimizer, reference_run, scheduler
+from tests.dist.test_parity import assert_parity, fresh_model, make_batches, optimizer, reference_run, scheduler, shard_of
 
 
 def engine_for(model: torch.nn.Module, **plan: object) -> plait.Engine:
@@ -20,11 +20,6 @@ def engine_for(model: torch.nn.Module, **plan: object) -> plait.Engine:
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
-
-
-def shard_of(batch: dict[str, torch.Tensor], engine: plait.Engine) -> dict[str, torch.Tensor]:
-    per_rank = GLOBAL_BATCH // engine.dp_size
-    return {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
 
 
 # fp32 Adam, P parameters, N ranks: the ZeRO paper's accounting with 4-byte params and grads.
