@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
-    validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
+    validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
     if args.resume:
         from plait.train.resume import check_resumable
 
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ValueError(
                 f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints"
             )
-        check_resumable(Path(args.resume), plan=validated.plan)
+        check_resumable(Path(args.resume), config=config)
     if nproc > 1 and not _under_torchrun():
         return _launch(nproc, _strip_nproc(argv))
     from plait.train.loop import run_training

@@ -188,6 +188,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    async_checkpoints: bool = False  # write checkpoints from a background thread while training goes on
     threads: int = 1
 
     def __post_init__(self) -> None:

@@ -62,20 +62,24 @@ def test_resume_continues_with_identical_losses(
     assert len(rows) == 1 + 21  # header, the step-0 validation row, 20 steps
 
 
-def test_checkpoint_holds_whole_weights_and_every_optimizer_shard(small_corpus: list[str], tmp_path: Path) -> None:
-    from plait.checkpoint.io import load_checkpoint
+def test_checkpoint_holds_each_ranks_pieces_once(small_corpus: list[str], tmp_path: Path) -> None:
+    from plait.checkpoint.io import load_checkpoint, open_checkpoint
 
     run_ranks(lambda r, w: run_training(tiny_config(small_corpus, tmp_path, out="a", steps=10, zero=2)) and None, 2)
-    model_state, trainer_state, config = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-000010")
-    assert trainer_state["step"] == 10
+    path = tmp_path / "a" / "checkpoints" / "step-000010"
+    model_state, trainer_state, config = load_checkpoint(path)
+    assert trainer_state["step"] == 10 and len(trainer_state["rng"]) == 2
     assert trainer_state["loader"]["offset"] == 10 * 8
     assert config["plan"]["dp"] == 2 and config["plan"]["zero"] == 2
-    shards = trainer_state["optimizer_shards"]
-    assert len(shards) == 2 and all(shard["state"] for shard in shards)  # each rank's pieces, its own count
-    numels = [sum(s["exp_avg"].numel() for s in shard["state"].values()) for shard in shards]
-    total = sum(t.numel() for name, t in model_state.items() if name != "lm_head.weight")  # tied to embed
-    assert abs(numels[0] - numels[1]) <= 2 and sum(numels) >= total
+    reader = open_checkpoint(path)
+    assert sorted(reader.manifest["files"]) == ["config.json", "shard-00000.safetensors", "shard-00001.safetensors", "trainer.pt"]
+    for name in ("model/embed.weight", "optim/exp_avg/embed.weight", "optim/exp_avg_sq/blocks.0.attn.q_proj.weight"):
+        pieces = reader.tensors[name]["pieces"]
+        covered = sum(p["flat"][1] - p["flat"][0] for p in pieces)  # ZeRO-2: flat ranges over dp, no overlap
+        assert covered == torch.Size(reader.tensors[name]["shape"]).numel()
+    assert reader.tensors["optim/step/embed.weight"]["shape"] == []
     assert model_state["embed.weight"].shape == (512, 64)
+    assert model_state["lm_head.weight"] is model_state["embed.weight"]  # tied: stored once
     assert all(torch.isfinite(t).all() for t in model_state.values())
 
 

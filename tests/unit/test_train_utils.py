@@ -235,23 +235,24 @@ def test_checkpoint_atomicity(tmp_path):
     (stale / "manifest.json").write_text("{}")
     _save(tmp_path / checkpoint_name(100), seed=0)
     assert list_checkpoints(tmp_path) == [tmp_path / "step-000100"]
+    assert not stale.exists()  # a crashed save's hidden directory goes once a save commits
     second = _save(tmp_path / checkpoint_name(100), seed=1)  # over an existing checkpoint
     model_state, _, config = load_checkpoint(tmp_path / "step-000100")
     assert config == {"seed": 1} and torch.equal(model_state["embed.weight"], second.embed.weight)
     with pytest.raises(RuntimeError, match="cannot pickle"):  # the save fails midway
         save_checkpoint(tmp_path / "step-000100", model_state={}, trainer_state={"f": Unpicklable()}, config={})
     assert load_checkpoint(tmp_path / "step-000100")[2] == {"seed": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "step-000100"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000100"]
 
 
 def test_checkpoint_corruption_is_named(tmp_path):
     _save(tmp_path / "step-000100")
     _save(tmp_path / "step-000200")
-    model_file = tmp_path / "step-000200" / "model.safetensors"
+    model_file = tmp_path / "step-000200" / "shard-00000.safetensors"
     data = bytearray(model_file.read_bytes())
     data[-1] ^= 0xFF
     model_file.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*step-000100"):
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors is corrupt.*step-000100"):
         load_checkpoint(tmp_path / "step-000200")
     (tmp_path / "step-000100" / "trainer.pt").unlink()
     with pytest.raises(ValueError, match=r"missing trainer\.pt"):

@@ -1,38 +1,37 @@
-"""Whole-training-state checkpoints for data-parallel runs (every replica equal, rank 0 writes).
+"""Checkpoint directories: names, listing and pruning, verification, RNG state, and the
+single-process save and load of whole tensors (import, export, generate).
 
 A checkpoint is a directory, `step-000100/`, holding
 
-    model.safetensors   the model's tensors (tied weights stored once, aliases in the metadata)
-    trainer.pt          optimizer, scheduler, loader state, step, RNG states (torch.save)
-    config.json         the run's configuration
-    manifest.json       sha256 and size of each file above, plait version, step
+    shard-RRRRR.safetensors  the pieces each writing rank owns (see sharded.py)
+    trainer.pt               scheduler, loss scaler, loader position, step, every rank's RNG
+    config.json              the run's configuration
+    manifest.json            every tensor's shape, dtype and pieces; sha256 and size of every file
 
-It is written into a hidden temporary directory beside it and renamed into
-place, so a crash mid-save never leaves a directory that looks like a checkpoint.
+written by `CheckpointWriter` into a hidden directory and renamed into place,
+so a crash mid-save never leaves a directory that looks like a checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
 import random
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 
-MODEL_FILE = "model.safetensors"
+from plait.checkpoint.layout import PieceLayout
+from plait.checkpoint.sharded import MANIFEST_FILE, Entry, ShardReader, read_manifest, sha256_of
+from plait.checkpoint.writer import CheckpointWriter, SaveRequest
+
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-FORMAT = "plait-replicated-v1"
-_ALIASES_KEY = "plait_aliases"
+MODEL_PREFIX = "model/"
 _NAME_PATTERN = re.compile(r"step-(\d+)")
 
 
@@ -96,107 +95,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, device=index)
 
 
-def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-
-
-def _dedupe_tensors(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors safetensors can store (no shared memory) and the aliases of identical tied tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first_of_view: dict[tuple[Any, ...], str] = {}
-    seen_storages: set[tuple[Any, int]] = set()
+def tied_aliases(model_state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names that hold the very same tensor as an earlier name (tied weights): alias -> first name."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases = {}
     for name, tensor in model_state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor; pass model.state_dict()"
-            )
-        key = _view_key(tensor)
-        if key in first_of_view:
-            aliases[name] = first_of_view[key]
-            continue
-        first_of_view[key] = name
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        # A different view of memory already stored (slices of one flat buffer) gets its own copy.
-        shared = storage in seen_storages and tensor.numel() > 0
-        seen_storages.add(storage)
-        tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()
-    return tensors, aliases
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key in first and tensor.numel() > 0:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def trainer_bytes(trainer_state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    return buffer.getvalue()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _plait_version() -> str:
-    import plait  # here, not at import: plait/__init__ may still be importing when this module loads
-
-    return getattr(plait, "__version__", "unknown")
-
-
-def _write_files(
-    directory: Path, *, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], config: dict
-) -> None:
-    tensors, aliases = _dedupe_tensors(model_state)
-    safetensors.torch.save_file(tensors, directory / MODEL_FILE, metadata={_ALIASES_KEY: json.dumps(aliases)})
-    torch.save(trainer_state, directory / TRAINER_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    files = {
-        name: {"sha256": _sha256(directory / name), "bytes": (directory / name).stat().st_size}
-        for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE)
-    }
-    manifest = {"format": FORMAT, "plait_version": _plait_version(), "step": trainer_state.get("step"), "files": files}
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
-    for name in (*files, MANIFEST_FILE):
-        _fsync(directory / name)
-    _fsync(directory)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move `source` to `target`; an existing `target` is moved aside first, then deleted."""
-    aside = None
-    if target.exists():
-        aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
-        os.replace(target, aside)
-    os.replace(source, target)
-    _fsync(target.parent)
-    if aside is not None:
-        shutil.rmtree(aside)
+def config_bytes(config: dict) -> bytes:
+    return json.dumps(config, indent=2, sort_keys=True, default=str).encode()
 
 
 def save_checkpoint(
     path: Path, *, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], config: dict
 ) -> None:
-    """Write a complete checkpoint directory at `path`, atomically (see the module docstring).
+    """Write a checkpoint of whole tensors from one process, atomically (see the module docstring).
 
-    Call it on one rank only (rank 0): every data-parallel replica holds the same
-    state. `trainer_state` should carry "step" (it is copied into the manifest)
-    and `rng_state()`; anything torch.save can pickle is accepted. Tensors of the
-    model that share memory (tied weights) are stored once and restored under
-    every name by `load_checkpoint`.
+    `trainer_state` should carry "step" (copied into the manifest); anything
+    torch.save can pickle is accepted. Tensors that are one tensor under
+    several names (tied weights) are stored once and come back under every name.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".tmp-{path.name}-{secrets.token_hex(4)}"
-    temporary.mkdir()
-    try:
-        _write_files(temporary, model_state=model_state, trainer_state=trainer_state, config=config)
-        _replace_dir(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor; pass model.state_dict()"
+            )
+    aliases = tied_aliases(model_state)
+    entries = [
+        Entry(MODEL_PREFIX + name, tensor, PieceLayout(global_shape=tuple(tensor.shape)))
+        for name, tensor in model_state.items()
+        if name not in aliases
+    ]
+    request = SaveRequest(
+        path=Path(path),
+        entries=[Entry(e.name, e.tensor.detach().contiguous().clone(), e.layout) for e in entries],
+        main_files={TRAINER_FILE: trainer_bytes(trainer_state), CONFIG_FILE: config_bytes(config)},
+        manifest_extra={
+            "step": trainer_state.get("step"),
+            "aliases": {MODEL_PREFIX + a: MODEL_PREFIX + t for a, t in aliases.items()},
+        },
+    )
+    CheckpointWriter(distributed=False).save(request)
 
 
 def _earlier_hint(path: Path) -> str:
@@ -217,12 +168,12 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a complete plait checkpoint: {MANIFEST_FILE} is missing; {_earlier_hint(path)}"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(path)
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise ValueError(f"checkpoint {path} is missing {name}; {_earlier_hint(path)}")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
             raise ValueError(
                 f"checkpoint file {file} is corrupt (its size or sha256 differs from {MANIFEST_FILE}); "
                 f"{_earlier_hint(path)}"
@@ -230,24 +181,30 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_model_state(file: Path) -> dict[str, torch.Tensor]:
-    tensors = safetensors.torch.load_file(file)
-    with safetensors.safe_open(file, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    for alias, target in json.loads(metadata.get(_ALIASES_KEY, "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
+def open_checkpoint(path: Path) -> ShardReader:
+    """Verify a checkpoint's files against its manifest and return a reader of its tensors."""
+    return ShardReader(Path(path), verify_checkpoint(path))
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    # weights_only=False: trainer.pt holds numpy and Python RNG states; it is our own file, checksummed.
+    return torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+
+
+def whole_model_state(reader: ShardReader) -> dict[str, torch.Tensor]:
+    """Every model tensor whole, tied aliases included (as the same tensor)."""
+    state = {name.removeprefix(MODEL_PREFIX): reader.whole(name) for name in reader.names(MODEL_PREFIX)}
+    for alias, target in reader.aliases.items():
+        if alias.startswith(MODEL_PREFIX):
+            state[alias.removeprefix(MODEL_PREFIX)] = state[target.removeprefix(MODEL_PREFIX)]
+    return state
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
-    """Verify and read a checkpoint: (model_state, trainer_state, config), tensors on the CPU.
+    """Verify and read a checkpoint in one process: (whole model state, trainer_state, config).
 
-    Tied tensors come back under every name they were saved under, as the same tensor.
+    Works on a checkpoint written under any plan: the pieces are assembled.
     """
-    path = Path(path)
-    verify_checkpoint(path)
-    model_state = _load_model_state(path / MODEL_FILE)
-    # weights_only=False: trainer.pt holds numpy and Python RNG states; it is our own file, checksummed above.
-    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    return model_state, trainer_state, config
+    reader = open_checkpoint(path)
+    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    return whole_model_state(reader), read_trainer_state(path), config

@@ -32,7 +32,11 @@ class Placement:
     partial_grad_axes: tuple[str, ...] = ()
     segments: tuple[int, ...] = ()  # a fused tensor's segment sizes along its sharded dim, each split evenly
     stage_axes: tuple[str, ...] = ()  # ranks along these axes hold different parameters (pipeline stages)
-    duplicate: bool = False  # a synchronised copy of a parameter held elsewhere (a tied head): norms skip it
+    tied_to: str = ""  # a synchronised copy of this parameter (a tied head): norms and checkpoints skip it
+
+    @property
+    def duplicate(self) -> bool:
+        return bool(self.tied_to)
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:
@@ -47,3 +51,30 @@ def set_placement(tensor: torch.Tensor, placement: Placement) -> None:
 def placement_of(tensor: torch.Tensor) -> Placement | None:
     """The tensor's placement record, or None if it is replicated."""
     return getattr(tensor, _ATTRIBUTE, None)
+
+
+def tp_dim(placement: Placement | None) -> int | None:
+    """The dim a placement splits over tensor parallel, or None."""
+    if placement is None:
+        return None
+    dims = [dim for axis, dim in placement.dim_shards if axis == "tp"]
+    return dims[0] if dims else None
+
+
+def shard_along(whole: torch.Tensor, placement: Placement, *, rank: int, size: int, fill: float = 0) -> torch.Tensor:
+    """This rank's tp slice of a whole tensor: each segment of a fused tensor split evenly, or the
+    dim padded with `fill` up to a multiple of `size` (vocabulary rows) and split evenly."""
+    dim = tp_dim(placement)
+    if dim is None or size == 1:
+        return whole
+    if placement.segments:
+        pieces = [seg.chunk(size, dim=dim)[rank] for seg in whole.split(list(placement.segments), dim=dim)]
+        return torch.cat(pieces, dim=dim)
+    rows = whole.shape[dim]
+    per_rank = -(-rows // size)
+    padding = per_rank * size - rows
+    if padding:
+        pad_shape = list(whole.shape)
+        pad_shape[dim] = padding
+        whole = torch.cat([whole, whole.new_full(pad_shape, fill)], dim=dim)
+    return whole.narrow(dim, rank * per_rank, per_rank)

@@ -48,10 +48,10 @@ def _merge_into(dst: nn.Module, src: nn.Module) -> None:
 
 def _mark_stage_params(chunks: list[PipelineStage], module: nn.Module) -> None:
     """Every parameter is held by one pipeline rank; the last stage's tied copy is a duplicate."""
-    copies = {last for chunk in chunks for _, last in chunk.tied_pairs if chunk.spec.is_last}
+    copies = {last: first for chunk in chunks for first, last in chunk.tied_pairs if chunk.spec.is_last}
     for name, param in module.named_parameters():
         base = placement_of(param) or Placement(name=name, global_shape=tuple(param.shape))
-        set_placement(param, dataclasses.replace(base, stage_axes=("pp",), duplicate=name in copies))
+        set_placement(param, dataclasses.replace(base, stage_axes=("pp",), tied_to=copies.get(name, "")))
 
 
 def _layer_ranges(model: nn.Module, mesh: Mesh) -> list[range]:

@@ -10,15 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.placement import Placement, placement_of
-from plait.tensor._shard import shard_segments
-
-
-def _tp_dim(placement: Placement | None) -> int | None:
-    if placement is None:
-        return None
-    dims = [dim for axis, dim in placement.dim_shards if axis == "tp"]
-    return dims[0] if dims else None
+from plait.dist.placement import Placement, placement_of, shard_along, tp_dim
 
 
 def tp_placements(model: nn.Module) -> dict[str, Placement]:
@@ -26,14 +18,14 @@ def tp_placements(model: nn.Module) -> dict[str, Placement]:
     out = {}
     for name, param in model.state_dict(keep_vars=True).items():
         placement = placement_of(param)
-        if _tp_dim(placement) is not None:
+        if tp_dim(placement) is not None:
             out[name] = placement
     return out
 
 
 def gather_tp_tensor(local: torch.Tensor, placement: Placement, *, group: dist.ProcessGroup) -> torch.Tensor:
     """The whole tensor from every tp rank's shard (call on every tp rank)."""
-    dim = _tp_dim(placement)
+    dim = tp_dim(placement)
     size = dist.get_world_size(group)
     shards = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(shards, local.contiguous(), group=group)
@@ -50,17 +42,7 @@ def gather_tp_tensor(local: torch.Tensor, placement: Placement, *, group: dist.P
 
 def shard_tp_tensor(whole: torch.Tensor, placement: Placement, *, rank: int, size: int) -> torch.Tensor:
     """This tp rank's shard of a whole tensor (the inverse of gather_tp_tensor)."""
-    dim = _tp_dim(placement)
-    if placement.segments:
-        return shard_segments(whole, placement.segments, dim=dim, rank=rank, size=size)
-    rows = whole.shape[dim]
-    per_rank = -(-rows // size)
-    padding = per_rank * size - rows
-    if padding:
-        pad_shape = list(whole.shape)
-        pad_shape[dim] = padding
-        whole = torch.cat([whole, whole.new_zeros(pad_shape)], dim=dim)
-    return whole.narrow(dim, rank * per_rank, per_rank).clone()
+    return shard_along(whole, placement, rank=rank, size=size).clone()
 
 
 def gather_tp_state(
