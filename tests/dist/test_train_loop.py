@@ -12,7 +12,18 @@ from plait.train.loop import run_training
 from tests.dist.harness import run_ranks
 
 
-def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero: int = 0, tp: int = 1, pp: int = 1):
+def tiny_config(
+    corpus: list[str],
+    tmp: Path,
+    *,
+    out: str,
+    steps: int = 20,
+    zero: int = 0,
+    tp: int = 1,
+    pp: int = 1,
+    world: int = 2,
+    extra: tuple[str, ...] = (),
+):
     overrides = [
         f"plan.pp={pp}",
         f"plan.microbatches={2 if pp > 1 else 1}",
@@ -24,7 +35,7 @@ def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero
         "data.seq_len=32",
         "data.val_fraction=0.1",
         f"data.cache_dir='{tmp / 'cache'}'",
-        f"plan.dp={2 // tp // pp}",
+        f"plan.dp={world // tp // pp}",
         f"train.steps={steps}",
         "train.global_batch=8",
         "train.lr=1e-3",
@@ -34,6 +45,7 @@ def tiny_config(corpus: list[str], tmp: Path, *, out: str, steps: int = 20, zero
         "train.log_every=5",
         "train.checkpoint_every=10",
         f"train.out_dir='{tmp / out}'",
+        *extra,
     ]
     config = load_config(None, overrides)
     config.data.corpus = corpus

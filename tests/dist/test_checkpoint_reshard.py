@@ -1,0 +1,57 @@
+"""A checkpoint saved under one plan continues under another: steps 11-20 match the uninterrupted run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.checkpoint.io import load_checkpoint
+from plait.train.loop import run_training
+from tests.dist.harness import run_ranks
+from tests.dist.test_train_loop import tiny_config
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    zero: int = 0
+    tp: int = 1
+    pp: int = 1
+
+    def config(self, corpus: list[str], tmp: Path, *, out: str):
+        return tiny_config(corpus, tmp, out=out, zero=self.zero, tp=self.tp, pp=self.pp, world=self.world)
+
+
+def _train(rank: int, world: int, layout: Layout, corpus: list[str], tmp: str, out: str, resume: str | None):
+    return run_training(layout.config(corpus, Path(tmp), out=out), resume=resume).losses
+
+
+CASES = {
+    "dp2->dp4": (Layout(world=2), Layout(world=4)),
+    "dp4->dp2": (Layout(world=4), Layout(world=2)),
+    "zero1->zero3": (Layout(world=2, zero=1), Layout(world=2, zero=3)),
+    "tp2->tp1": (Layout(world=2, zero=1, tp=2), Layout(world=2, zero=1)),
+    "pp2->dp2": (Layout(world=2, pp=2), Layout(world=2)),
+    "zero3->tp2xpp2": (Layout(world=2, zero=3), Layout(world=4, zero=1, tp=2, pp=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_under_another_plan_matches_the_uninterrupted_run(
+    small_corpus: list[str], tmp_path: Path, case: str
+) -> None:
+    before, after = CASES[case]
+    whole = run_ranks(_train, before.world, before, small_corpus, str(tmp_path), "a", None, timeout_s=120)[0]
+    checkpoint = str(tmp_path / "a" / "checkpoints" / "step-000010")
+    resumed = run_ranks(_train, after.world, after, small_corpus, str(tmp_path), "b", checkpoint, timeout_s=120)[0]
+    assert len(whole) == 20 and len(resumed) == 10
+    expected = torch.tensor(whole[10:], dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(resumed, dtype=torch.float64), expected, rtol=1e-5, atol=0)
+    weights_a, _, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-000020")
+    weights_b, _, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "step-000020")
+    assert weights_a.keys() == weights_b.keys()
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(weights_b[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
