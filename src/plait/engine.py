@@ -6,8 +6,10 @@ this is the one place that composes them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +18,9 @@ from torch import nn
 
 from plait.amp.policy import PrecisionPolicy
 from plait.amp.scaler import LossScaler, Overflow
+from plait.checkpoint.engine_state import load_engine, save_engine
 from plait.checkpoint.recompute import apply_recompute
+from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Plan
 from plait.dist.comm import CommCounter, all_reduce
 from plait.dist.launch import get_logger
@@ -27,7 +31,7 @@ from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.tensor.apply import apply_tensor_parallel
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
-from plait.tensor.state import gather_tp_state, shard_tp_state
+from plait.tensor.state import gather_tp_state
 from plait.train.metrics import model_state_bytes
 from plait.zero.factory import build_data_parallel
 
@@ -105,6 +109,7 @@ class Engine:
         self._divisor: torch.Tensor | None = None
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
+        self._writer: CheckpointWriter | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -272,23 +277,46 @@ class Engine:
             state = {name: tensor for part in parts for name, tensor in part.items()}
         return state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer (this rank's shard under ZeRO), schedule and loss-scale state."""
-        return {
-            "model": self.model_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "scaler": self.scaler.state_dict(),
-        }
+    def save(
+        self,
+        path: str | Path,
+        *,
+        extra: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        asynchronous: bool = False,
+        on_commit: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Write the whole training state as a checkpoint any plan can load (call on every rank).
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        local = shard_tp_state(state["model"], self.model, group=self.mesh.group("tp"))
-        self.data_parallel.load_full_state_dict(local)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        Each rank writes the pieces it owns; rank 0 commits the directory
+        atomically. `asynchronous=True` returns once the state is copied to
+        host memory and writes from a background thread (one save in flight;
+        `wait_for_save()` blocks until it is committed). `extra` (picklable)
+        and `config` (JSON) are stored beside it; `on_commit(path)` runs on
+        rank 0 once the checkpoint is in place.
+        """
+        if self._writer is None:
+            self._writer = CheckpointWriter()
+        save_engine(
+            self,
+            Path(path),
+            writer=self._writer,
+            extra=extra or {},
+            config=config or {"plan": dataclasses.asdict(self.plan)},
+            asynchronous=asynchronous,
+            on_commit=on_commit,
+        )
+
+    def wait_for_save(self) -> None:
+        """Block until an asynchronous save is committed (re-raising its error)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def load(self, path: str | Path) -> tuple[dict[str, Any], list[str]]:
+        """Load a checkpoint saved under any plan (call on every rank). Returns the saved
+        trainer state (with `extra`'s entries) and notes on what makes the continuation inexact."""
+        self.wait_for_save()
+        return load_engine(self, Path(path))
 
 
 def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:

@@ -56,17 +56,3 @@ def gather_tp_state(
         name: gather_tp_tensor(t, placements[name], group=group) if name in placements else t
         for name, t in state.items()
     }
-
-
-def shard_tp_state(
-    state: dict[str, torch.Tensor], model: nn.Module, *, group: dist.ProcessGroup | None
-) -> dict[str, torch.Tensor]:
-    """A whole-tensor state dict cut down to this rank's tp shards."""
-    if group is None:
-        return state
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    placements = tp_placements(model)
-    return {
-        name: shard_tp_tensor(t, placements[name], rank=rank, size=size) if name in placements else t
-        for name, t in state.items()
-    }

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
-from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Config, Plan
 from plait.dist.launch import get_logger, init_distributed, is_main_rank
 from plait.dist.mesh import Mesh
@@ -72,7 +71,6 @@ class Run:
         self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log)
         self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
         self.out_dir = Path(config.train.out_dir)
-        self.writer = CheckpointWriter()
         self.step = restore(Path(resume), engine=self.engine, loader=self.data.loader) if resume else 0
         self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
         self.throughput = metrics.Throughput()
@@ -130,7 +128,6 @@ class Run:
             step=self.step,
             config=self.config,
             tokenizer_json=self.tokenizer_json,
-            writer=self.writer,
             asynchronous=self.config.train.async_checkpoints,
             on_commit=self._committed,
         )
@@ -160,7 +157,7 @@ class Run:
         return self.finish(first_val)
 
     def finish(self, first_val: float | None) -> RunSummary:
-        self.writer.wait()
+        self.engine.wait_for_save()
         self.metrics_log.close()
         if is_main_rank():
             plot_loss_curve(self.metrics_log.csv_path, self.out_dir / "loss.png")

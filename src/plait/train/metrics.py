@@ -10,7 +10,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,3 +243,32 @@ class Throughput:
     @property
     def total_tokens(self) -> int:
         return sum(t.tokens for t in self.timings)
+
+
+def peak_live_tensor_bytes(run: Callable[[], object]) -> dict[str, int]:
+    """Bytes held by live tensors while `run()` executes: at its start, and at their peak.
+
+    start = bytes of every tensor alive when `run` begins (parameters, gradients,
+            optimizer state, anything else)
+    peak  = start + the highest running sum of allocations minus frees during `run`
+
+    Counted from the allocator's events through torch.profiler's memory
+    timeline, so storage a collective fills or a ZeRO-3 unit resizes counts as
+    well as operator outputs. Unlike RSS, the runtime and the allocator's
+    caching are not in it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    events = sorted(prof._memory_profile().timeline, key=lambda event: event[0])
+    start = sum(size for _, action, _, size in events if action == Action.PREEXISTING)
+    current = highest = 0
+    for _, action, _, size in events:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        highest = max(highest, current)
+    return {"start": start, "peak": start + highest}

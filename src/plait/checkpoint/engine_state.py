@@ -1,0 +1,122 @@
+"""Save and load an engine's whole training state (the body of `Engine.save` and `Engine.load`).
+
+Every rank writes its own pieces; rank 0 adds the run-wide state to
+`trainer.pt`: scheduler, loss scaler, each parameter's optimizer-group
+settings, every rank's RNG, and whatever the caller passes in `extra`
+(the loop adds the loader position, step and tokenizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from plait.checkpoint.io import (
+    CONFIG_FILE,
+    TRAINER_FILE,
+    config_bytes,
+    open_checkpoint,
+    read_trainer_state,
+    rng_state,
+    set_rng_state,
+    trainer_bytes,
+)
+from plait.checkpoint.training_state import (
+    adapt_scheduler_state,
+    load_optimizer,
+    load_weights,
+    state_entries,
+    tied_names,
+)
+from plait.checkpoint.writer import CheckpointWriter, SaveRequest
+
+if TYPE_CHECKING:
+    from plait.engine import Engine
+
+PLAN_KEYS = ("dp", "tp", "pp", "zero", "microbatches", "pp_schedule", "precision")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _gather_to_main(obj: Any) -> list[Any]:
+    """Every rank's `obj` in global-rank order on the main rank (others get [])."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size() if _is_main() else []
+    dist.gather_object(obj, gathered if _is_main() else None, dst=0)
+    return gathered if _is_main() else []
+
+
+def save_engine(
+    engine: Engine,
+    path: Path,
+    *,
+    writer: CheckpointWriter,
+    extra: dict[str, Any],
+    config: dict[str, Any],
+    asynchronous: bool,
+    on_commit: Callable[[Path], None] | None,
+) -> None:
+    entries, group_of = state_entries(engine)
+    gathered = _gather_to_main({"rng": rng_state(), "groups": group_of, "aliases": tied_names(engine)})
+    request = SaveRequest(path=Path(path), entries=entries)
+    if _is_main():
+        trainer_state = {
+            **extra,
+            "scheduler": engine.scheduler.state_dict() if engine.scheduler else None,
+            "scaler": engine.scaler.state_dict(),
+            "rng": [part["rng"] for part in gathered],
+            "param_groups": {name: g for part in gathered for name, g in part["groups"].items()},
+        }
+        request.main_files = {TRAINER_FILE: trainer_bytes(trainer_state), CONFIG_FILE: config_bytes(config)}
+        request.manifest_extra = {
+            "step": extra.get("step", engine.steps_done),
+            "plan": {key: getattr(engine.plan, key) for key in PLAN_KEYS},
+            "aliases": {alias: name for part in gathered for alias, name in part["aliases"].items()},
+        }
+        request.on_commit = on_commit
+    writer.save(request, asynchronous=asynchronous)
+
+
+def _restore_rng(saved: list[Any]) -> bool:
+    """This rank's RNG; when the rank count differs from the saved one, rank 0's (returns False)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same = len(saved) == world
+    set_rng_state(saved[dist.get_rank() if same and dist.is_initialized() else 0])
+    return same
+
+
+def load_engine(engine: Engine, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """Load a checkpoint saved under any plan; returns its trainer state and notes on what
+    makes the continuation inexact (for the log)."""
+    reader = open_checkpoint(path)
+    trainer_state = read_trainer_state(path)
+    load_weights(engine, reader)
+    load_optimizer(engine, reader, group_of=trainer_state["param_groups"])
+    if engine.scheduler is not None and trainer_state["scheduler"] is not None:
+        engine.scheduler.load_state_dict(adapt_scheduler_state(trainer_state["scheduler"], engine.optimizer))
+    engine.scaler.load_state_dict(trainer_state["scaler"])
+    engine.steps_done = int(reader.manifest.get("step") or 0)
+    saved_plan = reader.manifest.get("plan", {})
+    changed = [
+        f"{k} {saved_plan[k]}->{getattr(engine.plan, k)}"
+        for k in PLAN_KEYS
+        if saved_plan.get(k) != getattr(engine.plan, k)
+    ]
+    notes = []
+    if changed:
+        notes.append(
+            "resharded to the new plan (" + ", ".join(changed) + "); losses match the saved run's to float "
+            "rounding (reductions add in another order)"
+        )
+    if not _restore_rng(trainer_state["rng"]):
+        notes.append(
+            f"{len(trainer_state['rng'])} ranks saved RNG streams and another number runs now: every rank "
+            "continues rank 0's stream, so dropout masks differ from an uninterrupted run"
+        )
+    return trainer_state, notes
