@@ -29,6 +29,12 @@ def _train(rank: int, world: int, layout: Layout, corpus: list[str], tmp: str, o
     return run_training(layout.config(corpus, Path(tmp), out=out), resume=resume).losses
 
 
+def _summary(rank: int, world: int, layout: Layout, corpus: list[str], tmp: str, out: str, resume: str | None):
+    config = layout.config(corpus, Path(tmp), out=out)
+    config.train.steps = 20 if resume is None else 1
+    return run_training(config, resume=resume)
+
+
 CASES = {
     "dp2->dp4": (Layout(world=2), Layout(world=4)),
     "dp4->dp2": (Layout(world=4), Layout(world=2)),
@@ -66,7 +72,7 @@ def test_a_sharded_checkpoint_exports_to_transformers(small_corpus: list[str], t
     from plait.train.setup import model_config_for
 
     layout = Layout(world=4, zero=1, tp=2, pp=2)
-    run_ranks(_train, 4, layout, small_corpus, str(tmp_path), "a", None, timeout_s=120)
+    whole = run_ranks(_summary, 4, layout, small_corpus, str(tmp_path), "a", None, timeout_s=120)[0]
     checkpoint = tmp_path / "a" / "checkpoints" / "step-000020"
     assert export_hf(checkpoint, tmp_path / "hf") == "gpt2"
     weights, _, raw_config = load_checkpoint(checkpoint)
@@ -76,3 +82,11 @@ def test_a_sharded_checkpoint_exports_to_transformers(small_corpus: list[str], t
     ids = torch.randint(512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)
+
+    # and back: the imported weights start a ZeRO-3 run whose first validation loss is the saved run's last
+    from plait.checkpoint.hf_export import import_hf
+
+    import_hf(tmp_path / "hf", tmp_path / "imported")
+    imported = str(tmp_path / "imported")
+    start = run_ranks(_summary, 2, Layout(world=2, zero=3), small_corpus, str(tmp_path), "c", imported, timeout_s=120)
+    assert start[0].first_val_loss == pytest.approx(whole.last_val_loss, rel=1e-5)

@@ -91,32 +91,48 @@ def _restore_rng(saved: list[Any]) -> bool:
     return same
 
 
+def _plan_changes(saved_plan: dict[str, Any], engine: Engine) -> list[str]:
+    if not saved_plan:  # written by one process (plait import): nothing to compare
+        return []
+    changed = [
+        f"{k} {saved_plan.get(k)}->{getattr(engine.plan, k)}"
+        for k in PLAN_KEYS
+        if saved_plan.get(k) != getattr(engine.plan, k)
+    ]
+    if not changed:
+        return []
+    return [
+        "resharded to the new plan (" + ", ".join(changed) + "); losses match the saved run's to float "
+        "rounding (reductions add in another order)"
+    ]
+
+
+def _load_run_state(engine: Engine, trainer_state: dict[str, Any]) -> list[str]:
+    """Schedule, loss scale and RNG where the checkpoint has them (an imported one has weights only)."""
+    notes = []
+    if engine.scheduler is not None and trainer_state.get("scheduler") is not None:
+        engine.scheduler.load_state_dict(adapt_scheduler_state(trainer_state["scheduler"], engine.optimizer))
+    if trainer_state.get("scaler") is not None:
+        engine.scaler.load_state_dict(trainer_state["scaler"])
+    if "rng" in trainer_state and not _restore_rng(trainer_state["rng"]):
+        notes.append(
+            f"{len(trainer_state['rng'])} ranks saved RNG streams and another number runs now: every rank "
+            "continues rank 0's stream, so dropout masks differ from an uninterrupted run"
+        )
+    return notes
+
+
 def load_engine(engine: Engine, path: Path) -> tuple[dict[str, Any], list[str]]:
     """Load a checkpoint saved under any plan; returns its trainer state and notes on what
     makes the continuation inexact (for the log)."""
     reader = open_checkpoint(path)
     trainer_state = read_trainer_state(path)
     load_weights(engine, reader)
-    load_optimizer(engine, reader, group_of=trainer_state["param_groups"])
-    if engine.scheduler is not None and trainer_state["scheduler"] is not None:
-        engine.scheduler.load_state_dict(adapt_scheduler_state(trainer_state["scheduler"], engine.optimizer))
-    engine.scaler.load_state_dict(trainer_state["scaler"])
-    engine.steps_done = int(reader.manifest.get("step") or 0)
-    saved_plan = reader.manifest.get("plan", {})
-    changed = [
-        f"{k} {saved_plan[k]}->{getattr(engine.plan, k)}"
-        for k in PLAN_KEYS
-        if saved_plan.get(k) != getattr(engine.plan, k)
-    ]
-    notes = []
-    if changed:
-        notes.append(
-            "resharded to the new plan (" + ", ".join(changed) + "); losses match the saved run's to float "
-            "rounding (reductions add in another order)"
-        )
-    if not _restore_rng(trainer_state["rng"]):
-        notes.append(
-            f"{len(trainer_state['rng'])} ranks saved RNG streams and another number runs now: every rank "
-            "continues rank 0's stream, so dropout masks differ from an uninterrupted run"
-        )
+    notes = _plan_changes(reader.manifest.get("plan", {}), engine)
+    if "param_groups" in trainer_state:
+        load_optimizer(engine, reader, group_of=trainer_state["param_groups"])
+    else:
+        notes.append("the checkpoint holds weights only (no optimizer state): the optimizer starts afresh")
+    notes += _load_run_state(engine, trainer_state)
+    engine.steps_done = int(trainer_state.get("step") or 0)
     return trainer_state, notes

@@ -66,13 +66,16 @@ def check_resumable(path: Path, *, config: Config) -> None:
 def restore(path: Path, *, engine: Engine, loader: ShardedLoader) -> int:
     """Load a checkpoint (saved under any plan) into the engine and loader; returns its step."""
     trainer_state, notes = engine.load(path)
-    saved_batch = trainer_state["loader"]["global_batch"]
-    loader.load_state_dict(trainer_state["loader"])
-    if saved_batch != loader.global_batch:
+    if "loader" not in trainer_state:
+        notes.append("no loader position in the checkpoint: the data starts from the beginning")
+    elif trainer_state["loader"]["global_batch"] != loader.global_batch:
+        saved_batch = trainer_state["loader"]["global_batch"]
         notes.append(
             f"global batch {saved_batch} -> {loader.global_batch}: the loader resumes at the same sample, but "
             "steps group samples differently, so this is not the saved run's continuation"
         )
+    if "loader" in trainer_state:
+        loader.load_state_dict(trainer_state["loader"])
     for note in notes:
         get_logger().warning(f"resume {path}: {note}")
-    return int(trainer_state["step"])
+    return int(trainer_state.get("step") or 0)
