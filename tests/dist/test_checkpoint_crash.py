@@ -19,11 +19,15 @@ from tests.dist.harness import _worker, run_ranks
 from tests.dist.test_parity import SEQ, make_batches, optimizer, scheduler, shard_of
 
 
-def make_engine(world_size: int, *, preset: str = "tiny", zero: int = 2) -> plait.Engine:
+def make_engine_for(plan_kwargs: dict, *, preset: str = "tiny") -> plait.Engine:
     torch.manual_seed(0)
     model = build(preset, max_seq_len=SEQ)
-    plan = plait.Plan(dp=world_size, zero=zero, bucket_mb=0.01)
+    plan = plait.Plan(bucket_mb=0.01, **plan_kwargs)
     return plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler)
+
+
+def make_engine(world_size: int, *, preset: str = "tiny", zero: int = 2) -> plait.Engine:
+    return make_engine_for({"dp": world_size, "zero": zero}, preset=preset)
 
 
 def train(engine: plait.Engine, steps: range) -> list[float]:
