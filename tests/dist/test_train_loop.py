@@ -52,19 +52,26 @@ def tiny_config(
     return config
 
 
-def train_then_resume(rank: int, world_size: int, corpus: list[str], tmp: str, zero: int, tp: int, pp: int):
+def train_then_resume(
+    rank: int, world_size: int, corpus: list[str], tmp: str, zero: int, tp: int, pp: int, asynchronous: bool
+):
     tmp_path = Path(tmp)
-    whole = run_training(tiny_config(corpus, tmp_path, out="whole", zero=zero, tp=tp, pp=pp))
+    extra = (f"train.async_checkpoints={str(asynchronous).lower()}",)
+    whole = run_training(tiny_config(corpus, tmp_path, out="whole", zero=zero, tp=tp, pp=pp, extra=extra))
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-000010"
-    resumed = run_training(tiny_config(corpus, tmp_path, out="resumed", zero=zero, tp=tp, pp=pp), resume=str(checkpoint))
+    config = tiny_config(corpus, tmp_path, out="resumed", zero=zero, tp=tp, pp=pp, extra=extra)
+    resumed = run_training(config, resume=str(checkpoint))
     return whole.losses, resumed.losses, whole.first_val_loss, whole.last_val_loss
 
 
-@pytest.mark.parametrize(("zero", "tp", "pp"), [(0, 1, 1), (3, 1, 1), (1, 2, 1), (0, 1, 2)])
+@pytest.mark.parametrize(
+    ("zero", "tp", "pp", "asynchronous"), [(0, 1, 1, False), (3, 1, 1, True), (1, 2, 1, False), (0, 1, 2, True)]
+)
 def test_resume_continues_with_identical_losses(
-    small_corpus: list[str], tmp_path: Path, zero: int, tp: int, pp: int
+    small_corpus: list[str], tmp_path: Path, zero: int, tp: int, pp: int, asynchronous: bool
 ) -> None:
-    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), zero, tp, pp, timeout_s=120)
+    """Bit-identical steps 11-20, with checkpoints written synchronously or from the background thread."""
+    results = run_ranks(train_then_resume, 2, small_corpus, str(tmp_path), zero, tp, pp, asynchronous, timeout_s=120)
     for whole, resumed, first_val, last_val in results:
         assert len(whole) == 20 and len(resumed) == 10
         assert resumed == whole[10:]  # bit-identical, not merely close
