@@ -14,26 +14,22 @@ Ranks are forked and rendezvous through a FileStore in a temporary directory
 from __future__ import annotations
 
 import datetime
-import faulthandler
 import json
-import multiprocessing as mp
 import os
-import pickle
 import platform
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from plait.dist.forked import run_forked
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -287,63 +283,12 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 # Forked ranks
 
 
-def _rank_worker(
-    fn: Callable[..., Any], rank: int, world_size: int, workdir: str, num_threads: int, args: tuple
-) -> None:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    torch.set_num_threads(num_threads)
-    try:
-        store = dist.FileStore(str(Path(workdir, "store")), world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        with open(Path(workdir, f"rank{rank}.pkl"), "wb") as out:
-            pickle.dump(result, out)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def run_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, num_threads: int = 1, timeout_s: float = 1800.0
 ) -> list[Any]:
-    """Call fn(rank, world_size, *args) on forked gloo ranks; return each rank's (picklable) result.
-
-    Call it before this process runs any torch op (forking a process whose
-    thread pools are running is unsafe). On a hang every rank dumps its stacks
-    to stderr and is killed.
-    """
-    with tempfile.TemporaryDirectory(prefix="plait-bench-") as workdir:
-        ctx = mp.get_context("fork")
-        procs = [
-            ctx.Process(target=_rank_worker, args=(fn, rank, world_size, workdir, num_threads, args))
-            for rank in range(world_size)
-        ]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + timeout_s
-        for proc in procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-        hung = [proc for proc in procs if proc.is_alive()]
-        if hung:
-            for proc in hung:
-                os.kill(proc.pid, signal.SIGUSR1)
-            time.sleep(1.0)
-            for proc in procs:
-                proc.kill()
-            raise TimeoutError(f"ranks hung after {timeout_s:.0f} s (stacks above)")
-        failed = [rank for rank, proc in enumerate(procs) if proc.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"ranks {failed} failed (tracebacks above)")
-        results = []
-        for rank in range(world_size):
-            with open(Path(workdir, f"rank{rank}.pkl"), "rb") as result:
-                results.append(pickle.load(result))
-        return results
+    """Call fn(rank, world_size, *args) on forked gloo ranks, their output on this terminal; return
+    each rank's (picklable) result. Call it before this process runs any torch op."""
+    return run_forked(fn, world_size, *args, num_threads=num_threads, timeout_s=timeout_s, capture=False)
 
 
 def timed_block(run: Callable[[], Any], *, group: dist.ProcessGroup | None = None) -> tuple[float, Any]:

@@ -15,7 +15,8 @@ import torch
 import plait
 from plait.checkpoint.io import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
 from plait.models import build
-from tests.dist.harness import _worker, run_ranks
+from plait.dist.forked import _worker
+from tests.dist.harness import run_ranks
 from tests.dist.test_parity import SEQ, make_batches, optimizer, scheduler, shard_of
 
 
@@ -58,7 +59,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path
     with tempfile.TemporaryDirectory(prefix="plait-ranks-") as workdir:
         ctx = mp.get_context("fork")
         args = (str(directory),)
-        procs = [ctx.Process(target=_worker, args=(save_then_die_mid_save, r, 2, workdir, args)) for r in range(2)]
+        procs = [ctx.Process(target=_worker, args=(save_then_die_mid_save, r, 2, workdir, (1, True), args)) for r in range(2)]
         for proc in procs:
             proc.start()
         try:
