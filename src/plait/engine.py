@@ -119,6 +119,12 @@ class Engine:
     def dp_size(self) -> int:
         return self.mesh.size("dp")
 
+    def _model_inputs(self, batch: Batch) -> Batch:
+        """What the model's forward gets: the batch, less `labels` when the loss reads them itself."""
+        if getattr(self.loss_fn, "reads_labels", False):
+            return {key: value for key, value in batch.items() if key != "labels"}
+        return batch
+
     def _to_device(self, batch: Batch) -> Batch:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
@@ -147,7 +153,7 @@ class Engine:
         micro-batch's loss as the loss_fn gave it.
         """
         micro_batch = self._to_device(micro_batch)
-        outputs = self.model(**micro_batch)
+        outputs = self.model(**self._model_inputs(micro_batch))
         loss = self.loss_fn(outputs, micro_batch)
         loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones((), device=loss.device))
         divisor = self._global_divisor()
@@ -257,7 +263,7 @@ class Engine:
             totals += torch.stack([loss_sum, count]).to(totals)
             all_reduce(totals, group=self.mesh.group("pp"))
         for batch in batches if self.pipeline is None else []:
-            loss = self.loss_fn(self.model(**batch), batch)
+            loss = self.loss_fn(self.model(**self._model_inputs(batch)), batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
             totals += torch.stack([loss_sum.double(), count.to(totals)])
         all_reduce(totals, group=self.mesh.group("dp"))

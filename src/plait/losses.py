@@ -33,8 +33,12 @@ class CausalLM:
     `labels` align with `input_ids`; position t predicts label t+1; -100 is
     ignored. `count_tokens` tells the engine the count before any forward, so
     backward can start from loss_sum / global_count exactly as one process
-    would (the same rounding, not merely the same value).
+    would (the same rounding, not merely the same value). `reads_labels`: the
+    engine keeps `labels` from the model's forward, so a Hugging Face model
+    does not compute a second cross entropy of its own.
     """
+
+    reads_labels = True
 
     def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits_of(outputs)
@@ -66,3 +70,6 @@ def causal_lm_mean(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
     """The mean next-token loss of one batch (what one plain process computes)."""
     loss_sum, num_tokens = causal_lm(outputs, batch)
     return loss_sum / num_tokens.clamp(min=1)
+
+
+causal_lm_mean.reads_labels = True  # type: ignore[attr-defined]
