@@ -155,12 +155,12 @@ def _conv1d_layers(rank: int, world_size: int, sp: bool) -> None:
     with torch.no_grad():  # Conv1D starts with zero bias; make the bias check meaningful
         c_attn.bias.normal_()
         c_proj.bias.normal_()
-    column = ColumnParallelLinear.from_conv1d(
+    column = ColumnParallelLinear.from_dense(
         c_attn, group=group, name="h.0.attn.c_attn", sequence_parallel=sp, partition=[HIDDEN] * 3
     )
     _check_column(c_attn, column, segments=[HIDDEN] * 3, out_dim=1)
     assert placement_of(column.weight).global_shape == (HIDDEN, 3 * HIDDEN)
-    row = RowParallelLinear.from_conv1d(c_proj, group=group, name="h.0.attn.c_proj", sequence_parallel=sp)
+    row = RowParallelLinear.from_dense(c_proj, group=group, name="h.0.attn.c_proj", sequence_parallel=sp)
     _check_row(c_proj, row, in_dim=0)
 
 

@@ -60,18 +60,14 @@ def _as_style(style: str | Style) -> Style:
     return style
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # Hugging Face's transposed linear (GPT-2)
-
-
 def _colwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
-    build = ColumnParallelLinear.from_conv1d if _is_conv1d(module) else ColumnParallelLinear.from_dense
-    return build(module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel, partition=style.partition)
+    return ColumnParallelLinear.from_dense(
+        module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel, partition=style.partition
+    )
 
 
 def _rowwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
-    build = RowParallelLinear.from_conv1d if _is_conv1d(module) else RowParallelLinear.from_dense
-    return build(module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel)
+    return RowParallelLinear.from_dense(module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel)
 
 
 def _vocab_embed(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:

@@ -3,7 +3,7 @@
 A plan swaps a model's submodule for one of these in place; the new module
 holds this rank's slice of the dense weights (so every plan starts from the
 same initial weights) and each sharded parameter carries a placement record
-named after the dense parameter. `from_conv1d` takes GPT-2's `Conv1D`
+named after the dense parameter. `from_dense` also takes GPT-2's `Conv1D`
 (weight laid out (in, out)), keeping that layout so the records match the
 dense parameter's shape.
 
@@ -87,30 +87,17 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         partition: Sequence[int] | None = None,
     ) -> ColumnParallelLinear:
-        """This rank's share of `linear` (weight (out, in)); `name` is its name in the model.
+        """This rank's share of `linear` (an nn.Linear, weight (out, in), or GPT-2's Conv1D, weight
+        (in, out), kept in that layout); `name` is its name in the model.
 
         `partition` lists the sizes of the segments the output concatenates
         (e.g. [q, k, v]); each segment is split separately.
         """
-        weight, bias, segments = _column_shards(linear, out_dim=0, group=group, name=name, partition=partition)
-        options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output}
+        transposed = is_transposed(linear)
+        out_dim = 1 if transposed else 0
+        weight, bias, segments = _column_shards(linear, out_dim=out_dim, group=group, name=name, partition=partition)
+        options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output, "transposed": transposed}
         return cls(weight, bias, group=group, local_partition=segments, **options)
-
-    @classmethod
-    def from_conv1d(
-        cls,
-        conv: nn.Module,
-        *,
-        group: ProcessGroup | None,
-        name: str,
-        sequence_parallel: bool = False,
-        gather_output: bool = False,
-        partition: Sequence[int] | None = None,
-    ) -> ColumnParallelLinear:
-        """As `from_dense`, for GPT-2's `Conv1D` (weight (in, out), kept in that layout)."""
-        weight, bias, segments = _column_shards(conv, out_dim=1, group=group, name=name, partition=partition)
-        options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output}
-        return cls(weight, bias, group=group, local_partition=segments, transposed=True, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
@@ -132,6 +119,11 @@ class ColumnParallelLinear(nn.Module):
             f"partition={list(self.local_partition)}, bias={self.bias is not None}, "
             f"sequence_parallel={self.sequence_parallel}, gather_output={self.gather_output}"
         )
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2) is a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D"
 
 
 def _column_shards(
@@ -182,17 +174,11 @@ class RowParallelLinear(nn.Module):
     def from_dense(
         cls, linear: nn.Linear, *, group: ProcessGroup | None, name: str, sequence_parallel: bool = False
     ) -> RowParallelLinear:
-        """This rank's share of `linear` (weight (out, in)); `name` is its name in the model."""
-        weight, bias = _row_shards(linear, in_dim=1, group=group, name=name, sequence_parallel=sequence_parallel)
-        return cls(weight, bias, group=group, sequence_parallel=sequence_parallel)
-
-    @classmethod
-    def from_conv1d(
-        cls, conv: nn.Module, *, group: ProcessGroup | None, name: str, sequence_parallel: bool = False
-    ) -> RowParallelLinear:
-        """As `from_dense`, for GPT-2's `Conv1D` (weight (in, out), kept in that layout)."""
-        weight, bias = _row_shards(conv, in_dim=0, group=group, name=name, sequence_parallel=sequence_parallel)
-        return cls(weight, bias, group=group, sequence_parallel=sequence_parallel, transposed=True)
+        """This rank's share of `linear` (an nn.Linear or GPT-2's Conv1D, as for ColumnParallelLinear)."""
+        transposed = is_transposed(linear)
+        in_dim = 0 if transposed else 1
+        weight, bias = _row_shards(linear, in_dim=in_dim, group=group, name=name, sequence_parallel=sequence_parallel)
+        return cls(weight, bias, group=group, sequence_parallel=sequence_parallel, transposed=transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
