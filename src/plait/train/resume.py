@@ -16,7 +16,7 @@ from pathlib import Path
 from plait.checkpoint.io import CONFIG_FILE
 from plait.config import Config
 from plait.data.loader import ShardedLoader
-from plait.dist.launch import get_logger
+from plait.dist.launch import get_logger, is_main_rank
 from plait.engine import Engine
 
 
@@ -76,6 +76,6 @@ def restore(path: Path, *, engine: Engine, loader: ShardedLoader) -> int:
         )
     if "loader" in trainer_state:
         loader.load_state_dict(trainer_state["loader"])
-    for note in notes:
+    for note in notes if is_main_rank() else []:
         get_logger().warning(f"resume {path}: {note}")
     return int(trainer_state.get("step") or 0)
