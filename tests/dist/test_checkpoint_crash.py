@@ -21,10 +21,24 @@ from tests.dist.test_parity import SEQ, make_batches, optimizer, scheduler, shar
 
 
 def make_engine_for(plan_kwargs: dict, *, preset: str = "tiny") -> plait.Engine:
+    """`preset`: a plait preset, or "hf-gpt2" / "hf-llama" for a tiny Hugging Face model."""
     torch.manual_seed(0)
-    model = build(preset, max_seq_len=SEQ)
+    model = _hf_model(preset) if preset.startswith("hf-") else build(preset, max_seq_len=SEQ)
     plan = plait.Plan(bucket_mb=0.01, **plan_kwargs)
     return plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler)
+
+
+def _hf_model(name: str) -> torch.nn.Module:
+    import transformers
+
+    if name == "hf-gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=SEQ)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=256, tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config)
 
 
 def make_engine(world_size: int, *, preset: str = "tiny", zero: int = 2) -> plait.Engine:
