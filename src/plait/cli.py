@@ -1,4 +1,4 @@
-"""The `plait` command: train, run, verify, generate, export, import."""
+"""The `plait` command: train, run, verify, generate, export, import, plan."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a config")
     _add_config_args(train)
     train.add_argument("--resume", default=None, help="a checkpoint directory to continue from")
+    train.add_argument("--plan", choices=["auto"], default=None, help="auto: train with the planner's best plan")
     verify = commands.add_parser("verify", help="check a plan's losses against one plain process")
     _add_config_args(verify)
     generate = commands.add_parser("generate", help="sample text from a checkpoint")
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("hf_dir")
     import_.add_argument("out")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
+    from plait.planner.cli import add_plan_parser
+
+    add_plan_parser(commands)
     return parser
 
 
@@ -79,9 +83,30 @@ def _strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """Replace `--plan auto` by the planner's best plan, as --set overrides every rank reads."""
+    from plait.planner.auto import auto_plan, plan_overrides
+
+    if _under_torchrun():
+        raise ValueError(
+            "--plan auto chooses the plan before launch; run it as `plait train ... --nproc N --plan auto`"
+        )
+    config = load_config(args.config, args.overrides)
+    nproc = args.nproc or 1
+    plan, result = auto_plan(config, world_size=nproc)
+    from plait.planner.report import why_best
+
+    print(why_best(result))
+    rest = [item for item in argv if item not in ("--plan", "auto", "--plan=auto")]
+    args.overrides = [*args.overrides, *plan_overrides(plan)[1::2]]
+    return [*rest, *plan_overrides(plan)]
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.train.setup import validate
 
+    if args.plan == "auto":
+        argv = _with_auto_plan(args, argv)
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
     validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
@@ -172,7 +197,14 @@ def cmd_import(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.planner.cli import run_plan
+
+    return run_plan(args)
+
+
 COMMANDS = {
+    "plan": cmd_plan,
     "train": cmd_train,
     "verify": cmd_verify,
     "generate": cmd_generate,

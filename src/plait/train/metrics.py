@@ -245,30 +245,54 @@ class Throughput:
         return sum(t.tokens for t in self.timings)
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct storages behind every tensor the garbage collector can reach."""
+    import gc
+    import warnings
+
+    tensors = []
+    with warnings.catch_warnings():  # probing deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            with contextlib.suppress(Exception):  # some objects raise on isinstance probes
+                if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                    tensors.append(obj)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _events(nodes: list) -> Iterable:
+    for node in nodes:
+        yield node
+        yield from _events(node.children)
+
+
 def peak_live_tensor_bytes(run: Callable[[], object]) -> dict[str, int]:
     """Bytes held by live tensors while `run()` executes: at its start, and at their peak.
 
-    start = bytes of every tensor alive when `run` begins (parameters, gradients,
-            optimizer state, anything else)
+    start = bytes of the storages of every tensor alive when `run` begins
+            (parameters, gradients, optimizer state, anything else)
     peak  = start + the highest running sum of allocations minus frees during `run`
 
-    Counted from the allocator's events through torch.profiler's memory
-    timeline, so storage a collective fills or a ZeRO-3 unit resizes counts as
-    well as operator outputs. Unlike RSS, the runtime and the allocator's
-    caching are not in it.
+    Allocations and frees are the allocator's own events (torch.profiler with
+    profile_memory), so storage a collective fills or a ZeRO-3 unit resizes
+    counts as well as operator outputs. Unlike RSS, the runtime and the
+    allocator's caching are not in it.
     """
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    start = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted(prof._memory_profile().timeline, key=lambda event: event[0])
-    start = sum(size for _, action, _, size in events if action == Action.PREEXISTING)
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (event.start_time_ns, event.extra_fields.alloc_size)
+        for event in _events(tree)
+        if event.tag == _EventType.Allocation
+    )
     current = highest = 0
-    for _, action, _, size in events:
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
+    for _, size in allocations:
+        current += size
         highest = max(highest, current)
     return {"start": start, "peak": start + highest}

@@ -1,0 +1,258 @@
+"""The planner against measurement: model-state bytes, peak live tensor bytes and step time per plan.
+
+Work: a reference GPT (GPT-2 layout: d_model 256, 4 layers, 4 heads, vocab
+4096, seq 128, tied embeddings; P = 4.24M), global batch 8 sequences, fp32
+AdamW, on 2 and 4 forked gloo ranks of one thread each. For each world size:
+
+1. `plait.planner.calibrate` measures this machine with that many ranks at
+   once (matmul peak, transformer-shaped matmuls, memory bandwidth, cost per
+   operator, all-reduce bandwidth/latency/overlap): the planner's cluster.
+2. each plan is estimated (before anything of it runs), then run: one warm-up
+   step, one step under the allocator's memory timeline (peak live tensor
+   bytes, `metrics.peak_live_tensor_bytes`), then `--steps` timed steps
+   between barriers; the figure is their median. Model-state bytes are
+   `engine.state_bytes()` after the first step. Every figure is the busiest
+   rank's.
+3. accuracy: estimated/measured per plan; Spearman rank correlation of
+   estimated vs measured step time (world 2, where ranks do not share a
+   core, and all plans); the plan the planner picks among the measured ones
+   against the fastest measured; DeepSpeed's own ZeRO estimators as a second
+   opinion on model states where deepspeed is importable.
+
+    python benchmarks/planner.py                # ~5 min on 2 cores
+    python benchmarks/planner.py --quick        # 2 plans per world, 3 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from common import RESULTS_DIR, environment, format_bytes, format_table, run_ranks, timed_block, write_json
+
+import plait
+from plait.config import Plan
+from plait.models.gpt_config import GPTConfig
+from plait.planner import Estimator, ModelShape, Workload, describe
+from plait.planner.calibrate import calibrate
+from plait.train.metrics import peak_live_tensor_bytes
+
+REFERENCE = GPTConfig(vocab_size=4096, max_seq_len=128, d_model=256, num_layers=4, num_heads=4)
+SEQ_LEN = 128
+GLOBAL_BATCH = 8
+
+PLANS: dict[int, list[dict[str, Any]]] = {
+    2: [
+        {"dp": 2, "zero": 0},
+        {"dp": 2, "zero": 1},
+        {"dp": 2, "zero": 2},
+        {"dp": 2, "zero": 3},
+        {"dp": 2, "zero": 0, "recompute": "full"},
+        {"dp": 2, "zero": 2, "microbatches": 2},
+        {"dp": 2, "zero": 1, "recompute": "selective", "recompute_ratio": 0.5},
+        {"dp": 1, "tp": 2},
+        {"dp": 1, "tp": 2, "sequence_parallel": True},
+        {"dp": 1, "pp": 2, "microbatches": 4},
+        {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "gpipe"},
+        {"dp": 1, "pp": 2, "microbatches": 4, "recompute": "full"},
+    ],
+    4: [
+        {"dp": 4, "zero": 0},
+        {"dp": 4, "zero": 3},
+        {"dp": 2, "tp": 2, "zero": 1},
+        {"dp": 2, "pp": 2, "microbatches": 2, "zero": 1},
+        {"dp": 1, "tp": 2, "pp": 2, "microbatches": 4},
+        {"dp": 1, "tp": 4},
+    ],
+}
+
+
+def make_engine(plan: Plan) -> plait.Engine:
+    torch.manual_seed(0)
+    model = plait.models.build(REFERENCE)
+    return plait.boost(
+        model,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4),
+        loss_fn=plait.losses.causal_lm,
+        plan=plan,
+        max_grad_norm=1.0,
+    )
+
+
+def rank_batch(engine: plait.Engine) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(engine.dp_rank)
+    tokens = torch.randint(0, REFERENCE.vocab_size, (GLOBAL_BATCH // engine.dp_size, SEQ_LEN), generator=generator)
+    return {"input_ids": tokens, "labels": tokens}
+
+
+def measure_plan(rank: int, world_size: int, plan: Plan, num_steps: int, with_memory: bool) -> dict[str, Any]:
+    engine = make_engine(plan)
+    batch = rank_batch(engine)
+    engine.train_step(batch)
+    out: dict[str, Any] = {"states": engine.state_bytes()["total"]}
+    gc.collect()
+    if with_memory:
+        live = peak_live_tensor_bytes(lambda: engine.train_step(batch))
+        out |= {"live_start": live["start"], "live_peak": live["peak"]}
+    engine.train_step(batch)
+    out["seconds"] = [timed_block(lambda: engine.train_step(batch))[0] for _ in range(num_steps)]
+    return out
+
+
+def deepspeed_opinion(plan: Plan, num_params: int) -> float | None:
+    """DeepSpeed's ZeRO-2/3 model-state estimate per GPU (mixed precision), or None where it does not apply."""
+    try:
+        if plan.zero == 2:
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+            return float(estimate_zero2_model_states_mem_needs(num_params, num_gpus_per_node=plan.dp)[1])
+        if plan.zero == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            return float(estimate_zero3_model_states_mem_needs(num_params, 0, num_gpus_per_node=plan.dp)[1])
+    except ImportError:
+        return None
+    return None
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        for position, index in enumerate(order):
+            out[index] = float(position)
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    n = len(xs)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else 0.0 if n > 1 else 1.0
+
+
+def step_seconds(results: list[dict[str, Any]]) -> list[float]:
+    """Each timed step's seconds on the slowest rank."""
+    return [max(r["seconds"][i] for r in results) for i in range(len(results[0]["seconds"]))]
+
+
+def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    cluster = calibrate(world, tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model)
+    calibration_s = time.perf_counter() - started
+    estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster)
+    rows = []
+    measured: dict[int, list[dict[str, Any]]] = {}
+    seconds: dict[int, list[float]] = {index: [] for index in range(len(plans))}
+    for round_index in range(rounds):  # rounds through all plans, so drift on a shared machine hits each alike
+        for index, options in enumerate(plans):
+            plan = Plan(**options).resolve(world)
+            results = run_ranks(measure_plan, world, plan, num_steps, round_index == 0)
+            measured.setdefault(index, results)
+            seconds[index] += step_seconds(results)
+    for index, options in enumerate(plans):
+        plan = Plan(**options).resolve(world)
+        est = estimator.estimate(plan)
+        results = measured[index]
+        step_s = statistics.median(seconds[index])
+        rows.append({
+            "world": world, "plan": describe(plan), "options": options,
+            "est_states": est.memory.model_states, "states": max(r["states"] for r in results),
+            "est_peak": est.memory.tensors, "peak": max(r["live_peak"] for r in results),
+            "est_step_s": est.step_s, "step_s": step_s,
+            "step_spread": [min(seconds[index]), max(seconds[index])],
+            "deepspeed_states": deepspeed_opinion(plan, REFERENCE.num_parameters()),
+            "est_time": est.time.as_dict(), "est_memory": est.memory.as_dict(),
+        })  # fmt: skip
+        print(f"  measured {rows[-1]['plan']}: {step_s:.3f} s (est {est.step_s:.3f})", file=sys.stderr, flush=True)
+    return {"cluster": dataclasses.asdict(cluster), "calibration_s": calibration_s, "rows": rows}
+
+
+def summarize(worlds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    rows = [row for world in worlds.values() for row in world["rows"]]
+    for row in rows:
+        row["states_err"] = row["est_states"] / row["states"] - 1
+        row["peak_err"] = row["est_peak"] / row["peak"] - 1
+        row["step_err"] = row["est_step_s"] / row["step_s"] - 1
+    summary: dict[str, Any] = {"num_plans": len(rows)}
+    summary["max_abs_states_err"] = max(abs(r["states_err"]) for r in rows)
+    summary["max_abs_peak_err"] = max(abs(r["peak_err"]) for r in rows)
+    summary["median_abs_step_err"] = statistics.median(abs(r["step_err"]) for r in rows)
+    summary["max_abs_step_err"] = max(abs(r["step_err"]) for r in rows)
+    summary["plans_step_within_10pct"] = sum(abs(r["step_err"]) <= 0.10 for r in rows)
+    for world, data in worlds.items():
+        world_rows = data["rows"]
+        est, measured = [r["est_step_s"] for r in world_rows], [r["step_s"] for r in world_rows]
+        summary[f"spearman_world{world}"] = spearman(est, measured)
+        picked = min(world_rows, key=lambda r: r["est_step_s"])
+        fastest = min(world_rows, key=lambda r: r["step_s"])
+        summary[f"picked_world{world}"] = {
+            "picked": picked["plan"], "picked_measured_s": picked["step_s"],
+            "fastest": fastest["plan"], "fastest_measured_s": fastest["step_s"],
+            "picked_over_fastest": picked["step_s"] / fastest["step_s"] - 1,
+        }  # fmt: skip
+    summary["spearman_all"] = spearman([r["est_step_s"] for r in rows], [r["step_s"] for r in rows])
+    return summary
+
+
+def print_report(worlds: dict[int, dict[str, Any]], summary: dict[str, Any]) -> None:
+    headers = (
+        "world",
+        "plan",
+        "states est",
+        "meas",
+        "err",
+        "DS est",
+        "peak est",
+        "meas",
+        "err",
+        "step est",
+        "meas",
+        "err",
+    )
+    table = []
+    for data in worlds.values():
+        for r in data["rows"]:
+            ds = format_bytes(r["deepspeed_states"]) if r["deepspeed_states"] else "-"
+            table.append((
+                r["world"], r["plan"], format_bytes(r["est_states"]), format_bytes(r["states"]),
+                f"{100 * r['states_err']:+.2f}%", ds, format_bytes(r["est_peak"]), format_bytes(r["peak"]),
+                f"{100 * r['peak_err']:+.2f}%", f"{r['est_step_s']:.3f}", f"{r['step_s']:.3f}",
+                f"{100 * r['step_err']:+.1f}%",
+            ))  # fmt: skip
+    print(format_table(headers, table))
+    for key, value in summary.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two plans per world size, three steps")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per plan (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over all plans (timed steps pool)")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args(argv)
+    steps = 3 if args.quick else args.steps
+    worlds = {}
+    for world in args.worlds:
+        plans = PLANS[world][:2] if args.quick else PLANS[world]
+        print(f"world {world}: calibrating, then {len(plans)} plans", file=sys.stderr, flush=True)
+        worlds[world] = run_world(world, plans, steps, 1 if args.quick else args.rounds)
+    summary = summarize(worlds)
+    print_report(worlds, summary)
+    name = "planner-quick.json" if args.quick else "planner.json"
+    payload = {"environment": environment(), "model": dataclasses.asdict(REFERENCE), "global_batch": GLOBAL_BATCH}
+    payload |= {"worlds": {str(k): v for k, v in worlds.items()}, "summary": summary}
+    path = write_json(RESULTS_DIR / name, payload)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

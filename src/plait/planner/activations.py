@@ -1,0 +1,117 @@
+"""Bytes of activations a layer keeps for backward, per micro-batch, in two accountings.
+
+``plait``: what plait's GPT saves (counted from its forward, checked against
+live-tensor measurements). Per layer, n = b*s tokens, h hidden, f MLP width,
+e bytes per element, t tensor-parallel ranks:
+
+- residual stream: the layer input and the sum after attention, 2nh
+  (sequence-sharded, /t, under sequence parallel);
+- norm outputs: 2nh, whole under tp; under sequence parallel each
+  column-parallel projection all-gathers and saves its own copy of its
+  input, (3 + 1)nh for GELU (q, k, v, up), (3 + 2)nh for SwiGLU;
+- attention: q, k, v and the output of fused attention, 4nh/t, plus its
+  fp32 log-sum-exp, 4*b*a*s/t bytes (no s x s scores are ever stored);
+- MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
+- norm statistics in fp32 (LayerNorm: mean and rstd; RMSNorm: rstd and the
+  normalised input before its scale).
+
+``megatron``: Korthikanti et al. 2022's count for Megatron's layer (16-bit,
+dropout masks, materialised attention scores): sbh(34 + 5as/h) without
+parallelism, sbh(10 + 24/t + 5as/(ht)) with tp, (sbh/t)(34 + 5as/h) with
+tp + sp; selective recomputation drops the 5as^2b term; full recomputation
+keeps only the layer input, 2sbh (/t with sp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.planner.shape import ModelShape
+
+PROFILES = ("plait", "megatron")
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes one layer holds for one micro-batch: `saved` between its forward and backward,
+    `working` extra while its backward runs (recomputed activations and gradients in flight)."""
+
+    saved: float
+    working: float
+
+
+def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool) -> float:
+    c = shape.config
+    n, h, f = b * s, c.d_model, c.resolved_d_ff
+    residual = 2 * n * h * e / (tp if sp else 1)
+    num_norms = 1 if c.parallel_block else 2
+    num_in = 2 if c.activation == "swiglu" else 1
+    norms = (3 + num_in if sp and tp > 1 else num_norms) * n * h * e
+    attention = 4 * n * h * e / tp + FP32 * b * c.num_heads * s / tp
+    mlp = (4 if c.activation == "swiglu" else 2) * n * f * e / tp
+    stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
+    stats = num_norms * n * stats_per_token / (tp if sp else 1)
+    return residual + norms + attention + mlp + stats
+
+
+def _megatron_full(shape: ModelShape, *, b: int, s: int, tp: int, sp: bool, selective: bool) -> float:
+    h, a = shape.hidden, shape.config.num_heads
+    sbh = s * b * h
+    scores = 0.0 if selective else 5 * a * s / h
+    if sp or tp == 1:
+        return sbh / tp * (34 + scores)
+    return sbh * (10 + 24 / tp + scores / tp)
+
+
+def layer_activations(
+    shape: ModelShape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    element_bytes: int,
+    tp: int = 1,
+    sp: bool = False,
+    recompute: str = "none",
+    profile: str = "plait",
+) -> LayerActivations:
+    """Activation bytes of one layer for one micro-batch of `micro_batch` sequences.
+
+    `recompute`: "none", "full" (keep the layer input only) or "selective"
+    (megatron: drop the attention scores; plait's selective recomputation is
+    full recomputation of a fraction of the layers, see `memory.py`).
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"activation profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    b, s = micro_batch, seq_len
+    input_bytes = b * s * shape.hidden * element_bytes / (tp if sp else 1)
+    if profile == "megatron":
+        full = _megatron_full(shape, b=b, s=s, tp=tp, sp=sp, selective=recompute == "selective")
+        saved = 2 * b * s * shape.hidden / (tp if sp else 1) if recompute == "full" else full
+        return LayerActivations(saved=saved, working=full if recompute == "full" else 0.0)
+    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp)
+    if recompute == "full":
+        return LayerActivations(saved=input_bytes, working=full)
+    return LayerActivations(saved=full, working=0.0)
+
+
+# Bytes per local logit that plait's vocab-parallel cross entropy holds at its peak in backward
+# (its fp32 working copies), measured with live-tensor counting at tp=2, vocab 4096 and 8192.
+VOCAB_PARALLEL_LOSS_BYTES = 5.5
+
+
+def head_working_bytes(
+    shape: ModelShape, *, micro_batch: int, seq_len: int, element_bytes: int, tp: int, logits_kept: bool = True
+) -> float:
+    """Bytes the LM head and the loss hold at their peak, in backward (plait's profile).
+
+    Without tp the fp32 cross entropy holds its log-softmax output, that
+    output's gradient and the input gradient at once (3 * n*V * 4); with tp,
+    the vocab-parallel loss holds `VOCAB_PARALLEL_LOSS_BYTES` per local logit.
+    The logits themselves (n*V/t*e) stay alive through backward where the
+    engine keeps the model's output (`logits_kept`), not in a pipeline stage.
+    Measured without tp: 4.0 n*V*4 bytes in fp32, as counted.
+    """
+    n = micro_batch * seq_len
+    loss = 3 * FP32 if tp == 1 else VOCAB_PARALLEL_LOSS_BYTES
+    return n * shape.vocab_rows(tp) * (loss + (element_bytes if logits_kept else 0))

@@ -1,0 +1,55 @@
+"""`plait train --plan auto`: the planner's best plan for a training config on this machine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from plait.config import Config, Plan
+from plait.planner.advice import NoPlanFits, explain_no_fit
+from plait.planner.cluster import Cluster
+from plait.planner.search import SearchResult, SearchSpace, search
+from plait.planner.shape import ModelShape
+from plait.planner.workload import Workload
+
+# Fields of the user's plan that the search does not choose and auto keeps.
+_KEPT = ("precision", "bucket_mb", "reduce_op")
+
+
+def local_cluster(world_size: int) -> Cluster:
+    """This machine: a data-sheet preset for a known GPU, else a calibration of `world_size` CPU ranks."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        for key in ("h200", "h100", "a100-80gb" if "80" in name else "a100-40gb"):
+            if key.split("-")[0] in name:
+                return Cluster.preset(key, devices_per_node=world_size)
+    from plait.planner.calibrate import calibrate
+
+    return calibrate(world_size)
+
+
+def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None) -> tuple[Plan, SearchResult]:
+    """The fastest plan that fits for `config` on `world_size` ranks; NoPlanFits says what would fit."""
+    from plait.train.setup import model_config_for
+
+    shape = ModelShape(model_config_for(config), name=config.model.preset)
+    workload = Workload(config.train.global_batch, config.data.seq_len)
+    cluster = cluster or local_cluster(world_size)
+    if cluster.num_devices != world_size:
+        cluster = cluster.replace(nodes=1, devices_per_node=world_size)
+    space = SearchSpace(precision=config.plan.precision)
+    result = search(shape, workload, cluster, space)
+    if result.best is None:
+        raise NoPlanFits(explain_no_fit(result, shape, workload, space))
+    kept = {name: getattr(config.plan, name) for name in _KEPT}
+    return dataclasses.replace(result.best.plan, **kept), result
+
+
+def plan_overrides(plan: Plan) -> list[str]:
+    """`--set plan.KEY=VALUE` arguments that reproduce `plan` in a launched rank."""
+    items = []
+    for key, value in dataclasses.asdict(plan).items():
+        text = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        items += ["--set", f"plan.{key}={text}"]
+    return items

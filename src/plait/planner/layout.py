@@ -1,0 +1,90 @@
+"""Where a plan puts the layers: pipeline stages balanced as plait's runtime balances them, and
+how many micro-batches each pipeline rank holds at once under its schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.config import Plan
+from plait.pipeline.partition import balanced_split
+from plait.pipeline.schedules import build_schedule
+from plait.pipeline.simulate import SimResult, simulate
+from plait.planner.shape import ModelShape
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Layers per pipeline rank (all its chunks together) and the chunk ranges of the virtual stages."""
+
+    layers_per_rank: tuple[int, ...]
+    chunk_layers: tuple[int, ...]
+
+
+def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
+    """plait's cost-balanced split (`pipeline.partition`): forward FLOPs per layer, the head's charged
+    to the last layer, the embedding's (none) to the first; or `plan.pp_split` when given."""
+    num_stages = plan.pp * plan.pp_chunks
+    if num_stages == 1:
+        return StageLayout((shape.num_layers,), (shape.num_layers,))
+    if plan.pp_split:
+        bounds = [0, *plan.pp_split, shape.num_layers]
+        chunks = [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+    else:
+        layer = 2.0 * shape.layer_unit().local(plan.tp) + 4.0 * seq_len * shape.hidden
+        costs = [layer] * shape.num_layers
+        costs[-1] += 2.0 * sum(unit.local(plan.tp) for unit in shape.last_units(plan.tp, with_embedding=False))
+        chunks = [len(r) for r in balanced_split(costs, num_stages)]
+    per_rank = [sum(chunks[v] for v in range(rank, num_stages, plan.pp)) for rank in range(plan.pp)]
+    return StageLayout(tuple(per_rank), tuple(chunks))
+
+
+@dataclass(frozen=True)
+class PipelineTiming:
+    """A schedule's makespan for given pass costs, and the micro-batches (in whole-stage units) each rank holds."""
+
+    makespan: float
+    in_flight: tuple[float, ...]
+
+
+class ScheduleCache:
+    """plait's schedule simulator, run on few enough micro-batches to be quick.
+
+    Past the warm-up every schedule here repeats one forward and one backward
+    per micro-batch on every rank, so with m' <= m micro-batches simulated the
+    makespan for m is makespan(m') + (m - m') * (F + B), and the peak in
+    flight is already reached. The backward/forward ratio is rounded to a
+    quarter so that a search reuses the simulations.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[object, ...], SimResult] = {}
+
+    def timing(self, plan: Plan, *, forward: float = 1.0, backward: float = 2.0) -> PipelineTiming:
+        v, p, m = plan.pp_chunks, plan.pp, plan.microbatches
+        simulated = min(m, (v + 1) * p)
+        if plan.pp_schedule == "interleaved":
+            simulated = max(p, simulated // p * p)
+        ratio = max(0.25, round(4 * backward / forward) / 4) if forward > 0 else 2.0
+        key = (plan.pp_schedule, p, simulated, v, ratio)
+        if key not in self._results:
+            schedule = build_schedule(plan.pp_schedule, num_ranks=p, num_microbatches=simulated, num_chunks=v)
+            self._results[key] = simulate(schedule, forward_cost=1.0, backward_cost=ratio)
+        result = self._results[key]
+        scale = forward  # the simulation ran with forward cost 1
+        makespan = result.makespan * scale + (m - simulated) * v * (forward + backward)
+        return PipelineTiming(makespan=makespan, in_flight=tuple(peak / v for peak in result.peak_activations))
+
+
+class LayoutCache:
+    """`stage_layout` by (pp, chunks, tp, split): the balanced split is the costliest step of an estimate."""
+
+    def __init__(self, shape: ModelShape, *, seq_len: int) -> None:
+        self.shape = shape
+        self.seq_len = seq_len
+        self._layouts: dict[tuple[object, ...], StageLayout] = {}
+
+    def get(self, plan: Plan) -> StageLayout:
+        key = (plan.pp, plan.pp_chunks, plan.tp, tuple(plan.pp_split))
+        if key not in self._layouts:
+            self._layouts[key] = stage_layout(self.shape, plan, seq_len=self.seq_len)
+        return self._layouts[key]

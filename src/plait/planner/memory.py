@@ -1,0 +1,188 @@
+"""Bytes per rank of a plan: model states, activations, working memory and communication buffers.
+
+Model states follow plait's ZeRO (closing notes of the ZeRO strand), per
+parameter element with fp32 Adam (8 bytes of moments) on N dp ranks:
+
+    fp32:  stage 0 16P, 1: 8P + 8P/N, 2: 4P + 12P/N, 3: 16P/N
+    bf16:  stage 0 20P, 1: 4P + 16P/N, 2: 2P + 16P/N, 3: 18P/N   (fp16 the same)
+
+(bf16 keeps the paper's 16P, 4P+12P/N, 2P+14P/N, 16P/N plus an fp32 gradient
+shard.) Flat units are padded to a multiple of N, every Adam parameter holds
+a 4-byte step, and under tp each rank counts only its shard of the split
+weights. `zero_paper_bytes` gives the ZeRO paper's formulas themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from plait.config import Plan
+from plait.planner.activations import FP32, head_working_bytes, layer_activations
+from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
+from plait.planner.shape import ModelShape, Unit
+from plait.planner.workload import PARAM_BYTES, Workload
+
+ADAM_BYTES = 8
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on the busiest rank. `tensors` is what live-tensor counting sees; `reserved` is the runtime's."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    working: float
+    comm: float
+    reserved: float = 0.0
+    stage: int = 0
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def tensors(self) -> float:
+        return self.model_states + self.activations + self.working + self.comm
+
+    @property
+    def total(self) -> float:
+        return self.tensors + self.reserved
+
+    def as_dict(self) -> dict[str, float]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return out | {"model_states": self.model_states, "tensors": self.tensors, "total": self.total}
+
+
+def zero_paper_bytes(num_params: float, *, stage: int, dp: int) -> float:
+    """The ZeRO paper's model states for mixed-precision Adam: 16P, 4P + 12P/N, 2P + 14P/N, 16P/N."""
+    return {0: 16 * num_params, 1: 4 * num_params + 12 * num_params / dp}.get(
+        stage, 2 * num_params + 14 * num_params / dp if stage == 2 else 16 * num_params / dp
+    )
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    params: float
+    grads: float
+    optimizer: float
+
+
+def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
+    """Model states of these units on one rank, as plait's data-parallel strand lays them out."""
+    e = PARAM_BYTES[plan.precision]
+    numels = [unit.local(plan.tp) for unit in units]
+    tensors = sum(unit.num_tensors for unit in units)
+    if plan.zero == 0 and e == FP32:  # bucketed data parallel: whole params, grads and moments
+        total = sum(numels)
+        return StateBytes(FP32 * total, FP32 * total, ADAM_BYTES * total + FP32 * tensors)
+    shards = plan.dp if plan.zero > 0 else 1
+    padded = sum(math.ceil(n / shards) * shards for n in numels)
+    shard = padded / shards
+    master = FP32 * shard if e != FP32 else 0.0
+    params = (e * shard if plan.zero == 3 else e * padded) + master
+    grad_full = e * padded if plan.zero <= 1 else 0.0
+    grad_shard = FP32 * shard if (plan.zero >= 2 or e != FP32) else 0.0
+    pieces = tensors / shards + (len(units) if shards > 1 else 0)
+    return StateBytes(params, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)
+
+
+class MemoryModel:
+    """Estimates `MemoryBreakdown`s; holds a cache of simulated schedules for a search."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        workload: Workload,
+        *,
+        profile: str = "plait",
+        schedules: ScheduleCache | None = None,
+        layouts: LayoutCache | None = None,
+    ) -> None:
+        self.shape = shape
+        self.workload = workload
+        self.profile = profile
+        self.schedules = schedules or ScheduleCache()
+        self.layouts = layouts or LayoutCache(shape, seq_len=workload.seq_len)
+
+    def estimate(self, plan: Plan, *, reserved: float = 0.0) -> MemoryBreakdown:
+        """The busiest pipeline rank's breakdown (every rank's when pp == 1)."""
+        layout = self.layouts.get(plan)
+        in_flight = self._in_flight(plan)
+        stages = [self._stage(plan, layout, stage, in_flight[stage], reserved) for stage in range(plan.pp)]
+        return max(stages, key=lambda m: m.total)
+
+    def _in_flight(self, plan: Plan) -> tuple[float, ...]:
+        """Micro-batches' worth of a rank's layers held at once: 1 without pp; the schedule's peak otherwise."""
+        if plan.pp == 1:
+            return (1.0,)
+        return self.schedules.timing(plan).in_flight
+
+    def _stage(self, plan: Plan, layout: StageLayout, stage: int, in_flight: float, reserved: float) -> MemoryBreakdown:
+        units = self.shape.stage_units(stage, num_layers=layout.layers_per_rank[stage], pp=plan.pp, tp=plan.tp)
+        states = unit_state_bytes(units, plan)
+        mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
+        e = PARAM_BYTES[plan.precision]
+        saved, layer_working = self._layer_bytes(plan, mb, e)
+        hidden = mb * self.workload.seq_len * self.shape.hidden * e
+        is_last = stage == plan.pp - 1
+        activations = in_flight * layout.layers_per_rank[stage] * saved + (2 * hidden if is_last else 0.0)
+        phases = [layer_working + self._layer_phase(plan, units)]
+        if is_last:
+            phases.append(self._head_phase(plan, mb, e))
+        if stage == 0 and plan.pp > 1:
+            phases.append(self._embedding_phase(plan, hidden))
+        optimizer_step = 2 * FP32 * max(unit.local(plan.tp) for unit in units) / (plan.dp if plan.zero else 1)
+        return MemoryBreakdown(
+            params=states.params,
+            grads=states.grads,
+            optimizer=states.optimizer,
+            activations=activations,
+            working=max(max(phases), optimizer_step - activations),
+            comm=0.0,  # pipeline transfers land in the next stage's input, counted with its activations
+            reserved=reserved,
+            stage=stage,
+        )
+
+    def _head_phase(self, plan: Plan, micro_batch: int, e: int) -> float:
+        """The loss's backward: the peak of a model whose vocabulary is large next to its width."""
+        return head_working_bytes(
+            self.shape, micro_batch=micro_batch, seq_len=self.workload.seq_len, element_bytes=e, tp=plan.tp,
+            logits_kept=plan.pp == 1,
+        )  # fmt: skip
+
+    def _embedding_phase(self, plan: Plan, hidden: float) -> float:
+        """A first pipeline stage's embedding backward, while later micro-batches are in flight:
+        the dense gradient of the (vocab-parallel) table, and the gradient arriving from stage 1."""
+        return self.shape.vocab_rows(plan.tp) * self.shape.hidden * PARAM_BYTES[plan.precision] + hidden
+
+    def _layer_phase(self, plan: Plan, units: list[Unit]) -> float:
+        """A layer's backward under ZeRO: stage 3's gathered units (the one in use and the prefetched
+        one), and stage 2-3's reduction of each unit's gradients as backward makes them (the unit's own
+        gradients plus up to three flat fp32 buffers in flight: `MAX_IN_FLIGHT` and the one just launched)."""
+        if plan.zero < 2:
+            return 0.0
+        largest = sorted(unit.local(plan.tp) for unit in units)[-2:]
+        e = PARAM_BYTES[plan.precision]
+        gathered = e * sum(largest) if plan.zero == 3 else 0.0
+        return gathered + largest[-1] * (e + 3 * FP32)
+
+    def _layer_bytes(self, plan: Plan, micro_batch: int, e: int) -> tuple[float, float]:
+        """(saved, working) per layer, averaging selective recomputation's recomputed fraction of layers."""
+        kwargs = {
+            "micro_batch": micro_batch,
+            "seq_len": self.workload.seq_len,
+            "element_bytes": e,
+            "tp": plan.tp,
+            "sp": plan.sequence_parallel,
+            "profile": self.profile,
+        }
+        if plan.recompute != "selective" or self.profile == "megatron":
+            act = layer_activations(self.shape, recompute=plan.recompute, **kwargs)
+            return act.saved, act.working
+        kept = layer_activations(self.shape, recompute="none", **kwargs)
+        redone = layer_activations(self.shape, recompute="full", **kwargs)
+        ratio = plan.recompute_ratio
+        return (1 - ratio) * kept.saved + ratio * redone.saved, redone.working

@@ -1,0 +1,79 @@
+"""Text for people: the ranked table, why the best plan wins, and what to change when nothing fits."""
+
+from __future__ import annotations
+
+from plait.planner.estimate import Estimate, describe
+from plait.planner.search import SearchResult
+
+GIB = 2**30
+_PARTS = {
+    "compute": "compute",
+    "tp_comm": "tensor-parallel communication",
+    "bubble": "pipeline bubble",
+    "pp_comm": "pipeline transfers",
+    "dp_comm_exposed": "unhidden data-parallel communication",
+    "optimizer": "optimizer step",
+}
+
+
+def format_table(result: SearchResult, *, top: int = 10) -> str:
+    """The `top` fitting plans (or the smallest-memory ones when none fits), one line each."""
+    rows = result.fitting[:top] or result.estimates[:top]
+    headers = ("#", "plan", "mem/rank GiB", "states", "activ.", "step s", "tokens/s", "MFU")
+    lines = [_row(headers)]
+    for index, est in enumerate(rows, 1):
+        m = est.memory
+        lines.append(
+            _row((
+                str(index), describe(est.plan), f"{m.total / GIB:.2f}", f"{m.model_states / GIB:.2f}",
+                f"{m.activations / GIB:.2f}", f"{est.step_s:.3g}", f"{est.tokens_per_s:,.0f}", f"{100 * est.mfu:.1f}%",
+            ))
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _row(cells: tuple[str, ...]) -> str:
+    widths = (3, 52, 13, 8, 8, 9, 12, 7)
+    return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
+def _largest_gaps(best: Estimate, other: Estimate, *, count: int = 2) -> list[str]:
+    ours, theirs = best.time.as_dict(), other.time.as_dict()
+    gaps = sorted(_PARTS, key=lambda k: ours[k] - theirs[k])
+    scale = max(best.step_s, other.step_s)
+    return [
+        f"{_PARTS[k]} {ours[k]:.3g} s vs {theirs[k]:.3g} s"
+        for k in gaps[:count]
+        if abs(ours[k] - theirs[k]) > 1e-3 * scale
+    ]
+
+
+def why_best(result: SearchResult) -> str:
+    """Why the top plan beats the runner-up and the fastest plan of other shapes (other tp/pp)."""
+    best = result.best
+    if best is None:
+        return "no plan fits"
+    lines = [
+        f"best: {describe(best.plan)}: {best.step_s:.3g} s/step, {best.memory.total / GIB:.2f} GiB of "
+        f"{result.cluster.device_memory / GIB:.0f} GiB per device"
+    ]
+    rivals = result.fitting[1:2]
+    seen = {(e.plan.tp, e.plan.pp) for e in [best, *rivals]}
+    for est in result.fitting[2:]:
+        if (est.plan.tp, est.plan.pp) not in seen:
+            seen.add((est.plan.tp, est.plan.pp))
+            rivals.append(est)
+        if len(rivals) >= 4:
+            break
+    for est in rivals:
+        slower = est.step_s / best.step_s - 1
+        reasons = "; ".join(_largest_gaps(best, est)) or "the same time parts"
+        lines.append(f"  vs {describe(est.plan)}: {100 * slower:.1f}% slower ({reasons})")
+    too_big = [e for e in result.estimates if not e.fits and e.step_s < best.step_s]
+    if too_big:
+        fastest = min(too_big, key=lambda e: e.step_s)
+        lines.append(
+            f"  faster but does not fit: {describe(fastest.plan)} ({fastest.step_s:.3g} s/step, "
+            f"{fastest.memory.total / GIB:.2f} GiB)"
+        )
+    return "\n".join(lines)

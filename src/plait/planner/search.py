@@ -1,0 +1,154 @@
+"""Every valid plan for a model on a cluster, estimated and ranked by step time among those that fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from plait.config import Config, Plan, TrainConfig
+from plait.planner.cluster import Cluster
+from plait.planner.estimate import Estimate, Estimator
+from plait.planner.shape import ModelShape
+from plait.planner.workload import Workload
+from plait.train.setup import check_tensor_parallel
+
+SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which plan options the search may choose; fix one by giving a single value."""
+
+    precision: str = "bf16"
+    zero: tuple[int, ...] = (0, 1, 2, 3)
+    recompute: tuple[str, ...] = ("none", "selective", "full")
+    microbatches: tuple[int, ...] = ()  # () lets the search choose among divisors of the per-rank batch
+    schedules: tuple[str, ...] = SCHEDULES
+    tp: tuple[int, ...] = ()  # () allows every tp that divides the model and fits in a node
+    pp: tuple[int, ...] = ()
+    max_microbatches_per_stage: int = 8
+    selective_ratio: float = 0.5  # plait's selective recomputation: the fraction of layers recomputed
+
+    def __post_init__(self) -> None:
+        Plan(precision=self.precision)  # validates the name
+        for stage in self.zero:
+            Plan(zero=stage)
+        for mode in self.recompute:
+            Plan(recompute=mode)
+        if not self.zero or not self.recompute or not self.schedules:
+            raise ValueError("a search space needs at least one zero stage, recompute mode and schedule")
+
+    def relax(self, **changes: object) -> SearchSpace:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class SearchResult:
+    """Estimates, fitting plans first by step time, then the rest by memory."""
+
+    estimates: list[Estimate]
+    seconds: float
+    cluster: Cluster
+    num_invalid: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fitting(self) -> list[Estimate]:
+        return [e for e in self.estimates if e.fits]
+
+    @property
+    def best(self) -> Estimate | None:
+        fitting = self.fitting
+        return fitting[0] if fitting else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _tp_options(shape: ModelShape, cluster: Cluster, space: SearchSpace, seq_len: int) -> list[tuple[int, bool]]:
+    """(tp, sequence_parallel) pairs whose splits divide the model; tp stays inside a node."""
+    out = []
+    for tp in space.tp or _divisors(cluster.num_devices):
+        if tp > cluster.devices_per_node and not space.tp:
+            continue
+        for sp in (False, True) if tp > 1 else (False,):
+            try:
+                check_tensor_parallel(shape.config, tp=tp, seq_len=seq_len, sequence_parallel=sp)
+            except ValueError:
+                continue
+            out.append((tp, sp))
+    return out
+
+
+def _microbatch_options(per_rank: int, pp: int, space: SearchSpace) -> list[int]:
+    if space.microbatches:
+        return [m for m in space.microbatches if per_rank % m == 0]
+    limit = space.max_microbatches_per_stage * pp
+    return [m for m in _divisors(per_rank) if m <= limit]
+
+
+def _pipeline_options(pp: int, m: int, num_layers: int, space: SearchSpace) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1f1b", 1)]
+    out = []
+    for name in space.schedules:
+        if name == "interleaved":
+            if num_layers >= 2 * pp:
+                out.append((name, 2))
+        else:
+            out.append((name, 1))
+    return out
+
+
+def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace) -> Iterator[Plan]:
+    """Every plan the options allow, before validation."""
+    world = cluster.num_devices
+    for tp, sp in _tp_options(shape, cluster, space, workload.seq_len):
+        for pp in space.pp or _divisors(world // tp):
+            if (world // tp) % pp or pp > shape.num_layers:
+                continue
+            dp = world // tp // pp
+            if workload.global_batch % dp:
+                continue
+            for m in _microbatch_options(workload.global_batch // dp, pp, space):
+                for (schedule, chunks), zero, recompute in itertools.product(
+                    _pipeline_options(pp, m, shape.num_layers, space), space.zero, space.recompute
+                ):
+                    ratio = space.selective_ratio if recompute == "selective" else 1.0
+                    yield Plan(
+                        dp=dp, tp=tp, pp=pp, zero=zero, precision=space.precision, microbatches=m,
+                        recompute=recompute, recompute_ratio=ratio,
+                        sequence_parallel=sp, pp_schedule=schedule, pp_chunks=chunks,
+                    )  # fmt: skip
+
+
+def is_valid(plan: Plan, shape: ModelShape, workload: Workload) -> bool:
+    """plait's own launch checks (`Plan.check_available`, `Config.check_batching`) and stages <= layers."""
+    try:
+        plan.check_available()
+        Config(plan=plan, train=TrainConfig(global_batch=workload.global_batch)).check_batching(plan.dp)
+    except ValueError:
+        return False
+    return plan.pp * plan.pp_chunks <= shape.num_layers
+
+
+def search(
+    shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace | None = None, *, profile: str = "plait"
+) -> SearchResult:
+    """Estimate every valid plan; fitting plans first, fastest first."""
+    space = space or SearchSpace()
+    started = time.perf_counter()
+    estimator = Estimator(shape, workload, cluster, profile=profile)
+    estimates, invalid = [], 0
+    for plan in candidate_plans(shape, workload, cluster, space):
+        if not is_valid(plan, shape, workload):
+            invalid += 1
+            continue
+        estimates.append(estimator.estimate(plan))
+    # among equally fast plans, the one that communicates least, then the one that needs least memory
+    estimates.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.memory.total, e.time.dp_comm, e.memory.total))
+    return SearchResult(estimates, time.perf_counter() - started, cluster, num_invalid=invalid)

@@ -1,0 +1,177 @@
+"""Seconds per training step of a plan on a cluster.
+
+step = pipeline makespan of the busiest stage's forward and backward passes
+       (bubbles from plait's own schedule simulator, p2p time between stages)
+     + data-parallel traffic that backward does not hide
+     + the optimizer step.
+
+A pass costs its matmul FLOPs at `peak_flops * gemm_efficiency`, plus its
+element-wise traffic (about twice the activation bytes it writes: each
+element-wise op reads its input and writes its output) over memory bandwidth,
+plus `op_overhead` per operator, plus its tensor-parallel collectives
+(`comm.py`). Backward is twice a forward; full recomputation adds one more
+forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from plait.config import Plan
+from plait.planner.activations import FP32, layer_activations
+from plait.planner.cluster import Cluster
+from plait.planner.comm import collective_seconds, dp_step_seconds, tp_layer_seconds
+from plait.planner.layout import LayoutCache, ScheduleCache
+from plait.planner.memory import ADAM_BYTES, unit_state_bytes
+from plait.planner.shape import ModelShape
+from plait.planner.workload import PARAM_BYTES, Workload
+
+OPS_PER_LAYER = 30  # operators one layer's forward launches (norms, projections, attention, MLP, residuals)
+OPTIMIZER_PASSES = 12  # fp32 arrays AdamW reads or writes per element (moments, master, grad, temporaries)
+OPTIMIZER_OPS_PER_TENSOR = 12
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    """Seconds per step on the busiest rank; `total` is the step time."""
+
+    compute: float
+    tp_comm: float
+    bubble: float
+    pp_comm: float
+    dp_comm_exposed: float
+    optimizer: float
+    dp_comm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm_exposed + self.optimizer
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """One micro-batch through one pipeline rank's layers: forward and backward seconds (compute, tp comm)."""
+
+    forward: float
+    backward: float
+    tp_forward: float
+    tp_backward: float
+
+
+class TimeModel:
+    def __init__(
+        self,
+        shape: ModelShape,
+        workload: Workload,
+        cluster: Cluster,
+        *,
+        profile: str = "plait",
+        schedules: ScheduleCache | None = None,
+        layouts: LayoutCache | None = None,
+    ) -> None:
+        self.shape = shape
+        self.workload = workload
+        self.cluster = cluster
+        self.profile = profile
+        self.schedules = schedules or ScheduleCache()
+        self.layouts = layouts or LayoutCache(shape, seq_len=workload.seq_len)
+
+    def estimate(self, plan: Plan) -> TimeBreakdown:
+        layout = self.layouts.get(plan)
+        costs = [
+            self._pass(plan, layers, is_first=r == 0, is_last=r == plan.pp - 1)
+            for r, layers in enumerate(layout.layers_per_rank)
+        ]
+        slowest = max(costs, key=lambda c: c.forward + c.backward + c.tp_forward + c.tp_backward)
+        fwd, bwd = slowest.forward + slowest.tp_forward, slowest.backward + slowest.tp_backward
+        m = plan.microbatches
+        busy = m * (fwd + bwd)
+        makespan, pp_comm = busy, 0.0
+        if plan.pp > 1:
+            makespan, pp_comm = self._pipeline(plan, fwd, bwd)
+        dp_comm, hidden_by = self._dp_comm(plan, layout.layers_per_rank), m * slowest.backward
+        exposed = max(dp_comm - self.cluster.overlap * hidden_by, (1 - self.cluster.overlap) * dp_comm)
+        return TimeBreakdown(
+            compute=m * (slowest.forward + slowest.backward),
+            tp_comm=m * (slowest.tp_forward + slowest.tp_backward),
+            bubble=max(0.0, makespan - busy - pp_comm),
+            pp_comm=pp_comm,
+            dp_comm_exposed=exposed,
+            optimizer=self._optimizer(plan, layout.layers_per_rank),
+            dp_comm=dp_comm,
+        )
+
+    # --- compute ---
+
+    def _pass(self, plan: Plan, num_layers: int, *, is_first: bool, is_last: bool) -> PassCost:
+        c, s = self.cluster, self.workload.seq_len
+        mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
+        tokens = mb * s
+        e = PARAM_BYTES[plan.precision]
+        layer_flops = tokens * self.shape.layer_flops_per_token(s, tp=plan.tp)
+        act = layer_activations(
+            self.shape, micro_batch=mb, seq_len=s, element_bytes=e, tp=plan.tp, sp=plan.sequence_parallel,
+            profile=self.profile,
+        )  # fmt: skip
+        layer = layer_flops / (c.peak_flops * c.gemm_efficiency) + 2 * act.saved / c.memory_bandwidth
+        layer += OPS_PER_LAYER * c.op_overhead
+        head = 0.0
+        if is_last:
+            head_flops = tokens * self.shape.head_flops_per_token(tp=plan.tp)
+            logits = tokens * self.shape.vocab_rows(plan.tp) * (e + 3 * FP32)
+            head = head_flops / (c.peak_flops * c.gemm_efficiency) + 2 * logits / c.memory_bandwidth
+        recomputed = {"full": 1.0, "selective": plan.recompute_ratio}.get(plan.recompute, 0.0)
+        if self.profile == "megatron" and plan.recompute == "selective":
+            recomputed = 0.0  # only the attention scores, already inside the element-wise traffic
+        forward = num_layers * layer + head
+        backward = 2 * forward + recomputed * num_layers * layer
+        hidden_bytes = tokens * self.shape.hidden * e
+        num_in = 2 if self.shape.config.activation == "swiglu" else 1
+        columns = 2 if self.profile == "megatron" else 3 + num_in
+        tp_fwd, tp_bwd = tp_layer_seconds(plan, hidden_bytes, columns=columns, cluster=c)
+        tp_ends = self._tp_ends(plan, hidden_bytes, tokens, is_first=is_first, is_last=is_last)
+        return PassCost(
+            forward, backward, num_layers * tp_fwd + tp_ends, num_layers * (tp_bwd + recomputed * tp_fwd) + tp_ends
+        )
+
+    def _tp_ends(self, plan: Plan, hidden_bytes: float, tokens: int, *, is_first: bool, is_last: bool) -> float:
+        """The vocab-parallel ends: the embedding's all-reduce on the first stage; on the last, the head
+        input's gradient all-reduce and the loss's three all-reduces of one fp32 value per token."""
+        if plan.tp == 1:
+            return 0.0
+        link = self.cluster.link(plan.tp)
+        one = collective_seconds(hidden_bytes, ranks=plan.tp, link=link, kind="all_reduce")
+        loss = 3 * collective_seconds(FP32 * tokens, ranks=plan.tp, link=link, kind="all_reduce")
+        return (one if is_first else 0.0) + (one + loss if is_last else 0.0)
+
+    # --- pipeline ---
+
+    def _pipeline(self, plan: Plan, forward: float, backward: float) -> tuple[float, float]:
+        mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
+        message = mb * self.workload.seq_len * self.shape.hidden * PARAM_BYTES[plan.precision]
+        link = self.cluster.link(plan.pp, stride=plan.dp * plan.tp)
+        send = message / link.bandwidth + link.latency
+        v = plan.pp_chunks
+        makespan = self.schedules.timing(plan, forward=forward / v, backward=backward / v).makespan
+        hops = 2 * (plan.pp * v - 1)  # the critical path crosses every stage boundary forward and back
+        return makespan + hops * send, hops * send
+
+    # --- data parallel and optimizer ---
+
+    def _dp_comm(self, plan: Plan, layers_per_rank: tuple[int, ...]) -> float:
+        units = self.shape.stage_units(0, num_layers=max(layers_per_rank), pp=plan.pp, tp=plan.tp)
+        return dp_step_seconds(plan, units, cluster=self.cluster)
+
+    def _optimizer(self, plan: Plan, layers_per_rank: tuple[int, ...]) -> float:
+        units = self.shape.stage_units(0, num_layers=max(layers_per_rank), pp=plan.pp, tp=plan.tp)
+        states = unit_state_bytes(units, plan)
+        elements = (states.optimizer) / ADAM_BYTES
+        num_tensors = sum(unit.num_tensors for unit in units)
+        c = self.cluster
+        return (
+            elements * OPTIMIZER_PASSES * FP32 / c.memory_bandwidth
+            + num_tensors * OPTIMIZER_OPS_PER_TENSOR * c.op_overhead
+        )
