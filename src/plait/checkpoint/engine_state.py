@@ -17,13 +17,15 @@ import torch.distributed as dist
 from plait.checkpoint.io import (
     CONFIG_FILE,
     TRAINER_FILE,
+    check_files,
+    complete_manifest,
     config_bytes,
-    open_checkpoint,
     read_trainer_state,
     rng_state,
     set_rng_state,
     trainer_bytes,
 )
+from plait.checkpoint.sharded import ShardReader, shard_rank
 from plait.checkpoint.training_state import (
     adapt_scheduler_state,
     load_optimizer,
@@ -122,10 +124,39 @@ def _load_run_state(engine: Engine, trainer_state: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _files_to_check(names: list[str], *, rank: int, world: int) -> list[str]:
+    """This rank's share of a checkpoint's files: the shard files of ranks `rank` mod `world` (the
+    pieces it reads next under the same plan, then from the page cache) and every world-th other file."""
+    others = sorted(name for name in names if shard_rank(name) is None)
+    shards = [name for name in names if (owner := shard_rank(name)) is not None and owner % world == rank]
+    return shards + others[rank::world]
+
+
+def _open_verified(path: Path) -> ShardReader:
+    """A reader of a checkpoint whose files the ranks checked between them, each file once (were every
+    rank to check every file, each would read the whole checkpoint); every rank raises the same error."""
+    manifest = complete_manifest(path)  # every rank sees the same directory: all raise here, or none
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        check_files(path, manifest, manifest["files"])
+        return ShardReader(path, manifest)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problem = None
+    try:
+        check_files(path, manifest, _files_to_check(list(manifest["files"]), rank=rank, world=world))
+    except ValueError as error:
+        problem = str(error)
+    problems: list[Any] = [None] * world
+    dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise ValueError(found[0])
+    return ShardReader(path, manifest)
+
+
 def load_engine(engine: Engine, path: Path) -> tuple[dict[str, Any], list[str]]:
     """Load a checkpoint saved under any plan; returns its trainer state and notes on what
     makes the continuation inexact (for the log)."""
-    reader = open_checkpoint(path)
+    reader = _open_verified(Path(path))
     trainer_state = read_trainer_state(path)
     load_weights(engine, reader)
     notes = _plan_changes(reader.manifest.get("plan", {}), engine)

@@ -19,6 +19,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,19 +158,21 @@ def _earlier_hint(path: Path) -> str:
     )
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file of a checkpoint against its manifest; return the manifest.
-
-    Raises ValueError naming the missing or corrupt file.
-    """
+def complete_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a committed checkpoint; ValueError when there is none (an interrupted save)."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise ValueError(
             f"{path} is not a complete plait checkpoint: {MANIFEST_FILE} is missing; {_earlier_hint(path)}"
         )
-    manifest = read_manifest(path)
-    for name, expected in manifest["files"].items():
+    return read_manifest(path)
+
+
+def check_files(path: Path, manifest: dict[str, Any], names: Iterable[str]) -> None:
+    """Check the checkpoint files `names` against the manifest's sizes and sha256; ValueError naming a bad one."""
+    path = Path(path)
+    for name in names:
+        expected = manifest["files"][name]
         file = path / name
         if not file.is_file():
             raise ValueError(f"checkpoint {path} is missing {name}; {_earlier_hint(path)}")
@@ -178,6 +181,15 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
                 f"checkpoint file {file} is corrupt (its size or sha256 differs from {MANIFEST_FILE}); "
                 f"{_earlier_hint(path)}"
             )
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest.
+
+    Raises ValueError naming the missing or corrupt file.
+    """
+    manifest = complete_manifest(path)
+    check_files(path, manifest, manifest["files"])
     return manifest
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from plait.checkpoint.layout import PieceLayout, global_indices
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "plait-sharded-v1"
+_SHARD_PATTERN = re.compile(r"shard-(\d+)\.safetensors")
 
 
 @dataclass
@@ -46,6 +49,12 @@ def shard_file_name(rank: int) -> str:
     return f"shard-{rank:05d}.safetensors"
 
 
+def shard_rank(file_name: str) -> int | None:
+    """The writing rank of a shard file's name ('shard-00003.safetensors' -> 3); None for other files."""
+    match = _SHARD_PATTERN.fullmatch(file_name)
+    return int(match.group(1)) if match else None
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -64,8 +73,12 @@ def snapshot(entries: list[Entry]) -> list[Entry]:
     return [Entry(e.name, e.tensor.detach().to("cpu", copy=True).contiguous(), e.layout) for e in entries]
 
 
-def write_rank_file(directory: Path, *, rank: int, entries: list[Entry]) -> dict[str, Any]:
-    """Write this rank's pieces; return its record for the manifest (empty when it owns none)."""
+def write_rank_file(
+    directory: Path, *, rank: int, entries: list[Entry], record_of: Callable[[Path], dict[str, Any]] = file_record
+) -> dict[str, Any]:
+    """Write this rank's pieces; return its record for the manifest (empty when it owns none).
+
+    `record_of(file)` makes the file's record (the writer's also fsyncs it)."""
     if not entries:
         return {"files": {}, "pieces": []}
     name = shard_file_name(rank)
@@ -74,7 +87,7 @@ def write_rank_file(directory: Path, *, rank: int, entries: list[Entry]) -> dict
         {"tensor": e.name, "file": name, "dtype": str(e.tensor.dtype).removeprefix("torch."), **e.layout.to_json()}
         for e in entries
     ]
-    return {"files": {name: file_record(directory / name)}, "pieces": pieces}
+    return {"files": {name: record_of(directory / name)}, "pieces": pieces}
 
 
 def tensor_table(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
