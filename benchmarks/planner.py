@@ -39,7 +39,7 @@ from common import RESULTS_DIR, environment, format_bytes, format_table, run_ran
 import plait
 from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
-from plait.planner import Estimator, ModelShape, Workload, describe
+from plait.planner import Cluster, Estimator, ModelShape, Workload, describe
 from plait.planner.calibrate import calibrate
 from plait.train.metrics import peak_live_tensor_bytes
 
@@ -105,20 +105,47 @@ def measure_plan(rank: int, world_size: int, plan: Plan, num_steps: int, with_me
     return out
 
 
-def deepspeed_opinion(plan: Plan, num_params: int) -> float | None:
-    """DeepSpeed's ZeRO-2/3 model-state estimate per GPU (mixed precision), or None where it does not apply."""
+def deepspeed_states(zero: int, *, num_params: int, largest_layer: int, dp: int) -> float | None:
+    """DeepSpeed's own ZeRO-2/3 estimate of model-state bytes per GPU (mixed precision, no offload);
+    None where deepspeed is not importable."""
     try:
-        if plan.zero == 2:
-            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-            return float(estimate_zero2_model_states_mem_needs(num_params, num_gpus_per_node=plan.dp)[1])
-        if plan.zero == 3:
-            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-            return float(estimate_zero3_model_states_mem_needs(num_params, 0, num_gpus_per_node=plan.dp)[1])
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     except ImportError:
         return None
-    return None
+    if zero == 2:
+        return float(estimate_zero2_model_states_mem_needs(num_params, num_gpus_per_node=dp, cpu_offload=False)[1])
+    return float(
+        estimate_zero3_model_states_mem_needs(
+            num_params, largest_layer, num_gpus_per_node=dp, cpu_offload=False, cpu_offload_params=False
+        )[1]
+    )
+
+
+def measure_bf16_states(rank: int, world_size: int, zero: int) -> int:
+    """Model-state bytes after one bf16 step (a short batch: bf16 matmuls crawl on this CPU)."""
+    engine = make_engine(Plan(dp=world_size, zero=zero, precision="bf16"))
+    tokens = torch.randint(0, REFERENCE.vocab_size, (1, 16))
+    engine.train_step({"input_ids": tokens, "labels": tokens})
+    return engine.state_bytes()["total"]
+
+
+def second_opinion(world: int) -> list[dict[str, Any]]:
+    """bf16 ZeRO-2/3 model states: measured, the planner's estimate, and DeepSpeed's estimators."""
+    shape = ModelShape(REFERENCE, name="reference")
+    cluster = Cluster.preset("h100", devices_per_node=world)  # model states need no calibration
+    estimator = Estimator(shape, Workload(GLOBAL_BATCH, SEQ_LEN), cluster)
+    largest = max(unit.local(1) for unit in shape.stage_units(0, num_layers=REFERENCE.num_layers, pp=1, tp=1))
+    rows = []
+    for zero in (2, 3):
+        measured = max(run_ranks(measure_bf16_states, world, zero))
+        plan = Plan(dp=world, zero=zero, precision="bf16")
+        rows.append({
+            "world": world, "zero": zero, "measured": measured,
+            "planner": estimator.estimate(plan).memory.model_states,
+            "deepspeed": deepspeed_states(zero, num_params=REFERENCE.num_parameters(), largest_layer=largest, dp=world),
+        })  # fmt: skip
+    return rows
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -144,7 +171,7 @@ def step_seconds(results: list[dict[str, Any]]) -> list[float]:
 
 def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: int) -> dict[str, Any]:
     started = time.perf_counter()
-    cluster = calibrate(world, tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model)
+    cluster = calibrate(world, tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model, repeats=3)
     calibration_s = time.perf_counter() - started
     estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster)
     rows = []
@@ -167,7 +194,6 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
             "est_peak": est.memory.tensors, "peak": max(r["live_peak"] for r in results),
             "est_step_s": est.step_s, "step_s": step_s,
             "step_spread": [min(seconds[index]), max(seconds[index])],
-            "deepspeed_states": deepspeed_opinion(plan, REFERENCE.num_parameters()),
             "est_time": est.time.as_dict(), "est_memory": est.memory.as_dict(),
         })  # fmt: skip
         print(f"  measured {rows[-1]['plan']}: {step_s:.3f} s (est {est.step_s:.3f})", file=sys.stderr, flush=True)
@@ -208,7 +234,6 @@ def print_report(worlds: dict[int, dict[str, Any]], summary: dict[str, Any]) -> 
         "states est",
         "meas",
         "err",
-        "DS est",
         "peak est",
         "meas",
         "err",
@@ -219,15 +244,27 @@ def print_report(worlds: dict[int, dict[str, Any]], summary: dict[str, Any]) -> 
     table = []
     for data in worlds.values():
         for r in data["rows"]:
-            ds = format_bytes(r["deepspeed_states"]) if r["deepspeed_states"] else "-"
             table.append((
                 r["world"], r["plan"], format_bytes(r["est_states"]), format_bytes(r["states"]),
-                f"{100 * r['states_err']:+.2f}%", ds, format_bytes(r["est_peak"]), format_bytes(r["peak"]),
+                f"{100 * r['states_err']:+.2f}%", format_bytes(r["est_peak"]), format_bytes(r["peak"]),
                 f"{100 * r['peak_err']:+.2f}%", f"{r['est_step_s']:.3f}", f"{r['step_s']:.3f}",
                 f"{100 * r['step_err']:+.1f}%",
             ))  # fmt: skip
     print(format_table(headers, table))
+    opinions = summary.get("second_opinion", [])
+    if opinions:
+        print("\nbf16 model states per rank: measured, planner, DeepSpeed's estimate_zero{2,3}_model_states_mem_needs")
+        rows = [
+            (o["world"], o["zero"], format_bytes(o["measured"]), format_bytes(o["planner"]),
+             f"{100 * (o['planner'] / o['measured'] - 1):+.2f}%",
+             format_bytes(o["deepspeed"]) if o["deepspeed"] else "not installed",
+             f"{100 * (o['deepspeed'] / o['measured'] - 1):+.1f}%" if o["deepspeed"] else "-")
+            for o in opinions
+        ]  # fmt: skip
+        print(format_table(("world", "zero", "measured", "planner", "err", "DeepSpeed", "err"), rows))
     for key, value in summary.items():
+        if key == "second_opinion":
+            continue
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"world {world}: calibrating, then {len(plans)} plans", file=sys.stderr, flush=True)
         worlds[world] = run_world(world, plans, steps, 1 if args.quick else args.rounds)
     summary = summarize(worlds)
+    summary["second_opinion"] = [row for world in args.worlds for row in second_opinion(world)]
     print_report(worlds, summary)
     name = "planner-quick.json" if args.quick else "planner.json"
     payload = {"environment": environment(), "model": dataclasses.asdict(REFERENCE), "global_batch": GLOBAL_BATCH}

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from plait.planner.cluster import Cluster, Link
-from plait.train.metrics import measure_peak_flops
+from plait.planner.comm import collective_seconds
+from plait.planner.timing import OPS_PER_LAYER
 
-SMALL, LARGE = 1 << 18, 1 << 23  # all-reduce sizes in bytes: latency-bound and bandwidth-bound
+LARGE = 1 << 22  # bytes of the all-gather, reduce-scatter and overlap probes
+TABLE_BYTES = (1 << 12, 1 << 16, 1 << 19, 1 << 22, 1 << 24)  # all-reduce sizes timed for the link's table
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,21 @@ class Measured:
     gemm_flops: float
     memory_bandwidth: float
     op_overhead: float
-    small_s: float
-    large_s: float
+    all_reduce_s: tuple[float, ...]  # at TABLE_BYTES
     all_gather_s: float
     reduce_scatter_s: float
     overlap: float
+
+
+def _block_s(fn, repeats: int = 8) -> float:
+    """Seconds per call over `repeats` calls timed as one block, after a warm-up call. Ranks that share
+    cores all run their blocks at once (see `_together`), so the block sees the shared rate, where a
+    median of single calls would pick the calls that ran while the others waited."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
 
 
 def _median_s(fn, repeats: int = 5) -> float:
@@ -63,7 +75,13 @@ def _gemm_flops(tokens: int, hidden: int) -> float:
         out.backward()
 
     flops = 3 * 2 * tokens * (4 * hidden * hidden + 8 * hidden * hidden)
-    return flops / _median_s(step)
+    return flops / _block_s(step)
+
+
+def _peak_flops(size: int = 1024) -> float:
+    """A large square fp32 matmul's rate (the MFU denominator's kind of figure), timed as a block."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / _block_s(lambda: a @ b, repeats=8)
 
 
 def _elementwise_rate(tokens: int, hidden: int) -> float:
@@ -84,26 +102,25 @@ def _elementwise_rate(tokens: int, hidden: int) -> float:
         out.backward()
 
     saved = 4 * (tokens * hidden + 2 * tokens * 4 * hidden)
-    return 6 * saved / _median_s(step)
+    return 6 * saved / _block_s(step)
 
 
-def _op_overhead(num_ops: int = 200) -> float:
-    """Seconds per operator on tiny tensors, forward and backward through autograd (3 launches per op)."""
-    x = torch.ones(8, requires_grad=True)
+def _op_overhead() -> float:
+    """Seconds per operator of a transformer layer too small for its arithmetic to count: a tiny
+    plait GPT layer's forward and backward over `3 * OPS_PER_LAYER` operators."""
+    from plait.models.gpt import Block
+    from plait.models.gpt_config import GPTConfig
 
-    def chain() -> None:
-        y = x
-        for _ in range(num_ops):
-            y = y * 1.0001
-        y.sum().backward()
-
-    return _median_s(chain) / (3 * num_ops)
+    block = Block(GPTConfig(vocab_size=256, max_seq_len=8, d_model=32, num_layers=1, num_heads=2))
+    x = torch.randn(1, 8, 32, requires_grad=True)
+    return _block_s(lambda: block(x).sum().backward(), repeats=32) / (3 * OPS_PER_LAYER)
 
 
 def _collective_s(num_bytes: int, group: dist.ProcessGroup | None, kind: str = "all_reduce") -> float:
-    """Seconds of one collective over a buffer of `num_bytes` (the full buffer, as the ring model counts it)."""
+    """Seconds per collective over a buffer of `num_bytes` (the full buffer, as the ring model counts
+    it): eight back to back after a barrier, so the barrier's own noise stays out; median of three."""
     ranks = dist.get_world_size(group)
-    full = torch.zeros(num_bytes // 4 // ranks * ranks)
+    full = torch.zeros(max(ranks, num_bytes // 4 // ranks * ranks))
     shard = torch.zeros(full.numel() // ranks)
     calls = {
         "all_reduce": lambda: dist.all_reduce(full, group=group),
@@ -111,23 +128,26 @@ def _collective_s(num_bytes: int, group: dist.ProcessGroup | None, kind: str = "
         "reduce_scatter": lambda: dist.reduce_scatter_single(shard, full, group=group),
     }
 
-    def run() -> None:
+    def block() -> float:
         dist.barrier(group=group)
-        calls[kind]()
+        start = time.perf_counter()
+        for _ in range(8):
+            calls[kind]()
+        return (time.perf_counter() - start) / 8
 
-    barrier = _median_s(lambda: dist.barrier(group=group))
-    return max(1e-7, _median_s(run) - barrier)
+    block()
+    return statistics.median(block() for _ in range(3))
 
 
 def _overlap(group: dist.ProcessGroup | None) -> float:
     """Fraction of an all-reduce that hides behind matmuls running meanwhile (0: none, 1: all)."""
-    tensor = torch.zeros(LARGE // 4)
-    a = torch.randn(512, 512)
     if dist.get_world_size(group) == 1:
         return 1.0
+    tensor = torch.zeros(LARGE // 4)
+    a = torch.randn(512, 512)
     comm = _collective_s(LARGE, group)
     count = max(1, int(comm / _median_s(lambda: a @ a)))
-    compute = _median_s(lambda: [a @ a for _ in range(count)])
+    compute = _median_s(lambda: [a @ a for _ in range(count)], repeats=9)
 
     def both() -> None:
         dist.barrier(group=group)
@@ -136,7 +156,7 @@ def _overlap(group: dist.ProcessGroup | None) -> float:
             a @ a
         work.wait()
 
-    together = _median_s(both)
+    together = _median_s(both, repeats=9)
     return min(1.0, max(0.0, (compute + comm - together) / min(compute, comm)))
 
 
@@ -154,31 +174,56 @@ def measure_rank(group: dist.ProcessGroup | None = None, *, tokens: int = 512, h
     for the sustained rate (CPU matmul speed depends on size: use the planned
     model's micro-batch tokens and width)."""
     return Measured(
-        peak_flops=_together(lambda: measure_peak_flops(torch.device("cpu")), group),
+        peak_flops=_together(_peak_flops, group),
         gemm_flops=_together(lambda: _gemm_flops(tokens, hidden), group),
         memory_bandwidth=_together(lambda: _elementwise_rate(tokens, hidden), group),
         op_overhead=_together(_op_overhead, group),
-        small_s=_collective_s(SMALL, group),  # one rank: no traffic, measured as ~0
-        large_s=_collective_s(LARGE, group),
+        all_reduce_s=tuple(_collective_s(size, group) for size in TABLE_BYTES),
         all_gather_s=_collective_s(LARGE, group, "all_gather"),
         reduce_scatter_s=_collective_s(LARGE, group, "reduce_scatter"),
         overlap=_overlap(group),
     )
 
 
+def _median_measured(repeats: list[Measured]) -> Measured:
+    """Each figure's median over repeated calibrations (a shared machine is noisy)."""
+    fields = {}
+    for name in Measured.__dataclass_fields__:
+        values = [getattr(m, name) for m in repeats]
+        if isinstance(values[0], tuple):
+            fields[name] = tuple(statistics.median(v[i] for v in values) for i in range(len(values[0])))
+        else:
+            fields[name] = statistics.median(values)
+    return Measured(**fields)
+
+
+def _monotone(times: list[float]) -> list[float]:
+    """A larger buffer never takes less time: cap each time by the next larger size's (noise spikes)."""
+    out = list(times)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
+
+
 def _link(measured: list[Measured], ranks: int) -> Link:
-    """Ring all-reduce: t = 2(N-1)/N * B / bandwidth + 2(N-1) * latency, solved from two sizes; the
-    all-gather and reduce-scatter factors are their measured times over that model's prediction."""
-    small_s, large_s = max(m.small_s for m in measured), max(m.large_s for m in measured)
-    factor = 2 * (ranks - 1) / ranks
-    bandwidth = factor * (LARGE - SMALL) / max(large_s - small_s, 1e-9)
-    latency = max(0.0, (small_s - factor * SMALL / bandwidth) / (2 * (ranks - 1)))
-    ring = (ranks - 1) / ranks * LARGE / bandwidth + (ranks - 1) * latency
-    return Link(
-        bandwidth=bandwidth,
-        latency=latency,
-        all_gather=max(m.all_gather_s for m in measured) / ring,
-        reduce_scatter=max(m.reduce_scatter_s for m in measured) / ring,
+    """The slowest rank's all-reduce times by size as the link's table, with the ring model's
+    bandwidth and latency fitted to them (least squares) for display and for other group sizes;
+    the all-gather and reduce-scatter factors are their times over what the table predicts."""
+    times = _monotone([max(m.all_reduce_s[i] for m in measured) for i in range(len(TABLE_BYTES))])
+    steps = 2 * (ranks - 1)
+    xs, ys = [steps / ranks * size for size in TABLE_BYTES], times
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    bandwidth = 1 / max(slope, 1e-15)
+    latency = max(0.0, (mean_y - slope * mean_x) / steps)
+    link = Link(
+        bandwidth=bandwidth, latency=latency, table=tuple(zip(TABLE_BYTES, times, strict=True)), table_ranks=ranks
+    )
+    return link.replace(
+        all_gather=max(m.all_gather_s for m in measured)
+        / collective_seconds(LARGE, ranks=ranks, link=link, kind="all_gather"),
+        reduce_scatter=max(m.reduce_scatter_s for m in measured)
+        / collective_seconds(LARGE, ranks=ranks, link=link, kind="reduce_scatter"),
     )
 
 
@@ -202,15 +247,22 @@ def cluster_from(measurements: list[Measured], *, device_memory: int) -> Cluster
         reserved_bytes=0,
         overlap=min(m.overlap for m in measurements) if ranks > 1 else 1.0,
         backend="gloo",
+        core_share=min(1.0, _num_cores() / ranks),
     )
 
 
-def _worker(rank: int, ranks: int, store_path: str, queue: mp.Queue, shape: tuple[int, int]) -> None:
+def _worker(rank: int, ranks: int, store_path: str, queue: mp.Queue, options: tuple[int, int, int]) -> None:
+    tokens, hidden, repeats = options
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, ranks)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=ranks)
-    queue.put((rank, measure_rank(tokens=shape[0], hidden=shape[1])))
+    measured = [measure_rank(tokens=tokens, hidden=hidden) for _ in range(repeats)]
+    queue.put((rank, _median_measured(measured)))
     dist.destroy_process_group()
+
+
+def _num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _host_memory() -> int:
@@ -223,16 +275,19 @@ def calibrate(
     device_memory: int | None = None,
     tokens: int = 512,
     hidden: int = 256,
+    repeats: int = 1,
     timeout_s: float = 300.0,
 ) -> Cluster:
     """Measure `num_ranks` local ranks (forked, one thread each) or, if a process group exists, its ranks.
 
     `device_memory` defaults to this machine's memory divided among the ranks;
-    `tokens` and `hidden` shape the timed matmuls (see `measure_rank`).
+    `tokens` and `hidden` shape the timed matmuls (see `measure_rank`); with
+    `repeats` > 1 each figure is the median of that many calibrations.
     """
     if dist.is_initialized():
         gathered: list[Measured | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, measure_rank(tokens=tokens, hidden=hidden))
+        mine = _median_measured([measure_rank(tokens=tokens, hidden=hidden) for _ in range(repeats)])
+        dist.all_gather_object(gathered, mine)
         memory = device_memory or _host_memory() // dist.get_world_size()
         return cluster_from([m for m in gathered if m is not None], device_memory=memory)
     if num_ranks < 1:
@@ -241,8 +296,8 @@ def calibrate(
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as workdir:
         store = str(Path(workdir, "store"))
-        shape = (tokens, hidden)
-        procs = [ctx.Process(target=_worker, args=(r, num_ranks, store, queue, shape)) for r in range(num_ranks)]
+        options = (tokens, hidden, repeats)
+        procs = [ctx.Process(target=_worker, args=(r, num_ranks, store, queue, options)) for r in range(num_ranks)]
         for proc in procs:
             proc.start()
         results = dict(queue.get(timeout=timeout_s) for _ in procs)

@@ -43,13 +43,17 @@ class Link:
 
     `all_gather` and `reduce_scatter` scale the ring model's time for those
     collectives where a backend runs them slower than its all-reduce (gloo's
-    reduce-scatter, FACTS.md); 1.0 on NCCL.
+    reduce-scatter, FACTS.md); 1.0 on NCCL. A calibrated link also carries
+    `table`, measured all-reduce seconds by buffer bytes over `table_ranks`
+    ranks, which replaces the bandwidth/latency model where it has data.
     """
 
     bandwidth: float
     latency: float
     all_gather: float = 1.0
     reduce_scatter: float = 1.0
+    table: tuple[tuple[int, float], ...] = ()
+    table_ranks: int = 2
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0 or self.latency < 0 or not self.all_gather > 0 or not self.reduce_scatter > 0:
@@ -60,6 +64,21 @@ class Link:
 
     def scale(self, kind: str) -> float:
         return {"all_gather": self.all_gather, "reduce_scatter": self.reduce_scatter}.get(kind, 1.0)
+
+    def replace(self, **changes: object) -> Link:
+        return dataclasses.replace(self, **changes)
+
+    def all_reduce_table_seconds(self, num_bytes: float) -> float:
+        """Measured all-reduce seconds for `num_bytes` over `table_ranks`, interpolated linearly
+        between the sizes timed and extrapolated at the largest one's rate per byte."""
+        sizes = [size for size, _ in self.table]
+        times = [seconds for _, seconds in self.table]
+        if num_bytes <= sizes[0]:
+            return times[0]
+        for (lo, t_lo), (hi, t_hi) in zip(self.table, self.table[1:], strict=False):
+            if num_bytes <= hi:
+                return t_lo + (t_hi - t_lo) * (num_bytes - lo) / (hi - lo)
+        return times[-1] * num_bytes / sizes[-1]
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,10 @@ class Cluster:
       behind backward compute.
     - ``backend``: "nccl" or "gloo"; plait reduces ZeRO gradients with an
       all-reduce on gloo (faster there) and a reduce-scatter on nccl.
+    - ``core_share``: the fraction of a core each rank gets while all ranks
+      compute (CPU ranks that outnumber the cores: cores / ranks; else 1).
+      Calibrated rates are the shared ones; a rank idle in a pipeline bubble
+      yields its core to the others.
     """
 
     name: str
@@ -94,6 +117,7 @@ class Cluster:
     reserved_bytes: int = 2 * GIB
     overlap: float = 1.0
     backend: str = "nccl"
+    core_share: float = 1.0
 
     def __post_init__(self) -> None:
         for field in ("nodes", "devices_per_node", "device_memory"):
@@ -105,6 +129,8 @@ class Cluster:
             raise ValueError(
                 f"gemm_efficiency={self.gemm_efficiency} lies in (0, 1] and overlap={self.overlap} in [0, 1]"
             )
+        if not 0 < self.core_share <= 1:
+            raise ValueError(f"cluster.core_share={self.core_share}: a fraction of a core in (0, 1]")
         if self.backend not in ("nccl", "gloo"):
             raise ValueError(f"cluster.backend={self.backend!r}: use 'nccl' (GPUs) or 'gloo' (CPUs)")
         if self.reserved_bytes >= self.device_memory:

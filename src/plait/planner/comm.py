@@ -28,11 +28,22 @@ from plait.planner.shape import Unit
 MB = 2**20
 
 
+def _ring_steps(kind: str, ranks: int) -> int:
+    return 2 * (ranks - 1) if kind == "all_reduce" else ranks - 1
+
+
 def collective_seconds(num_bytes: float, *, ranks: int, link: Link, kind: str) -> float:
+    """With a measured table: the all-reduce time of that buffer, scaled by ring steps to this kind and
+    group size; otherwise the ring model. Either way times the link's factor for the kind."""
     if ranks == 1 or num_bytes == 0:
         return 0.0
-    steps = 2 * (ranks - 1) if kind == "all_reduce" else ranks - 1
-    return (steps / ranks * num_bytes / link.bandwidth + steps * link.latency) * link.scale(kind)
+    steps = _ring_steps(kind, ranks)
+    if link.table:
+        measured = link.all_reduce_table_seconds(num_bytes)
+        seconds = measured * steps / _ring_steps("all_reduce", link.table_ranks)
+    else:
+        seconds = steps / ranks * num_bytes / link.bandwidth + steps * link.latency
+    return seconds * link.scale(kind)
 
 
 def tp_layer_seconds(plan: Plan, hidden_bytes: float, *, columns: int, cluster: Cluster) -> tuple[float, float]:

@@ -147,11 +147,15 @@ class MemoryModel:
         )
 
     def _head_phase(self, plan: Plan, micro_batch: int, e: int) -> float:
-        """The loss's backward: the peak of a model whose vocabulary is large next to its width."""
-        return head_working_bytes(
+        """The loss's backward: the peak of a model whose vocabulary is large next to its width. Under tp
+        the gradient of the head's input leaves the tensor-parallel region through a collective that
+        works on a fresh copy: two hidden-sized buffers more."""
+        loss = head_working_bytes(
             self.shape, micro_batch=micro_batch, seq_len=self.workload.seq_len, element_bytes=e, tp=plan.tp,
             logits_kept=plan.pp == 1,
         )  # fmt: skip
+        exit_grads = 2 * micro_batch * self.workload.seq_len * self.shape.hidden * e if plan.tp > 1 else 0.0
+        return loss + exit_grads
 
     def _embedding_phase(self, plan: Plan, hidden: float) -> float:
         """A first pipeline stage's embedding backward, while later micro-batches are in flight:

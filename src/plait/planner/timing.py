@@ -92,17 +92,27 @@ class TimeModel:
         makespan, pp_comm = busy, 0.0
         if plan.pp > 1:
             makespan, pp_comm = self._pipeline(plan, fwd, bwd)
+            speedup = self._core_speedup(busy / makespan)
+            busy, makespan, fwd_scale = busy / speedup, makespan / speedup, 1 / speedup
+        else:
+            fwd_scale = 1.0
         dp_comm, hidden_by = self._dp_comm(plan, layout.layers_per_rank), m * slowest.backward
         exposed = max(dp_comm - self.cluster.overlap * hidden_by, (1 - self.cluster.overlap) * dp_comm)
         return TimeBreakdown(
-            compute=m * (slowest.forward + slowest.backward),
-            tp_comm=m * (slowest.tp_forward + slowest.tp_backward),
+            compute=m * (slowest.forward + slowest.backward) * fwd_scale,
+            tp_comm=m * (slowest.tp_forward + slowest.tp_backward) * fwd_scale,
             bubble=max(0.0, makespan - busy - pp_comm),
             pp_comm=pp_comm,
             dp_comm_exposed=exposed,
             optimizer=self._optimizer(plan, layout.layers_per_rank),
             dp_comm=dp_comm,
         )
+
+    def _core_speedup(self, busy_fraction: float) -> float:
+        """Ranks sharing cores: with only `busy_fraction` of them computing at a time (the rest wait in
+        pipeline bubbles), each gets min(1, share / busy_fraction) of a core instead of `core_share`."""
+        share = self.cluster.core_share
+        return min(1.0, share / max(busy_fraction, 1e-9)) / share
 
     # --- compute ---
 
