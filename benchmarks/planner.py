@@ -134,7 +134,7 @@ def second_opinion(world: int) -> list[dict[str, Any]]:
     """bf16 ZeRO-2/3 model states: measured, the planner's estimate, and DeepSpeed's estimators."""
     shape = ModelShape(REFERENCE, name="reference")
     cluster = Cluster.preset("h100", devices_per_node=world)  # model states need no calibration
-    estimator = Estimator(shape, Workload(GLOBAL_BATCH, SEQ_LEN), cluster)
+    estimator = Estimator(shape, Workload(GLOBAL_BATCH, SEQ_LEN), cluster=cluster)
     largest = max(unit.local(1) for unit in shape.stage_units(0, num_layers=REFERENCE.num_layers, pp=1, tp=1))
     rows = []
     for zero in (2, 3):
@@ -173,7 +173,7 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
     started = time.perf_counter()
     cluster = calibrate(world, tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model, repeats=3)
     calibration_s = time.perf_counter() - started
-    estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster)
+    estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster=cluster)
     rows = []
     measured: dict[int, list[dict[str, Any]]] = {}
     seconds: dict[int, list[float]] = {index: [] for index in range(len(plans))}

@@ -33,7 +33,7 @@ def run_row(row: tuple, *, search_plans: bool) -> dict[str, Any]:
     shape, workload = ModelShape(config), Workload(batch, SEQ)
     cluster = Cluster.preset("a100-80gb", nodes=gpus // 8)
     plan = published_plan(layers, tp, pp, gpus, batch)
-    estimate = Estimator(shape, workload, cluster, profile="megatron").estimate(plan)
+    estimate = Estimator(shape, workload, cluster=cluster, profile="megatron").estimate(plan)
     out: dict[str, Any] = {
         "params_b": params, "gpus": gpus, "published_plan": describe(plan), "published_tflops": published,
         "estimated_tflops": megatron_tflops(layers, hidden, batch, estimate.step_s, gpus),
@@ -42,7 +42,7 @@ def run_row(row: tuple, *, search_plans: bool) -> dict[str, Any]:
     if search_plans:
         started = time.perf_counter()
         space = SearchSpace(recompute=("full", "selective"), max_microbatches_per_stage=4, selective_ratio=1.0)
-        result = search(shape, workload, cluster, space, profile="megatron")
+        result = search(shape, workload, cluster=cluster, space=space, profile="megatron")
         best = result.best
         out |= {"search_s": time.perf_counter() - started, "num_plans": len(result.estimates)}
         if best is not None:

@@ -58,7 +58,7 @@ def estimate_row(row: tuple) -> tuple[float, float]:
     _, heads, hidden, layers, tp, pp, gpus, batch, published = row
     config = GPTConfig(vocab_size=VOCAB, max_seq_len=SEQ, d_model=hidden, num_layers=layers, num_heads=heads)
     cluster = Cluster.preset("a100-80gb", nodes=gpus // 8)
-    estimator = Estimator(ModelShape(config), Workload(batch, SEQ), cluster, profile="megatron")
+    estimator = Estimator(ModelShape(config), Workload(batch, SEQ), cluster=cluster, profile="megatron")
     estimate = estimator.estimate(published_plan(layers, tp, pp, gpus, batch))
     assert estimate.fits, estimate.memory
     return megatron_tflops(layers, hidden, batch, estimate.step_s, gpus), published

@@ -19,7 +19,7 @@ GIB = 2**30
 
 def test_every_plan_is_valid_and_fitting_plans_come_fastest_first() -> None:
     shape = ModelShape(get_preset("llama-7b"))
-    result = search(shape, Workload(64, 4096), Cluster.preset("h100", nodes=1))
+    result = search(shape, Workload(64, 4096), cluster=Cluster.preset("h100", nodes=1))
     assert result.best is not None and result.num_invalid > 0
     for est in result.estimates:
         plan = est.plan
@@ -34,7 +34,7 @@ def test_every_plan_is_valid_and_fitting_plans_come_fastest_first() -> None:
 
 def test_heads_limit_tensor_parallel() -> None:
     config = GPTConfig(vocab_size=1024, max_seq_len=256, d_model=384, num_layers=4, num_heads=6)
-    result = search(ModelShape(config), Workload(16, 256), Cluster.preset("a100-40gb", nodes=1))
+    result = search(ModelShape(config), Workload(16, 256), cluster=Cluster.preset("a100-40gb", nodes=1))
     assert {e.plan.tp for e in result.estimates} == {1, 2}  # 6 heads: tp 4 and 8 do not divide them
 
 
@@ -42,7 +42,7 @@ def test_search_over_1024_gpus_is_quick() -> None:
     """A guard only (a loaded CI box is slower); the figure is in benchmarks/results/planner.json."""
     config = GPTConfig(vocab_size=51200, max_seq_len=2048, d_model=10240, num_layers=60, num_heads=80)
     started = time.perf_counter()
-    result = search(ModelShape(config), Workload(1792, 2048), Cluster.preset("a100-80gb", nodes=128))
+    result = search(ModelShape(config), Workload(1792, 2048), cluster=Cluster.preset("a100-80gb", nodes=128))
     assert time.perf_counter() - started < 60
     assert result.best is not None and len(result.estimates) > 1000
 
@@ -52,9 +52,9 @@ def test_nothing_fits_names_the_smallest_change() -> None:
     workload = Workload(8, 8192)
     space = SearchSpace(recompute=("none",))
     cluster = Cluster.preset("a100-40gb", nodes=1, devices_per_node=1)
-    result = search(shape, workload, cluster, space)
+    result = search(shape, workload, cluster=cluster, space=space)
     assert result.best is None
-    message = explain_no_fit(result, shape, workload, space)
+    message = explain_no_fit(result, shape, workload=workload, space=space)
     assert "no plan fits in 40.0 GiB" in message
     assert "smallest change that fits: plan.recompute='full'" in message
 
@@ -63,8 +63,8 @@ def test_nothing_fits_asks_for_more_nodes_when_the_plan_options_are_exhausted() 
     shape = ModelShape(get_preset("llama-7b"))
     workload = Workload(8, 4096)
     cluster = Cluster.preset("a100-40gb", nodes=1, devices_per_node=1)
-    result = search(shape, workload, cluster)
-    message = explain_no_fit(result, shape, workload, SearchSpace())
+    result = search(shape, workload, cluster=cluster)
+    message = explain_no_fit(result, shape, workload=workload, space=SearchSpace())
     assert "smallest change that fits: --nodes 4" in message
 
 
@@ -113,7 +113,7 @@ def test_plan_command_reads_a_hugging_face_config(tmp_path, capsys: pytest.Captu
 
 def test_the_chosen_plan_is_accepted_by_plan_validation() -> None:
     shape = ModelShape(get_preset("gpt2-124m"))
-    result = search(shape, Workload(32, 1024), Cluster.preset("a100-40gb", nodes=1))
+    result = search(shape, Workload(32, 1024), cluster=Cluster.preset("a100-40gb", nodes=1))
     best = result.best
     assert best is not None
     Plan(**{k: getattr(best.plan, k) for k in ("dp", "tp", "pp", "zero", "microbatches")}).check_available()

@@ -2,7 +2,7 @@
 
 >>> from plait.planner import Cluster, Workload, load_shape, search
 >>> result = search(load_shape("llama-7b"), Workload(global_batch=64, seq_len=4096),
-...                 Cluster.preset("h100", nodes=1))
+...                 cluster=Cluster.preset("h100", nodes=1))
 >>> result.best.plan                                   # doctest: +SKIP
 """
 

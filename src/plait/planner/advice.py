@@ -43,21 +43,21 @@ def _space_changes(space: SearchSpace) -> list[Change]:
 
 
 def _fits_with(
-    change: Change, shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace
+    change: Change, shape: ModelShape, *, workload: Workload, cluster: Cluster, space: SearchSpace
 ) -> SearchResult:
-    return search(shape, workload, change.cluster or cluster, change.space or space)
+    return search(shape, workload, cluster=change.cluster or cluster, space=change.space or space)
 
 
-def _nodes_needed(shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace) -> int | None:
+def _nodes_needed(shape: ModelShape, *, workload: Workload, cluster: Cluster, space: SearchSpace) -> int | None:
     nodes = cluster.nodes * 2
     while nodes <= MAX_NODES:
-        if search(shape, workload, cluster.replace(nodes=nodes), space).best is not None:
+        if search(shape, workload, cluster=cluster.replace(nodes=nodes), space=space).best is not None:
             return nodes
         nodes *= 2
     return None
 
 
-def explain_no_fit(result: SearchResult, shape: ModelShape, workload: Workload, space: SearchSpace) -> str:
+def explain_no_fit(result: SearchResult, shape: ModelShape, *, workload: Workload, space: SearchSpace) -> str:
     """The smallest plan's memory, then each change that would fit, least disruptive first."""
     cluster = result.cluster
     if not result.estimates:
@@ -74,7 +74,7 @@ def explain_no_fit(result: SearchResult, shape: ModelShape, workload: Workload, 
         f"working {(m.working + m.comm) / GIB:.2f})"
     ]
     for change in _space_changes(space):
-        found = _fits_with(change, shape, workload, cluster, space).best
+        found = _fits_with(change, shape, workload=workload, cluster=cluster, space=space).best
         if found is not None:
             lines.append(f"smallest change that fits: {change.description} -> {describe(found.plan)}")
             return "\n".join(lines)
@@ -83,7 +83,7 @@ def explain_no_fit(result: SearchResult, shape: ModelShape, workload: Workload, 
             f"offloading the optimizer state ({m.optimizer / GIB:.2f} GiB per rank) to host memory would fit; "
             "plait does not offload yet"
         )
-    nodes = _nodes_needed(shape, workload, cluster, space)
+    nodes = _nodes_needed(shape, workload=workload, cluster=cluster, space=space)
     if nodes is not None:
         lines.append(f"smallest change that fits: --nodes {nodes} ({nodes * cluster.devices_per_node} devices)")
     else:

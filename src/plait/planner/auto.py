@@ -39,9 +39,9 @@ def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None
     if cluster.num_devices != world_size:
         cluster = cluster.replace(nodes=1, devices_per_node=world_size)
     space = SearchSpace(precision=config.plan.precision)
-    result = search(shape, workload, cluster, space)
+    result = search(shape, workload, cluster=cluster, space=space)
     if result.best is None:
-        raise NoPlanFits(explain_no_fit(result, shape, workload, space))
+        raise NoPlanFits(explain_no_fit(result, shape, workload=workload, space=space))
     kept = {name: getattr(config.plan, name) for name in _KEPT}
     return dataclasses.replace(result.best.plan, **kept), result
 

@@ -30,6 +30,8 @@ TABLE_BYTES = (1 << 12, 1 << 16, 1 << 19, 1 << 22, 1 << 24)  # all-reduce sizes 
 
 @dataclass(frozen=True)
 class Measured:
+    """One rank's raw figures (rates per second, seconds per collective)."""
+
     peak_flops: float
     gemm_flops: float
     memory_bandwidth: float

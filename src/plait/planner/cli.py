@@ -64,7 +64,7 @@ def run_plan(args: argparse.Namespace) -> int:
     workload = Workload(global_batch, seq)
     cluster = _cluster(args, shape.hidden, seq)
     space = _space(args, cluster)
-    result = search(shape, workload, cluster, space)
+    result = search(shape, workload, cluster=cluster, space=space)
     print(
         f"{shape.name}: {shape.num_parameters() / 1e9:.3g}B parameters, global batch {global_batch} x {seq} tokens, "
         f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB); "
@@ -74,7 +74,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([e.as_dict() for e in result.estimates], indent=1) + "\n")
     if result.best is None:
-        print(explain_no_fit(result, shape, workload, space))
+        print(explain_no_fit(result, shape, workload=workload, space=space))
         return 1
     print(why_best(result))
     return 0

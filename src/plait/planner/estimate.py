@@ -55,13 +55,13 @@ def describe(plan: Plan) -> str:
 class Estimator:
     """Memory and time models of one model, workload and cluster; `estimate(plan)` for each plan."""
 
-    def __init__(self, shape: ModelShape, workload: Workload, cluster: Cluster, *, profile: str = "plait") -> None:
+    def __init__(self, shape: ModelShape, workload: Workload, *, cluster: Cluster, profile: str = "plait") -> None:
         self.shape = shape
         self.workload = workload
         self.cluster = cluster
         shared = {"schedules": ScheduleCache(), "layouts": LayoutCache(shape, seq_len=workload.seq_len)}
         self.memory = MemoryModel(shape, workload, profile=profile, **shared)
-        self.time = TimeModel(shape, workload, cluster, profile=profile, **shared)
+        self.time = TimeModel(shape, workload, cluster=cluster, profile=profile, **shared)
 
     def estimate(self, plan: Plan) -> Estimate:
         memory = self.memory.estimate(plan, reserved=self.cluster.reserved_bytes)

@@ -111,7 +111,10 @@ class MemoryModel:
         """The busiest pipeline rank's breakdown (every rank's when pp == 1)."""
         layout = self.layouts.get(plan)
         in_flight = self._in_flight(plan)
-        stages = [self._stage(plan, layout, stage, in_flight[stage], reserved) for stage in range(plan.pp)]
+        stages = [
+            self._stage(plan, layout, stage=stage, in_flight=in_flight[stage], reserved=reserved)
+            for stage in range(plan.pp)
+        ]
         return max(stages, key=lambda m: m.total)
 
     def _in_flight(self, plan: Plan) -> tuple[float, ...]:
@@ -120,7 +123,9 @@ class MemoryModel:
             return (1.0,)
         return self.schedules.timing(plan).in_flight
 
-    def _stage(self, plan: Plan, layout: StageLayout, stage: int, in_flight: float, reserved: float) -> MemoryBreakdown:
+    def _stage(
+        self, plan: Plan, layout: StageLayout, *, stage: int, in_flight: float, reserved: float
+    ) -> MemoryBreakdown:
         units = self.shape.stage_units(stage, num_layers=layout.layers_per_rank[stage], pp=plan.pp, tp=plan.tp)
         states = unit_state_bytes(units, plan)
         mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)

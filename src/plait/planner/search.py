@@ -137,12 +137,17 @@ def is_valid(plan: Plan, shape: ModelShape, workload: Workload) -> bool:
 
 
 def search(
-    shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace | None = None, *, profile: str = "plait"
+    shape: ModelShape,
+    workload: Workload,
+    *,
+    cluster: Cluster,
+    space: SearchSpace | None = None,
+    profile: str = "plait",
 ) -> SearchResult:
     """Estimate every valid plan; fitting plans first, fastest first."""
     space = space or SearchSpace()
     started = time.perf_counter()
-    estimator = Estimator(shape, workload, cluster, profile=profile)
+    estimator = Estimator(shape, workload, cluster=cluster, profile=profile)
     estimates, invalid = [], 0
     for plan in candidate_plans(shape, workload, cluster, space):
         if not is_valid(plan, shape, workload):
