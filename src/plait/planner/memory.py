@@ -28,9 +28,19 @@ ADAM_BYTES = 8
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes on the busiest rank. `tensors` is what live-tensor counting sees; `reserved` is the runtime's."""
+    """Bytes on the busiest rank at its peak.
+
+    `params` are the parameters the model computes with, `master` the fp32
+    copies the optimizer steps on (bf16/fp16 only), `activations` what the
+    layers keep for backward, `working` the transient buffers of the phase
+    that peaks (loss, recomputation, gradients in flight), `comm` the
+    communication buffers live then (ZeRO-3's gathered units, tensor-parallel
+    copies). `tensors` is what live-tensor counting sees; `reserved` is the
+    runtime's (CUDA context, allocator slack), outside any tensor.
+    """
 
     params: float
+    master: float
     grads: float
     optimizer: float
     activations: float
@@ -41,7 +51,7 @@ class MemoryBreakdown:
 
     @property
     def model_states(self) -> float:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.master + self.grads + self.optimizer
 
     @property
     def tensors(self) -> float:
@@ -58,14 +68,22 @@ class MemoryBreakdown:
 
 def zero_paper_bytes(num_params: float, *, stage: int, dp: int) -> float:
     """The ZeRO paper's model states for mixed-precision Adam: 16P, 4P + 12P/N, 2P + 14P/N, 16P/N."""
-    return {0: 16 * num_params, 1: 4 * num_params + 12 * num_params / dp}.get(
-        stage, 2 * num_params + 14 * num_params / dp if stage == 2 else 16 * num_params / dp
-    )
+    p, n = num_params, dp
+    return (16 * p, 4 * p + 12 * p / n, 2 * p + 14 * p / n, 16 * p / n)[stage]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Transient bytes of one part of a step, on top of the activations held then."""
+
+    working: float = 0.0
+    comm: float = 0.0
 
 
 @dataclass(frozen=True)
 class StateBytes:
     params: float
+    master: float
     grads: float
     optimizer: float
 
@@ -77,16 +95,16 @@ def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
     tensors = sum(unit.num_tensors for unit in units)
     if plan.zero == 0 and e == FP32:  # bucketed data parallel: whole params, grads and moments
         total = sum(numels)
-        return StateBytes(FP32 * total, FP32 * total, ADAM_BYTES * total + FP32 * tensors)
+        return StateBytes(FP32 * total, 0.0, FP32 * total, ADAM_BYTES * total + FP32 * tensors)
     shards = plan.dp if plan.zero > 0 else 1
     padded = sum(math.ceil(n / shards) * shards for n in numels)
     shard = padded / shards
     master = FP32 * shard if e != FP32 else 0.0
-    params = (e * shard if plan.zero == 3 else e * padded) + master
+    params = e * shard if plan.zero == 3 else e * padded
     grad_full = e * padded if plan.zero <= 1 else 0.0
     grad_shard = FP32 * shard if (plan.zero >= 2 or e != FP32) else 0.0
     pieces = tensors / shards + (len(units) if shards > 1 else 0)
-    return StateBytes(params, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)
+    return StateBytes(params, master, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)
 
 
 class MemoryModel:
@@ -134,24 +152,27 @@ class MemoryModel:
         hidden = mb * self.workload.seq_len * self.shape.hidden * e
         is_last = stage == plan.pp - 1
         activations = in_flight * layout.layers_per_rank[stage] * saved + (2 * hidden if is_last else 0.0)
-        phases = [layer_working + self._layer_phase(plan, units)]
+        phases = [self._layer_phase(plan, units, layer_working)]
         if is_last:
             phases.append(self._head_phase(plan, mb, e))
-        if stage == 0 and plan.pp > 1:
-            phases.append(self._embedding_phase(plan, hidden))
+        if stage == 0 and plan.pp > 1:  # pipeline transfers land in a stage's input, counted as activations
+            phases.append(Phase(working=self._embedding_phase(plan, hidden)))
         optimizer_step = 2 * FP32 * max(unit.local(plan.tp) for unit in units) / (plan.dp if plan.zero else 1)
+        phases.append(Phase(working=optimizer_step - activations))  # no activations left by then
+        peak = max(phases, key=lambda phase: phase.working + phase.comm)
         return MemoryBreakdown(
             params=states.params,
+            master=states.master,
             grads=states.grads,
             optimizer=states.optimizer,
             activations=activations,
-            working=max(max(phases), optimizer_step - activations),
-            comm=0.0,  # pipeline transfers land in the next stage's input, counted with its activations
+            working=peak.working,
+            comm=peak.comm,
             reserved=reserved,
             stage=stage,
         )
 
-    def _head_phase(self, plan: Plan, micro_batch: int, e: int) -> float:
+    def _head_phase(self, plan: Plan, micro_batch: int, e: int) -> Phase:
         """The loss's backward: the peak of a model whose vocabulary is large next to its width. Under tp
         the gradient of the head's input leaves the tensor-parallel region through a collective that
         works on a fresh copy: two hidden-sized buffers more."""
@@ -160,23 +181,24 @@ class MemoryModel:
             logits_kept=plan.pp == 1,
         )  # fmt: skip
         exit_grads = 2 * micro_batch * self.workload.seq_len * self.shape.hidden * e if plan.tp > 1 else 0.0
-        return loss + exit_grads
+        return Phase(working=loss, comm=exit_grads)
 
     def _embedding_phase(self, plan: Plan, hidden: float) -> float:
         """A first pipeline stage's embedding backward, while later micro-batches are in flight:
         the dense gradient of the (vocab-parallel) table, and the gradient arriving from stage 1."""
         return self.shape.vocab_rows(plan.tp) * self.shape.hidden * PARAM_BYTES[plan.precision] + hidden
 
-    def _layer_phase(self, plan: Plan, units: list[Unit]) -> float:
-        """A layer's backward under ZeRO: stage 3's gathered units (the one in use and the prefetched
-        one), and stage 2-3's reduction of each unit's gradients as backward makes them (the unit's own
-        gradients plus up to three flat fp32 buffers in flight: `MAX_IN_FLIGHT` and the one just launched)."""
+    def _layer_phase(self, plan: Plan, units: list[Unit], recomputed: float) -> Phase:
+        """A layer's backward: its recomputed activations, and under ZeRO stage 3's gathered units (the
+        one in use and the prefetched one) and stage 2-3's reduction of each unit's gradients as backward
+        makes them (the unit's own gradients plus up to three flat fp32 buffers in flight:
+        `MAX_IN_FLIGHT` and the one just launched)."""
         if plan.zero < 2:
-            return 0.0
+            return Phase(working=recomputed)
         largest = sorted(unit.local(plan.tp) for unit in units)[-2:]
         e = PARAM_BYTES[plan.precision]
         gathered = e * sum(largest) if plan.zero == 3 else 0.0
-        return gathered + largest[-1] * (e + 3 * FP32)
+        return Phase(working=recomputed + largest[-1] * e, comm=gathered + 3 * FP32 * largest[-1])
 
     def _layer_bytes(self, plan: Plan, micro_batch: int, e: int) -> tuple[float, float]:
         """(saved, working) per layer, averaging selective recomputation's recomputed fraction of layers."""

@@ -17,23 +17,24 @@ _PARTS = {
 
 
 def format_table(result: SearchResult, *, top: int = 10) -> str:
-    """The `top` fitting plans (or the smallest-memory ones when none fits), one line each."""
+    """The `top` fitting plans (or the smallest-memory ones when none fits), one line each: memory per
+    rank in GiB (with the runtime's reserve), its model states, activations and peak working buffers."""
     rows = result.fitting[:top] or result.estimates[:top]
-    headers = ("#", "plan", "mem/rank GiB", "states", "activ.", "step s", "tokens/s", "MFU")
+    headers = ("#", "plan", "mem/rank GiB", "states", "activ.", "work", "step s", "tokens/s", "MFU")
     lines = [_row(headers)]
     for index, est in enumerate(rows, 1):
         m = est.memory
         lines.append(
             _row((
                 str(index), describe(est.plan), f"{m.total / GIB:.2f}", f"{m.model_states / GIB:.2f}",
-                f"{m.activations / GIB:.2f}", f"{est.step_s:.3g}", f"{est.tokens_per_s:,.0f}", f"{100 * est.mfu:.1f}%",
+                f"{m.activations / GIB:.2f}", f"{(m.working + m.comm) / GIB:.2f}", f"{est.step_s:.3g}", f"{est.tokens_per_s:,.0f}", f"{100 * est.mfu:.1f}%",
             ))
         )  # fmt: skip
     return "\n".join(lines)
 
 
 def _row(cells: tuple[str, ...]) -> str:
-    widths = (3, 52, 13, 8, 8, 9, 12, 7)
+    widths = (3, 52, 13, 8, 8, 8, 9, 12, 7)
     return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
