@@ -55,6 +55,10 @@ def _space(args: argparse.Namespace, cluster: Cluster) -> SearchSpace:
     return SearchSpace(**options)
 
 
+def _count(num: int) -> str:
+    return f"{num / 1e9:.3g}B" if num >= 1e9 else f"{num / 1e6:.3g}M"
+
+
 def run_plan(args: argparse.Namespace) -> int:
     shape = load_shape(args.model)
     seq = args.seq or shape.config.max_seq_len
@@ -66,7 +70,7 @@ def run_plan(args: argparse.Namespace) -> int:
     space = _space(args, cluster)
     result = search(shape, workload, cluster=cluster, space=space)
     print(
-        f"{shape.name}: {shape.num_parameters() / 1e9:.3g}B parameters, global batch {global_batch} x {seq} tokens, "
+        f"{shape.name}: {_count(shape.num_parameters())} parameters, global batch {global_batch} x {seq} tokens, "
         f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB); "
         f"{len(result.estimates)} valid plans estimated in {result.seconds:.1f} s"
     )

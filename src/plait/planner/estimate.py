@@ -47,7 +47,7 @@ def describe(plan: Plan) -> str:
     if plan.pp > 1:
         parts.append(plan.pp_schedule + (f"x{plan.pp_chunks}" if plan.pp_chunks > 1 else ""))
     if plan.recompute != "none":
-        ratio = f"{plan.recompute_ratio:g}" if plan.recompute == "selective" else ""
+        ratio = f"{plan.recompute_ratio:g}" if plan.recompute == "selective" and plan.recompute_ratio < 1 else ""
         parts.append(f"rc-{plan.recompute}{ratio}")
     return " ".join(parts)
 
