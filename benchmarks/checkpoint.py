@@ -70,6 +70,7 @@ import torch.distributed.checkpoint as dcp
 from common import (
     RESULTS_DIR,
     environment,
+    finish,
     format_table,
     load_average,
     local_tensor,
@@ -78,7 +79,6 @@ from common import (
     run_ranks,
     spread,
     timed_block,
-    write_json,
 )
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -707,12 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         "phase_wall_s": lead["phase_wall_s"],
         **summary,
     }
-    print(
-        f"\nwall time {wall_s:.0f} s (phases: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in lead["phase_wall_s"].items())
-        + ")"
-    )
-    print(f"wrote {write_json(out_path, payload)}")
+    finish(out_path, payload, wall_s=wall_s, phase_wall_s=lead["phase_wall_s"])
     return 0
 
 

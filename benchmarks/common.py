@@ -258,6 +258,13 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def finish(path: str | Path, payload: dict[str, Any], *, wall_s: float, phase_wall_s: dict[str, float]) -> None:
+    """Print the run's wall time by phase and write its JSON."""
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phase_wall_s.items())
+    print(f"\nwall time {wall_s:.0f} s (phases: {phases})")
+    print(f"wrote {write_json(path, payload)}")
+
+
 def format_bytes(num_bytes: float | None) -> str:
     if num_bytes is None:
         return "n/a"

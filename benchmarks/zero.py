@@ -51,6 +51,7 @@ from common import (
     RESULTS_DIR,
     count_local_model_state_bytes,
     environment,
+    finish,
     format_bytes,
     format_table,
     load_average,
@@ -62,7 +63,6 @@ from common import (
     storage_bytes,
     timed_block,
     wait_for_quiet,
-    write_json,
 )
 from torch.nn.parallel import DistributedDataParallel
 
@@ -806,12 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(table)
                 print(f"\nprofile of 2 steps, stage {stage}, {name} (rank 0) -> {path}")
                 print("\n".join(table.splitlines()[:25]))
-    print(
-        f"\nwall time {wall_s:.0f} s (phases: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in lead["phase_wall_s"].items())
-        + ")"
-    )
-    print(f"wrote {write_json(out_path, payload)}")
+    finish(out_path, payload, wall_s=wall_s, phase_wall_s=lead["phase_wall_s"])
     return 0
 
 
