@@ -5,21 +5,27 @@ Work: a reference GPT (GPT-2 layout: d_model 256, 4 layers, 4 heads, vocab
 AdamW, on 2 and 4 forked gloo ranks of one thread each. For each world size:
 
 1. `plait.planner.calibrate` measures this machine with that many ranks at
-   once (matmul peak, transformer-shaped matmuls, memory bandwidth, cost per
-   operator, all-reduce bandwidth/latency/overlap): the planner's cluster.
-2. each plan is estimated (before anything of it runs), then run: one warm-up
-   step, one step under the allocator's memory timeline (peak live tensor
-   bytes, `metrics.peak_live_tensor_bytes`), then `--steps` timed steps
-   between barriers; the figure is their median. Model-state bytes are
-   `engine.state_bytes()` after the first step. Every figure is the busiest
-   rank's.
+   once (matmul rate at the model's shapes, element-wise rate, cost per
+   operator, all-reduce times by size, all-gather and reduce-scatter against
+   them, overlap, each rank's share of a core), median of 3 calibrations:
+   the planner's cluster.
+2. each plan is estimated (before anything of it runs), then run in
+   `--rounds` passes over all plans (drift on a shared machine hits each
+   plan alike): a warm-up step, in the first pass one step under the
+   allocator's events (peak live tensor bytes,
+   `metrics.peak_live_tensor_bytes`), then `--steps` timed steps between
+   barriers; the figure is the median over every pass's timed steps, each
+   step's time the slowest rank's. Model-state bytes are
+   `engine.state_bytes()` after the first step. Memory figures are the
+   busiest rank's. The 1-minute load average before each pass is recorded
+   (other users' jobs show there).
 3. accuracy: estimated/measured per plan; Spearman rank correlation of
    estimated vs measured step time (world 2, where ranks do not share a
    core, and all plans); the plan the planner picks among the measured ones
    against the fastest measured; DeepSpeed's own ZeRO estimators as a second
    opinion on model states where deepspeed is importable.
 
-    python benchmarks/planner.py                # ~5 min on 2 cores
+    python benchmarks/planner.py                # ~10 min on 2 cores (3 rounds)
     python benchmarks/planner.py --quick        # 2 plans per world, 3 steps
 """
 
@@ -34,7 +40,16 @@ import time
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, environment, format_bytes, format_table, run_ranks, timed_block, write_json
+from common import (
+    RESULTS_DIR,
+    environment,
+    format_bytes,
+    format_table,
+    load_average,
+    run_ranks,
+    timed_block,
+    write_json,
+)
 
 import plait
 from plait.config import Plan
@@ -177,9 +192,11 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
     rows = []
     measured: dict[int, list[dict[str, Any]]] = {}
     seconds: dict[int, list[float]] = {index: [] for index in range(len(plans))}
+    loads: dict[int, list[float | None]] = {index: [] for index in range(len(plans))}
     for round_index in range(rounds):  # rounds through all plans, so drift on a shared machine hits each alike
         for index, options in enumerate(plans):
             plan = Plan(**options).resolve(world)
+            loads[index].append(load_average())  # a busy machine shows here (other users' jobs)
             results = run_ranks(measure_plan, world, plan, num_steps, round_index == 0)
             measured.setdefault(index, results)
             seconds[index] += step_seconds(results)
@@ -194,6 +211,7 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
             "est_peak": est.memory.tensors, "peak": max(r["live_peak"] for r in results),
             "est_step_s": est.step_s, "step_s": step_s,
             "step_spread": [min(seconds[index]), max(seconds[index])],
+            "step_seconds": seconds[index], "load_1min_before_each_round": loads[index],
             "est_time": est.time.as_dict(), "est_memory": est.memory.as_dict(),
         })  # fmt: skip
         print(f"  measured {rows[-1]['plan']}: {step_s:.3f} s (est {est.step_s:.3f})", file=sys.stderr, flush=True)
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two plans per world size, three steps")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per plan (the median is reported)")
-    parser.add_argument("--rounds", type=int, default=2, help="passes over all plans (timed steps pool)")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over all plans (timed steps pool)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args(argv)
     steps = 3 if args.quick else args.steps

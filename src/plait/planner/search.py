@@ -91,7 +91,8 @@ def _microbatch_options(per_rank: int, pp: int, space: SearchSpace) -> list[int]
     return [m for m in _divisors(per_rank) if m <= limit]
 
 
-def _pipeline_options(pp: int, m: int, num_layers: int, space: SearchSpace) -> list[tuple[str, int]]:
+def _pipeline_options(pp: int, num_layers: int, space: SearchSpace) -> list[tuple[str, int]]:
+    """(schedule, chunks per rank) pairs; interleaving uses 2 chunks where the layers allow it."""
     if pp == 1:
         return [("1f1b", 1)]
     out = []
@@ -116,7 +117,7 @@ def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, spa
                 continue
             for m in _microbatch_options(workload.global_batch // dp, pp, space):
                 for (schedule, chunks), zero, recompute in itertools.product(
-                    _pipeline_options(pp, m, shape.num_layers, space), space.zero, space.recompute
+                    _pipeline_options(pp, shape.num_layers, space), space.zero, space.recompute
                 ):
                     ratio = space.selective_ratio if recompute == "selective" else 1.0
                     yield Plan(
