@@ -26,7 +26,8 @@ processes, each timed A B A B (common.run_alternating):
    cache first (posix_fadvise DONTNEED), so reads come from disk (`--warm-cache`
    skips that). GB/s = the bytes of the rank's own shard / seconds.
 3. reshard: the zero=3 checkpoint loaded into a plait engine under another plan
-   (`--reshard-zero`, default ZeRO-1), alternated with the same-plan load.
+   (`--reshard-to`: tp2 (default: dp=1 x tp=2, so every piece is re-sliced by
+   index arithmetic), zero0, zero1 or zero2), alternated with the same-plan load.
 4. async: per block, `baseline_steps` training steps, then an async save
    (plait `engine.save(path, asynchronous=True)`, DCP `dcp.async_save` on a gloo
    group of its own), then `steps_after_save` steps, then the wait. Figures:
@@ -84,9 +85,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import plait
 from plait.checkpoint.io import check_files, complete_manifest
+from plait.checkpoint.layout import writes_piece
 from plait.checkpoint.sharded import sha256_of, shard_file_name, snapshot
-from plait.checkpoint.training_state import state_entries
+from plait.checkpoint.training_state import rank_coords, state_entries
 from plait.checkpoint.writer import fsync_path, synced_record
+from plait.dist.placement import placement_of
 from plait.models import build
 
 WORLD_SIZE = 2
@@ -102,7 +105,7 @@ class CheckpointBenchConfig:
     pairs: int = 5  # A/B pairs per phase
     baseline_steps: int = 3  # steps with no save in flight before each async save
     steps_after_save: int = 2  # steps run after each async save call
-    reshard_zero: int = 1  # the ZeRO stage the zero=3 checkpoint is also loaded into
+    reshard_to: str = "tp2"  # the plan the zero=3 checkpoint is also loaded into: tp2, zero0, zero1, zero2
     warm_cache: bool = False  # load from the page cache instead of evicting the files first
     phases: tuple[str, ...] = PHASES
     lr: float = 3e-4
@@ -172,13 +175,14 @@ class CommitWatcher:
 class PlaitSystem:
     commit_file = "manifest.json"
 
-    def __init__(self, config: CheckpointBenchConfig, *, zero: int) -> None:
+    def __init__(self, config: CheckpointBenchConfig, *, zero: int, tp: int = 1) -> None:
         self.engine = plait.boost(
             build_model(config),
             optimizer=make_optimizer(config),
             loss_fn=plait.losses.causal_lm,
-            plan=plait.Plan(dp=WORLD_SIZE, zero=zero),
+            plan=plait.Plan(dp=WORLD_SIZE // tp, tp=tp, zero=zero),
         )
+        self.coords = rank_coords(self.engine)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.engine.train_step(batch).loss.detach())
@@ -196,8 +200,9 @@ class PlaitSystem:
         self.engine.load(path)
 
     def weights(self) -> list[torch.Tensor]:
-        """The weights the optimizer steps (ZeRO shards), each element on one rank only."""
-        return [p for group in self.engine.optimizer.param_groups for p in group["params"]]
+        """The weights the optimizer steps (ZeRO or tp shards), each element on one rank only."""
+        params = [p for group in self.engine.optimizer.param_groups for p in group["params"]]
+        return [p for p in params if writes_piece(placement_of(p), coords=self.coords)]
 
     def rank_files(self, path: Path, rank: int) -> list[Path]:
         main = ["trainer.pt", "config.json", "manifest.json"] if rank == 0 else []
@@ -355,10 +360,12 @@ def load_phase(bench: Bench) -> dict[str, Any]:
 
 
 def reshard_phase(bench: Bench) -> dict[str, Any]:
-    """The plait zero=3 checkpoint loaded under zero=3 and under `reshard_zero`, alternated."""
+    """The plait zero=3 checkpoint loaded under zero=3 and under `reshard_to`, alternated."""
     path = bench.last_saved["plait"]
-    other = f"plait-zero{bench.config.reshard_zero}"
-    systems = {"plait-zero3": bench.systems["plait"], other: PlaitSystem(bench.config, zero=bench.config.reshard_zero)}
+    target = bench.config.reshard_to
+    other = f"plait-{target}"
+    plan = {"tp": 2, "zero": 0} if target == "tp2" else {"zero": int(target.removeprefix("zero"))}
+    systems = {"plait-zero3": bench.systems["plait"], other: PlaitSystem(bench.config, **plan)}
     records = {name: load_record(bench, "plait", path) for name in systems}
     blocks = {name: (lambda n=name: load_block(bench, systems[n], path, records[n])) for name in systems}
     timing = run_alternating(blocks, num_pairs=bench.config.pairs)
@@ -620,7 +627,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CheckpointBenchConfig, Pa
     parser.add_argument("--preset", default=None, help="model preset (default gpt2-124m; --quick: tiny)")
     parser.add_argument("--pairs", type=int, default=None, help="A/B pairs per phase (default 5)")
     parser.add_argument("--steps-after-save", type=int, default=None, help="steps run during an async save")
-    parser.add_argument("--reshard-zero", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument("--reshard-to", default="tp2", choices=("tp2", "zero0", "zero1", "zero2"))
     parser.add_argument("--warm-cache", action="store_true", help="load from the page cache (no eviction)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=None, help="default: all")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the temporary checkpoint directory")
@@ -633,7 +640,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CheckpointBenchConfig, Pa
     phases = tuple(p for p in PHASES if p in (args.phases or PHASES))
     config = CheckpointBenchConfig(
         **{**base, **chosen},
-        reshard_zero=args.reshard_zero,
+        reshard_to=args.reshard_to,
         warm_cache=args.warm_cache,
         phases=phases,
         quick=args.quick,
@@ -658,7 +665,7 @@ def summarize(results: list[dict[str, Any]], config: CheckpointBenchConfig) -> d
     if "reshard" in config.phases:
         other = results[0]["reshard"]["other"]
         out["reshard"] = timed_summary(results, "reshard", ["plait-zero3", other])
-        labels = {"plait-zero3": "plait zero3 -> zero3", other: f"plait zero3 -> zero{config.reshard_zero}"}
+        labels = {"plait-zero3": "plait zero3 -> zero3", other: f"plait zero3 -> {config.reshard_to}"}
         print_timed(out["reshard"], ["plait-zero3", other], title="load under another plan", labels=labels)
     if "async" in config.phases:
         out["async"] = async_summary(results, names)

@@ -23,7 +23,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from plait.checkpoint.layout import PieceLayout, global_indices
+from plait.checkpoint.assemble import SourcePiece, assemble, copy_ranges, is_sliced, take_local
+from plait.checkpoint.layout import PieceLayout
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "plait-sharded-v1"
@@ -113,26 +114,34 @@ class ShardReader:
         self.tensors: dict[str, dict[str, Any]] = manifest["tensors"]
         self.aliases: dict[str, str] = manifest.get("aliases", {})
         self._handles: dict[str, Any] = {}
-        self._indices: dict[tuple[str, int], torch.Tensor] = {}
 
     def names(self, prefix: str = "") -> list[str]:
         return [name for name in self.tensors if name.startswith(prefix)]
 
-    def _raw(self, file: str, key: str) -> torch.Tensor:
+    def _handle(self, file: str) -> Any:
         if file not in self._handles:
             self._handles[file] = safetensors.safe_open(str(self.path / file), framework="pt")
-        return self._handles[file].get_tensor(key)
+        return self._handles[file]
 
-    def _piece_indices(self, name: str, position: int, layout: PieceLayout) -> torch.Tensor:
-        key = (name, position)
-        if key not in self._indices:
-            self._indices[key] = global_indices(layout)
-        return self._indices[key]
+    def _sources(self, name: str, info: dict[str, Any]) -> list[SourcePiece]:
+        def source(piece: dict[str, Any]) -> SourcePiece:
+            handle = self._handle(piece["file"])
+            one_dim = len(handle.get_slice(name).get_shape()) == 1
+            return SourcePiece(
+                layout=PieceLayout.from_json(piece),
+                load=lambda: handle.get_tensor(name),
+                # a 1-D piece (a ZeRO range) reads just the elements asked for
+                load_range=(lambda a, b: handle.get_slice(name)[a:b]) if one_dim else None,
+            )
+
+        return [source(piece) for piece in info["pieces"]]
 
     def whole(self, name: str) -> torch.Tensor:
         """The whole tensor `name` (aliases followed), in its saved dtype and shape."""
         info = self._info(name)
-        return self._assemble(self.aliases.get(name, name), info, wanted=None).view(info["shape"])
+        source = self.aliases.get(name, name)
+        what = f"checkpoint {self.path}, tensor {source}"
+        return assemble(self._sources(source, info), shape=tuple(info["shape"]), dtype=_dtype(info), what=what)
 
     def read(self, name: str, layout: PieceLayout) -> torch.Tensor:
         """The piece of tensor `name` a rank with `layout` holds, flattened (zeros where it pads)."""
@@ -142,15 +151,18 @@ class ShardReader:
                 f"checkpoint tensor {name} has shape {tuple(info['shape'])}, but this model's is "
                 f"{tuple(layout.global_shape)}; load a checkpoint of the same model"
             )
-        name = self.aliases.get(name, name)
-        for piece in info["pieces"]:  # the same layout as saved: copy it as it is
-            if PieceLayout.from_json(piece) == layout:
-                return self._raw(piece["file"], name).reshape(-1)
-        wanted = global_indices(layout)
-        whole = self._assemble(name, info, wanted=wanted)
-        out = whole[wanted.clamp(min=0)]
-        out[wanted < 0] = 0
-        return out
+        source = self.aliases.get(name, name)
+        pieces = self._sources(source, info)
+        for piece in pieces:  # the same layout as saved: copy it as it is
+            if piece.layout == layout:
+                return piece.load().reshape(-1)
+        what = f"checkpoint {self.path}, tensor {source}"
+        if not is_sliced(layout) and not any(is_sliced(piece.layout) for piece in pieces):
+            numel = math.prod(layout.global_shape)
+            start, stop = layout.flat if layout.flat is not None else (0, numel)
+            return copy_ranges(pieces, start=start, stop=stop, dtype=_dtype(info), what=what)
+        whole = assemble(pieces, shape=tuple(info["shape"]), dtype=_dtype(info), what=what)
+        return take_local(whole, layout)
 
     def _info(self, name: str) -> dict[str, Any]:
         source = self.aliases.get(name, name)
@@ -158,28 +170,9 @@ class ShardReader:
             raise ValueError(f"checkpoint {self.path} has no tensor {name}; was it saved from this model?")
         return self.tensors[source]
 
-    def _assemble(self, name: str, info: dict[str, Any], *, wanted: torch.Tensor | None) -> torch.Tensor:
-        """The whole tensor, flat, from the pieces that overlap `wanted` (all pieces when None)."""
-        numel = math.prod(info["shape"])
-        whole = torch.zeros(numel, dtype=getattr(torch, info["dtype"]))
-        covered = torch.zeros(numel, dtype=torch.bool)
-        valid = wanted[wanted >= 0] if wanted is not None else None
-        low, high = (int(valid.min()), int(valid.max())) if valid is not None and valid.numel() else (0, numel - 1)
-        for position, piece in enumerate(info["pieces"]):
-            indices = self._piece_indices(name, position, PieceLayout.from_json(piece))
-            mine = indices >= 0
-            if not mine.any() or indices[mine].max() < low or indices[mine].min() > high:
-                continue
-            data = self._raw(piece["file"], name).reshape(-1)
-            whole[indices[mine]] = data[mine]
-            covered[indices[mine]] = True
-        needed = covered[valid] if valid is not None else covered
-        if not bool(needed.all()):
-            raise ValueError(
-                f"checkpoint {self.path} lacks part of tensor {name} ({int((~needed).sum())} elements); "
-                "its manifest and shard files disagree: save it again"
-            )
-        return whole
+
+def _dtype(info: dict[str, Any]) -> torch.dtype:
+    return getattr(torch, info["dtype"])
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
