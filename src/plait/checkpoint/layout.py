@@ -2,10 +2,11 @@
 
 A piece is described by the placement record's slicing (tensor-parallel dim
 and segments, a flat range over the tp-local tensor) plus the rank's position
-on the axes that slice it. From that description alone `global_indices` gives
-the whole-tensor flat index of every local element, so a checkpoint written
-under one plan can be read into any other by index arithmetic, with no code
-that knows about ZeRO, tensor or pipeline parallel.
+on the axes that slice it. That description alone says where every local
+element sits in the whole tensor (`global_indices` spells it out element by
+element, the tests' oracle; assemble.py moves pieces by block copies), so a
+checkpoint written under one plan reads into any other with no code that
+knows about ZeRO, tensor or pipeline parallel.
 """
 
 from __future__ import annotations
