@@ -71,16 +71,21 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(command)
 
 
-def _strip_nproc(argv: Sequence[str]) -> list[str]:
+def _strip_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` and `flag=VALUE`."""
     out, skip = [], False
     for item in argv:
         if skip:
             skip = False
-        elif item == "--nproc":
+        elif item == flag:
             skip = True
-        elif not item.startswith("--nproc="):
+        elif not item.startswith(flag + "="):
             out.append(item)
     return out
+
+
+def _strip_nproc(argv: Sequence[str]) -> list[str]:
+    return _strip_flag(argv, "--nproc")
 
 
 def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
@@ -97,9 +102,8 @@ def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
     from plait.planner.report import why_best
 
     print(why_best(result))
-    rest = [item for item in argv if item not in ("--plan", "auto", "--plan=auto")]
     args.overrides = [*args.overrides, *plan_overrides(plan)[1::2]]
-    return [*rest, *plan_overrides(plan)]
+    return [*_strip_flag(argv, "--plan"), *plan_overrides(plan)]
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
