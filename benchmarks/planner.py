@@ -55,7 +55,7 @@ import plait
 from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, Estimator, ModelShape, Workload, describe
-from plait.planner.calibrate import calibrate
+from plait.planner.calibrate import Probe, calibrate
 from plait.train.metrics import peak_live_tensor_bytes
 
 REFERENCE = GPTConfig(vocab_size=4096, max_seq_len=128, d_model=256, num_layers=4, num_heads=4)
@@ -186,7 +186,8 @@ def step_seconds(results: list[dict[str, Any]]) -> list[float]:
 
 def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: int) -> dict[str, Any]:
     started = time.perf_counter()
-    cluster = calibrate(world, tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model, repeats=3)
+    probe = Probe(tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model)
+    cluster = calibrate(world, probe=probe, repeats=3)
     calibration_s = time.perf_counter() - started
     estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster=cluster)
     rows = []

@@ -15,8 +15,9 @@ from plait.planner.workload import Workload
 _KEPT = ("precision", "bucket_mb", "reduce_op")
 
 
-def local_cluster(world_size: int) -> Cluster:
-    """This machine: a data-sheet preset for a known GPU, else a calibration of `world_size` CPU ranks."""
+def local_cluster(world_size: int, *, precision: str = "fp32") -> Cluster:
+    """This machine: a data-sheet preset for a known GPU, else a calibration of `world_size` CPU ranks
+    timing matmuls in `precision`."""
     import torch
 
     if torch.cuda.is_available():
@@ -24,9 +25,10 @@ def local_cluster(world_size: int) -> Cluster:
         for key in ("h200", "h100", "a100-80gb" if "80" in name else "a100-40gb"):
             if key.split("-")[0] in name:
                 return Cluster.preset(key, devices_per_node=world_size)
-    from plait.planner.calibrate import calibrate
+    from plait.amp.policy import PrecisionPolicy
+    from plait.planner.calibrate import Probe, calibrate
 
-    return calibrate(world_size)
+    return calibrate(world_size, probe=Probe(dtype=PrecisionPolicy.from_name(precision).param_dtype))
 
 
 def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None) -> tuple[Plan, SearchResult]:
@@ -35,7 +37,7 @@ def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None
 
     shape = ModelShape(model_config_for(config), name=config.model.preset)
     workload = Workload(config.train.global_batch, config.data.seq_len)
-    cluster = cluster or local_cluster(world_size)
+    cluster = cluster or local_cluster(world_size, precision=config.plan.precision)
     if cluster.num_devices != world_size:
         cluster = cluster.replace(nodes=1, devices_per_node=world_size)
     space = SearchSpace(precision=config.plan.precision)

@@ -29,6 +29,16 @@ TABLE_BYTES = (1 << 12, 1 << 16, 1 << 19, 1 << 22, 1 << 24)  # all-reduce sizes 
 
 
 @dataclass(frozen=True)
+class Probe:
+    """The shape and dtype of the timed matmuls and element-wise work: the planned model's micro-batch
+    tokens and width, in its training dtype (CPU matmul speed depends on both)."""
+
+    tokens: int = 512
+    hidden: int = 256
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
 class Measured:
     """One rank's raw figures (rates per second, seconds per collective)."""
 
@@ -63,13 +73,14 @@ def _median_s(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _gemm_flops(tokens: int, hidden: int) -> float:
+def _gemm_flops(probe: Probe) -> float:
     """A layer's worth of transformer-shaped matmuls (q/k/v/o and a 4x MLP), forward and backward."""
-    x = torch.randn(tokens, hidden, requires_grad=True)
-    weights = [torch.randn(hidden, hidden, requires_grad=True) for _ in range(4)]
+    tokens, hidden, dtype = probe.tokens, probe.hidden, probe.dtype
+    x = torch.randn(tokens, hidden, dtype=dtype, requires_grad=True)
+    weights = [torch.randn(hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(4)]
     weights += [
-        torch.randn(hidden, 4 * hidden, requires_grad=True),
-        torch.randn(4 * hidden, hidden, requires_grad=True),
+        torch.randn(hidden, 4 * hidden, dtype=dtype, requires_grad=True),
+        torch.randn(4 * hidden, hidden, dtype=dtype, requires_grad=True),
     ]
 
     def step() -> None:
@@ -80,13 +91,13 @@ def _gemm_flops(tokens: int, hidden: int) -> float:
     return flops / _block_s(step)
 
 
-def _peak_flops(size: int = 1024) -> float:
+def _peak_flops(dtype: torch.dtype, size: int = 1024) -> float:
     """A large square fp32 matmul's rate (the MFU denominator's kind of figure), timed as a block."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / _block_s(lambda: a @ b, repeats=8)
 
 
-def _elementwise_rate(tokens: int, hidden: int) -> float:
+def _elementwise_rate(probe: Probe) -> float:
     """Activation bytes per second that a layer's element-wise work moves, as the time model charges it.
 
     Times a LayerNorm, a tanh-GELU on a 4x wider tensor and a residual add,
@@ -95,15 +106,16 @@ def _elementwise_rate(tokens: int, hidden: int) -> float:
     6 * saved bytes / seconds (saved: the norm's input, the GELU's input and
     output, in fp32).
     """
-    x = torch.randn(tokens, hidden, requires_grad=True)
-    wide = torch.randn(tokens, 4 * hidden, requires_grad=True)
-    norm = torch.nn.LayerNorm(hidden)
+    tokens, hidden, dtype = probe.tokens, probe.hidden, probe.dtype
+    x = torch.randn(tokens, hidden, dtype=dtype, requires_grad=True)
+    wide = torch.randn(tokens, 4 * hidden, dtype=dtype, requires_grad=True)
+    norm = torch.nn.LayerNorm(hidden, dtype=dtype)
 
     def step() -> None:
         out = norm(x).sum() + torch.nn.functional.gelu(wide, approximate="tanh").sum() + (x + x).sum()
         out.backward()
 
-    saved = 4 * (tokens * hidden + 2 * tokens * 4 * hidden)
+    saved = x.element_size() * (tokens * hidden + 2 * tokens * 4 * hidden)
     return 6 * saved / _block_s(step)
 
 
@@ -169,16 +181,13 @@ def _together(measure, group: dist.ProcessGroup | None):
     return measure()
 
 
-def measure_rank(group: dist.ProcessGroup | None = None, *, tokens: int = 512, hidden: int = 256) -> Measured:
-    """This rank's measurements; every rank of `group` must call it together.
-
-    `tokens` x `hidden` sets the shape of the transformer-like matmuls timed
-    for the sustained rate (CPU matmul speed depends on size: use the planned
-    model's micro-batch tokens and width)."""
+def measure_rank(group: dist.ProcessGroup | None = None, *, probe: Probe | None = None) -> Measured:
+    """This rank's measurements; every rank of `group` must call it together."""
+    probe = probe or Probe()
     return Measured(
-        peak_flops=_together(_peak_flops, group),
-        gemm_flops=_together(lambda: _gemm_flops(tokens, hidden), group),
-        memory_bandwidth=_together(lambda: _elementwise_rate(tokens, hidden), group),
+        peak_flops=_together(lambda: _peak_flops(probe.dtype), group),
+        gemm_flops=_together(lambda: _gemm_flops(probe), group),
+        memory_bandwidth=_together(lambda: _elementwise_rate(probe), group),
         op_overhead=_together(_op_overhead, group),
         all_reduce_s=tuple(_collective_s(size, group) for size in TABLE_BYTES),
         all_gather_s=_collective_s(LARGE, group, "all_gather"),
@@ -253,12 +262,12 @@ def cluster_from(measurements: list[Measured], *, device_memory: int) -> Cluster
     )
 
 
-def _worker(rank: int, ranks: int, store_path: str, queue: mp.Queue, options: tuple[int, int, int]) -> None:
-    tokens, hidden, repeats = options
+def _worker(rank: int, ranks: int, store_path: str, queue: mp.Queue, options: tuple[Probe, int]) -> None:
+    probe, repeats = options
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, ranks)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=ranks)
-    measured = [measure_rank(tokens=tokens, hidden=hidden) for _ in range(repeats)]
+    measured = [measure_rank(probe=probe) for _ in range(repeats)]
     queue.put((rank, _median_measured(measured)))
     dist.destroy_process_group()
 
@@ -275,20 +284,19 @@ def calibrate(
     num_ranks: int = 2,
     *,
     device_memory: int | None = None,
-    tokens: int = 512,
-    hidden: int = 256,
+    probe: Probe | None = None,
     repeats: int = 1,
     timeout_s: float = 300.0,
 ) -> Cluster:
     """Measure `num_ranks` local ranks (forked, one thread each) or, if a process group exists, its ranks.
 
     `device_memory` defaults to this machine's memory divided among the ranks;
-    `tokens` and `hidden` shape the timed matmuls (see `measure_rank`); with
-    `repeats` > 1 each figure is the median of that many calibrations.
+    `probe` shapes the timed matmuls (`Probe`); with `repeats` > 1 each figure
+    is the median of that many calibrations.
     """
     if dist.is_initialized():
         gathered: list[Measured | None] = [None] * dist.get_world_size()
-        mine = _median_measured([measure_rank(tokens=tokens, hidden=hidden) for _ in range(repeats)])
+        mine = _median_measured([measure_rank(probe=probe) for _ in range(repeats)])
         dist.all_gather_object(gathered, mine)
         memory = device_memory or _host_memory() // dist.get_world_size()
         return cluster_from([m for m in gathered if m is not None], device_memory=memory)
@@ -298,7 +306,7 @@ def calibrate(
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as workdir:
         store = str(Path(workdir, "store"))
-        options = (tokens, hidden, repeats)
+        options = (probe or Probe(), repeats)
         procs = [ctx.Process(target=_worker, args=(r, num_ranks, store, queue, options)) for r in range(num_ranks)]
         for proc in procs:
             proc.start()

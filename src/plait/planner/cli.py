@@ -35,11 +35,13 @@ def add_plan_parser(commands: Any) -> None:
 
 def _cluster(args: argparse.Namespace, hidden: int, tokens: int) -> Cluster:
     if args.calibrate:
-        from plait.planner.calibrate import calibrate
+        from plait.amp.policy import PrecisionPolicy
+        from plait.planner.calibrate import Probe, calibrate
 
         memory = parse_bytes(args.gpu_mem) if args.gpu_mem else None
-        cluster = calibrate(args.gpus_per_node, device_memory=memory, tokens=tokens, hidden=min(hidden, 1024))
-        return cluster.replace(nodes=args.nodes)
+        dtype = PrecisionPolicy.from_name(args.precision or "fp32").param_dtype
+        probe = Probe(tokens=tokens, hidden=min(hidden, 1024), dtype=dtype)
+        return calibrate(args.gpus_per_node, device_memory=memory, probe=probe).replace(nodes=args.nodes)
     cluster = Cluster.preset(args.gpu, nodes=args.nodes, devices_per_node=args.gpus_per_node)
     return cluster.replace(device_memory=parse_bytes(args.gpu_mem)) if args.gpu_mem else cluster
 
