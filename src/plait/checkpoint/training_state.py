@@ -152,6 +152,7 @@ def load_optimizer(engine: Engine, reader: ShardReader, *, group_of: dict[str, d
     names = {id(p): n for n, p in engine.model.named_parameters()}
     keys_of = _optimizer_keys(reader)
     state_dict = optimizer.state_dict()
+    state_dict["state"] = {}  # what the checkpoint holds replaces any state this optimizer built
     index = 0
     for group, saved_group in zip(optimizer.param_groups, state_dict["param_groups"], strict=True):
         for param in group["params"]:
