@@ -258,3 +258,41 @@ def _vocab_layers(rank: int, world_size: int, sp: bool) -> None:
 @pytest.mark.parametrize(("world_size", "sp"), CASES)
 def test_vocab_layers_match_dense(world_size: int, sp: bool) -> None:
     run_ranks(_vocab_layers, world_size, sp, timeout_s=60)
+
+
+def _count_entries(rank: int, world_size: int, num_layers: int, sp: bool) -> dict[str, int]:
+    """Collectives that enter the tp region in one forward and backward of tiny-llama (swiglu: q, k, v
+    share one entry and gate, up another)."""
+    import plait.tensor.comm as comm
+    from plait.models import build
+    from plait.tensor.apply import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    model = build("tiny-llama", num_layers=num_layers, max_seq_len=SEQ)
+    apply_tensor_parallel(model, model.tp_plan(), group=dist.group.WORLD, sequence_parallel=sp)
+    calls = {"gather_sequence": 0, "copy_to_tp": 0}
+    originals = {name: getattr(comm, name) for name in calls}
+
+    def counting(name: str) -> Callable[..., torch.Tensor]:
+        def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return wrapped
+
+    for name in calls:
+        setattr(comm, name, counting(name))
+    try:
+        ids = torch.randint(0, 64, (BATCH, SEQ))
+        model(ids).float().pow(2).mean().backward()
+    finally:
+        for name, original in originals.items():
+            setattr(comm, name, original)
+    return calls
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_layers_fed_one_tensor_enter_the_tp_region_once(sp: bool) -> None:
+    two, four = (run_ranks(_count_entries, 2, layers, sp)[0] for layers in (2, 4))
+    entered = "gather_sequence" if sp else "copy_to_tp"
+    assert four[entered] - two[entered] == 2 * 2  # per layer: one for q, k, v and one for gate, up (was 5)

@@ -6,9 +6,9 @@ e bytes per element, t tensor-parallel ranks:
 
 - residual stream: the layer input and the sum after attention, 2nh
   (sequence-sharded, /t, under sequence parallel);
-- norm outputs: 2nh, whole under tp; under sequence parallel each
-  column-parallel projection all-gathers and saves its own copy of its
-  input, (3 + 1)nh for GELU (q, k, v, up), (3 + 2)nh for SwiGLU;
+- norm outputs: 2nh, whole under tp; under sequence parallel the
+  projections fed one norm (q, k, v; gate, up) share one all-gathered copy,
+  so also 2nh (nh for the parallel block);
 - attention: q, k, v and the output of fused attention, 4nh/t, plus its
   fp32 log-sum-exp, 4*b*a*s/t bytes (no s x s scores are ever stored);
 - MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
@@ -46,8 +46,7 @@ def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool)
     n, h, f = b * s, c.d_model, c.resolved_d_ff
     residual = 2 * n * h * e / (tp if sp else 1)
     num_norms = 1 if c.parallel_block else 2
-    num_in = 2 if c.activation == "swiglu" else 1
-    norms = (3 + num_in if sp and tp > 1 else num_norms) * n * h * e
+    norms = num_norms * n * h * e  # entered once per norm, gathered whole under sequence parallel
     attention = 4 * n * h * e / tp + FP32 * b * c.num_heads * s / tp
     mlp = (4 if c.activation == "swiglu" else 2) * n * f * e / tp
     stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e

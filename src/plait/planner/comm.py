@@ -8,13 +8,12 @@ latency per ring step, scaled by the link's factor for its kind.
   bucketed data parallel (fp32, stage 0) once per gradient bucket.
 - Tensor parallel without sequence parallel: per layer forward, one
   all-reduce after each row-parallel projection (attention output, MLP
-  down); backward, one all-reduce per column-parallel projection (q, k, v,
-  up, and gate for SwiGLU), each of which enters the region by itself.
-- With sequence parallel every column-parallel projection all-gathers its
-  own input and every row-parallel one reduce-scatters its output; backward
-  swaps them.
-- Megatron fuses q, k and v (and gate with up) into one projection each, so
-  its layer enters the tensor-parallel region twice (`columns=2`).
+  down); backward, one all-reduce where the region is entered: once per
+  norm output, since the projections fed one tensor (q, k, v; gate, up)
+  share one entry (`columns=2`, 1 for the parallel block), as Megatron's
+  fused projections do.
+- With sequence parallel each entry all-gathers the sequence and every
+  row-parallel projection reduce-scatters its output; backward swaps them.
 """
 
 from __future__ import annotations

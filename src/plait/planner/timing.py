@@ -139,8 +139,7 @@ class TimeModel:
         forward = num_layers * layer + head
         backward = 2 * forward + recomputed * num_layers * layer
         hidden_bytes = tokens * self.shape.hidden * e
-        num_in = 2 if self.shape.config.activation == "swiglu" else 1
-        columns = 2 if self.profile == "megatron" else 3 + num_in
+        columns = 1 if self.shape.config.parallel_block else 2  # the region is entered once per norm output
         tp_fwd, tp_bwd = tp_layer_seconds(plan, hidden_bytes, columns=columns, cluster=c)
         tp_ends = self._tp_ends(plan, hidden_bytes, tokens, is_first=is_first, is_last=is_last)
         return PassCost(

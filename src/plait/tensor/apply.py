@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 
+from plait.tensor.comm import SharedEntry
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
 from plait.tensor.sequence import mark_sequence_parallel, scatter_output_sequence
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
@@ -51,6 +52,7 @@ class Context:
     tp: int
     sequence_parallel: bool
     embeddings: dict[int, VocabParallelEmbedding] = field(default_factory=dict)  # by id of the dense weight
+    entry: SharedEntry = field(default_factory=SharedEntry)  # one tp entry for column layers fed one tensor
 
 
 def _as_style(style: str | Style) -> Style:
@@ -62,7 +64,12 @@ def _as_style(style: str | Style) -> Style:
 
 def _colwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
     return ColumnParallelLinear.from_dense(
-        module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel, partition=style.partition
+        module,
+        group=ctx.group,
+        name=name,
+        sequence_parallel=ctx.sequence_parallel,
+        partition=style.partition,
+        entry=ctx.entry,
     )
 
 

@@ -20,7 +20,9 @@ Sequence tensors are batch-first, (batch, seq, hidden), so the sequence is dim 1
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,3 +140,32 @@ def gather_sequence_no_reduce(x: torch.Tensor, group: ProcessGroup | None, dim: 
     norm under sequence parallel. A vocab-parallel head needs `gather_sequence`.
     """
     return _apply(x, group, dim, _all_gather, _own_chunk)
+
+
+class SharedEntry:
+    """Column-parallel layers fed the very same tensor (q, k and v; gate and up) enter the
+    tensor-parallel region once: one sequence all-gather forward and one reduce-scatter (or,
+    without sequence parallel, one all-reduce) of their summed input gradients backward,
+    instead of one per layer. The entered tensor is held only while the tensor it came from
+    lives (a weak reference's callback drops it)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, int, torch.Tensor, bool] | None = None  # (input ref, version, entered, sp)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a copied or pickled model starts with nothing entered (weak references do not pickle)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._last = None
+
+    def _forget(self, source: Any) -> None:
+        if self._last is not None and self._last[0] is source:
+            self._last = None
+
+    def enter(self, x: torch.Tensor, group: ProcessGroup | None, *, sequence_parallel: bool) -> torch.Tensor:
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version and last[3] == sequence_parallel:
+            return last[2]
+        out = gather_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
+        self._last = (weakref.ref(x, self._forget), x._version, out, sequence_parallel)
+        return out

@@ -23,8 +23,7 @@ from torch import nn
 from plait.tensor._shard import local_partition, mark_partial, mark_sharded, new_parameter, shard_segments
 from plait.tensor.comm import (
     ProcessGroup,
-    copy_to_tp,
-    gather_sequence,
+    SharedEntry,
     gather_sequence_no_reduce,
     reduce_from_tp,
     reduce_scatter_sequence,
@@ -65,11 +64,13 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         local_partition: Sequence[int] = (),
         transposed: bool = False,
+        entry: SharedEntry | None = None,
     ) -> None:
         super().__init__()
         self.weight = weight
         _set_bias(self, bias)
         self.group = group
+        self.entry = entry or SharedEntry()
         self.sequence_parallel = sequence_parallel
         self.gather_output = gather_output
         self.transposed = transposed
@@ -86,21 +87,23 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         gather_output: bool = False,
         partition: Sequence[int] | None = None,
+        entry: SharedEntry | None = None,
     ) -> ColumnParallelLinear:
         """This rank's share of `linear` (an nn.Linear, weight (out, in), or GPT-2's Conv1D, weight
         (in, out), kept in that layout); `name` is its name in the model.
 
         `partition` lists the sizes of the segments the output concatenates
-        (e.g. [q, k, v]); each segment is split separately.
+        (e.g. [q, k, v]); each segment is split separately. Layers given one `entry` enter the
+        tensor-parallel region once when they are fed the same tensor.
         """
         transposed = is_transposed(linear)
         out_dim = 1 if transposed else 0
         weight, bias, segments = _column_shards(linear, out_dim=out_dim, group=group, name=name, partition=partition)
         options = {"sequence_parallel": sequence_parallel, "gather_output": gather_output, "transposed": transposed}
-        return cls(weight, bias, group=group, local_partition=segments, **options)
+        return cls(weight, bias, group=group, local_partition=segments, entry=entry, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel)
         out = _project(x, self.weight, self.bias, transposed=self.transposed)
         return self._gather(out) if self.gather_output else out
 
