@@ -128,11 +128,10 @@ def assemble(pieces: list[SourcePiece], *, shape: tuple[int, ...], dtype: torch.
     for key, group in by_slice.items():
         shape_local = local_shape(key)
         numel = math.prod(shape_local)
-        local = (
-            copy_ranges(group, start=0, stop=numel, dtype=dtype, what=what)
-            if len(group) > 1 or (group[0].layout.flat is not None)
-            else group[0].load().reshape(-1)
-        )
+        if len(group) == 1 and group[0].layout.flat is None:  # the rank's whole slice in one piece
+            local = group[0].load().reshape(-1)
+        else:
+            local = copy_ranges(group, start=0, stop=numel, dtype=dtype, what=what)
         if local.numel() != numel:
             raise MissingPart(f"{what}: a piece holds {local.numel()} elements where its layout says {numel}")
         place_local(whole, local.view(shape_local), key)

@@ -34,6 +34,7 @@ from plait.checkpoint.training_state import (
     tied_names,
 )
 from plait.checkpoint.writer import CheckpointWriter, SaveRequest
+from plait.dist.launch import is_main_rank
 
 if TYPE_CHECKING:
     from plait.engine import Engine
@@ -41,17 +42,13 @@ if TYPE_CHECKING:
 PLAN_KEYS = ("dp", "tp", "pp", "zero", "microbatches", "pp_schedule", "precision")
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _gather_to_main(obj: Any) -> list[Any]:
     """Every rank's `obj` in global-rank order on the main rank (others get [])."""
     if not dist.is_initialized():
         return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size() if _is_main() else []
-    dist.gather_object(obj, gathered if _is_main() else None, dst=0)
-    return gathered if _is_main() else []
+    gathered: list[Any] = [None] * dist.get_world_size() if is_main_rank() else []
+    dist.gather_object(obj, gathered if is_main_rank() else None, dst=0)
+    return gathered if is_main_rank() else []
 
 
 def save_engine(
@@ -67,7 +64,7 @@ def save_engine(
     entries, group_of = state_entries(engine)
     gathered = _gather_to_main({"rng": rng_state(), "groups": group_of, "aliases": tied_names(engine)})
     request = SaveRequest(path=Path(path), entries=entries)
-    if _is_main():
+    if is_main_rank():
         trainer_state = {
             **extra,
             "scheduler": engine.scheduler.state_dict() if engine.scheduler else None,

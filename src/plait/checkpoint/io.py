@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from plait.checkpoint.layout import PieceLayout
-from plait.checkpoint.sharded import MANIFEST_FILE, Entry, ShardReader, read_manifest, sha256_of
+from plait.checkpoint.sharded import MANIFEST_FILE, Entry, ShardReader, read_manifest, sha256_of, snapshot
 from plait.checkpoint.writer import CheckpointWriter, SaveRequest
 
 TRAINER_FILE = "trainer.pt"
@@ -141,7 +141,7 @@ def save_checkpoint(
     ]
     request = SaveRequest(
         path=Path(path),
-        entries=[Entry(e.name, e.tensor.detach().contiguous().clone(), e.layout) for e in entries],
+        entries=snapshot(entries),
         main_files={TRAINER_FILE: trainer_bytes(trainer_state), CONFIG_FILE: config_bytes(config)},
         manifest_extra={
             "step": trainer_state.get("step"),

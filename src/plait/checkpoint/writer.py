@@ -95,14 +95,13 @@ class CheckpointWriter:
         self.group = dist.new_group(backend="gloo") if spread else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last_committed: Path | None = None
 
     def save(self, request: SaveRequest, *, asynchronous: bool = False) -> None:
         self.wait()  # one save in flight at a time: the group's collectives stay in order
-        request.entries = snapshot(request.entries) if asynchronous else request.entries
         if not asynchronous:
             self._write(request)
             return
+        request.entries = snapshot(request.entries)
         self._thread = threading.Thread(target=self._run, args=(request,), name="plait-checkpoint", daemon=True)
         self._thread.start()
 
@@ -114,10 +113,6 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"the asynchronous checkpoint save failed: {error}") from error
-
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _run(self, request: SaveRequest) -> None:
         try:
@@ -151,7 +146,6 @@ class CheckpointWriter:
             if request.on_commit is not None:
                 request.on_commit(path)
         self._barrier()
-        self.last_committed = path
 
     def _gather(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         if self.group is None:
