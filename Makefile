@@ -13,12 +13,12 @@ demo: $(BIN)/plait
 	$(BIN)/plait train configs/gpt-10m.toml
 
 test: $(BIN)/plait
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest tests
 
 lint: $(BIN)/plait
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(BIN)/plait
 	$(BIN)/python benchmarks/dp.py

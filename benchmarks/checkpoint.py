@@ -89,7 +89,7 @@ from plait.checkpoint.layout import writes_piece
 from plait.checkpoint.sharded import sha256_of, shard_file_name, snapshot
 from plait.checkpoint.training_state import rank_coords, state_entries
 from plait.checkpoint.writer import fsync_path, synced_record
-from plait.dist.placement import placement_of
+from plait.distributed.placement import placement_of
 from plait.models import build
 
 WORLD_SIZE = 2

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.dist.forked import run_forked
+from plait.distributed.forked import run_forked
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

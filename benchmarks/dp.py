@@ -337,7 +337,7 @@ def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
             "theory_bytes": 8 * num_params,
             "theory_formula": (
                 "DDP: 2P fp32 elements per step = 8P bytes, counting an all-reduce as a reduce-scatter plus "
-                "an all-gather (ZeRO paper; plait.dist.comm); ring wire traffic a further (N-1)/N"
+                "an all-gather (ZeRO paper; plait.distributed.comm); ring wire traffic a further (N-1)/N"
             ),
             "allreduce_payload_bytes": 4 * num_params,
         },

@@ -262,7 +262,7 @@ def memory_phase(rank: int, config: ZeroBenchConfig) -> list[dict[str, Any]]:
 
 
 def comm_theory_elements(stage: int, k: int, reduce_op: str) -> tuple[int, str]:
-    """(elements as a multiple of P, formula) per step per rank, counted as plait.dist.comm does."""
+    """(elements as a multiple of P, formula) per step per rank, counted as plait.distributed.comm does."""
     if reduce_op == "reduce_scatter" or stage == 0:
         # gradient sum: reduce-scatter P (all-reduce 2P at stage 0); all-gather P after the step (1-2)
         # or twice per micro-batch (3)

@@ -6,7 +6,7 @@ Run on 2 local ranks:  plait run --nproc-per-node 2 examples/custom_loop.py
 import torch
 
 import plait
-from plait.dist import init_distributed
+from plait.distributed import init_distributed
 
 
 def main() -> None:

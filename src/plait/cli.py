@@ -220,7 +220,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
-        from plait.dist.launch import torchrun
+        from plait.distributed.launch import torchrun
 
         return torchrun(argv[1:])
     args = build_parser().parse_args(argv)

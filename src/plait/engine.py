@@ -19,13 +19,13 @@ from torch import nn
 from plait.amp.policy import PrecisionPolicy
 from plait.amp.scaler import LossScaler, Overflow
 from plait.checkpoint.engine_state import load_engine, save_engine
-from plait.checkpoint.recompute import apply_recompute
+from plait.recompute import apply_recompute
 from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Plan
-from plait.dist.comm import CommCounter, all_reduce
-from plait.dist.launch import get_logger
-from plait.dist.mesh import Mesh
-from plait.dist.placement import placement_of
+from plait.distributed.comm import CommCounter, all_reduce
+from plait.distributed.launch import get_logger
+from plait.distributed.mesh import Mesh
+from plait.distributed.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs

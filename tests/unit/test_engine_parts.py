@@ -11,7 +11,7 @@ from torch import nn
 
 import plait
 from plait.config import Plan
-from plait.dist.mesh import Mesh
+from plait.distributed.mesh import Mesh
 from plait.engine import split_microbatches
 from plait.optim.clip import clip_grad_norm
 from plait.optim.schedules import warmup_cosine_factor

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from plait.checkpoint.recompute import Recomputed, apply_recompute, find_layer_list, recompute_module
+from plait.recompute import Recomputed, apply_recompute, find_layer_list, recompute_module
 from plait.losses import causal_lm_mean
 from plait.models import build
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from plait.dist.placement import Placement  # noqa: E402
+from plait.distributed.placement import Placement  # noqa: E402
 from plait.tensor import VocabShard, set_vocab_shard  # noqa: E402
 from plait.tensor.apply import Style  # noqa: E402
 from plait.tensor.hf import ReadStats, VocabParallelHFLoss, check_tp, load_pretrained_tp, tp_plan_for  # noqa: E402

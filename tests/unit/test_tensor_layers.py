@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from plait.dist.placement import Placement, placement_of, set_placement
+from plait.distributed.placement import Placement, placement_of, set_placement
 from plait.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,

@@ -1,4 +1,4 @@
-"""Checkpoints: whole-training-state save and load (data-parallel replicas; resharding comes later)."""
+"""Checkpoints: whole-training-state save and load under any plan, and Hugging Face import/export."""
 
 from plait.checkpoint.io import (
     checkpoint_name,

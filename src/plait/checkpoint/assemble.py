@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from plait.checkpoint.layout import PieceLayout
-from plait.dist.placement import Placement, shard_along
+from plait.distributed.placement import Placement, shard_along
 
 
 class MissingPart(ValueError):

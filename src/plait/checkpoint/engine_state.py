@@ -34,7 +34,7 @@ from plait.checkpoint.training_state import (
     tied_names,
 )
 from plait.checkpoint.writer import CheckpointWriter, SaveRequest
-from plait.dist.launch import is_main_rank
+from plait.distributed.launch import is_main_rank
 
 if TYPE_CHECKING:
     from plait.engine import Engine

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from plait.config import AXES
-from plait.dist.placement import Placement, shard_along, tp_dim
+from plait.distributed.placement import Placement, shard_along, tp_dim
 
 PADDING = -1  # the index of an element outside the whole tensor (vocabulary padding, flat-unit padding)
 

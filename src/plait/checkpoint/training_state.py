@@ -21,7 +21,7 @@ from torch import nn
 from plait.checkpoint.layout import PieceLayout, RankCoords, layout_of, writes_piece
 from plait.checkpoint.sharded import Entry, ShardReader
 from plait.config import AXES
-from plait.dist.placement import Placement, placement_of
+from plait.distributed.placement import Placement, placement_of
 
 if TYPE_CHECKING:
     from plait.engine import Engine

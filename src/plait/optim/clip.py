@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from plait.config import AXES
-from plait.dist.mesh import Mesh
-from plait.dist.placement import placement_of
+from plait.distributed.mesh import Mesh
+from plait.distributed.placement import placement_of
 
 
 def _is_sharded(mesh: Mesh) -> bool:

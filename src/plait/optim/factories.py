@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from plait.dist.placement import placement_of
+from plait.distributed.placement import placement_of
 
 
 def is_matrix(param: torch.Tensor) -> bool:

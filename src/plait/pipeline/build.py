@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.mesh import Mesh
-from plait.dist.placement import Placement, placement_of, set_placement
+from plait.distributed.mesh import Mesh
+from plait.distributed.placement import Placement, placement_of, set_placement
 from plait.pipeline.partition import decoder_layout, partition_layers, ranges_from_split_points
 from plait.pipeline.runtime import PipelineRunner, tied_groups
 from plait.pipeline.stage import PipelineStage, build_stage_chunks, release_unused

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.placement import placement_of, set_placement
+from plait.distributed.placement import placement_of, set_placement
 from plait.pipeline.partition import DecoderLayout, decoder_layout
 
 __all__ = ["PipelineStage", "StageSpec", "build_stage", "build_stage_chunks", "release_unused"]

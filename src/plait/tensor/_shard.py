@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from plait.dist.placement import Placement, set_placement
+from plait.distributed.placement import Placement, set_placement
 
 
 def local_partition(partition: Sequence[int] | None, total: int, size: int, *, what: str) -> tuple[int, ...]:

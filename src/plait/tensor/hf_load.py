@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from plait.dist.placement import Placement, placement_of
+from plait.distributed.placement import Placement, placement_of
 
 
 @dataclass

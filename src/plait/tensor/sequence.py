@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from plait.dist.placement import Placement, placement_of, set_placement
+from plait.distributed.placement import Placement, placement_of, set_placement
 from plait.tensor.comm import ProcessGroup, scatter_sequence
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.placement import Placement, placement_of, shard_along, tp_dim
+from plait.distributed.placement import Placement, placement_of, shard_along, tp_dim
 
 
 def tp_placements(model: nn.Module) -> dict[str, Placement]:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
 from plait.config import Config, Plan
-from plait.dist.launch import get_logger, init_distributed, is_main_rank
-from plait.dist.mesh import Mesh
+from plait.distributed.launch import get_logger, init_distributed, is_main_rank
+from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
 from plait.models.gpt import GPT, GPTConfig

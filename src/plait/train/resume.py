@@ -16,7 +16,7 @@ from pathlib import Path
 from plait.checkpoint.io import CONFIG_FILE
 from plait.config import Config
 from plait.data.loader import ShardedLoader
-from plait.dist.launch import get_logger, is_main_rank
+from plait.distributed.launch import get_logger, is_main_rank
 from plait.engine import Engine
 
 

@@ -19,7 +19,7 @@ from plait.config import Config, Plan
 from plait.data.corpus import corpus_files
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
-from plait.dist.mesh import Mesh
+from plait.distributed.mesh import Mesh
 from plait.models.factory import resolve_config
 from plait.models.gpt import GPTConfig
 

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.comm import CommCounter, all_reduce
-from plait.dist.mesh import Mesh
+from plait.distributed.comm import CommCounter, all_reduce
+from plait.distributed.mesh import Mesh
 from plait.zero.buckets import GradBuckets
 
 

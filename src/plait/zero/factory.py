@@ -8,8 +8,8 @@ from torch import nn
 
 from plait.amp.policy import PrecisionPolicy
 from plait.config import Plan
-from plait.dist.comm import CommCounter
-from plait.dist.mesh import Mesh
+from plait.distributed.comm import CommCounter
+from plait.distributed.mesh import Mesh
 from plait.zero.data_parallel import DataParallel, broadcast_module_state
 from plait.zero.lazy import Materializer
 from plait.zero.sharded import ZeroDataParallel

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from plait.dist.placement import Placement, set_placement
+from plait.distributed.placement import Placement, set_placement
 
 
 @dataclass(frozen=True)

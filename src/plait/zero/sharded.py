@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from plait.dist.placement import placement_of
+from plait.distributed.placement import placement_of
 from plait.zero.partition import HookSite, UnitSpec, plan_units
 from plait.zero.unit import FlatUnit, PendingReduce, UnitConfig
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.comm import CommCounter
-from plait.dist.placement import placement_of
+from plait.distributed.comm import CommCounter
+from plait.distributed.placement import placement_of
 from plait.zero.flat import FlatLayout, make_piece_param, views_of
 
 

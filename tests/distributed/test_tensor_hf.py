@@ -12,12 +12,12 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import plait  # noqa: E402
-from plait.dist.placement import placement_of  # noqa: E402
+from plait.distributed.placement import placement_of  # noqa: E402
 from plait.tensor import gather_vocab_logits  # noqa: E402
 from plait.tensor.hf import ReadStats, apply_hf_tensor_parallel, load_pretrained_tp  # noqa: E402
 from plait.train.reference import train_reference  # noqa: E402
-from tests.dist.harness import run_ranks  # noqa: E402
-from tests.dist.test_parity import assert_parity  # noqa: E402
+from tests.distributed.harness import run_ranks  # noqa: E402
+from tests.distributed.test_parity import assert_parity  # noqa: E402
 
 STEPS, BATCH, SEQ, VOCAB = 5, 4, 16, 256
 CAUSAL = {

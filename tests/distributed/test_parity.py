@@ -10,7 +10,7 @@ import torch
 import plait
 from plait.models import build
 from plait.train.reference import train_reference
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 STEPS = 20
 GLOBAL_BATCH = 16

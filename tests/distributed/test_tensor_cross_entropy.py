@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from plait.tensor import VocabParallelHead, VocabShard, is_vocab_sharded, vocab_parallel_cross_entropy
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 

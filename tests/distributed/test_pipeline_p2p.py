@@ -11,7 +11,7 @@ from plait.models import build
 from plait.pipeline.p2p import StageLink
 from plait.pipeline.partition import partition_layers
 from plait.pipeline.stage import build_stage, release_unused
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, Estimator, ModelShape, Workload
 from plait.train.metrics import peak_live_tensor_bytes
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 CONFIG = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=4, num_heads=4)
 GLOBAL_BATCH, SEQ = 8, 64

@@ -10,8 +10,8 @@ import torch
 
 from plait.checkpoint.io import load_checkpoint
 from plait.train.loop import run_training
-from tests.dist.harness import run_ranks
-from tests.dist.test_train_loop import tiny_config
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_train_loop import tiny_config
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def test_a_sharded_checkpoint_exports_to_transformers(small_corpus: list[str], t
 
 
 def _save_after_steps(rank: int, world: int, plan_kwargs: dict, path: str, preset: str) -> None:
-    from tests.dist.test_checkpoint_crash import make_engine_for, train
+    from tests.distributed.test_checkpoint_crash import make_engine_for, train
 
     engine = make_engine_for(plan_kwargs, preset=preset)
     train(engine, range(3))
@@ -101,7 +101,7 @@ def _save_after_steps(rank: int, world: int, plan_kwargs: dict, path: str, prese
 
 
 def _load_and_save_again(rank: int, world: int, plan_kwargs: dict, source: str, path: str, preset: str) -> None:
-    from tests.dist.test_checkpoint_crash import make_engine_for
+    from tests.distributed.test_checkpoint_crash import make_engine_for
 
     engine = make_engine_for(plan_kwargs, preset=preset)
     engine.load(Path(source))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from plait.dist.placement import Placement, placement_of
+from plait.distributed.placement import Placement, placement_of
 from plait.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -22,7 +22,7 @@ from plait.tensor import (
     gather_vocab_logits,
     mark_sequence_parallel,
 )
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 BATCH, SEQ, HIDDEN = 2, 8, 16

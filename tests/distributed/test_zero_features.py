@@ -7,8 +7,16 @@ import torch
 
 import plait
 from plait.train.metrics import model_state_bytes
-from tests.dist.harness import run_ranks
-from tests.dist.test_parity import assert_parity, fresh_model, make_batches, optimizer, reference_run, scheduler, shard_of
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_parity import (
+    assert_parity,
+    fresh_model,
+    make_batches,
+    optimizer,
+    reference_run,
+    scheduler,
+    shard_of,
+)
 
 
 def engine_for(model: torch.nn.Module, **plan: object) -> plait.Engine:

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 import plait
-from plait.train.reference import train_reference
-from tests.dist.harness import run_ranks
-from tests.dist.test_parity import assert_parity, make_batches, optimizer, reference_run, scheduler, train_every_step
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_parity import (
+    assert_parity,
+    make_batches,
+    optimizer,
+    reference_run,
+    scheduler,
+    train_every_step,
+)
 
 SEQ = 16
 

@@ -14,10 +14,10 @@ import torch
 
 import plait
 from plait.checkpoint.io import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from plait.distributed.forked import _worker
 from plait.models import build
-from plait.dist.forked import _worker
-from tests.dist.harness import run_ranks
-from tests.dist.test_parity import SEQ, make_batches, optimizer, scheduler, shard_of
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_parity import SEQ, make_batches, optimizer, scheduler, shard_of
 
 
 def make_engine_for(plan_kwargs: dict, *, preset: str = "tiny") -> plait.Engine:

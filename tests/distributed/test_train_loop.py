@@ -9,7 +9,7 @@ import torch
 
 from plait.config import load_config
 from plait.train.loop import run_training
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 
 def tiny_config(

@@ -1,11 +1,11 @@
-"""The multi-process test tier's launcher: plait.dist.forked with each rank's stderr captured."""
+"""The multi-process test tier's launcher: plait.distributed.forked with each rank's stderr captured."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from plait.dist.forked import run_forked
+from plait.distributed.forked import run_forked
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 90.0) -> list[Any]:

@@ -1,9 +1,9 @@
 """The substrate: process groups, placements, launch and collectives, on torch.distributed only."""
 
-from plait.dist.comm import CommCounter, all_reduce
-from plait.dist.launch import get_logger, init_distributed, is_main_rank
-from plait.dist.mesh import Mesh
-from plait.dist.placement import Placement, placement_of, set_placement
+from plait.distributed.comm import CommCounter, all_reduce
+from plait.distributed.launch import get_logger, init_distributed, is_main_rank
+from plait.distributed.mesh import Mesh
+from plait.distributed.placement import Placement, placement_of, set_placement
 
 __all__ = [
     "CommCounter",

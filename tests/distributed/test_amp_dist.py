@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from plait.amp import LossScaler, Overflow
-from tests.dist.harness import run_ranks
+from tests.distributed.harness import run_ranks
 
 NAMES = [f"layers.{i}.weight" for i in range(6)]
 
