@@ -1,0 +1,260 @@
+"""The registry of architectures: what plait knows about each model family, in one place.
+
+Every strand reads it: pipeline parallel (where the layers, embeddings, final norm and
+head live, what a stage computes before its first layer), tensor parallel (styles for
+the modules a config's ``base_model_tp_plan`` does not cover), activation recomputation
+(the layer list) and checkpoints (the names of the parts). An entry is a small table of
+dotted module paths; stages call the model's own modules and transformers' own mask
+builders, never a copy of a model's forward.
+
+Adding a Hugging Face family is one entry here plus a line in the parity test's list of
+tiny configs. An unknown family gets an error naming the entry to add.
+
+Example:
+    >>> arch = architecture_of(transformers.Qwen2ForCausalLM(config))
+    >>> arch.layers, arch.embed, arch.norm
+    ('model.layers', 'model.embed_tokens', 'model.norm')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "find_architecture", "model_type_of"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family keeps its parts (dotted paths from the model's root) and how a stage runs them.
+
+    First stage: ``embed(input_ids)``, then each of ``before_positions`` (OPT's
+    ``project_in``), plus ``positions`` (learned position embeddings: called with the
+    position ids, or with ``(attention_mask, 0, position_ids=...)`` when
+    ``positions_from_mask``), then each of ``after_embed`` (embedding dropout). Every
+    stage: its layers, each called as ``layer(hidden, attention_mask=..., position_ids=...,
+    position_embeddings=rotary(hidden, positions), use_cache=False, **layer_kwargs)``.
+    Last stage: ``norm``, each of ``after_norm`` (OPT's ``project_out``), ``head``, and
+    the soft-capping of logits the model's forward applies (``logit_softcap`` names the
+    config attribute). Paths of modules a config may leave out (``None`` attributes) are
+    skipped. ``head`` is ``None`` for encoders whose output is the hidden states.
+    """
+
+    name: str
+    layers: str
+    embed: str
+    norm: str | None
+    head: str | None = "lm_head"
+    positions: str | None = None
+    positions_from_mask: bool = False
+    before_positions: tuple[str, ...] = ()
+    after_embed: tuple[str, ...] = ()
+    after_norm: tuple[str, ...] = ()
+    rotary: str | None = None
+    causal: bool = True
+    layer_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    logit_softcap: str | None = None
+    attention: str | None = None  # the attention module inside a layer: its head counts shrink under tp
+    tp_styles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # inside a layer -> style
+
+    @property
+    def is_plait(self) -> bool:
+        return self.name == "plait"
+
+    def first_paths(self) -> list[str]:
+        """Modules only the first stage runs, in call order."""
+        return [self.embed, *self.before_positions, *([self.positions] if self.positions else []), *self.after_embed]
+
+    def last_paths(self) -> list[str]:
+        """Modules only the last stage runs, in call order."""
+        return [*([self.norm] if self.norm else []), *self.after_norm, *([self.head] if self.head else [])]
+
+    def shared_paths(self) -> list[str]:
+        """Parameter-free modules every stage calls (rotary position embeddings)."""
+        return [self.rotary] if self.rotary else []
+
+
+_LLAMA_STYLES = MappingProxyType(
+    {
+        "self_attn.q_proj": "colwise",
+        "self_attn.k_proj": "colwise",
+        "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise",
+        "mlp.gate_proj": "colwise",
+        "mlp.up_proj": "colwise",
+        "mlp.down_proj": "rowwise",
+    }
+)
+
+
+def _llama_like(name: str) -> Architecture:
+    return Architecture(
+        name,
+        layers="model.layers",
+        embed="model.embed_tokens",
+        norm="model.norm",
+        rotary="model.rotary_emb",
+        attention="self_attn",
+        tp_styles=_LLAMA_STYLES,
+    )
+
+
+_ENTRIES = (
+    Architecture(
+        "plait",
+        layers="blocks",
+        embed="embed",
+        norm="norm_f",
+        positions="pos_embed",
+        after_embed=("drop",),
+        attention="attn",
+    ),
+    *(_llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")),
+    Architecture(
+        "gemma2",
+        layers="model.layers",
+        embed="model.embed_tokens",
+        norm="model.norm",
+        rotary="model.rotary_emb",
+        logit_softcap="final_logit_softcapping",
+        attention="self_attn",
+        tp_styles=_LLAMA_STYLES,
+    ),
+    Architecture(
+        "gpt_neox",
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        after_embed=("gpt_neox.emb_dropout",),
+        norm="gpt_neox.final_layer_norm",
+        head="embed_out",
+        rotary="gpt_neox.rotary_emb",
+        attention="attention",
+        tp_styles=MappingProxyType(
+            {
+                "attention.query_key_value": "colwise",  # per-head [q k v] interleaved: a plain split keeps heads whole
+                "attention.dense": "rowwise",
+                "mlp.dense_h_to_4h": "colwise",
+                "mlp.dense_4h_to_h": "rowwise",
+            }
+        ),
+    ),
+    Architecture(
+        "opt",
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        before_positions=("model.decoder.project_in",),
+        positions="model.decoder.embed_positions",
+        positions_from_mask=True,
+        norm="model.decoder.final_layer_norm",
+        after_norm=("model.decoder.project_out",),
+        attention="self_attn",
+        tp_styles=MappingProxyType(
+            {
+                "self_attn.q_proj": "colwise",
+                "self_attn.k_proj": "colwise",
+                "self_attn.v_proj": "colwise",
+                "self_attn.out_proj": "rowwise",
+                "fc1": "colwise",
+                "fc2": "rowwise",
+            }
+        ),
+    ),
+    Architecture(
+        "falcon",
+        layers="transformer.h",
+        embed="transformer.word_embeddings",
+        norm="transformer.ln_f",
+        rotary="transformer.rotary_emb",
+        layer_kwargs=MappingProxyType({"alibi": None}),
+        attention="self_attention",
+        tp_styles=MappingProxyType(
+            {
+                "self_attention.query_key_value": "colwise",
+                "self_attention.dense": "rowwise",
+                "mlp.dense_h_to_4h": "colwise",
+                "mlp.dense_4h_to_h": "rowwise",
+            }
+        ),
+    ),
+    Architecture(
+        "gpt2",
+        layers="transformer.h",
+        embed="transformer.wte",
+        positions="transformer.wpe",
+        after_embed=("transformer.drop",),
+        norm="transformer.ln_f",
+        attention="attn",
+        tp_styles=MappingProxyType(
+            {"attn.c_attn": "fused_qkv", "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
+        ),
+    ),
+    Architecture(
+        "bert",
+        layers="encoder.layer",
+        embed="embeddings",
+        norm=None,
+        head=None,
+        causal=False,
+        attention="attention.self",
+        tp_styles=MappingProxyType(
+            {
+                "attention.self.query": "colwise",
+                "attention.self.key": "colwise",
+                "attention.self.value": "colwise",
+                "attention.output.dense": "rowwise",
+                "intermediate.dense": "colwise",
+                "output.dense": "rowwise",
+            }
+        ),
+    ),
+)
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({entry.name: entry for entry in _ENTRIES})
+
+
+def _is_plait_gpt(model: nn.Module) -> bool:
+    return all(hasattr(model, name) for name in ("embed", "blocks", "norm_f", "lm_head"))
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """``"plait"`` for plait's GPT, the config's ``model_type`` for a Hugging Face model, else None."""
+    if _is_plait_gpt(model):
+        return "plait"
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def find_architecture(model: nn.Module) -> Architecture | None:
+    """The registry entry for ``model`` whose paths all exist in it, or None."""
+    entry = ARCHITECTURES.get(model_type_of(model) or "")
+    if entry is None:
+        return None
+    names = {name for name, _ in model.named_modules()}
+    return entry if entry.layers in names and entry.embed in names else None
+
+
+def architecture_of(model: nn.Module, *, purpose: str = "this") -> Architecture:
+    """The registry entry for ``model``; ValueError naming the missing entry when there is none.
+
+    ``purpose`` names what asked (``"pipeline parallelism"``), for the message.
+    """
+    entry = find_architecture(model)
+    if entry is not None:
+        return entry
+    model_type = model_type_of(model)
+    known = ", ".join(sorted(ARCHITECTURES))
+    if model_type in ARCHITECTURES:
+        raise ValueError(
+            f"{purpose} needs {type(model).__name__} laid out as the {model_type!r} entry of plait's architecture "
+            f"registry says (layers at {ARCHITECTURES[model_type].layers!r}, embeddings at "
+            f"{ARCHITECTURES[model_type].embed!r}), but the model has no such modules: pass the model class "
+            "with the LM head (AutoModelForCausalLM), not a wrapper or the bare base model"
+        )
+    raise ValueError(
+        f"{purpose} does not know {type(model).__name__} (model_type={model_type!r}): plait's architecture "
+        f"registry has no entry {model_type!r} (it knows {known}). Add an Architecture({model_type!r}, "
+        "layers=..., embed=..., norm=..., ...) to plait.models.architectures, or train without this strand"
+    )
