@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from plait.models.architectures import find_architecture
+
 __all__ = ["RECOMPUTE_MODES", "Recomputed", "apply_recompute", "find_layer_list", "recompute_module"]
 
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -129,10 +131,14 @@ def recompute_module(module: nn.Module) -> None:
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer layers and its name, e.g. ``("blocks", model.blocks)``.
 
-    Candidates are the ``nn.ModuleList``s with parameters whose children are all of one
-    class; a known name (``blocks``, ``model.layers``, ``transformer.h``,
-    ``encoder.layer``, ...) wins, then the most parameters.
+    A family of plait's architecture registry names its list. Otherwise the candidates are
+    the ``nn.ModuleList``s with parameters whose children are all of one class; a known
+    name (``blocks``, ``model.layers``, ``transformer.h``, ``encoder.layer``, ...) wins,
+    then the most parameters.
     """
+    known = find_architecture(model)
+    if known is not None:
+        return known.layers, model.get_submodule(known.layers)
     candidates = [
         (name, module)
         for name, module in model.named_modules()

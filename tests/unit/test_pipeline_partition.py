@@ -105,8 +105,22 @@ def test_too_many_stages_is_a_clear_error() -> None:
 
 
 def test_unsupported_model_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="supports plait's GPT"):
+    with pytest.raises(ValueError, match="registry has no entry None"):
         layer_costs(nn.Sequential(nn.Linear(2, 2)), seq_len=4)
+
+
+def test_unknown_family_names_the_registry_entry_to_add() -> None:
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    with pytest.raises(ValueError, match=r"no entry 'bloom' .* Add an Architecture\('bloom'"):
+        layer_costs(transformers.BloomForCausalLM(config), seq_len=4)
+
+
+def test_alibi_falcon_is_refused_with_the_reason() -> None:
+    config = transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True
+    )
+    with pytest.raises(ValueError, match="alibi=True folds its position bias"):
+        layer_costs(transformers.FalconForCausalLM(config), seq_len=4)
 
 
 def all_names(model: nn.Module) -> set[str]:

@@ -18,19 +18,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "find_architecture", "model_type_of"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "find_architecture", "model_type_of", "present_paths"]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one family keeps its parts (dotted paths from the model's root) and how a stage runs them.
+    """Where one family keeps its parts and how a pipeline stage runs them.
+
+    Paths are dotted module names inside the base model (``LlamaModel``), except ``head``,
+    which is the task model's (``lm_head``); :func:`architecture_of` returns them from the
+    root of the model at hand.
 
     First stage: ``embed(input_ids)``, then each of ``before_positions`` (OPT's
     ``project_in``), plus ``positions`` (learned position embeddings: called with the
@@ -44,7 +49,7 @@ class Architecture:
     skipped. ``head`` is ``None`` for encoders whose output is the hidden states.
     """
 
-    name: str
+    name: str  # "plait" or a Hugging Face model_type
     layers: str
     embed: str
     norm: str | None
@@ -60,6 +65,8 @@ class Architecture:
     logit_softcap: str | None = None
     attention: str | None = None  # the attention module inside a layer: its head counts shrink under tp
     tp_styles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # inside a layer -> style
+    # config attribute -> why a pipeline stage cannot run the family when it is set
+    pp_refusals: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def is_plait(self) -> bool:
@@ -94,10 +101,10 @@ _LLAMA_STYLES = MappingProxyType(
 def _llama_like(name: str) -> Architecture:
     return Architecture(
         name,
-        layers="model.layers",
-        embed="model.embed_tokens",
-        norm="model.norm",
-        rotary="model.rotary_emb",
+        layers="layers",
+        embed="embed_tokens",
+        norm="norm",
+        rotary="rotary_emb",
         attention="self_attn",
         tp_styles=_LLAMA_STYLES,
     )
@@ -116,22 +123,21 @@ _ENTRIES = (
     *(_llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")),
     Architecture(
         "gemma2",
-        layers="model.layers",
-        embed="model.embed_tokens",
-        norm="model.norm",
-        rotary="model.rotary_emb",
+        layers="layers",
+        embed="embed_tokens",
+        norm="norm",
+        rotary="rotary_emb",
         logit_softcap="final_logit_softcapping",
         attention="self_attn",
         tp_styles=_LLAMA_STYLES,
     ),
     Architecture(
         "gpt_neox",
-        layers="gpt_neox.layers",
-        embed="gpt_neox.embed_in",
-        after_embed=("gpt_neox.emb_dropout",),
-        norm="gpt_neox.final_layer_norm",
-        head="embed_out",
-        rotary="gpt_neox.rotary_emb",
+        layers="layers",
+        embed="embed_in",
+        after_embed=("emb_dropout",),
+        norm="final_layer_norm",
+        rotary="rotary_emb",
         attention="attention",
         tp_styles=MappingProxyType(
             {
@@ -144,13 +150,13 @@ _ENTRIES = (
     ),
     Architecture(
         "opt",
-        layers="model.decoder.layers",
-        embed="model.decoder.embed_tokens",
-        before_positions=("model.decoder.project_in",),
-        positions="model.decoder.embed_positions",
+        layers="decoder.layers",
+        embed="decoder.embed_tokens",
+        before_positions=("decoder.project_in",),
+        positions="decoder.embed_positions",
         positions_from_mask=True,
-        norm="model.decoder.final_layer_norm",
-        after_norm=("model.decoder.project_out",),
+        norm="decoder.final_layer_norm",
+        after_norm=("decoder.project_out",),
         attention="self_attn",
         tp_styles=MappingProxyType(
             {
@@ -165,11 +171,17 @@ _ENTRIES = (
     ),
     Architecture(
         "falcon",
-        layers="transformer.h",
-        embed="transformer.word_embeddings",
-        norm="transformer.ln_f",
-        rotary="transformer.rotary_emb",
+        layers="h",
+        embed="word_embeddings",
+        norm="ln_f",
+        rotary="rotary_emb",
         layer_kwargs=MappingProxyType({"alibi": None}),
+        pp_refusals=MappingProxyType(
+            {
+                "alibi": "Falcon with alibi=True folds its position bias into the attention mask inside the model's "
+                "forward, which a pipeline stage cannot call piecewise; use a rotary Falcon (alibi=False) or pp=1"
+            }
+        ),
         attention="self_attention",
         tp_styles=MappingProxyType(
             {
@@ -182,11 +194,11 @@ _ENTRIES = (
     ),
     Architecture(
         "gpt2",
-        layers="transformer.h",
-        embed="transformer.wte",
-        positions="transformer.wpe",
-        after_embed=("transformer.drop",),
-        norm="transformer.ln_f",
+        layers="h",
+        embed="wte",
+        positions="wpe",
+        after_embed=("drop",),
+        norm="ln_f",
         attention="attn",
         tp_styles=MappingProxyType(
             {"attn.c_attn": "fused_qkv", "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
@@ -197,7 +209,7 @@ _ENTRIES = (
         layers="encoder.layer",
         embed="embeddings",
         norm=None,
-        head=None,
+        head="cls",
         causal=False,
         attention="attention.self",
         tp_styles=MappingProxyType(
@@ -227,17 +239,50 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def _base_prefix(model: nn.Module) -> str | None:
+    """Path of the base model inside a Hugging Face task model ("model", "transformer"), "" when
+    ``model`` is the base model itself, None for plait's GPT."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ("" if prefix else None)
+
+
+def _resolved(entry: Architecture, prefix: str) -> Architecture:
+    """``entry`` with its base-model paths prefixed; the head is the task model's own (none on a bare base model)."""
+
+    def full(path: str) -> str:
+        return f"{prefix}.{path}" if prefix else path
+
+    def full_all(paths: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(full(path) for path in paths)
+
+    return dataclasses.replace(
+        entry,
+        layers=full(entry.layers),
+        embed=full(entry.embed),
+        norm=full(entry.norm) if entry.norm else None,
+        head=entry.head if prefix else None,
+        positions=full(entry.positions) if entry.positions else None,
+        before_positions=full_all(entry.before_positions),
+        after_embed=full_all(entry.after_embed),
+        after_norm=full_all(entry.after_norm),
+        rotary=full(entry.rotary) if entry.rotary else None,
+    )
+
+
 def find_architecture(model: nn.Module) -> Architecture | None:
-    """The registry entry for ``model`` whose paths all exist in it, or None."""
+    """The registry entry for ``model`` with paths from its root, or None when unknown or laid out otherwise."""
     entry = ARCHITECTURES.get(model_type_of(model) or "")
     if entry is None:
         return None
+    prefix = _base_prefix(model)
+    resolved = entry if prefix is None else _resolved(entry, prefix)
     names = {name for name, _ in model.named_modules()}
-    return entry if entry.layers in names and entry.embed in names else None
+    needed = [resolved.layers, resolved.embed, *([resolved.head] if resolved.head else [])]
+    return resolved if all(path in names for path in needed) else None
 
 
 def architecture_of(model: nn.Module, *, purpose: str = "this") -> Architecture:
-    """The registry entry for ``model``; ValueError naming the missing entry when there is none.
+    """The registry entry for ``model``, paths from its root; ValueError naming the missing entry.
 
     ``purpose`` names what asked (``"pipeline parallelism"``), for the message.
     """
@@ -245,16 +290,24 @@ def architecture_of(model: nn.Module, *, purpose: str = "this") -> Architecture:
     if entry is not None:
         return entry
     model_type = model_type_of(model)
-    known = ", ".join(sorted(ARCHITECTURES))
     if model_type in ARCHITECTURES:
+        known = ARCHITECTURES[model_type]
         raise ValueError(
             f"{purpose} needs {type(model).__name__} laid out as the {model_type!r} entry of plait's architecture "
-            f"registry says (layers at {ARCHITECTURES[model_type].layers!r}, embeddings at "
-            f"{ARCHITECTURES[model_type].embed!r}), but the model has no such modules: pass the model class "
-            "with the LM head (AutoModelForCausalLM), not a wrapper or the bare base model"
+            f"registry says (layers at {known.layers!r}, embeddings at {known.embed!r} inside the base model, "
+            f"head {known.head!r}), but the model has no such modules; use the base model or the class with "
+            "that head, or add a registry entry for this layout"
         )
     raise ValueError(
         f"{purpose} does not know {type(model).__name__} (model_type={model_type!r}): plait's architecture "
-        f"registry has no entry {model_type!r} (it knows {known}). Add an Architecture({model_type!r}, "
-        "layers=..., embed=..., norm=..., ...) to plait.models.architectures, or train without this strand"
+        f"registry has no entry {model_type!r} (it knows {', '.join(sorted(ARCHITECTURES))}). Add an "
+        f"Architecture({model_type!r}, layers=..., embed=..., norm=..., ...) to plait.models.architectures, "
+        "or train without this strand"
     )
+
+
+def present_paths(model: nn.Module, paths: Sequence[str]) -> list[str]:
+    """The ``paths`` that name a module of ``model``: a config may leave optional parts out (OPT's
+    ``project_in`` is None when the widths agree)."""
+    names = {name for name, _ in model.named_modules()}
+    return [path for path in paths if path in names]

@@ -1,6 +1,6 @@
 """Split a decoder model's layers into contiguous pipeline stages balanced by cost.
 
-The units are the model's transformer layers. The embedding's cost is charged to the
+The units are the model's transformer layers, found through plait's architecture registry. The embedding's cost is charged to the
 first layer and the final norm + LM head's to the last, because those parts always
 live on the first and the last stage; a large vocabulary then pushes layers off the
 last stage. Every stage holds at least one layer and no layer is ever dropped.
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from plait.models.architectures import Architecture, architecture_of, present_paths
+
 __all__ = [
-    "DecoderLayout",
     "LayerCost",
     "balanced_split",
     "decoder_layout",
@@ -29,50 +30,6 @@ __all__ = [
     "partition_layers",
     "ranges_from_split_points",
 ]
-
-# Hugging Face model types whose decoder layers this module knows how to call in turn.
-HF_LAYOUTS = {
-    "llama": {
-        "embed": "model.embed_tokens",
-        "layers": "model.layers",
-        "norm": "model.norm",
-        "rotary": "model.rotary_emb",
-    },
-    "gpt2": {
-        "embed": "transformer.wte",
-        "pos_embed": "transformer.wpe",
-        "drop": "transformer.drop",
-        "layers": "transformer.h",
-        "norm": "transformer.ln_f",
-    },
-}
-
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Where a decoder-only model keeps its parts, as dotted module paths.
-
-    ``family`` is ``"plait"`` (plait's GPT) or a Hugging Face ``model_type``
-    (``"llama"``, ``"gpt2"``). ``rotary`` is a module every stage calls for rotary
-    position embeddings (Llama), computed once per stage and passed to its layers.
-    """
-
-    family: str
-    embed: str
-    layers: str
-    norm: str
-    head: str = "lm_head"
-    pos_embed: str | None = None
-    drop: str | None = None
-    rotary: str | None = None
-
-    def first_paths(self) -> list[str]:
-        """Modules only the first stage runs: the embeddings and their dropout."""
-        return [path for path in (self.embed, self.pos_embed, self.drop) if path is not None]
-
-    def last_paths(self) -> list[str]:
-        """Modules only the last stage runs: the final norm and the LM head."""
-        return [self.norm, self.head]
 
 
 @dataclass(frozen=True)
@@ -84,20 +41,14 @@ class LayerCost:
     flops_per_token: float
 
 
-def decoder_layout(model: nn.Module) -> DecoderLayout:
-    """The :class:`DecoderLayout` of plait's GPT or a Hugging Face Llama / GPT-2 causal LM."""
-    if all(hasattr(model, name) for name in ("embed", "blocks", "norm_f", "lm_head")):
-        pos_embed = "pos_embed" if getattr(model, "pos_embed", None) is not None else None
-        return DecoderLayout("plait", embed="embed", layers="blocks", norm="norm_f", pos_embed=pos_embed, drop="drop")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in HF_LAYOUTS and hasattr(model, "lm_head"):
-        return DecoderLayout(model_type, **HF_LAYOUTS[model_type])
-    raise ValueError(
-        f"pipeline parallelism does not know how to split {type(model).__name__} "
-        f"(model_type={model_type!r}): it supports plait's GPT and Hugging Face causal LMs of "
-        f"model_type {', '.join(repr(name) for name in HF_LAYOUTS)} (LlamaForCausalLM, GPT2LMHeadModel); "
-        "use one of those, or train this model without pp"
-    )
+def decoder_layout(model: nn.Module) -> Architecture:
+    """Where ``model`` keeps its layers, embeddings, final norm and head (plait's architecture registry)."""
+    layout = architecture_of(model, purpose="pipeline parallelism")
+    config = getattr(model, "config", None)
+    for attribute, reason in layout.pp_refusals.items():
+        if getattr(config, attribute, None):
+            raise ValueError(f"pipeline parallelism cannot split {type(model).__name__}: {reason}")
+    return layout
 
 
 def layer_costs(model: nn.Module, *, seq_len: int) -> list[LayerCost]:
@@ -111,8 +62,7 @@ def layer_costs(model: nn.Module, *, seq_len: int) -> list[LayerCost]:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len!r} must be a positive number of tokens per sequence")
     layout = decoder_layout(model)
-    embed = model.get_submodule(layout.embed)
-    d_model = embed.weight.shape[1]
+    d_model = next(model.get_submodule(layout.embed).parameters()).shape[-1]  # (vocab, d_model)
     costs = [LayerCost("embeddings", _num_params(model, layout.first_paths()), 0.0)]
     layers = model.get_submodule(layout.layers)
     for index, layer in enumerate(layers):
@@ -125,7 +75,9 @@ def layer_costs(model: nn.Module, *, seq_len: int) -> list[LayerCost]:
 
 
 def _num_params(model: nn.Module, paths: Sequence[str]) -> int:
-    return sum(param.numel() for path in paths for param in model.get_submodule(path).parameters())
+    return sum(
+        param.numel() for path in present_paths(model, paths) for param in model.get_submodule(path).parameters()
+    )
 
 
 def balanced_split(costs: Sequence[float], num_stages: int) -> list[range]:

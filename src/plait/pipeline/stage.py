@@ -8,8 +8,9 @@ up. The full model is not changed; :func:`release_unused` frees what no stage ho
 
 Its forward runs, in turn: on the first stage the embeddings (from ``input_ids``),
 then its layers, and on the last stage the final norm and LM head (to logits).
-Supported: plait's GPT, and Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel``,
-whose submodules are called as their own model calls them.
+Supported: plait's GPT and every family of plait's architecture registry
+(``plait.models.architectures``): the model's own submodules are called as its own
+forward calls them, with the attention masks built by transformers' own builders.
 
 Tied embeddings: the first stage holds ``embed.weight`` and the last stage
 ``lm_head.weight``. When they run on different ranks the last stage gets its own copy
@@ -26,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.distributed.placement import placement_of, set_placement
-from plait.pipeline.partition import DecoderLayout, decoder_layout
+from plait.models.architectures import Architecture, present_paths
+from plait.pipeline.partition import decoder_layout
 
 __all__ = ["PipelineStage", "StageSpec", "build_stage", "build_stage_chunks", "release_unused"]
 
@@ -78,13 +80,16 @@ class PipelineStage(nn.Module):
         super().__init__()
         self.spec = spec
         self.layout = decoder_layout(model)
-        self.hf_config = getattr(model, "config", None) if self.layout.family != "plait" else None
+        self.hf_config = None if self.layout.is_plait else getattr(model, "config", None)
         pairs = _tied_pairs(model, self.layout)
         self.tied_pairs = pairs if untie else []
         self.layer_paths = [f"{self.layout.layers}.{index}" for index in spec.layers]
-        for path in _held_paths(self.layout, spec):
+        held = _held_paths(model, self.layout, spec)
+        self._held = set(held)
+        for path in held:
             _graft(self, path, model.get_submodule(path))
-        if spec.is_last:
+        if spec.is_last and self.layout.head is not None:
+            self._held.add(self.layout.head)
             head = model.get_submodule(self.layout.head)
             tied = {param for _, param in _first_stage_params(model, self.layout)}
             _graft(self, self.layout.head, _untied_copy(head, tied) if self.tied_pairs else head)
@@ -96,65 +101,98 @@ class PipelineStage(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self._embed(inputs, position_ids) if self.spec.is_first else inputs
-        layer_kwargs = self._layer_kwargs(hidden, position_ids, attention_mask)
-        for path in self.layer_paths:
-            hidden = self.get_submodule(path)(hidden, **layer_kwargs)
-        if self.spec.is_last:
-            hidden = self.get_submodule(self.layout.head)(self.get_submodule(self.layout.norm)(hidden))
-        return hidden
+        hidden = self._embed(inputs, position_ids, attention_mask) if self.spec.is_first else inputs
+        kwargs_of = self._layer_kwargs(hidden, position_ids, attention_mask)
+        for index, path in zip(self.spec.layers, self.layer_paths, strict=True):
+            output = self.get_submodule(path)(hidden, **kwargs_of(index))
+            hidden = output[0] if isinstance(output, tuple) else output  # some families return (hidden, ...)
+        return self._head(hidden) if self.spec.is_last else hidden
 
-    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def _modules_at(self, paths: Sequence[str]) -> list[nn.Module]:
+        return [self.get_submodule(path) for path in paths if path in self._held]
+
+    def _embed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(
                 f"the first pipeline stage takes input_ids (batch, seq), got shape {tuple(input_ids.shape)}; "
                 "add a batch dimension with input_ids[None]"
             )
-        hidden = self.get_submodule(self.layout.embed)(input_ids)  # (batch, seq, d_model)
-        if self.layout.pos_embed is not None:
-            positions = position_ids if position_ids is not None else _arange_like(input_ids)
-            hidden = hidden + self.get_submodule(self.layout.pos_embed)(positions)
-        if self.layout.drop is not None:
-            hidden = self.get_submodule(self.layout.drop)(hidden)
+        layout = self.layout
+        hidden = self.get_submodule(layout.embed)(input_ids)  # (batch, seq, d_model)
+        for module in self._modules_at(layout.before_positions):
+            hidden = module(hidden)
+        if layout.positions in self._held:
+            hidden = hidden + self._positions(input_ids, position_ids, attention_mask)
+        for module in self._modules_at(layout.after_embed):
+            hidden = module(hidden)
         return hidden
+
+    def _positions(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Learned position embeddings, called as the model's own forward calls them."""
+        module = self.get_submodule(self.layout.positions)
+        positions = position_ids if position_ids is not None else _arange_like(input_ids)
+        if not self.layout.positions_from_mask:
+            return module(positions)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return module(mask, 0, position_ids=positions.expand_as(input_ids))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self._modules_at(self.layout.last_paths()):
+            hidden = module(hidden)
+        cap = getattr(self.hf_config, self.layout.logit_softcap, None) if self.layout.logit_softcap else None
+        return torch.tanh(hidden / cap) * cap if cap else hidden  # the soft-capping the model's forward applies
 
     def _layer_kwargs(
         self, hidden: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
-    ) -> dict[str, Any]:
-        if self.layout.family == "plait":
-            return {"position_ids": position_ids}
-        # Imported here: plait's own GPT must not need transformers.
-        from transformers.masking_utils import create_causal_mask
-
+    ) -> Callable[[int], dict[str, Any]]:
+        """Layer index -> the keywords that layer takes: what the model's forward computes before its layers."""
+        if self.layout.is_plait:
+            return lambda index: {"position_ids": position_ids}
         positions = position_ids if position_ids is not None else _arange_like(hidden)
         if positions.dim() == 1:  # Hugging Face layers and masks take (batch, seq) positions
             positions = positions[None]
-        mask = create_causal_mask(
-            config=self.hf_config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=None,
-            position_ids=positions,
-        )
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "use_cache": False}
+        masks = hf_attention_masks(self.hf_config, hidden, attention_mask, positions, causal=self.layout.causal)
+        kwargs: dict[str, Any] = {"position_ids": positions, "use_cache": False, **self.layout.layer_kwargs}
         if self.layout.rotary is not None:
             kwargs["position_embeddings"] = self.get_submodule(self.layout.rotary)(hidden, position_ids=positions)
-        return kwargs
+        layer_types = getattr(self.hf_config, "layer_types", None)
+        if isinstance(masks, dict):  # one mask per attention type (sliding / full), as the model's forward picks
+            return lambda index: kwargs | {"attention_mask": masks[layer_types[index]]}
+        return lambda index: kwargs | {"attention_mask": masks}
+
+
+def hf_attention_masks(
+    config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor, *, causal: bool
+) -> Any:
+    """The attention mask(s) a Hugging Face model builds before its layers, from transformers' own builders:
+    a dict by layer type for families that mix sliding and full attention."""
+    # Imported here: plait's own GPT must not need transformers.
+    from transformers.masking_utils import create_bidirectional_mask, create_masks_for_generate
+
+    if not causal:
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    return create_masks_for_generate(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+    )
 
 
 def _arange_like(inputs: torch.Tensor) -> torch.Tensor:
     return torch.arange(inputs.shape[1], device=inputs.device)
 
 
-def _held_paths(layout: DecoderLayout, spec: StageSpec) -> list[str]:
+def _held_paths(model: nn.Module, layout: Architecture, spec: StageSpec) -> list[str]:
     """Module paths this stage holds, the LM head aside (it may need its own copy)."""
-    paths = [layout.rotary] if layout.rotary is not None else []
+    paths = layout.shared_paths()
     if spec.is_first:
         paths += layout.first_paths()
     paths += [f"{layout.layers}.{index}" for index in spec.layers]
     if spec.is_last:
-        paths.append(layout.norm)
-    return paths
+        paths += [path for path in layout.last_paths() if path != layout.head]
+    return present_paths(model, paths)
 
 
 def _graft(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -170,16 +208,18 @@ def _graft(root: nn.Module, path: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
-def _first_stage_params(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, nn.Parameter]]:
+def _first_stage_params(model: nn.Module, layout: Architecture) -> list[tuple[str, nn.Parameter]]:
     return [
         (f"{path}.{name}", param)
-        for path in layout.first_paths()
+        for path in present_paths(model, layout.first_paths())
         for name, param in model.get_submodule(path).named_parameters()
     ]
 
 
-def _tied_pairs(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, str]]:
+def _tied_pairs(model: nn.Module, layout: Architecture) -> list[tuple[str, str]]:
     """(first-stage name, LM-head name) of every parameter the LM head shares with the embeddings."""
+    if layout.head is None:
+        return []
     first = {param: name for name, param in _first_stage_params(model, layout)}
     head = model.get_submodule(layout.head)
     return [
