@@ -22,7 +22,7 @@ def run_stages(model: torch.nn.Module, ids: torch.Tensor, *, num_stages: int, **
     hidden = ids
     for stage in stages:
         hidden = stage(hidden, **kwargs)
-    return hidden
+    return hidden.logits if "logits" in hidden else hidden.last_hidden_state  # the model's own output type
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from plait.recompute import Recomputed, apply_recompute, find_layer_list, recompute_module
 from plait.losses import causal_lm_mean
 from plait.models import build
+from plait.recompute import Recomputed, apply_recompute, find_layer_list, recompute_module
 
 pytestmark = pytest.mark.timeout(60)
 

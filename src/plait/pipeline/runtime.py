@@ -24,6 +24,14 @@ from plait.pipeline.schedules_base import Action, Schedule, stage_location, virt
 Batch = dict[str, torch.Tensor]
 
 
+STAGE_KEYWORDS = ("attention_mask", "position_ids")  # what every stage needs of its micro-batch besides its input
+
+
+def stage_keywords(batch: Batch) -> dict[str, torch.Tensor]:
+    """The micro-batch's padding mask and positions, which every stage's layers use alike."""
+    return {key: batch[key] for key in STAGE_KEYWORDS if key in batch}
+
+
 @dataclass
 class InFlight:
     received: torch.Tensor | None  # the activation this chunk got (None on the first virtual stage)
@@ -97,7 +105,7 @@ class PipelineRunner:
                 if rank != self.rank:
                     continue
                 inputs = batch["input_ids"] if stage == 0 else self.link.recv_forward(key=self._key(index, stage - 1))
-                output = self.chunks[chunk](inputs)
+                output = self.chunks[chunk](inputs, **stage_keywords(batch))
                 if stage < self.num_stages - 1:
                     self.link.send_forward(output, key=self._key(index, stage))
                     continue
@@ -128,7 +136,7 @@ class PipelineRunner:
         else:
             received = self.link.recv_forward(key=self._key(action.microbatch, stage - 1))
             inputs = received
-        output = self.chunks[action.chunk](inputs)
+        output = self.chunks[action.chunk](inputs, **stage_keywords(batch))
         if stage == self.num_stages - 1:
             loss = step.loss_fn(output, batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))

@@ -106,7 +106,16 @@ class PipelineStage(nn.Module):
         for index, path in zip(self.spec.layers, self.layer_paths, strict=True):
             output = self.get_submodule(path)(hidden, **kwargs_of(index))
             hidden = output[0] if isinstance(output, tuple) else output  # some families return (hidden, ...)
-        return self._head(hidden) if self.spec.is_last else hidden
+        if not self.spec.is_last:
+            return hidden
+        return self._head(hidden) if self.layout.is_plait else self._hf_output(self._head(hidden))
+
+    def _hf_output(self, output: torch.Tensor) -> Any:
+        """The last stage's output in the type the model's own forward returns, so a loss reads
+        ``.logits`` / ``.last_hidden_state`` under any plan."""
+        from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+        return CausalLMOutput(logits=output) if self.layout.head else BaseModelOutput(last_hidden_state=output)
 
     def _modules_at(self, paths: Sequence[str]) -> list[nn.Module]:
         return [self.get_submodule(path) for path in paths if path in self._held]
