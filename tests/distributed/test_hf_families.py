@@ -41,7 +41,16 @@ def scheduler(opt: torch.optim.Optimizer):
     return plait.optim.warmup_cosine(opt, warmup=2, total=STEPS)
 
 
-def train_family(rank: int, world_size: int, family: str, plan_kwargs: dict) -> tuple[list[float], dict]:
+def train_family(
+    rank: int,
+    world_size: int,
+    family: str,
+    plan_kwargs: dict,
+    steps: range = range(STEPS),
+    save_to: str | None = None,
+    resume_from: str | None = None,
+) -> tuple[list[float], dict]:
+    """Train `steps` of the batches under the plan, resuming from / saving a checkpoint if asked."""
     model = tiny_model(family)
     engine = plait.boost(
         model,
@@ -51,9 +60,14 @@ def train_family(rank: int, world_size: int, family: str, plan_kwargs: dict) -> 
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
+    if resume_from:
+        engine.load(resume_from)
     per_rank = GLOBAL_BATCH // engine.dp_size
     shard = slice(engine.dp_rank * per_rank, (engine.dp_rank + 1) * per_rank)
-    losses = [engine.train_step({k: v[shard] for k, v in batch.items()}).loss.item() for batch in make_batches()]
+    batches = make_batches()
+    losses = [engine.train_step({k: v[shard] for k, v in batches[s].items()}).loss.item() for s in steps]
+    if save_to:
+        engine.save(save_to)
     return losses, engine.model_state_dict()
 
 
@@ -114,3 +128,20 @@ def test_real_minilm_under_pp2_matches_one_process() -> None:
 def test_every_pipeline_schedule_runs_a_hugging_face_model(schedule: dict) -> None:
     plan = {"dp": 1, "pp": 2, "microbatches": 4, **schedule}
     assert_parity(run_ranks(train_family, 2, "gemma2", plan, timeout_s=100), reference("gemma2"))
+
+
+RESHARDS = {
+    "opt: pp2 -> dp2 ZeRO-3": ("opt", PLANS["pp2-1f1b"], PLANS["dp2-zero3"]),
+    "falcon: dp2 ZeRO-3 -> pp2": ("falcon", PLANS["dp2-zero3"], PLANS["pp2-1f1b"]),
+    "gemma2: dp2 ZeRO-2 -> pp2": ("gemma2", PLANS["dp2-zero2-recompute"], PLANS["pp2-1f1b"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHARDS))
+def test_checkpoint_saved_under_one_plan_continues_under_another(case: str, tmp_path) -> None:
+    family, before, after = RESHARDS[case]
+    checkpoint = str(tmp_path / "step-5")
+    first = run_ranks(train_family, 2, family, before, range(5), checkpoint, timeout_s=100)
+    second = run_ranks(train_family, 2, family, after, range(5, STEPS), None, checkpoint, timeout_s=100)
+    joined = [(first[0][0] + losses, state) for losses, state in second]
+    assert_parity(joined, reference(family))
