@@ -65,6 +65,6 @@ def estimate_row(row: tuple) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{row[0]}B" for row in ROWS])
-def test_published_plans_within_15_percent(row: tuple) -> None:
+def test_published_plans_within_10_percent(row: tuple) -> None:
     estimated, published = estimate_row(row)
-    assert abs(estimated / published - 1) <= 0.15, (estimated, published)
+    assert abs(estimated / published - 1) <= 0.10, (estimated, published)

@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules and gradient clipping."""
+"""Optimizers, learning-rate schedules and gradient clipping that reads each shard's placement."""
 
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.optim.factories import adamw

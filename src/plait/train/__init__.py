@@ -1,0 +1,1 @@
+"""The training loop behind `plait train`: setup, evaluation, checkpoints, metrics, logs, verify, generate."""
