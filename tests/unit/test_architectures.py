@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from plait.models import build
-from plait.models.architectures import ARCHITECTURES, architecture_of
+from plait.models.architectures import ARCHITECTURES, architecture_of, suggested_entry
 from plait.pipeline.partition import partition_layers
 from plait.pipeline.stage import build_stage
 from tests.hf_models import FAMILIES, VOCAB, tiny_model
@@ -68,3 +68,27 @@ def test_real_minilm_bert_splits_into_stages() -> None:
 
 def test_plait_gpt_is_an_entry_too() -> None:
     assert architecture_of(build("tiny")) == ARCHITECTURES["plait"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_entries_agree_with_transformers_pipeline_plan(family: str) -> None:
+    """Where a config declares base_model_pp_plan, the entry names the same embeddings, layers and norm."""
+    model = tiny_model(family)
+    pp_plan = getattr(model.config, "base_model_pp_plan", None)
+    if not pp_plan:
+        pytest.skip(f"{family}'s config declares no base_model_pp_plan")
+    arch, prefix = ARCHITECTURES[family], model.base_model_prefix
+    names = list(pp_plan)
+    assert (arch.embed, arch.layers, arch.norm) == (names[0], names[-2], names[-1])
+    assert architecture_of(model).layers == f"{prefix}.{arch.layers}"
+
+
+def test_an_unknown_family_is_told_the_entry_to_add() -> None:
+    config = transformers.CohereConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = transformers.CohereForCausalLM(config)
+    suggestion = "Architecture('cohere', layers='layers', embed='embed_tokens', norm='norm', rotary='rotary_emb')"
+    assert suggested_entry(model) == suggestion
+    with pytest.raises(ValueError, match=r"has no entry 'cohere'.*Add Architecture\('cohere', layers='layers'"):
+        architecture_of(model, purpose="pipeline parallelism")

@@ -1,4 +1,5 @@
-"""Models plait trains out of the box, and the named sizes they come in.
+"""Models plait trains out of the box, the named sizes they come in, and the registry of
+architectures (plait's GPT and the Hugging Face families) every strand reads.
 
 Example:
     >>> from plait import models

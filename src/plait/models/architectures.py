@@ -26,7 +26,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "find_architecture", "model_type_of", "present_paths"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "architecture_of",
+    "find_architecture",
+    "model_type_of",
+    "present_paths",
+    "suggested_entry",
+]
 
 
 @dataclass(frozen=True)
@@ -300,10 +308,28 @@ def architecture_of(model: nn.Module, *, purpose: str = "this") -> Architecture:
         )
     raise ValueError(
         f"{purpose} does not know {type(model).__name__} (model_type={model_type!r}): plait's architecture "
-        f"registry has no entry {model_type!r} (it knows {', '.join(sorted(ARCHITECTURES))}). Add an "
-        f"Architecture({model_type!r}, layers=..., embed=..., norm=..., ...) to plait.models.architectures, "
-        "or train without this strand"
+        f"registry has no entry {model_type!r} (it knows {', '.join(sorted(ARCHITECTURES))}). Add "
+        f"{suggested_entry(model)} to plait.models.architectures (check it against the model's forward: "
+        "extra work there, such as scaling logits, needs its field), or train without this strand"
     )
+
+
+def suggested_entry(model: nn.Module) -> str:
+    """An ``Architecture(...)`` to start from: read off the config's ``base_model_pp_plan`` where
+    transformers declares one (embeddings, then the layer list, then the final norm), else a template."""
+    model_type = model_type_of(model)
+    pp_plan = getattr(getattr(model, "config", None), "base_model_pp_plan", None) or {}
+    names = list(pp_plan)
+    base = model.base_model if isinstance(getattr(model, "base_model", None), nn.Module) else model
+    layer_lists = [name for name in names if isinstance(getattr(base, name, None), nn.ModuleList)]
+    if not layer_lists:
+        return f"Architecture({model_type!r}, layers=..., embed=..., norm=..., ...)"
+    at = names.index(layer_lists[0])
+    fields = [f"layers={names[at]!r}", f"embed={names[0]!r}"]
+    fields += [f"after_embed={tuple(names[1:at])!r}"] if at > 1 else []
+    fields.append(f"norm={names[at + 1]!r}" if at + 1 < len(names) else "norm=None")
+    fields += ["rotary='rotary_emb'"] if isinstance(getattr(base, "rotary_emb", None), nn.Module) else []
+    return f"Architecture({model_type!r}, {', '.join(fields)})"
 
 
 def present_paths(model: nn.Module, paths: Sequence[str]) -> list[str]:
