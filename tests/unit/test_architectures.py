@@ -33,6 +33,8 @@ def test_every_family_is_in_the_registry(family: str) -> None:
     names = {name for name, _ in model.named_modules()}
     assert {arch.layers, arch.embed, arch.head} <= names
     assert len(model.get_submodule(arch.layers)) == 4
+    # the units a stage or recomputation takes whole are the ones transformers never splits either
+    assert type(model.get_submodule(arch.layers)[0]).__name__ in model._no_split_modules
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
