@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("--to", required=True, choices=["hf"], help="hf: config.json + model.safetensors")
     export.add_argument("out")
+    export.add_argument(
+        "--config",
+        default=None,
+        metavar="HF_CONFIG",
+        help="a Hugging Face model's config (its directory or config.json) for a checkpoint saved without one",
+    )
     import_ = commands.add_parser("import", help="turn a Hugging Face Llama or GPT-2 directory into a checkpoint")
     import_.add_argument("hf_dir")
     import_.add_argument("out")
@@ -182,11 +188,13 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from plait.checkpoint.hf_config import ARCHITECTURES
-    from plait.checkpoint.hf_export import export_hf
+    import json
 
-    family = export_hf(args.checkpoint, args.out)
-    print(f"wrote {args.out} ({ARCHITECTURES[family]}); load it with transformers.AutoModelForCausalLM.from_pretrained")
+    from plait.checkpoint.hf_export import HF_CONFIG_FILE, export_hf
+
+    export_hf(args.checkpoint, args.out, hf_config=args.config)
+    architectures = json.loads((Path(args.out) / HF_CONFIG_FILE).read_text()).get("architectures") or ["?"]
+    print(f"wrote {args.out} ({architectures[0]}); load it with transformers.AutoModelForCausalLM.from_pretrained")
     return 0
 
 

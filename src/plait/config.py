@@ -12,7 +12,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plait.models.gpt_config import GPTConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -142,10 +145,34 @@ class Plan:
 
 @dataclass
 class ModelConfig:
-    """A named preset plus field overrides (see `plait.models.preset_names()`)."""
+    """A named preset plus field overrides (see `plait.models.preset_names()`), or a pretrained model.
+
+    ``pretrained`` names a local transformers directory (config.json, safetensors weights,
+    tokenizer files): `plait train` then continues training that causal LM, and the data is
+    tokenized with the directory's tokenizer (``data.vocab_size`` is not used)::
+
+        [model]
+        pretrained = "checkpoints/qwen2-0.5b"
+    """
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained is None:
+            return
+        _require(
+            isinstance(self.pretrained, str) and self.pretrained.strip() != "",
+            f"model.pretrained={self.pretrained!r}: give the path of a local transformers directory, "
+            'e.g. pretrained = "models/qwen2-0.5b"',
+        )
+        _require(
+            not self.overrides,
+            f"model.{', model.'.join(sorted(self.overrides))} change fields of plait's presets, but with "
+            f"model.pretrained the directory's config.json defines the model; drop the override(s) "
+            "(or edit config.json)",
+        )
 
 
 @dataclass
@@ -231,6 +258,31 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def model_config_for(config: Config) -> GPTConfig:
+    """plait's GPT config of a preset run (the [model] preset and overrides, checked against [data]);
+    ValueError for a pretrained one (its config.json defines it)."""
+    from plait.models.factory import resolve_config  # here, not at the top: models imports torch
+
+    if config.model.pretrained is not None:
+        raise ValueError(
+            f"model.pretrained={config.model.pretrained} is a transformers model, not one of plait's GPT presets; "
+            "this command works on presets only (plait train, export and generate take pretrained models)"
+        )
+    overrides: dict[str, Any] = {"vocab_size": config.data.vocab_size, **config.model.overrides}
+    model_config = resolve_config(config.model.preset, **overrides)
+    if model_config.vocab_size < config.data.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model_config.vocab_size} is smaller than data.vocab_size={config.data.vocab_size}; "
+            "drop the model override or raise it"
+        )
+    if config.data.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
+            f"lower data.seq_len or --set model.max_seq_len={config.data.seq_len}"
+        )
+    return model_config
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "plan": Plan, "train": TrainConfig}
 
 
@@ -260,14 +312,24 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     cls = SECTIONS[name]
     types = _field_types(cls)
     if name == "model":
-        preset = values.get("preset", ModelConfig.preset)
-        overrides = {k: v for k, v in values.items() if k not in ("preset", "overrides")}
-        overrides.update(values.get("overrides", {}))
-        return ModelConfig(preset=preset, overrides=overrides)
+        return _model_section(values)
     for key in values:
         if key not in types:
             raise ValueError(f"unknown key {name}.{key}{_closest(key, types)}; valid keys: {', '.join(types)}")
     return cls(**values)
+
+
+def _model_section(values: dict[str, Any]) -> ModelConfig:
+    """[model]: `preset` and `pretrained` by name; every other key overrides a preset field."""
+    pretrained = values.get("pretrained")
+    if pretrained is not None and values.get("preset") not in (None, ModelConfig.preset):
+        raise ValueError(
+            f"model.preset={values['preset']!r} and model.pretrained={pretrained!r} both name a model; keep one"
+        )
+    preset = values.get("preset", ModelConfig.preset)
+    overrides = {k: v for k, v in values.items() if k not in ("preset", "overrides", "pretrained")}
+    overrides.update(values.get("overrides", {}))
+    return ModelConfig(preset=preset, overrides=overrides, pretrained=pretrained)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

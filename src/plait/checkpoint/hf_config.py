@@ -139,8 +139,9 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> tuple[str, GPTConfig]:
     if model_type == LLAMA:
         return LLAMA, _from_llama(hf)
     raise ValueError(
-        f"config.json has model_type={model_type!r}; plait imports 'llama' (LlamaForCausalLM) and "
-        "'gpt2' (GPT2LMHeadModel) checkpoints"
+        f"config.json has model_type={model_type!r}; plait import converts 'llama' (LlamaForCausalLM) and "
+        "'gpt2' (GPT2LMHeadModel) checkpoints into plait's GPT; to continue training another family as it is, "
+        'set [model] pretrained = "DIR" in the plait train config'
     )
 
 

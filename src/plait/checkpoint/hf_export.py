@@ -1,10 +1,11 @@
 """Hugging Face export and import: ``plait export CKPT --to hf OUT`` and ``plait import HF_DIR OUT``.
 
-An export directory holds ``config.json`` and ``model.safetensors`` for
-``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (whichever computes exactly what the
-plait model does), plus ``tokenizer.json`` and ``tokenizer_config.json`` when the
-checkpoint carries plait's tokenizer. Names, layouts and config: ``hf_weights`` and
-``hf_config``.
+A checkpoint of plait's GPT exports as ``GPT2LMHeadModel`` or ``LlamaForCausalLM``
+(whichever computes exactly what the plait model does; names, layouts and config:
+``hf_weights`` and ``hf_config``). A checkpoint of a Hugging Face model (``plait train``
+with ``[model] pretrained``, or ``engine.save`` of any HF model under any plan) exports
+as that model's own class (``hf_model_export``). Either way the directory holds
+``config.json``, ``model.safetensors`` and the tokenizer when the checkpoint has one.
 
 Example:
     >>> export_hf("runs/gpt-tiny/checkpoints/step-000200", "hf/gpt-tiny")  # doctest: +SKIP
@@ -29,13 +30,13 @@ import safetensors.torch
 import torch
 from tokenizers import Tokenizer
 
+from plait.checkpoint import hf_model_export
 from plait.checkpoint.hf_config import ARCHITECTURES, GPT2, gpt_config_from_hf, hf_config_dict, hf_family
 from plait.checkpoint.hf_weights import check_plait_state, hf_to_plait, plait_to_hf
 from plait.checkpoint.io import MANIFEST_FILE, load_checkpoint, save_checkpoint
-from plait.config import Config, DataConfig, ModelConfig, config_from_dict
+from plait.config import Config, DataConfig, ModelConfig, config_from_dict, model_config_for
 from plait.data.tokenizer import EOT, TOKENIZER_FILE
 from plait.models.gpt import GPTConfig
-from plait.train.setup import model_config_for
 
 HF_CONFIG_FILE = "config.json"
 HF_MODEL_FILE = "model.safetensors"
@@ -46,18 +47,22 @@ HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _IMPORT_PRESETS = {GPT2: "tiny", "llama": "tiny-llama"}
 
 
-def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """Write a plait checkpoint as a Hugging Face model directory; return ``"gpt2"`` or ``"llama"``.
+def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, hf_config: Any = None) -> str:
+    """Write a plait checkpoint as a Hugging Face model directory; return its ``model_type``.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it and
     reproduces plait's logits. ``out_dir`` must be new or empty; it appears complete or
-    not at all. Raises ValueError when neither Hugging Face class can express the model
-    (``parallel_block``, or options mixed across the GPT-2 and Llama families).
+    not at all. plait's GPT exports as ``"gpt2"`` or ``"llama"``; raises ValueError when
+    neither class can express it (``parallel_block``, or options mixed across the two
+    families). A Hugging Face model exports as its own class, with the config the
+    checkpoint holds or ``hf_config`` (a dict, a config.json, or a directory with one).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     _require_checkpoint(checkpoint_dir)
     _require_fresh(out_dir)
     model_state, trainer_state, raw_config = load_checkpoint(checkpoint_dir)
+    if hf_config is not None or hf_model_export.is_hf_checkpoint(model_state, trainer_state, raw_config):
+        return _export_hf_model(model_state, trainer_state, source=checkpoint_dir, out_dir=out_dir, hf_config=hf_config)
     config = model_config_for(config_from_dict(raw_config))
     family = hf_family(config)
     check_plait_state(model_state, config, source=str(checkpoint_dir))
@@ -72,6 +77,27 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
         if tokenizer_json:
             _write_tokenizer(staging, tokenizer_json, max_seq_len=config.max_seq_len, has_eot=eos_token_id is not None)
     return family
+
+
+def _export_hf_model(
+    model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], *, source: Path, out_dir: Path, hf_config: Any
+) -> str:
+    config = hf_model_export.checkpoint_hf_config(trainer_state, source=str(source), override=hf_config)
+    with _atomic_dir(out_dir) as staging:
+        model_type = hf_model_export.write_hf_model(
+            staging, model_state, trainer_state, config=config, source=str(source)
+        )
+        tokenizer_json = trainer_state.get("tokenizer")
+        if tokenizer_json and not hf_model_export.has_tokenizer_files(trainer_state):
+            eos_token_id = _eos_token_id(tokenizer_json)
+            _write_tokenizer(
+                staging, tokenizer_json, max_seq_len=_max_positions(config), has_eot=eos_token_id is not None
+            )
+    return model_type
+
+
+def _max_positions(config: Any) -> int:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
 
 
 def import_hf(hf_dir: str | os.PathLike, out_checkpoint_dir: str | os.PathLike) -> str:

@@ -3,7 +3,8 @@
 Documents are encoded, each followed by the end-of-text token, and packed
 into one stream per split. The split is by document (never inside one), fixed
 by each document's content hash, so identical documents land on the same side.
-Everything is cached under ``cache_dir/<corpus fingerprint>-v<vocab_size>/``.
+Everything is cached under ``cache_dir/<corpus fingerprint>-v<vocab_size>/``; with a
+model's own tokenizer under ``cache_dir/<corpus fingerprint>-tok<tokenizer hash>-v<vocab_size>/``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from plait.data.corpus import Corpus, corpus_fingerprint, iter_documents
 from plait.data.tokenizer import (
     EOT_ID,
     TOKENIZER_FILE,
+    GivenTokenizer,
     Progress,
     atomic_path,
     check_vocab_size,
@@ -72,37 +74,55 @@ def prepare_dataset(
     cache_dir: str | os.PathLike,
     val_fraction: float = 0.005,
     progress: Progress | None = None,
+    tokenizer: GivenTokenizer | None = None,
 ) -> PreparedData:
     """Train a tokenizer on ``corpus``, tokenize it into train/val files, and cache both.
 
     A second call with the same corpus content and settings reads the cache
-    and costs only the corpus fingerprint (one read of its files).
+    and costs only the corpus fingerprint (one read of its files). With ``tokenizer``
+    (a model's own) nothing is trained: its ``vocab_size`` and end-of-text token are used,
+    and the shards are cached apart from every other tokenizer's.
 
     Example::
 
         data = prepare_dataset("stdlib", vocab_size=8192, cache_dir=".cache/data")
         train = TokenDataset(data.train_path, dtype=data.dtype, seq_len=128)
     """
-    check_vocab_size(vocab_size)
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    else:
+        vocab_size = tokenizer.vocab_size
     _check_val_fraction(val_fraction)
     fingerprint = corpus_fingerprint(corpus)
-    directory = dataset_dir(cache_dir, fingerprint=fingerprint, vocab_size=vocab_size)
+    key = fingerprint if tokenizer is None else f"{fingerprint}-tok{tokenizer.fingerprint}"
+    directory = dataset_dir(cache_dir, fingerprint=key, vocab_size=vocab_size)
     settings = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "vocab_size": vocab_size,
         "val_fraction": val_fraction,
         "dtype": token_dtype(vocab_size).name,
+        "eot_id": EOT_ID if tokenizer is None else tokenizer.eot_id,
     }
     cached = _load_cached(directory, settings)
     if cached is not None:
         return cached
-    return _build(corpus, directory=directory, settings=settings, progress=progress)
+    return _build(corpus, directory=directory, settings=settings, progress=progress, tokenizer=tokenizer)
 
 
-def _build(corpus: Corpus, *, directory: Path, settings: dict[str, Any], progress: Progress | None) -> PreparedData:
+def _build(
+    corpus: Corpus,
+    *,
+    directory: Path,
+    settings: dict[str, Any],
+    progress: Progress | None,
+    tokenizer: GivenTokenizer | None,
+) -> PreparedData:
     vocab_size = settings["vocab_size"]
-    tokenizer_path = tokenizer_at(directory / TOKENIZER_FILE, corpus, vocab_size=vocab_size, progress=progress)
+    if tokenizer is None:
+        tokenizer_path = tokenizer_at(directory / TOKENIZER_FILE, corpus, vocab_size=vocab_size, progress=progress)
+    else:
+        tokenizer_path = _write_given(directory / TOKENIZER_FILE, tokenizer)
     val_threshold = _val_threshold(corpus, settings["val_fraction"])
     if progress is not None:
         progress("tokenizing the corpus")
@@ -112,14 +132,22 @@ def _build(corpus: Corpus, *, directory: Path, settings: dict[str, Any], progres
         directory=directory,
         val_threshold=val_threshold,
         dtype=token_dtype(vocab_size),
+        eot_id=settings["eot_id"],
     )
     if progress is not None:
         progress(f"{counts['num_train_tokens']:,} train, {counts['num_val_tokens']:,} val tokens")
-    meta = {**settings, **counts, "eot_id": EOT_ID}
+    meta = {**settings, **counts}
     # meta.json goes last: its presence marks a complete dataset.
     with atomic_path(directory / META_FILE) as temporary:
         temporary.write_text(json.dumps(meta, indent=2) + "\n")
     return _from_meta(directory, meta)
+
+
+def _write_given(path: Path, tokenizer: GivenTokenizer) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        temporary.write_text(tokenizer.json)
+    return path
 
 
 def document_hash(text: str) -> int:
@@ -167,6 +195,7 @@ def _write_shards(
     directory: Path,
     val_threshold: int | None,
     dtype: np.dtype,
+    eot_id: int = EOT_ID,
 ) -> dict[str, int]:
     """Encode every document into ``train.bin`` or ``val.bin``; return the counts."""
     train, val = _SplitCounts(), _SplitCounts()
@@ -183,8 +212,8 @@ def _write_shards(
             for text, encoding in zip(texts, encodings, strict=True):
                 is_val = val_threshold is not None and document_hash(text) <= val_threshold
                 (val_ids if is_val else train_ids).append(encoding.ids)
-            _write_packed(train_ids, train_file, counts=train, dtype=dtype)
-            _write_packed(val_ids, val_file, counts=val, dtype=dtype)
+            _write_packed(train_ids, train_file, counts=train, dtype=dtype, eot_id=eot_id)
+            _write_packed(val_ids, val_file, counts=val, dtype=dtype, eot_id=eot_id)
     if train.num_tokens == 0:
         raise ValueError("every document went to validation; lower val_fraction or add documents")
     return {
@@ -195,12 +224,14 @@ def _write_shards(
     }
 
 
-def _write_packed(documents: list[list[int]], file: BinaryIO, *, counts: _SplitCounts, dtype: np.dtype) -> None:
-    """Append documents to ``file``, each followed by EOT, and count them."""
+def _write_packed(
+    documents: list[list[int]], file: BinaryIO, *, counts: _SplitCounts, dtype: np.dtype, eot_id: int
+) -> None:
+    """Append documents to ``file``, each followed by ``eot_id``, and count them."""
     packed: list[int] = []
     for ids in documents:
         packed.extend(ids)
-        packed.append(EOT_ID)
+        packed.append(eot_id)
     np.array(packed, dtype=dtype).tofile(file)
     counts.num_tokens += len(packed)
     counts.num_documents += len(documents)

@@ -1,11 +1,13 @@
-"""Byte-level BPE tokenizers, trained on a corpus with HF ``tokenizers`` and cached."""
+"""Byte-level BPE tokenizers, trained on a corpus with HF ``tokenizers`` and cached; or a model's own."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,6 +24,29 @@ MIN_VOCAB_SIZE = 257
 _FILE_MODE = 0o644
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GivenTokenizer:
+    """A tokenizer that comes with a model (a pretrained directory's), used instead of training one.
+
+    ``json`` is its ``tokenizers`` serialisation; ``eot_id`` the token that ends each packed
+    document (the model's end-of-sequence token); ``vocab_size`` counts added tokens too.
+    """
+
+    json: str
+    eot_id: int
+    vocab_size: int
+
+    @property
+    def fingerprint(self) -> str:
+        """A content hash: the token shards it produced are cached under it."""
+        digest = hashlib.blake2b(self.json.encode(), digest_size=8)
+        digest.update(self.eot_id.to_bytes(8, "little"))
+        return digest.hexdigest()
+
+    def load(self) -> Tokenizer:
+        return Tokenizer.from_str(self.json)
 
 
 def train_tokenizer(documents: Iterable[str], *, vocab_size: int) -> Tokenizer:

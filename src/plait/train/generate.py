@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 
+from plait.checkpoint import hf_model_export
 from plait.checkpoint.io import load_checkpoint
 from plait.config import config_from_dict
+from plait.losses import logits_of
 from plait.models.gpt import GPT
 from plait.train.setup import model_config_for
 
 
-def load_for_inference(path: Path) -> tuple[GPT, Tokenizer]:
+def _build(
+    model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], raw_config: dict, path: Path
+) -> nn.Module:
+    """plait's GPT, or the Hugging Face model whose config the checkpoint holds (a pretrained run)."""
+    if not hf_model_export.is_hf_checkpoint(model_state, trainer_state, raw_config):
+        model = GPT(model_config_for(config_from_dict(raw_config)))
+        model.load_state_dict(model_state)
+        return model
+    config = hf_model_export.checkpoint_hf_config(trainer_state, source=str(path))
+    model = hf_model_export.build_hf_model(config, device="cpu")
+    model.load_state_dict(hf_model_export.hf_tensors(model_state, model, source=str(path)), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def _context_length(model: nn.Module) -> int:
+    config = model.config
+    return (
+        getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None) or config.n_positions
+    )
+
+
+def load_for_inference(path: Path) -> tuple[nn.Module, Tokenizer]:
     """The model and tokenizer stored in a `plait train` checkpoint."""
     model_state, trainer_state, raw_config = load_checkpoint(path)
-    model = GPT(model_config_for(config_from_dict(raw_config)))
-    model.load_state_dict(model_state)
+    model = _build(model_state, trainer_state, raw_config, path)
     model.eval()
     tokenizer = trainer_state.get("tokenizer")
     if not tokenizer:
@@ -29,7 +55,13 @@ def load_for_inference(path: Path) -> tuple[GPT, Tokenizer]:
 
 @torch.no_grad()
 def sample(
-    model: GPT, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    model: nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
 ) -> list[int]:
     """Autoregressive sampling with temperature and top-k (temperature 0: greedy)."""
     if not prompt_ids:
@@ -37,7 +69,7 @@ def sample(
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids])
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.config.max_seq_len :])[0, -1]  # (vocab,)
+        logits = logits_of(model(ids[:, -_context_length(model) :]))[0, -1]  # (vocab,)
         if temperature <= 0:
             next_id = logits.argmax()
         else:

@@ -12,17 +12,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
-from plait.config import Config, Plan
+from plait.config import Config
 from plait.distributed.launch import get_logger, init_distributed, is_main_rank
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
-from plait.models.gpt import GPT, GPTConfig
 from plait.optim import adamw, warmup_cosine
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
 from plait.train.resume import restore, save_training_state
-from plait.train.setup import DataSources, build_data, launched_world_size, seed_everything, validate
+from plait.train.setup import (
+    DataSources,
+    build_data,
+    build_model,
+    checkpoint_extra,
+    launched_world_size,
+    seed_everything,
+    validate,
+)
 
 
 @dataclass
@@ -35,7 +42,7 @@ class RunSummary:
     losses: list[float]
 
 
-def build_engine(config: Config, model: GPT, *, mesh: Mesh) -> Engine:
+def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engine:
     train = config.train
     return boost(
         model,
@@ -49,12 +56,6 @@ def build_engine(config: Config, model: GPT, *, mesh: Mesh) -> Engine:
     )
 
 
-def build_model(model_config: GPTConfig, *, plan: Plan, device: torch.device) -> GPT:
-    """ZeRO-3 builds on the meta device and materialises shard by shard (same weights, seeded)."""
-    with torch.device("meta" if plan.zero == 3 else device):
-        return GPT(model_config)
-
-
 class Run:
     """One training run on this rank."""
 
@@ -66,21 +67,20 @@ class Run:
         self.log = get_logger()
         self.mesh = Mesh(validated.plan, device_type=device.type)
         seed_everything(config.train.seed)
-        self.model = build_model(validated.model_config, plan=validated.plan, device=device)
+        self.model = build_model(validated, mesh=self.mesh, device=device)
         self.engine = build_engine(config, self.model, mesh=self.mesh)
-        self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log)
+        self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log, pretrained=validated.pretrained)
         self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
+        self.checkpoint_extra = checkpoint_extra(validated) if is_main_rank() else {}
         self.out_dir = Path(config.train.out_dir)
         self.step = restore(Path(resume), engine=self.engine, loader=self.data.loader) if resume else 0
         self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
         self.throughput = metrics.Throughput()
-        self.flops_per_token = validated.model_config.flops_per_token(config.data.seq_len)
+        self.flops_per_token = validated.flops_per_token(config.data.seq_len)
         self.peak_flops = metrics.measure_peak_flops(device)
         self.val_losses: list[float] = []
         self.losses: list[float] = []
-        self.log.info(
-            f"{self.mesh} | model {self.model.config.num_parameters() / 1e6:.2f}M params | start step {self.step}"
-        )
+        self.log.info(f"{self.mesh} | model {validated.num_parameters() / 1e6:.2f}M params | start step {self.step}")
 
     def evaluate(self) -> float:
         val_loss = self.engine.evaluate(self.data.val_batches).item()
@@ -128,6 +128,7 @@ class Run:
             step=self.step,
             config=self.config,
             tokenizer_json=self.tokenizer_json,
+            extra=self.checkpoint_extra,
             asynchronous=self.config.train.async_checkpoints,
             on_commit=self._committed,
         )

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from plait.checkpoint.io import CONFIG_FILE
 from plait.config import Config
@@ -28,14 +29,16 @@ def save_training_state(
     step: int,
     config: Config,
     tokenizer_json: str,
+    extra: dict[str, Any] | None = None,
     asynchronous: bool = False,
     on_commit: Callable[[Path], None] | None = None,
 ) -> None:
     """Every rank takes part; with `asynchronous`, returns once the state is copied to host memory.
+    `extra` adds entries to the trainer state (a pretrained run's transformers config and tokenizer).
     `on_commit` runs on the main rank once the checkpoint is in place."""
     engine.save(
         path,
-        extra={"loader": loader.state_dict(), "step": step, "tokenizer": tokenizer_json},
+        extra={**(extra or {}), "loader": loader.state_dict(), "step": step, "tokenizer": tokenizer_json},
         config=dataclasses.asdict(config),
         asynchronous=asynchronous,
         on_commit=on_commit,
@@ -49,8 +52,8 @@ def check_resumable(path: Path, *, config: Config) -> None:
         raise ValueError(f"--resume {path}: no {CONFIG_FILE} there; pick a directory under <out_dir>/checkpoints")
     saved = json.loads(config_file.read_text())
     model = dataclasses.asdict(config.model)
-    if saved.get("model") != model:
-        changed = sorted(k for k in model if saved.get("model", {}).get(k) != model[k])
+    changed = sorted(k for k in model if saved.get("model", {}).get(k) != model[k])  # absent keys: None
+    if changed:
         raise ValueError(
             f"--resume {path}: the checkpoint holds another model (model.{', model.'.join(changed)} differ); "
             "resume with the checkpoint's [model] section"

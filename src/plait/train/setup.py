@@ -14,20 +14,44 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from plait.config import Config, Plan
+from plait.checkpoint.hf_pretrained import Pretrained, inspect_pretrained, load_pretrained_model, tokenizer_files
+from plait.config import Config, Plan, model_config_for
 from plait.data.corpus import corpus_files
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.mesh import Mesh
-from plait.models.factory import resolve_config
-from plait.models.gpt import GPTConfig
+from plait.models.gpt import GPT, GPTConfig
+from plait.train import metrics
 
 
 @dataclass(frozen=True)
 class Validated:
+    """A checked run: its plan and model (plait's GPT config, or a pretrained transformers directory)."""
+
     plan: Plan
-    model_config: GPTConfig
+    model_config: GPTConfig | None
+    pretrained: Pretrained | None = None
+
+    def num_parameters(self) -> int:
+        if self.pretrained is not None:
+            return self.pretrained.num_parameters()
+        assert self.model_config is not None
+        return self.model_config.num_parameters()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (metrics.model_flops_per_token; embedding lookups are not matmuls)."""
+        if self.pretrained is None:
+            assert self.model_config is not None
+            return self.model_config.flops_per_token(seq_len)
+        pretrained = self.pretrained
+        return metrics.model_flops_per_token(
+            num_params=pretrained.matmul_parameters(),
+            num_layers=pretrained.num_layers,
+            d_model=pretrained.hidden_size(),
+            seq_len=seq_len,
+        )
 
 
 def launched_world_size() -> int:
@@ -35,22 +59,6 @@ def launched_world_size() -> int:
     if dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def model_config_for(config: Config) -> GPTConfig:
-    overrides: dict[str, Any] = {"vocab_size": config.data.vocab_size, **config.model.overrides}
-    model_config = resolve_config(config.model.preset, **overrides)
-    if model_config.vocab_size < config.data.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_config.vocab_size} is smaller than data.vocab_size={config.data.vocab_size}; "
-            "drop the model override or raise it"
-        )
-    if config.data.seq_len > model_config.max_seq_len:
-        raise ValueError(
-            f"data.seq_len={config.data.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
-            f"lower data.seq_len or --set model.max_seq_len={config.data.seq_len}"
-        )
-    return model_config
 
 
 def check_tensor_parallel(model_config: GPTConfig, *, tp: int, seq_len: int, sequence_parallel: bool) -> None:
@@ -73,6 +81,10 @@ def validate(config: Config, *, world_size: int) -> Validated:
     plan = config.plan.resolve(world_size)
     plan.check_available()
     config.check_batching(plan.dp)
+    if config.model.pretrained is not None:
+        pretrained = validate_pretrained(config, plan=plan)
+        _check_corpus(config)
+        return Validated(plan=plan, model_config=None, pretrained=pretrained)
     model_config = model_config_for(config)
     stages = plan.pp * plan.pp_chunks
     if stages > model_config.num_layers:
@@ -84,9 +96,67 @@ def validate(config: Config, *, world_size: int) -> Validated:
         check_tensor_parallel(
             model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
         )
+    _check_corpus(config)
+    return Validated(plan=plan, model_config=model_config)
+
+
+def _check_corpus(config: Config) -> None:
     if config.data.corpus != "stdlib":
         corpus_files(config.data.corpus)  # raises for missing paths before any rank waits on another
-    return Validated(plan=plan, model_config=model_config)
+
+
+def validate_pretrained(config: Config, *, plan: Plan) -> Pretrained:
+    """The pretrained directory checked, then the plan and data against its model."""
+    pretrained = inspect_pretrained(config.model.pretrained or "")
+    longest = pretrained.max_positions
+    if longest is not None and config.data.seq_len > longest:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} is longer than {pretrained.label}'s {longest} positions; "
+            f"lower data.seq_len to at most {longest}"
+        )
+    stages = plan.pp * plan.pp_chunks
+    if stages > pretrained.num_layers:
+        raise ValueError(
+            f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but {pretrained.label} has "
+            f"{pretrained.num_layers} layers; use at most {pretrained.num_layers} stages"
+        )
+    if plan.pp > 1:
+        from plait.pipeline.partition import decoder_layout
+
+        decoder_layout(pretrained.meta_model)  # refuses what a pipeline stage cannot run (Falcon's alibi)
+    if plan.tp > 1:
+        _check_pretrained_tp(pretrained, plan=plan)
+    return pretrained
+
+
+def _check_pretrained_tp(pretrained: Pretrained, *, plan: Plan) -> None:
+    from plait.tensor.hf import check_tp
+
+    if plan.sequence_parallel:
+        raise ValueError(
+            f"plan.sequence_parallel=true with {pretrained.label}: sequence parallel is not available for "
+            "transformers models (their forward builds positions and masks from the local chunk); set it to false"
+        )
+    check_tp(pretrained.meta_model, plan.tp)
+
+
+def build_model(validated: Validated, *, mesh: Mesh, device: torch.device) -> nn.Module:
+    """The run's model. plait's GPT under ZeRO-3 is built on the meta device and materialised shard by
+    shard (same weights, seeded); a pretrained model is loaded, tp ranks reading only their slices."""
+    if validated.pretrained is not None:
+        return load_pretrained_model(validated.pretrained, tp_group=mesh.group("tp"), device=device)
+    assert validated.model_config is not None
+    with torch.device("meta" if validated.plan.zero == 3 else device):
+        return GPT(validated.model_config)
+
+
+def checkpoint_extra(validated: Validated) -> dict[str, Any]:
+    """What a pretrained run's checkpoints keep besides the weights: the transformers config and
+    tokenizer files, so that `plait export` and `plait generate` need nothing else."""
+    if validated.pretrained is None:
+        return {}
+    pretrained = validated.pretrained
+    return {"hf": {"config": pretrained.config.to_dict(), "tokenizer_files": tokenizer_files(pretrained.path)}}
 
 
 def seed_everything(seed: int) -> None:
@@ -95,28 +165,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data_once(config: Config, *, log: Any) -> PreparedData:
+def prepare_data(config: Config, *, pretrained: Pretrained | None = None, log: Any = None) -> PreparedData:
+    """The run's token shards (cached): with a pretrained model, tokenized by its own tokenizer."""
+    return prepare_dataset(
+        config.data.corpus,
+        vocab_size=config.data.vocab_size,
+        cache_dir=config.data.cache_dir,
+        val_fraction=config.data.val_fraction,
+        progress=log.info if log is not None else None,
+        tokenizer=pretrained.tokenizer if pretrained is not None else None,
+    )
+
+
+def prepare_data_once(config: Config, *, log: Any, pretrained: Pretrained | None = None) -> PreparedData:
     """Rank 0 tokenizes (or reads the cache) first; the others then read its cache."""
     is_first = not dist.is_initialized() or dist.get_rank() == 0
-    data = None
-    if is_first:
-        data = prepare_dataset(
-            config.data.corpus,
-            vocab_size=config.data.vocab_size,
-            cache_dir=config.data.cache_dir,
-            val_fraction=config.data.val_fraction,
-            progress=log.info,
-        )
+    data = prepare_data(config, pretrained=pretrained, log=log) if is_first else None
     if dist.is_initialized():
         dist.barrier()
-    if data is None:
-        data = prepare_dataset(
-            config.data.corpus,
-            vocab_size=config.data.vocab_size,
-            cache_dir=config.data.cache_dir,
-            val_fraction=config.data.val_fraction,
-        )
-    return data
+    return data if data is not None else prepare_data(config, pretrained=pretrained)
 
 
 @dataclass
@@ -126,8 +193,8 @@ class DataSources:
     prepared: PreparedData
 
 
-def build_data(config: Config, *, mesh: Mesh, log: Any) -> DataSources:
-    prepared = prepare_data_once(config, log=log)
+def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained | None = None) -> DataSources:
+    prepared = prepare_data_once(config, log=log, pretrained=pretrained)
     seq_len = config.data.seq_len
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)
     val = TokenDataset(prepared.val_path, dtype=prepared.dtype, seq_len=seq_len)
