@@ -19,7 +19,6 @@ from torch import nn
 from plait.amp.policy import PrecisionPolicy
 from plait.amp.scaler import LossScaler, Overflow
 from plait.checkpoint.engine_state import load_engine, save_engine
-from plait.recompute import apply_recompute
 from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Plan
 from plait.distributed.comm import CommCounter, all_reduce
@@ -29,7 +28,8 @@ from plait.distributed.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
-from plait.tensor.apply import apply_tensor_parallel
+from plait.recompute import apply_recompute
+from plait.tensor.apply import apply_tensor_parallel, count_collectives
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.state import gather_tp_state
 from plait.train.metrics import model_state_bytes
@@ -85,7 +85,7 @@ class Engine:
         self.plan = mesh.plan
         self.loss_fn = parts.loss_fn
         self.max_grad_norm = parts.max_grad_norm
-        self.comm = CommCounter()
+        self.comm = CommCounter.for_mesh(mesh)  # every strand's collectives, per axis and link
         self.policy = PrecisionPolicy.from_name(self.plan.precision)
         self.scaler = LossScaler.from_policy(self.policy)
         self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
@@ -98,6 +98,9 @@ class Engine:
         )
         self.pipeline = build_pipeline(model, mesh=mesh, device=self.device) if mesh.size("pp") > 1 else None
         self.model = self.pipeline.module if self.pipeline else model
+        count_collectives(self.model, self.comm)
+        if self.pipeline is not None:
+            self.pipeline.runner.link.counter = self.comm
         self.data_parallel = build_data_parallel(self.model, mesh=mesh, policy=self.policy, counter=self.comm)
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
@@ -181,7 +184,9 @@ class Engine:
         if not self.scaler.dynamic:
             return False
         named = self.data_parallel.named_grads()
-        overflow = self.scaler.check_overflow(named, groups=[self.mesh.group("dp")], device=self.device)
+        overflow = self.scaler.check_overflow(
+            named, groups=[self.mesh.group("dp")], device=self.device, counter=self.comm
+        )
         self.last_overflow = overflow
         if overflow.found:
             get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
@@ -216,8 +221,8 @@ class Engine:
 
     def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         if self.max_grad_norm:
-            return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh)
-        return global_grad_norm(params, mesh=self.mesh)
+            return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh, counter=self.comm)
+        return global_grad_norm(params, mesh=self.mesh, counter=self.comm)
 
     def _pipeline_step(self, micro_batches: list[Batch]) -> None:
         """Run the schedule without communicating gradients, sync tied weights, then reduce over dp."""
@@ -261,12 +266,12 @@ class Engine:
         if self.pipeline is not None:
             loss_sum, count = self.pipeline.runner.forward_only(batches, loss_fn=self.loss_fn)
             totals += torch.stack([loss_sum, count]).to(totals)
-            all_reduce(totals, group=self.mesh.group("pp"))
+            all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         for batch in batches if self.pipeline is None else []:
             loss = self.loss_fn(self.model(**self._model_inputs(batch)), batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
             totals += torch.stack([loss_sum.double(), count.to(totals)])
-        all_reduce(totals, group=self.mesh.group("dp"))
+        all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)
         self.model.train(was_training)
         return (totals[0] / totals[1]).float()
 

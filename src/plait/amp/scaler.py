@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from plait.amp.policy import PrecisionPolicy
+from plait.distributed.comm import CommCounter
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class LossScaler:
         *,
         groups: Sequence[dist.ProcessGroup | None],
         device: torch.device | None = None,
+        counter: CommCounter | None = None,
     ) -> Overflow:
         """Find the first parameter, in the given order, whose gradient has an inf or nan on any rank.
 
@@ -98,11 +100,13 @@ class LossScaler:
         None entry is an axis of one rank and is skipped (it does not mean the
         world group: pass ``dist.group.WORLD`` for that). ``device`` places the
         reduced index when no gradient is present locally (NCCL needs a CUDA
-        tensor). One host sync.
+        tensor). One host sync. The reductions are recorded on ``counter`` when given.
         """
         first = _local_first_non_finite(named_grads, device=device)
         for group in groups:
             if group is not None:
+                if counter is not None:
+                    counter.record("all_reduce", first, group=group)
                 dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         index = int(first.item())
         if index >= len(named_grads):

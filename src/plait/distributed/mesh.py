@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from plait.config import AXES, Plan
+from plait.distributed.topology import launched_ranks_per_node
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,16 @@ class Mesh:
 
     With no process group initialised (one plain process) every axis has
     size 1 and no group, and collectives are skipped by the callers.
+    `ranks_per_node` (default: torchrun's LOCAL_WORLD_SIZE, else the whole
+    world) tells communication accounting which groups cross nodes.
     """
 
-    def __init__(self, plan: Plan, *, device_type: str = "cpu") -> None:
+    def __init__(self, plan: Plan, *, device_type: str = "cpu", ranks_per_node: int | None = None) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.plan = plan.resolve(world_size)
         self.world_size = world_size
         self.device_type = device_type
+        self.ranks_per_node = ranks_per_node or launched_ranks_per_node(world_size)
         self.device_mesh: DeviceMesh | None = None
         if dist.is_initialized():
             shape = tuple(getattr(self.plan, axis) for axis in AXES)

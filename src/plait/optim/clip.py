@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from plait.config import AXES
+from plait.distributed.comm import CommCounter
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import placement_of
 
@@ -23,7 +24,9 @@ def _is_sharded(mesh: Mesh) -> bool:
     return mesh.world_size > 1 and (plan.zero > 0 or mesh.size("tp") > 1 or mesh.size("pp") > 1)
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> torch.Tensor:
+def global_grad_norm(
+    params: Iterable[torch.nn.Parameter], *, mesh: Mesh, counter: CommCounter | None = None
+) -> torch.Tensor:
     """The L2 norm of all gradients, as one process would compute it (0-dim).
 
     When every rank holds every gradient: per-tensor norms, then the norm of
@@ -32,6 +35,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> tor
     ranks holding a replica of it, summed over every rank in one all-reduce (so
     the collective never depends on which pieces a rank happens to hold).
     Synchronised duplicates (a tied head on the last pipeline stage) are skipped.
+    The all-reduce is recorded on `counter` when given.
     """
     by_replicas: dict[int, list[torch.Tensor]] = defaultdict(list)
     for param in params:
@@ -47,13 +51,17 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> tor
     total = torch.zeros((), dtype=torch.float32)
     for replicas, grads in by_replicas.items():
         total = total.to(grads[0].device) + torch.stack(torch._foreach_norm(grads, 2)).float().pow(2).sum() / replicas
+    if counter is not None:
+        counter.record("all_reduce", total, group=dist.group.WORLD)
     dist.all_reduce(total)
     return total.sqrt()
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], *, max_norm: float, mesh: Mesh) -> torch.Tensor:
+def clip_grad_norm(
+    params: list[torch.nn.Parameter], *, max_norm: float, mesh: Mesh, counter: CommCounter | None = None
+) -> torch.Tensor:
     """Scale gradients so their global norm is at most max_norm; returns the norm before clipping."""
-    norm = global_grad_norm(params, mesh=mesh)
+    norm = global_grad_norm(params, mesh=mesh, counter=counter)
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         grads = [p.grad for p in params if p.grad is not None]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from plait.distributed.comm import CommCounter
+
 __all__ = ["StageLink", "TensorMeta"]
 
 # Header codes: a dtype's index here. Append only: both ends must agree.
@@ -77,7 +79,8 @@ class StageLink:
     ``prev_rank``/``next_rank`` are global ranks (``None`` at the ends of the
     pipeline); ``group`` is the process group they are in (default: the world);
     received tensors are allocated on ``device`` (``"cuda"`` under NCCL).
-    ``num_headers_sent`` counts shape headers this link has sent.
+    ``num_headers_sent`` counts shape headers this link has sent; every send
+    (header and payload) is recorded on ``counter`` when there is one.
     """
 
     def __init__(
@@ -87,12 +90,14 @@ class StageLink:
         *,
         group: dist.ProcessGroup | None = None,
         device: torch.device | str = "cpu",
+        counter: CommCounter | None = None,
     ) -> None:
         self.prev_rank = prev_rank
         self.next_rank = next_rank
         self.group = group
         self.device = torch.device(device)
         self.num_headers_sent = 0
+        self.counter = counter
         self._metas: dict[str, TensorMeta] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
@@ -152,6 +157,7 @@ class StageLink:
         works = []
         if slot not in self._metas:
             header = _encode(meta, device=payload.device)
+            self._count(header, peer)
             works.append(dist.isend(header, peer, group=self.group, tag=tag))
             self._pending.append((works[-1], header))
             self._metas[slot] = meta
@@ -161,9 +167,14 @@ class StageLink:
                 f"{channel} message is {meta} but this link negotiated {self._metas[slot]}; "
                 "call reset_shapes() on both ranks when shapes change between steps"
             )
+        self._count(payload, peer)
         works.append(dist.isend(payload, peer, group=self.group, tag=_payload_tag(tag, key)))
         self._pending.append((works[-1], payload))
         return works
+
+    def _count(self, tensor: torch.Tensor, peer: int) -> None:
+        if self.counter is not None:
+            self.counter.record("send", tensor, peer=peer)
 
     def _recv(self, peer: int, *, channel: str, tag: int, key: int) -> torch.Tensor:
         slot = f"recv_{channel}"

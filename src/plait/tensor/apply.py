@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 
+from plait.distributed.comm import CommCounter
 from plait.tensor.comm import SharedEntry
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
-from plait.tensor.sequence import mark_sequence_parallel, scatter_output_sequence
+from plait.tensor.sequence import SequenceScatter, mark_sequence_parallel, scatter_output_sequence
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
 
 # Attention attributes holding head counts or widths that shrink by tp (plait, Llama, GPT-2, BERT names).
@@ -166,6 +167,25 @@ def apply_tensor_parallel(
             _swap(model, name, new)
         changed.append(name)
     return changed
+
+
+COUNTED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead)
+
+
+def count_collectives(model: nn.Module, counter: CommCounter | None) -> int:
+    """Have every tensor-parallel collective of `model` (its parallel layers, their backward, the
+    vocab-parallel loss, sequence scatters) recorded on `counter`; returns how many modules report.
+
+    A separate pass rather than an argument of `apply_tensor_parallel`, so models parallelised by
+    any route (Hugging Face's loaders included) and stages split off later all report alike.
+    """
+    modules = [m for m in model.modules() if isinstance(m, COUNTED)]
+    modules += [
+        hook for m in model.modules() if isinstance(hook := getattr(m, "sequence_scatter", None), SequenceScatter)
+    ]
+    for module in modules:
+        module.counter = counter
+    return len(modules)
 
 
 def _check_every_pattern_matches(model: nn.Module, plan: Mapping[str, str | Style]) -> None:

@@ -16,6 +16,8 @@ gather_sequence_no_reduce       all-gather            keep own chunk
 ==============================  ====================  =====================
 
 Sequence tensors are batch-first, (batch, seq, hidden), so the sequence is dim 1.
+Given a `counter`, each collective (forward or backward) is recorded on it
+under the tp axis; the layers hold the counter the engine hands them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from plait.distributed.comm import CommCounter
 
 ProcessGroup = dist.ProcessGroup
 
@@ -46,100 +50,115 @@ def _check_divisible(x: torch.Tensor, dim: int, size: int) -> None:
         )
 
 
-def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _count(counter: CommCounter | None, op: str, buffer: torch.Tensor, group: ProcessGroup) -> None:
+    if counter is not None:
+        counter.record(op, buffer, group=group, axis="tp")
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
     # A fresh buffer: the input may be saved for another node's backward.
     out = x.clone(memory_format=torch.contiguous_format)
+    _count(counter, "all_reduce", out, group)
     dist.all_reduce(out, group=group)
     return out
 
 
-def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
     size = dist.get_world_size(group)
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((size * local.shape[0], *local.shape[1:]))
+    _count(counter, "all_gather", out, group)
     dist.all_gather_single(out, local, group=group)
     return out.movedim(0, dim).contiguous()
 
 
-def _reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
     size = dist.get_world_size(group)
     _check_divisible(x, dim, size)
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
+    _count(counter, "reduce_scatter", full, group)
     dist.reduce_scatter_single(out, full, group=group)
     return out.movedim(0, dim).contiguous()
 
 
-def _own_chunk(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+def _own_chunk(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
     rank, size = tp_rank_and_size(group)
     _check_divisible(x, dim, size)
     return x.chunk(size, dim=dim)[rank].clone(memory_format=torch.contiguous_format)
 
 
-def _identity(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+def _identity(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
     return x.view_as(x)
 
 
-def _reduce(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    return _all_reduce(x, group)
-
-
-Op = Callable[[torch.Tensor, ProcessGroup, int], torch.Tensor]
+Op = Callable[[torch.Tensor, ProcessGroup, int, "CommCounter | None"], torch.Tensor]
 
 
 class _Conjugate(torch.autograd.Function):
     """`forward_op` on the way forward, `backward_op` on the gradient: one row of the table above."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int, forward_op: Op, backward_op: Op) -> torch.Tensor:
-        ctx.group, ctx.dim, ctx.backward_op = group, dim, backward_op
-        return forward_op(x, group, dim)
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dim: int, ops: tuple[Op, Op], counter: Any) -> torch.Tensor:
+        forward_op, ctx.backward_op = ops
+        ctx.group, ctx.dim, ctx.counter = group, dim, counter
+        return forward_op(x, group, dim, counter)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return ctx.backward_op(grad, ctx.group, ctx.dim), None, None, None, None
+        return ctx.backward_op(grad, ctx.group, ctx.dim, ctx.counter), None, None, None, None
 
 
-def _apply(x: torch.Tensor, group: ProcessGroup | None, dim: int, forward_op: Op, backward_op: Op) -> torch.Tensor:
-    return x if group is None else _Conjugate.apply(x, group, dim % max(x.dim(), 1), forward_op, backward_op)
+def _apply(
+    x: torch.Tensor, group: ProcessGroup | None, dim: int, ops: tuple[Op, Op], counter: CommCounter | None
+) -> torch.Tensor:
+    return x if group is None else _Conjugate.apply(x, group, dim % max(x.dim(), 1), ops, counter)
 
 
-def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None, *, counter: CommCounter | None = None) -> torch.Tensor:
     """Enter a column-parallel region: identity forward, all-reduce of the gradient backward."""
-    return _apply(x, group, 0, _identity, _reduce)
+    return _apply(x, group, 0, (_identity, _all_reduce), counter)
 
 
-def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None, *, counter: CommCounter | None = None) -> torch.Tensor:
     """Leave a row-parallel region: sum the partial outputs forward, identity backward."""
-    return _apply(x, group, 0, _reduce, _identity)
+    return _apply(x, group, 0, (_all_reduce, _identity), counter)
 
 
-def gather_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+def gather_sequence(
+    x: torch.Tensor, group: ProcessGroup | None, dim: int = 1, *, counter: CommCounter | None = None
+) -> torch.Tensor:
     """Enter a column-parallel region under sequence parallel: all-gather the sequence chunks
     forward, reduce-scatter the gradient backward (each rank's layer saw only its shard of weights)."""
-    return _apply(x, group, dim, _all_gather, _reduce_scatter)
+    return _apply(x, group, dim, (_all_gather, _reduce_scatter), counter)
 
 
-def reduce_scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+def reduce_scatter_sequence(
+    x: torch.Tensor, group: ProcessGroup | None, dim: int = 1, *, counter: CommCounter | None = None
+) -> torch.Tensor:
     """Leave a row-parallel region under sequence parallel: sum the partial outputs and keep
     this rank's sequence chunk forward, all-gather the gradient backward."""
-    return _apply(x, group, dim, _reduce_scatter, _all_gather)
+    return _apply(x, group, dim, (_reduce_scatter, _all_gather), counter)
 
 
-def scatter_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+def scatter_sequence(
+    x: torch.Tensor, group: ProcessGroup | None, dim: int = 1, *, counter: CommCounter | None = None
+) -> torch.Tensor:
     """Keep this rank's sequence chunk of a replicated tensor forward, all-gather the gradient
     backward (e.g. position embeddings entering a sequence-parallel region)."""
-    return _apply(x, group, dim, _own_chunk, _all_gather)
+    return _apply(x, group, dim, (_own_chunk, _all_gather), counter)
 
 
-def gather_sequence_no_reduce(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+def gather_sequence_no_reduce(
+    x: torch.Tensor, group: ProcessGroup | None, dim: int = 1, *, counter: CommCounter | None = None
+) -> torch.Tensor:
     """All-gather forward, keep this rank's chunk of the gradient backward.
 
     Right only when what follows is replicated compute (every rank computes the
     same gradient for the gathered tensor), e.g. a dense LM head after the final
     norm under sequence parallel. A vocab-parallel head needs `gather_sequence`.
     """
-    return _apply(x, group, dim, _all_gather, _own_chunk)
+    return _apply(x, group, dim, (_all_gather, _own_chunk), counter)
 
 
 class SharedEntry:
@@ -162,10 +181,18 @@ class SharedEntry:
         if self._last is not None and self._last[0] is source:
             self._last = None
 
-    def enter(self, x: torch.Tensor, group: ProcessGroup | None, *, sequence_parallel: bool) -> torch.Tensor:
+    def enter(
+        self,
+        x: torch.Tensor,
+        group: ProcessGroup | None,
+        *,
+        sequence_parallel: bool,
+        counter: CommCounter | None = None,
+    ) -> torch.Tensor:
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version and last[3] == sequence_parallel:
             return last[2]
-        out = gather_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
+        enter = gather_sequence if sequence_parallel else copy_to_tp
+        out = enter(x, group, counter=counter)
         self._last = (weakref.ref(x, self._forget), x._version, out, sequence_parallel)
         return out

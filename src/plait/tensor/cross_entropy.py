@@ -8,12 +8,13 @@ the full-vocabulary logits never exist on any rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from plait.distributed.comm import CommCounter
 from plait.tensor.comm import ProcessGroup, gather_sequence_no_reduce, tp_rank_and_size
 
 _ATTRIBUTE = "vocab_shard"
@@ -25,12 +26,14 @@ class VocabShard:
 
     Rank r holds columns [r * w, min((r + 1) * w, full_size)) with
     w = ceil(full_size / tp), so the last rank's slice may be narrower.
-    `group` is the tensor-parallel group (None when tp = 1).
+    `group` is the tensor-parallel group (None when tp = 1); the loss's
+    collectives are recorded on `counter` when there is one.
     """
 
     group: ProcessGroup | None
     start: int
     full_size: int
+    counter: CommCounter | None = field(default=None, compare=False)
 
 
 def is_vocab_sharded(tensor: torch.Tensor) -> VocabShard | None:
@@ -48,28 +51,29 @@ def set_vocab_shard(tensor: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return tensor
 
 
-def _all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op: dist.ReduceOp.RedOpType) -> None:
-    if group is not None:
-        dist.all_reduce(tensor, op=op, group=group)
+def _all_reduce(tensor: torch.Tensor, shard: VocabShard, op: dist.ReduceOp.RedOpType) -> None:
+    if shard.group is None:
+        return
+    if shard.counter is not None:
+        shard.counter.record("all_reduce", tensor, group=shard.group, axis="tp")
+    dist.all_reduce(tensor, op=op, group=shard.group)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, logits: torch.Tensor, targets: torch.Tensor, start: int, group: ProcessGroup | None, ignore_index: int
-    ) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, shard: VocabShard, ignore_index: int) -> torch.Tensor:
         logits32 = logits.float()  # (..., width); no copy when already fp32
         global_max = logits32.amax(dim=-1)  # (...)
-        _all_reduce(global_max, group, dist.ReduceOp.MAX)
+        _all_reduce(global_max, shard, dist.ReduceOp.MAX)
 
-        local_targets = targets - start
+        local_targets = targets - shard.start
         in_shard = (local_targets >= 0) & (local_targets < logits.shape[-1])
         safe_targets = local_targets.masked_fill(~in_shard, 0).unsqueeze(-1)
         target_logit = logits32.gather(-1, safe_targets).squeeze(-1).masked_fill(~in_shard, 0.0)
 
         probs = (logits32 - global_max.unsqueeze(-1)).exp_()  # the only (..., width) buffer
         sums = torch.stack((probs.sum(dim=-1), target_logit))  # one collective for both sums
-        _all_reduce(sums, group, dist.ReduceOp.SUM)
+        _all_reduce(sums, shard, dist.ReduceOp.SUM)
         sum_exp, target_logit = sums.unbind(0)
 
         ignored = targets == ignore_index
@@ -80,13 +84,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         probs, safe_targets, in_shard, ignored = ctx.saved_tensors
         # In place on the saved softmax: a second backward through this graph
         # fails autograd's version check instead of returning wrong gradients.
         grad = probs.scatter_add_(-1, safe_targets, -in_shard.unsqueeze(-1).to(probs.dtype))
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -108,7 +112,7 @@ def vocab_parallel_cross_entropy(
             f"logits {tuple(local_logits.shape)} and targets {tuple(targets.shape)} disagree; "
             "targets must have the logits' shape without the vocabulary dim"
         )
-    return _VocabParallelCrossEntropy.apply(local_logits, targets, shard.start, shard.group, ignore_index)
+    return _VocabParallelCrossEntropy.apply(local_logits, targets, shard, ignore_index)
 
 
 def gather_vocab_logits(local_logits: torch.Tensor) -> torch.Tensor:
@@ -124,4 +128,4 @@ def gather_vocab_logits(local_logits: torch.Tensor) -> torch.Tensor:
     _, size = tp_rank_and_size(shard.group)
     width = -(-shard.full_size // size)
     padded = F.pad(local_logits, (0, width - local_logits.shape[-1]))
-    return gather_sequence_no_reduce(padded, shard.group, dim=-1)[..., : shard.full_size]
+    return gather_sequence_no_reduce(padded, shard.group, dim=-1, counter=shard.counter)[..., : shard.full_size]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.distributed.comm import CommCounter
 from plait.tensor._shard import local_partition, mark_partial, mark_sharded, new_parameter, shard_segments
 from plait.tensor.comm import (
     ProcessGroup,
@@ -70,6 +71,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = weight
         _set_bias(self, bias)
         self.group = group
+        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
         self.entry = entry or SharedEntry()
         self.sequence_parallel = sequence_parallel
         self.gather_output = gather_output
@@ -103,13 +105,13 @@ class ColumnParallelLinear(nn.Module):
         return cls(weight, bias, group=group, local_partition=segments, entry=entry, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel)
+        x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel, counter=self.counter)
         out = _project(x, self.weight, self.bias, transposed=self.transposed)
         return self._gather(out) if self.gather_output else out
 
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         _, size = tp_rank_and_size(self.group)
-        gathered = gather_sequence_no_reduce(out, self.group, dim=-1)  # (..., tp * out_local), rank-major
+        gathered = gather_sequence_no_reduce(out, self.group, dim=-1, counter=self.counter)  # (..., tp * out_local)
         if len(self.local_partition) == 1:
             return gathered
         by_rank = gathered.unflatten(-1, (size, self.out_features))
@@ -169,6 +171,7 @@ class RowParallelLinear(nn.Module):
         self.weight = weight
         _set_bias(self, bias)
         self.group = group
+        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
         self.sequence_parallel = sequence_parallel
         self.transposed = transposed
         self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
@@ -190,7 +193,8 @@ class RowParallelLinear(nn.Module):
                 "feed it this rank's features (a ColumnParallelLinear's output with gather_output=False)"
             )
         out = _project(x, self.weight, None, transposed=self.transposed)
-        out = reduce_scatter_sequence(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
+        leave = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
+        out = leave(out, self.group, counter=self.counter)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

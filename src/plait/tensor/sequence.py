@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from plait.distributed.comm import CommCounter
 from plait.distributed.placement import Placement, placement_of, set_placement
 from plait.tensor.comm import ProcessGroup, scatter_sequence
 
@@ -42,7 +43,9 @@ def partial_over_tp(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in params if (record := placement_of(p)) is not None and "tp" in record.partial_grad_axes]
 
 
-def allreduce_partial_grads(params: Iterable[torch.Tensor], *, group: ProcessGroup | None) -> None:
+def allreduce_partial_grads(
+    params: Iterable[torch.Tensor], *, group: ProcessGroup | None, counter: CommCounter | None = None
+) -> None:
     """Sum the gradients of the partial-over-tp parameters among `params` over `group`.
 
     A plain reference (one collective per parameter); a data-parallel strand
@@ -52,7 +55,22 @@ def allreduce_partial_grads(params: Iterable[torch.Tensor], *, group: ProcessGro
         return
     for param in partial_over_tp(params):
         if param.grad is not None:
+            if counter is not None:
+                counter.record("all_reduce", param.grad, group=group, axis="tp")
             dist.all_reduce(param.grad, group=group)
+
+
+class SequenceScatter:
+    """The forward hook `scatter_output_sequence` registers; kept on the module as `sequence_scatter`
+    so the engine can hand it a counter (`counter`) like the parallel layers."""
+
+    def __init__(self, group: ProcessGroup | None, *, dim: int) -> None:
+        self.group = group
+        self.dim = dim
+        self.counter: CommCounter | None = None
+
+    def __call__(self, module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        return scatter_sequence(output, self.group, dim=self.dim, counter=self.counter)
 
 
 def scatter_output_sequence(module: nn.Module, *, group: ProcessGroup | None, dim: int = 1) -> RemovableHandle:
@@ -65,8 +83,5 @@ def scatter_output_sequence(module: nn.Module, *, group: ProcessGroup | None, di
     gradients are complete, not partial. `dim` is the sequence dim of the
     module's output: 0 for a (seq, dim) position embedding.
     """
-
-    def keep_own_chunk(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
-        return scatter_sequence(output, group, dim=dim)
-
-    return module.register_forward_hook(keep_own_chunk)
+    module.sequence_scatter = SequenceScatter(group, dim=dim)
+    return module.register_forward_hook(module.sequence_scatter)

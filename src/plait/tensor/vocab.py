@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.distributed.comm import CommCounter
 from plait.tensor._shard import mark_sharded, new_parameter, padded_rows, rows_per_rank
 from plait.tensor.comm import (
     ProcessGroup,
@@ -68,6 +69,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = weight  # (ceil(vocab / tp), dim), zero rows past the vocabulary
         self.group = group
+        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
         self.num_embeddings = num_embeddings
         self.embedding_dim = weight.shape[1]
         self.sequence_parallel = sequence_parallel
@@ -98,7 +100,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local_ids < 0) | (local_ids >= self.range.num_local)
         out = F.embedding(local_ids.masked_fill(outside, 0), self.weight, self.local_padding_idx)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # (batch, seq, dim), partial over tp
-        return reduce_scatter_sequence(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
+        leave = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
+        return leave(out, self.group, counter=self.counter)
 
     def extra_repr(self) -> str:
         return (
@@ -132,9 +135,15 @@ class VocabParallelHead(nn.Module):
         else:
             self.bias = bias
         self.group = group
+        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
         self.sequence_parallel = sequence_parallel
         self.range = _VocabRange(group, rows=weight.shape[0], vocab_size=vocab_size)
-        self.shard = VocabShard(group=group, start=self.range.start, full_size=vocab_size)
+        self.vocab_size = vocab_size
+
+    @property
+    def shard(self) -> VocabShard:
+        """Where this rank's logits sit in the vocabulary (and the counter the loss's collectives report to)."""
+        return VocabShard(group=self.group, start=self.range.start, full_size=self.vocab_size, counter=self.counter)
 
     @classmethod
     def from_dense(
@@ -171,7 +180,8 @@ class VocabParallelHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        enter = gather_sequence if self.sequence_parallel else copy_to_tp
+        x = enter(x, self.group, counter=self.counter)
         num_local = self.range.num_local
         bias = None if self.bias is None else self.bias[:num_local]
         logits = F.linear(x, self.weight[:num_local], bias)  # (batch, seq, num_local)

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from plait.train.metrics import COMM_COLUMNS
+
 DEFAULT_COLUMNS: tuple[str, ...] = (
     "step",
     "loss",
@@ -18,7 +20,7 @@ DEFAULT_COLUMNS: tuple[str, ...] = (
     "state_bytes",
     "peak_rss",
     "step_s",
-    "comm_bytes",
+    *COMM_COLUMNS,
 )
 
 
@@ -153,6 +155,17 @@ _FORMATS: tuple[tuple[str, Any], ...] = (
     ("peak_rss", lambda v: f"rss {format_bytes(v)}"),
     ("comm_bytes", lambda v: f"comm {format_bytes(v)}/step"),
 )
+_COMM_PARTS = tuple(column for column in COMM_COLUMNS if column != "comm_bytes")
+
+
+def _comm_breakdown(values: Mapping[str, float | None]) -> str:
+    """' (dp 1.2 MB, tp 3.4 MB, intra 4.6 MB)': the axes and links that moved bytes."""
+    parts = [
+        f"{key.removeprefix('comm_').removesuffix('_bytes')} {format_bytes(float(value))}"
+        for key in _COMM_PARTS
+        if (value := values.get(key))
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def format_metrics_line(step: int, total_steps: int, values: Mapping[str, float | None]) -> str:
@@ -160,10 +173,12 @@ def format_metrics_line(step: int, total_steps: int, values: Mapping[str, float 
 
     >>> format_metrics_line(40, 300, {"loss": 5.1234, "lr": 3e-4, "mfu": 0.123})
     'step 40/300 | loss 5.123 | lr 3.0e-04 | MFU 12.3%'
+    >>> format_metrics_line(1, 2, {"comm_bytes": 3e6, "comm_dp_bytes": 1e6, "comm_tp_bytes": 2e6, "comm_intra_bytes": 3e6})
+    'step 1/2 | comm 3.0 MB/step (dp 1.0 MB, tp 2.0 MB, intra 3.0 MB)'
     """
     parts = [f"step {step}/{total_steps}"]
     for key, render in _FORMATS:
         value = values.get(key)
         if value is not None:
-            parts.append(render(float(value)))
+            parts.append(render(float(value)) + (_comm_breakdown(values) if key == "comm_bytes" else ""))
     return " | ".join(parts)

@@ -101,7 +101,7 @@ class Run:
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": result.grad_norm.item(),
             "step_s": seconds,
-            "comm_bytes": float(self.engine.comm.total_bytes),
+            **metrics.comm_metrics(self.engine.comm),  # bytes sent this step: total, per axis, per link
         }
 
     def add_slow_metrics(self, values: dict[str, Any]) -> None:

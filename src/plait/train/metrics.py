@@ -1,6 +1,6 @@
 """Every measured quantity in plait, each computed here and only here, formula in the docstring.
 
-Throughput, model FLOPs, MFU, bytes of model state and resident memory.
+Throughput, model FLOPs, MFU, bytes of model state, resident memory and bytes communicated.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from plait.distributed.comm import AXIS_LABELS, LINKS, CommCounter
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s.
 # Variants come before their family name so the first substring match wins.
@@ -296,3 +298,27 @@ def peak_live_tensor_bytes(run: Callable[[], object]) -> dict[str, int]:
         current += size
         highest = max(highest, current)
     return {"start": start, "peak": start + highest}
+
+
+COMM_COLUMNS: tuple[str, ...] = tuple(  # `host` is both an axis label and a link: one column
+    dict.fromkeys(["comm_bytes", *(f"comm_{label}_bytes" for label in (*AXIS_LABELS, *LINKS))])
+)
+
+
+def comm_metrics(counter: CommCounter) -> dict[str, float]:
+    """Bytes this rank sent since `counter.reset()` (call it before each step), one key per column.
+
+    comm_bytes        = sum over every collective and message of the bytes this rank sent
+    comm_<axis>_bytes = that sum over the calls on one mesh axis (dp, tp, pp, cp, ep; `world` for
+                        a group that spans several, e.g. clipping's norm under tp x pp)
+    comm_<link>_bytes = that sum over the calls inside one node (intra) or between nodes (inter)
+    comm_host_bytes   = bytes copied between this rank's device and host or disk (offload)
+
+    Each call's bytes follow the table in `plait.distributed.comm` (ring all-reduce 2(N-1)/N x B,
+    all-gather and reduce-scatter (N-1)/N x B, a point-to-point message B).
+    """
+    by_axis, by_link = counter.sent_by_axis, counter.sent_by_link
+    values = {"comm_bytes": counter.sent_bytes}
+    values |= {f"comm_{axis}_bytes": by_axis.get(axis, 0.0) for axis in AXIS_LABELS}
+    values |= {f"comm_{link}_bytes": by_link.get(link, 0.0) for link in LINKS}
+    return values

@@ -115,7 +115,7 @@ class FlatUnit:
             if shard.data_ptr() != self.full.data_ptr():
                 self.full.copy_(shard)
             return None
-        self.config.counter.add("all_gather", self.full)
+        self.config.counter.record("all_gather", self.full, group=self.config.group)
         return dist.all_gather_into_tensor(self.full, shard, group=self.config.group, async_op=True)
 
     def publish_step(self) -> dist.Work | None:
@@ -154,11 +154,11 @@ class FlatUnit:
         if config.group is None:
             return PendingReduce(handle=None, source=source, result=source)
         if config.use_all_reduce:
-            config.counter.add("all_reduce", source, factor=2)
+            config.counter.record("all_reduce", source, group=config.group)
             handle = dist.all_reduce(source, group=config.group, async_op=True)
             return PendingReduce(handle=handle, source=source, result=source)
         result = torch.empty(self.layout.shard_size, dtype=source.dtype, device=source.device)
-        config.counter.add("reduce_scatter", source)
+        config.counter.record("reduce_scatter", source, group=config.group)
         handle = dist.reduce_scatter_tensor(result, source, group=config.group, async_op=True)
         return PendingReduce(handle=handle, source=source, result=result)
 
