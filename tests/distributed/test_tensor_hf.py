@@ -1,4 +1,6 @@
-"""Tensor parallel (tp=2) on Hugging Face models against one plain process: Llama, GPT-2, MiniLM (BERT)."""
+"""Tensor parallel (tp=2) on Hugging Face models against one plain process: Llama, GPT-2, MiniLM (BERT,
+also under sequence parallel, with a padded sequence), sharded loading. Every registry family:
+test_hf_tp_families.py."""
 
 from __future__ import annotations
 
@@ -53,8 +55,11 @@ def causal_batches() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": tokens[s], "labels": labels[s]} for s in range(STEPS)]
 
 
-def train_tp(model: torch.nn.Module, batches: list, loss_fn) -> tuple[list[float], dict[str, torch.Tensor]]:
-    engine = plait.boost(model, optimizer=optimizer, loss_fn=loss_fn, plan=plait.Plan(dp=1, tp=2))
+def train_tp(
+    model: torch.nn.Module, batches: list, loss_fn, *, sequence_parallel: bool = False
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    plan = plait.Plan(dp=1, tp=2, sequence_parallel=sequence_parallel)
+    engine = plait.boost(model, optimizer=optimizer, loss_fn=loss_fn, plan=plan)
     assert engine.tensor_parallel
     losses = [engine.train_step(batch).loss.item() for batch in batches]
     return losses, engine.model_state_dict()
@@ -66,17 +71,19 @@ def causal_ranks(rank: int, world_size: int, name: str, checkpoint: str) -> dict
     batch = causal_batches()[0]
     out, ref = model(**batch), reference(**batch)
     loaded = load_pretrained_tp(type(model), checkpoint, group=dist.group.WORLD)
-    with pytest.raises(ValueError, match="sequence parallel is not available"):
+    with pytest.raises(ValueError, match=r"already tensor-parallel with sequence_parallel=False, but the plan asks"):
         plait.boost(
-            build_causal(name),
+            load_pretrained_tp(type(model), checkpoint, group=dist.group.WORLD),
             optimizer=optimizer,
             loss_fn=plait.losses.causal_lm,
             plan=plait.Plan(dp=1, tp=2, sequence_parallel=True),
         )
+    loaded_sp = load_pretrained_tp(type(model), checkpoint, group=dist.group.WORLD, sequence_parallel=True)
     return {
         "logits": (gather_vocab_logits(out.logits), ref.logits),
         "hf_loss": (out.loss, ref.loss),  # HF's own loss, from the sharded logits
         "loaded": (gather_vocab_logits(loaded(**batch).logits), ref.logits),
+        "loaded_sp": (gather_vocab_logits(loaded_sp(**batch).logits), ref.logits),
         "train": train_tp(build_causal(name), causal_batches(), plait.losses.causal_lm),
     }
 
@@ -95,7 +102,7 @@ def test_causal_lm_tp2_matches_one_process(name: str, tmp_path: Path) -> None:
     reference = build_causal(name)
     ref_losses = train_reference(reference, causal_batches(), optimizer=optimizer, loss_fn=plait.losses.causal_lm)
     for result in results:
-        assert_pairs_close(result, ("logits", "hf_loss", "loaded"))
+        assert_pairs_close(result, ("logits", "hf_loss", "loaded", "loaded_sp"))
     assert_parity([r["train"] for r in results], (ref_losses, reference.state_dict()))
 
 
@@ -126,20 +133,21 @@ def mse_to_target(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.mse_loss(hidden, target)
 
 
-def minilm_ranks(rank: int, world_size: int) -> dict:
+def minilm_ranks(rank: int, world_size: int, sequence_parallel: bool) -> dict:
     model, reference = load_minilm(), load_minilm()
-    apply_hf_tensor_parallel(model, group=dist.group.WORLD)
+    apply_hf_tensor_parallel(model, group=dist.group.WORLD, sequence_parallel=sequence_parallel)
     batch = minilm_batches()[0]
     return {
         "hidden": (model(**batch).last_hidden_state, reference(**batch).last_hidden_state),
-        "train": train_tp(load_minilm(), minilm_batches(), mse_to_target),
+        "train": train_tp(load_minilm(), minilm_batches(), mse_to_target, sequence_parallel=sequence_parallel),
     }
 
 
 @pytest.mark.timeout(300)
-def test_minilm_tp2_matches_one_process() -> None:
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_minilm_tp2_matches_one_process(sequence_parallel: bool) -> None:
     minilm_dir()  # skip before forking when the checkpoint's package is missing
-    results = run_ranks(minilm_ranks, 2, timeout_s=270)
+    results = run_ranks(minilm_ranks, 2, sequence_parallel, timeout_s=270)
     reference = load_minilm()
     ref_losses = train_reference(reference, minilm_batches(), optimizer=optimizer, loss_fn=mse_to_target)
     for result in results:

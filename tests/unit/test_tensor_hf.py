@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.testing import assert_close
 
+from tests.hf_models import TINY, tiny_config
+
 transformers = pytest.importorskip("transformers")
 
 from plait.distributed.placement import Placement  # noqa: E402
@@ -18,6 +20,7 @@ from plait.tensor import VocabShard, set_vocab_shard  # noqa: E402
 from plait.tensor.apply import Style  # noqa: E402
 from plait.tensor.hf import ReadStats, VocabParallelHFLoss, check_tp, load_pretrained_tp, tp_plan_for  # noqa: E402
 from plait.tensor.hf_load import _read_shard  # noqa: E402
+from plait.tensor.hf_sequence import sequence_parallel_plan  # noqa: E402
 from plait.tensor.state import shard_tp_tensor  # noqa: E402
 
 
@@ -66,7 +69,7 @@ def test_llama_plan_comes_from_its_config() -> None:
     assert tp_plan_for(model) == LLAMA_PLAN
 
 
-def test_gpt2_plan_comes_from_its_layer_names() -> None:
+def test_gpt2_plan_comes_from_the_registry() -> None:
     assert tp_plan_for(meta(tiny_gpt2)) == {
         "transformer.wte": "vocab_embed",
         "transformer.h.*.attn.c_attn": Style("colwise", partition=(64, 64, 64)),
@@ -78,7 +81,7 @@ def test_gpt2_plan_comes_from_its_layer_names() -> None:
     }
 
 
-def test_bert_plan_comes_from_its_layer_names() -> None:
+def test_bert_plan_comes_from_the_registry() -> None:
     assert tp_plan_for(minilm_on_meta()) == {
         "embeddings.word_embeddings": "vocab_embed",
         "encoder.layer.*.attention.self.query": "colwise",
@@ -89,6 +92,67 @@ def test_bert_plan_comes_from_its_layer_names() -> None:
         "encoder.layer.*.output.dense": "rowwise",
         "encoder.layer.*.attention.self": "heads",
     }
+
+
+def tiny_meta(family: str) -> nn.Module:
+    """tests/hf_models' tiny `family` model, on the meta device."""
+    return meta(getattr(transformers, TINY[family][1]), tiny_config(family))
+
+
+def test_phi3_fused_projections_split_segment_by_segment() -> None:
+    # HF's colwise_gather_output -> rowwise_split_input pairs are colwise -> rowwise; qkv_proj is [q; k; v]
+    # sized by the config (4 heads, 2 KV heads, head_dim 8), gate_up_proj two halves.
+    plan = tp_plan_for(tiny_meta("phi3"))
+    assert plan["model.layers.*.self_attn.qkv_proj"] == Style("colwise", partition=(32, 16, 16))
+    assert plan["model.layers.*.mlp.gate_up_proj"] == Style("colwise", partition=(64, 64))
+    assert plan["model.layers.*.self_attn.o_proj"] == plan["model.layers.*.mlp.down_proj"] == "rowwise"
+    assert plan["model.layers.*.self_attn"] == "heads"
+    model = tiny_meta("phi3")
+    model.tp_plan = {"model.layers.*.mlp.gate_up_proj": "colwise_gather_output"}  # no split-input partner
+    assert tp_plan_for(model)["model.layers.*.mlp.gate_up_proj"] == "replicate"  # whole: computes the same
+
+
+def test_plans_without_a_config_plan_come_from_the_registry() -> None:
+    qwen3 = tiny_meta("qwen3")
+    from_config = tp_plan_for(qwen3)
+    assert from_config["model.layers.*.self_attn.q_norm"] == "partial_grad"  # replicated_with_grad_allreduce
+    qwen3.tp_plan, qwen3.config.base_model_tp_plan = None, None
+    assert tp_plan_for(qwen3) == from_config
+    phi3 = tiny_meta("phi3")
+    from_config = tp_plan_for(phi3)
+    phi3.tp_plan, phi3.config.base_model_tp_plan = None, None
+    assert tp_plan_for(phi3) == from_config
+    assert tp_plan_for(tiny_meta("opt")) == {
+        "model.decoder.embed_tokens": "vocab_embed",
+        "model.decoder.layers.*.self_attn.q_proj": "colwise",
+        "model.decoder.layers.*.self_attn.k_proj": "colwise",
+        "model.decoder.layers.*.self_attn.v_proj": "colwise",
+        "model.decoder.layers.*.self_attn.out_proj": "rowwise",
+        "model.decoder.layers.*.fc1": "colwise",
+        "model.decoder.layers.*.fc2": "rowwise",
+        "model.decoder.layers.*.self_attn": "heads",
+        "lm_head": "vocab_head",
+    }
+    falcon = tp_plan_for(tiny_meta("falcon"))
+    assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise"  # contiguous: whole KV groups
+    assert falcon["transformer.h.*.self_attention"] == "heads"
+
+
+def test_sequence_parallel_plan_keeps_the_model_forward_on_the_whole_sequence() -> None:
+    model = tiny_meta("qwen3")
+    plan = sequence_parallel_plan(model, tp_plan_for(model))
+    assert plan["model.embed_tokens"] == Style("vocab_embed", sequence_input="whole")
+    assert plan["lm_head"] == Style("vocab_head", sequence_input="whole")
+    assert plan["model.layers.*.self_attn"] == Style("heads", sequence_input="gather")
+    assert plan["model.layers.*.self_attn.q_proj"] == Style("colwise", sequence_input="gathered")
+    assert plan["model.layers.*.mlp.gate_proj"] == Style("colwise")  # gathers the chunks itself
+    assert plan["model.layers.*.self_attn.q_norm"] == Style("partial_grad")
+    assert plan["model.layers.*.input_layernorm"] == plan["model.layers.*.post_attention_layernorm"] == "sequence_norm"
+    assert "model.norm" not in plan  # after the layer stack: whole sequence, whole gradient
+    gpt2 = meta(tiny_gpt2)
+    plan = sequence_parallel_plan(gpt2, tp_plan_for(gpt2))
+    assert plan["transformer.h.*.ln_1"] == plan["transformer.h.*.ln_2"] == "sequence_norm"
+    assert plan["transformer.h.*.attn.c_attn"] == Style("colwise", (64, 64, 64), sequence_input="gathered")
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -126,10 +190,13 @@ def test_hf_styles_are_translated_or_refused() -> None:
         tp_plan_for(model)
 
 
-def test_unrecognised_model_asks_for_a_plan_table() -> None:
+def test_unrecognised_model_asks_for_a_registry_entry_or_a_plan_table() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(ValueError, match=r"recognises none of its layer names; pass a plan table: \{pattern: style\}"):
+    with pytest.raises(ValueError, match=r"registry has no entry None .*; add Architecture\(None, .*pass a plan table"):
         tp_plan_for(model)
+    mamba = meta(transformers.MambaForCausalLM, transformers.MambaConfig(hidden_size=16, num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"has no tensor-parallel plan: its config has no base_model_tp_plan and "):
+        tp_plan_for(mamba)
     with pytest.raises(ValueError, match="pass a plan table"):
         check_tp(model, 2)
     check_tp(model, 1)  # nothing to split

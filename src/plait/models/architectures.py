@@ -105,8 +105,25 @@ _LLAMA_STYLES = MappingProxyType(
     }
 )
 
+# Tensor-parallel styles when a config carries no base_model_tp_plan; names as in Hugging Face's plans.
+_QWEN3_STYLES = MappingProxyType(
+    {
+        **_LLAMA_STYLES,
+        "self_attn.q_norm": "replicated_with_grad_allreduce",  # per-head norms: each rank sees its own heads
+        "self_attn.k_norm": "replicated_with_grad_allreduce",
+    }
+)
+_PHI3_STYLES = MappingProxyType(
+    {
+        "self_attn.qkv_proj": "colwise",  # fused [q; k; v], split segment by segment
+        "self_attn.o_proj": "rowwise",
+        "mlp.gate_up_proj": "colwise",  # fused [gate; up]
+        "mlp.down_proj": "rowwise",
+    }
+)
 
-def _llama_like(name: str) -> Architecture:
+
+def _llama_like(name: str, tp_styles: Mapping[str, str] = _LLAMA_STYLES) -> Architecture:
     return Architecture(
         name,
         layers="layers",
@@ -114,7 +131,7 @@ def _llama_like(name: str) -> Architecture:
         norm="norm",
         rotary="rotary_emb",
         attention="self_attn",
-        tp_styles=_LLAMA_STYLES,
+        tp_styles=tp_styles,
     )
 
 
@@ -128,7 +145,9 @@ _ENTRIES = (
         after_embed=("drop",),
         attention="attn",
     ),
-    *(_llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")),
+    *(_llama_like(name) for name in ("llama", "mistral", "qwen2", "gemma")),
+    _llama_like("qwen3", _QWEN3_STYLES),
+    _llama_like("phi3", _PHI3_STYLES),
     Architecture(
         "gemma2",
         layers="layers",

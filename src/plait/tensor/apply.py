@@ -6,7 +6,14 @@
 Styles swap a dense submodule for its parallel twin (keeping its name, so
 parameter names and checkpoints are unchanged), divide an attention module's
 head counts by tp ("heads"), or mark a norm's parameters as sequence
-parallel ("sequence_norm"). The first matching pattern wins.
+parallel ("sequence_norm") or any replicated parameters as getting partial
+gradients ("partial_grad": Qwen3's per-head q_norm sees only this rank's
+heads). The first matching pattern wins.
+
+Under sequence parallel a style's `sequence_input` says where a module stands
+relative to the sequence-parallel region (plait's own layers need none; a
+Hugging Face model runs its embeddings, head and attention on the whole
+sequence, see plait.tensor.hf_sequence).
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from plait.distributed.comm import CommCounter
-from plait.tensor.comm import SharedEntry
+from plait.tensor.comm import ProcessGroup, SharedEntry, gather_sequence
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
 from plait.tensor.sequence import SequenceScatter, mark_sequence_parallel, scatter_output_sequence
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
@@ -42,9 +51,36 @@ class Style:
 
     kind: str
     partition: tuple[int, ...] | None = None
+    sequence_input: str | None = None  # one of SEQUENCE_INPUTS: matters only under sequence parallel
 
 
-KINDS = ("colwise", "rowwise", "vocab_embed", "vocab_head", "heads", "sequence_norm", "sequence_scatter", "replicate")
+KINDS = (
+    "colwise",
+    "rowwise",
+    "vocab_embed",
+    "vocab_head",
+    "heads",
+    "sequence_norm",
+    "sequence_scatter",
+    "partial_grad",
+    "replicate",
+)
+# Under sequence parallel, what a module's input is:
+#   None        this rank's sequence chunk (column layers gather it themselves; plait's layers)
+#   "whole"     the whole sequence, the same on every rank: the module is built as without sequence
+#               parallel (a Hugging Face embedding or head, outside the chunked layer stack)
+#   "gather"    "heads" only: the module's forward reads the sequence length from its hidden states
+#               (Hugging Face attention), so they are all-gathered on entry (reduce-scattered backward)
+#   "gathered"  "colwise" only: a layer inside a "gather" module, whose input is already whole and in
+#               the tensor-parallel region: no second gather, no all-reduce of its input gradient
+SEQUENCE_INPUTS = (None, "whole", "gather", "gathered")
+
+
+class GatheredEntry(SharedEntry):
+    """The entry of column layers inside a module that gathered the whole sequence itself."""
+
+    def enter(self, x: torch.Tensor, group: ProcessGroup | None, **_: Any) -> torch.Tensor:
+        return x
 
 
 @dataclass(frozen=True)
@@ -60,7 +96,14 @@ def _as_style(style: str | Style) -> Style:
     style = Style(style) if isinstance(style, str) else style
     if style.kind not in KINDS:
         raise ValueError(f"unknown tensor-parallel style {style.kind!r}; choose one of {', '.join(KINDS)}")
+    if style.sequence_input not in SEQUENCE_INPUTS:
+        raise ValueError(f"unknown sequence_input {style.sequence_input!r} in {style}; choose one of {SEQUENCE_INPUTS}")
     return style
+
+
+def _chunked(style: Style, ctx: Context) -> bool:
+    """Whether the module's input is this rank's sequence chunk."""
+    return ctx.sequence_parallel and style.sequence_input is None
 
 
 def _colwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
@@ -68,19 +111,21 @@ def _colwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Mod
         module,
         group=ctx.group,
         name=name,
-        sequence_parallel=ctx.sequence_parallel,
+        sequence_parallel=_chunked(style, ctx),
         partition=style.partition,
-        entry=ctx.entry,
+        entry=GatheredEntry() if ctx.sequence_parallel and style.sequence_input == "gathered" else ctx.entry,
     )
 
 
 def _rowwise(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
-    return RowParallelLinear.from_dense(module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel)
+    # A row layer ends the tp region: under sequence parallel its output is a chunk unless it is "whole".
+    sequence_parallel = ctx.sequence_parallel and style.sequence_input != "whole"
+    return RowParallelLinear.from_dense(module, group=ctx.group, name=name, sequence_parallel=sequence_parallel)
 
 
 def _vocab_embed(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
     parallel = VocabParallelEmbedding.from_dense(
-        module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel
+        module, group=ctx.group, name=name, sequence_parallel=_chunked(style, ctx)
     )
     ctx.embeddings[id(module.weight)] = parallel
     return parallel
@@ -93,6 +138,50 @@ def _heads(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Modul
             if value % ctx.tp:
                 raise ValueError(f"{name}.{attr}={value} is not divisible by tp={ctx.tp}; pick a tp that divides it")
             setattr(module, attr, value // ctx.tp)
+    if ctx.sequence_parallel and style.sequence_input == "gather":
+        HiddenStatesHook(gather_sequence, group=ctx.group, name=name).register(module, on_input=True)
+    return module
+
+
+class HiddenStatesHook:
+    """Passes a module's hidden states through a sequence collective (`op(hidden, group, dim, counter=)`,
+    sequence dim -2): on its input (the first positional argument or `hidden_states=`) or its output
+    (the output, or its first element). Listed on the module's `hidden_states_hooks`, so the engine can
+    hand it a counter (`counter`) like the parallel layers."""
+
+    def __init__(self, op: Callable[..., torch.Tensor], *, group: ProcessGroup | None, name: str) -> None:
+        self.op = op
+        self.group = group
+        self.name = name
+        self.counter: CommCounter | None = None
+
+    def register(self, module: nn.Module, *, on_input: bool) -> None:
+        module.hidden_states_hooks = [*getattr(module, "hidden_states_hooks", ()), self]
+        if on_input:
+            module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        else:
+            module.register_forward_hook(self._on_output)
+
+    def _change(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.op(hidden, self.group, -2, counter=self.counter)
+
+    def _on_input(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if args:
+            return (self._change(args[0]), *args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise ValueError(
+                f"{self.name} was called without hidden states (no positional argument, no hidden_states=)"
+            )
+        return args, {**kwargs, "hidden_states": self._change(kwargs["hidden_states"])}
+
+    def _on_output(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return self._change(output)
+        return (self._change(output[0]), *output[1:])  # (hidden, attention weights, ...)
+
+
+def _partial_grad(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
+    mark_sequence_parallel(module, name_prefix=name)  # the same record: summed over tp before the step
     return module
 
 
@@ -116,6 +205,7 @@ BUILDERS: dict[str, Callable[[nn.Module, str, Style, Context], nn.Module]] = {
     "heads": _heads,
     "sequence_norm": _sequence_norm,
     "sequence_scatter": _sequence_scatter,
+    "partial_grad": _partial_grad,
     "replicate": lambda module, name, style, ctx: module,
 }
 
@@ -133,12 +223,13 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _apply_head(model: nn.Module, name: str, module: nn.Module, ctx: Context) -> nn.Module:
+def _apply_head(model: nn.Module, name: str, module: nn.Module, style: Style, ctx: Context) -> nn.Module:
     """The LM head: tied to the (already parallel) embedding when it shares its weight."""
     tied = ctx.embeddings.get(id(module.weight))
+    sequence_parallel = _chunked(style, ctx)
     if tied is not None:
-        return VocabParallelHead.tied_to(tied, sequence_parallel=ctx.sequence_parallel)
-    return VocabParallelHead.from_dense(module, group=ctx.group, name=name, sequence_parallel=ctx.sequence_parallel)
+        return VocabParallelHead.tied_to(tied, sequence_parallel=sequence_parallel)
+    return VocabParallelHead.from_dense(module, group=ctx.group, name=name, sequence_parallel=sequence_parallel)
 
 
 def apply_tensor_parallel(
@@ -159,7 +250,7 @@ def apply_tensor_parallel(
         if style is None:
             continue
         new = (
-            _apply_head(model, name, module, ctx)
+            _apply_head(model, name, module, style, ctx)
             if style.kind == "vocab_head"
             else BUILDERS[style.kind](module, name, style, ctx)
         )
@@ -183,6 +274,7 @@ def count_collectives(model: nn.Module, counter: CommCounter | None) -> int:
     modules += [
         hook for m in model.modules() if isinstance(hook := getattr(m, "sequence_scatter", None), SequenceScatter)
     ]
+    modules += [hook for m in model.modules() for hook in getattr(m, "hidden_states_hooks", ())]
     for module in modules:
         module.counter = counter
     return len(modules)

@@ -6,9 +6,12 @@
     # or straight from a checkpoint, each rank reading only its own slices:
     model = load_pretrained_tp(transformers.AutoModel, "path/to/checkpoint", group=tp_group)
 
-The plan comes from `tp_plan_for(model)` (the config's `base_model_tp_plan`, else recognised layer
-names). Sequence parallel is not offered for HF models: their forward builds position ids, rotary
-tables and attention masks from the sequence length it sees, which would be the local chunk.
+The plan comes from `tp_plan_for(model)` (the config's `base_model_tp_plan`, else the `tp_styles` of
+the model's entry in plait's architecture registry). Attention modules get their head counts divided
+by tp, and what else they read per head follows (`plait.tensor.hf_attention`: a per-rank config copy
+for Phi3, this rank's heads of Falcon's alibi bias).
+Sequence parallel brackets the layer stack (see `plait.tensor.hf_sequence`): the model's own forward
+keeps deriving positions and masks from the whole sequence.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from torch import nn
 from plait.tensor.apply import HEAD_ATTRIBUTES, Style, _as_style, apply_tensor_parallel
 from plait.tensor.comm import tp_rank_and_size
 from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
+from plait.tensor.hf_attention import shrink_attention_configs, slice_head_biases
 from plait.tensor.hf_load import ReadStats, build_on_meta, checkpoint_files, materialize
 from plait.tensor.hf_plans import input_features, output_features, tp_plan_for
+from plait.tensor.hf_sequence import bracket_layers, sequence_parallel_plan
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
 
@@ -46,21 +51,25 @@ def apply_hf_tensor_parallel(
     Checks divisibility before touching anything. A model that is already parallel over a group of the
     same size and rank (from `load_pretrained_tp`) is left as it is. Also gives the model a
     vocab-parallel `loss_function`, so the loss HF computes itself when the batch carries `labels`
-    stays right with sharded logits.
+    stays right with sharded logits. Under `sequence_parallel` the sequence length must divide by tp.
     """
     if group is None:
         return []
-    if sequence_parallel:
-        raise ValueError(
-            "sequence parallel is not available for Hugging Face models (their forward builds positions and "
-            "attention masks from the sequence length, which would be the local chunk); set plan.sequence_parallel=False"
-        )
-    done = _already_parallel(model, group)
+    done = _already_parallel(model, group, sequence_parallel=sequence_parallel)
     if done:
         return done
+    tp = dist.get_world_size(group)
     plan = tp_plan_for(model)
-    check_tp(model, dist.get_world_size(group), plan=plan)
-    changed = apply_tensor_parallel(model, plan, group=group, sequence_parallel=False)
+    check_tp(model, tp, plan=plan)
+    if sequence_parallel:
+        plan = sequence_parallel_plan(model, plan)
+    changed = apply_tensor_parallel(model, plan, group=group, sequence_parallel=sequence_parallel)
+    if sequence_parallel:
+        bracket_layers(model, group=group)
+    shrink_attention_configs(model, plan, tp=tp)
+    config = getattr(model, "config", None)
+    if getattr(config, "alibi", False) is True:  # Falcon's per-head position bias, built for all heads
+        slice_head_biases(model, plan, group=group, num_heads=config.num_attention_heads)
     _use_vocab_parallel_loss(model)
     return changed
 
@@ -105,6 +114,7 @@ def check_tp(
 CONFIG_SIZES = (
     ("attention heads", "num_attention_heads"),
     ("KV heads", "num_key_value_heads"),
+    ("KV heads", "num_kv_heads"),  # Falcon's name
     ("hidden size", "hidden_size"),
     ("intermediate size", "intermediate_size"),
     ("intermediate size", "n_inner"),  # GPT-2's name; None means 4 x hidden, checked through the plan
@@ -159,6 +169,7 @@ def load_pretrained_tp(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     stats: ReadStats | None = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """An HF model from a safetensors checkpoint, split over `group`, without the full model on any rank.
 
@@ -166,7 +177,8 @@ def load_pretrained_tp(
     the checkpoint's (pass one to change e.g. dropout). The model is built on the meta device, the
     plan applied there, then every parameter is read as this rank's slice only; buffers are rebuilt
     by the model's own init or read from the file. `stats` (a ReadStats) counts the bytes read.
-    Returns the model in eval mode, as `from_pretrained` does. Call it on every rank of `group`.
+    `sequence_parallel` must match the plan the model will train under. Returns the model in eval
+    mode, as `from_pretrained` does. Call it on every rank of `group`.
 
         model = load_pretrained_tp(AutoModel, "ckpt/", group=mesh.group("tp"))
         engine = plait.boost(model, mesh=mesh, optimizer=..., loss_fn=...)
@@ -179,13 +191,13 @@ def load_pretrained_tp(
     model = build_on_meta(model_cls, config)
     if dtype is not None:
         model.to(dtype)
-    apply_hf_tensor_parallel(model, group=group, sequence_parallel=False)
+    apply_hf_tensor_parallel(model, group=group, sequence_parallel=sequence_parallel)
     rank, size = tp_rank_and_size(group)
     materialize(model, files, rank=rank, size=size, device=torch.device(device), stats=stats or ReadStats())
     return model.eval()
 
 
-def _already_parallel(model: nn.Module, group: dist.ProcessGroup) -> list[str]:
+def _already_parallel(model: nn.Module, group: dist.ProcessGroup, *, sequence_parallel: bool) -> list[str]:
     names = [name for name, module in model.named_modules() if isinstance(module, PARALLEL_MODULES)]
     for name in names:
         held = tp_rank_and_size(model.get_submodule(name).group)
@@ -195,6 +207,13 @@ def _already_parallel(model: nn.Module, group: dist.ProcessGroup) -> list[str]:
                 f"at rank {dist.get_rank(group)} of tp={dist.get_world_size(group)}; load the model with the "
                 "plan's tp group (mesh.group('tp'))"
             )
+    held_sp = any(getattr(module, "hidden_states_hooks", None) for module in model.modules())
+    if names and held_sp != sequence_parallel:
+        raise ValueError(
+            f"the model is already tensor-parallel with sequence_parallel={held_sp}, but the plan asks for "
+            f"sequence_parallel={sequence_parallel}; load it with load_pretrained_tp(..., "
+            f"sequence_parallel={sequence_parallel}), or change plan.sequence_parallel"
+        )
     return names
 
 

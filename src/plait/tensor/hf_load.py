@@ -112,22 +112,20 @@ class _Reader:
         shape = tuple(slice_.get_shape())
         if shape != expected:
             raise ValueError(f"{key}: the checkpoint holds shape {shape} but the model expects {expected}")
-        tensor = (
-            handle.get_tensor(key)
-            if placement is None
-            else _read_shard(slice_, placement, rank=self.rank, size=self.size)
-        )
-        self.stats.add(tensor, sharded=placement is not None)
+        sharded = _tp_dim(placement) is not None  # a partial-gradient record (norms) holds the whole tensor
+        tensor = _read_shard(slice_, placement, rank=self.rank, size=self.size) if sharded else handle.get_tensor(key)
+        self.stats.add(tensor, sharded=sharded)
         return tensor
 
 
-def _tp_dim(placement: Placement) -> int:
-    return next(dim for axis, dim in placement.dim_shards if axis == "tp")
+def _tp_dim(placement: Placement | None) -> int | None:
+    return next((dim for axis, dim in placement.dim_shards if axis == "tp"), None) if placement else None
 
 
 def _read_shard(slice_: Any, placement: Placement, *, rank: int, size: int) -> torch.Tensor:
     """This rank's shard, read range by range (the inverse of state.gather_tp_tensor)."""
     dim = _tp_dim(placement)
+    assert dim is not None, f"{placement.name} is not split over tp"
 
     def rows(start: int, stop: int) -> torch.Tensor:
         return slice_[(slice(None),) * dim + (slice(start, stop),)]

@@ -1,25 +1,33 @@
-"""Tensor-parallel plans for Hugging Face models: from the config's own plan, or from layer names.
+"""Tensor-parallel plans for Hugging Face models: from the config's own plan, or from plait's registry.
 
     plan = tp_plan_for(model)  # {"model.layers.*.self_attn.q_proj": "colwise", ..., "lm_head": "vocab_head"}
     apply_tensor_parallel(model, plan, group=tp_group, sequence_parallel=False)
 
 In order of preference: (a) the model's own HF plan (transformers 5's `model.tp_plan`: the config's
 `base_model_tp_plan` prefixed with the base model's path, or what the user set there; Llama, Mistral,
-Qwen2, ...), translated to plait's styles; (b) a family of layer names plait recognises
-(GPT-2's `attn.c_attn`, BERT's `attention.self.query`, Llama-like `self_attn.q_proj`). Either way the
-attention modules get "heads", the input embeddings "vocab_embed" and the output embeddings
-"vocab_head": plait's LM head never gathers the logits, so HF's `colwise_gather_output` for
-`lm_head` is not used. Only names, shapes and the config are read, so a meta-device model works.
+Qwen2/3, Phi3, Gemma, GPT-NeoX...), translated to plait's styles; (b) the `tp_styles` of the model's
+entry in plait's architecture registry (`plait.models.architectures`: OPT, Falcon, GPT-2, BERT), which
+use the same names. Either way the attention modules get "heads", the input embeddings "vocab_embed"
+and the output embeddings "vocab_head": plait's LM head never gathers the logits, so HF's
+`colwise_gather_output` for `lm_head` is not used. Only names, shapes and the config are read, so a
+meta-device model works.
+
+HF's `colwise_gather_output` followed by `rowwise_split_input` in the same module (Phi3) is plain
+colwise -> rowwise, since plait never gathers a column layer's output; either one alone keeps its
+module whole, which computes the same. Fused projections are split segment by segment: `qkv_proj`
+as [q; k; v] sized by the config's head counts, `gate_up_proj` (and HF's `packed_colwise`) as two
+equal halves, and the registry's `fused_qkv` (GPT-2's `c_attn`) as three equal parts.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 from torch import nn
 
-from plait.tensor.apply import Style
+from plait.models.architectures import ARCHITECTURES, Architecture, find_architecture, model_type_of
+from plait.tensor.apply import KINDS, Style
 
 PlanTable = dict[str, str | Style]
 
@@ -31,72 +39,40 @@ HF_STYLES = {
     "colwise_rep": "replicate",
     "rowwise_rep": "replicate",
     "replicate": "replicate",
+    "replicated_with_grad_allreduce": "partial_grad",  # Qwen3's per-head q_norm/k_norm
     "sequence_parallel": "sequence_norm",
     "embedding_rowwise": "vocab_embed",
 }
-FUSED_QKV = "fused_qkv"  # a fused [q; k; v] projection of three equal segments (GPT-2's c_attn)
+FUSED_QKV = "fused_qkv"  # the registry's name for a fused [q; k; v] projection of three equal segments (GPT-2)
+# colwise / rowwise when both sit in one module (plait never gathers a column output), else whole
+GATHER_PAIR = ("colwise_gather_output", "rowwise_split_input")
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "c_attn", "query_key_value")
-
-
-@dataclass(frozen=True)
-class LayerFamily:
-    """Names inside one repeated layer that identify a model family, and their styles."""
-
-    name: str
-    styles: dict[str, str]  # module name relative to the layer -> style
-    attention: str  # the attention module, relative to the layer: gets "heads"
-
-
-# Order matters inside `styles`: the more specific pattern must come first (fnmatch's * spans dots).
-FAMILIES = (
-    LayerFamily(
-        "gpt2",
-        {"attn.c_attn": FUSED_QKV, "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
-        attention="attn",
-    ),
-    LayerFamily(
-        "bert",
-        {
-            "attention.self.query": "colwise",
-            "attention.self.key": "colwise",
-            "attention.self.value": "colwise",
-            "attention.output.dense": "rowwise",
-            "intermediate.dense": "colwise",
-            "output.dense": "rowwise",
-        },
-        attention="attention.self",
-    ),
-    LayerFamily(
-        "llama",
-        {
-            "self_attn.q_proj": "colwise",
-            "self_attn.k_proj": "colwise",
-            "self_attn.v_proj": "colwise",
-            "self_attn.o_proj": "rowwise",
-            "mlp.gate_proj": "colwise",
-            "mlp.up_proj": "colwise",
-            "mlp.down_proj": "rowwise",
-        },
-        attention="self_attn",
-    ),
-)
 
 
 def tp_plan_for(model: nn.Module) -> PlanTable:
     """The tensor-parallel plan of a Hugging Face model: {module-name pattern: style}.
 
-    Raises ValueError when the config has no plan and no layer family is recognised.
+    Raises ValueError when the model cannot be split (with the reason), or when the config has
+    no plan and plait's architecture registry has no entry with `tp_styles` for it.
     """
-    body = _plan_from_config(model) or _plan_from_layer_names(model)
-    if not body:
-        raise ValueError(
-            f"{type(model).__name__} has no tensor-parallel plan (no config.base_model_tp_plan) and plait recognises "
-            "none of its layer names; pass a plan table: {pattern: style}: on a Hugging Face model set "
-            "model.tp_plan = {'layers.*.attn.q_proj': 'colwise', 'layers.*.attn.o_proj': 'rowwise', ...} (HF's "
-            "styles), on any other model add a tp_plan() method returning plait's styles, or use plan.tp=1"
-        )
+    refusal = tp_refusal(model)
+    if refusal:
+        raise ValueError(refusal)
+    body = _plan_from_config(model) or _plan_from_registry(model)
     embed_plan, head_plan = _embeddings_plan(model)
     return embed_plan | body | head_plan
+
+
+def tp_refusal(model: nn.Module) -> str | None:
+    """Why `model` cannot be tensor-parallel at all (whatever the tp), or None."""
+    config = getattr(model, "config", None)
+    if model_type_of(model) == "falcon" and config.multi_query and not config.new_decoder_architecture:
+        return (
+            "Falcon with multi_query=True has one key/value head shared by every query head, which tensor "
+            "parallel cannot split without replicating K/V on every rank (plait shards query_key_value "
+            "contiguously); use a Falcon with new_decoder_architecture=True or multi_query=False, or plan.tp=1"
+        )
+    return None
 
 
 def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -124,25 +100,111 @@ def _hf_plan(model: nn.Module) -> dict[str, str]:
 def _plan_from_config(model: nn.Module) -> PlanTable:
     names = [name for name, _ in model.named_modules() if name]
     embeddings = {_embedding_name(model, head=False), _embedding_name(model, head=True)}
-    plan: PlanTable = {}
+    raw: dict[str, str] = {}
     for pattern, hf_style in _hf_plan(model).items():
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched or set(matched) <= embeddings:
-            continue  # HF skips optional modules too; the embeddings get plait's vocab styles
-        plan[pattern] = _translate(hf_style, model.get_submodule(matched[0]), name=pattern)
-    return plan | {pattern: "heads" for pattern in _attention_patterns(plan)}
+        if matched and not set(matched) <= embeddings:  # HF skips optional modules too; the embeddings get
+            raw[pattern] = hf_style  # plait's vocab styles
+    plan = _translate_all(model, raw)
+    if not plan:
+        return {}
+    arch = find_architecture(model)
+    attention = [f"{arch.layers}.*.{arch.attention}"] if arch and arch.attention else _attention_patterns(plan)
+    return plan | {pattern: "heads" for pattern in attention}
 
 
-def _translate(hf_style: str, module: nn.Module, *, name: str) -> str | Style:
-    style = HF_STYLES.get(hf_style)
-    if style is None:
-        raise ValueError(
-            f"{name}: Hugging Face's tensor-parallel style {hf_style!r} has no plait equivalent (plait maps "
-            f"{', '.join(sorted(HF_STYLES))}); pass a plan table: {{pattern: style}} as model.tp_plan, or use plan.tp=1"
+def _plan_from_registry(model: nn.Module) -> PlanTable:
+    arch = find_architecture(model)
+    if arch is None or not arch.tp_styles:
+        raise ValueError(_no_plan_message(model, arch))
+    raw = {f"{arch.layers}.*.{rel}": style for rel, style in arch.tp_styles.items()}
+    plan = _translate_all(model, raw)
+    return plan | ({f"{arch.layers}.*.{arch.attention}": "heads"} if arch.attention else {})
+
+
+def _no_plan_message(model: nn.Module, arch: Architecture | None) -> str:
+    model_type = model_type_of(model)
+    if arch is not None:
+        found = f"plait's architecture registry entry {model_type!r} has no tp_styles"
+        fix = f"add tp_styles={{'self_attn.q_proj': 'colwise', ...}} to the {model_type!r} entry"
+    else:
+        found = (
+            f"plait's architecture registry has no entry {model_type!r} for it (it knows "
+            f"{', '.join(sorted(ARCHITECTURES))})"
+            if model_type not in ARCHITECTURES
+            else f"its modules are not laid out as the registry's {model_type!r} entry says"
         )
-    if style == "packed_colwise":
+        fix = (
+            f"add Architecture({model_type!r}, layers=..., embed=..., norm=..., attention=..., "
+            "tp_styles={'self_attn.q_proj': 'colwise', 'self_attn.o_proj': 'rowwise', ...}) to "
+            "plait.models.architectures"
+        )
+    return (
+        f"{type(model).__name__} has no tensor-parallel plan: its config has no base_model_tp_plan and {found}; "
+        f"{fix}, or pass a plan table: {{pattern: style}}: on a Hugging Face model set model.tp_plan = "
+        "{'layers.*.attn.q_proj': 'colwise', 'layers.*.attn.o_proj': 'rowwise', ...} (HF's styles), on any other "
+        "model add a tp_plan() method returning plait's styles, or use plan.tp=1"
+    )
+
+
+def _translate_all(model: nn.Module, raw: Mapping[str, str]) -> PlanTable:
+    """HF (or registry) styles -> plait's, reading the first module each pattern matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    paired = _gather_pairs(raw)
+    plan: PlanTable = {}
+    for pattern, style in raw.items():
+        first = next((name for name in names if fnmatch.fnmatchcase(name, pattern)), None)
+        if first is None:
+            raise ValueError(f"tensor-parallel plan pattern {pattern!r} matches no module of {type(model).__name__}")
+        if style in GATHER_PAIR:
+            style = ("colwise" if style == GATHER_PAIR[0] else "rowwise") if pattern in paired else "replicate"
+        plan[pattern] = _translate(model, style, model.get_submodule(first), name=pattern)
+    return plan
+
+
+def _gather_pairs(raw: Mapping[str, str]) -> set[str]:
+    """Patterns of colwise_gather_output / rowwise_split_input modules that share a parent with the other."""
+    by_parent: dict[str, dict[str, list[str]]] = {}
+    for pattern, style in raw.items():
+        if style in GATHER_PAIR:
+            by_parent.setdefault(pattern.rpartition(".")[0], {}).setdefault(style, []).append(pattern)
+    return {p for styles in by_parent.values() if len(styles) == 2 for patterns in styles.values() for p in patterns}
+
+
+def _translate(model: nn.Module, style: str, module: nn.Module, *, name: str) -> str | Style:
+    if style == FUSED_QKV:
+        return Style("colwise", partition=_equal_segments(module, 3, name=name))
+    kind = HF_STYLES.get(style, style if style in KINDS else None)
+    if kind is None:
+        raise ValueError(
+            f"{name}: Hugging Face's tensor-parallel style {style!r} has no plait equivalent (plait maps "
+            f"{', '.join(sorted([*HF_STYLES, *GATHER_PAIR]))}); pass a plan table: {{pattern: style}} as model.tp_plan, or use plan.tp=1"
+        )
+    if kind == "packed_colwise":
         return Style("colwise", partition=_equal_segments(module, 2, name=name))
-    return style
+    fused = _fused_partition(model, module, name=name) if kind == "colwise" else None
+    return Style("colwise", partition=fused) if fused else kind
+
+
+def _fused_partition(model: nn.Module, module: nn.Module, *, name: str) -> tuple[int, ...] | None:
+    """Segments of a fused projection known by its name: Phi3's [q; k; v] `qkv_proj`, [gate; up] `gate_up_proj`."""
+    leaf = name.rpartition(".")[2]
+    if leaf == "gate_up_proj":
+        return _equal_segments(module, 2, name=name)
+    if leaf != "qkv_proj":
+        return None
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    segments = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim) if heads and head_dim else None
+    if segments is None or sum(segments) != output_features(module):
+        raise ValueError(
+            f"{name}: a fused [q; k; v] projection whose {output_features(module)} outputs do not match the config "
+            f"(num_attention_heads={heads}, num_key_value_heads={kv_heads}, head_dim={head_dim}); pass a plan table "
+            "{pattern: Style('colwise', partition=(q, k, v))} as the model's tp_plan, or use plan.tp=1"
+        )
+    return segments
 
 
 def _attention_patterns(plan: PlanTable) -> list[str]:
@@ -155,26 +217,6 @@ def _attention_patterns(plan: PlanTable) -> list[str]:
         if parent and is_attention and parent not in parents:
             parents.append(parent)
     return parents
-
-
-def _plan_from_layer_names(model: nn.Module) -> PlanTable:
-    plan: PlanTable = {}
-    for list_name, layers in model.named_modules():
-        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            continue
-        inner = {name: module for name, module in layers[0].named_modules()}
-        family = next((f for f in FAMILIES if all(rel in inner for rel in f.styles)), None)
-        if family is None:
-            continue
-        for rel, style in family.styles.items():
-            pattern = _prefixed(list_name, f"*.{rel}")
-            plan[pattern] = (
-                Style("colwise", partition=_equal_segments(inner[rel], 3, name=pattern))
-                if style == FUSED_QKV
-                else style
-            )
-        plan[_prefixed(list_name, f"*.{family.attention}")] = "heads"
-    return plan
 
 
 def _equal_segments(module: nn.Module, count: int, *, name: str) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from plait.tensor._shard import local_partition, mark_partial, mark_sharded, new
 from plait.tensor.comm import (
     ProcessGroup,
     SharedEntry,
+    gather_sequence,
     gather_sequence_no_reduce,
     reduce_from_tp,
     reduce_scatter_sequence,
@@ -52,7 +53,8 @@ class ColumnParallelLinear(nn.Module):
     The output is this rank's features, [seg0_local, seg1_local, ...] when the
     dense output is a concatenation of segments (fused q/k/v, gate/up), unless
     `gather_output` is set. Under sequence parallel the input is this rank's
-    sequence chunk (batch, seq/tp, in) and is all-gathered first.
+    sequence chunk (batch, seq/tp, in), or of tokens (tokens/tp, in), and is
+    all-gathered first.
     """
 
     def __init__(
@@ -105,7 +107,10 @@ class ColumnParallelLinear(nn.Module):
         return cls(weight, bias, group=group, local_partition=segments, entry=entry, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel, counter=self.counter)
+        if self.sequence_parallel and x.dim() == 2:  # (tokens, in): (batch, seq) flattened first (OPT's MLP)
+            x = gather_sequence(x, self.group, dim=0, counter=self.counter)
+        else:
+            x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel, counter=self.counter)
         out = _project(x, self.weight, self.bias, transposed=self.transposed)
         return self._gather(out) if self.gather_output else out
 
@@ -193,8 +198,10 @@ class RowParallelLinear(nn.Module):
                 "feed it this rank's features (a ColumnParallelLinear's output with gather_output=False)"
             )
         out = _project(x, self.weight, None, transposed=self.transposed)
-        leave = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
-        out = leave(out, self.group, counter=self.counter)
+        if self.sequence_parallel:  # the sequence (token) dim is the one before the features
+            out = reduce_scatter_sequence(out, self.group, dim=-2, counter=self.counter)
+        else:
+            out = reduce_from_tp(out, self.group, counter=self.counter)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
