@@ -24,7 +24,11 @@ PLANS = {
     "dp2-zero2-recompute": {"dp": 2, "zero": 2, "recompute": "full"},
 }
 THREE_D = {"dp": 2, "tp": 2, "pp": 2, "microbatches": 2, "pp_schedule": "1f1b", "zero": 1}
-THREE_D_FAMILIES = ("llama", "qwen2", "gpt_neox")
+# Phi3 is left out here: under dp2 x tp2 x pp2 two of its weights (one embedding element, one gate_up element)
+# end 3.4e-6 and 1.7e-6 from one process, where the gradient is float noise that Adam turns into lr-sized
+# steps; its losses agree to 1.1e-7 and test_hf_tp_families checks it under tp (grad norms too) at lr 1e-4.
+THREE_D_FAMILIES = ("llama", "qwen2", "gpt_neox", "opt", "falcon")
+TP_PP_SP = {"dp": 1, "tp": 2, "pp": 2, "microbatches": 2, "sequence_parallel": True}
 
 
 def make_batches() -> list[dict[str, torch.Tensor]]:
@@ -94,6 +98,13 @@ def test_family_under_plan_matches_one_process(family: str, plan: str) -> None:
 @pytest.mark.parametrize("family", THREE_D_FAMILIES)
 def test_family_under_dp_tp_pp_on_8_ranks_matches_one_process(family: str) -> None:
     results = run_ranks(train_family, 8, family, THREE_D, timeout_s=150)
+    assert_parity(results, reference(family))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "opt"])
+def test_sequence_parallel_under_a_pipeline_matches_one_process(family: str) -> None:
+    """Stages after the first receive their chunk of the sequence; masks and rotary span all of it."""
+    results = run_ranks(train_family, 4, family, TP_PP_SP, timeout_s=120)
     assert_parity(results, reference(family))
 
 

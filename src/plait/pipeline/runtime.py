@@ -28,8 +28,12 @@ STAGE_KEYWORDS = ("attention_mask", "position_ids")  # what every stage needs of
 
 
 def stage_keywords(batch: Batch) -> dict[str, torch.Tensor]:
-    """The micro-batch's padding mask and positions, which every stage's layers use alike."""
-    return {key: batch[key] for key in STAGE_KEYWORDS if key in batch}
+    """The micro-batch's padding mask and positions, which every stage's layers use alike. Positions
+    default to the whole sequence's: a stage may receive only its chunk of it (sequence parallel)."""
+    keywords = {key: batch[key] for key in STAGE_KEYWORDS if key in batch}
+    input_ids = batch["input_ids"]
+    keywords.setdefault("position_ids", torch.arange(input_ids.shape[1], device=input_ids.device))
+    return keywords
 
 
 @dataclass

@@ -164,6 +164,7 @@ class PipelineStage(nn.Module):
         positions = position_ids if position_ids is not None else _arange_like(hidden)
         if positions.dim() == 1:  # Hugging Face layers and masks take (batch, seq) positions
             positions = positions[None]
+        hidden = _whole_sequence(hidden, positions)
         masks = hf_attention_masks(self.hf_config, hidden, attention_mask, positions, causal=self.layout.causal)
         kwargs: dict[str, Any] = {"position_ids": positions, "use_cache": False, **self.layout.layer_kwargs}
         if self.layout.rotary is not None:
@@ -187,6 +188,14 @@ def hf_attention_masks(
     return create_masks_for_generate(
         config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
     )
+
+
+def _whole_sequence(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A stand-in spanning the whole sequence for what reads only shapes (masks, rotary tables): under
+    sequence parallel a stage receives its chunk of the sequence, but attention runs on all of it."""
+    if hidden.shape[1] == positions.shape[-1]:
+        return hidden
+    return hidden[:, :1].expand(-1, positions.shape[-1], -1)  # no copy
 
 
 def _arange_like(inputs: torch.Tensor) -> torch.Tensor:
