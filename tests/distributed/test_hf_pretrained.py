@@ -24,6 +24,7 @@ PLANS = {
     "dp2-zero3": ("plan.dp=2", "plan.zero=3"),
     "tp2": ("plan.dp=1", "plan.tp=2"),
     "pp2": ("plan.dp=1", "plan.pp=2", "plan.microbatches=2"),
+    "tp2-sp": ("plan.dp=1", "plan.tp=2", "plan.sequence_parallel=true"),
 }
 
 
@@ -104,9 +105,10 @@ def assert_first_loss(losses: list[float], setup: Setup) -> None:
     assert losses[0] == pytest.approx(setup.first_loss, rel=1e-5, abs=0)
 
 
-def test_pp2_first_step_loss_is_the_models_own(setup: Setup, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plan", ["pp2", "tp2-sp"])
+def test_first_step_loss_is_the_models_own(plan: str, setup: Setup, tmp_path: Path) -> None:
     """(dp2-zero3 and tp2 check theirs below.)"""
-    results = run_ranks(train, 2, run_config(setup, tmp_path / "run", PLANS["pp2"], steps=2), None, timeout_s=90)
+    results = run_ranks(train, 2, run_config(setup, tmp_path / "run", PLANS[plan], steps=2), None, timeout_s=90)
     for losses, _ in results:
         assert_first_loss(losses, setup)
         assert losses == results[0][0]

@@ -68,7 +68,10 @@ BAD = {
 }
 PLAN_AND_DATA = {
     "tp": (("plan.tp=3", "plan.dp=1"), "tp=3 does not divide attention heads (num_attention_heads)=4"),
-    "sequence parallel": (("plan.tp=2", "plan.dp=1", "plan.sequence_parallel=true"), "sequence parallel is not"),
+    "sequence parallel": (
+        ("plan.tp=2", "plan.dp=1", "plan.sequence_parallel=true", "data.seq_len=31"),
+        "data.seq_len=31 does not divide by plan.tp=2",
+    ),
     "seq_len": (("data.seq_len=65",), "data.seq_len=65 is longer than"),
     "stages": (("plan.pp=8", "plan.dp=1", "plan.microbatches=8"), "8 stages but"),
     "overrides": (("model.d_model=64",), "model.d_model change fields of plait's presets"),

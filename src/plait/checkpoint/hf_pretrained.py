@@ -230,7 +230,9 @@ def tokenizer_files(path: str | Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
-def load_pretrained_model(pretrained: Pretrained, *, tp_group: Any, device: torch.device) -> nn.Module:
+def load_pretrained_model(
+    pretrained: Pretrained, *, tp_group: Any, device: torch.device, sequence_parallel: bool = False
+) -> nn.Module:
     """The directory's causal LM in fp32 and train mode; under tensor parallel each rank reads only its slices.
 
     Without tensor parallel every rank loads the whole model (ZeRO-3 then shards it).
@@ -246,16 +248,12 @@ def load_pretrained_model(pretrained: Pretrained, *, tp_group: Any, device: torc
         from plait.tensor.hf import load_pretrained_tp
 
         model = load_pretrained_tp(
-            AutoModelForCausalLM, pretrained.path, group=tp_group, config=config, dtype=torch.float32, device=device
+            AutoModelForCausalLM,
+            pretrained.path,
+            group=tp_group,
+            config=config,
+            dtype=torch.float32,
+            device=device,
+            sequence_parallel=sequence_parallel,
         )
-        _make_contiguous(model)
     return model.train()
-
-
-def _make_contiguous(model: nn.Module) -> None:
-    """Row-parallel slices come back as strided views of the column range read; checkpoints
-    (safetensors) and the optimizer's state want packed tensors."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()

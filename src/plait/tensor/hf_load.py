@@ -176,7 +176,8 @@ def _materialize_parameters(model: nn.Module, reader: _Reader, *, device: torch.
 def _filled(param: nn.Parameter, reader: _Reader, *, key: str, device: torch.device) -> nn.Parameter:
     placement = placement_of(param)
     expected = placement.global_shape if placement is not None else tuple(param.shape)
-    data = reader.read(key, placement, expected=tuple(expected)).to(device=device, dtype=param.dtype)
+    # a row-parallel slice is a strided view of the columns read: pack it (checkpoints and optimizers want that)
+    data = reader.read(key, placement, expected=tuple(expected)).to(device=device, dtype=param.dtype).contiguous()
     new = nn.Parameter(data, requires_grad=param.requires_grad)
     new.__dict__.update(param.__dict__)  # the placement record, and any flags HF set
     return new

@@ -125,26 +125,31 @@ def validate_pretrained(config: Config, *, plan: Plan) -> Pretrained:
 
         decoder_layout(pretrained.meta_model)  # refuses what a pipeline stage cannot run (Falcon's alibi)
     if plan.tp > 1:
-        _check_pretrained_tp(pretrained, plan=plan)
+        _check_pretrained_tp(pretrained, plan=plan, seq_len=config.data.seq_len)
     return pretrained
 
 
-def _check_pretrained_tp(pretrained: Pretrained, *, plan: Plan) -> None:
+def _check_pretrained_tp(pretrained: Pretrained, *, plan: Plan, seq_len: int) -> None:
     from plait.tensor.hf import check_tp
 
-    if plan.sequence_parallel:
-        raise ValueError(
-            f"plan.sequence_parallel=true with {pretrained.label}: sequence parallel is not available for "
-            "transformers models (their forward builds positions and masks from the local chunk); set it to false"
-        )
     check_tp(pretrained.meta_model, plan.tp)
+    if plan.sequence_parallel and seq_len % plan.tp:
+        raise ValueError(
+            f"data.seq_len={seq_len} does not divide by plan.tp={plan.tp}: sequence parallel splits every "
+            f"sequence over the tp ranks; use a seq_len that is a multiple of {plan.tp}"
+        )
 
 
 def build_model(validated: Validated, *, mesh: Mesh, device: torch.device) -> nn.Module:
     """The run's model. plait's GPT under ZeRO-3 is built on the meta device and materialised shard by
     shard (same weights, seeded); a pretrained model is loaded, tp ranks reading only their slices."""
     if validated.pretrained is not None:
-        return load_pretrained_model(validated.pretrained, tp_group=mesh.group("tp"), device=device)
+        return load_pretrained_model(
+            validated.pretrained,
+            tp_group=mesh.group("tp"),
+            device=device,
+            sequence_parallel=validated.plan.sequence_parallel,
+        )
     assert validated.model_config is not None
     with torch.device("meta" if validated.plan.zero == 3 else device):
         return GPT(validated.model_config)
