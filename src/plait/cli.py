@@ -6,7 +6,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", choices=["auto"], default=None, help="auto: train with the planner's best plan")
     verify = commands.add_parser("verify", help="check a plan's losses against one plain process")
     _add_config_args(verify)
+    verify.add_argument(
+        "--out-dir",
+        default=None,
+        help="where the plan's run keeps its log, metrics.csv and last checkpoint (default: train.out_dir-verify)",
+    )
     generate = commands.add_parser("generate", help="sample text from a checkpoint")
     generate.add_argument("checkpoint")
     generate.add_argument("--prompt", default="def ")
@@ -143,17 +147,18 @@ def cmd_verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
     validate(config, world_size=nproc)
-    with tempfile.TemporaryDirectory(prefix="plait-verify-") as out_dir:
-        run_config = verification_config(config, out_dir)
-        train_argv = ["train", *([args.config] if args.config else []), *_sets_for(run_config)]
-        code = _launch(nproc, train_argv)
-        if code != 0:
-            return code
-        from plait.train.logs import read_metrics
+    out_dir = args.out_dir or f"{config.train.out_dir.rstrip('/')}-verify"  # kept: the run's log explains a FAIL
+    run_config = verification_config(config, out_dir)
+    train_argv = ["train", *([args.config] if args.config else []), *_sets_for(run_config)]
+    code = _launch(nproc, train_argv)
+    if code != 0:
+        return code
+    from plait.train.logs import read_metrics
 
-        plan_losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.csv") if "loss" in row]
+    plan_losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.csv") if "loss" in row]
     comparison = compare(plan_losses, config)
     print(comparison.table())
+    print(f"the plan's run (log, metrics.csv, last checkpoint) is in {out_dir}")
     return 0 if comparison.passed else 1
 
 

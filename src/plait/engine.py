@@ -1,7 +1,7 @@
 """boost(): apply a plan to a model and own the training step.
 
-The strands apply in a fixed order (TP -> PP split -> recompute -> ZeRO/DP);
-this is the one place that composes them.
+The strands apply in a fixed order, TP -> recompute -> PP split -> ZeRO/DP (recomputation
+wraps the layers the stages then hold); this is the one place that composes them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from plait.checkpoint.engine_state import load_engine, save_engine
 from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Plan
 from plait.distributed.comm import CommCounter, all_reduce
-from plait.distributed.launch import get_logger
+from plait.distributed.launch import get_logger, join_launched_group
+from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import placement_of
 from plait.optim.clip import clip_grad_norm, global_grad_norm
@@ -31,8 +32,8 @@ from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
 from plait.tensor.apply import apply_tensor_parallel, count_collectives
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
+from plait.tensor.loss_check import CheckedLoss
 from plait.tensor.state import gather_tp_state
-from plait.train.metrics import model_state_bytes
 from plait.zero.factory import build_data_parallel
 
 Batch = dict[str, torch.Tensor]
@@ -83,7 +84,7 @@ class Engine:
         mesh.plan.check_available()
         self.mesh = mesh
         self.plan = mesh.plan
-        self.loss_fn = parts.loss_fn
+        self.loss_fn = CheckedLoss(parts.loss_fn) if mesh.size("tp") > 1 else parts.loss_fn  # tp: vocab slices
         self.max_grad_norm = parts.max_grad_norm
         self.comm = CommCounter.for_mesh(mesh)  # every strand's collectives, per axis and link
         self.policy = PrecisionPolicy.from_name(self.plan.precision)
@@ -392,6 +393,7 @@ def boost(
     if mesh is None:
         plan = plan or Plan()
         plan.check_available()  # before the mesh enters any collective
+        join_launched_group(_device_type(model))  # under torchrun (`plait run`) the script need not join it
         mesh = Mesh(plan, device_type=_device_type(model))
     elif plan is not None and plan != mesh.plan:
         raise ValueError("pass either plan= or mesh= (a mesh carries its plan), not two different plans")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.distributed as dist
 
@@ -27,6 +27,7 @@ from plait.checkpoint.io import (
 )
 from plait.checkpoint.sharded import ShardReader, shard_rank
 from plait.checkpoint.training_state import (
+    CheckpointedEngine,
     adapt_scheduler_state,
     load_optimizer,
     load_weights,
@@ -35,9 +36,6 @@ from plait.checkpoint.training_state import (
 )
 from plait.checkpoint.writer import CheckpointWriter, SaveRequest
 from plait.distributed.launch import is_main_rank
-
-if TYPE_CHECKING:
-    from plait.engine import Engine
 
 PLAN_KEYS = ("dp", "tp", "pp", "zero", "microbatches", "pp_schedule", "precision")
 
@@ -52,7 +50,7 @@ def _gather_to_main(obj: Any) -> list[Any]:
 
 
 def save_engine(
-    engine: Engine,
+    engine: CheckpointedEngine,
     path: Path,
     *,
     writer: CheckpointWriter,
@@ -90,7 +88,7 @@ def _restore_rng(saved: list[Any]) -> bool:
     return same
 
 
-def _plan_changes(saved_plan: dict[str, Any], engine: Engine) -> list[str]:
+def _plan_changes(saved_plan: dict[str, Any], engine: CheckpointedEngine) -> list[str]:
     if not saved_plan:  # written by one process (plait import): nothing to compare
         return []
     changed = [
@@ -106,7 +104,7 @@ def _plan_changes(saved_plan: dict[str, Any], engine: Engine) -> list[str]:
     ]
 
 
-def _load_run_state(engine: Engine, trainer_state: dict[str, Any]) -> list[str]:
+def _load_run_state(engine: CheckpointedEngine, trainer_state: dict[str, Any]) -> list[str]:
     """Schedule, loss scale and RNG where the checkpoint has them (an imported one has weights only)."""
     notes = []
     if engine.scheduler is not None and trainer_state.get("scheduler") is not None:
@@ -150,7 +148,7 @@ def _open_verified(path: Path) -> ShardReader:
     return ShardReader(path, manifest)
 
 
-def load_engine(engine: Engine, path: Path) -> tuple[dict[str, Any], list[str]]:
+def load_engine(engine: CheckpointedEngine, path: Path) -> tuple[dict[str, Any], list[str]]:
     """Load a checkpoint saved under any plan; returns its trainer state and notes on what
     makes the continuation inexact (for the log)."""
     reader = _open_verified(Path(path))

@@ -159,13 +159,24 @@ def _earlier_hint(path: Path) -> str:
 
 
 def complete_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a committed checkpoint; ValueError when there is none (an interrupted save)."""
+    """The manifest of a committed checkpoint; ValueError when there is none (an interrupted save)
+    or it is unreadable (a damaged disk or copy), naming the file and an earlier checkpoint."""
     path = Path(path)
     if not (path / MANIFEST_FILE).is_file():
         raise ValueError(
             f"{path} is not a complete plait checkpoint: {MANIFEST_FILE} is missing; {_earlier_hint(path)}"
         )
-    return read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt_manifest(path, f"it is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise _corrupt_manifest(path, "it lacks the table of files every plait manifest holds")
+    return manifest
+
+
+def _corrupt_manifest(path: Path, why: str) -> ValueError:
+    return ValueError(f"checkpoint file {path / MANIFEST_FILE} is corrupt: {why}; {_earlier_hint(path)}")
 
 
 def check_files(path: Path, manifest: dict[str, Any], names: Iterable[str]) -> None:

@@ -13,25 +13,51 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from plait.amp.scaler import LossScaler
 from plait.checkpoint.layout import PieceLayout, RankCoords, layout_of, writes_piece
 from plait.checkpoint.sharded import Entry, ShardReader
-from plait.config import AXES
+from plait.config import AXES, Plan
+from plait.distributed.mesh import Mesh
 from plait.distributed.placement import Placement, placement_of
 
-if TYPE_CHECKING:
-    from plait.engine import Engine
+
+class DataParallelState(Protocol):
+    """What a checkpoint reads of the engine's data-parallel wrapper (plain DP or ZeRO)."""
+
+    @property
+    def optimizer_params(self) -> list[nn.Parameter]: ...
+
+    def after_step(self) -> None: ...
+
+
+class CheckpointedEngine(Protocol):
+    """What saving and loading read and write of an engine; `plait.Engine` is one.
+
+    A protocol, not the class, so the engine may import checkpoints without a cycle.
+    """
+
+    mesh: Mesh
+    plan: Plan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LR scheduler with state_dict/load_state_dict, or None
+    scaler: LossScaler
+    pipeline: Any  # the pipeline build, or None without pipeline parallel
+    data_parallel: DataParallelState
+    steps_done: int
+
 
 MODEL = "model/"
 OPTIM = "optim/"
 SCALAR = PieceLayout(global_shape=())
 
 
-def rank_coords(engine: Engine) -> RankCoords:
+def rank_coords(engine: CheckpointedEngine) -> RankCoords:
     mesh = engine.mesh
     return RankCoords({axis: (mesh.rank(axis), mesh.size(axis)) for axis in AXES})
 
@@ -46,7 +72,7 @@ def _source_name(param: nn.Parameter, names: dict[int, str]) -> str:
     return placement.tied_to if placement is not None and placement.tied_to else _name_of(param, names)
 
 
-def _unmanaged(engine: Engine) -> list[tuple[str, torch.Tensor, Placement | None]]:
+def _unmanaged(engine: CheckpointedEngine) -> list[tuple[str, torch.Tensor, Placement | None]]:
     """Module state the optimizer does not step (buffers, frozen parameters)."""
     trainable = {id(p) for p in engine.model.parameters() if p.requires_grad}
     out = []
@@ -60,7 +86,7 @@ def _unmanaged(engine: Engine) -> list[tuple[str, torch.Tensor, Placement | None
     return out
 
 
-def tied_names(engine: Engine) -> dict[str, str]:
+def tied_names(engine: CheckpointedEngine) -> dict[str, str]:
     """Checkpoint aliases this rank knows: a second name of one parameter, or a pipeline stage's
     synchronised copy of a tied weight -> the name its values are saved under."""
     first: dict[int, str] = {}
@@ -91,7 +117,7 @@ def _state_entries(name: str, param: torch.Tensor, state: dict[str, Any], layout
     return entries
 
 
-def state_entries(engine: Engine) -> tuple[list[Entry], dict[str, dict[str, Any]]]:
+def state_entries(engine: CheckpointedEngine) -> tuple[list[Entry], dict[str, dict[str, Any]]]:
     """This rank's pieces to write, and every local parameter's optimizer-group settings by name."""
     coords = rank_coords(engine)
     names = {id(p): n for n, p in engine.model.named_parameters()}
@@ -121,7 +147,7 @@ def _read_into(tensor: torch.Tensor, reader: ShardReader, *, name: str, layout: 
 
 
 @torch.no_grad()
-def load_weights(engine: Engine, reader: ShardReader) -> None:
+def load_weights(engine: CheckpointedEngine, reader: ShardReader) -> None:
     """Every weight this rank holds, from the checkpoint, through its own placement."""
     coords = rank_coords(engine)
     names = {id(p): n for n, p in engine.model.named_parameters()}
@@ -145,7 +171,7 @@ def _optimizer_keys(reader: ShardReader) -> dict[str, list[str]]:
     return keys
 
 
-def load_optimizer(engine: Engine, reader: ShardReader, *, group_of: dict[str, dict[str, Any]]) -> None:
+def load_optimizer(engine: CheckpointedEngine, reader: ShardReader, *, group_of: dict[str, dict[str, Any]]) -> None:
     """Optimizer state and group settings for this rank's pieces, whatever plan saved them."""
     optimizer = engine.optimizer
     coords = rank_coords(engine)

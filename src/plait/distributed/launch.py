@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,8 +38,21 @@ def init_distributed(*, device_type: str | None = None, timeout_s: float = 600.0
     return device
 
 
+def join_launched_group(device_type: str) -> bool:
+    """Join torchrun's process group if torchrun started this process (WORLD_SIZE, RANK, MASTER_ADDR
+    are its contract) and nothing has joined one yet; True when it joined. A plain process is left alone."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return False
+    init_distributed(device_type=device_type)
+    return True
+
+
 def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# Pass extra={FILE_ONLY: True} for a line the console already shows another way (a progress bar's write).
+FILE_ONLY = "file_only"
 
 
 class _RankFilter(logging.Filter):
@@ -46,17 +61,51 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _ConsoleFilter(_RankFilter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) and not getattr(record, FILE_ONLY, False)
+
+
+def _console_handler(logger: logging.Logger) -> logging.Handler:
+    for handler in logger.handlers:
+        if any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+            return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ConsoleFilter())
+    handler.setFormatter(logging.Formatter("[rank %(rank)s] %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    return handler
+
+
 def get_logger(name: str = "plait", *, all_ranks: bool = False) -> logging.Logger:
-    """A logger that prefixes the rank; by default only rank 0 prints INFO."""
+    """A logger that prefixes the rank; on the console by default only rank 0 prints INFO
+    (a `log_file` gets every rank's INFO)."""
     logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.addFilter(_RankFilter())
-        handler.setFormatter(logging.Formatter("[rank %(rank)s] %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if all_ranks or is_main_rank() else logging.WARNING)
+    logger.setLevel(logging.INFO)
+    _console_handler(logger).setLevel(logging.INFO if all_ranks or is_main_rank() else logging.WARNING)
     return logger
+
+
+@contextlib.contextmanager
+def log_file(path: Path, *, name: str = "plait") -> Iterator[Path]:
+    """Append the logger's records to `path`, timestamped and rank-prefixed, while the block runs;
+    an exception leaving the block is written there too. Every rank may share one file: each
+    record is one append, so lines from different ranks never mix."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    logger = get_logger(name)  # INFO from every rank reaches the file; the console keeps its own level
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.addFilter(_RankFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield Path(path)
+    except BaseException:
+        logger.error("failed", exc_info=True, extra={FILE_ONLY: True})
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def torchrun(args: Sequence[str]) -> int:

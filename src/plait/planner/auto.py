@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from plait.config import Config, Plan
+from plait.config import Config, Plan, model_config_for
 from plait.planner.advice import NoPlanFits, explain_no_fit
 from plait.planner.cluster import Cluster
 from plait.planner.search import SearchResult, SearchSpace, search
@@ -33,8 +33,6 @@ def local_cluster(world_size: int, *, precision: str = "fp32") -> Cluster:
 
 def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None) -> tuple[Plan, SearchResult]:
     """The fastest plan that fits for `config` on `world_size` ranks; NoPlanFits says what would fit."""
-    from plait.train.setup import model_config_for
-
     shape = ModelShape(model_config_for(config), name=config.model.preset)
     workload = Workload(config.train.global_batch, config.data.seq_len)
     cluster = cluster or local_cluster(world_size, precision=config.plan.precision)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
 from plait.config import Config
-from plait.distributed.launch import get_logger, init_distributed, is_main_rank
+from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is_main_rank, log_file
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
@@ -31,15 +31,18 @@ from plait.train.setup import (
     validate,
 )
 
+LOG_FILE = "train.log"  # in out_dir: every rank's log lines, appended, "[rank R]" before each
+
 
 @dataclass
 class RunSummary:
     steps: int
-    first_val_loss: float | None
+    first_val_loss: float | None  # at the run's first step: 0, or the step it resumed at
     last_val_loss: float | None
     tokens_per_s: float
     out_dir: str
     losses: list[float]
+    start_step: int = 0
 
 
 def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engine:
@@ -135,8 +138,9 @@ class Run:
 
     def run(self) -> RunSummary:
         train = self.config.train
-        first_val = self.evaluate() if self.step == 0 else None
-        if first_val is not None:
+        start_step = self.step
+        first_val = self.evaluate()  # a resumed run too: its summary starts from the loaded weights' loss
+        if start_step == 0:
             self.metrics_log.log(0, {"val_loss": first_val})
         bar = tqdm(total=train.steps, initial=self.step, disable=not is_main_rank(), desc="train", unit="step")
         while self.step < train.steps:
@@ -149,15 +153,17 @@ class Run:
                 values["val_loss"] = self.evaluate()
             if self.step % train.log_every == 0 or self.step == train.steps:
                 self.add_slow_metrics(values)
+                line = format_metrics_line(self.step, train.steps, values)
                 if is_main_rank():
-                    bar.write(format_metrics_line(self.step, train.steps, values))
+                    bar.write(line)
+                self.log.info(line, extra={FILE_ONLY: True})  # the bar wrote it to the console
             self.metrics_log.log(self.step, values)
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                 self.save()
         bar.close()
-        return self.finish(first_val)
+        return self.finish(first_val, start_step=start_step)
 
-    def finish(self, first_val: float | None) -> RunSummary:
+    def finish(self, first_val: float | None, *, start_step: int) -> RunSummary:
         self.engine.wait_for_save()
         self.metrics_log.close()
         if is_main_rank():
@@ -169,6 +175,7 @@ class Run:
             tokens_per_s=self.throughput.tokens_per_s(),
             out_dir=str(self.out_dir),
             losses=self.losses,
+            start_step=start_step,
         )
         if is_main_rank():
             self.log.info(f"done: {summary_line(summary)}")
@@ -176,11 +183,15 @@ class Run:
 
 
 def summary_line(summary: RunSummary) -> str:
+    """The run's closing line: validation loss from its first step to its last, and where its files are."""
     start = f"{summary.first_val_loss:.4f}" if summary.first_val_loss is not None else "?"
+    if summary.start_step > 0:
+        start += f" (resumed at step {summary.start_step})"
     end = f"{summary.last_val_loss:.4f}" if summary.last_val_loss is not None else "?"
+    out_dir = Path(summary.out_dir)
     return (
         f"{summary.steps} steps | validation loss {start} -> {end} | {summary.tokens_per_s:.0f} tokens/s | "
-        f"logs, loss.png and checkpoints in {summary.out_dir}"
+        f"every rank's log in {out_dir / LOG_FILE}; metrics.csv, loss.png and checkpoints in {out_dir}"
     )
 
 
@@ -188,7 +199,8 @@ def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     """Train per `config` on this rank (under torchrun: every rank calls this)."""
     owns_group = not dist.is_initialized()  # under a test harness the caller owns it
     try:
-        return Run(config, resume=resume).run()
+        with log_file(Path(config.train.out_dir) / LOG_FILE):
+            return Run(config, resume=resume).run()
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

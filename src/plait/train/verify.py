@@ -6,14 +6,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from plait.config import Config
+from plait.config import Config, model_config_for
 from plait.data.loader import ShardedLoader, TokenDataset
 from plait.data.shards import prepare_dataset
 from plait.losses import causal_lm
 from plait.models.gpt import GPT
 from plait.optim import adamw, warmup_cosine
 from plait.train.reference import train_reference
-from plait.train.setup import model_config_for, seed_everything
+from plait.train.setup import seed_everything
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
 
