@@ -35,8 +35,13 @@ def _hf_model(name: str) -> torch.nn.Module:
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=SEQ)
         return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=256, tie_word_embeddings=True,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        tie_word_embeddings=True,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -73,7 +78,9 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path
     with tempfile.TemporaryDirectory(prefix="plait-ranks-") as workdir:
         ctx = mp.get_context("fork")
         args = (str(directory),)
-        procs = [ctx.Process(target=_worker, args=(save_then_die_mid_save, r, 2, workdir, (1, True), args)) for r in range(2)]
+        procs = [
+            ctx.Process(target=_worker, args=(save_then_die_mid_save, r, 2, workdir, (1, True), args)) for r in range(2)
+        ]
         for proc in procs:
             proc.start()
         try:

@@ -35,7 +35,9 @@ def reference(model: str) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 def train_tp(rank: int, world_size: int, model: str, tp: int, sp: bool, zero: int, microbatches: int):
     net = build(model)
-    plan = plait.Plan(dp=world_size // tp, tp=tp, sequence_parallel=sp, zero=zero, microbatches=microbatches, bucket_mb=0.01)
+    plan = plait.Plan(
+        dp=world_size // tp, tp=tp, sequence_parallel=sp, zero=zero, microbatches=microbatches, bucket_mb=0.01
+    )
     engine = plait.boost(
         net, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler, max_grad_norm=1.0
     )

@@ -91,7 +91,12 @@ def test_checkpoint_holds_each_ranks_pieces_once(small_corpus: list[str], tmp_pa
     assert trainer_state["loader"]["offset"] == 10 * 8
     assert config["plan"]["dp"] == 2 and config["plan"]["zero"] == 2
     reader = open_checkpoint(path)
-    assert sorted(reader.manifest["files"]) == ["config.json", "shard-00000.safetensors", "shard-00001.safetensors", "trainer.pt"]
+    assert sorted(reader.manifest["files"]) == [
+        "config.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "trainer.pt",
+    ]
     for name in ("model/embed.weight", "optim/exp_avg/embed.weight", "optim/exp_avg_sq/blocks.0.attn.q_proj.weight"):
         pieces = reader.tensors[name]["pieces"]
         covered = sum(p["flat"][1] - p["flat"][0] for p in pieces)  # ZeRO-2: flat ranges over dp, no overlap

@@ -31,13 +31,23 @@ def engine_for(model: torch.nn.Module, **plan: object) -> plait.Engine:
 
 
 # fp32 Adam, P parameters, N ranks: the ZeRO paper's accounting with 4-byte params and grads.
-FP32_FORMULA = {0: lambda p, n: 16 * p, 1: lambda p, n: 8 * p + 8 * p / n, 2: lambda p, n: 4 * p + 12 * p / n, 3: lambda p, n: 16 * p / n}
+FP32_FORMULA = {
+    0: lambda p, n: 16 * p,
+    1: lambda p, n: 8 * p + 8 * p / n,
+    2: lambda p, n: 4 * p + 12 * p / n,
+    3: lambda p, n: 16 * p / n,
+}
 
 
 # bf16 params and grads, fp32 masters and Adam: the paper's 16P, 4P+12P/N, 2P+14P/N, 16P/N plus the fp32
 # gradient shard plait keeps so accumulation over micro-batches does not round in bf16 (+4P/N; +2P/N where
 # the paper already counts a 2-byte gradient shard).
-BF16_FORMULA = {0: lambda p, n: 20 * p, 1: lambda p, n: 4 * p + 16 * p / n, 2: lambda p, n: 2 * p + 16 * p / n, 3: lambda p, n: 18 * p / n}
+BF16_FORMULA = {
+    0: lambda p, n: 20 * p,
+    1: lambda p, n: 4 * p + 16 * p / n,
+    2: lambda p, n: 2 * p + 16 * p / n,
+    3: lambda p, n: 18 * p / n,
+}
 
 
 def measure_state_bytes(rank: int, world_size: int, zero: int, precision: str) -> tuple[int, int]:
@@ -99,7 +109,9 @@ MIXED_TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3}
 def test_mixed_precision_tracks_fp32(precision: str, zero: int) -> None:
     ref_losses, _ = reference_run("tiny")
     for losses in run_ranks(train_precision, 2, zero, precision, 10):
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[:10]), rtol=MIXED_TOLERANCE[precision], atol=0)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(ref_losses[:10]), rtol=MIXED_TOLERANCE[precision], atol=0
+        )
 
 
 def blow_up_step_three(rank: int, world_size: int, zero: int) -> tuple:
@@ -144,6 +156,8 @@ def recompute_run(rank: int, world_size: int, zero: int, recompute: str, modules
     return losses, engine.model_state_dict()
 
 
-@pytest.mark.parametrize(("zero", "recompute", "modules"), [(3, "full", []), (2, "selective", ["attn"]), (0, "full", [])])
+@pytest.mark.parametrize(
+    ("zero", "recompute", "modules"), [(3, "full", []), (2, "selective", ["attn"]), (0, "full", [])]
+)
 def test_recompute_keeps_parity(zero: int, recompute: str, modules: list[str]) -> None:
     assert_parity(run_ranks(recompute_run, 2, zero, recompute, modules), reference_run("tiny"))
