@@ -22,6 +22,8 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 AXES = ("pp", "dp", "cp", "tp")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
+OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
+OFFLOADED_STATES = ("optimizer", "gradients", "params")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -56,6 +58,13 @@ class Plan:
     pp_schedule: str = "1f1b"
     pp_chunks: int = 1
     pp_split: list[int] = field(default_factory=list)
+    # Where each model state lives (see plait.offload): none (on the device), cpu (host memory), disk
+    # (files under offload_dir), or auto (placed by memory_budget, hottest first).
+    offload_optimizer: str = "none"  # fp32 master shard, optimizer state, and the optimizer step
+    offload_gradients: str = "none"  # the reduced gradient shard the optimizer reads
+    offload_params: str = "none"  # ZeRO-3 parameter shards, fetched per unit before use
+    offload_dir: str = ""
+    memory_budget: str = ""  # e.g. "16GiB": model-state bytes a rank may hold in memory; alone it means auto
 
     def __post_init__(self) -> None:
         _require(
@@ -94,6 +103,57 @@ class Plan:
             self.bucket_mb > 0,
             f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)",
         )
+        self._check_offload_fields()
+
+    def _check_offload_fields(self) -> None:
+        for state in OFFLOADED_STATES:
+            tier = getattr(self, f"offload_{state}")
+            _require(
+                tier in OFFLOAD_TIERS,
+                f"plan.offload_{state}={tier!r}: choose one of {', '.join(OFFLOAD_TIERS)}",
+            )
+        if self.memory_budget:
+            budget = self.memory_budget_bytes
+            _require(budget > 0, f"plan.memory_budget={self.memory_budget!r}: give a positive size such as '16GiB'")
+        auto = [s for s in OFFLOADED_STATES if getattr(self, f"offload_{s}") == "auto"]
+        _require(
+            not auto or bool(self.memory_budget),
+            f"plan.offload_{auto[0] if auto else ''}='auto' places states by a byte budget: set plan.memory_budget, "
+            "e.g. '16GiB'",
+        )
+        disk = [s for s, tier in self.offload_tiers.items() if tier in ("disk", "auto")]
+        _require(
+            not disk or bool(self.offload_dir),
+            f"plan.offload_{disk[0] if disk else ''} may go to disk: set plan.offload_dir to a directory on a fast "
+            "local disk (e.g. /mnt/nvme/plait-offload)",
+        )
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """plan.memory_budget in bytes (None when unset)."""
+        if not self.memory_budget:
+            return None
+        from plait.sizes import parse_bytes
+
+        try:
+            return parse_bytes(self.memory_budget)
+        except ValueError:
+            raise ValueError(
+                f"plan.memory_budget={self.memory_budget!r} is not a size; write it like '16GiB', '500MB' or a "
+                "byte count"
+            ) from None
+
+    @property
+    def offload_tiers(self) -> dict[str, str]:
+        """Each state's tier; a memory budget alone means 'auto' for every state (parameters only under ZeRO-3)."""
+        tiers = {state: getattr(self, f"offload_{state}") for state in OFFLOADED_STATES}
+        if self.memory_budget and all(tier == "none" for tier in tiers.values()):
+            tiers = dict.fromkeys(OFFLOADED_STATES, "auto") | ({} if self.zero == 3 else {"params": "none"})
+        return tiers
+
+    @property
+    def offloads(self) -> bool:
+        return any(tier != "none" for tier in self.offload_tiers.values())
 
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
@@ -112,6 +172,25 @@ class Plan:
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
             )
+        if self.offloads:
+            self._check_offload_available()
+
+    def _check_offload_available(self) -> None:
+        tiers = self.offload_tiers
+        _require(
+            self.zero >= 1,
+            "offload moves ZeRO's flat shards: set plan.zero=1 (optimizer, gradients) or plan.zero=3 (parameters too)",
+        )
+        _require(
+            tiers["params"] == "none" or self.zero == 3,
+            f"plan.offload_params={tiers['params']!r} needs plan.zero=3: under stage {self.zero} every rank keeps "
+            "whole parameters for compute; set plan.zero=3",
+        )
+        _require(
+            tiers["gradients"] == "none" or tiers["optimizer"] != "none",
+            "plan.offload_gradients moves the gradient shard to where the optimizer steps, but the optimizer stays "
+            "on the device; set plan.offload_optimizer too (or offload_gradients='none')",
+        )
 
     def _check_pipeline_microbatches(self) -> None:
         m, p = self.microbatches, self.pp
