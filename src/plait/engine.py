@@ -7,6 +7,7 @@ wraps the layers the stages then hold); this is the one place that composes them
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.distributed.placement import placement_of
+from plait.offload.manager import Offload
+from plait.offload.step import StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
@@ -33,6 +35,7 @@ from plait.recompute import apply_recompute
 from plait.tensor.apply import apply_tensor_parallel, count_collectives
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.loss_check import CheckedLoss
+from plait.tensor.partial_grads import reduce_partial_grads
 from plait.tensor.state import gather_tp_state
 from plait.zero.factory import build_data_parallel
 
@@ -104,6 +107,11 @@ class Engine:
             self.pipeline.runner.link.counter = self.comm
         self.data_parallel = build_data_parallel(self.model, mesh=mesh, policy=self.policy, counter=self.comm)
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
+        self.offload: Offload | None = getattr(self.data_parallel, "offload", None)
+        if self.offload is not None:
+            self.offload.optimizer = self.optimizer
+            for note in self.offload.notes if mesh.rank("dp") == 0 and mesh.rank("tp") == 0 else []:
+                get_logger().info(note)
         self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
         self.steps_done = 0
         self.record_timeline = False  # pipeline: keep each action's start and end (benchmarks read them)
@@ -173,12 +181,12 @@ class Engine:
         self._count += count.detach().double()
         return loss_sum.detach()
 
-    def _finish_gradients(self, count: torch.Tensor) -> None:
+    def _gradient_factor(self, count: torch.Tensor) -> torch.Tensor | float | None:
+        """What the summed gradients are multiplied by before clipping (None: nothing to do)."""
         factor = 1.0 / self.scaler.scale
         if self._divisor is None:
             factor = factor * self._stand_in / count
-        if self.scaler.dynamic or self._divisor is None:
-            self.data_parallel.scale_(factor)
+        return factor if self.scaler.dynamic or self._divisor is None else None
 
     def _overflowed(self) -> bool:
         """fp16 only: all ranks agree whether any gradient is non-finite, and name the first."""
@@ -201,16 +209,10 @@ class Engine:
         if self.pipeline is not None:  # only the last stage saw the loss: share it, count it once
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
-        self._finish_gradients(count)
-        params = self.data_parallel.optimizer_params
-        reduce_partial_grads(params, mesh=self.mesh, counter=self.comm)
-        skipped = self._overflowed()
-        if skipped:
-            grad_norm = torch.full((), float("nan"))
+        if self.offload is not None and self.offload.pages_optimizer:
+            grad_norm, skipped = self._paged_step(self.offload, self._gradient_factor(count))
         else:
-            grad_norm = self._clip(params)
-            self.optimizer.step()
-            self.data_parallel.after_step()
+            grad_norm, skipped = self._step(self._gradient_factor(count))
         if self.scheduler is not None:
             self.scheduler.step()
         self.data_parallel.zero_()
@@ -219,6 +221,37 @@ class Engine:
         self._divisor = None
         self.steps_done += 1
         return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=skipped)
+
+    def _step(self, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        if factor is not None:
+            self.data_parallel.scale_(factor)
+        params = self.data_parallel.optimizer_params
+        reduce_partial_grads(params, mesh=self.mesh, counter=self.comm)
+        if self._overflowed():
+            return torch.full((), float("nan")), True
+        grad_norm = self._clip(params)
+        start = time.perf_counter()
+        self.optimizer.step()
+        self.data_parallel.after_step()
+        if self.offload is not None:
+            self.offload.optimizer_s += time.perf_counter() - start
+        return grad_norm, False
+
+    def _paged_step(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        """Gradients or optimizer state on disk: the same step, a unit at a time (plait/offload/step.py)."""
+        context = StepContext(
+            mesh=self.mesh, scaler=self.scaler, counter=self.comm, device=self.device, max_grad_norm=self.max_grad_norm
+        )
+        grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
+        if overflow is not None:
+            self.last_overflow = overflow
+            if overflow.found:
+                get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
+            self.scaler.update(overflow)
+            if overflow.found:
+                return torch.full((), float("nan")), True
+        update_pass(offload, self.optimizer, norm=grad_norm, context=context)
+        return grad_norm, False
 
     def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         if self.max_grad_norm:
@@ -249,6 +282,8 @@ class Engine:
     def train_step(self, batch: Batch) -> StepResult:
         """One optimizer step on this rank's share of the global batch."""
         micro_batches = split_microbatches(batch, self.plan.microbatches)
+        if self.offload is not None:
+            self.offload.reset_stats()
         self.begin_step(micro_batches)
         if self.pipeline is not None:
             self._pipeline_step(micro_batches)
@@ -348,22 +383,6 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
     plan = plan_of()
     check_tp(model, mesh.size("tp"), plan=plan)
     return apply_tensor_parallel(model, plan, group=group, sequence_parallel=mesh.plan.sequence_parallel)
-
-
-def reduce_partial_grads(params: list[nn.Parameter], *, mesh: Mesh, counter: CommCounter) -> None:
-    """Sum over their axes the gradients each rank holds only part of (sequence-parallel norms)."""
-    by_axes: dict[tuple[str, ...], list[torch.Tensor]] = {}
-    for param in params:
-        placement = placement_of(param)
-        if placement is not None and placement.partial_grad_axes and param.grad is not None:
-            by_axes.setdefault(placement.partial_grad_axes, []).append(param.grad)
-    for axes, grads in by_axes.items():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for axis in axes:
-            all_reduce(flat, group=mesh.group(axis), counter=counter)
-        torch._foreach_copy_(
-            grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-        )
 
 
 def _is_meta(model: nn.Module) -> bool:

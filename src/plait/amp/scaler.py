@@ -102,16 +102,27 @@ class LossScaler:
         reduced index when no gradient is present locally (NCCL needs a CUDA
         tensor). One host sync. The reductions are recorded on ``counter`` when given.
         """
-        first = _local_first_non_finite(named_grads, device=device)
+        first = local_first_non_finite(named_grads, device=device)
+        return self.agree_on_first(first, [name for name, _ in named_grads], groups=groups, counter=counter)
+
+    def agree_on_first(
+        self,
+        first: torch.Tensor,
+        names: Sequence[str],
+        *,
+        groups: Sequence[dist.ProcessGroup | None],
+        counter: CommCounter | None = None,
+    ) -> Overflow:
+        """Min-reduce a local first non-finite index (len(names) when none) over `groups`."""
         for group in groups:
             if group is not None:
                 if counter is not None:
                     counter.record("all_reduce", first, group=group)
                 dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         index = int(first.item())
-        if index >= len(named_grads):
+        if index >= len(names):
             return Overflow(found=False, first_name=None)
-        return Overflow(found=True, first_name=named_grads[index][0])
+        return Overflow(found=True, first_name=names[index])
 
     def unscale_(self, grads: Sequence[torch.Tensor]) -> None:
         """Divide gradients by the scale in place (exact for power-of-2 scales); no-op when not dynamic."""
@@ -158,7 +169,7 @@ class LossScaler:
         return max(self._scale * self.backoff_factor, self.min_scale)
 
 
-def _local_first_non_finite(
+def local_first_non_finite(
     named_grads: Sequence[tuple[str, torch.Tensor | None]], *, device: torch.device | None
 ) -> torch.Tensor:
     """0-dim int64: the index of the first non-finite local gradient, len(named_grads) if none."""

@@ -24,6 +24,44 @@ def _is_sharded(mesh: Mesh) -> bool:
     return mesh.world_size > 1 and (plan.zero > 0 or mesh.size("tp") > 1 or mesh.size("pp") > 1)
 
 
+def norm_terms(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> dict[int, list[torch.Tensor]]:
+    """Each gradient's 2-norm, grouped by how many ranks hold a replica of it (see `global_grad_norm`).
+
+    Terms of disjoint parameter sets can be merged (`merge_terms`) and finished once, which is how
+    offloaded gradients, brought into memory a unit at a time, get the same norm.
+    """
+    by_replicas: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        placement = placement_of(param)
+        if param.grad is None or (placement is not None and placement.duplicate):
+            continue
+        sharded = set(placement.sharded_axes) if placement else set()
+        replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded)
+        by_replicas[replicas].append(param.grad.detach())
+    return {replicas: list(torch._foreach_norm(grads, 2)) for replicas, grads in by_replicas.items()}
+
+
+def merge_terms(into: dict[int, list[torch.Tensor]], terms: dict[int, list[torch.Tensor]]) -> None:
+    for replicas, norms in terms.items():
+        into.setdefault(replicas, []).extend(norms)
+
+
+def finish_norm(
+    terms: dict[int, list[torch.Tensor]], *, mesh: Mesh, counter: CommCounter | None = None
+) -> torch.Tensor:
+    """The global norm from `norm_terms` (one all-reduce when gradients are sharded)."""
+    if not _is_sharded(mesh):
+        norms = [n for group in terms.values() for n in group]
+        return torch.linalg.vector_norm(torch.stack(norms), 2)
+    total = torch.zeros((), dtype=torch.float32)
+    for replicas, norms in terms.items():
+        total = total.to(norms[0].device) + torch.stack(norms).float().pow(2).sum() / replicas
+    if counter is not None:
+        counter.record("all_reduce", total, group=dist.group.WORLD)
+    dist.all_reduce(total)
+    return total.sqrt()
+
+
 def global_grad_norm(
     params: Iterable[torch.nn.Parameter], *, mesh: Mesh, counter: CommCounter | None = None
 ) -> torch.Tensor:
@@ -37,24 +75,12 @@ def global_grad_norm(
     Synchronised duplicates (a tied head on the last pipeline stage) are skipped.
     The all-reduce is recorded on `counter` when given.
     """
-    by_replicas: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for param in params:
-        placement = placement_of(param)
-        if param.grad is None or (placement is not None and placement.duplicate):
-            continue
-        sharded = set(placement.sharded_axes) if placement else set()
-        replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded)
-        by_replicas[replicas].append(param.grad.detach())
-    if not _is_sharded(mesh):
-        grads = [g for group in by_replicas.values() for g in group]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
-    total = torch.zeros((), dtype=torch.float32)
-    for replicas, grads in by_replicas.items():
-        total = total.to(grads[0].device) + torch.stack(torch._foreach_norm(grads, 2)).float().pow(2).sum() / replicas
-    if counter is not None:
-        counter.record("all_reduce", total, group=dist.group.WORLD)
-    dist.all_reduce(total)
-    return total.sqrt()
+    return finish_norm(norm_terms(params, mesh=mesh), mesh=mesh, counter=counter)
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping multiplies every gradient by (at most 1)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def clip_grad_norm(
@@ -63,7 +89,7 @@ def clip_grad_norm(
     """Scale gradients so their global norm is at most max_norm; returns the norm before clipping."""
     norm = global_grad_norm(params, mesh=mesh, counter=counter)
     if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        scale = clip_coefficient(norm, max_norm)
         grads = [p.grad for p in params if p.grad is not None]
         torch._foreach_mul_(grads, scale.to(grads[0].device))
     return norm

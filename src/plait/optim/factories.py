@@ -30,6 +30,7 @@ def adamw(
             {"params": [p for p in params if is_matrix(p)], "weight_decay": weight_decay},
             {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        # fused: one kernel per step over all tensors, the host step at memory bandwidth (offload needs it)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
     return build

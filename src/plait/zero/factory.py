@@ -10,8 +10,10 @@ from plait.amp.policy import PrecisionPolicy
 from plait.config import Plan
 from plait.distributed.comm import CommCounter
 from plait.distributed.mesh import Mesh
+from plait.offload.build import build_offload
 from plait.zero.data_parallel import DataParallel, broadcast_module_state
 from plait.zero.lazy import Materializer
+from plait.zero.partition import plan_units
 from plait.zero.sharded import ZeroDataParallel
 from plait.zero.unit import UnitConfig
 
@@ -24,6 +26,11 @@ def use_all_reduce(plan: Plan, group: dist.ProcessGroup | None) -> bool:
     return group is None or dist.get_backend(group) == "gloo"
 
 
+def unit_numels(model: nn.Module) -> list[int]:
+    specs, _ = plan_units(model)
+    return [sum(param.numel() for _, param in spec.named_params) for spec in specs]
+
+
 def build_data_parallel(
     model: nn.Module, *, mesh: Mesh, policy: PrecisionPolicy, counter: CommCounter
 ) -> DataParallel | ZeroDataParallel:
@@ -34,6 +41,7 @@ def build_data_parallel(
         raise ValueError(
             f"the model is on the meta device but plan.zero={plan.zero}; lazy initialisation needs plan.zero=3, or build the model on a real device"
         )
+    offload = build_offload(unit_numels(model), mesh=mesh, policy=policy) if plan.offloads else None  # before collectives
     if plan.zero == 0 and policy.param_dtype == torch.float32:
         return DataParallel(model, mesh=mesh, bucket_mb=plan.bucket_mb, counter=counter)
     if not is_lazy:
@@ -51,4 +59,5 @@ def build_data_parallel(
         counter=counter,
     )
     device = torch.device(mesh.device_type)
-    return ZeroDataParallel(model, config=config, materialize=Materializer(model, device=device) if is_lazy else None)
+    materialize = Materializer(model, device=device) if is_lazy else None
+    return ZeroDataParallel(model, config=config, materialize=materialize, offload=offload)

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from plait.distributed.placement import placement_of
+from plait.offload.manager import Offload
+from plait.offload.placement import ON_DEVICE
 from plait.zero.partition import HookSite, UnitSpec, plan_units
 from plait.zero.unit import FlatUnit, PendingReduce, UnitConfig
 
@@ -29,14 +31,22 @@ Materialize = Callable[[UnitSpec], list[tuple[str, nn.Parameter]]]
 class ZeroDataParallel:
     """A model's trainable parameters as dp-sharded flat units, with the hooks each stage needs."""
 
-    def __init__(self, model: nn.Module, *, config: UnitConfig, materialize: Materialize | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        config: UnitConfig,
+        materialize: Materialize | None = None,
+        offload: Offload | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.stage = config.stage
+        self.offload = offload
         specs, self.sites = plan_units(model)
         self.peak_held_elements = 0  # parameter elements held (shards + gathered units), at its highest
         self._held_so_far = 0
-        self.units = [self._build_unit(spec, materialize) for spec in specs]
+        self.units = [self._build_unit(index, spec, materialize) for index, spec in enumerate(specs)]
         self.sync = True
         self.in_backward = False
         self._pending: list[tuple[FlatUnit, PendingReduce]] = []
@@ -47,7 +57,7 @@ class ZeroDataParallel:
         if self.stage == 3:
             self._register_param_hooks()
 
-    def _build_unit(self, spec: UnitSpec, materialize: Materialize | None) -> FlatUnit:
+    def _build_unit(self, index: int, spec: UnitSpec, materialize: Materialize | None) -> FlatUnit:
         named = spec.named_params
         if any(param.is_meta for _, param in named):
             if materialize is None:
@@ -55,7 +65,10 @@ class ZeroDataParallel:
                     f"unit {spec.name} has parameters on the meta device; pass lazy init or build the model on a real device"
                 )
             named = materialize(spec)
-        unit = FlatUnit(named, config=self.config)
+        tiers = self.offload.tiers[index] if self.offload is not None else ON_DEVICE
+        unit = FlatUnit(named, config=self.config, tiers=tiers)
+        if self.offload is not None:
+            self.offload.attach(index, unit)
         # while a unit is flattened, its freshly initialised tensors and its flat buffer coexist
         self.peak_held_elements = max(self.peak_held_elements, self._held_so_far + 2 * unit.layout.padded_numel)
         self._held_so_far += unit.layout.shard_size
@@ -164,10 +177,14 @@ class ZeroDataParallel:
             self.units[index].wait_gather()
         self._track_held()
 
-    def _prefetch(self, position: int) -> None:
+    def _prefetch(self, position: int, *, direction: int) -> None:
+        """Start gathering the units at `position`; offloaded shards one site further start their read."""
         if 0 <= position < len(self.sites):
             for index in self.sites[position].unit_indices:
                 self.units[index].start_gather()
+        after = position + direction
+        if self.offload is not None and 0 <= after < len(self.sites):
+            self.offload.prefetch_params([self.units[i] for i in self.sites[after].unit_indices])
         self._track_held()
 
     def _track_held(self) -> None:
@@ -181,7 +198,9 @@ class ZeroDataParallel:
         def hook(_module: nn.Module, _args: Any) -> None:
             self._gather(self.sites[position])
             if not self.in_backward:
-                self._prefetch(position + 1)
+                self._prefetch(position + 1, direction=1)
+            if self.offload is not None:
+                self.offload.observe(f"forward:{self.sites[position].name}")
 
         return hook
 
@@ -193,6 +212,8 @@ class ZeroDataParallel:
             for index in site.unit_indices:
                 self.units[index].release()
             self._hook_output(output, position)
+            if self.offload is not None:
+                self.offload.observe(f"after-forward:{site.name}")
 
         return hook
 
@@ -204,7 +225,9 @@ class ZeroDataParallel:
             if not fired[0]:
                 fired[0] = True
                 self._gather(self.sites[position])
-                self._prefetch(position - 1)
+                self._prefetch(position - 1, direction=-1)
+                if self.offload is not None:
+                    self.offload.observe(f"backward:{self.sites[position].name}")
             return grad
 
         for tensor in tensors:

@@ -12,6 +12,7 @@ The optimizer always steps on this rank's pieces of the fp32 master shard.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 
 from plait.distributed.comm import CommCounter
 from plait.distributed.placement import placement_of
+from plait.offload.placement import ON_DEVICE, UnitTiers
+from plait.offload.unit_pages import UnitPages, host_tensor
 from plait.zero.flat import FlatLayout, make_piece_param, views_of
 
 
@@ -45,8 +48,12 @@ class PendingReduce:
 class FlatUnit:
     """One unit's flat parameters and gradients; see the module docstring."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, config: UnitConfig) -> None:
+    def __init__(
+        self, named_params: list[tuple[str, nn.Parameter]], *, config: UnitConfig, tiers: UnitTiers = ON_DEVICE
+    ) -> None:
         self.config = config
+        self.tiers = tiers
+        self.pages: UnitPages | None = None  # set by plait.offload when a state of this unit lives on disk
         self.names = [name for name, _ in named_params]
         self.params = [param for _, param in named_params]
         self.layout = FlatLayout(
@@ -59,8 +66,9 @@ class FlatUnit:
                 param.data = view
         shard = self.full[self.layout.shard_start : self.layout.shard_end]
         self.param_shard = shard.clone() if config.stage == 3 else shard
-        needs_master = config.param_dtype != torch.float32
-        self.master_shard = self.param_shard.float() if needs_master else self.param_shard
+        self.master_shard = self._make_master()
+        if tiers.params != "device":
+            self.param_shard = self._offloaded_param_shard()
         self.grad_full: torch.Tensor | None = None
         if config.stage <= 1:
             self.grad_full = torch.zeros_like(self.full)
@@ -84,6 +92,21 @@ class FlatUnit:
         if config.stage == 3:
             self.release()
 
+    def _make_master(self) -> torch.Tensor:
+        """fp32 master shard: the parameter shard itself when it is fp32 on the device; on the host
+        (its own buffer, pinned on CUDA) when the optimizer is offloaded."""
+        if self.tiers.optimizer != "device":
+            return host_tensor(self.param_shard.float())
+        needs_master = self.config.param_dtype != torch.float32
+        return self.param_shard.float() if needs_master else self.param_shard
+
+    def _offloaded_param_shard(self) -> torch.Tensor:
+        """ZeRO-3's parameter shard off the device: fp32 parameters beside an optimizer on the same
+        tier are the master shard itself (one copy, one file)."""
+        if self.tiers.params == self.tiers.optimizer and self.config.param_dtype == torch.float32:
+            return self.master_shard
+        return host_tensor(self.param_shard)
+
     # --- parameters (stage 3 gathers and releases; stages 1-2 gather after each step) ---
 
     def _storage_bytes(self) -> int:
@@ -93,15 +116,28 @@ class FlatUnit:
         """Launch the all-gather of the full parameters (no-op if they are here or coming)."""
         if self.gathered or self.gather_handle is not None:
             return
+        if self.pages is not None and self.pages.params is not None:
+            self.pages.params.wait()
         self.full.untyped_storage().resize_(self._storage_bytes())
-        self.gather_handle = self._all_gather(self.param_shard)
+        shard = self.param_shard
+        if shard.device != self.full.device:
+            shard = shard.to(self.full.device, non_blocking=True)
+        self.gather_handle = self._all_gather(shard)
+        if self.gather_handle is None:
+            self._params_used()
 
     def wait_gather(self) -> None:
         self.start_gather()
         if self.gather_handle is not None:
             self.gather_handle.wait()
             self.gather_handle = None
+            self._params_used()
         self.gathered = True
+
+    def _params_used(self) -> None:
+        """The gathered copy exists: an offloaded shard can leave memory (its file is current)."""
+        if self.pages is not None and self.pages.params is not None and not self.pages.stepping:
+            self.pages.params.evict(write=False)
 
     def release(self) -> None:
         """Free the full parameters' storage; their views stay valid for the next gather."""
@@ -122,7 +158,12 @@ class FlatUnit:
         """After the optimizer step: cast masters into the parameter shard; stages 1-2 re-gather."""
         with torch.no_grad():
             if self.master_shard is not self.param_shard:
+                page = self.pages.params if self.pages is not None else None
+                if page is not None:
+                    page.claim()  # overwritten whole: no read
                 self.param_shard.copy_(self.master_shard)
+                if page is not None:
+                    page.evict(write=True)
             if self.config.stage == 3 or self.config.num_shards == 1:
                 return None
             return self._all_gather(self.param_shard.clone())
@@ -130,7 +171,10 @@ class FlatUnit:
     # --- gradients ---
 
     def _make_grad_shard(self) -> torch.Tensor:
-        """fp32 gradients of this rank's shard: under stage 1 in fp32, a view of the full buffer."""
+        """fp32 gradients of this rank's shard: under stage 1 in fp32, a view of the full buffer; on the host
+        (its own buffer) when they are offloaded."""
+        if self.tiers.grads != "device":
+            return host_tensor(torch.zeros(self.layout.shard_size, dtype=torch.float32))
         if self.grad_full is not None and self.grad_full.dtype == torch.float32:
             return self.grad_full[self.layout.shard_start : self.layout.shard_end]
         return torch.zeros(self.layout.shard_size, dtype=torch.float32, device=self.full.device)
@@ -149,6 +193,8 @@ class FlatUnit:
 
     def start_reduce(self) -> PendingReduce:
         """Sum this unit's gradients over dp; the shard lands in grad_shard at `finish_reduce`."""
+        if self.pages is not None and self.pages.grads is not None:
+            self.pages.grads.fetch()  # read the accumulated shard while the reduction runs
         source = self._flat_grads()
         config = self.config
         if config.group is None:
@@ -168,13 +214,21 @@ class FlatUnit:
         result = pending.result
         if result.numel() != self.layout.shard_size:
             result = result[self.layout.shard_start : self.layout.shard_end]
+        page = self.pages.grads if self.pages is not None else None
+        if page is not None:
+            page.wait()
         if self.config.stage >= 2:
-            self.grad_shard.add_(result)  # one reduction per micro-batch accumulates here
+            self.grad_shard.add_(result.to(self.grad_shard.device))  # one reduction per micro-batch accumulates here
         elif result.data_ptr() != self.grad_shard.data_ptr():  # stage 1 reduces once per step
             self.grad_shard.copy_(result)
+        if page is not None:
+            page.evict(write=True)
 
     def zero_grads(self) -> None:
-        self.grad_shard.zero_()
+        if self.pages is not None and self.pages.grads is not None:
+            self.pages.grads.mark_fresh()
+        else:
+            self.grad_shard.zero_()
         if self.grad_full is not None:
             self.grad_full.zero_()
             for param, view in zip(self.params, views_of(self.grad_full, self.layout), strict=True):
@@ -187,8 +241,9 @@ class FlatUnit:
         for view, tensor in zip(views_of(flat, self.layout), tensors, strict=True):
             view.copy_(tensor.reshape(view.shape))
         shard = flat[self.layout.shard_start : self.layout.shard_end]
-        self.master_shard.copy_(shard)
-        self.param_shard.copy_(shard)
+        with self.pages.writing(params=True) if self.pages is not None else nullcontext():
+            self.master_shard.copy_(shard)
+            self.param_shard.copy_(shard)
         if self.config.stage < 3:
             self.full.copy_(flat)
 

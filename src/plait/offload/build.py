@@ -1,0 +1,63 @@
+"""Decide where each unit's states live and check the disk, before any collective."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.distributed as dist
+
+from plait.amp.policy import PrecisionPolicy
+from plait.distributed.mesh import Mesh
+from plait.offload.disk import DiskStore, check_offload_dir
+from plait.offload.manager import Offload
+from plait.offload.placement import UnitBytes, UnitTiers, explicit_tiers, place_by_budget, unit_sizes
+from plait.sizes import format_bytes
+
+DISK_HEADROOM = 1.05  # files are padded to 4 KiB per tensor; leave a little more than the exact bytes
+
+
+def build_offload(numels: list[int], *, mesh: Mesh, policy: PrecisionPolicy) -> Offload:
+    """The placement for this rank's units of `numels` elements each (ValueError for a budget or directory
+    that cannot work)."""
+    plan = mesh.plan
+    sizes = unit_sizes(numels, num_shards=mesh.size("dp"))
+    param_bytes = policy.param_dtype.itemsize
+    budget = plan.memory_budget_bytes
+    if budget is not None:
+        tiers = place_by_budget(sizes, plan=plan, param_bytes=param_bytes, budget=budget)
+    else:
+        tiers = [explicit_tiers(plan)] * len(sizes)
+    notes = [describe_placement(tiers, sizes, param_bytes=param_bytes)]
+    disk = disk_bytes(tiers, sizes, param_bytes=param_bytes)
+    store = None
+    if disk:
+        needed = int(disk * mesh.ranks_per_node * DISK_HEADROOM)
+        note = check_offload_dir(plan.offload_dir, needed_bytes=needed)
+        notes += [note] if note else []
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        store = DiskStore(plan.offload_dir, rank=rank, direct=not note)
+    return Offload(tiers, store=store, notes=notes)
+
+
+def disk_bytes(tiers: list[UnitTiers], sizes: list[UnitBytes], *, param_bytes: int) -> int:
+    """Bytes this rank writes to disk: parameter shards, master + optimizer state, gradient shards."""
+    total = 0
+    for tier, size in zip(tiers, sizes, strict=True):
+        if tier.params == "disk" and not (tier.optimizer == "disk" and param_bytes == 4):
+            total += size.state_bytes("params", param_bytes=param_bytes)
+        if tier.optimizer == "disk":
+            total += size.state_bytes("master", param_bytes=param_bytes)
+            total += size.state_bytes("moments", param_bytes=param_bytes)
+        if tier.grads == "disk":
+            total += size.state_bytes("grads", param_bytes=param_bytes)
+    return total
+
+
+def describe_placement(tiers: list[UnitTiers], sizes: list[UnitBytes], *, param_bytes: int) -> str:
+    """One log line: how many units keep each state where, and the bytes on disk."""
+    parts = []
+    for field in ("params", "optimizer", "grads"):
+        counts = Counter(getattr(t, field) for t in tiers)
+        parts.append(f"{field} " + ", ".join(f"{n} units {where}" for where, n in sorted(counts.items())))
+    disk = format_bytes(disk_bytes(tiers, sizes, param_bytes=param_bytes))
+    return f"offload: {'; '.join(parts)}; {disk} on disk per rank"

@@ -1,0 +1,156 @@
+"""The optimizer phase when gradients or optimizer state live on disk: unit by unit, in two passes.
+
+Pass one reads each unit's gradients once (the next unit's read runs
+meanwhile): it applies the step's gradient scale, sums partial gradients over
+their axes, and collects the norm terms and the first non-finite gradient,
+so the global norm and the fp16 overflow verdict are exact before any
+weight moves. Pass two brings in each unit's gradients, master shard and
+optimizer state, clips, steps the user's optimizer on that unit's pieces
+only (its parameter groups narrowed to them; hyperparameters and schedules
+untouched), publishes the new weights and writes the unit back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.amp.scaler import LossScaler, Overflow, local_first_non_finite
+from plait.distributed.comm import CommCounter
+from plait.distributed.mesh import Mesh
+from plait.distributed.placement import placement_of
+from plait.offload.manager import Offload
+from plait.offload.pages import Page
+from plait.offload.unit_like import UnitLike
+from plait.optim.clip import clip_coefficient, finish_norm, merge_terms, norm_terms
+from plait.tensor.partial_grads import reduce_partial_grads
+
+_NONE = 2**62  # no non-finite gradient in a unit (the index space is all units' names)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    mesh: Mesh
+    scaler: LossScaler
+    counter: CommCounter
+    device: torch.device
+    max_grad_norm: float | None
+
+
+def _grad_pages(unit: UnitLike) -> list[Page]:
+    return [unit.pages.grads] if unit.pages is not None and unit.pages.grads is not None else []
+
+
+def _step_pages(unit: UnitLike) -> list[Page]:
+    return unit.pages.for_step() if unit.pages is not None else []
+
+
+def gradient_pass(
+    offload: Offload, *, factor: torch.Tensor | float | None, context: StepContext
+) -> tuple[torch.Tensor, Overflow | None]:
+    """Pass one: scale, reduce partial gradients, and find the global norm and any overflow."""
+    terms: dict[int, list[torch.Tensor]] = {}
+    names: list[str] = []
+    first = torch.full((), _NONE, dtype=torch.int64, device=context.device)
+    for unit in offload.paged(offload.units, _grad_pages):
+        grads = [piece.grad for piece in unit.pieces]
+        changed = factor is not None and bool(grads)
+        if changed:
+            torch._foreach_mul_(grads, factor)
+        changed |= reduce_partial_grads(unit.pieces, mesh=context.mesh, counter=context.counter)
+        if context.scaler.dynamic:
+            named = _named_grads(unit)
+            local = local_first_non_finite(named, device=context.device)
+            first = torch.minimum(first, torch.where(local < len(named), local + len(names), _NONE))
+        names += unit.names
+        merge_terms(terms, norm_terms(unit.pieces, mesh=context.mesh))
+        for page in _grad_pages(unit):
+            page.evict(write=changed)
+    norm = finish_norm(terms, mesh=context.mesh, counter=context.counter)
+    overflow = None
+    if context.scaler.dynamic:
+        first = first.clamp(max=len(names))
+        groups = [context.mesh.group("dp"), context.mesh.group("tp")]
+        overflow = context.scaler.agree_on_first(first, names, groups=groups, counter=context.counter)
+    return norm, overflow
+
+
+def _named_grads(unit: UnitLike) -> list[tuple[str, torch.Tensor | None]]:
+    local = {placement_of(piece).name: piece.grad for piece in unit.pieces}
+    return [(name, local.get(name)) for name in unit.names]
+
+
+def update_pass(
+    offload: Offload, optimizer: torch.optim.Optimizer, *, norm: torch.Tensor, context: StepContext
+) -> None:
+    """Pass two: clip, step each unit's pieces, publish, write back."""
+    start = time.perf_counter()
+    coefficient = clip_coefficient(norm, context.max_grad_norm) if context.max_grad_norm else None
+    handles: list[dist.Work] = []
+    for unit in offload.paged(offload.units, _step_pages):
+        if unit.pages is not None:
+            unit.pages.stepping = True
+        grads = [piece.grad for piece in unit.pieces if piece.grad is not None]
+        if coefficient is not None and grads:
+            torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        with narrowed(optimizer, unit.pieces):
+            optimizer.step()
+        _page_new_state(unit, optimizer)
+        handle = unit.publish_step()
+        if handle is not None:
+            handles.append(handle)
+        _write_back(unit)
+    for handle in handles:
+        handle.wait()
+    offload.optimizer_s += time.perf_counter() - start
+
+
+def _write_back(unit: UnitLike) -> None:
+    pages = unit.pages
+    if pages is None:
+        return
+    pages.stepping = False
+    for page in (pages.master, pages.moments):
+        if page is not None:
+            page.evict(write=True)
+    if pages.grads is not None:
+        pages.grads.mark_fresh()
+
+
+def _page_new_state(unit: UnitLike, optimizer: torch.optim.Optimizer) -> None:
+    """The first step creates the optimizer state: from now on it lives on disk with the master."""
+    pages = unit.pages
+    if pages is None or pages.master is None or pages.moments is not None:
+        return
+    tensors = [
+        value
+        for piece in unit.pieces
+        for value in optimizer.state.get(piece, {}).values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    ]
+    if tensors:
+        store = pages.master.store
+        pages.moments = Page(pages.master.key.replace("master", "moments"), tensors, store=store)
+
+
+@contextmanager
+def narrowed(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> Iterator[None]:
+    """Let `optimizer.step()` see only `params` (their groups keep every hyperparameter)."""
+    wanted = {id(p) for p in params}
+    groups = optimizer.param_groups
+    saved = [group["params"] for group in groups]
+    try:
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) in wanted]
+        optimizer.param_groups = [group for group in groups if group["params"]]
+        yield
+    finally:
+        optimizer.param_groups = groups
+        for group, params_of_group in zip(groups, saved, strict=True):
+            group["params"] = params_of_group
