@@ -354,6 +354,12 @@ class Engine:
             on_commit=on_commit,
         )
 
+    def close(self) -> None:
+        """Finish any save and remove the offload files (also done at interpreter exit)."""
+        self.wait_for_save()
+        if self.offload is not None:
+            self.offload.close()
+
     def wait_for_save(self) -> None:
         """Block until an asynchronous save is committed (re-raising its error)."""
         if self._writer is not None:

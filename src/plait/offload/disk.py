@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class DiskStore:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="plait-offload")
         self._fds: dict[str, int] = {}
+        # removes the files at close(), when the store is collected, or at interpreter exit
+        self._cleanup = weakref.finalize(self, _remove, self._pool, self._fds, self.directory)
 
     def _fd(self, key: str) -> int:
         with self._lock:
@@ -128,7 +131,9 @@ class DiskStore:
             buffer = self._local.bounce = _aligned_buffer(BOUNCE_BYTES)
         return buffer
 
-    def write(self, key: str, tensors: Sequence[torch.Tensor], *, then: Callable[[], None] | None = None) -> Future[None]:
+    def write(
+        self, key: str, tensors: Sequence[torch.Tensor], *, then: Callable[[], None] | None = None
+    ) -> Future[None]:
         """Write `tensors` to the file `key`, then call `then` on the I/O thread (freeing their memory)."""
 
         def task() -> None:
@@ -185,11 +190,15 @@ class DiskStore:
         os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._cleanup()
+
+
+def _remove(pool: ThreadPoolExecutor, fds: dict[str, int], directory: Path) -> None:
+    pool.shutdown(wait=True)
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

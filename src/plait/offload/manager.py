@@ -50,7 +50,9 @@ class Offload:
             pages.master = Page(f"unit{index}.master", [unit.master_shard], store=self.store)
         if tiers.params == "disk":
             aliased = unit.param_shard is unit.master_shard
-            pages.params = pages.master if aliased else Page(f"unit{index}.params", [unit.param_shard], store=self.store)
+            pages.params = (
+                pages.master if aliased else Page(f"unit{index}.params", [unit.param_shard], store=self.store)
+            )
         if tiers.grads == "disk":
             pages.grads = Page(f"unit{index}.grads", [unit.grad_shard], store=self.store, fresh=True)
         unit.pages = pages
@@ -132,4 +134,3 @@ class Offload:
         if self.store is not None:
             self.store.close()
             self.store = None
-

@@ -41,7 +41,9 @@ def build_data_parallel(
         raise ValueError(
             f"the model is on the meta device but plan.zero={plan.zero}; lazy initialisation needs plan.zero=3, or build the model on a real device"
         )
-    offload = build_offload(unit_numels(model), mesh=mesh, policy=policy) if plan.offloads else None  # before collectives
+    offload = (
+        build_offload(unit_numels(model), mesh=mesh, policy=policy) if plan.offloads else None
+    )  # before collectives
     if plan.zero == 0 and policy.param_dtype == torch.float32:
         return DataParallel(model, mesh=mesh, bucket_mb=plan.bucket_mb, counter=counter)
     if not is_lazy:
