@@ -1,11 +1,11 @@
 """The disk tier: tensors in files under `plan.offload_dir`, read and written by background threads.
 
 Each key (one unit's state of one kind) is one file holding its tensors end to
-end at 4 KiB-aligned offsets. Where the filesystem takes O_DIRECT, I/O goes
-through an aligned bounce buffer per thread (reused, so memory stays bounded
-and the page cache is bypassed); where it does not (tmpfs), through ordinary
-buffered I/O straight from the tensors, said in the log. Nothing relies on the
-page cache: every read comes from the file.
+end at 4 KiB-aligned offsets. I/O goes through an aligned bounce buffer per
+thread (reused, so memory stays bounded): with O_DIRECT where the filesystem
+takes it, bypassing the page cache; where it does not (tmpfs), buffered,
+synced and dropped from the cache after each move, said in the log. Nothing
+relies on the page cache: every read comes from the file.
 """
 
 from __future__ import annotations
@@ -85,10 +85,6 @@ def _aligned_buffer(nbytes: int) -> torch.Tensor:
     return raw[offset : offset + nbytes]
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().view(-1).view(torch.uint8).numpy())
-
-
 @dataclass
 class IOStats:
     """Bytes moved and seconds the I/O threads were busy, since the last reset."""
@@ -154,10 +150,7 @@ class DiskStore:
         for tensor in tensors:
             nbytes = tensor.numel() * tensor.element_size()
             data = tensor.detach().view(-1).view(torch.uint8)
-            if self.direct:
-                self._direct(fd, data, offset=offset, writing=writing)
-            else:
-                self._buffered(fd, data, offset=offset, writing=writing)
+            self._through_bounce(fd, data, offset=offset, writing=writing)
             offset += aligned(nbytes)
             moved += nbytes
         with self._lock:
@@ -167,7 +160,9 @@ class DiskStore:
             else:
                 self.stats.read_bytes += moved
 
-    def _direct(self, fd: int, data: torch.Tensor, *, offset: int, writing: bool) -> None:
+    def _through_bounce(self, fd: int, data: torch.Tensor, *, offset: int, writing: bool) -> None:
+        """Move `data` through this thread's aligned buffer (a tensor's own memory never reaches numpy:
+        that would pin its storage, which pages must be able to free)."""
         bounce = self._bounce()
         for lo in range(0, data.numel(), BOUNCE_BYTES):
             chunk = data[lo : lo + BOUNCE_BYTES]
@@ -179,15 +174,10 @@ class DiskStore:
             else:
                 _read_all(fd, view, offset + lo)
                 chunk.copy_(bounce[: chunk.numel()])
-
-    def _buffered(self, fd: int, data: torch.Tensor, *, offset: int, writing: bool) -> None:
-        view = _byte_view(data)
-        if writing:
-            _write_all(fd, view, offset)
-            os.fdatasync(fd)
-        else:
-            _read_all(fd, view, offset)
-        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        if not self.direct:  # buffered: make it durable, then drop it from the page cache
+            if writing:
+                os.fdatasync(fd)
+            os.posix_fadvise(fd, offset, aligned(data.numel()), os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         self._cleanup()

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from plait.train.metrics import COMM_COLUMNS
+from plait.train.metrics import COMM_COLUMNS, OFFLOAD_COLUMNS
 
 DEFAULT_COLUMNS: tuple[str, ...] = (
     "step",
@@ -21,6 +21,7 @@ DEFAULT_COLUMNS: tuple[str, ...] = (
     "peak_rss",
     "step_s",
     *COMM_COLUMNS,
+    *OFFLOAD_COLUMNS,
 )
 
 
@@ -154,6 +155,10 @@ _FORMATS: tuple[tuple[str, Any], ...] = (
     ("state_bytes", lambda v: f"state {format_bytes(v)}"),
     ("peak_rss", lambda v: f"rss {format_bytes(v)}"),
     ("comm_bytes", lambda v: f"comm {format_bytes(v)}/step"),
+    ("offload_disk_bytes", lambda v: f"disk {format_bytes(v)}"),
+    ("offload_read_bytes", lambda v: f"io read {format_bytes(v)}"),
+    ("offload_write_bytes", lambda v: f"written {format_bytes(v)}/step"),
+    ("offload_hidden", lambda v: f"{100 * v:.0f}% of io hidden"),
 )
 _COMM_PARTS = tuple(column for column in COMM_COLUMNS if column != "comm_bytes")
 

@@ -105,6 +105,7 @@ class Run:
             "grad_norm": result.grad_norm.item(),
             "step_s": seconds,
             **metrics.comm_metrics(self.engine.comm),  # bytes sent this step: total, per axis, per link
+            **metrics.offload_metrics(self.engine.offload),  # bytes per tier, I/O this step
         }
 
     def add_slow_metrics(self, values: dict[str, Any]) -> None:
@@ -200,7 +201,11 @@ def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     owns_group = not dist.is_initialized()  # under a test harness the caller owns it
     try:
         with log_file(Path(config.train.out_dir) / LOG_FILE):
-            return Run(config, resume=resume).run()
+            run = Run(config, resume=resume)
+            try:
+                return run.run()
+            finally:
+                run.engine.close()  # offload files go with the run
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -270,4 +271,27 @@ def comm_metrics(counter: CommCounter) -> dict[str, float]:
     values = {"comm_bytes": counter.sent_bytes}
     values |= {f"comm_{axis}_bytes": by_axis.get(axis, 0.0) for axis in AXIS_LABELS}
     values |= {f"comm_{link}_bytes": by_link.get(link, 0.0) for link in LINKS}
+    return values
+
+
+OFFLOAD_COLUMNS: tuple[str, ...] = (
+    "offload_device_bytes",
+    "offload_host_bytes",
+    "offload_disk_bytes",
+    "offload_read_bytes",
+    "offload_write_bytes",
+    "offload_hidden",
+)
+
+
+def offload_metrics(offload: Any) -> dict[str, float]:
+    """Model-state bytes per tier on this rank, bytes read and written this step, and the share of
+    the I/O time that compute hid (1 - time the step waited for I/O / time the I/O threads were busy)."""
+    if offload is None:
+        return {}
+    stats = offload.stats()
+    values = {f"offload_{tier}_bytes": float(n) for tier, n in stats["resident_bytes"].items()}
+    values |= {"offload_read_bytes": float(stats["read_bytes"]), "offload_write_bytes": float(stats["write_bytes"])}
+    if stats["io_busy_s"] > 0:
+        values["offload_hidden"] = stats["hidden_share"]
     return values
