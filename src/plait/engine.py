@@ -26,6 +26,7 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
+from plait.distributed.partial_grads import reduce_partial_grads
 from plait.offload.manager import Offload
 from plait.offload.step import StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
@@ -35,7 +36,6 @@ from plait.recompute import apply_recompute
 from plait.tensor.apply import apply_tensor_parallel, count_collectives
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.loss_check import CheckedLoss
-from plait.tensor.partial_grads import reduce_partial_grads
 from plait.tensor.state import gather_tp_state
 from plait.zero.factory import build_data_parallel
 
@@ -193,9 +193,13 @@ class Engine:
         if not self.scaler.dynamic:
             return False
         named = self.data_parallel.named_grads()
-        overflow = self.scaler.check_overflow(
-            named, groups=[self.mesh.group("dp")], device=self.device, counter=self.comm
+        groups = [self.mesh.group("dp")]
+        return self._record_overflow(
+            self.scaler.check_overflow(named, groups=groups, device=self.device, counter=self.comm)
         )
+
+    def _record_overflow(self, overflow: Overflow) -> bool:
+        """Log a skipped step, move the loss scale; True when the step must be skipped."""
         self.last_overflow = overflow
         if overflow.found:
             get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
@@ -243,13 +247,8 @@ class Engine:
             mesh=self.mesh, scaler=self.scaler, counter=self.comm, device=self.device, max_grad_norm=self.max_grad_norm
         )
         grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
-        if overflow is not None:
-            self.last_overflow = overflow
-            if overflow.found:
-                get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
-            self.scaler.update(overflow)
-            if overflow.found:
-                return torch.full((), float("nan")), True
+        if overflow is not None and self._record_overflow(overflow):
+            return torch.full((), float("nan")), True
         update_pass(offload, self.optimizer, norm=grad_norm, context=context)
         return grad_norm, False
 
