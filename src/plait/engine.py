@@ -28,7 +28,7 @@ from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
 from plait.offload.manager import Offload
-from plait.offload.step import StepContext, gradient_pass, update_pass
+from plait.offload.step import BackwardStep, StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
@@ -122,6 +122,7 @@ class Engine:
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
         self._writer: CheckpointWriter | None = None
+        self._backward_step: BackwardStep | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -174,6 +175,9 @@ class Engine:
         else:  # the count is known only after the step: divide by a stand-in now (fp16 range), correct later
             self._stand_in = float(next(iter(micro_batch.values())).numel()) if isinstance(loss, tuple) else 1.0
             to_backward = loss_sum / self._stand_in
+        if sync and self._updates_in_backward():
+            self._backward_step = BackwardStep(self.offload, self.optimizer, mesh=self.mesh)
+            self.data_parallel.on_final_grads = self._backward_step
         self.data_parallel.before_backward(sync=sync)
         self.scaler.scale_loss(to_backward).backward()
         self.data_parallel.after_backward()
@@ -213,7 +217,10 @@ class Engine:
         if self.pipeline is not None:  # only the last stage saw the loss: share it, count it once
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
-        if self.offload is not None and self.offload.pages_optimizer:
+        if self._backward_step is not None:
+            grad_norm, skipped = self._backward_step.finish(counter=self.comm), False
+            self._backward_step = self.data_parallel.on_final_grads = None
+        elif self.offload is not None and self.offload.pages_optimizer:
             grad_norm, skipped = self._paged_step(self.offload, self._gradient_factor(count))
         else:
             grad_norm, skipped = self._step(self._gradient_factor(count))
@@ -240,6 +247,19 @@ class Engine:
         if self.offload is not None:
             self.offload.optimizer_s += time.perf_counter() - start
         return grad_norm, False
+
+    def _updates_in_backward(self) -> bool:
+        """Offloaded state on disk, and nothing that needs every gradient before the first update."""
+        offload = self.offload
+        return (
+            offload is not None
+            and offload.pages_optimizer
+            and not self.max_grad_norm
+            and not self.scaler.dynamic
+            and self._divisor is not None
+            and self.pipeline is None
+            and not offload.has_partial_grads
+        )
 
     def _paged_step(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
         """Gradients or optimizer state on disk: the same step, a unit at a time (plait/offload/step.py)."""

@@ -181,3 +181,39 @@ def test_a_memory_budget_bounds_the_state_held_at_every_unit_boundary(tmp_path: 
     for _, _, peak in results:
         assert peak["checks"] > 20 * 10, peak  # forward, backward and step boundaries, every step
         assert peak["bytes"] <= budget, f"{peak} above the budget of {budget} bytes"
+
+
+def train_unclipped(rank: int, world_size: int, plan: dict):
+    model = fresh_model("tiny")
+    engine = plait.boost(
+        model,
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(dp=world_size, bucket_mb=0.01, **plan),
+        lr_scheduler=scheduler,
+    )
+    losses, state = train_every_step(engine, model.config.vocab_size)
+    updates = engine.offload.stats()["backward_updates"]
+    engine.close()
+    return losses, state, updates, len(engine.data_parallel.units)
+
+
+def unclipped_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    from plait.train.reference import train_reference
+
+    model = fresh_model("tiny")
+    batches = make_batches(model.config.vocab_size)
+    losses = train_reference(
+        model, batches, optimizer=optimizer, loss_fn=plait.losses.causal_lm, lr_scheduler=scheduler
+    )
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize(("zero", "microbatches"), [(1, 1), (2, 4), (3, 1), (3, 2)])
+def test_updates_during_backward_match_one_process(zero: int, microbatches: int, tmp_path: Path) -> None:
+    """Without clipping or fp16 each unit's update runs once its gradients are reduced, inside backward."""
+    plan = {"zero": zero, "microbatches": microbatches, "offload_dir": str(tmp_path)}
+    plan |= ALL_DISK if zero == 3 else {"offload_optimizer": "disk", "offload_gradients": "disk"}
+    results = run_ranks(train_unclipped, 2, plan)
+    assert_parity([(losses, state) for losses, state, _, _ in results], unclipped_reference())
+    assert all(updates == num_units for _, _, updates, num_units in results)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from plait.distributed.placement import placement_of
 from plait.offload.disk import DiskStore
 from plait.offload.pages import Page
 from plait.offload.placement import UnitTiers
@@ -37,6 +38,15 @@ class Offload:
     def pages_optimizer(self) -> bool:
         """Whether some unit's gradients or optimizer state live on disk: the step then goes unit by unit."""
         return any(t.optimizer == "disk" or t.grads == "disk" for t in self.tiers)
+
+    @property
+    def has_partial_grads(self) -> bool:
+        """Whether some piece's gradient must be summed over an axis before the update (sequence parallel)."""
+        return any(
+            (record := placement_of(piece)) is not None and record.partial_grad_axes
+            for unit in self.units
+            for piece in unit.pieces
+        )
 
     def attach(self, index: int, unit: UnitLike) -> None:
         """Give a freshly built unit its pages and send their contents to disk."""
@@ -74,6 +84,13 @@ class Offload:
             if unit.pages is not None and unit.pages.params is not None:
                 unit.pages.params.fetch()
 
+    def prefetch_step(self, unit: UnitLike) -> None:
+        """Start reading what a unit's update needs; its pages stay until the update writes them back."""
+        if unit.pages is not None:
+            unit.pages.stepping = True
+            for page in unit.pages.for_step():
+                page.fetch()
+
     def paged(self, units: list[UnitLike], pages_of: Callable[[UnitLike], list[Page]]) -> Iterator[UnitLike]:
         """Yield each unit with `pages_of(unit)` in memory, fetching the next unit's meanwhile."""
         for page in pages_of(units[0]) if units else []:
@@ -89,6 +106,7 @@ class Offload:
 
     def reset_stats(self) -> None:
         self.optimizer_s = 0.0
+        self.backward_updates = 0  # units updated during backward in the last step (BackwardStep)
         self.optimizer: torch.optim.Optimizer | None = None  # set by the engine: its state is counted per tier
         if self.store is not None:
             self.store.stats.reset()
@@ -105,6 +123,7 @@ class Offload:
             "io_wait_s": wait,
             "hidden_share": max(0.0, 1.0 - wait / busy) if busy > 0 else 1.0,
             "optimizer_s": self.optimizer_s,
+            "backward_updates": self.backward_updates,
             "resident_bytes": self.resident_bytes(),
         }
 

@@ -53,6 +53,7 @@ class ZeroDataParallel:
         self._ready_counts = [0] * len(self.units)
         self._reduced = [False] * len(self.units)
         self._hooks: list[Any] = []
+        self.on_final_grads: Callable[[FlatUnit], None] | None = None  # a step that updates during backward
         self._register_grad_hooks()
         if self.stage == 3:
             self._register_param_hooks()
@@ -116,6 +117,8 @@ class ZeroDataParallel:
                 "the next synced backward, and pass sync=False on accumulation micro-batches"
             )
         self._reduced[index] = True
+        if self.on_final_grads is not None and self.sync and self.offload is not None:
+            self.offload.prefetch_step(unit)  # its update follows this reduction: read its state meanwhile
         self._pending.append((unit, unit.start_reduce()))
         while len(self._pending) > MAX_IN_FLIGHT:
             self._complete_oldest()
@@ -125,6 +128,8 @@ class ZeroDataParallel:
     def _complete_oldest(self) -> None:
         unit, pending = self._pending.pop(0)
         unit.finish_reduce(pending)
+        if self.on_final_grads is not None and self.sync:
+            self.on_final_grads(unit)
 
     def before_backward(self, *, sync: bool) -> None:
         self.sync = sync

@@ -221,7 +221,7 @@ class FlatUnit:
             self.grad_shard.add_(result.to(self.grad_shard.device))  # one reduction per micro-batch accumulates here
         elif result.data_ptr() != self.grad_shard.data_ptr():  # stage 1 reduces once per step
             self.grad_shard.copy_(result)
-        if page is not None:
+        if page is not None and not self.pages.stepping:  # stepping: the update reads them right away
             page.evict(write=True)
 
     def zero_grads(self) -> None:
