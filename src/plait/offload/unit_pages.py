@@ -11,9 +11,11 @@ import torch
 from plait.offload.pages import Page
 
 
-def host_tensor(source: torch.Tensor) -> torch.Tensor:
-    """A copy of `source` in its own host buffer (pinned where CUDA copies it to and from the device)."""
-    out = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+def host_tensor(source: torch.Tensor, *, tier: str) -> torch.Tensor:
+    """A copy of `source` in its own host buffer: pinned for the host tier where CUDA copies it to and from
+    the device; pageable for the disk tier, whose pages free and reallocate their memory between uses."""
+    pinned = tier == "host" and torch.cuda.is_available()
+    out = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pinned)
     out.copy_(source)
     return out
 

@@ -59,6 +59,7 @@ def build_data_parallel(
         shard_index=mesh.rank("dp") if sharded else 0,
         use_all_reduce=use_all_reduce(plan, group) or not sharded,
         counter=counter,
+        copy_stream=torch.cuda.Stream() if offload is not None and mesh.device_type == "cuda" else None,
     )
     device = torch.device(mesh.device_type)
     materialize = Materializer(model, device=device) if is_lazy else None

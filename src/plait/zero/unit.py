@@ -36,6 +36,7 @@ class UnitConfig:
     shard_index: int
     use_all_reduce: bool  # gloo's all-reduce beats its reduce-scatter; the kept bytes are the same
     counter: CommCounter
+    copy_stream: torch.cuda.Stream | None = None  # CUDA: host-to-device copies of offloaded shards and their gathers
 
 
 @dataclass
@@ -96,7 +97,7 @@ class FlatUnit:
         """fp32 master shard: the parameter shard itself when it is fp32 on the device; on the host
         (its own buffer, pinned on CUDA) when the optimizer is offloaded."""
         if self.tiers.optimizer != "device":
-            return host_tensor(self.param_shard.float())
+            return host_tensor(self.param_shard.float(), tier=self.tiers.optimizer)
         needs_master = self.config.param_dtype != torch.float32
         return self.param_shard.float() if needs_master else self.param_shard
 
@@ -105,7 +106,7 @@ class FlatUnit:
         tier are the master shard itself (one copy, one file)."""
         if self.tiers.params == self.tiers.optimizer and self.config.param_dtype == torch.float32:
             return self.master_shard
-        return host_tensor(self.param_shard)
+        return host_tensor(self.param_shard, tier=self.tiers.params)
 
     # --- parameters (stage 3 gathers and releases; stages 1-2 gather after each step) ---
 
@@ -120,11 +121,25 @@ class FlatUnit:
             self.pages.params.wait()
         self.full.untyped_storage().resize_(self._storage_bytes())
         shard = self.param_shard
-        if shard.device != self.full.device:
-            shard = shard.to(self.full.device, non_blocking=True)
-        self.gather_handle = self._all_gather(shard)
+        if shard.device == self.full.device:
+            self.gather_handle = self._all_gather(shard)
+        else:
+            self.gather_handle = self._copy_and_gather(shard)
         if self.gather_handle is None:
             self._params_used()
+
+    def _copy_and_gather(self, shard: torch.Tensor) -> dist.Work | None:
+        """A host shard to the device, then the gather, on the copy stream so both overlap compute
+        (the collective follows the stream it is issued on; `wait_gather` joins the compute stream)."""
+        stream = self.config.copy_stream
+        if stream is None:
+            return self._all_gather(shard.to(self.full.device, non_blocking=True))
+        stream.wait_stream(torch.cuda.current_stream())  # `full` was just allocated on the compute stream
+        with torch.cuda.stream(stream):
+            handle = self._all_gather(shard.to(self.full.device, non_blocking=True))
+        if handle is None:  # one shard: the copy was the gather
+            torch.cuda.current_stream().wait_stream(stream)
+        return handle
 
     def wait_gather(self) -> None:
         self.start_gather()
@@ -174,7 +189,7 @@ class FlatUnit:
         """fp32 gradients of this rank's shard: under stage 1 in fp32, a view of the full buffer; on the host
         (its own buffer) when they are offloaded."""
         if self.tiers.grads != "device":
-            return host_tensor(torch.zeros(self.layout.shard_size, dtype=torch.float32))
+            return host_tensor(torch.zeros(self.layout.shard_size, dtype=torch.float32), tier=self.tiers.grads)
         if self.grad_full is not None and self.grad_full.dtype == torch.float32:
             return self.grad_full[self.layout.shard_start : self.layout.shard_end]
         return torch.zeros(self.layout.shard_size, dtype=torch.float32, device=self.full.device)
