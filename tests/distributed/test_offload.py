@@ -217,3 +217,23 @@ def test_updates_during_backward_match_one_process(zero: int, microbatches: int,
     results = run_ranks(train_unclipped, 2, plan)
     assert_parity([(losses, state) for losses, state, _, _ in results], unclipped_reference())
     assert all(updates == num_units for _, _, updates, num_units in results)
+
+
+def train_pipeline_offloaded(rank: int, world_size: int, offload_dir: str):
+    model = fresh_model("tiny")
+    plan = {"pp": 2, "zero": 1, "microbatches": 2, "offload_optimizer": "disk", "offload_gradients": "disk"}
+    engine = plait.boost(
+        model,
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(dp=1, bucket_mb=0.01, offload_dir=offload_dir, **plan),
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    losses, state = train_every_step(engine, model.config.vocab_size)
+    engine.close()
+    return losses, state
+
+
+def test_offload_under_a_pipeline_with_zero1_matches_one_process(tmp_path: Path) -> None:
+    assert_parity(run_ranks(train_pipeline_offloaded, 2, str(tmp_path)), reference_run("tiny"))
