@@ -28,7 +28,7 @@ from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
 from plait.offload.manager import Offload
-from plait.offload.step import BackwardStep, StepContext, gradient_pass, update_pass
+from plait.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
@@ -122,7 +122,7 @@ class Engine:
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
         self._writer: CheckpointWriter | None = None
-        self._backward_step: BackwardStep | None = None
+        self._final_grads: BackwardStep | NormCollector | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -175,9 +175,9 @@ class Engine:
         else:  # the count is known only after the step: divide by a stand-in now (fp16 range), correct later
             self._stand_in = float(next(iter(micro_batch.values())).numel()) if isinstance(loss, tuple) else 1.0
             to_backward = loss_sum / self._stand_in
-        if sync and self._updates_in_backward():
-            self._backward_step = BackwardStep(self.offload, self.optimizer, mesh=self.mesh)
-            self.data_parallel.on_final_grads = self._backward_step
+        if sync and self._final_grads_in_backward():
+            self._final_grads = self._final_grads_handler()
+            self.data_parallel.on_final_grads = self._final_grads
         self.data_parallel.before_backward(sync=sync)
         self.scaler.scale_loss(to_backward).backward()
         self.data_parallel.after_backward()
@@ -217,9 +217,13 @@ class Engine:
         if self.pipeline is not None:  # only the last stage saw the loss: share it, count it once
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
-        if self._backward_step is not None:
-            grad_norm, skipped = self._backward_step.finish(counter=self.comm), False
-            self._backward_step = self.data_parallel.on_final_grads = None
+        handler, self._final_grads = self._final_grads, None
+        if handler is not None:
+            self.data_parallel.on_final_grads = None
+            grad_norm, skipped = handler.finish(counter=self.comm), False
+            if isinstance(handler, NormCollector):
+                assert self.offload is not None
+                update_pass(self.offload, self.optimizer, norm=grad_norm, context=self._step_context())
         elif self.offload is not None and self.offload.pages_optimizer:
             grad_norm, skipped = self._paged_step(self.offload, self._gradient_factor(count))
         else:
@@ -248,24 +252,34 @@ class Engine:
             self.offload.optimizer_s += time.perf_counter() - start
         return grad_norm, False
 
-    def _updates_in_backward(self) -> bool:
-        """Offloaded state on disk, and nothing that needs every gradient before the first update."""
+    def _final_grads_handler(self) -> BackwardStep | NormCollector:
+        """Without clipping, each unit is updated in backward; with it, the norm is taken there."""
+        assert self.offload is not None
+        if self.max_grad_norm:
+            return NormCollector(self.offload.units, mesh=self.mesh)
+        return BackwardStep(self.offload, self.optimizer, mesh=self.mesh)
+
+    def _final_grads_in_backward(self) -> bool:
+        """Gradients or optimizer state on disk, gradients final when reduced (nothing scales or sums
+        them afterwards), so their norm, or the update itself, can be taken in backward."""
         offload = self.offload
         return (
             offload is not None
             and offload.pages_optimizer
-            and not self.max_grad_norm
             and not self.scaler.dynamic
             and self._divisor is not None
             and self.pipeline is None
             and not offload.has_partial_grads
         )
 
-    def _paged_step(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
-        """Gradients or optimizer state on disk: the same step, a unit at a time (plait/offload/step.py)."""
-        context = StepContext(
+    def _step_context(self) -> StepContext:
+        return StepContext(
             mesh=self.mesh, scaler=self.scaler, counter=self.comm, device=self.device, max_grad_norm=self.max_grad_norm
         )
+
+    def _paged_step(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        """Gradients or optimizer state on disk: the same step, a unit at a time (plait/offload/step.py)."""
+        context = self._step_context()
         grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
         if overflow is not None and self._record_overflow(overflow):
             return torch.full((), float("nan")), True

@@ -1,7 +1,10 @@
 """The on-disk form of a sharded checkpoint: one safetensors file per writing rank, one manifest.
 
 Each rank writes the pieces it owns to `shard-RRRRR.safetensors` (a tensor's
-key is its checkpoint name: `model/<param>`, `optim/<state>/<param>`). The
+key is its checkpoint name: `model/<param>`, `optim/<state>/<param>`),
+streamed: the header first (shapes and dtypes are known without the data),
+then each tensor's bytes, so state offloaded to disk is written a unit at a
+time and never all in memory (`PagedEntries`). The
 manifest lists, per checkpoint tensor, its whole shape and dtype and every
 piece with its file and `PieceLayout`. Reading a tensor under another plan
 scatters the overlapping pieces into the whole tensor by their global
@@ -12,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json
 import math
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,25 @@ from plait.checkpoint.layout import PieceLayout
 MANIFEST_FILE = "manifest.json"
 FORMAT = "plait-sharded-v1"
 _SHARD_PATTERN = re.compile(r"shard-(\d+)\.safetensors")
+_BOUNCE_BYTES = 8 * 2**20  # a tensor's bytes go to the file through a buffer of this size
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+}
 
 
 @dataclass
@@ -38,6 +63,35 @@ class Entry:
     name: str
     tensor: torch.Tensor
     layout: PieceLayout
+
+
+@dataclass
+class PagedEntries:
+    """Entries in groups whose tensors are in memory one group at a time (a unit's state offloaded to disk).
+
+    Their shapes and dtypes hold throughout; `resident()` yields each group's index, in order, while that
+    group's tensors are in memory, and frees them when resumed.
+    """
+
+    groups: list[list[Entry]]
+    resident: Callable[[], Iterator[int]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(entry.tensor) for group in self.groups for entry in group)
+
+    def entries(self) -> list[Entry]:
+        return [entry for group in self.groups for entry in group]
+
+    def in_order(self) -> Iterator[list[Entry]]:
+        """Each group's entries while its tensors are in memory."""
+        for expected, index in enumerate(self.resident()):
+            assert index == expected, f"paged groups came out of order ({index} for {expected})"
+            yield self.groups[index]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def plait_version() -> str:
@@ -74,21 +128,70 @@ def snapshot(entries: list[Entry]) -> list[Entry]:
     return [Entry(e.name, e.tensor.detach().to("cpu", copy=True).contiguous(), e.layout) for e in entries]
 
 
-def write_rank_file(
-    directory: Path, *, rank: int, entries: list[Entry], record_of: Callable[[Path], dict[str, Any]] = file_record
-) -> dict[str, Any]:
-    """Write this rank's pieces; return its record for the manifest (empty when it owns none).
+def snapshot_paged(paged: PagedEntries) -> list[Entry]:
+    """`snapshot` of every paged group, taken a group at a time (the copies are all held at the end)."""
+    return [entry for group in paged.in_order() for entry in snapshot(group)]
 
-    `record_of(file)` makes the file's record (the writer's also fsyncs it)."""
-    if not entries:
+
+def write_rank_file(
+    directory: Path,
+    *,
+    rank: int,
+    entries: list[Entry],
+    paged: PagedEntries | None = None,
+    record_of: Callable[[Path], dict[str, Any]] = file_record,
+) -> dict[str, Any]:
+    """Write this rank's pieces (`entries`, then `paged` a group at a time); return its record for the
+    manifest (empty when it owns none). `record_of(file)` makes the file's record (the writer's also fsyncs it)."""
+    every = entries + (paged.entries() if paged is not None else [])
+    if not every:
         return {"files": {}, "pieces": []}
     name = shard_file_name(rank)
-    safetensors.torch.save_file({e.name: e.tensor for e in entries}, directory / name)
+    with (directory / name).open("wb") as file:
+        file.write(safetensors_header(every))
+        bounce = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8)
+        for entry in entries:
+            _write_tensor(file, entry.tensor, bounce=bounce)
+        for group in paged.in_order() if paged is not None else []:
+            for entry in group:
+                _write_tensor(file, entry.tensor, bounce=bounce)
     pieces = [
         {"tensor": e.name, "file": name, "dtype": str(e.tensor.dtype).removeprefix("torch."), **e.layout.to_json()}
-        for e in entries
+        for e in every
     ]
     return {"files": {name: record_of(directory / name)}, "pieces": pieces}
+
+
+def safetensors_header(entries: list[Entry]) -> bytes:
+    """The length-prefixed JSON header of a safetensors file holding `entries`' tensors end to end, in order
+    (padded with spaces to 8 bytes, as safetensors writes it)."""
+    table: dict[str, Any] = {}
+    offset = 0
+    for entry in entries:
+        tensor = entry.tensor
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"checkpoint tensor {entry.name} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = _nbytes(tensor)
+        table[entry.name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(table, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def _write_tensor(file: BinaryIO, tensor: torch.Tensor, *, bounce: torch.Tensor) -> None:
+    """A tensor's bytes through `bounce` (a tensor's own memory never reaches numpy: that would pin the
+    storage an offload page must be able to free)."""
+    data = tensor.detach().reshape(-1)
+    data = (data if data.is_contiguous() else data.contiguous()).view(torch.uint8)
+    for lo in range(0, data.numel(), bounce.numel()):
+        chunk = data[lo : lo + bounce.numel()]
+        bounce[: chunk.numel()].copy_(chunk)
+        file.write(memoryview(bounce[: chunk.numel()].numpy()))
 
 
 def tensor_table(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

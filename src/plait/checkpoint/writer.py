@@ -7,8 +7,10 @@ at any point (a rank killed mid-write) leaves the hidden directory, never a
 checkpoint that looks complete, and the previous checkpoint untouched.
 
 Asynchronous saves copy the pieces to host memory first (the step waits
-only for that) and write from a background thread. Its collectives run on a
-process group of their own, so they never interleave with training's.
+only for that; offloaded state a unit at a time) and write from a background
+thread. Its collectives run on a process group of their own, so they never
+interleave with training's. Synchronous saves stream offloaded state from its
+pages a unit at a time, so it is never all in memory.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from plait.checkpoint.sharded import (
     FORMAT,
     MANIFEST_FILE,
     Entry,
+    PagedEntries,
     file_record,
     plait_version,
     snapshot,
+    snapshot_paged,
     tensor_table,
     write_rank_file,
 )
@@ -72,11 +76,13 @@ def replace_dir(source: Path, target: Path) -> None:
 
 @dataclass
 class SaveRequest:
-    """What one rank contributes to a checkpoint. `main_files` (rank 0 only): name -> bytes;
-    `manifest_extra` (rank 0 only): fields copied into the manifest."""
+    """What one rank contributes to a checkpoint. `paged`: entries in memory a group at a time (offloaded
+    state); `main_files` (rank 0 only): name -> bytes; `manifest_extra` (rank 0 only): fields copied into
+    the manifest."""
 
     path: Path
     entries: list[Entry]
+    paged: PagedEntries | None = None
     main_files: dict[str, bytes] = field(default_factory=dict)
     manifest_extra: dict[str, Any] = field(default_factory=dict)
     on_commit: Callable[[Path], None] | None = None  # rank 0, once the checkpoint is in place (pruning)
@@ -102,6 +108,9 @@ class CheckpointWriter:
             self._write(request)
             return
         request.entries = snapshot(request.entries)
+        if request.paged is not None:
+            request.entries += snapshot_paged(request.paged)
+            request.paged = None
         self._thread = threading.Thread(target=self._run, args=(request,), name="plait-checkpoint", daemon=True)
         self._thread.start()
 
@@ -136,7 +145,9 @@ class CheckpointWriter:
             shutil.rmtree(temporary, ignore_errors=True)  # left by a crashed save of the same step
             temporary.mkdir()
         self._barrier()
-        record = write_rank_file(temporary, rank=rank, entries=request.entries, record_of=synced_record)
+        record = write_rank_file(
+            temporary, rank=rank, entries=request.entries, paged=request.paged, record_of=synced_record
+        )
         for name, data in request.main_files.items():
             (temporary / name).write_bytes(data)
             record["files"][name] = synced_record(temporary / name)

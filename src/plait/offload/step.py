@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,56 @@ def update_pass(
     offload.optimizer_s += time.perf_counter() - start
 
 
+class FinalGradsHandler(Protocol):
+    """Called by ZeRO for each unit on the step's last backward: before its reduction starts and after
+    its reduced gradients are final."""
+
+    def before_reduce(self, unit: UnitLike) -> None: ...
+
+    def after_reduce(self, unit: UnitLike) -> None: ...
+
+
+class UnitNorms:
+    """Each unit's norm terms as backward finishes it, summed in the units' own order at the end (the
+    order the in-memory step adds them in, so the norm is the same to the last bit)."""
+
+    def __init__(self, units: list[UnitLike], *, mesh: Mesh) -> None:
+        self.units = units
+        self.mesh = mesh
+        self.by_unit: dict[int, dict[int, list[torch.Tensor]]] = {}
+
+    def add(self, unit: UnitLike) -> None:
+        self.by_unit[id(unit)] = norm_terms(unit.pieces, mesh=self.mesh)
+
+    def finish(self, *, counter: CommCounter) -> torch.Tensor:
+        terms: dict[int, list[torch.Tensor]] = {}
+        for unit in self.units:
+            merge_terms(terms, self.by_unit.get(id(unit), {}))
+        return finish_norm(terms, mesh=self.mesh, counter=counter)
+
+
+class NormCollector:
+    """The gradient norm's terms taken from each unit's final gradients while they are in memory, so the
+    step need not read every gradient back once more before clipping."""
+
+    def __init__(self, units: list[UnitLike], *, mesh: Mesh) -> None:
+        self.norms = UnitNorms(units, mesh=mesh)
+
+    def before_reduce(self, unit: UnitLike) -> None:
+        if unit.pages is not None:
+            unit.pages.stepping = True  # keep the gradients in memory after the reduction adds into them
+
+    def after_reduce(self, unit: UnitLike) -> None:
+        self.norms.add(unit)
+        if unit.pages is not None:
+            unit.pages.stepping = False
+            if unit.pages.grads is not None:
+                unit.pages.grads.evict(write=True)
+
+    def finish(self, *, counter: CommCounter) -> torch.Tensor:
+        return self.norms.finish(counter=counter)
+
+
 class BackwardStep:
     """Each unit's update as soon as backward has reduced its final gradients, overlapping the rest of
     backward. Exact only when nothing needs every gradient first: no clipping, no fp16 overflow check,
@@ -119,15 +170,17 @@ class BackwardStep:
     def __init__(self, offload: Offload, optimizer: torch.optim.Optimizer, *, mesh: Mesh) -> None:
         self.offload = offload
         self.optimizer = optimizer
-        self.mesh = mesh
-        self.terms: dict[int, list[torch.Tensor]] = {}
+        self.norms = UnitNorms(offload.units, mesh=mesh)
         self.handles: list[dist.Work] = []
 
-    def __call__(self, unit: UnitLike) -> None:
+    def before_reduce(self, unit: UnitLike) -> None:
+        self.offload.prefetch_step(unit)  # its update follows this reduction: read its state meanwhile
+
+    def after_reduce(self, unit: UnitLike) -> None:
         start = time.perf_counter()
         for page in _step_pages(unit):
             page.wait()
-        merge_terms(self.terms, norm_terms(unit.pieces, mesh=self.mesh))  # the norm is reported, not applied
+        self.norms.add(unit)  # the norm is reported, not applied
         with narrowed(self.optimizer, unit.pieces):
             self.optimizer.step()
         _page_new_state(unit, self.optimizer)
@@ -143,7 +196,7 @@ class BackwardStep:
         """Wait for the re-gathers; the global norm of the gradients the updates used."""
         for handle in self.handles:
             handle.wait()
-        return finish_norm(self.terms, mesh=self.mesh, counter=counter)
+        return self.norms.finish(counter=counter)
 
 
 def _write_back(unit: UnitLike) -> None:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from plait.distributed.placement import placement_of
 from plait.offload.manager import Offload
 from plait.offload.placement import ON_DEVICE
+from plait.offload.step import FinalGradsHandler
 from plait.zero.partition import HookSite, UnitSpec, plan_units
 from plait.zero.unit import FlatUnit, PendingReduce, UnitConfig
 
@@ -53,7 +54,7 @@ class ZeroDataParallel:
         self._ready_counts = [0] * len(self.units)
         self._reduced = [False] * len(self.units)
         self._hooks: list[Any] = []
-        self.on_final_grads: Callable[[FlatUnit], None] | None = None  # a step that updates during backward
+        self.on_final_grads: FinalGradsHandler | None = None  # sees each unit's final gradients (offload)
         self._register_grad_hooks()
         if self.stage == 3:
             self._register_param_hooks()
@@ -117,8 +118,8 @@ class ZeroDataParallel:
                 "the next synced backward, and pass sync=False on accumulation micro-batches"
             )
         self._reduced[index] = True
-        if self.on_final_grads is not None and self.sync and self.offload is not None:
-            self.offload.prefetch_step(unit)  # its update follows this reduction: read its state meanwhile
+        if self.on_final_grads is not None and self.sync:
+            self.on_final_grads.before_reduce(unit)
         self._pending.append((unit, unit.start_reduce()))
         while len(self._pending) > MAX_IN_FLIGHT:
             self._complete_oldest()
@@ -129,7 +130,7 @@ class ZeroDataParallel:
         unit, pending = self._pending.pop(0)
         unit.finish_reduce(pending)
         if self.on_final_grads is not None and self.sync:
-            self.on_final_grads(unit)
+            self.on_final_grads.after_reduce(unit)
 
     def before_backward(self, *, sync: bool) -> None:
         self.sync = sync
