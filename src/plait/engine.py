@@ -28,6 +28,7 @@ from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
 from plait.offload.manager import Offload
+from plait.offload.settle import after_step as settle_after_step
 from plait.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
@@ -231,6 +232,8 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.data_parallel.zero_()
+        if self.offload is not None and (note := settle_after_step(self.offload)):
+            get_logger().info(note)
         self._loss_sum.zero_()
         self._count.zero_()
         self._divisor = None

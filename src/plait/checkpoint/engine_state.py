@@ -4,6 +4,12 @@ Every rank writes its own pieces; rank 0 adds the run-wide state to
 `trainer.pt`: scheduler, loss scaler, each parameter's optimizer-group
 settings, every rank's RNG, and whatever the caller passes in `extra`
 (the loop adds the loader position, step and tokenizer).
+
+State offloaded to disk is written a unit at a time from its pages. An
+asynchronous save copies it to host memory (a unit at a time) only where
+that fits: no plan.memory_budget bounds the state in memory, and this node's
+ranks' copies take at most half the memory the host has available; else the
+save streams it synchronously and says so in the log.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from plait.checkpoint.training_state import (
     adapt_scheduler_state,
     load_optimizer,
     load_weights,
+    paged_entries,
     state_entries,
     tied_names,
 )
 from plait.checkpoint.writer import CheckpointWriter, SaveRequest
-from plait.distributed.launch import is_main_rank
+from plait.distributed.launch import get_logger, is_main_rank
+from plait.sizes import format_bytes
 
 PLAN_KEYS = ("dp", "tp", "pp", "zero", "microbatches", "pp_schedule", "precision")
 
@@ -61,7 +69,7 @@ def save_engine(
 ) -> None:
     entries, group_of = state_entries(engine)
     gathered = _gather_to_main({"rng": rng_state(), "groups": group_of, "aliases": tied_names(engine)})
-    request = SaveRequest(path=Path(path), entries=entries)
+    request = SaveRequest(path=Path(path), entries=entries, paged=paged_entries(engine))
     if is_main_rank():
         trainer_state = {
             **extra,
@@ -77,7 +85,38 @@ def save_engine(
             "aliases": {alias: name for part in gathered for alias, name in part["aliases"].items()},
         }
         request.on_commit = on_commit
+    if asynchronous and request.paged is not None:
+        asynchronous = _paged_copy_fits(engine, request.paged.nbytes, path=path)
     writer.save(request, asynchronous=asynchronous)
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available to new allocations (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _paged_copy_fits(engine: CheckpointedEngine, nbytes: int, *, path: Path) -> bool:
+    """Whether an asynchronous save may copy this rank's offloaded state to host memory (else: log why not)."""
+    available = available_host_bytes()
+    if engine.plan.memory_budget:
+        why = f"plan.memory_budget={engine.plan.memory_budget} bounds the state held in memory"
+    elif available is None or nbytes * engine.mesh.ranks_per_node > available // 2:
+        known = format_bytes(available) if available is not None else "an unknown amount"
+        why = f"the node's copies would take more than half the {known} of host memory available"
+    else:
+        return True
+    get_logger().info(
+        f"checkpoint {path}: writing synchronously, streaming {format_bytes(nbytes)} of offloaded state per rank "
+        f"from disk a unit at a time, since {why} (asynchronous saves copy the state to host memory first)"
+    )
+    return False
 
 
 def _restore_rng(saved: list[Any]) -> bool:

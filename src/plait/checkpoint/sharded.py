@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import json
 import math
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors
 import safetensors.torch

@@ -7,11 +7,19 @@ layout; scalar optimizer state (Adam's step) as a whole 0-dim tensor.
 Buffers and frozen parameters are saved from the module. Loading reads each
 of this rank's pieces through its own placement, so dp, ZeRO stage, tp and
 pp may all differ from the saving run.
+
+Units whose master and optimizer state live on disk (plait.offload pages)
+are saved and loaded a unit at a time: saving brings a unit's pages in,
+writes its pieces and frees them; loading fills a unit's master page,
+publishes its weights and writes it back, then builds its optimizer state
+and pages it. A rank holds at most two units of that state at once.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -20,10 +28,13 @@ from torch import nn
 
 from plait.amp.scaler import LossScaler
 from plait.checkpoint.layout import PieceLayout, RankCoords, layout_of, writes_piece
-from plait.checkpoint.sharded import Entry, ShardReader
+from plait.checkpoint.sharded import Entry, PagedEntries, ShardReader
 from plait.config import AXES, Plan
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import Placement, placement_of
+from plait.offload.pages import Page
+from plait.offload.step import _page_new_state
+from plait.offload.unit_like import UnitLike
 
 
 class DataParallelState(Protocol):
@@ -49,6 +60,7 @@ class CheckpointedEngine(Protocol):
     scaler: LossScaler
     pipeline: Any  # the pipeline build, or None without pipeline parallel
     data_parallel: DataParallelState
+    offload: Any  # plait.offload.Offload, or None without offload
     steps_done: int
 
 
@@ -117,50 +129,157 @@ def _state_entries(name: str, param: torch.Tensor, state: dict[str, Any], layout
     return entries
 
 
+def paged_units(engine: CheckpointedEngine) -> list[UnitLike]:
+    """This rank's units whose master shard and optimizer state live on disk."""
+    offload = getattr(engine, "offload", None)
+    units = offload.units if offload is not None else []
+    return [unit for unit in units if unit.pages is not None and unit.pages.master is not None]
+
+
+def _state_pages(unit: UnitLike) -> list[Page]:
+    """What a checkpoint reads of a unit: its master shard (ZeRO-3's parameters may be that same page) and
+    its optimizer state."""
+    assert unit.pages is not None
+    return [page for page in (unit.pages.master, unit.pages.moments) if page is not None]
+
+
+class _EntryMaker:
+    """Checkpoint entries of this rank's trainable parameters, and their optimizer-group settings by name."""
+
+    def __init__(self, engine: CheckpointedEngine) -> None:
+        self.engine = engine
+        self.coords = rank_coords(engine)
+        self.names = {id(p): n for n, p in engine.model.named_parameters()}
+
+    def groups(self) -> Iterator[tuple[nn.Parameter, str, dict[str, Any]]]:
+        for group in self.engine.optimizer.param_groups:
+            settings = {key: value for key, value in group.items() if key != "params"}
+            for param in group["params"]:
+                yield param, _name_of(param, self.names), settings
+
+    def entries(self, param: nn.Parameter, name: str) -> list[Entry]:
+        """`param`'s weights and optimizer state (none where another rank writes this piece)."""
+        placement = placement_of(param)
+        if not writes_piece(placement, coords=self.coords):
+            return []
+        layout = layout_of(placement, shape=tuple(param.shape), coords=self.coords)
+        state = self.engine.optimizer.state.get(param, {})
+        return [Entry(MODEL + name, param.detach(), layout), *_state_entries(name, param, state, layout)]
+
+
 def state_entries(engine: CheckpointedEngine) -> tuple[list[Entry], dict[str, dict[str, Any]]]:
-    """This rank's pieces to write, and every local parameter's optimizer-group settings by name."""
-    coords = rank_coords(engine)
-    names = {id(p): n for n, p in engine.model.named_parameters()}
+    """This rank's pieces to write (but those of `paged_units`: see `paged_entries`), and every local
+    parameter's optimizer-group settings by name."""
+    maker = _EntryMaker(engine)
+    paged = {id(piece) for unit in paged_units(engine) for piece in unit.pieces}
     entries: list[Entry] = []
     group_of: dict[str, dict[str, Any]] = {}
-    for group in engine.optimizer.param_groups:
-        settings = {key: value for key, value in group.items() if key != "params"}
-        for param in group["params"]:
-            name = _name_of(param, names)
-            group_of[name] = settings
-            placement = placement_of(param)
-            if not writes_piece(placement, coords=coords):
-                continue
-            layout = layout_of(placement, shape=tuple(param.shape), coords=coords)
-            entries.append(Entry(MODEL + name, param.detach(), layout))
-            entries += _state_entries(name, param, engine.optimizer.state.get(param, {}), layout)
+    for param, name, settings in maker.groups():
+        group_of[name] = settings
+        if id(param) not in paged:
+            entries += maker.entries(param, name)
     for name, tensor, placement in _unmanaged(engine):
-        if writes_piece(placement, coords=coords):
+        if writes_piece(placement, coords=maker.coords):
             entries.append(
-                Entry(MODEL + name, tensor.detach(), layout_of(placement, shape=tuple(tensor.shape), coords=coords))
+                Entry(
+                    MODEL + name, tensor.detach(), layout_of(placement, shape=tuple(tensor.shape), coords=maker.coords)
+                )
             )
     return entries, group_of
+
+
+def paged_entries(engine: CheckpointedEngine) -> PagedEntries | None:
+    """The pieces of `paged_units`, one group per unit, each in memory only while it is written."""
+    units = paged_units(engine)
+    if not units:
+        return None
+    maker = _EntryMaker(engine)
+    name_of = {id(param): name for param, name, _ in maker.groups()}
+    groups = [[e for piece in unit.pieces for e in maker.entries(piece, name_of[id(piece)])] for unit in units]
+    return PagedEntries(groups=groups, resident=lambda: _resident(engine.offload, units))
+
+
+def _resident(offload: Any, units: list[UnitLike]) -> Iterator[int]:
+    """Each unit's index while its state pages are in memory (the next unit's are read meanwhile); pages
+    that were not resident before are freed after, unwritten (their files are current)."""
+    already = {id(page) for unit in units for page in _state_pages(unit) if page.resident}
+    for index, unit in enumerate(offload.paged(units, _state_pages)):
+        yield index
+        for page in _state_pages(unit):
+            if id(page) not in already:
+                page.evict(write=False)
 
 
 def _read_into(tensor: torch.Tensor, reader: ShardReader, *, name: str, layout: PieceLayout) -> None:
     tensor.copy_(reader.read(name, layout).view(tensor.shape))
 
 
+class _PieceReader:
+    """Reads this rank's piece of a parameter's checkpoint tensors through its own placement."""
+
+    def __init__(self, engine: CheckpointedEngine, reader: ShardReader) -> None:
+        self.reader = reader
+        self.coords = rank_coords(engine)
+        self.names = {id(p): n for n, p in engine.model.named_parameters()}
+        self.keys_of = _optimizer_keys(reader) if reader.names(OPTIM) else {}
+
+    def layout(self, param: torch.Tensor) -> PieceLayout:
+        return layout_of(placement_of(param), shape=tuple(param.shape), coords=self.coords)
+
+    def weights_into(self, param: nn.Parameter) -> None:
+        _read_into(param, self.reader, name=MODEL + _source_name(param, self.names), layout=self.layout(param))
+
+    def state_of(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        """The checkpoint's optimizer state of `param`: shaped like it, or 0-dim scalars."""
+        name = _source_name(param, self.names)
+        state = {}
+        for key in self.keys_of.get(name, []):
+            full = f"{OPTIM}{key}/{name}"
+            is_scalar = self.reader.tensors[full]["shape"] == []
+            value = self.reader.read(full, SCALAR if is_scalar else self.layout(param))
+            state[key] = value.reshape(()) if is_scalar else value.view(param.shape)
+        return state
+
+
 @torch.no_grad()
 def load_weights(engine: CheckpointedEngine, reader: ShardReader) -> None:
     """Every weight this rank holds, from the checkpoint, through its own placement."""
-    coords = rank_coords(engine)
-    names = {id(p): n for n, p in engine.model.named_parameters()}
+    pieces = _PieceReader(engine, reader)
+    paged = paged_units(engine)
+    in_pages = {id(piece) for unit in paged for piece in unit.pieces}
     for param in engine.data_parallel.optimizer_params:
-        placement = placement_of(param)
-        source = _source_name(param, names)
-        layout = layout_of(placement, shape=tuple(param.shape), coords=coords)
-        _read_into(param, reader, name=MODEL + source, layout=layout)
-    engine.data_parallel.after_step()  # masters -> working parameters (cast, re-gather)
+        if id(param) not in in_pages:
+            pieces.weights_into(param)
+    if paged:
+        _publish_units(engine, paged, pieces=pieces)
+    else:
+        engine.data_parallel.after_step()  # masters -> working parameters (cast, re-gather)
     for name, tensor, placement in _unmanaged(engine):
         _read_into(
-            tensor, reader, name=MODEL + name, layout=layout_of(placement, shape=tuple(tensor.shape), coords=coords)
+            tensor,
+            reader,
+            name=MODEL + name,
+            layout=layout_of(placement, shape=tuple(tensor.shape), coords=pieces.coords),
         )
+
+
+def _publish_units(engine: CheckpointedEngine, paged: list[UnitLike], *, pieces: _PieceReader) -> None:
+    """Masters -> working parameters unit by unit, a paged unit's master filled from the checkpoint first
+    (its page made resident without a read, then written back)."""
+    handles = []
+    paged_ids = {id(unit) for unit in paged}
+    for index, unit in enumerate(engine.offload.units):
+        in_pages = id(unit) in paged_ids
+        with unit.pages.writing(params=False) if in_pages else nullcontext():
+            if in_pages:
+                unit.master_shard.zero_()  # the padding past the last piece, as a fresh unit has it
+                for piece in unit.pieces:
+                    pieces.weights_into(piece)
+                engine.offload.observe(f"load-weights:{index}")
+            handles.append(unit.publish_step())  # stages 1-2 re-gather: every dp rank, in unit order
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
 
 
 def _optimizer_keys(reader: ShardReader) -> dict[str, list[str]]:
@@ -174,30 +293,53 @@ def _optimizer_keys(reader: ShardReader) -> dict[str, list[str]]:
 def load_optimizer(engine: CheckpointedEngine, reader: ShardReader, *, group_of: dict[str, dict[str, Any]]) -> None:
     """Optimizer state and group settings for this rank's pieces, whatever plan saved them."""
     optimizer = engine.optimizer
-    coords = rank_coords(engine)
-    names = {id(p): n for n, p in engine.model.named_parameters()}
-    keys_of = _optimizer_keys(reader)
+    pieces = _PieceReader(engine, reader)
+    paged = paged_units(engine)
+    in_pages = {id(piece) for unit in paged for piece in unit.pieces}
     state_dict = optimizer.state_dict()
     state_dict["state"] = {}  # what the checkpoint holds replaces any state this optimizer built
     index = 0
     for group, saved_group in zip(optimizer.param_groups, state_dict["param_groups"], strict=True):
         for param in group["params"]:
-            placement = placement_of(param)
-            name = _source_name(param, names)
-            layout = layout_of(placement, shape=tuple(param.shape), coords=coords)
-            state = {}
-            for key in keys_of.get(name, []):
-                full = f"{OPTIM}{key}/{name}"
-                is_scalar = reader.tensors[full]["shape"] == []
-                value = reader.read(full, SCALAR if is_scalar else layout)
-                state[key] = value.reshape(()) if is_scalar else value.view(param.shape)
+            state = {} if id(param) in in_pages else pieces.state_of(param)
             if state:
                 state_dict["state"][index] = state
             index += 1
-        sources = (_source_name(p, names) for p in group["params"])
+        sources = (_source_name(p, pieces.names) for p in group["params"])
         settings = next((group_of[n] for n in sources if n in group_of), {})
         saved_group.update({key: value for key, value in settings.items() if key != "params"})
     optimizer.load_state_dict(state_dict)
+    for position, unit in enumerate(paged):
+        _load_paged_state(unit, optimizer, pieces=pieces)
+        engine.offload.observe(f"load-optimizer:{position}")
+
+
+def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, pieces: _PieceReader) -> None:
+    """A paged unit's optimizer state from the checkpoint, in tensors of its own, then paged to disk
+    (replacing the page of any state this optimizer built)."""
+    pages = unit.pages
+    assert pages is not None
+    if pages.moments is not None:  # its tensors are no longer the optimizer's: let its I/O finish, drop it
+        pages.moments.claim()
+        pages.moments.evict(write=False)
+        pages.moments = None
+    for piece in unit.pieces:
+        state = {key: _own_state(key, value, piece) for key, value in pieces.state_of(piece).items()}
+        if state:
+            optimizer.state[piece] = state
+        else:
+            optimizer.state.pop(piece, None)
+    _page_new_state(unit, optimizer)
+    if pages.moments is not None:
+        pages.moments.evict(write=True)
+
+
+def _own_state(key: str, value: torch.Tensor, piece: nn.Parameter) -> torch.Tensor:
+    """A state value cast as `Optimizer.load_state_dict` casts it (Adam's `step` stays as saved); a shaped
+    one in storage of its own, which its page frees and brings back."""
+    if key == "step":
+        return value
+    return value.to(dtype=piece.dtype, device=piece.device, copy=value.dim() > 0)
 
 
 def adapt_scheduler_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from plait.amp.policy import PrecisionPolicy
 from plait.distributed.mesh import Mesh
 from plait.offload.disk import DiskStore, check_offload_dir
 from plait.offload.manager import Offload
-from plait.offload.placement import UnitBytes, UnitTiers, explicit_tiers, place_by_budget, unit_sizes
+from plait.offload.placement import BudgetPlacement, UnitBytes, UnitTiers, explicit_tiers, place_by_budget, unit_sizes
 from plait.sizes import format_bytes
 
 DISK_HEADROOM = 1.05  # files are padded to 4 KiB per tensor; leave a little more than the exact bytes
@@ -36,7 +36,10 @@ def build_offload(numels: list[int], *, mesh: Mesh, policy: PrecisionPolicy) -> 
         notes += [note] if note else []
         rank = dist.get_rank() if dist.is_initialized() else 0
         store = DiskStore(plan.offload_dir, rank=rank, direct=not note)
-    return Offload(tiers, store=store, notes=notes)
+    offload = Offload(tiers, store=store, notes=notes)
+    if budget is not None and store is not None:
+        offload.placement = BudgetPlacement(sizes=sizes, plan=plan, param_bytes=param_bytes, budget=budget)
+    return offload
 
 
 def disk_bytes(tiers: list[UnitTiers], sizes: list[UnitBytes], *, param_bytes: int) -> int:

@@ -15,7 +15,7 @@ import torch
 from plait.distributed.placement import placement_of
 from plait.offload.disk import DiskStore
 from plait.offload.pages import Page
-from plait.offload.placement import UnitTiers
+from plait.offload.placement import BudgetPlacement, UnitTiers
 from plait.offload.unit_like import UnitLike
 from plait.offload.unit_pages import UnitPages
 
@@ -32,7 +32,8 @@ class Offload:
         self.units: list[UnitLike] = []
         self.observers: list[Observer] = []  # called at every unit boundary (tests count memory there)
         self.optimizer_s = 0.0
-        self.wait_s = 0.0
+        self.placement: BudgetPlacement | None = None  # with a memory budget: re-placed from measured use
+        self.steps_seen = 0
 
     @property
     def pages_optimizer(self) -> bool:
@@ -134,7 +135,7 @@ class Offload:
         for unit in self.units:
             tiers = unit.tiers
             states = [(unit.param_shard, tiers.params), (unit.master_shard, tiers.optimizer)]
-            states += [(unit.grad_shard, tiers.grads)] + [(t, tiers.optimizer) for t in self._optimizer_state(unit)]
+            states += [(unit.grad_shard, tiers.grads)] + [(t, tiers.optimizer) for t in self.optimizer_state(unit)]
             for tensor, tier in states:
                 if id(tensor) in seen:
                     continue
@@ -143,7 +144,7 @@ class Offload:
                 out[where] += tensor.numel() * tensor.element_size()
         return out
 
-    def _optimizer_state(self, unit: UnitLike) -> list[torch.Tensor]:
+    def optimizer_state(self, unit: UnitLike) -> list[torch.Tensor]:
         if self.optimizer is None:
             return []
         states = [self.optimizer.state.get(piece, {}) for piece in unit.pieces]

@@ -27,7 +27,8 @@ class Page:
         self.store = store
         self.fresh = fresh
         self.resident = True
-        self.fetches = 0  # measured use: how often the step needed this page
+        self.fetches = 0  # how often the step needed this page back in memory
+        self.moves = 0  # measured use: reads and writes this page caused
         self.wait_s = 0.0  # time the training thread waited for this page's I/O
         self._pending: Future[None] | None = None
         self._nbytes = [t.untyped_storage().nbytes() for t in tensors]
@@ -56,6 +57,7 @@ class Page:
                 tensor.zero_()
         else:
             self._pending = self.store.read(self.key, self.tensors)
+            self.moves += 1
         self.resident = True
 
     def claim(self) -> None:
@@ -83,6 +85,7 @@ class Page:
         self.resident = False
         if write:
             self.fresh = False
+            self.moves += 1
             self._pending = self.store.write(self.key, self.tensors, then=self._free)
         else:
             self._free()

@@ -5,11 +5,10 @@ on CUDA) and `disk` (files under `plan.offload_dir`). The optimizer's tier
 holds the fp32 master shard, the optimizer state and the optimizer step; the
 gradient shard goes at least as far as the host when the optimizer does.
 
-With `plan.memory_budget`, states that fit stay in memory, hottest first:
-a parameter shard is read twice per micro-batch (forward and backward
-gathers), a gradient shard once per micro-batch plus twice in the step, the
-master and optimizer state once per step. Before the first step the heat is
-what the schedule predicts; `Page.fetches` measures it.
+With `plan.memory_budget`, states that fit stay in memory, hottest first
+(the most disk moves per step saved per byte kept). Before the first step the
+heat is what the schedule predicts (`predicted_heat`); after it, what the
+pages measured (`Page.moves`), and states move where that differs.
 """
 
 from __future__ import annotations
@@ -113,6 +112,32 @@ def place_by_budget(
     return [_settle(t) for t in placed]
 
 
+@dataclass(frozen=True)
+class BudgetPlacement:
+    """What `place_by_budget` needs, kept to place again once the first step has measured the heat."""
+
+    sizes: list[UnitBytes]
+    plan: Plan
+    param_bytes: int
+    budget: int
+
+    def place(self, heat: dict[str, float] | None = None) -> list[UnitTiers]:
+        return place_by_budget(self.sizes, plan=self.plan, param_bytes=self.param_bytes, budget=self.budget, heat=heat)
+
+    def predicted_heat(self) -> dict[str, float]:
+        return predicted_heat(self.plan)
+
+
+def predicted_heat(plan: Plan) -> dict[str, float]:
+    """Reads and writes per step of one unit's state of each kind if it lived on disk, as the schedule
+    predicts: a parameter shard is read for the forward and the backward gather of every micro-batch, a
+    gradient shard written after every reduction and read before the next and by the update, the master
+    and optimizer state read and written once. Each move is the whole state, so the count is also the
+    I/O a byte kept in memory saves."""
+    m = plan.microbatches
+    return {"params": 2.0 * m, "grads": 2.0 * m, "master": 2.0}
+
+
 def _resident_tier(kind: str) -> str:
     return "host" if kind in ("master", "grads") else "device"
 
@@ -125,10 +150,9 @@ def _settle(tiers: UnitTiers) -> UnitTiers:
 
 
 def _hottest_first(units: list[UnitBytes], *, plan: Plan, heat: dict[str, float] | None) -> list[tuple[str, int]]:
-    m = plan.microbatches
-    predicted = {"params": 2.0 * m, "grads": m + 2.0, "master": 1.0}
-    heat = heat or predicted
-    kinds = [k for k in ("params", "grads", "master") if plan.zero == 3 or k != "params"]
+    heat = heat or predicted_heat(plan)
+    # ties go to gradients: they are written as well as read, and writes cost an SSD more
+    kinds = [k for k in ("grads", "params", "master") if plan.zero == 3 or k != "params"]
     order = sorted(kinds, key=lambda k: -heat[k])
     return [(kind, index) for kind in order for index in range(len(units))]
 
