@@ -37,6 +37,18 @@ BAD_INPUTS = {
         "model.num_heads=4 is not divisible by plan.tp=3; use plan.tp in [1, 2, 4]",
     ),
     "zero stage": (["--set", "plan.zero=4"], "ZeRO stages are 0, 1, 2 or 3"),
+    "offload dir missing": (
+        ["--set", "plan.zero=3", "--set", "plan.offload_optimizer=disk", "--set", "plan.offload_dir=/no/such/dir"],
+        "plan.offload_dir=/no/such/dir does not exist; create it",
+    ),
+    "offload budget": (
+        ["--set", "plan.zero=3", "--set", "plan.memory_budget=1KiB", "--set", "plan.offload_dir=/tmp"],
+        "raise plan.memory_budget to at least",
+    ),
+    "offload params zero": (
+        ["--set", "plan.zero=1", "--set", "plan.offload_params=cpu", "--set", "plan.offload_optimizer=cpu"],
+        "plan.offload_params='cpu' needs plan.zero=3",
+    ),
     "precision": (["--set", "plan.precision=fp8"], "choose one of fp32, bf16, fp16"),
     "batch vs dp": (["--set", "plan.dp=2", "--set", "train.global_batch=7"], "does not split over dp=2"),
     "heads": (["--set", "model.num_heads=5"], "num_heads"),

@@ -180,11 +180,8 @@ def state_entries(engine: CheckpointedEngine) -> tuple[list[Entry], dict[str, di
             entries += maker.entries(param, name)
     for name, tensor, placement in _unmanaged(engine):
         if writes_piece(placement, coords=maker.coords):
-            entries.append(
-                Entry(
-                    MODEL + name, tensor.detach(), layout_of(placement, shape=tuple(tensor.shape), coords=maker.coords)
-                )
-            )
+            layout = layout_of(placement, shape=tuple(tensor.shape), coords=maker.coords)
+            entries.append(Entry(MODEL + name, tensor.detach(), layout))
     return entries, group_of
 
 
@@ -255,12 +252,8 @@ def load_weights(engine: CheckpointedEngine, reader: ShardReader) -> None:
     else:
         engine.data_parallel.after_step()  # masters -> working parameters (cast, re-gather)
     for name, tensor, placement in _unmanaged(engine):
-        _read_into(
-            tensor,
-            reader,
-            name=MODEL + name,
-            layout=layout_of(placement, shape=tuple(tensor.shape), coords=pieces.coords),
-        )
+        layout = layout_of(placement, shape=tuple(tensor.shape), coords=pieces.coords)
+        _read_into(tensor, reader, name=MODEL + name, layout=layout)
 
 
 def _publish_units(engine: CheckpointedEngine, paged: list[UnitLike], *, pieces: _PieceReader) -> None:

@@ -22,8 +22,11 @@ from plait.data.corpus import corpus_files
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.mesh import Mesh
+from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig
+from plait.offload.build import plan_offload
 from plait.train import metrics
+from plait.zero.factory import unit_numels
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,21 @@ def validate(config: Config, *, world_size: int) -> Validated:
         check_tensor_parallel(
             model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
         )
+    if plan.offloads:
+        check_offload(model_config, plan=plan, world_size=world_size)
     _check_corpus(config)
     return Validated(plan=plan, model_config=model_config)
+
+
+def check_offload(model_config: GPTConfig, *, plan: Plan, world_size: int) -> None:
+    """The offload placement and its disk, from the model's units built on the meta device (no memory):
+    a budget below the working set, or an offload_dir that cannot hold the files, fails before launch.
+    Tensor-parallel slices are counted as 1/tp of each unit (norms and biases are replicated, a rounding)."""
+    with torch.device("meta"):
+        model = build(model_config)
+    param_bytes = 4 if plan.precision == "fp32" else 2
+    numels = [-(-numel // plan.tp) for numel in unit_numels(model)]
+    plan_offload(numels, plan=plan, num_shards=plan.dp, param_bytes=param_bytes, ranks_per_node=world_size)
 
 
 def _check_corpus(config: Config) -> None:
