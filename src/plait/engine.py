@@ -7,7 +7,6 @@ wraps the layers the stages then hold); this is the one place that composes them
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,8 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.distributed.partial_grads import reduce_partial_grads
 from plait.offload.manager import Offload
 from plait.offload.settle import after_step as settle_after_step
-from plait.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
-from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
@@ -38,6 +34,7 @@ from plait.tensor.apply import apply_tensor_parallel, count_collectives
 from plait.tensor.hf import apply_hf_tensor_parallel, check_tp
 from plait.tensor.loss_check import CheckedLoss
 from plait.tensor.state import gather_tp_state
+from plait.update import Update
 from plait.zero.factory import build_data_parallel
 
 Batch = dict[str, torch.Tensor]
@@ -114,16 +111,30 @@ class Engine:
             for note in self.offload.notes if mesh.rank("dp") == 0 and mesh.rank("tp") == 0 else []:
                 get_logger().info(note)
         self.scheduler = parts.lr_scheduler(self.optimizer) if parts.lr_scheduler else None
+        self.update = Update(
+            data_parallel=self.data_parallel,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            mesh=mesh,
+            comm=self.comm,
+            device=self.device,
+            max_grad_norm=self.max_grad_norm,
+            offload=self.offload,
+            has_pipeline=self.pipeline is not None,
+        )
         self.steps_done = 0
         self.record_timeline = False  # pipeline: keep each action's start and end (benchmarks read them)
-        self.last_overflow: Overflow | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._divisor: torch.Tensor | None = None
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
         self._writer: CheckpointWriter | None = None
-        self._final_grads: BackwardStep | NormCollector | None = None
+
+    @property
+    def last_overflow(self) -> Overflow | None:
+        """The last step's fp16 overflow verdict (None before the first fp16 step)."""
+        return self.update.last_overflow
 
     @property
     def dp_rank(self) -> int:
@@ -176,9 +187,8 @@ class Engine:
         else:  # the count is known only after the step: divide by a stand-in now (fp16 range), correct later
             self._stand_in = float(next(iter(micro_batch.values())).numel()) if isinstance(loss, tuple) else 1.0
             to_backward = loss_sum / self._stand_in
-        if sync and self._final_grads_in_backward():
-            self._final_grads = self._final_grads_handler()
-            self.data_parallel.on_final_grads = self._final_grads
+        if sync:
+            self.update.arm(divisor_known=self._divisor is not None)
         self.data_parallel.before_backward(sync=sync)
         self.scaler.scale_loss(to_backward).backward()
         self.data_parallel.after_backward()
@@ -193,24 +203,6 @@ class Engine:
             factor = factor * self._stand_in / count
         return factor if self.scaler.dynamic or self._divisor is None else None
 
-    def _overflowed(self) -> bool:
-        """fp16 only: all ranks agree whether any gradient is non-finite, and name the first."""
-        if not self.scaler.dynamic:
-            return False
-        named = self.data_parallel.named_grads()
-        groups = [self.mesh.group("dp")]
-        return self._record_overflow(
-            self.scaler.check_overflow(named, groups=groups, device=self.device, counter=self.comm)
-        )
-
-    def _record_overflow(self, overflow: Overflow) -> bool:
-        """Log a skipped step, move the loss scale; True when the step must be skipped."""
-        self.last_overflow = overflow
-        if overflow.found:
-            get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
-        self.scaler.update(overflow)
-        return overflow.found
-
     def optimizer_step(self) -> StepResult:
         """Normalise by the global count, unscale, clip, step; skip on fp16 overflow."""
         totals = torch.stack([self._loss_sum, self._count])
@@ -218,17 +210,8 @@ class Engine:
         if self.pipeline is not None:  # only the last stage saw the loss: share it, count it once
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
-        handler, self._final_grads = self._final_grads, None
-        if handler is not None:
-            self.data_parallel.on_final_grads = None
-            grad_norm, skipped = handler.finish(counter=self.comm), False
-            if isinstance(handler, NormCollector):
-                assert self.offload is not None
-                update_pass(self.offload, self.optimizer, norm=grad_norm, context=self._step_context())
-        elif self.offload is not None and self.offload.pages_optimizer:
-            grad_norm, skipped = self._paged_step(self.offload, self._gradient_factor(count))
-        else:
-            grad_norm, skipped = self._step(self._gradient_factor(count))
+        self.update.steps_done = self.steps_done
+        grad_norm, skipped = self.update.step(self._gradient_factor(count))
         if self.scheduler is not None:
             self.scheduler.step()
         self.data_parallel.zero_()
@@ -239,60 +222,6 @@ class Engine:
         self._divisor = None
         self.steps_done += 1
         return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=skipped)
-
-    def _step(self, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
-        if factor is not None:
-            self.data_parallel.scale_(factor)
-        params = self.data_parallel.optimizer_params
-        reduce_partial_grads(params, mesh=self.mesh, counter=self.comm)
-        if self._overflowed():
-            return torch.full((), float("nan")), True
-        grad_norm = self._clip(params)
-        start = time.perf_counter()
-        self.optimizer.step()
-        self.data_parallel.after_step()
-        if self.offload is not None:
-            self.offload.optimizer_s += time.perf_counter() - start
-        return grad_norm, False
-
-    def _final_grads_handler(self) -> BackwardStep | NormCollector:
-        """Without clipping, each unit is updated in backward; with it, the norm is taken there."""
-        assert self.offload is not None
-        if self.max_grad_norm:
-            return NormCollector(self.offload.units, mesh=self.mesh)
-        return BackwardStep(self.offload, self.optimizer, mesh=self.mesh)
-
-    def _final_grads_in_backward(self) -> bool:
-        """Gradients or optimizer state on disk, gradients final when reduced (nothing scales or sums
-        them afterwards), so their norm, or the update itself, can be taken in backward."""
-        offload = self.offload
-        return (
-            offload is not None
-            and offload.pages_optimizer
-            and not self.scaler.dynamic
-            and self._divisor is not None
-            and self.pipeline is None
-            and not offload.has_partial_grads
-        )
-
-    def _step_context(self) -> StepContext:
-        return StepContext(
-            mesh=self.mesh, scaler=self.scaler, counter=self.comm, device=self.device, max_grad_norm=self.max_grad_norm
-        )
-
-    def _paged_step(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
-        """Gradients or optimizer state on disk: the same step, a unit at a time (plait/offload/step.py)."""
-        context = self._step_context()
-        grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
-        if overflow is not None and self._record_overflow(overflow):
-            return torch.full((), float("nan")), True
-        update_pass(offload, self.optimizer, norm=grad_norm, context=context)
-        return grad_norm, False
-
-    def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
-        if self.max_grad_norm:
-            return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh, counter=self.comm)
-        return global_grad_norm(params, mesh=self.mesh, counter=self.comm)
 
     def _pipeline_step(self, micro_batches: list[Batch]) -> None:
         """Run the schedule without communicating gradients, sync tied weights, then reduce over dp."""

@@ -1,0 +1,134 @@
+"""The update at the end of a step: unscale, sum partial gradients, check fp16 overflow, clip, step.
+
+With gradients or optimizer state on disk the same update runs a unit at a
+time (plait/offload/step.py), and where nothing needs every gradient first,
+inside backward as each unit's gradients become final.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.amp.scaler import LossScaler, Overflow
+from plait.distributed.comm import CommCounter
+from plait.distributed.launch import get_logger
+from plait.distributed.mesh import Mesh
+from plait.distributed.partial_grads import reduce_partial_grads
+from plait.offload.manager import Offload
+from plait.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
+from plait.optim.clip import clip_grad_norm, global_grad_norm
+
+Handler = BackwardStep | NormCollector
+
+
+@dataclass
+class Update:
+    """What the update needs of the engine; `step()` runs it and reports (grad_norm, skipped)."""
+
+    data_parallel: object  # DataParallel or ZeroDataParallel
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    mesh: Mesh
+    comm: CommCounter
+    device: torch.device
+    max_grad_norm: float | None
+    offload: Offload | None
+    has_pipeline: bool
+    last_overflow: Overflow | None = None
+    steps_done: int = 0
+    _in_backward: Handler | None = None
+
+    def arm(self, *, divisor_known: bool) -> None:
+        """Before the step's last backward: let ZeRO hand each unit's final gradients to the update."""
+        if not self._final_grads_in_backward(divisor_known=divisor_known):
+            return
+        offload = self.offload
+        assert offload is not None
+        if self.max_grad_norm:
+            self._in_backward = NormCollector(offload.units, mesh=self.mesh)
+        else:
+            self._in_backward = BackwardStep(offload, self.optimizer, mesh=self.mesh)
+        self.data_parallel.on_final_grads = self._in_backward  # type: ignore[attr-defined]
+
+    def _final_grads_in_backward(self, *, divisor_known: bool) -> bool:
+        """Gradients or optimizer state on disk, gradients final when reduced (nothing scales or sums
+        them afterwards), so their norm, or the update itself, can be taken in backward."""
+        offload = self.offload
+        return (
+            offload is not None
+            and offload.pages_optimizer
+            and not self.scaler.dynamic
+            and divisor_known
+            and not self.has_pipeline
+            and not offload.has_partial_grads
+        )
+
+    def step(self, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        """Scale the summed gradients by `factor` (None: already right), then update unless fp16 overflowed."""
+        handler, self._in_backward = self._in_backward, None
+        if handler is not None:
+            self.data_parallel.on_final_grads = None  # type: ignore[attr-defined]
+            grad_norm = handler.finish(counter=self.comm)
+            if isinstance(handler, NormCollector):
+                assert self.offload is not None
+                update_pass(self.offload, self.optimizer, norm=grad_norm, context=self._context())
+            return grad_norm, False
+        if self.offload is not None and self.offload.pages_optimizer:
+            return self._paged(self.offload, factor)
+        return self._in_memory(factor)
+
+    def _in_memory(self, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        if factor is not None:
+            self.data_parallel.scale_(factor)  # type: ignore[attr-defined]
+        params = self.data_parallel.optimizer_params  # type: ignore[attr-defined]
+        reduce_partial_grads(params, mesh=self.mesh, counter=self.comm)
+        if self._overflowed():
+            return torch.full((), float("nan")), True
+        grad_norm = self._clip(params)
+        start = time.perf_counter()
+        self.optimizer.step()
+        self.data_parallel.after_step()  # type: ignore[attr-defined]
+        if self.offload is not None:
+            self.offload.optimizer_s += time.perf_counter() - start
+        return grad_norm, False
+
+    def _paged(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
+        """Gradients or optimizer state on disk: the same update, a unit at a time."""
+        context = self._context()
+        grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
+        if overflow is not None and self.record_overflow(overflow):
+            return torch.full((), float("nan")), True
+        update_pass(offload, self.optimizer, norm=grad_norm, context=context)
+        return grad_norm, False
+
+    def _context(self) -> StepContext:
+        return StepContext(
+            mesh=self.mesh, scaler=self.scaler, counter=self.comm, device=self.device, max_grad_norm=self.max_grad_norm
+        )
+
+    def _overflowed(self) -> bool:
+        """fp16 only: all ranks agree whether any gradient is non-finite, and name the first."""
+        if not self.scaler.dynamic:
+            return False
+        named = self.data_parallel.named_grads()  # type: ignore[attr-defined]
+        groups = [self.mesh.group("dp")]
+        return self.record_overflow(
+            self.scaler.check_overflow(named, groups=groups, device=self.device, counter=self.comm)
+        )
+
+    def record_overflow(self, overflow: Overflow) -> bool:
+        """Log a skipped step, move the loss scale; True when the step must be skipped."""
+        self.last_overflow = overflow
+        if overflow.found:
+            get_logger().warning(self.scaler.message(overflow, self.steps_done + 1))
+        self.scaler.update(overflow)
+        return overflow.found
+
+    def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
+        if self.max_grad_norm:
+            return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh, counter=self.comm)
+        return global_grad_norm(params, mesh=self.mesh, counter=self.comm)
