@@ -144,6 +144,17 @@ class DiskStore:
         return self._pool.submit(self._move, key, list(tensors), False)
 
     def _move(self, key: str, tensors: list[torch.Tensor], writing: bool) -> None:
+        try:
+            self._move_all(key, tensors, writing)
+        except OSError as err:
+            what = "writing" if writing else "reading"
+            raise OSError(
+                f"offload: {what} {self.directory / key} failed ({err.strerror or err}); the run cannot go on "
+                "without that state: check the disk behind plan.offload_dir (space, health), then resume from "
+                "the last checkpoint"
+            ) from err
+
+    def _move_all(self, key: str, tensors: list[torch.Tensor], writing: bool) -> None:
         start = time.perf_counter()
         fd = self._fd(key)
         offset = moved = 0
