@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -256,20 +255,44 @@ def load_weights(engine: CheckpointedEngine, reader: ShardReader) -> None:
         _read_into(tensor, reader, name=MODEL + name, layout=layout)
 
 
+class _WriteBehind:
+    """Writes pages back a unit behind: a unit's pages are written while the next unit is filled, then freed,
+    so at most two units' pages are in memory and one unit's writes in flight (a slow disk holds the load back
+    rather than piling up pages waiting for it)."""
+
+    def __init__(self) -> None:
+        self.in_flight: list[Page] = []
+
+    def add(self, pages: list[Page]) -> None:
+        for page in pages:
+            page.write_through()
+        self.finish()
+        self.in_flight = pages
+
+    def finish(self) -> None:
+        for page in self.in_flight:
+            page.evict(write=False)  # waits for its write, then frees it
+        self.in_flight = []
+
+
 def _publish_units(engine: CheckpointedEngine, paged: list[UnitLike], *, pieces: _PieceReader) -> None:
     """Masters -> working parameters unit by unit, a paged unit's master filled from the checkpoint first
     (its page made resident without a read, then written back)."""
     handles = []
     paged_ids = {id(unit) for unit in paged}
+    behind = _WriteBehind()
     for index, unit in enumerate(engine.offload.units):
-        in_pages = id(unit) in paged_ids
-        with unit.pages.writing(params=False) if in_pages else nullcontext():
-            if in_pages:
-                unit.master_shard.zero_()  # the padding past the last piece, as a fresh unit has it
-                for piece in unit.pieces:
-                    pieces.weights_into(piece)
-                engine.offload.observe(f"load-weights:{index}")
-            handles.append(unit.publish_step())  # stages 1-2 re-gather: every dp rank, in unit order
+        master = unit.pages.master if id(unit) in paged_ids else None
+        if master is not None:
+            master.claim()
+            unit.master_shard.zero_()  # the padding past the last piece, as a fresh unit has it
+            for piece in unit.pieces:
+                pieces.weights_into(piece)
+        handles.append(unit.publish_step())  # stages 1-2 re-gather: every dp rank, in unit order
+        if master is not None:
+            engine.offload.observe(f"load-weights:{index}")
+            behind.add([master])
+    behind.finish()
     for handle in handles:
         if handle is not None:
             handle.wait()
@@ -302,19 +325,21 @@ def load_optimizer(engine: CheckpointedEngine, reader: ShardReader, *, group_of:
         settings = next((group_of[n] for n in sources if n in group_of), {})
         saved_group.update({key: value for key, value in settings.items() if key != "params"})
     optimizer.load_state_dict(state_dict)
+    behind = _WriteBehind()
     for position, unit in enumerate(paged):
         _load_paged_state(unit, optimizer, pieces=pieces)
         engine.offload.observe(f"load-optimizer:{position}")
+        behind.add([unit.pages.moments] if unit.pages.moments is not None else [])
+    behind.finish()
 
 
 def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, pieces: _PieceReader) -> None:
-    """A paged unit's optimizer state from the checkpoint, in tensors of its own, then paged to disk
-    (replacing the page of any state this optimizer built)."""
+    """A paged unit's optimizer state from the checkpoint, in tensors of its own, in a new (resident) page
+    that replaces the page of any state this optimizer built."""
     pages = unit.pages
     assert pages is not None
-    if pages.moments is not None:  # its tensors are no longer the optimizer's: let its I/O finish, drop it
-        pages.moments.claim()
-        pages.moments.evict(write=False)
+    if pages.moments is not None:  # its tensors are no longer the optimizer's
+        pages.moments.mark_fresh()  # lets its I/O finish and frees it, with no read or write
         pages.moments = None
     for piece in unit.pieces:
         state = {key: _own_state(key, value, piece) for key, value in pieces.state_of(piece).items()}
@@ -323,8 +348,6 @@ def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, piece
         else:
             optimizer.state.pop(piece, None)
     _page_new_state(unit, optimizer)
-    if pages.moments is not None:
-        pages.moments.evict(write=True)
 
 
 def _own_state(key: str, value: torch.Tensor, piece: nn.Parameter) -> torch.Tensor:
