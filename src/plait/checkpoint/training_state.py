@@ -32,7 +32,7 @@ from plait.config import AXES, Plan
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import Placement, placement_of
 from plait.offload.pages import Page
-from plait.offload.step import _page_new_state
+from plait.offload.step import page_new_state
 from plait.offload.unit_like import UnitLike
 
 
@@ -339,7 +339,7 @@ def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, piece
     pages = unit.pages
     assert pages is not None
     if pages.moments is not None:  # its tensors are no longer the optimizer's
-        pages.moments.mark_fresh()  # lets its I/O finish and frees it, with no read or write
+        pages.moments.discard()
         pages.moments = None
     for piece in unit.pieces:
         state = {key: _own_state(key, value, piece) for key, value in pieces.state_of(piece).items()}
@@ -347,7 +347,7 @@ def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, piece
             optimizer.state[piece] = state
         else:
             optimizer.state.pop(piece, None)
-    _page_new_state(unit, optimizer)
+    page_new_state(unit, optimizer)
 
 
 def _own_state(key: str, value: torch.Tensor, piece: nn.Parameter) -> torch.Tensor:

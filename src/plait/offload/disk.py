@@ -28,6 +28,7 @@ from plait.sizes import format_bytes
 ALIGN = 4096
 BOUNCE_BYTES = 32 * 2**20
 IO_THREADS = 2
+WRITES_IN_FLIGHT = 4  # pages waiting to be written hold their memory: a slow disk makes the writer wait
 _MARK = ".plait-offload"  # in every directory plait creates, so it is never mistaken for a checkpoint
 
 
@@ -111,6 +112,7 @@ class DiskStore:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="plait-offload")
         self._fds: dict[str, int] = {}
+        self._write_slots = threading.BoundedSemaphore(WRITES_IN_FLIGHT)
         # removes the files at close(), when the store is collected, or at interpreter exit
         self._cleanup = weakref.finalize(self, _remove, self._pool, self._fds, self.directory)
 
@@ -133,10 +135,14 @@ class DiskStore:
         """Write `tensors` to the file `key`, then call `then` on the I/O thread (freeing their memory)."""
 
         def task() -> None:
-            self._move(key, list(tensors), True)
-            if then is not None:
-                then()
+            try:
+                self._move(key, list(tensors), True)
+                if then is not None:
+                    then()
+            finally:
+                self._write_slots.release()
 
+        self._write_slots.acquire()  # at most WRITES_IN_FLIGHT pages wait in memory for the disk
         return self._pool.submit(task)
 
     def read(self, key: str, tensors: Sequence[torch.Tensor]) -> Future[None]:

@@ -98,6 +98,13 @@ class Page:
             self.resident = False
             self._free()
 
+    def discard(self) -> None:
+        """Its tensors are no longer wanted: let its I/O finish, free its memory, read and write nothing."""
+        self._finish_pending()
+        if self.resident:
+            self.resident = False
+            self._free()
+
     def write_through(self) -> None:
         """Write a resident page's contents (they stay resident)."""
         self._finish_pending()

@@ -102,7 +102,7 @@ def update_pass(
             torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         with narrowed(optimizer, unit.pieces):
             optimizer.step()
-        _page_new_state(unit, optimizer)
+        page_new_state(unit, optimizer)
         handle = unit.publish_step()
         if handle is not None:
             handles.append(handle)
@@ -183,7 +183,7 @@ class BackwardStep:
         self.norms.add(unit)  # the norm is reported, not applied
         with narrowed(self.optimizer, unit.pieces):
             self.optimizer.step()
-        _page_new_state(unit, self.optimizer)
+        page_new_state(unit, self.optimizer)
         handle = unit.publish_step()
         if handle is not None:
             self.handles.append(handle)
@@ -211,7 +211,7 @@ def _write_back(unit: UnitLike) -> None:
         pages.grads.mark_fresh()
 
 
-def _page_new_state(unit: UnitLike, optimizer: torch.optim.Optimizer) -> None:
+def page_new_state(unit: UnitLike, optimizer: torch.optim.Optimizer) -> None:
     """The first step creates the optimizer state: from now on it lives on disk with the master."""
     pages = unit.pages
     if pages is None or pages.master is None or pages.moments is not None:
