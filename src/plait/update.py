@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from plait.amp.scaler import LossScaler, Overflow
-from plait.distributed.comm import CommCounter
+from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
@@ -115,10 +115,21 @@ class Update:
         if not self.scaler.dynamic:
             return False
         named = self.data_parallel.named_grads()  # type: ignore[attr-defined]
-        groups = [self.mesh.group("dp")]
-        return self.record_overflow(
-            self.scaler.check_overflow(named, groups=groups, device=self.device, counter=self.comm)
-        )
+        groups = [self.mesh.group("dp"), self.mesh.group("tp")]  # the same names, other shards or slices
+        overflow = self.scaler.check_overflow(named, groups=groups, device=self.device, counter=self.comm)
+        return self.record_overflow(self._across_stages(overflow))
+
+    def _across_stages(self, overflow: Overflow) -> Overflow:
+        """Pipeline stages hold different parameters: they agree on whether any overflowed, every stage
+        skips together, and a stage that saw none names where it was found."""
+        group = self.mesh.group("pp")
+        if group is None:
+            return overflow
+        found = torch.tensor([float(overflow.found)], device=self.device)
+        all_reduce(found, group=group, counter=self.comm)  # a sum: how many stages found one
+        if found.item() > 0 and not overflow.found:
+            return Overflow(found=True, first_name="a parameter on another pipeline stage")
+        return overflow
 
     def record_overflow(self, overflow: Overflow) -> bool:
         """Log a skipped step, move the loss scale; True when the step must be skipped."""

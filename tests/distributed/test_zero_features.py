@@ -161,3 +161,24 @@ def recompute_run(rank: int, world_size: int, zero: int, recompute: str, modules
 )
 def test_recompute_keeps_parity(zero: int, recompute: str, modules: list[str]) -> None:
     assert_parity(run_ranks(recompute_run, 2, zero, recompute, modules), reference_run("tiny"))
+
+
+def poison_the_last_rank_along(rank: int, world_size: int, axis: str) -> tuple:
+    """fp16 with a non-finite gradient on one tensor-parallel or pipeline rank only."""
+    model = fresh_model("tiny")
+    split = {"tp": {"tp": 2}, "pp": {"pp": 2, "microbatches": 2}}[axis]
+    plan = plait.Plan(dp=1, zero=1, precision="fp16", **split)
+    engine = plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan)
+    if engine.mesh.rank(axis) == engine.mesh.size(axis) - 1:
+        first = next(p for p in engine.model.parameters() if p.requires_grad)
+        first.register_hook(lambda grad: grad * float("inf"))
+    result = engine.train_step(make_batches(model.config.vocab_size)[0])
+    return result.skipped, engine.scaler.scale, engine.last_overflow.first_name
+
+
+@pytest.mark.parametrize("axis", ["tp", "pp"])
+def test_fp16_overflow_on_one_tp_or_pp_rank_skips_the_step_everywhere(axis: str) -> None:
+    outcomes = run_ranks(poison_the_last_rank_along, 2, axis)
+    assert [skipped for skipped, _, _ in outcomes] == [True, True]
+    assert outcomes[0][1] == outcomes[1][1] == 2.0**15  # both backed off from 2**16
+    assert all(name is not None for _, _, name in outcomes)
