@@ -57,6 +57,39 @@ def _nodes_needed(shape: ModelShape, *, workload: Workload, cluster: Cluster, sp
     return None
 
 
+def _offload_tiers(cluster: Cluster, space: SearchSpace) -> tuple[str, ...]:
+    """The tiers this cluster offers: host memory on GPUs, and a disk where there is one and a directory."""
+    host = ("cpu",) if cluster.host_memory and not cluster.host_is_device else ()
+    return host + (("disk",) if cluster.disk is not None and space.offload_dir else ())
+
+
+def _offload_advice(result: SearchResult, shape: ModelShape, *, workload: Workload, space: SearchSpace) -> list[str]:
+    """With offload not searched: the fastest offloading plan that fits, if any. With offload searched:
+    what the smallest offloading plan still lacks (device, host or disk bytes)."""
+    cluster = result.cluster
+    if not space.offload:
+        tiers = _offload_tiers(cluster, space)
+        found = search(shape, workload, cluster=cluster, space=space.relax(offload=tiers)).best if tiers else None
+        if found is None:
+            return []
+        m = found.memory
+        return [
+            f"offloading fits: {describe(found.plan)}: {found.step_s:.3g} s/step, device {m.total / GIB:.2f} GiB, "
+            f"host {m.host / GIB:.2f} GiB, disk {m.disk / GIB:.2f} GiB per rank (plait plan --offload auto)"
+        ]
+    offloaded = [e for e in result.estimates if e.offload is not None]
+    if not offloaded:
+        return []
+    smallest = min(offloaded, key=lambda e: e.memory.total)
+    m, ranks = smallest.memory, cluster.devices_per_node
+    disk = cluster.disk.capacity if cluster.disk is not None else 0
+    return [
+        f"offloading does not fit either: the smallest, {describe(smallest.plan)}, needs {m.total / GIB:.2f} GiB per "
+        f"device, {m.host * ranks / GIB:.1f} GiB of host memory per node (have {cluster.host_memory / GIB:.0f}; "
+        f"--host-mem) and {m.disk * ranks / 1e9:.0f} GB of disk per node (have {disk / 1e9:.0f}; --disk)"
+    ]
+
+
 def explain_no_fit(result: SearchResult, shape: ModelShape, *, workload: Workload, space: SearchSpace) -> str:
     """The smallest plan's memory, then each change that would fit, least disruptive first."""
     cluster = result.cluster
@@ -78,11 +111,7 @@ def explain_no_fit(result: SearchResult, shape: ModelShape, *, workload: Workloa
         if found is not None:
             lines.append(f"smallest change that fits: {change.description} -> {describe(found.plan)}")
             return "\n".join(lines)
-    if m.total - m.optimizer <= cluster.device_memory:
-        lines.append(
-            f"offloading the optimizer state ({m.optimizer / GIB:.2f} GiB per rank) to host memory would fit; "
-            "plait does not offload yet"
-        )
+    lines += _offload_advice(result, shape, workload=workload, space=space)
     nodes = _nodes_needed(shape, workload=workload, cluster=cluster, space=space)
     if nodes is not None:
         lines.append(f"smallest change that fits: --nodes {nodes} ({nodes * cluster.devices_per_node} devices)")

@@ -1,5 +1,6 @@
 """Measure this machine as a `Cluster`: matmul peak, memory bandwidth, per-operator cost, and
-collective bandwidth, latency and overlap on a local process group.
+collective bandwidth, latency and overlap on a local process group; for offload, the host's AdamW
+rate (every rank at once), host memcpy bandwidth and the disk (`calibrate_io`).
 
 Every rank measures at the same time, so ranks that share cores or memory
 bandwidth see what a real run would see. With a process group already
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plait.planner.calibrate_io import DiskMeasurement, adam_rate, measure_disk, measure_memcpy
 from plait.planner.cluster import Cluster, Link
 from plait.planner.comm import collective_seconds
 from plait.planner.timing import OPS_PER_LAYER
@@ -50,6 +52,15 @@ class Measured:
     all_gather_s: float
     reduce_scatter_s: float
     overlap: float
+    adam_rate: float = 800e6  # parameters per second of AdamW on this rank's host share
+
+
+@dataclass(frozen=True)
+class HostIO:
+    """This machine's host side, measured once: memcpy bytes/s and the disk offload would use."""
+
+    memcpy: float
+    disk: DiskMeasurement | None = None
 
 
 def _block_s(fn, repeats: int = 8) -> float:
@@ -193,6 +204,7 @@ def measure_rank(group: dist.ProcessGroup | None = None, *, probe: Probe | None 
         all_gather_s=_collective_s(LARGE, group, "all_gather"),
         reduce_scatter_s=_collective_s(LARGE, group, "reduce_scatter"),
         overlap=_overlap(group),
+        adam_rate=_together(adam_rate, group),
     )
 
 
@@ -238,8 +250,9 @@ def _link(measured: list[Measured], ranks: int) -> Link:
     )
 
 
-def cluster_from(measurements: list[Measured], *, device_memory: int) -> Cluster:
-    """The slowest rank's figures as a one-node cluster of len(measurements) CPU ranks."""
+def cluster_from(measurements: list[Measured], *, device_memory: int, io: HostIO | None = None) -> Cluster:
+    """The slowest rank's figures as a one-node cluster of len(measurements) CPU ranks. The host is the
+    device: its memory is `_host_memory()`, host<->device copies are memcpy (shared by the ranks)."""
     ranks = len(measurements)
     gemm = min(m.gemm_flops for m in measurements)
     peak = max(gemm, min(m.peak_flops for m in measurements))
@@ -259,7 +272,28 @@ def cluster_from(measurements: list[Measured], *, device_memory: int) -> Cluster
         overlap=min(m.overlap for m in measurements) if ranks > 1 else 1.0,
         backend="gloo",
         core_share=min(1.0, _num_cores() / ranks),
+        host_memory=_host_memory(),
+        host_adam_rate=min(m.adam_rate for m in measurements),
+        **_host_fields(io, ranks),
     )
+
+
+def _host_fields(io: HostIO | None, ranks: int) -> dict[str, object]:
+    if io is None:
+        return {}
+    return {"host_link": io.memcpy / ranks, "host_memory_bandwidth": 2 * io.memcpy, "disk": io.disk and io.disk.disk}
+
+
+def measure_host_io(directory: str | None) -> HostIO:
+    """memcpy bandwidth and, where `directory` (default: the temp dir) is writable, its disk."""
+    try:
+        disk = measure_disk(directory)
+    except OSError as err:
+        print(f"plait plan: could not time the disk in {directory or tempfile.gettempdir()} ({err}); no disk tier")
+        disk = None
+    if disk is not None:
+        print(f"plait plan: {disk.note}")
+    return HostIO(memcpy=measure_memcpy(), disk=disk)
 
 
 def _worker(rank: int, ranks: int, store_path: str, queue: mp.Queue, options: tuple[Probe, int]) -> None:
@@ -287,12 +321,14 @@ def calibrate(
     probe: Probe | None = None,
     repeats: int = 1,
     timeout_s: float = 300.0,
+    io_dir: str | None = None,
 ) -> Cluster:
     """Measure `num_ranks` local ranks (forked, one thread each) or, if a process group exists, its ranks.
 
     `device_memory` defaults to this machine's memory divided among the ranks;
     `probe` shapes the timed matmuls (`Probe`); with `repeats` > 1 each figure
-    is the median of that many calibrations.
+    is the median of that many calibrations; the disk is timed in `io_dir`
+    (default: the temp dir) after the ranks finish.
     """
     if dist.is_initialized():
         gathered: list[Measured | None] = [None] * dist.get_world_size()
@@ -314,5 +350,7 @@ def calibrate(
         for proc in procs:
             proc.join(timeout_s)
     return cluster_from(
-        [results[r] for r in range(num_ranks)], device_memory=device_memory or _host_memory() // num_ranks
+        [results[r] for r in range(num_ranks)],
+        device_memory=device_memory or _host_memory() // num_ranks,
+        io=measure_host_io(io_dir),
     )

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from plait.planner.advice import explain_no_fit
 from plait.planner.cluster import PRESETS, Cluster, parse_bytes
+from plait.planner.estimate import Estimator
+from plait.planner.evaluate import format_estimate, parse_plan_fields, plan_to_evaluate
+from plait.planner.hardware import DISK_EXAMPLE, parse_disk, parse_host_memory, with_host_and_disk
 from plait.planner.report import format_table, why_best
 from plait.planner.search import SearchSpace, search
-from plait.planner.shape import load_shape
+from plait.planner.shape import ModelShape, load_shape
 from plait.planner.workload import Workload
 
 
@@ -31,6 +35,20 @@ def add_plan_parser(commands: Any) -> None:
     plan.add_argument("--microbatches", type=int, nargs="+", default=None)
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", default=None, help="also write every estimate to this JSON file")
+    plan.add_argument("--host-mem", default=None, help="host memory per node for offloaded state, e.g. 512GiB")
+    plan.add_argument("--disk", default=None, help=f"a local disk per node for offloaded state, e.g. {DISK_EXAMPLE}")
+    plan.add_argument(
+        "--offload-dir",
+        default=None,
+        help="where disk offload goes (and --calibrate times the disk; default: temp dir)",
+    )
+    plan.add_argument(
+        "--offload", default="auto", choices=["auto", "none"], help="auto: consider offloading to host memory and disk"
+    )
+    plan.add_argument(
+        "--evaluate", default=None, metavar="KEY=VALUE,...",
+        help="estimate this one plan instead of searching, e.g. zero=3,offload_optimizer=disk,offload_dir=/x",
+    )  # fmt: skip
 
 
 def _cluster(args: argparse.Namespace, hidden: int, tokens: int) -> Cluster:
@@ -41,13 +59,28 @@ def _cluster(args: argparse.Namespace, hidden: int, tokens: int) -> Cluster:
         memory = parse_bytes(args.gpu_mem) if args.gpu_mem else None
         dtype = PrecisionPolicy.from_name(args.precision or "fp32").param_dtype
         probe = Probe(tokens=tokens, hidden=min(hidden, 1024), dtype=dtype)
-        return calibrate(args.gpus_per_node, device_memory=memory, probe=probe).replace(nodes=args.nodes)
-    cluster = Cluster.preset(args.gpu, nodes=args.nodes, devices_per_node=args.gpus_per_node)
-    return cluster.replace(device_memory=parse_bytes(args.gpu_mem)) if args.gpu_mem else cluster
+        cluster = calibrate(args.gpus_per_node, device_memory=memory, probe=probe, io_dir=_offload_dir(args))
+        cluster = cluster.replace(nodes=args.nodes)
+    else:
+        cluster = Cluster.preset(args.gpu, nodes=args.nodes, devices_per_node=args.gpus_per_node)
+        cluster = cluster.replace(device_memory=parse_bytes(args.gpu_mem)) if args.gpu_mem else cluster
+    return with_host_and_disk(cluster, host_mem=args.host_mem, disk=args.disk)
+
+
+def _offload_dir(args: argparse.Namespace) -> str:
+    return args.offload_dir or tempfile.gettempdir()
+
+
+def _offload_tiers(args: argparse.Namespace, cluster: Cluster) -> tuple[str, ...]:
+    if args.offload == "none":
+        return ()
+    has_host = cluster.host_memory > 0 and not cluster.host_is_device  # on CPUs the host is the device already
+    return ("cpu",) * has_host + ("disk",) * (cluster.disk is not None)
 
 
 def _space(args: argparse.Namespace, cluster: Cluster) -> SearchSpace:
-    options: dict[str, Any] = {"precision": args.precision or ("fp32" if cluster.backend == "gloo" else "bf16")}
+    options: dict[str, Any] = {"precision": _precision(args, cluster)}
+    options |= {"offload": _offload_tiers(args, cluster), "offload_dir": _offload_dir(args)}
     if args.zero:
         options["zero"] = tuple(args.zero)
     if args.recompute:
@@ -57,11 +90,48 @@ def _space(args: argparse.Namespace, cluster: Cluster) -> SearchSpace:
     return SearchSpace(**options)
 
 
+def _precision(args: argparse.Namespace, cluster: Cluster) -> str:
+    return args.precision or ("fp32" if cluster.backend == "gloo" else "bf16")
+
+
 def _count(num: int) -> str:
     return f"{num / 1e9:.3g}B" if num >= 1e9 else f"{num / 1e6:.3g}M"
 
 
+def _host_text(cluster: Cluster) -> str:
+    text = f", host {cluster.host_memory / 2**30:.0f} GiB per node" if cluster.host_memory else ""
+    disk = cluster.disk
+    if disk is not None:
+        text += (
+            f", disk {disk.capacity / 1e9:.0f} GB at {disk.read_bandwidth / 1e9:.2g} GB/s read, "
+            f"{disk.write_bandwidth / 1e9:.2g} GB/s write"
+        )
+    return text
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Read --disk, --host-mem and --evaluate before calibrating, so a typo fails at once."""
+    if args.disk:
+        parse_disk(args.disk)
+    if args.host_mem:
+        parse_host_memory(args.host_mem)
+    if args.evaluate:
+        parse_plan_fields(args.evaluate)
+
+
+def _evaluate(args: argparse.Namespace, shape: ModelShape, workload: Workload, cluster: Cluster) -> int:
+    """`--evaluate`: the one plan's estimate in full; exit 1 where it does not fit."""
+    world = cluster.num_devices
+    plan = plan_to_evaluate(args.evaluate, world=world, workload=workload, precision=_precision(args, cluster))
+    estimate = Estimator(shape, workload, cluster=cluster).estimate(plan)
+    print(format_estimate(estimate, device_memory=cluster.device_memory))
+    if args.json:
+        Path(args.json).write_text(json.dumps(estimate.as_dict(), indent=1) + "\n")
+    return 0 if estimate.fits else 1
+
+
 def run_plan(args: argparse.Namespace) -> int:
+    _check_options(args)
     shape = load_shape(args.model)
     seq = args.seq or shape.config.max_seq_len
     if seq > shape.config.max_seq_len:
@@ -69,13 +139,17 @@ def run_plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or 8 * args.nodes * args.gpus_per_node
     workload = Workload(global_batch, seq)
     cluster = _cluster(args, shape.hidden, seq)
+    header = (
+        f"{shape.name}: {_count(shape.num_parameters())} parameters, global batch {global_batch} x {seq} tokens, "
+        f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB"
+        f"{_host_text(cluster)})"
+    )
+    if args.evaluate:
+        print(header)
+        return _evaluate(args, shape, workload, cluster)
     space = _space(args, cluster)
     result = search(shape, workload, cluster=cluster, space=space)
-    print(
-        f"{shape.name}: {_count(shape.num_parameters())} parameters, global batch {global_batch} x {seq} tokens, "
-        f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB); "
-        f"{len(result.estimates)} valid plans estimated in {result.seconds:.1f} s"
-    )
+    print(f"{header}; {len(result.estimates)} valid plans estimated in {result.seconds:.1f} s")
     print(format_table(result, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([e.as_dict() for e in result.estimates], indent=1) + "\n")

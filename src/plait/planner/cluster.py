@@ -65,6 +65,23 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A node's local disk for offloaded state: free bytes and sequential read / write bytes/s (the whole
+    disk; the node's ranks share it)."""
+
+    capacity: int
+    read_bandwidth: float
+    write_bandwidth: float
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or not self.read_bandwidth > 0 or not self.write_bandwidth > 0:
+            raise ValueError(
+                f"Disk(capacity={self.capacity}, read={self.read_bandwidth}, write={self.write_bandwidth}): give a "
+                "positive size and bandwidths, e.g. --disk 2TB,6GB/s,4GB/s"
+            )
+
+
+@dataclass(frozen=True)
 class Cluster:
     """Nodes of identical devices.
 
@@ -85,6 +102,15 @@ class Cluster:
       compute (CPU ranks that outnumber the cores: cores / ranks; else 1).
       Calibrated rates are the shared ones; a rank idle in a pipeline bubble
       yields its core to the others.
+    - ``host_memory``: host (CPU) memory per node for offloaded state (0:
+      none); on a CPU cluster (``backend="gloo"``) the device *is* the host,
+      so offloaded-to-host bytes count against the same memory.
+    - ``host_link``: host<->device bytes/s per device, one direction (PCIe;
+      memcpy on a CPU cluster).
+    - ``host_memory_bandwidth``: the node's host memory bytes/s.
+    - ``host_adam_rate``: parameters per second one rank's AdamW step runs
+      on the host while every rank steps at once.
+    - ``disk``: the node's local disk for offloaded state (None: no disk tier).
     """
 
     name: str
@@ -101,6 +127,11 @@ class Cluster:
     overlap: float = 1.0
     backend: str = "nccl"
     core_share: float = 1.0
+    host_memory: int = 0
+    host_link: float = 25e9
+    host_memory_bandwidth: float = 200e9
+    host_adam_rate: float = 800e6
+    disk: Disk | None = None
 
     def __post_init__(self) -> None:
         for field in ("nodes", "devices_per_node", "device_memory"):
@@ -116,6 +147,13 @@ class Cluster:
             raise ValueError(f"cluster.core_share={self.core_share}: a fraction of a core in (0, 1]")
         if self.backend not in ("nccl", "gloo"):
             raise ValueError(f"cluster.backend={self.backend!r}: use 'nccl' (GPUs) or 'gloo' (CPUs)")
+        if self.host_memory < 0 or not self.host_link > 0 or not self.host_memory_bandwidth > 0:
+            raise ValueError(
+                f"cluster host_memory={self.host_memory} must be >= 0 bytes (e.g. --host-mem 2TB) and host_link, "
+                "host_memory_bandwidth positive bytes/s"
+            )
+        if not self.host_adam_rate > 0:
+            raise ValueError(f"cluster.host_adam_rate={self.host_adam_rate}: parameters per second, positive")
         if self.reserved_bytes >= self.device_memory:
             raise ValueError(
                 f"reserved_bytes={self.reserved_bytes} leaves no room in device_memory={self.device_memory}; lower it"
@@ -129,6 +167,11 @@ class Cluster:
     def usable_memory(self) -> int:
         """Bytes per device a plan's tensors may use."""
         return self.device_memory - self.reserved_bytes
+
+    @property
+    def host_is_device(self) -> bool:
+        """CPU ranks: host memory is device memory and host<->device copies are memcpy."""
+        return self.backend == "gloo"
 
     def link(self, group_size: int, *, stride: int = 1) -> Link:
         """The slowest link a group of `group_size` ranks, `stride` apart in rank order, crosses."""
@@ -147,7 +190,7 @@ class Cluster:
         return base.replace(nodes=nodes, devices_per_node=devices_per_node or base.devices_per_node)
 
 
-def _gpu(name: str, *, memory: int, flops: float, hbm: float, nvlink: float) -> Cluster:
+def _gpu(name: str, *, memory: int, flops: float, hbm: float, nvlink: float, host: Host) -> Cluster:
     # 8 GPUs per node; inter-node 8 x 200 Gb/s InfiniBand per node, i.e. 25 GB/s per GPU.
     return Cluster(
         name=name,
@@ -158,15 +201,46 @@ def _gpu(name: str, *, memory: int, flops: float, hbm: float, nvlink: float) -> 
         memory_bandwidth=hbm,
         intra=Link(bandwidth=nvlink, latency=10e-6),
         inter=Link(bandwidth=25e9, latency=20e-6),
+        host_memory=host.memory,
+        host_link=host.pcie,
+        host_memory_bandwidth=host.bandwidth,
+        host_adam_rate=min(host.cores / 8 * ADAM_PER_CORE, host.bandwidth / 8 / HOST_ADAM_BYTES),
+        disk=NVME,
     )
 
+
+@dataclass(frozen=True)
+class Host:
+    """A GPU node's host side: memory bytes, PCIe bytes/s per GPU (one direction, achieved), memory
+    bytes/s and CPU cores."""
+
+    memory: int
+    pcie: float
+    bandwidth: float
+    cores: int
+
+
+# Host AdamW: torch's fused CPU AdamW steps ~800M params/s per core (measured on a Xeon), and reads or
+# writes 12 fp32 arrays per parameter (moments, master, gradient, temporaries), so a node's memory
+# bandwidth caps it at bandwidth / 48 bytes per parameter, shared by the 8 GPUs' ranks.
+ADAM_PER_CORE = 800e6
+HOST_ADAM_BYTES = 48
+# DGX H100/H200 (NVIDIA DGX H100 user guide): 2 TB DDR5, 2 x Xeon 8480C (112 cores, 8 channels of
+# DDR5-4800 each: ~614 GB/s), PCIe gen5 x16 per GPU (64 GB/s per direction on paper, ~50 achieved).
+DGX_H100_HOST = Host(memory=2 * 10**12, pcie=50e9, bandwidth=614e9, cores=112)
+# DGX A100 640GB (NVIDIA DGX A100 user guide): 2 TB DDR4, 2 x EPYC 7742 (128 cores, 8 channels of
+# DDR4-3200 each: ~410 GB/s), PCIe gen4 x16 per GPU (32 GB/s on paper, ~25 achieved).
+DGX_A100_HOST = Host(memory=2 * 10**12, pcie=25e9, bandwidth=410e9, cores=128)
+# One data-center NVMe drive (e.g. Samsung PM1733 3.84 TB, the DGX cache drives: 7.0 GB/s sequential
+# read, 3.8 GB/s write on its data sheet; gen5 drives write ~5 GB/s): 3.84 TB, 6.5 GB/s read, 4 GB/s write.
+NVME = Disk(capacity=3_840 * 10**9, read_bandwidth=6.5e9, write_bandwidth=4e9)
 
 # Dense bf16 tensor-core peaks, HBM bandwidth and NVLink bandwidth per direction from NVIDIA's data sheets (SXM).
 PRESETS = MappingProxyType(
     {
-        "h100": _gpu("h100", memory=80 * GIB, flops=989e12, hbm=3.35e12, nvlink=450e9),
-        "h200": _gpu("h200", memory=141 * 10**9, flops=989e12, hbm=4.8e12, nvlink=450e9),
-        "a100-80gb": _gpu("a100-80gb", memory=80 * GIB, flops=312e12, hbm=2.039e12, nvlink=300e9),
-        "a100-40gb": _gpu("a100-40gb", memory=40 * GIB, flops=312e12, hbm=1.555e12, nvlink=300e9),
+        "h100": _gpu("h100", memory=80 * GIB, flops=989e12, hbm=3.35e12, nvlink=450e9, host=DGX_H100_HOST),
+        "h200": _gpu("h200", memory=141 * 10**9, flops=989e12, hbm=4.8e12, nvlink=450e9, host=DGX_H100_HOST),
+        "a100-80gb": _gpu("a100-80gb", memory=80 * GIB, flops=312e12, hbm=2.039e12, nvlink=300e9, host=DGX_A100_HOST),
+        "a100-40gb": _gpu("a100-40gb", memory=40 * GIB, flops=312e12, hbm=1.555e12, nvlink=300e9, host=DGX_A100_HOST),
     }
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,8 @@ from plait.config import Plan
 from plait.planner.cluster import Cluster
 from plait.planner.layout import LayoutCache, ScheduleCache
 from plait.planner.memory import MemoryBreakdown, MemoryModel
+from plait.planner.offload import OffloadBytes, summarize_tiers
+from plait.planner.offload_apply import apply_offload, fits
 from plait.planner.shape import ModelShape
 from plait.planner.timing import TimeBreakdown, TimeModel
 from plait.planner.workload import Workload
@@ -23,6 +26,7 @@ class Estimate:
     tokens_per_s: float
     mfu: float
     fits: bool
+    offload: OffloadBytes | None = None
 
     @property
     def step_s(self) -> float:
@@ -36,7 +40,7 @@ class Estimate:
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
             "fits": self.fits,
-        }
+        } | ({"offload": self.offload.as_dict()} if self.offload else {})
 
 
 def describe(plan: Plan) -> str:
@@ -49,7 +53,24 @@ def describe(plan: Plan) -> str:
     if plan.recompute != "none":
         ratio = f"{plan.recompute_ratio:g}" if plan.recompute == "selective" and plan.recompute_ratio < 1 else ""
         parts.append(f"rc-{plan.recompute}{ratio}")
+    if plan.offloads:
+        parts.append(describe_offload(plan))
     return " ".join(parts)
+
+
+def describe_offload(plan: Plan) -> str:
+    """'off p:disk o:disk g:disk' (params, optimizer, gradients), or the memory budget that places them."""
+    if plan.memory_budget:
+        return f"off budget {plan.memory_budget}"
+    tiers = plan.offload_tiers
+    return "off " + " ".join(
+        f"{state[0]}:{tiers[state]}" for state in ("params", "optimizer", "gradients") if tiers[state] != "none"
+    )
+
+
+def describe_tiers(offload: OffloadBytes) -> str:
+    """Where the states ended up: 'params disk, optimizer disk, grads disk'."""
+    return ", ".join(f"{state} {tier}" for state, tier in summarize_tiers(offload.tiers).items())
 
 
 class Estimator:
@@ -64,13 +85,26 @@ class Estimator:
         self.time = TimeModel(shape, workload, cluster=cluster, profile=profile, **shared)
 
     def estimate(self, plan: Plan) -> Estimate:
-        memory = self.memory.estimate(plan, reserved=self.cluster.reserved_bytes)
-        time = self.time.estimate(plan)
+        """`plan`'s estimate; an offloading plan's from the same plan on the device (`with_offload`)."""
+        on_device = dataclasses.replace(plan, offload_optimizer="none", offload_gradients="none",
+                                        offload_params="none", memory_budget="")  # fmt: skip
+        memory = self.memory.estimate(on_device, reserved=self.cluster.reserved_bytes)
+        base = self._finish(on_device, memory, self.time.estimate(on_device))
+        return self.with_offload(base, plan) if plan.offloads else base
+
+    def with_offload(self, base: Estimate, plan: Plan) -> Estimate:
+        """`plan` (`base.plan` with offload fields set) from `base`'s on-device estimate."""
+        layout = self.memory.layouts.get(plan)
+        stage = base.memory.stage
+        units = self.shape.stage_units(stage, num_layers=layout.layers_per_rank[stage], pp=plan.pp, tp=plan.tp)
+        memory, time, offload = apply_offload(plan, base.memory, base.time, units=units, cluster=self.cluster)
+        return dataclasses.replace(self._finish(plan, memory, time), offload=offload)
+
+    def _finish(self, plan: Plan, memory: MemoryBreakdown, time: TimeBreakdown) -> Estimate:
         tokens_per_s = self.workload.tokens / time.total
         flops = self.shape.config.flops_per_token(self.workload.seq_len)
         utilisation = mfu(
             tokens_per_s=tokens_per_s, flops_per_token=flops, peak_flops=self.cluster.peak_flops,
             num_ranks=self.cluster.num_devices,
         )  # fmt: skip
-        fits = memory.total <= self.cluster.device_memory
-        return Estimate(plan, memory, time, tokens_per_s, utilisation, fits)
+        return Estimate(plan, memory, time, tokens_per_s, utilisation, fits(memory, self.cluster))

@@ -36,7 +36,9 @@ class MemoryBreakdown:
     that peaks (loss, recomputation, gradients in flight), `comm` the
     communication buffers live then (ZeRO-3's gathered units, tensor-parallel
     copies). `tensors` is what live-tensor counting sees; `reserved` is the
-    runtime's (CUDA context, allocator slack), outside any tensor.
+    runtime's (CUDA context, allocator slack), outside any tensor. `host` and
+    `disk` are the bytes an offloading plan keeps off the device (its states
+    and their staging buffers); `total` is device memory alone.
     """
 
     params: float
@@ -48,6 +50,8 @@ class MemoryBreakdown:
     comm: float
     reserved: float = 0.0
     stage: int = 0
+    host: float = 0.0
+    disk: float = 0.0
 
     @property
     def model_states(self) -> float:

@@ -31,9 +31,16 @@ class SearchSpace:
     pp: tuple[int, ...] = ()
     max_microbatches_per_stage: int = 8
     selective_ratio: float = 0.5  # plait's selective recomputation: the fraction of layers recomputed
+    offload: tuple[str, ...] = ()  # tiers offloaded states may use: "cpu", "disk" (() keeps every state on the device)
+    offload_dir: str = ""  # where disk-tier plans put their files (needed with "disk")
 
     def __post_init__(self) -> None:
         Plan(precision=self.precision)  # validates the name
+        if set(self.offload) - {"cpu", "disk"} or ("disk" in self.offload and not self.offload_dir):
+            raise ValueError(
+                f"SearchSpace(offload={self.offload!r}): offload tiers are 'cpu' and 'disk'; 'disk' needs "
+                "offload_dir (e.g. --offload-dir /mnt/nvme/plait-offload)"
+            )
         for stage in self.zero:
             Plan(zero=stage)
         for mode in self.recompute:
@@ -127,6 +134,42 @@ def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, spa
                     )  # fmt: skip
 
 
+# (params, optimizer, gradients) placements the search tries: the optimizer (and the gradient shard it
+# reads) first, then ZeRO-3's parameter shards, each on the host and, given a disk, on disk.
+OFFLOAD_PLACEMENTS = (
+    ("none", "cpu", "cpu"),
+    ("cpu", "cpu", "cpu"),
+    ("none", "disk", "cpu"),
+    ("none", "disk", "disk"),
+    ("cpu", "disk", "disk"),
+    ("disk", "disk", "disk"),
+)
+
+
+def offload_variants(plan: Plan, space: SearchSpace) -> Iterator[Plan]:
+    """`plan` with each placement of `OFFLOAD_PLACEMENTS` its ZeRO stage and the space's tiers allow."""
+    if not space.offload or plan.zero == 0:
+        return
+    for params, optimizer, gradients in OFFLOAD_PLACEMENTS:
+        if params != "none" and plan.zero != 3:
+            continue
+        if not {params, optimizer, gradients} - {"none"} <= set(space.offload):
+            continue
+        yield dataclasses.replace(
+            plan, offload_params=params, offload_optimizer=optimizer, offload_gradients=gradients,
+            offload_dir=space.offload_dir if "disk" in (params, optimizer, gradients) else "",
+        )  # fmt: skip
+
+
+def keep_offload(plain: list[Estimate], offloaded: list[Estimate]) -> list[Estimate]:
+    """Offloading plans worth showing: every one when no plan fits on the device alone, else only
+    those that fit and beat the fastest that does."""
+    fastest = min((e.step_s for e in plain if e.fits), default=None)
+    if fastest is None:
+        return offloaded
+    return [e for e in offloaded if e.fits and e.step_s < fastest]
+
+
 def is_valid(plan: Plan, shape: ModelShape, workload: Workload) -> bool:
     """plait's own launch checks (`Plan.check_available`, `Config.check_batching`) and stages <= layers."""
     try:
@@ -149,12 +192,17 @@ def search(
     space = space or SearchSpace()
     started = time.perf_counter()
     estimator = Estimator(shape, workload, cluster=cluster, profile=profile)
-    estimates, invalid = [], 0
+    estimates, offloaded, invalid = [], [], 0
     for plan in candidate_plans(shape, workload, cluster, space):
         if not is_valid(plan, shape, workload):
             invalid += 1
             continue
-        estimates.append(estimator.estimate(plan))
+        base = estimator.estimate(plan)
+        estimates.append(base)
+        offloaded += [estimator.with_offload(base, variant) for variant in offload_variants(plan, space)]
+    estimates += keep_offload(estimates, offloaded)
     # among equally fast plans, the one that communicates least, then the one that needs least memory
-    estimates.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.memory.total, e.time.dp_comm, e.memory.total))
+    estimates.sort(
+        key=lambda e: (not e.fits, e.step_s if e.fits else e.memory.total, e.time.dp_comm, e.memory.total, e.time.io)
+    )
     return SearchResult(estimates, time.perf_counter() - started, cluster, num_invalid=invalid)

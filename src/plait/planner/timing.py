@@ -33,7 +33,8 @@ OPTIMIZER_OPS_PER_TENSOR = 12
 
 @dataclass(frozen=True)
 class TimeBreakdown:
-    """Seconds per step on the busiest rank; `total` is the step time."""
+    """Seconds per step on the busiest rank; `total` is the step time. `offload_io` is the offload
+    traffic compute does not hide (see `plait.planner.offload_apply`), `io` all of it."""
 
     compute: float
     tp_comm: float
@@ -42,10 +43,15 @@ class TimeBreakdown:
     dp_comm_exposed: float
     optimizer: float
     dp_comm: float = 0.0
+    offload_io: float = 0.0
+    io: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm_exposed + self.optimizer
+        return (
+            self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm_exposed + self.optimizer
+            + self.offload_io
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
