@@ -6,6 +6,7 @@ Parameter counts (``GPTConfig.num_parameters()``, tied embeddings counted once):
     gpt-10m      10,426,176     llama-10m    10,096,896
     bench-dp     29,479,936     gpt2-124m    124,439,808
     llama-1b     1,235,814,400  llama-7b     6,738,415,616
+    gpt-4b       4,104,259,584
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def _llama_7b() -> GPTConfig:
     )  # fmt: skip
 
 
+def _gpt_4b() -> GPTConfig:
+    # The offload benchmark's model: 4.1B parameters, 66 GB of fp32 AdamW state (benchmarks/offload.py).
+    return GPTConfig(vocab_size=8192, max_seq_len=256, d_model=3072, num_layers=36, num_heads=24)
+
+
 def _factories() -> dict[str, Callable[[], GPTConfig]]:
     return {
         "tiny": _tiny,
@@ -84,6 +90,7 @@ def _factories() -> dict[str, Callable[[], GPTConfig]]:
         "bench-dp": _bench_dp,
         "gpt2-124m": _gpt2_124m,
         "llama-1b": _llama_1b,
+        "gpt-4b": _gpt_4b,
         "llama-7b": _llama_7b,
     }
 
