@@ -58,7 +58,7 @@ class Plan:
     pp_schedule: str = "1f1b"
     pp_chunks: int = 1
     pp_split: list[int] = field(default_factory=list)
-    # Where each model state lives (see plait.offload): none (on the device), cpu (host memory), disk
+    # Where each model state lives (see plait.zero.offload): none (on the device), cpu (host memory), disk
     # (files under offload_dir), or auto (placed by memory_budget, hottest first).
     offload_optimizer: str = "none"  # fp32 master shard, optimizer state, and the optimizer step
     offload_gradients: str = "none"  # the reduced gradient shard the optimizer reads

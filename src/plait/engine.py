@@ -25,8 +25,8 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.offload.manager import Offload
-from plait.offload.settle import after_step as settle_after_step
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.settle import after_step as settle_after_step
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute

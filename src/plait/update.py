@@ -1,7 +1,7 @@
 """The update at the end of a step: unscale, sum partial gradients, check fp16 overflow, clip, step.
 
 With gradients or optimizer state on disk the same update runs a unit at a
-time (plait/offload/step.py), and where nothing needs every gradient first,
+time (plait/zero/offload/step.py), and where nothing needs every gradient first,
 inside backward as each unit's gradients become final.
 """
 
@@ -18,8 +18,8 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
-from plait.offload.manager import Offload
-from plait.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
 from plait.optim.clip import clip_grad_norm, global_grad_norm
 
 Handler = BackwardStep | NormCollector

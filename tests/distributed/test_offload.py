@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import plait
-from plait.offload.placement import UnitTiers, unit_sizes, working_set_bytes
+from plait.zero.offload.placement import UnitTiers, unit_sizes, working_set_bytes
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_parity import (
     assert_parity,

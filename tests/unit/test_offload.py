@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import plait
-from plait.offload.disk import DiskStore, check_offload_dir, supports_direct_io
-from plait.offload.pages import Page
-from plait.offload.placement import UnitBytes, explicit_tiers, place_by_budget, working_set_bytes
+from plait.zero.offload.disk import DiskStore, check_offload_dir, supports_direct_io
+from plait.zero.offload.pages import Page
+from plait.zero.offload.placement import UnitBytes, explicit_tiers, place_by_budget, working_set_bytes
 
 
 @pytest.mark.parametrize(

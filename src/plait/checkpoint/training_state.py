@@ -8,7 +8,7 @@ Buffers and frozen parameters are saved from the module. Loading reads each
 of this rank's pieces through its own placement, so dp, ZeRO stage, tp and
 pp may all differ from the saving run.
 
-Units whose master and optimizer state live on disk (plait.offload pages)
+Units whose master and optimizer state live on disk (plait.zero.offload pages)
 are saved and loaded a unit at a time: saving brings a unit's pages in,
 writes its pieces and frees them; loading fills a unit's master page,
 publishes its weights and writes it back, then builds its optimizer state
@@ -31,9 +31,9 @@ from plait.checkpoint.sharded import Entry, PagedEntries, ShardReader
 from plait.config import AXES, Plan
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import Placement, placement_of
-from plait.offload.pages import Page
-from plait.offload.step import page_new_state
-from plait.offload.unit_like import UnitLike
+from plait.zero.offload.pages import Page
+from plait.zero.offload.step import page_new_state
+from plait.zero.offload.unit_like import UnitLike
 
 
 class DataParallelState(Protocol):
@@ -59,7 +59,7 @@ class CheckpointedEngine(Protocol):
     scaler: LossScaler
     pipeline: Any  # the pipeline build, or None without pipeline parallel
     data_parallel: DataParallelState
-    offload: Any  # plait.offload.Offload, or None without offload
+    offload: Any  # plait.zero.offload.Offload, or None without offload
     steps_done: int
 
 

@@ -2,7 +2,7 @@
 
 With S a unit's shard elements on this rank (its params / dp, tp-split
 weights / tp), e the parameter bytes and M the micro-batches, as plait's
-offload (`plait.offload`) places and moves them:
+offload (`plait.zero.offload`) places and moves them:
 
 - optimizer off the device: fp32 master (4S) + Adam moments (8S) on the
   host or disk; the step runs on the host. disk: 12S read and 12S written
@@ -27,7 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from plait.config import Plan
-from plait.offload.placement import (
+from plait.planner.activations import FP32
+from plait.planner.cluster import Cluster
+from plait.planner.memory import ADAM_BYTES
+from plait.planner.shape import Unit
+from plait.planner.workload import PARAM_BYTES
+from plait.zero.offload.placement import (
     STAGED_UNITS,
     UnitBytes,
     UnitTiers,
@@ -35,11 +40,6 @@ from plait.offload.placement import (
     place_by_budget,
     unit_sizes,
 )
-from plait.planner.activations import FP32
-from plait.planner.cluster import Cluster
-from plait.planner.memory import ADAM_BYTES
-from plait.planner.shape import Unit
-from plait.planner.workload import PARAM_BYTES
 
 OPTIMIZER_STATE_BYTES = FP32 + ADAM_BYTES  # master + moments per shard element
 
@@ -115,7 +115,7 @@ class OffloadBytes:
 
 
 def place(plan: Plan, units: list[Unit]) -> tuple[list[UnitBytes], list[UnitTiers]]:
-    """Each unit's sizes on this rank and where its states live, as `plait.offload` places them."""
+    """Each unit's sizes on this rank and where its states live, as `plait.zero.offload` places them."""
     sizes = unit_sizes([unit.local(plan.tp) for unit in units], num_shards=plan.dp if plan.zero else 1)
     budget = plan.memory_budget_bytes
     if budget is None:

@@ -24,7 +24,7 @@ from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.mesh import Mesh
 from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig
-from plait.offload.build import plan_offload
+from plait.zero.offload.build import plan_offload
 from plait.train import metrics
 from plait.zero.factory import unit_numels
 

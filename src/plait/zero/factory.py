@@ -10,9 +10,9 @@ from plait.amp.policy import PrecisionPolicy
 from plait.config import Plan
 from plait.distributed.comm import CommCounter
 from plait.distributed.mesh import Mesh
-from plait.offload.build import build_offload
 from plait.zero.data_parallel import DataParallel, broadcast_module_state
 from plait.zero.lazy import Materializer
+from plait.zero.offload.build import build_offload
 from plait.zero.partition import plan_units
 from plait.zero.sharded import ZeroDataParallel
 from plait.zero.unit import UnitConfig

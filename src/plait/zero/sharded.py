@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from plait.distributed.placement import placement_of
-from plait.offload.manager import Offload
-from plait.offload.placement import ON_DEVICE
-from plait.offload.step import FinalGradsHandler
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.placement import ON_DEVICE
+from plait.zero.offload.step import FinalGradsHandler
 from plait.zero.partition import HookSite, UnitSpec, plan_units
 from plait.zero.unit import FlatUnit, PendingReduce, UnitConfig
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from plait.distributed.comm import CommCounter
 from plait.distributed.placement import placement_of
-from plait.offload.placement import ON_DEVICE, UnitTiers
-from plait.offload.unit_pages import UnitPages, host_tensor
 from plait.zero.flat import FlatLayout, make_piece_param, views_of
+from plait.zero.offload.placement import ON_DEVICE, UnitTiers
+from plait.zero.offload.unit_pages import UnitPages, host_tensor
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class FlatUnit:
     ) -> None:
         self.config = config
         self.tiers = tiers
-        self.pages: UnitPages | None = None  # set by plait.offload when a state of this unit lives on disk
+        self.pages: UnitPages | None = None  # set by plait.zero.offload when a state of this unit lives on disk
         self.names = [name for name, _ in named_params]
         self.params = [param for _, param in named_params]
         self.layout = FlatLayout(

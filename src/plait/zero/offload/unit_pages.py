@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.offload.pages import Page
+from plait.zero.offload.pages import Page
 
 
 def host_tensor(source: torch.Tensor, *, tier: str) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.offload.placement import UnitTiers
-from plait.offload.unit_pages import UnitPages
+from plait.zero.offload.placement import UnitTiers
+from plait.zero.offload.unit_pages import UnitPages
 
 
 class UnitLike(Protocol):

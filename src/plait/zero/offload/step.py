@@ -27,10 +27,10 @@ from plait.distributed.comm import CommCounter
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
 from plait.distributed.placement import placement_of
-from plait.offload.manager import Offload
-from plait.offload.pages import Page
-from plait.offload.unit_like import UnitLike
 from plait.optim.clip import clip_coefficient, finish_norm, merge_terms, norm_terms
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.pages import Page
+from plait.zero.offload.unit_like import UnitLike
 
 _NONE = 2**62  # no non-finite gradient in a unit (the index space is all units' names)
 

@@ -10,10 +10,17 @@ import torch.distributed as dist
 from plait.amp.policy import PrecisionPolicy
 from plait.config import Plan
 from plait.distributed.mesh import Mesh
-from plait.offload.disk import DiskStore, check_offload_dir
-from plait.offload.manager import Offload
-from plait.offload.placement import BudgetPlacement, UnitBytes, UnitTiers, explicit_tiers, place_by_budget, unit_sizes
 from plait.sizes import format_bytes
+from plait.zero.offload.disk import DiskStore, check_offload_dir
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.placement import (
+    BudgetPlacement,
+    UnitBytes,
+    UnitTiers,
+    explicit_tiers,
+    place_by_budget,
+    unit_sizes,
+)
 
 DISK_HEADROOM = 1.05  # files are padded to 4 KiB per tensor; leave a little more than the exact bytes
 

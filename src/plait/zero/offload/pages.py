@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 import torch
 
-from plait.offload.disk import DiskStore
+from plait.zero.offload.disk import DiskStore
 
 
 class Page:

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from plait.distributed.placement import placement_of
-from plait.offload.disk import DiskStore
-from plait.offload.pages import Page
-from plait.offload.placement import BudgetPlacement, UnitTiers
-from plait.offload.unit_like import UnitLike
-from plait.offload.unit_pages import UnitPages
+from plait.zero.offload.disk import DiskStore
+from plait.zero.offload.pages import Page
+from plait.zero.offload.placement import BudgetPlacement, UnitTiers
+from plait.zero.offload.unit_like import UnitLike
+from plait.zero.offload.unit_pages import UnitPages
 
 Observer = Callable[[str], None]
 

@@ -12,11 +12,11 @@ prediction.
 
 from __future__ import annotations
 
-from plait.offload.manager import Offload
-from plait.offload.pages import Page
-from plait.offload.placement import UnitTiers
-from plait.offload.unit_like import UnitLike
-from plait.offload.unit_pages import UnitPages
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.pages import Page
+from plait.zero.offload.placement import UnitTiers
+from plait.zero.offload.unit_like import UnitLike
+from plait.zero.offload.unit_pages import UnitPages
 
 _KIND_OF_PAGE = {"params": "params", "master": "master", "moments": "master", "grads": "grads"}
 
