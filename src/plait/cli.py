@@ -6,10 +6,24 @@ import argparse
 import os
 import subprocess
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from plait.config import Config, load_config
+
+if typing.TYPE_CHECKING:
+    from plait.train.setup import Validated
+
+RANKS_PER_CORE = 4  # more ranks per core than this: a warning (tests oversubscribe on purpose)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the usage itself is one --help away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +33,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plait", description="Train large models on PyTorch with one plan.")
+    parser = _Parser(prog="plait", description="Train large models on PyTorch with one plan.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model from a config")
     _add_config_args(train)
-    train.add_argument("--resume", default=None, help="a checkpoint directory to continue from")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|CHECKPOINT",
+        help="continue a run: auto (the newest checkpoint under train.out_dir that verifies, or a fresh start "
+        "when there is none) or a checkpoint directory",
+    )
     train.add_argument("--plan", choices=["auto"], default=None, help="auto: train with the planner's best plan")
     verify = commands.add_parser("verify", help="check a plan's losses against one plain process")
     _add_config_args(verify)
@@ -116,6 +136,43 @@ def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
     return [*_strip_flag(argv, "--plan"), *plan_overrides(plan)]
 
 
+def _preflight(config: Config, *, validated: Validated, resume: str | None) -> None:
+    """What only the launcher checks, once, before any rank starts (the ranks would race on it)."""
+    from plait.train import preflight
+    from plait.train.resume import check_resumable
+
+    out_dir = Path(config.train.out_dir)
+    preflight.check_out_dir_writable(out_dir)
+    preflight.check_out_dir_unused(out_dir, resume=resume)
+    checkpoint, _ = preflight.resolve_resume(resume, out_dir=out_dir)  # verified: manifest and checksums
+    if checkpoint is not None:
+        check_resumable(checkpoint, config=config)
+    preflight.check_data(config, pretrained=validated.pretrained)
+
+
+def _check_rank_resume(resume: str | None, config: Config) -> None:
+    """Under torchrun every rank runs the command: the launcher verified the files already."""
+    from plait.train.preflight import AUTO
+    from plait.train.resume import check_resumable
+
+    if resume is None or resume == AUTO:
+        return
+    if not Path(resume).is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints")
+    check_resumable(Path(resume), config=config)
+
+
+def _warn_oversubscribed(nproc: int) -> None:
+    """Many ranks per core run (tests oversubscribe on purpose), but slowly: say so, once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > RANKS_PER_CORE * cores:
+        print(
+            f"plait: warning: --nproc {nproc} starts {nproc / cores:.0f} ranks per CPU core on {cores} cores; "
+            f"above {RANKS_PER_CORE} per core they mostly wait for a core, so steps will be slow",
+            file=sys.stderr,
+        )
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.train.setup import validate
 
@@ -123,20 +180,21 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         argv = _with_auto_plan(args, argv)
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
-    validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
-    if args.resume:
-        from plait.train.resume import check_resumable
-
-        if not Path(args.resume).is_dir():
-            raise ValueError(
-                f"--resume {args.resume}: no such checkpoint directory; pick one under <out_dir>/checkpoints"
-            )
-        check_resumable(Path(args.resume), config=config)
+    validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
+    if _under_torchrun():
+        _check_rank_resume(args.resume, config)
+    else:
+        _preflight(config, validated=validated, resume=args.resume)
+        _warn_oversubscribed(nproc)
     if nproc > 1 and not _under_torchrun():
         return _launch(nproc, _strip_nproc(argv))
     from plait.train.loop import run_training
 
-    run_training(config, resume=args.resume)  # rank 0 logs the summary line
+    try:
+        run_training(config, resume=args.resume)  # rank 0 logs the summary line
+    except (ValueError, OSError) as err:  # raised after start-up: a run-time fault, one line, exit 3
+        print(f"plait train: error during the run: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -146,9 +204,11 @@ def cmd_verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     nproc = _ranks_wanted(config, args.nproc)
-    validate(config, world_size=nproc)
+    validated = validate(config, world_size=nproc)
     out_dir = args.out_dir or f"{config.train.out_dir.rstrip('/')}-verify"  # kept: the run's log explains a FAIL
     run_config = verification_config(config, out_dir)
+    _check_verify_out_dir(Path(out_dir))
+    _preflight(run_config, validated=validated, resume=None)
     train_argv = ["train", *([args.config] if args.config else []), *_sets_for(run_config)]
     code = _launch(nproc, train_argv)
     if code != 0:
@@ -160,6 +220,16 @@ def cmd_verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(comparison.table())
     print(f"the plan's run (log, metrics.csv, last checkpoint) is in {out_dir}")
     return 0 if comparison.passed else 1
+
+
+def _check_verify_out_dir(out_dir: Path) -> None:
+    from plait.train.preflight import earlier_run
+
+    evidence = earlier_run(out_dir)
+    if evidence is not None:
+        raise ValueError(
+            f"{out_dir} holds an earlier verification ({evidence}); delete it, or pass --out-dir with an unused directory"
+        )
 
 
 def _sets_for(config: Config) -> list[str]:
@@ -175,8 +245,9 @@ def _sets_for(config: Config) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from plait.train.generate import generate_text
+    from plait.train.generate import check_sampling, generate_text
 
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint directory; use one under <out_dir>/checkpoints")
@@ -214,9 +285,23 @@ def cmd_import(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+_PLAN_COUNTS = {"nodes": 1, "gpus_per_node": 1, "global_batch": 1, "seq": 2, "top": 1, "microbatches": 1}
+
+
+def _check_plan_counts(args: argparse.Namespace) -> None:
+    """The planner's counts are positive (0 used to be replaced silently, or blamed on another flag)."""
+    for name, least in _PLAN_COUNTS.items():
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < least:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value}: use {least} or more")
+
+
 def cmd_plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.planner.cli import run_plan
 
+    _check_plan_counts(args)
     return run_plan(args)
 
 
@@ -236,7 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from plait.distributed.launch import torchrun
 
         return torchrun(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed on one line
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return COMMANDS[args.command](args, argv)
     except (ValueError, TypeError) as err:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plait.config_types import checked_value, matches
+
 if TYPE_CHECKING:
     from plait.models.gpt_config import GPTConfig
 
@@ -257,7 +259,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str | list[str] = "stdlib"
-    seq_len: int = 128
+    seq_len: int = 64  # the default model (preset "tiny") has 64 positions
     vocab_size: int = 8192
     val_fraction: float = 0.01
     cache_dir: str = ".cache/plait"
@@ -269,11 +271,15 @@ class DataConfig:
             f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens (8192 is a good default)",
         )
         _require(
-            0 < self.val_fraction < 0.5,
-            f"data.val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01",
+            0 <= self.val_fraction < 0.5,
+            f"data.val_fraction={self.val_fraction}: use a fraction in [0, 0.5), e.g. 0.01 (0: no validation split)",
         )
         if isinstance(self.corpus, list):
             _require(len(self.corpus) > 0, "data.corpus is an empty list; give 'stdlib' or paths to .txt/.jsonl files")
+        _require(
+            self.corpus != "" and self.cache_dir != "",
+            "data.corpus and data.cache_dir cannot be empty; e.g. corpus = 'stdlib', cache_dir = '.cache/plait'",
+        )
 
 
 @dataclass
@@ -307,11 +313,14 @@ class TrainConfig:
         _require(self.warmup >= 0, f"train.warmup={self.warmup}: warmup steps cannot be negative")
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: weight decay cannot be negative")
         _require(self.eps > 0, f"train.eps={self.eps}: Adam's eps must be positive, e.g. 1e-8")
+        _require(0 <= self.beta2 < 1, f"train.beta2={self.beta2}: Adam's beta2 lies in [0, 1), e.g. 0.95")
+        _require(self.seed >= 0, f"train.seed={self.seed}: use a non-negative seed, e.g. 0")
+        _require(self.out_dir.strip() != "", "train.out_dir is empty; name a directory for the run, e.g. runs/my-run")
         _require(
             self.max_grad_norm >= 0,
             f"train.max_grad_norm={self.max_grad_norm}: use a positive norm, or 0 to switch clipping off",
         )
-        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
+        for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "threads"):
             value = getattr(self, name)
             _require(value >= 1, f"train.{name}={value}: use 1 or more")
 
@@ -374,32 +383,54 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(text: str, kind: Any, key: str) -> Any:
-    """Parse a --set value: TOML syntax first, bare words as strings."""
+def _coerce(text: str, kind: Any) -> Any:
+    """Parse a --set value: TOML syntax first; bare words, and anything a string field gets, as strings."""
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
-    if kind is float and isinstance(value, int):
-        value = float(value)
-    if kind in (int, float, bool) and not isinstance(value, kind):
-        raise ValueError(f"--set {key}={text}: expected a {kind.__name__}")
+        return text
+    if not matches(value, kind) and matches(text, kind):
+        return text  # --set train.out_dir=2024 names a directory "2024"
     return value
+
+
+_LIST_EXAMPLES = {"pp_split": [4], "recompute_modules": ["attn"]}  # their defaults, [], show no element type
+
+
+def _example(cls: type, key: str) -> Any:
+    spec = {f.name: f for f in dataclasses.fields(cls)}[key]
+    if spec.default_factory is dataclasses.MISSING:
+        return spec.default
+    return _LIST_EXAMPLES.get(key, spec.default_factory())
+
+
+def _table(name: str, values: Any) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise ValueError(f"[{name}] must be a table of settings (got {values!r}); write [{name}] on its own line")
+    return dict(values)
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:
     cls = SECTIONS[name]
-    types = _field_types(cls)
     if name == "model":
         return _model_section(values)
+    types = _field_types(cls)
     for key in values:
         if key not in types:
             raise ValueError(f"unknown key {name}.{key}{_closest(key, types)}; valid keys: {', '.join(types)}")
-    return cls(**values)
+    checked = {
+        key: checked_value(f"{name}.{key}", value, types[key], example=_example(cls, key))
+        for key, value in values.items()
+    }
+    return cls(**checked)
 
 
 def _model_section(values: dict[str, Any]) -> ModelConfig:
     """[model]: `preset` and `pretrained` by name; every other key overrides a preset field."""
+    for key in ("preset", "pretrained"):
+        if key in values:
+            kind = _field_types(ModelConfig)[key]
+            checked_value(f"model.{key}", values[key], kind, example=_example(ModelConfig, key) or "models/qwen2-0.5b")
     pretrained = values.get("pretrained")
     if pretrained is not None and values.get("preset") not in (None, ModelConfig.preset):
         raise ValueError(
@@ -411,8 +442,14 @@ def _model_section(values: dict[str, Any]) -> ModelConfig:
     return ModelConfig(preset=preset, overrides=overrides, pretrained=pretrained)
 
 
+def _section_of(key: str) -> str | None:
+    return next((name for name, cls in SECTIONS.items() if key in _field_types(cls)), None)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     for name in raw:
+        if name not in SECTIONS and _section_of(name) is not None:
+            raise ValueError(f"{name} is outside any section; put it under [{_section_of(name)}]")
         if name not in SECTIONS:
             raise ValueError(f"unknown config section [{name}]{_closest(name, SECTIONS)}; valid: {', '.join(SECTIONS)}")
     return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS})
@@ -420,7 +457,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to a raw config dict (a new dict)."""
-    merged = {name: dict(raw.get(name, {})) for name in SECTIONS} | {k: v for k, v in raw.items() if k not in SECTIONS}
+    merged = {name: _table(name, raw.get(name, {})) for name in SECTIONS} | {
+        k: v for k, v in raw.items() if k not in SECTIONS
+    }
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"--set {item!r}: write it as section.key=value, e.g. --set plan.dp=2")
@@ -435,7 +474,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
             raise ValueError(
                 f"--set {item!r}: unknown key {path}{_closest(key, types)}; valid keys: {', '.join(types)}"
             )
-        merged[section][key] = _coerce(text, types.get(key), item)
+        merged[section][key] = _coerce(text, types.get(key, Any))
     return merged
 
 
@@ -444,10 +483,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a directory; pass a TOML file, such as configs/gpt-tiny.toml")
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist; pass a TOML file such as configs/gpt-tiny.toml")
         try:
             raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"config file {path} is not valid TOML: {err}; fix it (see configs/gpt-tiny.toml)"
+            ) from None
     return config_from_dict(apply_overrides(raw, overrides))

@@ -85,7 +85,7 @@ def test_int_given_for_a_float_field_is_accepted() -> None:
         (["train.lrr=1"], "unknown key train.lrr.*did you mean 'lr'"),
         (["trian.lr=1"], "unknown section 'trian'.*did you mean 'train'"),
         (["plan.dp"], "section.key=value"),
-        (["plan.dp=two"], "expected a int"),
+        (["plan.dp=two"], "plan.dp takes an integer"),
         (["train.lr=-1"], "must be positive"),
     ],
 )

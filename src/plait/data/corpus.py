@@ -25,6 +25,12 @@ _SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages", "__pycache__")
 # Bump when the way files become documents changes, so cached shards go stale.
 _DOCUMENT_FORMAT_VERSION = 1
 _HASH_CHUNK_BYTES = 1 << 20
+# A file is not text when it holds a NUL byte or when more than this share of its characters are
+# invalid UTF-8 or control characters (random bytes: ~60%; the stdlib's KOI8-R test module: 41%).
+_MAX_NON_TEXT_SHARE = 0.5
+_NON_TEXT = dict.fromkeys(
+    [c for c in (*range(32), 127) if chr(c) not in "\t\n\r\f\v"] + [0xFFFD]
+)  # str.translate deletes them: one pass counts them all
 
 Corpus = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -43,24 +49,47 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
-def iter_documents(corpus: Corpus) -> Iterator[str]:
+def iter_documents(corpus: Corpus, *, skipped: list[Path] | None = None) -> Iterator[str]:
     """Yield the corpus's documents as strings, in a deterministic order.
 
     Files are decoded as UTF-8 with ``errors="replace"`` (a few stdlib files
     are not valid UTF-8). Empty documents are skipped: they carry no tokens.
+    Files that are not text (see `is_text`) are skipped and appended to ``skipped``.
 
     >>> first = next(iter_documents("stdlib"))
     """
     num_documents = 0
+    not_text = [] if skipped is None else skipped
     for _, path in corpus_files(corpus):
-        for text in _file_documents(path):
+        for text in _file_documents(path, not_text=not_text):
             if text:
                 num_documents += 1
                 yield text
+    if num_documents == 0 and not_text:
+        shown = ", ".join(str(p) for p in not_text[:3]) + (
+            f" and {len(not_text) - 3} more" if len(not_text) > 3 else ""
+        )
+        raise ValueError(
+            f"corpus {_describe(corpus)} holds no text: its {len(not_text)} file(s) are binary (NUL bytes or "
+            f"mostly invalid UTF-8): {shown}; point data.corpus at text files"
+        )
     if num_documents == 0:
         raise ValueError(
             f"corpus {_describe(corpus)} holds no non-empty documents; add text to its files or point it at other files"
         )
+
+
+def is_text(data: bytes) -> bool:
+    """False for a file that holds a NUL byte or is mostly invalid UTF-8 or control characters.
+
+    >>> is_text("def f():\\n    return 1\\n".encode()), is_text(bytes(range(256)))
+    (True, False)
+    """
+    if b"\0" in data:
+        return False
+    text = data.decode("utf-8", errors="replace")
+    bad = len(text) - len(text.translate(_NON_TEXT))
+    return bad <= _MAX_NON_TEXT_SHARE * len(text)
 
 
 def corpus_fingerprint(corpus: Corpus) -> str:
@@ -130,11 +159,15 @@ def _walk(directory: Path) -> list[Path]:
     return sorted(found)
 
 
-def _file_documents(path: Path) -> Iterator[str]:
+def _file_documents(path: Path, *, not_text: list[Path]) -> Iterator[str]:
     if path.suffix == JSONL_SUFFIX:
         yield from _jsonl_documents(path)
+        return
+    data = path.read_bytes()
+    if is_text(data):
+        yield data.decode("utf-8", errors="replace")
     else:
-        yield path.read_bytes().decode("utf-8", errors="replace")
+        not_text.append(path)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:

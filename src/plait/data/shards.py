@@ -56,6 +56,7 @@ class PreparedData:
     num_val_tokens: int
     num_train_documents: int
     num_val_documents: int
+    skipped_files: tuple[str, ...] = ()  # corpus files that are not text (NUL bytes, invalid UTF-8)
 
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer that produced these tokens."""
@@ -176,7 +177,7 @@ def _val_threshold(corpus: Corpus, val_fraction: float) -> int | None:
     if len(hashes) < 2:
         raise ValueError(
             f"the corpus has {len(hashes)} document, too few to hold one out for "
-            "validation; add documents or pass val_fraction=0"
+            "validation; add documents, or set val_fraction=0 (plait train: --set data.val_fraction=0)"
         )
     num_val = min(max(1, round(val_fraction * len(hashes))), len(hashes) - 1)
     return int(hashes[num_val - 1])
@@ -196,16 +197,17 @@ def _write_shards(
     val_threshold: int | None,
     dtype: np.dtype,
     eot_id: int = EOT_ID,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Encode every document into ``train.bin`` or ``val.bin``; return the counts."""
     train, val = _SplitCounts(), _SplitCounts()
+    skipped: list[Path] = []
     with (
         atomic_path(directory / TRAIN_FILE) as train_path,
         atomic_path(directory / VAL_FILE) as val_path,
         train_path.open("wb") as train_file,
         val_path.open("wb") as val_file,
     ):
-        for texts in _chunks(iter_documents(corpus)):
+        for texts in _chunks(iter_documents(corpus, skipped=skipped)):
             encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
             train_ids: list[list[int]] = []
             val_ids: list[list[int]] = []
@@ -221,6 +223,7 @@ def _write_shards(
         "num_val_tokens": val.num_tokens,
         "num_train_documents": train.num_documents,
         "num_val_documents": val.num_documents,
+        "skipped_files": [str(path) for path in skipped],
     }
 
 
@@ -281,4 +284,5 @@ def _from_meta(directory: Path, meta: dict[str, Any]) -> PreparedData:
         num_val_tokens=meta["num_val_tokens"],
         num_train_documents=meta["num_train_documents"],
         num_val_documents=meta["num_val_documents"],
+        skipped_files=tuple(meta.get("skipped_files", ())),
     )

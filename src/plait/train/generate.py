@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,36 @@ def sample(
     return ids[0].tolist()
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int) -> None:
+    """The sampling flags of `plait generate`, checked before the checkpoint is read."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: generate at least one token, e.g. --max-new-tokens 100")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature {temperature}: use a finite temperature >= 0 (0: greedy, 0.8: the default)")
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k}: sample from at least the 1 most likely token, e.g. --top-k 50")
+
+
+def check_context(model: nn.Module, *, num_prompt_tokens: int, max_new_tokens: int) -> None:
+    """The prompt and the new tokens must fit the model's context (no sliding past it)."""
+    context = _context_length(model)
+    if num_prompt_tokens + max_new_tokens > context:
+        room = context - num_prompt_tokens
+        fix = f"use --max-new-tokens {room} or fewer" if room > 0 else "shorten --prompt"
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens}: the model sees {context} positions and the prompt takes "
+            f"{num_prompt_tokens}; {fix}"
+        )
+
+
 def generate_text(path: Path, *, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     model, tokenizer = load_for_inference(path)
+    prompt_ids = tokenizer.encode(prompt).ids
+    check_context(model, num_prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens)
     ids = sample(
         model,
-        tokenizer.encode(prompt).ids,
+        prompt_ids,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

@@ -20,6 +20,7 @@ from plait.losses import causal_lm
 from plait.optim import adamw, warmup_cosine
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
+from plait.train.preflight import AUTO, newest_verified_checkpoint
 from plait.train.resume import restore, save_training_state
 from plait.train.setup import (
     DataSources,
@@ -76,7 +77,12 @@ class Run:
         self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
         self.checkpoint_extra = checkpoint_extra(validated) if is_main_rank() else {}
         self.out_dir = Path(config.train.out_dir)
-        self.step = restore(Path(resume), engine=self.engine, loader=self.data.loader) if resume else 0
+        checkpoint, note = Path(resume) if resume else None, ""
+        if resume == AUTO:  # the newest checkpoint under out_dir that verifies, or a fresh start
+            checkpoint, note = newest_verified_checkpoint(self.out_dir)
+        if note and is_main_rank():
+            self.log.info(note)
+        self.step = restore(checkpoint, engine=self.engine, loader=self.data.loader) if checkpoint else 0
         self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
         self.throughput = metrics.Throughput()
         self.flops_per_token = validated.flops_per_token(config.data.seq_len)
@@ -85,7 +91,9 @@ class Run:
         self.losses: list[float] = []
         self.log.info(f"{self.mesh} | model {validated.num_parameters() / 1e6:.2f}M params | start step {self.step}")
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        if not self.data.val_batches:
+            return None  # data.val_fraction=0: no validation split
         val_loss = self.engine.evaluate(self.data.val_batches).item()
         self.val_losses.append(val_loss)
         return val_loss

@@ -99,10 +99,46 @@ def validate(config: Config, *, world_size: int) -> Validated:
         check_tensor_parallel(
             model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
         )
+    check_pp_split(plan, num_layers=model_config.num_layers)
+    if plan.recompute != "none" or plan.recompute_modules:
+        check_recompute(model_config, plan=plan)
     if plan.offloads:
         check_offload(model_config, plan=plan, world_size=world_size)
     _check_corpus(config)
     return Validated(plan=plan, model_config=model_config)
+
+
+def check_pp_split(plan: Plan, *, num_layers: int) -> None:
+    """plan.pp_split lists the layers where stages 1, 2, ... start: pp * pp_chunks - 1 increasing indices."""
+    if not plan.pp_split:
+        return
+    from plait.pipeline.partition import ranges_from_split_points
+
+    stages = plan.pp * plan.pp_chunks
+    try:
+        ranges_from_split_points(plan.pp_split, num_layers=num_layers, num_stages=stages)
+    except ValueError:
+        example = [round(num_layers * (i + 1) / stages) for i in range(stages - 1)]
+        raise ValueError(
+            f"plan.pp_split={plan.pp_split}: give the {stages - 1} layer indices where pipeline stages 1.."
+            f"{stages - 1} start, increasing, within 1..{num_layers - 1} (the model has {num_layers} layers, "
+            f"plan.pp x plan.pp_chunks = {stages} stages), e.g. plan.pp_split={example}, or [] to balance by cost"
+        ) from None
+
+
+def check_recompute(model_config: GPTConfig, *, plan: Plan) -> None:
+    """Apply the plan's recomputation to the model built on the meta device (no memory), so a
+    pattern in plan.recompute_modules that names no module fails before launch."""
+    from plait.recompute import apply_recompute
+
+    with torch.device("meta"):
+        model = build(model_config)
+    try:
+        apply_recompute(model, mode=plan.recompute, ratio=plan.recompute_ratio, modules=plan.recompute_modules or None)
+    except ValueError as error:
+        raise ValueError(
+            f"plan.recompute={plan.recompute!r}, plan.recompute_modules={plan.recompute_modules}: {error}"
+        ) from None
 
 
 def check_offload(model_config: GPTConfig, *, plan: Plan, world_size: int) -> None:
@@ -218,13 +254,17 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
     prepared = prepare_data_once(config, log=log, pretrained=pretrained)
     seq_len = config.data.seq_len
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)
-    val = TokenDataset(prepared.val_path, dtype=prepared.dtype, seq_len=seq_len)
     dp_rank, dp_size = mesh.rank("dp"), mesh.size("dp")
     loader = ShardedLoader(
         train, global_batch=config.train.global_batch, dp_rank=dp_rank, dp_size=dp_size, seed=config.train.seed
     )
+    if prepared.skipped_files:
+        shown = ", ".join(prepared.skipped_files[:3]) + (" ..." if len(prepared.skipped_files) > 3 else "")
+        log.warning(f"skipped {len(prepared.skipped_files)} corpus file(s) that are not text: {shown}")
+    if config.data.val_fraction == 0:  # no validation split: no validation loss
+        return DataSources(loader=loader, val_batches=[], prepared=prepared)
     val_batches = eval_batches(
-        val,
+        TokenDataset(prepared.val_path, dtype=prepared.dtype, seq_len=seq_len),
         batch_size=config.train.global_batch,
         num_batches=config.train.eval_batches,
         dp_rank=dp_rank,
