@@ -25,8 +25,6 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.zero.offload.manager import Offload
-from plait.zero.offload.settle import after_step as settle_after_step
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
@@ -36,6 +34,8 @@ from plait.tensor.loss_check import CheckedLoss
 from plait.tensor.state import gather_tp_state
 from plait.update import Update
 from plait.zero.factory import build_data_parallel
+from plait.zero.offload.manager import Offload
+from plait.zero.offload.settle import after_step as settle_after_step
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]

@@ -18,9 +18,9 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger
 from plait.distributed.mesh import Mesh
 from plait.distributed.partial_grads import reduce_partial_grads
+from plait.optim.clip import clip_grad_norm, global_grad_norm
 from plait.zero.offload.manager import Offload
 from plait.zero.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
-from plait.optim.clip import clip_grad_norm, global_grad_norm
 
 Handler = BackwardStep | NormCollector
 

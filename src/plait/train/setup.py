@@ -24,9 +24,9 @@ from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.mesh import Mesh
 from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig
-from plait.zero.offload.build import plan_offload
 from plait.train import metrics
 from plait.zero.factory import unit_numels
+from plait.zero.offload.build import plan_offload
 
 
 @dataclass(frozen=True)
