@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plait.config import Config, load_config
+from plait.distributed.nodes import Nodes, add_node_args, strip_node_flags
 
 if typing.TYPE_CHECKING:
     from plait.train.setup import Validated
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model from a config")
     _add_config_args(train)
+    add_node_args(train)
     train.add_argument(
         "--resume",
         default=None,
@@ -94,9 +96,10 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def _launch(nproc: int, argv: Sequence[str]) -> int:
-    """Re-run this command on `nproc` local ranks through torchrun."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+def _launch(nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None) -> int:
+    """Re-run this command on `nproc` local ranks through torchrun (joined to the other `nodes`' ranks)."""
+    node_flags = nodes.torchrun_flags() if nodes else ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *node_flags, f"--nproc-per-node={nproc}"]
     command += ["-m", "plait.cli", *argv]
     return subprocess.call(command)
 
@@ -136,14 +139,15 @@ def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
     return [*_strip_flag(argv, "--plan"), *plan_overrides(plan)]
 
 
-def _preflight(config: Config, *, validated: Validated, resume: str | None) -> None:
+def _preflight(config: Config, *, validated: Validated, resume: str | None, first_node: bool = True) -> None:
     """What only the launcher checks, once, before any rank starts (the ranks would race on it)."""
     from plait.train import preflight
     from plait.train.resume import check_resumable
 
     out_dir = Path(config.train.out_dir)
     preflight.check_out_dir_writable(out_dir)
-    preflight.check_out_dir_unused(out_dir, resume=resume)
+    if first_node:  # nodes sharing out_dir: node 1 starting after node 0 began writing must not refuse
+        preflight.check_out_dir_unused(out_dir, resume=resume)
     checkpoint, _ = preflight.resolve_resume(resume, out_dir=out_dir)  # verified: manifest and checksums
     if checkpoint is not None:
         check_resumable(checkpoint, config=config)
@@ -179,15 +183,16 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.plan == "auto":
         argv = _with_auto_plan(args, argv)
     config = load_config(args.config, args.overrides)
-    nproc = _ranks_wanted(config, args.nproc)
+    nodes = Nodes.from_args(args)  # one node unless --nnodes
+    nproc = nodes.world_size(_ranks_wanted(config, args.nproc), per_node=args.nproc is not None)
     validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
     if _under_torchrun():
         _check_rank_resume(args.resume, config)
     else:
-        _preflight(config, validated=validated, resume=args.resume)
-        _warn_oversubscribed(nproc)
-    if nproc > 1 and not _under_torchrun():
-        return _launch(nproc, _strip_nproc(argv))
+        _preflight(config, validated=validated, resume=args.resume, first_node=nodes.is_first)
+        _warn_oversubscribed(nodes.ranks_per_node(nproc))
+    if (nproc > 1 or nodes.num_nodes > 1) and not _under_torchrun():
+        return _launch(nodes.ranks_per_node(nproc), strip_node_flags(_strip_nproc(argv)), nodes=nodes)
     from plait.train.loop import run_training
 
     try:

@@ -1,0 +1,111 @@
+"""Several nodes: the flags `plait train` takes for them and the torchrun flags that join them.
+
+    plait train CONFIG --nproc 2 --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29400   # on node 0
+    plait train CONFIG --nproc 2 --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29400   # on node 1
+
+Each node's launcher starts `--nproc` ranks through torchrun's static rendezvous: node 0 serves
+the rendezvous store at the endpoint (one of its own addresses), and global ranks are numbered
+node by node (node R holds ranks R*nproc .. R*nproc+nproc-1), so a plan's tensor-parallel peers,
+its fastest-varying axis, share a node and its data-parallel groups span the nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NODE_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def add_node_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several nodes (torchrun's static rendezvous; --nproc is ranks per node)")
+    group.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    group.add_argument(
+        "--node-rank", type=int, default=0, help="this node's index, 0 .. nnodes-1; node 0 serves the rendezvous"
+    )
+    group.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="node 0's address and a free port, the same on every node",
+    )
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Where this launcher sits among the job's nodes."""
+
+    num_nodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"--nnodes {self.num_nodes}: use 1 or more")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(
+                f"--node-rank {self.node_rank}: give this node's index, 0 to {self.num_nodes - 1} (--nnodes {self.num_nodes})"
+            )
+        if self.num_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"--nnodes {self.num_nodes} needs --rdzv-endpoint HOST:PORT: node 0's address and a free port, "
+                "the same on every node"
+            )
+        if self.num_nodes > 1:
+            _check_endpoint(self.rdzv_endpoint)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Nodes:
+        return cls(
+            num_nodes=getattr(args, "nnodes", 1),
+            node_rank=getattr(args, "node_rank", 0),
+            rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
+        )
+
+    @property
+    def is_first(self) -> bool:
+        """Node 0 holds global rank 0: checks that must run once for the whole job (is the
+        shared out_dir already used?) run on its launcher only, so nodes do not refuse each other."""
+        return self.node_rank == 0
+
+    def world_size(self, ranks_wanted: int, *, per_node: bool) -> int:
+        """All ranks of the job: `ranks_wanted` per node when --nproc gave it, else the plan's whole world."""
+        world = ranks_wanted * self.num_nodes if per_node else ranks_wanted
+        if world % self.num_nodes:
+            raise ValueError(
+                f"the plan's {world} ranks do not split evenly over --nnodes {self.num_nodes}; "
+                "pass --nproc with the ranks each node runs"
+            )
+        return world
+
+    def ranks_per_node(self, world_size: int) -> int:
+        return world_size // self.num_nodes
+
+    def torchrun_flags(self) -> list[str]:
+        """How torchrun joins the nodes: --standalone for one node, else the static rendezvous."""
+        if self.num_nodes == 1:
+            return ["--standalone"]
+        return [f"--nnodes={self.num_nodes}", f"--node-rank={self.node_rank}", f"--rdzv-endpoint={self.rdzv_endpoint}"]
+
+
+def strip_node_flags(argv: Sequence[str]) -> list[str]:
+    """argv without the node flags (`--flag VALUE` or `--flag=VALUE`): the ranks learn their place from torchrun."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in NODE_FLAGS:
+            skip = True
+        elif not any(item.startswith(flag + "=") for flag in NODE_FLAGS):
+            out.append(item)
+    return out
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    host, _, port = (endpoint or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"--rdzv-endpoint {endpoint}: give node 0's address and a free port as HOST:PORT, the same on every "
+            "node (e.g. 10.0.0.1:29400)"
+        )
