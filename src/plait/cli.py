@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 import typing
 from collections.abc import Sequence
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when there is none) or a checkpoint directory",
     )
     train.add_argument("--plan", choices=["auto"], default=None, help="auto: train with the planner's best plan")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every rank up to N times when one fails (torchrun's elastic agent); each restart resumes "
+        "from the newest complete checkpoint",
+    )
     verify = commands.add_parser("verify", help="check a plan's losses against one plain process")
     _add_config_args(verify)
     verify.add_argument(
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_ = commands.add_parser("import", help="turn a Hugging Face Llama or GPT-2 directory into a checkpoint")
     import_.add_argument("hf_dir")
     import_.add_argument("out")
+    debug = commands.add_parser("debug", help="look inside a running job")
+    debug.add_argument("what", choices=["stacks"], help="stacks: every rank's stack, and which collective it is in")
+    debug.add_argument("out_dir", help="the job's train.out_dir (it keeps job.json there while it runs)")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
     from plait.planner.cli import add_plan_parser
 
@@ -96,12 +106,16 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def _launch(nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None) -> int:
-    """Re-run this command on `nproc` local ranks through torchrun (joined to the other `nodes`' ranks)."""
+def _launch(
+    nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None, max_restarts: int = 0, out_dir: str | None = None
+) -> int:
+    """Re-run this command on `nproc` local ranks through torchrun (joined to the other `nodes`' ranks); the
+    agent runs in this process (plait.train.launcher: signals reach it, failures are told in one line)."""
+    from plait.train.launcher import launch_ranks
+
     node_flags = nodes.torchrun_flags() if nodes else ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", *node_flags, f"--nproc-per-node={nproc}"]
-    command += ["-m", "plait.cli", *argv]
-    return subprocess.call(command)
+    flags = [*node_flags, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    return launch_ranks(flags, ["-m", "plait.cli", *argv], out_dir=out_dir)
 
 
 def _strip_flag(argv: Sequence[str], flag: str) -> list[str]:
@@ -192,11 +206,16 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _preflight(config, validated=validated, resume=args.resume, first_node=nodes.is_first)
         _warn_oversubscribed(nodes.ranks_per_node(nproc))
     if (nproc > 1 or nodes.num_nodes > 1) and not _under_torchrun():
-        return _launch(nodes.ranks_per_node(nproc), strip_node_flags(_strip_nproc(argv)), nodes=nodes)
+        if args.max_restarts < 0:
+            raise ValueError(f"--max-restarts {args.max_restarts}: use 0 (no restart) or more")
+        per_node, rank_argv = nodes.ranks_per_node(nproc), strip_node_flags(_strip_nproc(argv))
+        return _launch(per_node, rank_argv, nodes=nodes, max_restarts=args.max_restarts, out_dir=config.train.out_dir)
     from plait.train.loop import run_training
 
     try:
-        run_training(config, resume=args.resume)  # rank 0 logs the summary line
+        summary = run_training(config, resume=args.resume)  # rank 0 logs the summary line
+        if summary.stopped_by is not None:  # SIGINT/SIGTERM: saved and stopped (128 + N, as a shell reports it)
+            return 128 + getattr(signal.Signals, summary.stopped_by, signal.SIGINT).value
     except (ValueError, OSError) as err:  # raised after start-up: a run-time fault, one line, exit 3
         print(f"plait train: error during the run: {err}", file=sys.stderr)
         return 3
@@ -303,6 +322,12 @@ def _check_plan_counts(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {value}: use {least} or more")
 
 
+def cmd_debug(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.train.debug import debug_stacks
+
+    return debug_stacks(Path(args.out_dir))
+
+
 def cmd_plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.planner.cli import run_plan
 
@@ -317,6 +342,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "export": cmd_export,
     "import": cmd_import,
+    "debug": cmd_debug,
 }
 
 

@@ -26,6 +26,7 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
 OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
 OFFLOADED_STATES = ("optimizer", "gradients", "params")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -302,8 +303,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     async_checkpoints: bool = False  # write checkpoints from a background thread while training goes on
     threads: int = 1
+    # Operations (plait.train.operations): how a run fails, stops and restarts.
+    collective_timeout_s: float = 600.0  # the process group's timeout: a collective waiting longer raises
+    hang_timeout_s: float = 300.0  # no step for this long: every rank's stack into out_dir/hang-*/, exit; 0: off
+    save_on_signal: bool = True  # SIGINT/SIGTERM: finish the step, save a checkpoint, exit together
+    checkpoint_every_s: float = 0.0  # also save when this many seconds passed since the last save; 0: off
+    on_nonfinite: str = "stop"  # a nan/inf loss or gradient norm (fp32/bf16): stop (exit 3) or skip the step
 
     def __post_init__(self) -> None:
+        self._check_operations()
         _require(self.steps >= 1, f"train.steps={self.steps}: train for at least one step")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch}: use at least one sequence per step")
         _require(self.lr > 0, f"train.lr={self.lr}: the learning rate must be positive, e.g. 3e-4")
@@ -323,6 +331,33 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "threads"):
             value = getattr(self, name)
             _require(value >= 1, f"train.{name}={value}: use 1 or more")
+
+    def _check_operations(self) -> None:
+        _require(
+            self.collective_timeout_s > 0,
+            f"train.collective_timeout_s={self.collective_timeout_s}: give the collectives' timeout in seconds, "
+            "e.g. 600",
+        )
+        _require(
+            self.hang_timeout_s >= 0,
+            f"train.hang_timeout_s={self.hang_timeout_s}: use seconds without a step before the stacks are "
+            "dumped, e.g. 300, or 0 to switch the watchdog off",
+        )
+        _require(
+            self.hang_timeout_s < self.collective_timeout_s,
+            f"train.hang_timeout_s={self.hang_timeout_s} is not below train.collective_timeout_s="
+            f"{self.collective_timeout_s}: a hung collective would time out before the watchdog explains it; "
+            "lower hang_timeout_s or raise collective_timeout_s",
+        )
+        _require(
+            self.checkpoint_every_s >= 0,
+            f"train.checkpoint_every_s={self.checkpoint_every_s}: use seconds between saves, or 0 to save by "
+            "step count only",
+        )
+        _require(
+            self.on_nonfinite in NONFINITE_ACTIONS,
+            f"train.on_nonfinite={self.on_nonfinite!r}: choose one of {', '.join(NONFINITE_ACTIONS)}",
+        )
 
 
 @dataclass

@@ -76,6 +76,7 @@ class EngineParts:
     loss_fn: LossFn
     lr_scheduler: SchedulerFactory | None = None
     max_grad_norm: float | None = None
+    on_nonfinite: str | None = None  # fp32/bf16: "stop" (NonFiniteError) or "skip" a step whose loss or norm is nan/inf
 
 
 class Engine:
@@ -121,6 +122,7 @@ class Engine:
             max_grad_norm=self.max_grad_norm,
             offload=self.offload,
             has_pipeline=self.pipeline is not None,
+            on_nonfinite=parts.on_nonfinite,
         )
         self.steps_done = 0
         self.record_timeline = False  # pipeline: keep each action's start and end (benchmarks read them)
@@ -129,6 +131,7 @@ class Engine:
         self._divisor: torch.Tensor | None = None
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
+        self._micro_losses: list[torch.Tensor] = []  # this step's, to name where a non-finite loss appeared
         self._writer: CheckpointWriter | None = None
 
     @property
@@ -194,6 +197,7 @@ class Engine:
         self.data_parallel.after_backward()
         self._loss_sum += loss_sum.detach().double()
         self._count += count.detach().double()
+        self._micro_losses.append(loss_sum.detach())
         return loss_sum.detach()
 
     def _gradient_factor(self, count: torch.Tensor) -> torch.Tensor | float | None:
@@ -211,7 +215,10 @@ class Engine:
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         loss_sum, count = totals.unbind()
         self.update.steps_done = self.steps_done
-        grad_norm, skipped = self.update.step(self._gradient_factor(count))
+        micro_losses, self._micro_losses = self._micro_losses, []
+        grad_norm, skipped = self.update.step(
+            self._gradient_factor(count), loss=loss_sum / count, micro_losses=micro_losses
+        )
         if self.scheduler is not None:
             self.scheduler.step()
         self.data_parallel.zero_()
@@ -369,6 +376,7 @@ def boost(
     mesh: Mesh | None = None,
     lr_scheduler: SchedulerFactory | None = None,
     max_grad_norm: float | None = None,
+    on_nonfinite: str | None = None,
 ) -> Engine:
     """Apply `plan` to `model` and return the engine that trains it.
 
@@ -379,6 +387,8 @@ def boost(
         result = engine.train_step(batch)
 
     A model built under `torch.device("meta")` is materialised shard by shard (plan.zero=3).
+    `on_nonfinite` ("stop" or "skip"; fp32/bf16) checks every step's loss and gradient norm: "stop" raises
+    plait.update.NonFiniteError naming the step, micro-batch and first parameter, "skip" skips the update.
     """
     if mesh is None:
         plan = plan or Plan()
@@ -387,7 +397,15 @@ def boost(
         mesh = Mesh(plan, device_type=_device_type(model))
     elif plan is not None and plan != mesh.plan:
         raise ValueError("pass either plan= or mesh= (a mesh carries its plan), not two different plans")
-    parts = EngineParts(optimizer=optimizer, loss_fn=loss_fn, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
+    if on_nonfinite not in (None, "stop", "skip"):
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}: choose 'stop', 'skip' or None (no check)")
+    parts = EngineParts(
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        lr_scheduler=lr_scheduler,
+        max_grad_norm=max_grad_norm,
+        on_nonfinite=on_nonfinite,
+    )
     return Engine(model, parts=parts, mesh=mesh)
 
 

@@ -7,10 +7,13 @@ inside backward as each unit's gradients become final.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from plait.amp.scaler import LossScaler, Overflow
@@ -23,6 +26,11 @@ from plait.zero.offload.manager import Offload
 from plait.zero.offload.step import BackwardStep, NormCollector, StepContext, gradient_pass, update_pass
 
 Handler = BackwardStep | NormCollector
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm under fp32/bf16 with on_nonfinite='stop'; the message names the step,
+    the micro-batch and the first parameter affected."""
 
 
 @dataclass
@@ -38,9 +46,11 @@ class Update:
     max_grad_norm: float | None
     offload: Offload | None
     has_pipeline: bool
+    on_nonfinite: str | None = None  # None: no check (fp16's loss scaler skips overflowed steps itself)
     last_overflow: Overflow | None = None
     steps_done: int = 0
     _in_backward: Handler | None = None
+    _losses: tuple[torch.Tensor | None, Sequence[torch.Tensor]] = (None, ())
 
     def arm(self, *, divisor_known: bool) -> None:
         """Before the step's last backward: let ZeRO hand each unit's final gradients to the update."""
@@ -48,6 +58,8 @@ class Update:
             return
         offload = self.offload
         assert offload is not None
+        if not self.max_grad_norm and self.on_nonfinite == "skip":
+            return  # updating inside backward cannot be undone: skipping needs the norm before any update
         if self.max_grad_norm:
             self._in_backward = NormCollector(offload.units, mesh=self.mesh)
         else:
@@ -67,12 +79,23 @@ class Update:
             and not offload.has_partial_grads
         )
 
-    def step(self, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:
-        """Scale the summed gradients by `factor` (None: already right), then update unless fp16 overflowed."""
+    def step(
+        self,
+        factor: torch.Tensor | float | None,
+        *,
+        loss: torch.Tensor | None = None,
+        micro_losses: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, bool]:
+        """Scale the summed gradients by `factor` (None: already right), then update unless fp16 overflowed
+        or (with `on_nonfinite`) the global `loss` or gradient norm is not finite. `micro_losses`: this
+        rank's per-micro-batch losses, to name where a non-finite loss first appeared."""
+        self._losses = (loss, micro_losses)
         handler, self._in_backward = self._in_backward, None
         if handler is not None:
             self.data_parallel.on_final_grads = None  # type: ignore[attr-defined]
             grad_norm = handler.finish(counter=self.comm)
+            if self._nonfinite(grad_norm, named=False):
+                return grad_norm, True
             if isinstance(handler, NormCollector):
                 assert self.offload is not None
                 update_pass(self.offload, self.optimizer, norm=grad_norm, context=self._context())
@@ -89,6 +112,8 @@ class Update:
         if self._overflowed():
             return torch.full((), float("nan")), True
         grad_norm = self._clip(params)
+        if self._nonfinite(grad_norm, named=True):
+            return grad_norm, True
         start = time.perf_counter()
         self.optimizer.step()
         self.data_parallel.after_step()  # type: ignore[attr-defined]
@@ -102,6 +127,8 @@ class Update:
         grad_norm, overflow = gradient_pass(offload, factor=factor, context=context)
         if overflow is not None and self.record_overflow(overflow):
             return torch.full((), float("nan")), True
+        if self._nonfinite(grad_norm, named=False):
+            return grad_norm, True
         update_pass(offload, self.optimizer, norm=grad_norm, context=context)
         return grad_norm, False
 
@@ -143,3 +170,42 @@ class Update:
         if self.max_grad_norm:
             return clip_grad_norm(params, max_norm=self.max_grad_norm, mesh=self.mesh, counter=self.comm)
         return global_grad_norm(params, mesh=self.mesh, counter=self.comm)
+
+    def _nonfinite(self, grad_norm: torch.Tensor, *, named: bool) -> bool:
+        """fp32/bf16 with on_nonfinite set: True when the step must be skipped; NonFiniteError to stop. The loss
+        and the norm are global (equal on every rank), so every rank decides alike. One host sync."""
+        loss, micro_losses = self._losses
+        if self.on_nonfinite is None or self.scaler.dynamic:
+            return False
+        values = {"loss": float(loss) if loss is not None else 0.0, "gradient norm": float(grad_norm)}
+        bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+        if not bad:
+            return False
+        where = self._first_micro_batch(micro_losses)
+        first = self._first_parameter() if named else "a gradient shard updated by the offloaded step"
+        text = " and ".join(f"{name} ({value})" for name, value in bad.items())
+        message = f"step {self.steps_done + 1}: non-finite {text}; {where}; first parameter affected: {first}"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; stopping (set train.on_nonfinite='skip' to skip such steps)")
+        get_logger().warning(f"{message}; step skipped (train.on_nonfinite='skip')")
+        return True
+
+    def _first_micro_batch(self, micro_losses: Sequence[torch.Tensor]) -> str:
+        """Where a non-finite loss first appeared: (micro-batch, rank), the lowest over the world."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        local = next((i for i, m in enumerate(micro_losses) if not torch.isfinite(m).all()), None)
+        code = torch.tensor([len(micro_losses) * world + world if local is None else local * world + rank])
+        if world > 1:
+            code = code.to(self.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        index, where_rank = divmod(int(code.item()), world)
+        if index >= len(micro_losses):
+            return "every micro-batch's loss was finite"
+        return f"first non-finite loss in micro-batch {index} on rank {where_rank}"
+
+    def _first_parameter(self) -> str:
+        named = self.data_parallel.named_grads()  # type: ignore[attr-defined]
+        groups = [self.mesh.group("dp"), self.mesh.group("tp")]
+        overflow = self._across_stages(self.scaler.check_overflow(named, groups=groups, device=self.device))
+        return overflow.first_name or "none (every gradient finite: the loss alone)"

@@ -79,6 +79,21 @@ class Route:
 HOST_ROUTE = Route(axis=HOST, link=HOST, size=1)
 
 
+@dataclass(frozen=True)
+class Entered:
+    """The last collective this rank entered (recorded just before it is issued): what a hang report
+    shows. `index` counts every collective the counter has seen, so ranks compare how far they got."""
+
+    op: str
+    axis: str
+    group_size: int
+    nbytes: int
+    index: int
+
+    def describe(self) -> str:
+        return f"{self.op} over {self.axis} ({self.group_size} ranks, {self.nbytes:,} bytes)"
+
+
 class CommCounter:
     """Bytes this rank sends, per (op, mesh axis, link), since the last `reset`; see the module docstring.
 
@@ -91,6 +106,7 @@ class CommCounter:
         self.sent: Counter[tuple[str, str, str]] = Counter()  # (op, axis, link) -> bytes sent
         self.bytes_by_kind: Counter[str] = Counter()  # op -> the ZeRO paper's volume
         self._routes: dict[Any, Route] = {}  # by process group or ("peer", rank): computed once each
+        self.entered: Entered | None = None  # read by the hang watchdog's thread; never reset
 
     @classmethod
     def for_mesh(cls, mesh: Mesh) -> CommCounter:
@@ -126,6 +142,9 @@ class CommCounter:
         if axis is not None and axis not in AXIS_LABELS:
             raise ValueError(f"unknown axis label {axis!r}; use one of {AXIS_LABELS} (or add it to AXIS_LABELS)")
         self.sent[(op, axis or route.axis, route.link)] += sent_bytes(op, nbytes, route.size)
+        if route is not HOST_ROUTE:
+            index = self.entered.index + 1 if self.entered is not None else 1
+            self.entered = Entered(op, axis or route.axis, route.size, nbytes, index)
         self.bytes_by_kind[op] += volume_bytes(op, nbytes)
 
     def _route(self, group: dist.ProcessGroup | None, peer: int | None) -> Route:

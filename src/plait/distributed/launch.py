@@ -34,8 +34,27 @@ def init_distributed(*, device_type: str | None = None, timeout_s: float = 600.0
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend=backend_for(device_type), timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend_for(device_type), timeout=timeout)
+        else:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(
+                backend=backend_for(device_type), store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
     return device
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's agent store, this attempt's own keys. torchrun hands every restart the same store,
+    whose keys from the failed attempt (gloo's peer addresses) a rank that starts late would read: it then
+    connects to a dead peer ("Connection refused"). None outside torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"plait-attempt-{attempt}", store)
 
 
 def join_launched_group(device_type: str) -> bool:

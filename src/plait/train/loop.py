@@ -20,6 +20,7 @@ from plait.losses import causal_lm
 from plait.optim import adamw, warmup_cosine
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
+from plait.train.operations import Operations, restart_count
 from plait.train.preflight import AUTO, newest_verified_checkpoint
 from plait.train.resume import restore, save_training_state
 from plait.train.setup import (
@@ -44,6 +45,7 @@ class RunSummary:
     out_dir: str
     losses: list[float]
     start_step: int = 0
+    stopped_by: str | None = None  # SIGINT/SIGTERM: the run stopped early (train.save_on_signal saved it)
 
 
 def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engine:
@@ -57,6 +59,7 @@ def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engin
             opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
         ),
         max_grad_norm=train.max_grad_norm,
+        on_nonfinite=train.on_nonfinite,
     )
 
 
@@ -66,7 +69,7 @@ class Run:
     def __init__(self, config: Config, *, resume: str | None) -> None:
         validated = validate(config, world_size=launched_world_size())  # before any collective
         self.config = config
-        device = init_distributed()
+        device = init_distributed(timeout_s=config.train.collective_timeout_s)
         torch.set_num_threads(config.train.threads)
         self.log = get_logger()
         self.mesh = Mesh(validated.plan, device_type=device.type)
@@ -90,6 +93,8 @@ class Run:
         self.val_losses: list[float] = []
         self.losses: list[float] = []
         self.log.info(f"{self.mesh} | model {validated.num_parameters() / 1e6:.2f}M params | start step {self.step}")
+        self.operations = Operations(config, comm=self.engine.comm, device=device)
+        self.stopped_by: str | None = None
 
     def evaluate(self) -> float | None:
         if not self.data.val_batches:
@@ -133,6 +138,7 @@ class Run:
         self.log.info(f"saved {path}")
 
     def save(self) -> None:
+        self.operations.progress(self.step, "saving a checkpoint")
         save_training_state(
             self.out_dir / "checkpoints" / checkpoint_name(self.step),
             engine=self.engine,
@@ -148,6 +154,7 @@ class Run:
     def run(self) -> RunSummary:
         train = self.config.train
         start_step = self.step
+        self.operations.start(self.step)
         first_val = self.evaluate()  # a resumed run too: its summary starts from the loaded weights' loss
         if start_step == 0:
             self.metrics_log.log(0, {"val_loss": first_val})
@@ -167,13 +174,33 @@ class Run:
                     bar.write(line)
                 self.log.info(line, extra={FILE_ONLY: True})  # the bar wrote it to the console
             self.metrics_log.log(self.step, values)
-            if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+            saved = self.step % train.checkpoint_every == 0 or self.step == train.steps
+            if saved:
                 self.save()
+            if self.end_of_step(saved=saved):
+                break
         bar.close()
         return self.finish(first_val, start_step=start_step)
 
+    def end_of_step(self, *, saved: bool) -> bool:
+        """Every rank agrees whether to stop (SIGINT/SIGTERM on any rank) or save (train.checkpoint_every_s);
+        True when the run stops here, its step saved if train.save_on_signal."""
+        verdict = self.operations.after_step(self.step, saved=saved)
+        if not saved and (verdict.save or (verdict.stop and self.config.train.save_on_signal)):
+            self.save()
+            self.operations.saved()
+            saved = True
+        if verdict.stop:
+            self.engine.wait_for_save()
+            self.stopped_by = self.operations.signals.received or "a signal to another rank"
+            checkpoint = self.out_dir / "checkpoints" / checkpoint_name(self.step) if saved else None
+            if is_main_rank():
+                self.log.info(self.operations.stop_line(self.step, checkpoint))
+        return verdict.stop
+
     def finish(self, first_val: float | None, *, start_step: int) -> RunSummary:
         self.engine.wait_for_save()
+        self.operations.close()
         self.metrics_log.close()
         if is_main_rank():
             plot_loss_curve(self.metrics_log.csv_path, self.out_dir / "loss.png")
@@ -185,6 +212,7 @@ class Run:
             out_dir=str(self.out_dir),
             losses=self.losses,
             start_step=start_step,
+            stopped_by=self.stopped_by,
         )
         if is_main_rank():
             self.log.info(f"done: {summary_line(summary)}")
@@ -207,11 +235,16 @@ def summary_line(summary: RunSummary) -> str:
 def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     """Train per `config` on this rank (under torchrun: every rank calls this)."""
     owns_group = not dist.is_initialized()  # under a test harness the caller owns it
+    if resume is None and restart_count() > 0:
+        resume = "auto"  # torchrun's elastic agent restarted the ranks: continue from the newest checkpoint
     try:
         with log_file(Path(config.train.out_dir) / LOG_FILE):
             run = Run(config, resume=resume)
             try:
                 return run.run()
+            except Exception as err:
+                run.operations.explain(err, step=run.step)  # a fault ends the process here, in one line
+                raise
             finally:
                 run.engine.close()  # offload files go with the run
     finally:

@@ -1,0 +1,325 @@
+"""Operations: a dead rank, a hang, SIGINT, an elastic restart and non-finite steps, each explained in one
+line (multi-process tier: real `plait train` launches of configs/gpt-tiny.toml through torchrun)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import plait
+from plait.losses import causal_lm
+from plait.models import build
+from plait.update import NonFiniteError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "gpt-tiny.toml"
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def data_sets(small_corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """--set overrides every launch shares: a small corpus and tokenizer, cached once for the module."""
+    cache = tmp_path_factory.mktemp("cache")
+    corpus = "[" + ",".join(f'"{path}"' for path in small_corpus) + "]"
+    sets = {"data.corpus": corpus, "data.vocab_size": "512", "data.val_fraction": "0.1", "data.cache_dir": f'"{cache}"'}
+    sets |= {"train.steps": str(STEPS), "train.eval_every": "1000", "train.log_every": "1000"}
+    return [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
+
+
+def train_command(out_dir: Path, data_sets: list[str], *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "train",
+        str(CONFIG),
+        "--nproc",
+        "2",
+        *data_sets,
+        "--set",
+        f'train.out_dir="{out_dir}"',
+        *extra,
+    ]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """The launcher in its own session (so a failed test can end the whole job), output in `log`."""
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+    yield started
+    for job in started:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def losses(out_dir: Path) -> dict[int, str]:
+    """Step -> loss as metrics.csv wrote it (the text: equal text is equal bits of the printed repr)."""
+    path = out_dir / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with path.open() as file:
+        return {int(row["step"]): row["loss"] for row in csv.DictReader(file) if row.get("loss")}
+
+
+def wait_for_step(out_dir: Path, step: int, job: subprocess.Popen, *, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = max(losses(out_dir), default=0)
+        if done >= step:
+            return done
+        assert job.poll() is None, f"the job ended (exit {job.returncode}) before step {step}"
+        time.sleep(0.01)
+    raise TimeoutError(f"no step {step} in {out_dir / 'metrics.csv'} after {timeout_s} s")
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's children (torchrun's agent runs in the launcher)."""
+    found = {}
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [item for item in environ if item.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0][5:])] = pid
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_exit(job: subprocess.Popen, pids: list[int], *, timeout_s: float) -> float:
+    """Seconds until every pid in `pids` is gone and the launcher has exited."""
+    start_time = time.monotonic()
+    while any(alive(pid) for pid in pids) or job.poll() is None:
+        assert time.monotonic() - start_time < timeout_s, f"still running {timeout_s} s later"
+        time.sleep(0.05)
+    return time.monotonic() - start_time
+
+
+@pytest.fixture(scope="module")
+def reference(data_sets: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+    """The uninterrupted run's losses, steps 1-20."""
+    out_dir = tmp_path_factory.mktemp("reference") / "run"
+    done = subprocess.run(train_command(out_dir, data_sets), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = losses(out_dir)
+    assert sorted(found) == list(range(1, STEPS + 1))
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_a_killed_rank_stops_the_others_with_one_line_naming_it(
+    tmp_path: Path, data_sets: list[str], jobs: list
+) -> None:
+    out_dir = tmp_path / "run"
+    job = start(train_command(out_dir, data_sets, "--set", "train.steps=100000"), tmp_path / "out.txt")
+    jobs.append(job)
+    wait_for_step(out_dir, 3, job)
+    pids = rank_pids(job.pid)
+    os.kill(pids[1], signal.SIGKILL)
+    seconds = wait_exit(job, list(pids.values()), timeout_s=90)
+    output = (tmp_path / "out.txt").read_text()
+    print(f"others exited {seconds:.1f} s after the kill -9 of rank 1")
+    assert seconds < 60
+    assert job.returncode == 3
+    lines = [line for line in output.splitlines() if "rank 1" in line and "died" in line]
+    assert len(lines) == 1, output[-3000:]
+    assert "its last completed step: " in lines[0]
+    assert "ChildFailedError" not in output and "Traceback" not in output, output[-3000:]
+
+
+HANG_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from plait.config import load_config
+from plait.engine import Engine
+from plait.train.loop import run_training
+
+original = Engine.forward_backward
+
+def forward_backward(self, micro_batch, *, sync=True):
+    if dist.get_rank() == 1 and self.steps_done == 2:  # step 3: rank 1 stops before its gradient all-reduce
+        time.sleep(600)
+    return original(self, micro_batch, sync=sync)
+
+Engine.forward_backward = forward_backward  # fault injection in this test script only
+run_training(load_config(sys.argv[1], sys.argv[3::2]))  # argv: CONFIG --set A --set B ...
+"""
+
+
+@pytest.mark.timeout(150)
+def test_a_hang_writes_every_ranks_stack_naming_the_collective(
+    tmp_path: Path, data_sets: list[str], jobs: list
+) -> None:
+    out_dir = tmp_path / "run"
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    hang_timeout_s = 8
+    sets = [*data_sets, "--set", f'train.out_dir="{out_dir}"', "--set", f"train.hang_timeout_s={hang_timeout_s}"]
+    command = [sys.executable, "-m", "plait.cli", "run", "--nproc-per-node=2", str(script), str(CONFIG), *sets]
+    job = start(command, tmp_path / "out.txt")
+    jobs.append(job)
+    wait_for_step(out_dir, 2, job)
+    started = time.monotonic()
+    deadline = started + hang_timeout_s + 30
+    while time.monotonic() < deadline and len(list(out_dir.glob("hang-*/rank-*.txt"))) < 2:
+        time.sleep(0.1)
+    files = sorted(out_dir.glob("hang-*/rank-*.txt"))
+    print(f"stack files {time.monotonic() - started:.1f} s after step 2 (hang_timeout_s={hang_timeout_s})")
+    assert [f.name for f in files] == ["rank-0.txt", "rank-1.txt"], (tmp_path / "out.txt").read_text()[-3000:]
+    for file in files:
+        header = file.read_text().split("\n\n", 1)[0]
+        assert "all_reduce over dp" in header, header
+    assert "sleep" in files[1].read_text() and "finish" in files[0].read_text()  # where each one's stack is
+    seconds = wait_exit(job, [], timeout_s=max(1.0, deadline - time.monotonic()))
+    print(f"job exited {time.monotonic() - started:.1f} s after step 2")
+    assert job.returncode != 0
+    summary = next(out_dir.glob("hang-*/summary.txt")).read_text()
+    assert "rank(s) 0 wait in collective" in summary and "rank(s) 1 have not arrived" in summary, summary
+    output = (tmp_path / "out.txt").read_text()
+    assert "hang: no step progress" in output and seconds >= 0
+
+
+@pytest.mark.timeout(200)
+def test_sigint_saves_the_last_step_which_resumes_bit_identically(
+    tmp_path: Path, data_sets: list[str], reference: dict[int, str], jobs: list
+) -> None:
+    out_dir = tmp_path / "run"
+    command = train_command(out_dir, data_sets, "--set", "train.checkpoint_every=1000")
+    job = start(command, tmp_path / "out.txt")
+    jobs.append(job)
+    wait_for_step(out_dir, 5, job)
+    pids = rank_pids(job.pid)
+    job.send_signal(signal.SIGINT)
+    seconds = wait_exit(job, list(pids.values()), timeout_s=60)
+    print(f"every rank exited {seconds:.1f} s after SIGINT")
+    output = (tmp_path / "out.txt").read_text()
+    assert job.returncode == 128 + signal.SIGINT, output[-3000:]
+    last = max(losses(out_dir))
+    checkpoints = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"step-{last:06d}"], (checkpoints, last)
+    assert last < STEPS and f"stopped by SIGINT after step {last}" in output
+    resume = train_command(out_dir, data_sets, "--resume", str(out_dir / "checkpoints" / checkpoints[0]))
+    done = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out_dir) == reference
+
+
+@pytest.mark.timeout(200)
+def test_an_elastic_restart_after_a_kill_continues_bit_identically(
+    tmp_path: Path, data_sets: list[str], reference: dict[int, str], jobs: list
+) -> None:
+    out_dir = tmp_path / "run"
+    command = train_command(out_dir, data_sets, "--set", "train.checkpoint_every=5", "--max-restarts", "2")
+    job = start(command, tmp_path / "out.txt")
+    jobs.append(job)
+    wait_for_step(out_dir, 7, job)
+    pids = rank_pids(job.pid)
+    os.kill(pids[1], signal.SIGKILL)
+    killed_after = max(losses(out_dir))
+    started = time.monotonic()
+    assert job.wait(timeout=150) == 0, (tmp_path / "out.txt").read_text()[-3000:]
+    print(
+        f"rank 1 killed after step {killed_after}; the restarted run finished {time.monotonic() - started:.1f} s later"
+    )
+    found = losses(out_dir)
+    assert sorted(found) == list(range(1, STEPS + 1))
+    assert {s: found[s] for s in range(6, STEPS + 1)} == {s: reference[s] for s in range(6, STEPS + 1)}
+    log = (out_dir / "train.log").read_text()
+    assert "--resume auto" in log or "resum" in log
+
+
+@pytest.mark.timeout(120)
+def test_a_nonfinite_step_stops_the_run_with_exit_3_and_one_line(tmp_path: Path, data_sets: list[str]) -> None:
+    out_dir = tmp_path / "run"
+    command = train_command(out_dir, data_sets, "--set", "train.lr=1e30", "--set", "train.warmup=0")
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=100)
+    print(f"exit {done.returncode} after {time.monotonic() - started:.1f} s")
+    assert done.returncode == 3, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "non-finite" in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("plait train: step ") and "first parameter affected:" in lines[0]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+
+
+# Non-finite steps in one process: stop names the step, micro-batch and parameter; skip leaves the weights.
+
+SEQ = 16
+
+
+def poisoned_loss(bad_step: int, counter: list[int]):
+    """causal_lm, but every micro-batch's loss on step `bad_step` is nan (counted by forward calls)."""
+
+    def loss_fn(outputs, batch):
+        counter[0] += 1
+        loss_sum, count = causal_lm(outputs, batch)
+        return (loss_sum * float("nan"), count) if (counter[0] + 1) // 2 == bad_step else (loss_sum, count)
+
+    return loss_fn
+
+
+def tiny_engine(on_nonfinite: str, loss_fn, **plan: object) -> plait.Engine:
+    torch.manual_seed(0)
+    model = build("tiny", max_seq_len=SEQ)
+    return plait.boost(
+        model,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        loss_fn=loss_fn,
+        plan=plait.Plan(dp=1, microbatches=2, **plan),  # type: ignore[arg-type]
+        max_grad_norm=None,
+        on_nonfinite=on_nonfinite,
+    )
+
+
+def batch(seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.timeout(60)
+def test_on_nonfinite_stop_names_step_micro_batch_and_parameter() -> None:
+    engine = tiny_engine("stop", poisoned_loss(2, [0]))
+    engine.train_step(batch(0))
+    with pytest.raises(NonFiniteError) as raised:
+        engine.train_step(batch(1))
+    text = str(raised.value)
+    assert text.startswith("step 2: non-finite loss (nan)") and "micro-batch 0 on rank 0" in text
+    assert "first parameter affected: " in text and "none" not in text.split("affected: ")[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("offload", [False, True], ids=["memory", "disk-offload"])
+def test_on_nonfinite_skip_leaves_the_weights_and_trains_on(offload: bool, tmp_path: Path) -> None:
+    plan = {"zero": 1, "offload_optimizer": "disk", "offload_dir": str(tmp_path)} if offload else {}
+    engine = tiny_engine("skip", poisoned_loss(2, [0]), **plan)
+    if offload:  # without skipping, this plan updates each unit inside backward
+        assert engine.update.offload is not None and engine.update.offload.pages_optimizer
+    engine.train_step(batch(0))
+    before = {name: value.clone() for name, value in engine.model_state_dict().items()}
+    result = engine.train_step(batch(1))
+    assert result.skipped
+    after = engine.model_state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert engine.update._in_backward is None  # nothing updates inside backward when a step may be skipped
+    result = engine.train_step(batch(2))
+    assert not result.skipped and torch.isfinite(result.loss)
