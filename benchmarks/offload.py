@@ -216,6 +216,10 @@ def summarize(result: dict[str, Any], *, skip: int = 1) -> dict[str, Any]:
         "peak_rss_per_rank_bytes": [max(s["peak_rss_bytes"] or 0 for s in rank["steps"]) for rank in ranks],
         "cgroup_peak_bytes": result["job"]["peak_bytes"],
         "job_wall_s": result["job"]["wall_s"],
+        "cpu_share_per_step": [
+            statistics.mean(r["steps"][i].get("cpu_share", float("nan")) for r in ranks) for i in range(len(steps))
+        ],
+        "load_avg_per_step": [steps[i].get("load_avg_1m") for i in range(len(steps))],
         "notes": ranks[0].get("notes", []),
     }
 
@@ -247,9 +251,11 @@ def print_steps(summary: dict[str, Any]) -> None:
                 f"{io['read_bytes'] / GB:.2f}",
                 f"{io['write_bytes'] / GB:.2f}",
                 f"{io['hidden_share']:.2f}",
+                f"{summary['cpu_share_per_step'][index]:.2f}",
+                f"{summary['load_avg_per_step'][index] or float('nan'):.1f}",
             ]
         )
-    headers = ["step", "time s", "tokens/s", "loss", "disk read GB", "disk write GB", "I/O hidden"]
+    headers = ["step", "time s", "tokens/s", "loss", "disk read GB", "disk write GB", "I/O hidden", "CPU share", "load"]
     print(format_table(headers, rows))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -73,11 +74,14 @@ def train_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     for step in range(spec["steps"]):
         batch = make_batch(spec, rank=rank, step=step)
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = engine.train_step(batch)
         loss = result.loss.item()
         dist.barrier()
         record: dict[str, Any] = {"step": step + 1, "step_s": time.perf_counter() - start, "loss": loss}
+        # the rank's CPU seconds (all its threads) over the step's wall time: low when the box is shared
+        record["cpu_share"] = (time.process_time() - cpu_start) / record["step_s"]
+        record["load_avg_1m"] = os.getloadavg()[0]
         if engine.offload is not None:
             record["offload"] = engine.offload.stats()
         record["peak_rss_bytes"] = peak_rss_bytes()

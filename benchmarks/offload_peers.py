@@ -95,7 +95,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     for step in range(spec["steps"]):
         batch = make_batch(spec, rank=rank, step=step)
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss_sum, num_tokens = plait.losses.causal_lm(engine(**batch), batch)
         loss = loss_sum / num_tokens
         engine.backward(loss)
@@ -103,6 +103,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         local = loss.item()
         dist.barrier()
         record = {"step": step + 1, "step_s": time.perf_counter() - start, "loss": global_mean(local)}
+        record["cpu_share"] = (time.process_time() - cpu_start) / record["step_s"]
+        record["load_avg_1m"] = os.getloadavg()[0]
         record["peak_rss_bytes"] = peak_rss_bytes()
         steps.append(record)
         if rank == 0:
