@@ -110,8 +110,8 @@ def _launch(
     nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None, max_restarts: int = 0, out_dir: str | None = None
 ) -> int:
     """Re-run this command on `nproc` local ranks through torchrun (joined to the other `nodes`' ranks); the
-    agent runs in this process (plait.train.launcher: signals reach it, failures are told in one line)."""
-    from plait.train.launcher import launch_ranks
+    agent runs in this process (plait.distributed.agent: signals reach it, failures are told in one line)."""
+    from plait.distributed.agent import launch_ranks
 
     node_flags = nodes.torchrun_flags() if nodes else ["--standalone"]
     flags = [*node_flags, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]

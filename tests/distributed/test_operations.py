@@ -134,6 +134,10 @@ def test_a_killed_rank_stops_the_others_with_one_line_naming_it(
     job = start(train_command(out_dir, data_sets, "--set", "train.steps=100000"), tmp_path / "out.txt")
     jobs.append(job)
     wait_for_step(out_dir, 3, job)
+    debug = [sys.executable, "-m", "plait.cli", "debug", "stacks", str(out_dir)]
+    asked = subprocess.run(debug, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0 and "rank 1: step" in asked.stdout, asked.stdout + asked.stderr
+    assert len(list(out_dir.glob("stacks-*/rank-*.txt"))) == 2  # the running job answered and trains on
     pids = rank_pids(job.pid)
     os.kill(pids[1], signal.SIGKILL)
     seconds = wait_exit(job, list(pids.values()), timeout_s=90)
@@ -323,3 +327,24 @@ def test_on_nonfinite_skip_leaves_the_weights_and_trains_on(offload: bool, tmp_p
     assert engine.update._in_backward is None  # nothing updates inside backward when a step may be skipped
     result = engine.train_step(batch(2))
     assert not result.skipped and torch.isfinite(result.loss)
+
+
+def test_debug_stacks_without_a_running_job_says_so(tmp_path: Path) -> None:
+    from plait.cli import main
+
+    assert main(["debug", "stacks", str(tmp_path)]) == 2  # "plait debug: error: no running job in ..."
+
+
+def test_checkpoint_every_s_asks_for_a_save_once_the_time_has_passed(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from plait.config import Config, TrainConfig
+    from plait.train.operations import Operations
+
+    train = TrainConfig(out_dir=str(tmp_path), checkpoint_every_s=0.2, hang_timeout_s=0)
+    operations = Operations(Config(train=train), comm=SimpleNamespace(entered=None), device=torch.device("cpu"))
+    assert not operations.after_step(1, saved=False).save
+    time.sleep(0.25)
+    assert operations.after_step(2, saved=False).save
+    operations.saved()
+    assert not operations.after_step(3, saved=False).save

@@ -1,8 +1,8 @@
-"""`plait train`'s launcher: torchrun's elastic agent run in this process, so that Ctrl-C and a scheduler's
-SIGTERM reach it (it forwards them to the ranks and waits for them to save), and a failed rank is reported
-in one line instead of torchrun's ChildFailedError table.
+"""The launcher of `plait train` and `plait run`: torchrun's elastic agent run in this process, so that
+Ctrl-C and a scheduler's SIGTERM reach it (it forwards them to the ranks and waits for them to save), and
+a failed rank is reported in one line instead of torchrun's ChildFailedError table.
 
-The agent's own log lines (worker restarts, closing signals) go to out_dir/train.log, not the console.
+Under `plait train` the agent's own log lines (worker restarts, closing signals) go to out_dir/train.log.
 """
 
 from __future__ import annotations
@@ -21,24 +21,29 @@ REPORTED_EXITS = (2, 3)  # a rank already printed the cause in one line (bad inp
 def launch_ranks(torchrun_flags: Sequence[str], command: Sequence[str], *, out_dir: str | None = None) -> int:
     """Run `command` (e.g. ["-m", "plait.cli", "train", ...]) under torchrun with `torchrun_flags`; the exit
     code: 0, the ranks' reported code (2 or 3), 3 for a rank that died without a word, 128+N for signal N."""
+    flags = [*torchrun_flags, f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its banner
+    with _agent_log(Path(out_dir) if out_dir else None):
+        return run_agent([*flags, *command], out_dir=out_dir, name="plait train")
+
+
+def run_agent(torchrun_args: Sequence[str], *, out_dir: str | None = None, name: str = "plait run") -> int:
+    """torchrun with `torchrun_args` in this process; the exit code as `launch_ranks` gives it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    flags = [*torchrun_flags, f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
-    parsed = get_args_parser().parse_args([*flags, *command])
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its banner
-    with _agent_log(Path(out_dir) if out_dir else None):
-        try:
-            run(parsed)
-        except ChildFailedError as err:
-            return _report(err, out_dir=out_dir)
-        except SignalException as err:
-            return 128 + int(err.sigval)  # the ranks said where they stopped
+    parsed = get_args_parser().parse_args(list(torchrun_args))
+    try:
+        run(parsed)
+    except ChildFailedError as err:
+        return _report(err, out_dir=out_dir, name=name)
+    except SignalException as err:
+        return 128 + int(err.sigval)  # the ranks said where they stopped
     return 0
 
 
-def _report(err: object, *, out_dir: str | None) -> int:
+def _report(err: object, *, out_dir: str | None, name: str) -> int:
     """One line for the first rank that failed, unless a rank already printed its cause."""
     failures = err.failures  # type: ignore[attr-defined]  # global rank -> ProcessFailure
     codes = {failure.exitcode for failure in failures.values()}

@@ -129,12 +129,6 @@ def log_file(path: Path, *, name: str = "plait") -> Iterator[Path]:
 
 def torchrun(args: Sequence[str]) -> int:
     """Run torchrun with `args` passed through (single or multi-node flags)."""
-    from torch.distributed.run import get_args_parser, run
+    from plait.distributed.agent import run_agent
 
-    parsed = get_args_parser().parse_args(list(args))
-    try:
-        run(parsed)
-    except Exception as err:  # torchrun raises ChildFailedError with its own report
-        print(f"plait run: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_agent(args)  # a failed rank in one line; 3 when a plait rank reported its own fault

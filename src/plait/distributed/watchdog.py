@@ -129,7 +129,7 @@ class Watchdog:
 
     def _fault(self, line: str, *, quiet: bool = False, root_cause: bool = False) -> None:
         self.faulting.set()
-        self.on_fault(line, not quiet and self.prints_peer_faults(), root_cause)
+        self.on_fault(line, not quiet and (root_cause or self.prints_peer_faults()), root_cause)
 
     def prints_peer_faults(self) -> bool:
         """The lowest-ranked live rank prints a peer's fault; the rest only log it."""
