@@ -192,6 +192,11 @@ class CommCounter:
         self.bytes_by_kind.clear()
 
 
+# torch 2.13 renamed the flat collectives (the old names warn); the GPU image's torch 2.11 has only those.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_reduce(
     tensor: torch.Tensor,
     *,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.distributed.comm import CommCounter
+from plait.distributed.comm import CommCounter, all_gather_flat, reduce_scatter_flat
 from plait.distributed.placement import placement_of
 from plait.zero.flat import FlatLayout, make_piece_param, views_of
 from plait.zero.offload.placement import ON_DEVICE, UnitTiers
@@ -167,7 +167,7 @@ class FlatUnit:
                 self.full.copy_(shard)
             return None
         self.config.counter.record("all_gather", self.full, group=self.config.group)
-        return dist.all_gather_into_tensor(self.full, shard, group=self.config.group, async_op=True)
+        return all_gather_flat(self.full, shard, group=self.config.group, async_op=True)
 
     def publish_step(self) -> dist.Work | None:
         """After the optimizer step: cast masters into the parameter shard; stages 1-2 re-gather."""
@@ -220,7 +220,7 @@ class FlatUnit:
             return PendingReduce(handle=handle, source=source, result=source)
         result = torch.empty(self.layout.shard_size, dtype=source.dtype, device=source.device)
         config.counter.record("reduce_scatter", source, group=config.group)
-        handle = dist.reduce_scatter_tensor(result, source, group=config.group, async_op=True)
+        handle = reduce_scatter_flat(result, source, group=config.group, async_op=True)
         return PendingReduce(handle=handle, source=source, result=result)
 
     def finish_reduce(self, pending: PendingReduce) -> None:
