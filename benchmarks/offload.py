@@ -666,7 +666,8 @@ def load_results(path: Path) -> dict[str, Any]:
 def save_part(path: Path, name: str, record: dict[str, Any], settings: Settings) -> None:
     """Merge one part's record into the results JSON (parts run separately keep each other's)."""
     results = load_results(path)
-    results.setdefault("parts", {})[name] = {**record, "environment": environment(), "wall_finished": time.time()}
+    record = {**record, "dd": settings.dd, "environment": environment(), "wall_finished": time.time()}
+    results.setdefault("parts", {})[name] = record
     results["dd"] = settings.dd
     results["cap_bytes"] = settings.cap_bytes
     results["job_env"] = JOB_ENV
