@@ -116,9 +116,11 @@ class Update:
             return grad_norm, True
         start = time.perf_counter()
         self.optimizer.step()
+        stepped = time.perf_counter()
         self.data_parallel.after_step()  # type: ignore[attr-defined]
-        if self.offload is not None:
-            self.offload.optimizer_s += time.perf_counter() - start
+        if self.offload is not None:  # the host step, and the copy of its masters into the parameters
+            self.offload.optimizer_s += stepped - start
+            self.offload.publish_s += time.perf_counter() - stepped
         return grad_norm, False
 
     def _paged(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:

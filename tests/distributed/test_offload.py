@@ -44,6 +44,7 @@ def train_offloaded(rank: int, world_size: int, plan: dict, preset: str = "tiny"
     engine = offload_engine(model, world_size, **plan)
     placed = [(t.params, t.optimizer, t.grads) for t in engine.offload.tiers]
     losses, state = train_every_step(engine, model.config.vocab_size)
+    assert engine.offload.optimizer is engine.optimizer  # its state is counted per tier and moved with masters
     stats = engine.offload.stats()
     final = [(t.params, t.optimizer, t.grads) for t in engine.offload.tiers]
     engine.close()
@@ -69,6 +70,9 @@ def test_offload_matches_one_process(case: str, tmp_path: Path) -> None:
     results = run_ranks(train_offloaded, 2, {**CASES[case], "offload_dir": str(tmp_path)})
     assert_parity([(losses, state) for losses, state, _, _ in results], reference_run("tiny"))
     stats = results[0][2]
+    if CASES[case].get("offload_optimizer") == "cpu":  # master, gradients and Adam's two moments on the host
+        num_params = sum(p.numel() for p in fresh_model("tiny").parameters())
+        assert stats["resident_bytes"]["host"] >= 4 * 4 * num_params // 2, stats
     on_disk = "disk" in str(CASES[case].values())
     assert (stats["read_bytes"] > 0 and stats["write_bytes"] > 0) == on_disk, stats
     assert not any(tmp_path.iterdir()), "the offload files were not removed"

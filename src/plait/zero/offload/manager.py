@@ -32,6 +32,9 @@ class Offload:
         self.units: list[UnitLike] = []
         self.observers: list[Observer] = []  # called at every unit boundary (tests count memory there)
         self.optimizer_s = 0.0
+        self.publish_s = 0.0  # in memory: copying the stepped masters into the parameter shards
+        self.backward_updates = 0  # units updated during backward in the last step (BackwardStep)
+        self.optimizer: torch.optim.Optimizer | None = None  # set by the engine: its state is counted per tier
         self.placement: BudgetPlacement | None = None  # with a memory budget: re-placed from measured use
         self.steps_seen = 0
 
@@ -107,8 +110,10 @@ class Offload:
 
     def reset_stats(self) -> None:
         self.optimizer_s = 0.0
-        self.backward_updates = 0  # units updated during backward in the last step (BackwardStep)
-        self.optimizer: torch.optim.Optimizer | None = None  # set by the engine: its state is counted per tier
+        self.publish_s = 0.0
+        self.backward_updates = 0
+        for page in self.pages():
+            page.wait_s = 0.0
         if self.store is not None:
             self.store.stats.reset()
 
@@ -124,6 +129,7 @@ class Offload:
             "io_wait_s": wait,
             "hidden_share": max(0.0, 1.0 - wait / busy) if busy > 0 else 1.0,
             "optimizer_s": self.optimizer_s,
+            "publish_s": self.publish_s,
             "backward_updates": self.backward_updates,
             "resident_bytes": self.resident_bytes(),
         }
