@@ -73,6 +73,7 @@ class Settings:
     big_steps: int
     big_layers: int | None
     peer_pairs: int = 2
+    optimizer_rounds: int = 10
     sweep_multiples: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     dd: dict[str, Any] | None = None
 
@@ -412,7 +413,13 @@ def overlap_record(pairs: list[dict[str, Any]], *, model: dict[str, int], budget
 def part_optimizer(settings: Settings) -> dict[str, Any]:
     model = shape(128, 2, heads=4, vocab=2048, seq=32) if settings.quick else shape(768, 10, heads=12, seq=32)
     print(f"\n== optimizer: the host AdamW step on {num_params(model) / 1e6:.1f}M parameters, one thread")
-    spec = {"kind": "optimizer", "model": model, "batch": 1, "seq": 32, "rounds": 3 if settings.quick else 10}
+    spec = {
+        "kind": "optimizer",
+        "model": model,
+        "batch": 1,
+        "seq": 32,
+        "rounds": 3 if settings.quick else settings.optimizer_rounds,
+    }
     result = run_job("optimizer", {**spec, "deepspeed": True}, settings)
     if "error" in result:
         return {"error": result["error"], "model": model}
@@ -692,6 +699,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-free-gb", type=float, default=10.0, help="disk the big run leaves free (default 10)")
     parser.add_argument("--big-steps", type=int, default=3, help="steps of the big run (default 3)")
     parser.add_argument("--big-layers", type=int, default=None, help="override the big model's layer count")
+    parser.add_argument("--optimizer-rounds", type=int, default=10, help="alternated optimizer steps per system")
     parser.add_argument("--peer-pairs", type=int, default=2, help="DeepSpeed/plait pairs at the peer size")
     parser.add_argument("--sweep-multiples", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--dd-gib", type=float, default=None, help="dd probe size (default 4, quick 0.5)")
@@ -713,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         big_steps=args.big_steps,
         big_layers=args.big_layers,
         peer_pairs=args.peer_pairs,
+        optimizer_rounds=args.optimizer_rounds,
         sweep_multiples=tuple(args.sweep_multiples),
     )
     dd_gib = args.dd_gib or (0.5 if args.quick else 4.0)
