@@ -61,20 +61,27 @@ class Offload:
         assert self.store is not None
         pages = UnitPages()
         if tiers.optimizer == "disk":
-            pages.master = Page(f"unit{index}.master", [unit.master_shard], store=self.store)
+            pages.master = self.written_page(f"unit{index}.master", [unit.master_shard])
         if tiers.params == "disk":
             aliased = unit.param_shard is unit.master_shard
-            pages.params = (
-                pages.master if aliased else Page(f"unit{index}.params", [unit.param_shard], store=self.store)
-            )
+            pages.params = pages.master if aliased else self.written_page(f"unit{index}.params", [unit.param_shard])
         if tiers.grads == "disk":
-            pages.grads = Page(f"unit{index}.grads", [unit.grad_shard], store=self.store, fresh=True)
+            pages.grads = self.fresh_grads_page(index, unit)
         unit.pages = pages
-        for page in (pages.master, pages.params):
-            if page is not None:
-                page.evict(write=True)
-        if pages.grads is not None:
-            pages.grads.mark_fresh()
+
+    def written_page(self, key: str, tensors: list[torch.Tensor]) -> Page:
+        """A page of `tensors`, written to disk and freed."""
+        assert self.store is not None
+        page = Page(key, tensors, store=self.store)
+        page.evict(write=True)
+        return page
+
+    def fresh_grads_page(self, index: int, unit: UnitLike) -> Page:
+        """The unit's gradient shard as a page of zeros: nothing written, its memory freed."""
+        assert self.store is not None
+        page = Page(f"unit{index}.grads", [unit.grad_shard], store=self.store, fresh=True)
+        page.mark_fresh()
+        return page
 
     def observe(self, where: str) -> None:
         for observer in self.observers:

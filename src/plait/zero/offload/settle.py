@@ -77,7 +77,7 @@ def _move(offload: Offload, index: int, unit: UnitLike, new: UnitTiers) -> bool:
     pages = unit.pages or UnitPages()
     moves = []
     if (old.grads == "disk") != (new.grads == "disk"):
-        pages.grads = None if new.grads != "disk" else _fresh_page(offload, index, unit, pages.grads)
+        pages.grads = None if new.grads != "disk" else offload.fresh_grads_page(index, unit)
         moves.append("grads")
     if (old.params == "disk") != (new.params == "disk"):
         _move_params(offload, index, unit, pages, to_disk=new.params == "disk")
@@ -108,7 +108,7 @@ def _move_params(offload: Offload, index: int, unit: UnitLike, pages: UnitPages,
             _to_memory(pages.params)
         pages.params = None
     elif unit.param_shard is not unit.master_shard:
-        pages.params = _written_page(offload, f"unit{index}.params", [unit.param_shard])
+        pages.params = offload.written_page(f"unit{index}.params", [unit.param_shard])
 
 
 def _move_optimizer(offload: Offload, index: int, unit: UnitLike, pages: UnitPages, *, to_disk: bool) -> None:
@@ -118,26 +118,12 @@ def _move_optimizer(offload: Offload, index: int, unit: UnitLike, pages: UnitPag
         pages.params = None if pages.params is pages.master else pages.params
         pages.master = pages.moments = None
         return
-    pages.master = _written_page(offload, f"unit{index}.master", [unit.master_shard])
+    pages.master = offload.written_page(f"unit{index}.master", [unit.master_shard])
     state = offload.optimizer_state(unit)
-    pages.moments = _written_page(offload, f"unit{index}.moments", state) if state else None
+    pages.moments = offload.written_page(f"unit{index}.moments", state) if state else None
 
 
 def _to_memory(page: Page | None) -> None:
     """Read a page back for good (the caller drops it)."""
     if page is not None:
         page.wait()
-
-
-def _written_page(offload: Offload, key: str, tensors: list) -> Page:
-    assert offload.store is not None
-    page = Page(key, tensors, store=offload.store)
-    page.evict(write=True)
-    return page
-
-
-def _fresh_page(offload: Offload, index: int, unit: UnitLike, old: Page | None) -> Page:
-    assert offload.store is not None and old is None
-    page = Page(f"unit{index}.grads", [unit.grad_shard], store=offload.store, fresh=True)
-    page.mark_fresh()
-    return page
