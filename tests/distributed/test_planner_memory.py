@@ -16,7 +16,7 @@ import plait
 from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, Estimator, ModelShape, Workload
-from plait.train.metrics import peak_live_tensor_bytes
+from plait.train.metrics import live_tensor_bytes, peak_live_tensor_bytes
 from tests.distributed.harness import run_ranks
 
 CONFIG = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=4, num_heads=4)
@@ -24,6 +24,9 @@ GLOBAL_BATCH, SEQ = 8, 64
 
 
 def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
+    # Ranks are forked from the pytest process: tensors earlier tests left alive there are not the engine's.
+    gc.collect()
+    inherited = live_tensor_bytes()
     torch.manual_seed(0)
     engine = plait.boost(
         plait.models.build(CONFIG),
@@ -36,7 +39,7 @@ def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
     engine.train_step(batch)
     gc.collect()
     live = peak_live_tensor_bytes(lambda: engine.train_step(batch))
-    return engine.state_bytes()["total"], live["peak"]
+    return engine.state_bytes()["total"], live["peak"] - inherited
 
 
 PLANS = {
