@@ -121,6 +121,7 @@ class Update:
         if self.offload is not None:  # the host step, and the copy of its masters into the parameters
             self.offload.optimizer_s += stepped - start
             self.offload.publish_s += time.perf_counter() - stepped
+            self.offload.place_host_state(self.optimizer)
         return grad_norm, False
 
     def _paged(self, offload: Offload, factor: torch.Tensor | float | None) -> tuple[torch.Tensor, bool]:

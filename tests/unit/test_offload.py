@@ -10,6 +10,7 @@ import torch
 
 import plait
 from plait.zero.offload.disk import DiskStore, check_offload_dir, supports_direct_io
+from plait.zero.offload.hugepages import huge_copy
 from plait.zero.offload.pages import Page
 from plait.zero.offload.placement import UnitBytes, explicit_tiers, place_by_budget, working_set_bytes
 
@@ -109,3 +110,34 @@ def test_pages_round_trip_through_the_disk(tmp_path: Path, direct: bool) -> None
     directory = store.directory
     store.close()
     assert not directory.exists() and not any(os.scandir(tmp_path))
+
+
+def _huge_bytes_behind(tensor: torch.Tensor) -> int | None:
+    """AnonHugePages of the mapping holding the middle of `tensor` (asking for huge pages splits its mapping
+    at the 2 MiB boundaries); None where /proc/self/smaps is not there."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    address, inside = tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2, False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(part, 16) for part in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def test_host_buffers_ask_for_huge_pages_and_keep_their_values() -> None:
+    source = torch.randn(16 << 20)  # 64 MiB
+    copy = huge_copy(source)
+    assert torch.equal(copy, source) and copy.data_ptr() != source.data_ptr()
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("this kernel offers no transparent huge pages")
+    huge = _huge_bytes_behind(copy)
+    if huge is None:
+        pytest.skip("no /proc/self/smaps here")
+    assert huge >= 32 << 20, f"only {huge} bytes of the 64 MiB buffer are on huge pages"

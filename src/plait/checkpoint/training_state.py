@@ -31,6 +31,7 @@ from plait.checkpoint.sharded import Entry, PagedEntries, ShardReader
 from plait.config import AXES, Plan
 from plait.distributed.mesh import Mesh
 from plait.distributed.placement import Placement, placement_of
+from plait.zero.offload.manager import Offload
 from plait.zero.offload.pages import Page
 from plait.zero.offload.step import page_new_state
 from plait.zero.offload.unit_like import UnitLike
@@ -327,13 +328,15 @@ def load_optimizer(engine: CheckpointedEngine, reader: ShardReader, *, group_of:
     optimizer.load_state_dict(state_dict)
     behind = _WriteBehind()
     for position, unit in enumerate(paged):
-        _load_paged_state(unit, optimizer, pieces=pieces)
+        _load_paged_state(unit, optimizer, pieces=pieces, offload=engine.offload)
         engine.offload.observe(f"load-optimizer:{position}")
         behind.add([unit.pages.moments] if unit.pages.moments is not None else [])
     behind.finish()
 
 
-def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, pieces: _PieceReader) -> None:
+def _load_paged_state(
+    unit: UnitLike, optimizer: torch.optim.Optimizer, *, pieces: _PieceReader, offload: Offload
+) -> None:
     """A paged unit's optimizer state from the checkpoint, in tensors of its own, in a new (resident) page
     that replaces the page of any state this optimizer built."""
     pages = unit.pages
@@ -347,7 +350,7 @@ def _load_paged_state(unit: UnitLike, optimizer: torch.optim.Optimizer, *, piece
             optimizer.state[piece] = state
         else:
             optimizer.state.pop(piece, None)
-    page_new_state(unit, optimizer)
+    page_new_state(offload, unit, optimizer)
 
 
 def _own_state(key: str, value: torch.Tensor, piece: nn.Parameter) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from plait.distributed.placement import placement_of
 from plait.zero.offload.disk import DiskStore
+from plait.zero.offload.hugepages import huge_copy
 from plait.zero.offload.pages import Page
 from plait.zero.offload.placement import BudgetPlacement, UnitTiers
 from plait.zero.offload.unit_like import UnitLike
@@ -68,6 +69,19 @@ class Offload:
         if tiers.grads == "disk":
             pages.grads = self.fresh_grads_page(index, unit)
         unit.pages = pages
+
+    def place_host_state(self, optimizer: torch.optim.Optimizer, units: list[UnitLike] | None = None) -> None:
+        """Move the optimizer state of host-tier units onto huge pages: torch creates it at the first step
+        (and a checkpoint load re-creates it) on 4 KiB pages, which slow the host step by about a fifth."""
+        for unit in self.units if units is None else units:
+            if unit.tiers.optimizer != "host":
+                continue
+            for piece in unit.pieces:
+                state = optimizer.state.get(piece, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and not hasattr(value, "_plait_huge"):
+                        state[key] = huge_copy(value)
+                        state[key]._plait_huge = True
 
     def written_page(self, key: str, tensors: list[torch.Tensor]) -> Page:
         """A page of `tensors`, written to disk and freed."""

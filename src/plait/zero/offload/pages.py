@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import torch
 
 from plait.zero.offload.disk import DiskStore
+from plait.zero.offload.hugepages import advise_huge
 
 
 class Page:
@@ -50,8 +51,7 @@ class Page:
             return
         self._finish_pending()
         self.fetches += 1
-        for tensor, nbytes in zip(self.tensors, self._nbytes, strict=True):
-            tensor.untyped_storage().resize_(nbytes)
+        self._allocate()
         if self.fresh:
             for tensor in self.tensors:
                 tensor.zero_()
@@ -66,8 +66,7 @@ class Page:
             self._finish_pending()
             return
         self._finish_pending()
-        for tensor, nbytes in zip(self.tensors, self._nbytes, strict=True):
-            tensor.untyped_storage().resize_(nbytes)
+        self._allocate()
         self.resident = True
 
     def wait(self) -> None:
@@ -110,6 +109,12 @@ class Page:
         self._finish_pending()
         self.fresh = False
         self._pending = self.store.write(self.key, self.tensors)
+
+    def _allocate(self) -> None:
+        for tensor, nbytes in zip(self.tensors, self._nbytes, strict=True):
+            storage = tensor.untyped_storage()
+            storage.resize_(nbytes)
+            advise_huge(storage)  # before the read or zero-fill first touches it
 
     def _free(self) -> None:
         for tensor in self.tensors:

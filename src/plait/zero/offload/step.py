@@ -102,7 +102,7 @@ def update_pass(
             torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         with narrowed(optimizer, unit.pieces):
             optimizer.step()
-        page_new_state(unit, optimizer)
+        page_new_state(offload, unit, optimizer)
         handle = unit.publish_step()
         if handle is not None:
             handles.append(handle)
@@ -183,7 +183,7 @@ class BackwardStep:
         self.norms.add(unit)  # the norm is reported, not applied
         with narrowed(self.optimizer, unit.pieces):
             self.optimizer.step()
-        page_new_state(unit, self.optimizer)
+        page_new_state(self.offload, unit, self.optimizer)
         handle = unit.publish_step()
         if handle is not None:
             self.handles.append(handle)
@@ -211,10 +211,14 @@ def _write_back(unit: UnitLike) -> None:
         pages.grads.mark_fresh()
 
 
-def page_new_state(unit: UnitLike, optimizer: torch.optim.Optimizer) -> None:
-    """The first step creates the optimizer state: from now on it lives on disk with the master."""
+def page_new_state(offload: Offload, unit: UnitLike, optimizer: torch.optim.Optimizer) -> None:
+    """The first step creates the optimizer state: from now on it lives on disk with the master (or, on the
+    host tier, on huge pages)."""
     pages = unit.pages
-    if pages is None or pages.master is None or pages.moments is not None:
+    if pages is None or pages.master is None:
+        offload.place_host_state(optimizer, [unit])
+        return
+    if pages.moments is not None:
         return
     tensors = [
         value

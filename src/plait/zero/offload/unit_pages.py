@@ -8,16 +8,19 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.zero.offload.hugepages import huge_copy
 from plait.zero.offload.pages import Page
 
 
 def host_tensor(source: torch.Tensor, *, tier: str) -> torch.Tensor:
     """A copy of `source` in its own host buffer: pinned for the host tier where CUDA copies it to and from
-    the device; pageable for the disk tier, whose pages free and reallocate their memory between uses."""
-    pinned = tier == "host" and torch.cuda.is_available()
-    out = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pinned)
-    out.copy_(source)
-    return out
+    the device; otherwise pageable, on huge pages (the disk tier's pages free and reallocate their memory
+    between uses, and ask for huge pages again each time)."""
+    if tier == "host" and torch.cuda.is_available():
+        out = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=True)
+        out.copy_(source)
+        return out
+    return huge_copy(source)
 
 
 @dataclass
