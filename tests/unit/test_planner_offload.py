@@ -60,17 +60,39 @@ def test_bytes_per_tier_bf16_everything_on_host() -> None:
 
 def test_io_per_step_fp32_zero3_everything_on_disk() -> None:
     plan = _plan("fp32", "disk")
-    off = offload_bytes(plan, _units(plan))
+    off = offload_bytes(plan, _units(plan))  # clipping: the gradient norm is taken in backward
     m = 2
+    assert off.update == "norm-in-backward"
     # forward + backward: each param shard read before 2 gathers per micro-batch; the gradient shard written
     # after each reduction and read back before the second micro-batch adds to it
     assert off.during.h2d == 2 * m * 4 * S
     assert off.during.disk_read == 2 * m * 4 * S + (m - 1) * 4 * S
     assert (off.during.d2h, off.during.disk_write) == (m * 4 * S, m * 4 * S)
-    # optimizer: master + moments read and written once, gradients read twice; no separate param write
-    assert off.after.disk_read == 12 * S + 2 * 4 * S
+    # optimizer: master + moments read and written once, gradients read once; no separate param write
+    assert off.after.disk_read == 12 * S + 4 * S
     assert off.after.disk_write == 12 * S
     assert off.after.h2d == 0 and off.host_optimizer_params == S
+
+
+def test_io_per_step_with_the_update_in_backward_and_after_it() -> None:
+    plan = _plan("fp32", "disk")
+    m = 2
+    inside = offload_bytes(plan, _units(plan), clips=False)
+    assert inside.update == "in-backward"
+    # the last reduction's gradients are stepped in memory, never written or read; the optimizer state
+    # moves while backward runs
+    assert inside.during.disk_read == 2 * m * 4 * S + (m - 1) * 4 * S + 12 * S
+    assert inside.during.disk_write == (m - 1) * 4 * S + 12 * S
+    assert inside.after.total == 0
+    fp16 = _plan("fp16", "disk")  # the loss scaler needs every gradient before any update
+    after = offload_bytes(fp16, _units(fp16), clips=False)
+    assert after.update == "after"
+    assert after.after.disk_read == 12 * S + 2 * 4 * S  # gradients read twice: norm and overflow, then update
+    assert after.after.disk_write == 12 * S + 2 * S  # fp16 parameters have their own file
+    pipeline = Plan(dp=1, pp=2, zero=1, microbatches=2, offload_optimizer="disk", offload_dir="/x")
+    assert offload_bytes(pipeline, _units(pipeline), clips=False).update == "after"
+    host_only = _plan("fp32", "cpu")
+    assert offload_bytes(host_only, _units(host_only), clips=False).update == "after"
 
 
 def test_io_per_step_bf16_params_write_and_zero1_optimizer_on_host() -> None:
@@ -105,6 +127,25 @@ def test_step_time_hides_io_behind_compute_and_the_host_step() -> None:
     host_step = S / 1e6 + 36 * 12 * 1e-5
     assert t.optimizer == pytest.approx(host_step)
     assert t.total == pytest.approx(1e-3 + host_step + during - 1e-3 + first + first_step)
+
+
+def test_an_update_in_backward_hides_its_io_behind_the_host_step_too() -> None:
+    cluster = Cluster.preset("h100", devices_per_node=1).replace(
+        host_link=1e12,
+        host_adam_rate=1e6,
+        op_overhead=0.0,
+        disk=Disk(capacity=10**12, read_bandwidth=1e9, write_bandwidth=1e9),
+    )
+    plan = _plan("fp32", "disk")
+    base = TimeBreakdown(compute=1e-3, tp_comm=0, bubble=0, pp_comm=0, dp_comm_exposed=0, optimizer=0.5)
+    offload = offload_bytes(plan, _units(plan), clips=False)
+    t = offload_time(base, offload, cluster=cluster)
+    host_step = S / 1e6
+    io = (2 * 2 * 4 * S + 4 * S + 12 * S + 4 * S + 12 * S) / 1e9  # params, gradients, optimizer state
+    assert io < host_step  # so all of it hides, but for the first unit's reads
+    first = 4 * BIGGEST / 1e9 + 12 * BIGGEST / 1e9
+    assert t.offload_io == pytest.approx(first)
+    assert t.total == pytest.approx(1e-3 + host_step + first)
 
 
 def _llama_24gib() -> tuple[ModelShape, Workload, Cluster, SearchSpace]:

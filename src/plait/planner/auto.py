@@ -34,7 +34,7 @@ def local_cluster(world_size: int, *, precision: str = "fp32") -> Cluster:
 def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None) -> tuple[Plan, SearchResult]:
     """The fastest plan that fits for `config` on `world_size` ranks; NoPlanFits says what would fit."""
     shape = ModelShape(model_config_for(config), name=config.model.preset)
-    workload = Workload(config.train.global_batch, config.data.seq_len)
+    workload = Workload(config.train.global_batch, config.data.seq_len, clips=config.train.max_grad_norm > 0)
     cluster = cluster or local_cluster(world_size, precision=config.plan.precision)
     if cluster.num_devices != world_size:
         cluster = cluster.replace(nodes=1, devices_per_node=world_size)

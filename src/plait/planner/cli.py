@@ -46,6 +46,10 @@ def add_plan_parser(commands: Any) -> None:
         "--offload", default="auto", choices=["auto", "none"], help="auto: consider offloading to host memory and disk"
     )
     plan.add_argument(
+        "--max-grad-norm", type=float, default=1.0,
+        help="the run's gradient clipping (0: none; decides whether offloaded updates run inside backward)",
+    )  # fmt: skip
+    plan.add_argument(
         "--evaluate", default=None, metavar="KEY=VALUE,...",
         help="estimate this one plan instead of searching, e.g. zero=3,offload_optimizer=disk,offload_dir=/x",
     )  # fmt: skip
@@ -137,7 +141,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if seq > shape.config.max_seq_len:
         raise ValueError(f"--seq {seq} is longer than the model's context ({shape.config.max_seq_len}); lower it")
     global_batch = args.global_batch or 8 * args.nodes * args.gpus_per_node
-    workload = Workload(global_batch, seq)
+    workload = Workload(global_batch, seq, clips=args.max_grad_norm > 0)
     cluster = _cluster(args, shape.hidden, seq)
     header = (
         f"{shape.name}: {_count(shape.num_parameters())} parameters, global batch {global_batch} x {seq} tokens, "

@@ -97,7 +97,9 @@ class Estimator:
         layout = self.memory.layouts.get(plan)
         stage = base.memory.stage
         units = self.shape.stage_units(stage, num_layers=layout.layers_per_rank[stage], pp=plan.pp, tp=plan.tp)
-        memory, time, offload = apply_offload(plan, base.memory, base.time, units=units, cluster=self.cluster)
+        memory, time, offload = apply_offload(
+            plan, base.memory, base.time, units=units, cluster=self.cluster, clips=self.workload.clips
+        )
         return dataclasses.replace(self._finish(plan, memory, time), offload=offload)
 
     def _finish(self, plan: Plan, memory: MemoryBreakdown, time: TimeBreakdown) -> Estimate:

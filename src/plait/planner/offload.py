@@ -17,6 +17,16 @@ offload (`plait.zero.offload`) places and moves them:
   the step (fp32 parameters beside an optimizer on disk share its master
   file: no extra write, no extra bytes).
 
+When the update runs (`update_phase`, as `plait.update.Update.arm` decides):
+with gradients or optimizer state on disk and nothing needing every gradient
+first (no fp16 loss scaling, no pipeline, no sequence-parallel partial
+gradients), each unit's final gradients are handled in backward. Without
+clipping the unit is updated there (`in-backward`): its optimizer state is
+read and written, and its new parameters written, while backward runs; its
+last gradients are never written or read. With clipping their norm is taken
+there (`norm-in-backward`): they are written once and read once, by the
+update after backward. Otherwise (`after`) the step reads them twice.
+
 The device keeps a working set: a third gathered unit (the fetch ahead) and
 two staging units of each state kind that crosses to the device; the host
 keeps two staging units of each kind on disk (`STAGED_UNITS`).
@@ -42,6 +52,7 @@ from plait.zero.offload.placement import (
 )
 
 OPTIMIZER_STATE_BYTES = FP32 + ADAM_BYTES  # master + moments per shard element
+AFTER, NORM_IN_BACKWARD, IN_BACKWARD = "after", "norm-in-backward", "in-backward"
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ class OffloadBytes:
     host_optimizer_tensors: float
     device_optimizer_fraction: float
     tiers: tuple[UnitTiers, ...]
+    update: str = AFTER  # when the host optimizer runs: AFTER backward, or IN_BACKWARD (serially within it)
 
     @property
     def per_step(self) -> Traffic:
@@ -111,6 +123,7 @@ class OffloadBytes:
             "device_working": self.device_working, "io_per_step": self.per_step.as_dict(),
             "io_during_backward": self.during.as_dict(), "io_after_backward": self.after.as_dict(),
             "host_optimizer_params": self.host_optimizer_params, "tiers": summarize_tiers(self.tiers),
+            "update": self.update,
         }  # fmt: skip
 
 
@@ -133,15 +146,26 @@ def summarize_tiers(tiers: tuple[UnitTiers, ...] | list[UnitTiers]) -> dict[str,
     return out
 
 
-def offload_bytes(plan: Plan, units: list[Unit]) -> OffloadBytes:
-    """Bytes per tier and per step of `plan`'s offload on the rank holding `units`."""
+def update_phase(plan: Plan, tiers: list[UnitTiers], *, clips: bool) -> str:
+    """When the offloaded update runs and what it reads (the module's docstring)."""
+    paged = any(t.optimizer == "disk" or t.grads == "disk" for t in tiers)
+    partial_grads = plan.sequence_parallel and plan.tp > 1
+    if not paged or plan.precision == "fp16" or plan.pp > 1 or partial_grads:
+        return AFTER
+    return NORM_IN_BACKWARD if clips else IN_BACKWARD
+
+
+def offload_bytes(plan: Plan, units: list[Unit], *, clips: bool = True) -> OffloadBytes:
+    """Bytes per tier and per step of `plan`'s offload on the rank holding `units`; `clips`: the step
+    clips the gradient norm."""
     sizes, tiers = place(plan, units)
+    phase = update_phase(plan, tiers, clips=clips)
     e = PARAM_BYTES[plan.precision]
     off_device = dict.fromkeys(("params", "master", "grads", "optimizer"), 0.0)
     host = disk = 0.0
     during, after = Traffic(), Traffic()
     for size, tier in zip(sizes, tiers, strict=True):
-        moved, placed, (unit_during, unit_after) = _unit(plan, size, tier, e)
+        moved, placed, (unit_during, unit_after) = _unit(plan, size, tier, e=e, phase=phase)
         off_device = {k: off_device[k] + moved[k] for k in off_device}
         host += placed["host"]
         disk += placed["disk"]
@@ -160,16 +184,17 @@ def offload_bytes(plan: Plan, units: list[Unit]) -> OffloadBytes:
         during=during,
         after=after,
         first_during=_first_fetch(big, big_tier, e, phase="during"),
-        first_after=_first_fetch(big, big_tier, e, phase="after"),
+        first_after=_first_fetch(big, big_tier, e, phase="after", grads_read=phase != IN_BACKWARD),
         host_optimizer_params=float(on_host),
         host_optimizer_tensors=float(host_tensors),
         device_optimizer_fraction=1 - on_host / total,
         tiers=tuple(tiers),
+        update=phase,
     )
 
 
 def _unit(
-    plan: Plan, size: UnitBytes, tier: UnitTiers, e: int
+    plan: Plan, size: UnitBytes, tier: UnitTiers, *, e: int, phase: str
 ) -> tuple[dict[str, float], dict[str, float], tuple[Traffic, Traffic]]:
     """(bytes leaving the device per state, bytes per tier, (traffic during, after backward)) of one unit."""
     s, placed = size.shard, {"host": 0.0, "disk": 0.0, "device": 0.0}
@@ -185,26 +210,43 @@ def _unit(
     if tier.grads != "device":
         moved["grads"] = FP32 * s if (plan.zero >= 2 or e != FP32) else 0.0  # fp32 ZeRO-1: a view of the full grads
         placed[tier.grads] += FP32 * s
-    return moved, placed, _unit_traffic(plan, s, tier, e)
+    return moved, placed, _unit_traffic(plan, s, tier, e=e, phase=phase)
 
 
-def _unit_traffic(plan: Plan, s: int, tier: UnitTiers, e: int) -> tuple[Traffic, Traffic]:
+def _unit_traffic(plan: Plan, s: int, tier: UnitTiers, *, e: int, phase: str) -> tuple[Traffic, Traffic]:
     m, during, after = plan.microbatches, Traffic(), Traffic()
     if tier.params != "device":  # fetched before the forward and the backward gather of each micro-batch
         reads = 2 * m * e * s
         during += Traffic(h2d=reads, disk_read=reads if tier.params == "disk" else 0.0)
     if tier.grads != "device":
-        g = FP32 * s
-        if plan.zero >= 2:  # after each micro-batch's reduction; on disk re-read before the next adds to it
-            disk = tier.grads == "disk"
-            during += Traffic(d2h=m * g, disk_write=m * g if disk else 0.0, disk_read=(m - 1) * g if disk else 0.0)
-        else:
-            after += Traffic(d2h=g, disk_write=g if tier.grads == "disk" else 0.0)
-        if tier.grads == "disk":
-            after += Traffic(disk_read=2 * g)  # the norm / overflow pass and the update pass
+        during, after = _grad_traffic(plan, FP32 * s, tier=tier, phase=phase, moved=(during, after))
+    update = _new_params(s, tier, e)
     if tier.optimizer == "disk":
-        after += Traffic(disk_read=OPTIMIZER_STATE_BYTES * s, disk_write=OPTIMIZER_STATE_BYTES * s)
-    after += _new_params(s, tier, e)
+        update += Traffic(disk_read=OPTIMIZER_STATE_BYTES * s, disk_write=OPTIMIZER_STATE_BYTES * s)
+    if phase == IN_BACKWARD:
+        return during + update, after
+    return during, after + update
+
+
+def _grad_traffic(
+    plan: Plan, g: float, *, tier: UnitTiers, phase: str, moved: tuple[Traffic, Traffic]
+) -> tuple[Traffic, Traffic]:
+    """A gradient shard of `g` bytes off the device: to the host after each micro-batch's reduction under
+    ZeRO-2/3 (once under ZeRO-1, after backward unless the update takes it in backward); on disk written
+    there and read back before the next micro-batch adds to it; the step reads the last one as its
+    phase says (module docstring)."""
+    during, after = moved
+    m, disk = plan.microbatches, tier.grads == "disk"
+    writes = m if plan.zero >= 2 else 1  # reductions whose result leaves the device
+    last_kept = phase == IN_BACKWARD  # the last reduction's result is used in memory, then dropped
+    written = (writes - 1 if last_kept else writes) * g if disk else 0.0
+    moves = Traffic(d2h=writes * g, disk_write=written, disk_read=(writes - 1) * g if disk else 0.0)
+    if plan.zero >= 2 or phase != AFTER:
+        during += moves
+    else:
+        after += moves
+    if disk:
+        after += Traffic(disk_read={AFTER: 2 * g, NORM_IN_BACKWARD: g, IN_BACKWARD: 0.0}[phase])
     return during, after
 
 
@@ -237,15 +279,16 @@ def _staging(big: UnitBytes, tier: UnitTiers, e: int) -> tuple[float, float]:
     return host, device
 
 
-def _first_fetch(big: UnitBytes, tier: UnitTiers, e: int, *, phase: str) -> Traffic:
+def _first_fetch(big: UnitBytes, tier: UnitTiers, e: int, *, phase: str, grads_read: bool = True) -> Traffic:
     """The largest unit's first fetch of a phase: its parameter shard before the first gather, its
-    optimizer state (and gradient shard) on disk before the first update."""
+    optimizer state (and gradient shard, unless the update finds it in memory) on disk before the first
+    update."""
     s = big.shard
     if phase == "during":
         if tier.params == "device":
             return Traffic()
         return Traffic(h2d=e * s, disk_read=e * s if tier.params == "disk" else 0.0)
     read = (OPTIMIZER_STATE_BYTES * s if tier.optimizer == "disk" else 0.0) + (
-        FP32 * s if tier.grads == "disk" else 0.0
+        FP32 * s if tier.grads == "disk" and grads_read else 0.0
     )
     return Traffic(disk_read=read)

@@ -3,10 +3,11 @@ or disk, staging joins the working set, and the step gains the I/O that compute 
 
 Time: forward and backward stream each unit's offloaded state a unit ahead,
 so their I/O costs max(0, io - compute) plus the first unit's fetch; the
-optimizer runs on the host after backward (with clipping or fp16 it must
-wait for the whole backward; plait waits either way) at `host_adam_rate`
-plus a fixed cost per tensor (as on the device), its disk I/O streaming
-beside it: max(host step, io) plus the first unit's read.
+optimizer runs on the host at `host_adam_rate` plus a fixed cost per tensor
+(as on the device): after backward, its disk I/O streaming beside it
+(max(host step, io) plus the first unit's read), or, where the update runs
+in backward (`plait.planner.offload.update_phase`), a unit at a time inside
+it, its I/O hidden behind forward, backward and the host step together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 from plait.config import Plan
 from plait.planner.cluster import Cluster
 from plait.planner.memory import MemoryBreakdown
-from plait.planner.offload import OffloadBytes, offload_bytes
+from plait.planner.offload import IN_BACKWARD, OffloadBytes, offload_bytes
 from plait.planner.shape import Unit
 from plait.planner.timing import OPTIMIZER_OPS_PER_TENSOR, TimeBreakdown
 
@@ -42,8 +43,9 @@ def offload_time(time: TimeBreakdown, offload: OffloadBytes, *, cluster: Cluster
     host_step = offload.host_optimizer_params / cluster.host_adam_rate
     host_step += offload.host_optimizer_tensors * OPTIMIZER_OPS_PER_TENSOR * cluster.op_overhead
     during, after = offload.during.seconds(cluster), offload.after.seconds(cluster)
-    exposed = max(0.0, during - span) + offload.first_during.seconds(cluster)
-    exposed += max(0.0, after - host_step) + offload.first_after.seconds(cluster)
+    in_backward = offload.update == IN_BACKWARD  # the host step runs within backward, the I/O beside both
+    exposed = max(0.0, during - span - (host_step if in_backward else 0.0)) + offload.first_during.seconds(cluster)
+    exposed += max(0.0, after - (0.0 if in_backward else host_step)) + offload.first_after.seconds(cluster)
     return dataclasses.replace(
         time,
         optimizer=time.optimizer * offload.device_optimizer_fraction + host_step,
@@ -65,8 +67,15 @@ def fits(memory: MemoryBreakdown, cluster: Cluster) -> bool:
 
 
 def apply_offload(
-    plan: Plan, memory: MemoryBreakdown, time: TimeBreakdown, *, units: list[Unit], cluster: Cluster
+    plan: Plan,
+    memory: MemoryBreakdown,
+    time: TimeBreakdown,
+    *,
+    units: list[Unit],
+    cluster: Cluster,
+    clips: bool = True,
 ) -> tuple[MemoryBreakdown, TimeBreakdown, OffloadBytes]:
-    """The offloading plan's memory and time from its on-device estimate, on the rank holding `units`."""
-    offload = offload_bytes(plan, units)
+    """The offloading plan's memory and time from its on-device estimate, on the rank holding `units`;
+    `clips`: the step clips the gradient norm."""
+    offload = offload_bytes(plan, units, clips=clips)
     return offload_memory(memory, offload), offload_time(time, offload, cluster=cluster), offload

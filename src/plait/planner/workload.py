@@ -9,10 +9,13 @@ PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class Workload:
-    """`global_batch` sequences of `seq_len` tokens per optimizer step, all ranks together."""
+    """`global_batch` sequences of `seq_len` tokens per optimizer step, all ranks together; `clips`: the
+    step clips the gradient norm (plait train's default `max_grad_norm=1.0`), which decides when an
+    offloaded optimizer can update (see `plait.planner.offload`)."""
 
     global_batch: int
     seq_len: int
+    clips: bool = True
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.seq_len < 2:
