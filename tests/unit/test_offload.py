@@ -10,7 +10,7 @@ import torch
 
 import plait
 from plait.zero.offload.disk import DiskStore, check_offload_dir, supports_direct_io
-from plait.zero.offload.hugepages import huge_copy
+from plait.zero.offload.host_memory import huge_copy
 from plait.zero.offload.pages import Page
 from plait.zero.offload.placement import UnitBytes, explicit_tiers, place_by_budget, working_set_bytes
 

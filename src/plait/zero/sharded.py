@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from plait.distributed.placement import placement_of
+from plait.zero.offload.host_memory import trim_heap
 from plait.zero.offload.manager import Offload
 from plait.zero.offload.placement import ON_DEVICE
 from plait.zero.offload.step import FinalGradsHandler
@@ -48,6 +49,8 @@ class ZeroDataParallel:
         self.peak_held_elements = 0  # parameter elements held (shards + gathered units), at its highest
         self._held_so_far = 0
         self.units = [self._build_unit(index, spec, materialize) for index, spec in enumerate(specs)]
+        if offload is not None:
+            trim_heap()  # what building the units freed goes back to the system, not to glibc's heap
         self.sync = True
         self.in_backward = False
         self._pending: list[tuple[FlatUnit, PendingReduce]] = []

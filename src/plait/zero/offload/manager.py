@@ -14,7 +14,7 @@ import torch
 
 from plait.distributed.placement import placement_of
 from plait.zero.offload.disk import DiskStore
-from plait.zero.offload.hugepages import huge_copy
+from plait.zero.offload.host_memory import huge_copy
 from plait.zero.offload.pages import Page
 from plait.zero.offload.placement import BudgetPlacement, UnitTiers
 from plait.zero.offload.unit_like import UnitLike

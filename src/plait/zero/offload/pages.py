@@ -16,7 +16,7 @@ from concurrent.futures import Future
 import torch
 
 from plait.zero.offload.disk import DiskStore
-from plait.zero.offload.hugepages import advise_huge
+from plait.zero.offload.host_memory import advise_huge
 
 
 class Page:

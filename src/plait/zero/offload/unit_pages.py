@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.zero.offload.hugepages import huge_copy
+from plait.zero.offload.host_memory import huge_copy
 from plait.zero.offload.pages import Page
 
 
