@@ -6,6 +6,9 @@ Module names are part of the contract: parallel plans address parameters by name
     blocks.{i}.norm1, blocks.{i}.attn.{q,k,v,o}_proj,
     blocks.{i}.norm2 (absent with parallel_block),
     blocks.{i}.mlp.{gate_proj (SwiGLU only), up_proj, down_proj},
+    MoE layers instead: blocks.{i}.mlp.router.weight (experts, d_model),
+      blocks.{i}.mlp.experts.{up,gate,down}_weight and {up,gate,down}_bias, stacked with the
+      expert first (plait.moe.Experts), blocks.{i}.mlp.shared.{gate_proj, up_proj, down_proj}
     norm_f, lm_head (its weight is embed.weight when tied)
 """
 
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
-from plait.models.layers import MLP, Attention, build_norm
+from plait.models.layers import Attention, build_mlp, build_norm
 
 __all__ = ["GPT", "Block", "GPTConfig"]
 
@@ -25,14 +28,15 @@ class Block(nn.Module):
 
     Sequential: ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``.
     Parallel: ``x + attn(norm1(x)) + mlp(norm1(x))`` with no ``norm2``.
+    ``moe=True``: the MLP is a Mixture of Experts (``plait.moe.MoELayer``).
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, *, moe: bool = False) -> None:
         super().__init__()
         self.norm1 = build_norm(config)
         self.attn = Attention(config)
         self.norm2 = None if config.parallel_block else build_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = build_mlp(config, moe=moe)
         self.drop = nn.Dropout(config.dropout)
 
     def reset_parameters(self) -> None:
@@ -88,7 +92,7 @@ class GPT(nn.Module):
         learned = config.position == "learned"
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, moe=config.is_moe_layer(i)) for i in range(config.num_layers))
         self.norm_f = build_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()

@@ -1,4 +1,4 @@
-"""Building blocks of GPT: norms, rotary positions, attention, MLP.
+"""Building blocks of GPT: norms, rotary positions, attention, MLP (dense, or Mixture of Experts).
 
 Each module with parameters has ``reset_parameters()`` so a model built on the meta
 device can be materialised and initialised module by module.
@@ -6,6 +6,7 @@ device can be materialised and initialised module by module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
+from plait.moe import MoEConfig, MoELayer
 
 
 class RMSNorm(nn.Module):
@@ -163,6 +165,35 @@ class MLP(nn.Module):
         if self.gate_proj is not None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def moe_config(config: GPTConfig) -> MoEConfig:
+    """The MoE layer options of ``config``; experts follow the dense MLP's style and init rules."""
+    return MoEConfig(
+        d_model=config.d_model,
+        d_ff=config.resolved_moe_d_ff,
+        num_experts=config.moe_experts,
+        top_k=config.moe_top_k,
+        capacity_factor=config.moe_capacity_factor,
+        softmax_order=config.moe_softmax_order,
+        normalize_topk=config.moe_normalize_topk,
+        aux_loss_weight=config.moe_aux_loss_weight,
+        z_loss_weight=config.moe_z_loss_weight,
+        activation=config.activation,
+        bias=config.bias,
+        init_std=config.init_std,
+        out_init_std=config.init_std / math.sqrt(2 * config.num_layers),
+    )
+
+
+def build_mlp(config: GPTConfig, *, moe: bool = False) -> nn.Module:
+    """The dense ``MLP``, or (``moe=True``) an ``MoELayer`` whose shared experts are one dense MLP."""
+    if not moe:
+        return MLP(config)
+    shared = None
+    if config.moe_shared_experts:
+        shared = MLP(dataclasses.replace(config, d_ff=config.moe_shared_experts * config.resolved_moe_d_ff))
+    return MoELayer(moe_config(config), shared=shared)
 
 
 def _init_linear(linear: nn.Linear, *, std: float) -> None:

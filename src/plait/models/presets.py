@@ -7,6 +7,11 @@ Parameter counts (``GPTConfig.num_parameters()``, tied embeddings counted once):
     bench-dp     29,479,936     gpt2-124m    124,439,808
     llama-1b     1,235,814,400  llama-7b     6,738,415,616
     gpt-4b       4,104,259,584
+
+Mixture of Experts (total / active per token, ``num_active_parameters()``):
+
+    switch-tiny   336,000 / 137,472         mixtral-tiny  385,856 / 238,400
+    moe-100m      102,801,920 / 36,741,632
 """
 
 from __future__ import annotations
@@ -81,6 +86,32 @@ def _gpt_4b() -> GPTConfig:
     return GPTConfig(vocab_size=8192, max_seq_len=256, d_model=3072, num_layers=36, num_heads=24)
 
 
+def _switch_tiny() -> GPTConfig:
+    # Switch Transformer's routing on the tiny shape: top-1, softmax before the choice,
+    # capacity factor 1.25, tanh-GELU experts as wide as tiny's MLP (the same FLOPs per token).
+    return GPTConfig(
+        vocab_size=512, max_seq_len=64, d_model=64, num_layers=2, num_heads=4,
+        moe_experts=4, moe_top_k=1, moe_capacity_factor=1.25, moe_aux_loss_weight=0.01,
+    )  # fmt: skip
+
+
+def _mixtral_tiny() -> GPTConfig:
+    # Mixtral's routing on tiny-llama's shape: top-2 of softmax renormalised, dropless, SwiGLU experts.
+    return GPTConfig(
+        vocab_size=512, max_seq_len=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        moe_experts=4, moe_top_k=2, moe_normalize_topk=True, moe_aux_loss_weight=0.02, **_LLAMA_OPTIONS,
+    )  # fmt: skip
+
+
+def _moe_100m() -> GPTConfig:
+    # 8 SwiGLU experts per layer, top-2, dropless: ~100M parameters, ~37M active per token.
+    return GPTConfig(
+        vocab_size=8192, max_seq_len=256, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4,
+        moe_experts=8, moe_top_k=2, moe_d_ff=896, moe_normalize_topk=True, moe_aux_loss_weight=0.01,
+        moe_z_loss_weight=0.001, **_LLAMA_OPTIONS,
+    )  # fmt: skip
+
+
 def _factories() -> dict[str, Callable[[], GPTConfig]]:
     return {
         "tiny": _tiny,
@@ -92,6 +123,9 @@ def _factories() -> dict[str, Callable[[], GPTConfig]]:
         "llama-1b": _llama_1b,
         "gpt-4b": _gpt_4b,
         "llama-7b": _llama_7b,
+        "switch-tiny": _switch_tiny,
+        "mixtral-tiny": _mixtral_tiny,
+        "moe-100m": _moe_100m,
     }
 
 
