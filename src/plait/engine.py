@@ -25,6 +25,7 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
+from plait.moe import has_moe, reset_stats, set_aux_loss_scale
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
@@ -84,6 +85,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, parts: EngineParts, mesh: Mesh) -> None:
         mesh.plan.check_available()
+        self.moe = has_moe(model)
+        _check_moe_plan(self.moe, mesh)
         self.mesh = mesh
         self.plan = mesh.plan
         self.loss_fn = CheckedLoss(parts.loss_fn) if mesh.size("tp") > 1 else parts.loss_fn  # tp: vocab slices
@@ -131,6 +134,7 @@ class Engine:
         self._divisor: torch.Tensor | None = None
         self._divisor_work: dist.Work | None = None
         self._stand_in = 1.0
+        self._num_microbatches = self.plan.microbatches  # this step's, set by begin_step
         self._micro_losses: list[torch.Tensor] = []  # this step's, to name where a non-finite loss appeared
         self._writer: CheckpointWriter | None = None
 
@@ -162,6 +166,7 @@ class Engine:
         divided at optimizer_step."""
         counter = getattr(self.loss_fn, "count_tokens", None)
         self._divisor = None
+        self._num_microbatches = len(micro_batches)
         if counter is not None:  # summed over dp while the first forward runs; waited for before backward
             count = torch.stack([counter(mb) for mb in micro_batches]).sum().double().to(self.device)
             self._divisor_work = all_reduce(count, group=self.mesh.group("dp"), counter=self.comm, async_op=True)
@@ -181,6 +186,7 @@ class Engine:
         micro-batch's loss as the loss_fn gave it.
         """
         micro_batch = self._to_device(micro_batch)
+        self._set_moe_aux_scale()
         outputs = self.model(**self._model_inputs(micro_batch))
         loss = self.loss_fn(outputs, micro_batch)
         loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones((), device=loss.device))
@@ -199,6 +205,24 @@ class Engine:
         self._count += count.detach().double()
         self._micro_losses.append(loss_sum.detach())
         return loss_sum.detach()
+
+    def _set_moe_aux_scale(self) -> None:
+        """The gradient MoE layers start their weighted aux loss's backward with (plait.moe.aux).
+
+        The update must see the gradient of loss + weight x (the aux loss's mean over every routing
+        group of the step: one per micro-batch per dp rank), as one process with num_groups = dp x
+        micro-batches computes it. With the global token count known up front, each micro-batch's
+        loss goes to backward divided by it and times the loss scale, and the sum over micro-batches
+        and dp ranks is the update's gradient: the aux starts at loss scale / (dp x micro-batches).
+        Without the count, the summed gradients are divided by it after backward (for a mean loss,
+        by dp x micro-batches): the aux starts at the loss scale. (A (sum, count) loss without
+        count_tokens is divided by its token count instead; the aux weight is then relative to a
+        mean over every position of the batch.)
+        """
+        if not self.moe:
+            return
+        groups = self.dp_size * self._num_microbatches if self._divisor is not None else 1
+        set_aux_loss_scale(self.model, self.scaler.scale / groups)
 
     def _gradient_factor(self, count: torch.Tensor) -> torch.Tensor | float | None:
         """What the summed gradients are multiplied by before clipping (None: nothing to do)."""
@@ -256,6 +280,8 @@ class Engine:
         micro_batches = split_microbatches(batch, self.plan.microbatches)
         if self.offload is not None:
             self.offload.reset_stats()
+        if self.moe:
+            reset_stats(self.model)  # plait.moe.collect_stats then reads this step's routing
         self.begin_step(micro_batches)
         if self.pipeline is not None:
             self._pipeline_step(micro_batches)
@@ -361,6 +387,18 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
     plan = plan_of()
     check_tp(model, mesh.size("tp"), plan=plan)
     return apply_tensor_parallel(model, plan, group=group, sequence_parallel=mesh.plan.sequence_parallel)
+
+
+def _check_moe_plan(moe: bool, mesh: Mesh) -> None:
+    """Mixture-of-Experts models train on one process or under plain data parallel / ZeRO so far."""
+    if not moe:
+        return
+    for axis in ("tp", "pp"):
+        if mesh.size(axis) > 1:
+            raise ValueError(
+                f"plan.{axis}={mesh.size(axis)} with a Mixture-of-Experts model is not available yet in plait; "
+                f"set plan.{axis}=1 (dp and ZeRO 0-3 work: experts are replicated over dp)"
+            )
 
 
 def _is_meta(model: nn.Module) -> bool:

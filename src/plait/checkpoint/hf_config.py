@@ -54,6 +54,11 @@ def hf_family(config: GPTConfig) -> str:
 
     Raises ValueError naming the options neither class can express.
     """
+    if config.moe_experts:
+        raise ValueError(
+            f"cannot export to Hugging Face: moe_experts={config.moe_experts} (a Mixture-of-Experts model) has "
+            "no Hugging Face export in plait yet; GPT2LMHeadModel and LlamaForCausalLM are dense"
+        )
     gpt2 = _gpt2_conflicts(config)
     if not gpt2:
         return GPT2

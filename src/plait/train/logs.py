@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from plait.train.metrics import COMM_COLUMNS, OFFLOAD_COLUMNS
+from plait.train.metrics import COMM_COLUMNS, MOE_COLUMNS, OFFLOAD_COLUMNS
 
 DEFAULT_COLUMNS: tuple[str, ...] = (
     "step",
@@ -22,6 +22,7 @@ DEFAULT_COLUMNS: tuple[str, ...] = (
     "step_s",
     *COMM_COLUMNS,
     *OFFLOAD_COLUMNS,
+    *MOE_COLUMNS,
 )
 
 
@@ -159,6 +160,10 @@ _FORMATS: tuple[tuple[str, Any], ...] = (
     ("offload_read_bytes", lambda v: f"io read {format_bytes(v)}"),
     ("offload_write_bytes", lambda v: f"written {format_bytes(v)}/step"),
     ("offload_hidden", lambda v: f"{100 * v:.0f}% of io hidden"),
+    ("moe_aux_loss", lambda v: f"moe aux {v:.3f}"),
+    ("moe_dropped", lambda v: f"dropped {100 * v:.1f}%"),
+    ("moe_load_min", lambda v: f"expert load min {v:.0f}"),
+    ("moe_load_max", lambda v: f"max {v:.0f}"),
 )
 _COMM_PARTS = tuple(column for column in COMM_COLUMNS if column != "comm_bytes")
 

@@ -119,6 +119,7 @@ class Run:
             "step_s": seconds,
             **metrics.comm_metrics(self.engine.comm),  # bytes sent this step: total, per axis, per link
             **metrics.offload_metrics(self.engine.offload),  # bytes per tier, I/O this step
+            **metrics.moe_metrics(self.engine.model),  # routing: aux loss, drops, expert load
         }
 
     def add_slow_metrics(self, values: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from plait.distributed.comm import AXIS_LABELS, LINKS, CommCounter
 from plait.distributed.memory import model_state_bytes as model_state_bytes  # counted there, listed here
+from plait.moe import collect_stats
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s.
 # Variants come before their family name so the first substring match wins.
@@ -295,3 +296,29 @@ def offload_metrics(offload: Any) -> dict[str, float]:
     if stats["io_busy_s"] > 0:
         values["offload_hidden"] = stats["hidden_share"]
     return values
+
+
+MOE_COLUMNS: tuple[str, ...] = ("moe_aux_loss", "moe_z_loss", "moe_dropped", "moe_load_min", "moe_load_max")
+
+
+def moe_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """This rank's Mixture-of-Experts routing over the last step (empty for a dense model).
+
+    moe_aux_loss = mean over MoE layers and micro-batches of E * sum_i f_i * P_i, unweighted
+                   (f_i: share of token slots routed to expert i, P_i: its mean router probability;
+                   1.0 is perfectly even, E is every token on one expert)
+    moe_z_loss   = mean over MoE layers and micro-batches of mean_tokens logsumexp(router logits)^2
+    moe_dropped  = slots dropped for lack of capacity / slots routed (tokens x top_k), all layers
+    moe_load_min = fewest token slots routed to one expert of one layer in the step (before dropping)
+    moe_load_max = most token slots routed to one expert of one layer in the step (even: tokens x k / E)
+    """
+    stats = collect_stats(model)
+    if stats is None:
+        return {}
+    return {
+        "moe_aux_loss": stats.aux_loss,
+        "moe_z_loss": stats.z_loss,
+        "moe_dropped": stats.dropped_fraction,
+        "moe_load_min": stats.load_min,
+        "moe_load_max": stats.load_max,
+    }

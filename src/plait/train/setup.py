@@ -100,12 +100,26 @@ def validate(config: Config, *, world_size: int) -> Validated:
             model_config, tp=plan.tp, seq_len=config.data.seq_len, sequence_parallel=plan.sequence_parallel
         )
     check_pp_split(plan, num_layers=model_config.num_layers)
+    check_moe(model_config, plan=plan)
     if plan.recompute != "none" or plan.recompute_modules:
         check_recompute(model_config, plan=plan)
     if plan.offloads:
         check_offload(model_config, plan=plan, world_size=world_size)
     _check_corpus(config)
     return Validated(plan=plan, model_config=model_config)
+
+
+def check_moe(model_config: GPTConfig, *, plan: Plan) -> None:
+    """A Mixture-of-Experts model trains under dp and ZeRO so far; tp and pp are refused before launch."""
+    if not model_config.moe_experts:
+        return
+    for axis in ("tp", "pp"):
+        if getattr(plan, axis) > 1:
+            raise ValueError(
+                f"plan.{axis}={getattr(plan, axis)} with a Mixture-of-Experts model (model.moe_experts="
+                f"{model_config.moe_experts}) is not available yet in plait; set plan.{axis}=1, or "
+                "model.moe_experts=0 for the dense model"
+            )
 
 
 def check_pp_split(plan: Plan, *, num_layers: int) -> None:
