@@ -1,6 +1,6 @@
 """plait: large-model training on PyTorch, every parallel strand in one plan."""
 
-from plait import losses, models, optim
+from plait import losses, models, moe, optim
 from plait.config import Config, DataConfig, ModelConfig, Plan, TrainConfig, load_config
 from plait.engine import Engine, StepResult, boost
 
@@ -16,6 +16,7 @@ __all__ = [
     "load_config",
     "losses",
     "models",
+    "moe",
     "optim",
 ]
 __version__ = "0.1.0"
