@@ -387,3 +387,20 @@ def test_accumulation_equals_one_batch_split_into_routing_groups() -> None:
         torch.testing.assert_close(got[id(param)], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     one_group = reference_grads(1)
     assert not all(torch.allclose(one_group[n], expected[n], rtol=1e-4, atol=1e-6) for n in expected)
+
+
+def test_recomputation_replays_routing_without_counting_it_twice() -> None:
+    from plait.recompute import apply_recompute
+
+    torch.manual_seed(0)
+    plain = build("switch-tiny", max_seq_len=16, moe_z_loss_weight=1e-2)
+    recomputed = build("switch-tiny", max_seq_len=16, moe_z_loss_weight=1e-2)
+    recomputed.load_state_dict(plain.state_dict())
+    apply_recompute(recomputed, mode="full")
+    batch = batches(plain.config.vocab_size, num=1, batch=4)[0]
+    for model in (plain, recomputed):
+        plain_loss(plait.losses.causal_lm, model(**batch), batch).backward()
+    assert all(layer.stats.num_forwards == 1 for layer in recomputed.modules() if isinstance(layer, MoELayer))
+    assert collect_stats(recomputed) == collect_stats(plain)
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-8, msg=name)
