@@ -240,7 +240,8 @@ def cmd_verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.train.logs import read_metrics
 
     plan_losses = [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.csv") if "loss" in row]
-    comparison = compare(plan_losses, config)
+    groups = validated.plan.dp * validated.plan.microbatches  # MoE routes per rank and micro-batch
+    comparison = compare(plan_losses, config, num_routing_groups=groups)
     print(comparison.table())
     print(f"the plan's run (log, metrics.csv, last checkpoint) is in {out_dir}")
     return 0 if comparison.passed else 1

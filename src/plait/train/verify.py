@@ -11,6 +11,7 @@ from plait.data.loader import ShardedLoader, TokenDataset
 from plait.data.shards import prepare_dataset
 from plait.losses import causal_lm
 from plait.models.gpt import GPT
+from plait.moe import set_routing_groups
 from plait.optim import adamw, warmup_cosine
 from plait.train.reference import train_reference
 from plait.train.setup import seed_everything
@@ -43,8 +44,12 @@ class Comparison:
         return "\n".join(lines)
 
 
-def reference_losses(config: Config) -> list[float]:
-    """Train one plain process on the config's global batches (dp=1, no micro-batches)."""
+def reference_losses(config: Config, *, num_routing_groups: int = 1) -> list[float]:
+    """Train one plain process on the config's global batches (dp=1, no micro-batches).
+
+    ``num_routing_groups``: the plan's dp x micro-batches, so MoE layers route each rank's
+    micro-batch as a group of its own, as the plan does (capacity and aux losses are per group).
+    """
     data = prepare_dataset(
         config.data.corpus,
         vocab_size=config.data.vocab_size,
@@ -57,6 +62,7 @@ def reference_losses(config: Config) -> list[float]:
     )
     seed_everything(config.train.seed)
     model = GPT(model_config_for(config))
+    set_routing_groups(model, num_routing_groups)
     train = config.train
     return train_reference(
         model,
@@ -77,7 +83,9 @@ def verification_config(config: Config, out_dir: str) -> Config:
     return dataclasses.replace(config, train=train)
 
 
-def compare(plan_losses: list[float], config: Config) -> Comparison:
+def compare(plan_losses: list[float], config: Config, *, num_routing_groups: int = 1) -> Comparison:
     return Comparison(
-        plan_losses=plan_losses, reference_losses=reference_losses(config), tolerance=TOLERANCE[config.plan.precision]
+        plan_losses=plan_losses,
+        reference_losses=reference_losses(config, num_routing_groups=num_routing_groups),
+        tolerance=TOLERANCE[config.plan.precision],
     )
