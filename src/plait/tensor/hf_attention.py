@@ -73,11 +73,13 @@ class _HeadSlicer:
         self.start, self.count = rank * num_heads // size, num_heads // size
 
     def __call__(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        mask = kwargs.get("attention_mask")
         if kwargs.get("alibi") is None:
             if len(args) > 1 and args[1] is not None:
                 raise ValueError(f"{self.name} got its alibi bias positionally; plait slices it only as alibi=")
-            return args, kwargs
-        alibi, mask = kwargs["alibi"], kwargs.get("attention_mask")
+            # newer transformers fold the bias into a per-head mask before the layers and pass no alibi
+            return args, {**kwargs, "attention_mask": self._own_heads(mask)} if "attention_mask" in kwargs else kwargs
+        alibi = kwargs["alibi"]
         if alibi.dim() == 3:  # (batch * heads, 1, key)
             alibi = alibi.unflatten(0, (-1, self.num_heads)).narrow(1, self.start, self.count).flatten(0, 1)
         else:  # (batch, heads, 1, key)
