@@ -113,11 +113,38 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 FAMILIES = tuple(TINY)
 
+_MOE = {**_LLAMA_LIKE, "num_hidden_layers": 2, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02}
+# Mixture-of-Experts families: 4 experts, top-2, dropless; output_router_logits adds HF's own aux loss to
+# the HF loss only, which plait's loss functions never read (see plait.moe.hf).
+TINY_MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE, "num_local_experts": 4, "sliding_window": None}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        # layer 1 dense (mlp_only_layers); the sparse layer has a sigmoid-gated shared expert
+        {
+            **_MOE,
+            "num_hidden_layers": 3,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": False,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8, "norm_topk_prob": True},
+    ),
+}
+MOE_FAMILIES = tuple(TINY_MOE)
+
 
 def tiny_config(family: str) -> Any:
     import transformers
 
-    config_class, _, kwargs = TINY[family]
+    config_class, _, kwargs = TINY[family] if family in TINY else TINY_MOE[family]
     return getattr(transformers, config_class)(**kwargs)
 
 
@@ -126,7 +153,7 @@ def tiny_model(family: str, *, seed: int = 0) -> Any:
     import torch
     import transformers
 
-    _, model_class, _ = TINY[family]
+    _, model_class, _ = TINY[family] if family in TINY else TINY_MOE[family]
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(tiny_config(family))
     return model.float()

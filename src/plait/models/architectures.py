@@ -75,6 +75,7 @@ class Architecture:
     tp_styles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # inside a layer -> style
     # config attribute -> why a pipeline stage cannot run the family when it is set
     pp_refusals: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    moe_block: str | None = None  # a layer's sparse-MoE block, which plait.models.use_plait_moe swaps for a MoELayer
 
     @property
     def is_plait(self) -> bool:
@@ -123,7 +124,14 @@ _PHI3_STYLES = MappingProxyType(
 )
 
 
-def _llama_like(name: str, tp_styles: Mapping[str, str] = _LLAMA_STYLES) -> Architecture:
+# Mixture-of-Experts families: tensor parallel splits attention only; the experts stay whole on every tp rank.
+_ATTENTION_STYLES = MappingProxyType({k: v for k, v in _LLAMA_STYLES.items() if k.startswith("self_attn.")})
+_QWEN3_ATTENTION_STYLES = MappingProxyType({k: v for k, v in _QWEN3_STYLES.items() if k.startswith("self_attn.")})
+
+
+def _llama_like(
+    name: str, tp_styles: Mapping[str, str] = _LLAMA_STYLES, *, moe_block: str | None = None
+) -> Architecture:
     return Architecture(
         name,
         layers="layers",
@@ -132,6 +140,7 @@ def _llama_like(name: str, tp_styles: Mapping[str, str] = _LLAMA_STYLES) -> Arch
         rotary="rotary_emb",
         attention="self_attn",
         tp_styles=tp_styles,
+        moe_block=moe_block,
     )
 
 
@@ -148,6 +157,9 @@ _ENTRIES = (
     *(_llama_like(name) for name in ("llama", "mistral", "qwen2", "gemma")),
     _llama_like("qwen3", _QWEN3_STYLES),
     _llama_like("phi3", _PHI3_STYLES),
+    _llama_like("mixtral", _ATTENTION_STYLES, moe_block="mlp"),
+    _llama_like("qwen2_moe", _ATTENTION_STYLES, moe_block="mlp"),
+    _llama_like("qwen3_moe", _QWEN3_ATTENTION_STYLES, moe_block="mlp"),
     Architecture(
         "gemma2",
         layers="layers",
