@@ -141,19 +141,19 @@ TINY_MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
 MOE_FAMILIES = tuple(TINY_MOE)
 
 
-def tiny_config(family: str) -> Any:
+def tiny_config(family: str, **overrides: Any) -> Any:
     import transformers
 
     config_class, _, kwargs = TINY[family] if family in TINY else TINY_MOE[family]
-    return getattr(transformers, config_class)(**kwargs)
+    return getattr(transformers, config_class)(**(kwargs | overrides))
 
 
-def tiny_model(family: str, *, seed: int = 0) -> Any:
+def tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> Any:
     """A tiny random causal LM of `family` in fp32, dropout off, eval-independent (train mode)."""
     import torch
     import transformers
 
     _, model_class, _ = TINY[family] if family in TINY else TINY_MOE[family]
     torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(tiny_config(family))
+    model = getattr(transformers, model_class)(tiny_config(family, **overrides))
     return model.float()

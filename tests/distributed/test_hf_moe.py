@@ -1,21 +1,29 @@
 """Hugging Face Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) under data parallel, against
-one plain process running the model's own forward: 10 steps, losses within 1e-5 relative, final weights
+one plain process running the same model: 10 steps, losses within 1e-5 relative, final weights
 allclose(1e-5, 1e-6).
 
-The parity is exact in kind, not luck: these blocks are dropless (no capacity), so each token's experts
-and weights depend on that token alone, whichever rank or batch routes it; with
+As HF ships them: the parity is exact in kind, not luck. These blocks are dropless (no capacity), so
+each token's experts and weights depend on that token alone, whichever rank or batch routes it; with
 ``output_router_logits=False`` (the config default) the HF model computes no load-balancing loss, and
-with it set the loss would only reach ``outputs.aux_loss``, which ``plait.losses.causal_lm`` never reads.
+with it set that loss reaches only ``outputs.loss``/``outputs.aux_loss``, which ``plait.losses.causal_lm``
+never reads. With the blocks swapped for plait MoELayers (``plait.models.use_plait_moe``) and
+``output_router_logits=True``, the load-balancing loss trains the routers per routing group, so the
+reference routes in dp groups (``plait.moe.set_routing_groups``).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+import plait
+from plait.models.hf_moe import use_plait_moe
+from plait.moe import set_routing_groups
+from plait.train.reference import train_reference
 from tests.distributed.harness import run_ranks
-from tests.distributed.test_hf_families import reference, train_family
-from tests.distributed.test_parity import assert_parity
-from tests.hf_models import MOE_FAMILIES
+from tests.distributed.test_hf_families import GLOBAL_BATCH, make_batches, reference, scheduler, train_family
+from tests.distributed.test_parity import assert_parity, optimizer
+from tests.hf_models import MOE_FAMILIES, tiny_model
 
 PLANS = {
     "dp2-zero0": {"dp": 2, "zero": 0},
@@ -29,3 +37,41 @@ PLANS = {
 def test_moe_family_under_dp_matches_one_process(family: str, plan: str) -> None:
     results = run_ranks(train_family, 2, family, PLANS[plan], timeout_s=100)
     assert_parity(results, reference(family))
+
+
+def swapped_model(family: str) -> torch.nn.Module:
+    model = tiny_model(family, output_router_logits=True, router_aux_loss_coef=0.1)
+    assert use_plait_moe(model) > 0
+    return model
+
+
+def train_swapped(rank: int, world_size: int, family: str, plan_kwargs: dict) -> tuple[list[float], dict]:
+    engine = plait.boost(
+        swapped_model(family),
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(bucket_mb=0.01, **plan_kwargs),
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    per_rank = GLOBAL_BATCH // engine.dp_size
+    shard = slice(engine.dp_rank * per_rank, (engine.dp_rank + 1) * per_rank)
+    losses = [engine.train_step({k: v[shard] for k, v in batch.items()}).loss.item() for batch in make_batches()]
+    return losses, engine.model_state_dict()
+
+
+@pytest.mark.parametrize("plan", ["dp2-zero0", "dp2-zero3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_swapped_moe_family_with_aux_loss_under_dp_matches_grouped_one_process(family: str, plan: str) -> None:
+    results = run_ranks(train_swapped, 2, family, PLANS[plan], timeout_s=100)
+    model = swapped_model(family)
+    set_routing_groups(model, 2)  # each rank's batch is one routing group of the load-balancing loss
+    losses = train_reference(
+        model,
+        make_batches(),
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    assert_parity(results, (losses, model.state_dict()))

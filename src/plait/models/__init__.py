@@ -10,6 +10,16 @@ Example:
 
 from plait.models.factory import build, resolve_config
 from plait.models.gpt import GPT, GPTConfig
+from plait.models.hf_moe import use_hf_moe, use_plait_moe
 from plait.models.presets import get_preset, preset_names
 
-__all__ = ["GPT", "GPTConfig", "build", "get_preset", "preset_names", "resolve_config"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "build",
+    "get_preset",
+    "preset_names",
+    "resolve_config",
+    "use_hf_moe",
+    "use_plait_moe",
+]
