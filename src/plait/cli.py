@@ -180,6 +180,18 @@ def _check_rank_resume(resume: str | None, config: Config) -> None:
     check_resumable(Path(resume), config=config)
 
 
+def _check_elastic(config: Config, *, nodes: Nodes, nproc: int | None) -> None:
+    """An elastic job's world changes between restarts: dp must follow it, and --nproc fixes the ranks per node."""
+    spec = f"--nnodes {nodes.min_nodes}:{nodes.num_nodes}"
+    if nproc is None:
+        raise ValueError(f"{spec} is elastic: pass --nproc with the ranks each node runs")
+    if config.plan.dp != -1:
+        raise ValueError(
+            f"{spec} is elastic, so the world size changes between restarts, but plan.dp={config.plan.dp} is fixed; "
+            "set plan.dp=-1 (dp follows the world)"
+        )
+
+
 def _warn_oversubscribed(nproc: int) -> None:
     """Many ranks per core run (tests oversubscribe on purpose), but slowly: say so, once."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -198,6 +210,12 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         argv = _with_auto_plan(args, argv)
     config = load_config(args.config, args.overrides)
     nodes = Nodes.from_args(args)  # one node unless --nnodes
+    if nodes.elastic and not _under_torchrun():
+        _check_elastic(config, nodes=nodes, nproc=args.nproc)
+        for count in nodes.node_counts[:-1]:  # the world may shrink to any of these after a node is lost
+            validate(config, world_size=args.nproc * count)
+        if args.resume is None:  # a rank a restart or a joining node starts continues the run (checked below)
+            argv = [*argv, "--resume", "auto"]
     nproc = nodes.world_size(_ranks_wanted(config, args.nproc), per_node=args.nproc is not None)
     validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
     if _under_torchrun():

@@ -35,7 +35,7 @@ def data_sets(small_corpus: list[str], tmp_path_factory: pytest.TempPathFactory)
     return [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
 
 
-def train_command(out_dir: Path, data_sets: list[str], *extra: str) -> list[str]:
+def train_command(out_dir: Path, data_sets: list[str], *extra: str, nproc: int = 2) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -43,7 +43,7 @@ def train_command(out_dir: Path, data_sets: list[str], *extra: str) -> list[str]
         "train",
         str(CONFIG),
         "--nproc",
-        "2",
+        str(nproc),
         *data_sets,
         "--set",
         f'train.out_dir="{out_dir}"',
@@ -250,6 +250,56 @@ def test_an_elastic_restart_after_a_kill_continues_bit_identically(
     assert {s: found[s] for s in range(6, STEPS + 1)} == {s: reference[s] for s in range(6, STEPS + 1)}
     log = (out_dir / "train.log").read_text()
     assert "--resume auto" in log or "resum" in log
+
+
+ELASTIC_SETS = (
+    "--set",
+    "train.global_batch=128",
+    "--set",
+    "data.val_fraction=0",
+    "--set",
+    "train.checkpoint_every=5",
+)  # steps long enough to kill in
+
+
+def elastic_node(out_dir: Path, data_sets: list[str], *, node_rank: int, endpoint: str, log: Path) -> subprocess.Popen:
+    """One node of a 1:2 elastic job: a launcher with one rank, dp following the world."""
+    flags = ["--nnodes", "1:2", "--node-rank", str(node_rank), "--rdzv-endpoint", endpoint, "--max-restarts", "2"]
+    command = train_command(out_dir, data_sets, *ELASTIC_SETS, "--set", "plan.dp=-1", *flags, nproc=1)
+    return start(command, log)
+
+
+@pytest.mark.timeout(300)
+def test_an_elastic_job_that_loses_a_node_continues_on_the_rest_resharded(
+    tmp_path: Path, data_sets: list[str], jobs: list
+) -> None:
+    """Two one-rank nodes (--nnodes 1:2) train dp=2; node 1 is lost after step 7 (its launcher and rank
+    SIGKILLed); node 0 restarts alone from the step-5 checkpoint, resharded to dp=1, and finishes."""
+    from tests.distributed.test_readme_example import free_port
+
+    whole = subprocess.run(
+        train_command(tmp_path / "whole", data_sets, *ELASTIC_SETS), cwd=REPO, capture_output=True, timeout=180
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = losses(tmp_path / "whole")
+    out_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    first = elastic_node(out_dir, data_sets, node_rank=0, endpoint=endpoint, log=tmp_path / "node0.txt")
+    jobs.append(first)
+    second = elastic_node(out_dir, data_sets, node_rank=1, endpoint=endpoint, log=tmp_path / "node1.txt")
+    jobs.append(second)
+    wait_for_step(out_dir, 7, first, timeout_s=180)
+    for pid in [*rank_pids(second.pid).values(), second.pid]:  # the whole node: its rank, then its agent
+        os.kill(pid, signal.SIGKILL)
+    lost_after, started = max(losses(out_dir)), time.monotonic()
+    assert lost_after < STEPS, "the run ended before node 1 was lost"
+    assert first.wait(timeout=240) == 0, (tmp_path / "node0.txt").read_text()[-3000:]
+    print(f"node 1 lost after step {lost_after}; node 0 finished alone {time.monotonic() - started:.1f} s later")
+    found = losses(out_dir)
+    assert sorted(found) == list(range(1, STEPS + 1))
+    assert {s: found[s] for s in range(1, 6)} == {s: reference[s] for s in range(1, 6)}  # two nodes: dp=2, as one
+    for step in range(6, STEPS + 1):  # one node, dp=1: the same global batch, summed in another order
+        assert float(found[step]) == pytest.approx(float(reference[step]), rel=1e-5, abs=0), step
+    assert "dp 2->1" in (out_dir / "train.log").read_text()
 
 
 @pytest.mark.timeout(120)

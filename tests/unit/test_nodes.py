@@ -109,3 +109,48 @@ def test_parser_takes_the_node_flags() -> None:
     args = cli.build_parser().parse_args(["train", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", ENDPOINT])
     assert isinstance(args, argparse.Namespace)
     assert Nodes.from_args(args) == Nodes(num_nodes=2, node_rank=1, rdzv_endpoint=ENDPOINT)
+
+
+def test_an_elastic_range_joins_through_the_c10d_rendezvous_hosted_by_node_0() -> None:
+    args = cli.build_parser().parse_args(["train", "--nnodes", "1:2", "--node-rank", "1", "--rdzv-endpoint", ENDPOINT])
+    nodes = Nodes.from_args(args)
+    assert nodes == Nodes(num_nodes=2, min_nodes=1, node_rank=1, rdzv_endpoint=ENDPOINT)
+    assert (
+        nodes.elastic
+        and list(nodes.node_counts) == [1, 2]
+        and not Nodes(num_nodes=2, min_nodes=2, rdzv_endpoint=ENDPOINT).elastic
+    )
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args([*nodes.torchrun_flags(), "--nproc-per-node=1", "x.py"])
+    assert (parsed.nnodes, parsed.rdzv_backend, parsed.rdzv_endpoint) == ("1:2", "c10d", ENDPOINT)
+    assert parsed.rdzv_conf == "is_host=0"  # node 0 hosts the store, so losing another node never loses it
+    assert "--rdzv-conf=is_host=1" in Nodes(num_nodes=2, min_nodes=1, rdzv_endpoint=ENDPOINT).torchrun_flags()
+
+
+@pytest.mark.parametrize(
+    ("nnodes", "message"),
+    [("two", "--nnodes two: give a number of nodes (2) or an elastic range MIN:MAX (1:2)"), ("3:2", "MIN must be")],
+)
+def test_a_wrong_node_range_is_refused(nnodes: str, message: str) -> None:
+    args = cli.build_parser().parse_args(["train", "--nnodes", nnodes, "--rdzv-endpoint", ENDPOINT])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Nodes.from_args(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nproc", "1"], "plan.dp=2 is fixed; set plan.dp=-1"),
+        (["--set", "plan.dp=-1"], "--nnodes 1:2 is elastic: pass --nproc"),
+        (["--nproc", "2", "--set", "plan.dp=-1", "--set", "train.global_batch=3"], "global_batch"),
+    ],
+)
+def test_an_elastic_job_is_checked_for_every_world_it_may_run_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    monkeypatch.setattr(cli, "_launch", lambda *args, **kwargs: pytest.fail("launched"))
+    config = write_config(tmp_path)
+    code = cli.main(["train", str(config), "--nnodes", "1:2", "--rdzv-endpoint", ENDPOINT, *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err

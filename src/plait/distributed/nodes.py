@@ -7,6 +7,11 @@ Each node's launcher starts `--nproc` ranks through torchrun's static rendezvous
 the rendezvous store at the endpoint (one of its own addresses), and global ranks are numbered
 node by node (node R holds ranks R*nproc .. R*nproc+nproc-1), so a plan's tensor-parallel peers,
 its fastest-varying axis, share a node and its data-parallel groups span the nodes.
+
+`--nnodes MIN:MAX` is elastic (torchrun's c10d rendezvous, node 0 hosting its store): the job
+starts with as many nodes as join, up to MAX, and after a node is lost a restart
+(`--max-restarts`) continues on the nodes left, down to MIN, from the newest checkpoint,
+resharded to the smaller world (the plan's dp follows the world: `plan.dp = -1`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ NODE_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint")
 
 def add_node_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("several nodes (torchrun's static rendezvous; --nproc is ranks per node)")
-    group.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    group.add_argument(
+        "--nnodes", default="1", metavar="N|MIN:MAX", help="nodes in the job (default 1); MIN:MAX is elastic"
+    )
     group.add_argument(
         "--node-rank", type=int, default=0, help="this node's index, 0 .. nnodes-1; node 0 serves the rendezvous"
     )
@@ -36,13 +43,18 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
 class Nodes:
     """Where this launcher sits among the job's nodes."""
 
-    num_nodes: int = 1
+    num_nodes: int = 1  # the most nodes (MAX of MIN:MAX)
     node_rank: int = 0
     rdzv_endpoint: str | None = None
+    min_nodes: int | None = None  # fewer than num_nodes: elastic; None: exactly num_nodes
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ValueError(f"--nnodes {self.num_nodes}: use 1 or more")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.num_nodes:
+            raise ValueError(
+                f"--nnodes {self.min_nodes}:{self.num_nodes}: MIN must be between 1 and MAX, e.g. --nnodes 1:2"
+            )
         if not 0 <= self.node_rank < self.num_nodes:
             raise ValueError(
                 f"--node-rank {self.node_rank}: give this node's index, 0 to {self.num_nodes - 1} (--nnodes {self.num_nodes})"
@@ -57,11 +69,22 @@ class Nodes:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Nodes:
+        least, most = parse_nnodes(str(getattr(args, "nnodes", 1)))
         return cls(
-            num_nodes=getattr(args, "nnodes", 1),
+            num_nodes=most,
+            min_nodes=least if least != most else None,
             node_rank=getattr(args, "node_rank", 0),
             rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
         )
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.num_nodes
+
+    @property
+    def node_counts(self) -> range:
+        """Every number of nodes the job may run on."""
+        return range(self.min_nodes or self.num_nodes, self.num_nodes + 1)
 
     @property
     def is_first(self) -> bool:
@@ -83,7 +106,16 @@ class Nodes:
         return world_size // self.num_nodes
 
     def torchrun_flags(self) -> list[str]:
-        """How torchrun joins the nodes: --standalone for one node, else the static rendezvous."""
+        """How torchrun joins the nodes: --standalone for one node, the c10d rendezvous for a range of
+        nodes (node 0 hosts its store, so a lost node never takes the store with it), else the static one."""
+        if self.elastic:
+            return [
+                f"--nnodes={self.min_nodes}:{self.num_nodes}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                "--rdzv-id=plait",
+                f"--rdzv-conf=is_host={int(self.is_first)}",
+            ]
         if self.num_nodes == 1:
             return ["--standalone"]
         return [f"--nnodes={self.num_nodes}", f"--node-rank={self.node_rank}", f"--rdzv-endpoint={self.rdzv_endpoint}"]
@@ -100,6 +132,15 @@ def strip_node_flags(argv: Sequence[str]) -> list[str]:
         elif not any(item.startswith(flag + "=") for flag in NODE_FLAGS):
             out.append(item)
     return out
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """`--nnodes` as (MIN, MAX): "2" is (2, 2), "1:2" is (1, 2)."""
+    least, _, most = text.partition(":")
+    try:
+        return int(least), int(most or least)
+    except ValueError:
+        raise ValueError(f"--nnodes {text}: give a number of nodes (2) or an elastic range MIN:MAX (1:2)") from None
 
 
 def _check_endpoint(endpoint: str | None) -> None:
