@@ -1,19 +1,22 @@
-"""GPTConfig <-> Hugging Face ``config.json`` for ``GPT2LMHeadModel`` and ``LlamaForCausalLM``.
+"""GPTConfig <-> Hugging Face ``config.json`` for ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and
+``MixtralForCausalLM`` (plait's MoE GPT).
 
 Plain dicts both ways, so exporting needs no ``transformers``. Each family fixes some
 options of plait's GPT; :func:`hf_family` says which family a config fits, or raises
-naming the options that neither can express.
+naming the options that none can express.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from plait.models.gpt_config import GPTConfig
 
 GPT2 = "gpt2"
 LLAMA = "llama"
-ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+MIXTRAL = "mixtral"
+ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM", MIXTRAL: "MixtralForCausalLM"}
 
 # (GPTConfig field, the value the Hugging Face class hard-codes, why).
 _GPT2_NEEDS = (
@@ -28,6 +31,16 @@ _LLAMA_NEEDS = (
     ("norm", "rmsnorm", "Llama uses RMSNorm"),
     ("activation", "swiglu", "Llama's MLP is SwiGLU"),
     ("parallel_block", False, "Llama runs attention, then the MLP on its output"),
+)
+_MIXTRAL_NEEDS = (
+    ("position", "rope", "Mixtral uses rotary positions"),
+    ("norm", "rmsnorm", "Mixtral uses RMSNorm"),
+    ("activation", "swiglu", "Mixtral's experts are SwiGLU"),
+    ("parallel_block", False, "Mixtral runs attention, then the experts on its output"),
+    ("bias", False, "Mixtral has no biases"),
+    ("moe_every", 1, "every Mixtral layer is MoE"),
+    ("moe_capacity_factor", None, "Mixtral drops no token"),
+    ("moe_shared_experts", 0, "Mixtral has no shared experts"),
 )
 # GELU variants that are the tanh approximation plait's MLP computes.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -55,10 +68,7 @@ def hf_family(config: GPTConfig) -> str:
     Raises ValueError naming the options neither class can express.
     """
     if config.moe_experts:
-        raise ValueError(
-            f"cannot export to Hugging Face: moe_experts={config.moe_experts} (a Mixture-of-Experts model) has "
-            "no Hugging Face export in plait yet; GPT2LMHeadModel and LlamaForCausalLM are dense"
-        )
+        return _mixtral_family(config)
     gpt2 = _gpt2_conflicts(config)
     if not gpt2:
         return GPT2
@@ -79,6 +89,20 @@ def hf_family(config: GPTConfig) -> str:
     )
 
 
+def _mixtral_family(config: GPTConfig) -> str:
+    """``"mixtral"`` when MixtralForCausalLM computes the MoE ``config``; ValueError naming what it cannot."""
+    conflicts = _conflicts(config, _MIXTRAL_NEEDS)
+    if config.moe_softmax_order == "before" and not config.moe_normalize_topk:
+        # softmax_order="after" (softmax over the top-k logits) equals the renormalised top-k of the softmax
+        conflicts["moe_normalize_topk"] = "Mixtral renormalises the top-k weights to sum to 1"
+    if conflicts:
+        raise ValueError(
+            f"cannot export to Hugging Face: an MoE model exports as MixtralForCausalLM, which cannot express "
+            f"{_describe(config, conflicts)}"
+        )
+    return MIXTRAL
+
+
 def hf_config_dict(config: GPTConfig, *, family: str, dtype: str, eos_token_id: int | None) -> dict[str, Any]:
     """The ``config.json`` of the Hugging Face model that ``family`` names, sized as ``config``."""
     common = {
@@ -93,8 +117,8 @@ def hf_config_dict(config: GPTConfig, *, family: str, dtype: str, eos_token_id: 
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    specific = _gpt2_fields(config) if family == GPT2 else _llama_fields(config)
-    return common | specific
+    fields = {GPT2: _gpt2_fields, LLAMA: _llama_fields, MIXTRAL: _mixtral_fields}
+    return common | fields[family](config)
 
 
 def _gpt2_fields(config: GPTConfig) -> dict[str, Any]:
@@ -136,16 +160,36 @@ def _llama_fields(config: GPTConfig) -> dict[str, Any]:
     }
 
 
+def _mixtral_fields(config: GPTConfig) -> dict[str, Any]:
+    fields = _llama_fields(config)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        del fields[key]
+    aux = config.moe_aux_loss_weight
+    return fields | {
+        "intermediate_size": config.resolved_moe_d_ff,
+        "num_local_experts": config.moe_experts,
+        "num_experts_per_tok": config.moe_top_k,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+        # HF adds coef x one loss pooled over layers; plait adds its weight x each layer's (plait.moe.hf)
+        "output_router_logits": aux > 0,
+        "router_aux_loss_coef": aux * config.num_layers,
+    }
+
+
 def gpt_config_from_hf(hf: dict[str, Any]) -> tuple[str, GPTConfig]:
-    """(family, GPTConfig) for a Hugging Face GPT-2 or Llama ``config.json``; ValueError otherwise."""
+    """(family, GPTConfig) for a Hugging Face GPT-2, Llama or Mixtral ``config.json``; ValueError otherwise."""
     model_type = hf.get("model_type")
     if model_type == GPT2:
         return GPT2, _from_gpt2(hf)
     if model_type == LLAMA:
         return LLAMA, _from_llama(hf)
+    if model_type == MIXTRAL:
+        return MIXTRAL, _from_mixtral(hf)
     raise ValueError(
-        f"config.json has model_type={model_type!r}; plait import converts 'llama' (LlamaForCausalLM) and "
-        "'gpt2' (GPT2LMHeadModel) checkpoints into plait's GPT; to continue training another family as it is, "
+        f"config.json has model_type={model_type!r}; plait import converts 'llama' (LlamaForCausalLM), "
+        "'mixtral' (MixtralForCausalLM) and 'gpt2' (GPT2LMHeadModel) checkpoints into plait's GPT; to continue "
+        "training another family as it is, "
         'set [model] pretrained = "DIR" in the plait train config'
     )
 
@@ -210,6 +254,21 @@ def _from_llama(hf: dict[str, Any]) -> GPTConfig:
         tied_embeddings=hf.get("tie_word_embeddings", False),
         dropout=float(hf.get("attention_dropout", 0.0)),
         init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _from_mixtral(hf: dict[str, Any]) -> GPTConfig:
+    _require(not hf.get("router_jitter_noise"), "router_jitter_noise is set; plait's router adds no noise")
+    _require(not hf.get("sliding_window"), "sliding_window is set; plait's attention is full causal")
+    dense = _from_llama({**hf, "attention_bias": False, "mlp_bias": False})
+    num_layers, coef = dense.num_layers, float(hf.get("router_aux_loss_coef", 0.001))
+    return dataclasses.replace(
+        dense,
+        moe_experts=hf.get("num_local_experts", 8),
+        moe_top_k=hf.get("num_experts_per_tok", 2),
+        moe_normalize_topk=True,
+        moe_d_ff=dense.d_ff,
+        moe_aux_loss_weight=coef / num_layers if hf.get("output_router_logits", False) else 0.0,
     )
 
 

@@ -1,7 +1,7 @@
 """Hugging Face export and import: ``plait export CKPT --to hf OUT`` and ``plait import HF_DIR OUT``.
 
-A checkpoint of plait's GPT exports as ``GPT2LMHeadModel`` or ``LlamaForCausalLM``
-(whichever computes exactly what the plait model does; names, layouts and config:
+A checkpoint of plait's GPT exports as ``GPT2LMHeadModel`` or ``LlamaForCausalLM``, and one of
+its MoE GPT as ``MixtralForCausalLM`` (whichever computes exactly what the plait model does; names, layouts and config:
 ``hf_weights`` and ``hf_config``). A checkpoint of a Hugging Face model (``plait train``
 with ``[model] pretrained``, or ``engine.save`` of any HF model under any plan) exports
 as that model's own class (``hf_model_export``). Either way the directory holds
@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer
 
 from plait.checkpoint import hf_model_export
-from plait.checkpoint.hf_config import ARCHITECTURES, GPT2, gpt_config_from_hf, hf_config_dict, hf_family
+from plait.checkpoint.hf_config import ARCHITECTURES, GPT2, MIXTRAL, gpt_config_from_hf, hf_config_dict, hf_family
 from plait.checkpoint.hf_weights import check_plait_state, hf_to_plait, plait_to_hf
 from plait.checkpoint.io import MANIFEST_FILE, load_checkpoint, save_checkpoint
 from plait.config import Config, DataConfig, ModelConfig, config_from_dict, model_config_for
@@ -44,7 +44,7 @@ HF_INDEX_FILE = "model.safetensors.index.json"
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # The presets an import's overrides start from: every GPTConfig field is overridden,
 # so the preset only says which family the checkpoint came from.
-_IMPORT_PRESETS = {GPT2: "tiny", "llama": "tiny-llama"}
+_IMPORT_PRESETS = {GPT2: "tiny", "llama": "tiny-llama", MIXTRAL: "mixtral-tiny"}
 
 
 def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, hf_config: Any = None) -> str:
@@ -52,9 +52,9 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
 
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it and
     reproduces plait's logits. ``out_dir`` must be new or empty; it appears complete or
-    not at all. plait's GPT exports as ``"gpt2"`` or ``"llama"``; raises ValueError when
-    neither class can express it (``parallel_block``, or options mixed across the two
-    families). A Hugging Face model exports as its own class, with the config the
+    not at all. plait's GPT exports as ``"gpt2"`` or ``"llama"``, its MoE GPT as ``"mixtral"``;
+    raises ValueError when no class can express it (``parallel_block``, options mixed across
+    the families, an MoE model with GELU experts or token dropping). A Hugging Face model exports as its own class, with the config the
     checkpoint holds or ``hf_config`` (a dict, a config.json, or a directory with one).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -101,7 +101,7 @@ def _max_positions(config: Any) -> int:
 
 
 def import_hf(hf_dir: str | os.PathLike, out_checkpoint_dir: str | os.PathLike) -> str:
-    """Turn a Hugging Face Llama or GPT-2 directory into a plait checkpoint; return the family.
+    """Turn a Hugging Face Llama, Mixtral or GPT-2 directory into a plait checkpoint; return the family.
 
     The checkpoint loads with ``load_checkpoint`` and samples with ``plait generate``
     (which needs the directory's ``tokenizer.json``). Its config is the preset of the

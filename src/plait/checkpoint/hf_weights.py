@@ -1,8 +1,12 @@
-"""plait GPT weights <-> Hugging Face names and layouts (GPT2LMHeadModel, LlamaForCausalLM).
+"""plait GPT weights <-> Hugging Face names and layouts (GPT2LMHeadModel, LlamaForCausalLM,
+MixtralForCausalLM).
 
 Llama is a renaming. GPT-2 also stores its projections as ``Conv1D`` (weight
 (in, out), our ``nn.Linear`` transposed) and fuses q, k and v into one ``c_attn``.
-A tied head is written once, as its embedding, which is what both classes expect.
+Mixtral is Llama's renaming for attention; its experts are written one tensor per expert
+(``block_sparse_moe.experts.{j}.w1/w3/w2``: gate, up, down), the layout Mixtral's checkpoints and
+transformers' ``save_pretrained`` use, where plait stacks them along a leading expert dim.
+A tied head is written once, as its embedding, which is what every class expects.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import re
 
 import torch
 
-from plait.checkpoint.hf_config import GPT2
+from plait.checkpoint.hf_config import GPT2, MIXTRAL
 from plait.models.gpt import GPT, GPTConfig
 
 # (plait prefix, Hugging Face prefix); "{i}" is a layer index.
@@ -35,6 +39,14 @@ _GPT2_PREFIXES = (
     ("blocks.{i}.mlp.up_proj.", "transformer.h.{i}.mlp.c_fc."),
     ("blocks.{i}.mlp.down_proj.", "transformer.h.{i}.mlp.c_proj."),
 )
+_MIXTRAL_PREFIXES = (
+    *_LLAMA_PREFIXES[:-1],
+    ("blocks.{i}.mlp.router.", "model.layers.{i}.block_sparse_moe.gate."),
+)
+# plait's stacked expert tensor -> Mixtral's per-expert name
+_EXPERT_NAMES = {"gate_weight": "w1", "up_weight": "w3", "down_weight": "w2"}
+_PLAIT_EXPERTS = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(gate_weight|up_weight|down_weight)$")
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 _C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
@@ -77,7 +89,9 @@ def plait_to_hf(state: dict[str, torch.Tensor], config: GPTConfig, *, family: st
     hf: dict[str, torch.Tensor] = {}
     if family == GPT2:
         hf |= _fuse_qkv(state)
-    prefixes = _GPT2_PREFIXES if family == GPT2 else _LLAMA_PREFIXES
+    if family == MIXTRAL:
+        hf |= _split_experts(state)
+    prefixes = _prefixes(family)
     for name, tensor in state.items():
         hf_name = _rename(name, prefixes, to_hf=True)
         assert hf_name is not None, f"no Hugging Face name for {name}"
@@ -95,6 +109,35 @@ def _fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         f"transformer.h.{layer}.attn.c_attn.{kind}": torch.cat([found[w] for w in "qkv"])
         for (layer, kind), found in parts.items()
     }
+
+
+def _prefixes(family: str) -> tuple[tuple[str, str], ...]:
+    return {GPT2: _GPT2_PREFIXES, MIXTRAL: _MIXTRAL_PREFIXES}.get(family, _LLAMA_PREFIXES)
+
+
+def _split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop every stacked expert tensor from ``state``; return Mixtral's one tensor per expert."""
+    hf: dict[str, torch.Tensor] = {}
+    for name in [n for n in state if _PLAIT_EXPERTS.match(n)]:
+        layer, kind = _PLAIT_EXPERTS.match(name).groups()
+        for expert, tensor in enumerate(state.pop(name)):
+            hf[f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[kind]}.weight"] = tensor.clone()
+    return hf
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop Mixtral's per-expert tensors from ``tensors``; return plait's stacked ones (experts in order)."""
+    found: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name in [n for n in tensors if _HF_EXPERT.match(n)]:
+        layer, expert, kind = _HF_EXPERT.match(name).groups()
+        found.setdefault((layer, kind), {})[int(expert)] = tensors.pop(name)
+    kinds = {hf: plait for plait, hf in _EXPERT_NAMES.items()}
+    stacked = {}
+    for (layer, kind), experts in found.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise ValueError(f"cannot import: layer {layer} has experts {sorted(experts)} of {kind}; expected 0..n-1")
+        stacked[f"blocks.{layer}.mlp.experts.{kinds[kind]}"] = torch.stack([experts[j] for j in range(len(experts))])
+    return stacked
 
 
 def _to_hf_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -126,7 +169,10 @@ def hf_to_plait(tensors: dict[str, torch.Tensor], config: GPTConfig, *, family: 
 def _rename_all(tensors: dict[str, torch.Tensor], *, family: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     state: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    prefixes = _GPT2_PREFIXES if family == GPT2 else _LLAMA_PREFIXES
+    prefixes = _prefixes(family)
+    if family == MIXTRAL:
+        tensors = dict(tensors)
+        state |= _stack_experts(tensors)
     for hf_name, tensor in tensors.items():
         if _CONV1D_WEIGHT.search(hf_name):
             tensor = tensor.T
