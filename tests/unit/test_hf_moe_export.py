@@ -1,17 +1,23 @@
 """plait's MoE GPT exports as MixtralForCausalLM (transformers reproduces its logits) and imports back
-exactly; an MoE model Mixtral cannot express is refused in one line."""
+exactly; an MoE model Mixtral cannot express is refused in one line; an HF MoE model's checkpoint
+(its blocks swapped for plait MoELayers or not) exports as its own class."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from plait.checkpoint.hf_export import import_hf
-from plait.checkpoint.io import load_checkpoint
+from plait.checkpoint.hf_export import export_hf, import_hf
+from plait.checkpoint.hf_model_export import hf_record
+from plait.checkpoint.io import load_checkpoint, save_checkpoint
 from plait.cli import main
+from plait.models.hf_moe import use_plait_moe
+from plait.moe import has_moe
+from tests.hf_models import VOCAB, tiny_model
 from tests.unit.test_hf_export import cli_error, random_ids, save_plait_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -60,3 +66,24 @@ def test_unnormalised_top_k_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     save_plait_checkpoint(tmp_path / "step-000003", "mixtral-tiny", {"moe_normalize_topk": False})
     err = cli_error(["export", str(tmp_path / "step-000003"), "--to", "hf", str(tmp_path / "hf")], capsys)
     assert "moe_normalize_topk=False (Mixtral renormalises the top-k weights to sum to 1)" in err
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["hf-blocks", "plait-moe-layers"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_hf_moe_checkpoint_exports_as_its_own_class(family: str, swapped: bool, tmp_path: Path) -> None:
+    """A checkpoint of an HF MoE model, trained as it is or with plait MoELayers swapped in, exports as itself."""
+    hf = tiny_model(family)
+    trained = copy.deepcopy(hf)
+    if swapped:
+        use_plait_moe(trained)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    trainer_state = {"step": 1, **hf_record(trained)}
+    save_checkpoint(tmp_path / "ckpt", model_state=trained.state_dict(), trainer_state=trainer_state, config={})
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf") == family
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not has_moe(theirs)
+    ids = random_ids(VOCAB, seq=12)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-5)

@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from plait.models.hf_moe import hf_names
+
 HF_RECORD = "hf"  # the trainer-state key that holds a model's transformers config and tokenizer files
 MODEL_FILE = "model.safetensors"
 
@@ -143,7 +145,8 @@ def write_hf_model(
 ) -> str:
     """Write config.json, model.safetensors and the tokenizer into ``directory``; return the model_type."""
     model = build_hf_model(config)
-    tensors = hf_tensors(model_state, model, source=source)
+    # a model trained with its MoE blocks swapped for plait MoELayers (plait.models.use_plait_moe)
+    tensors = hf_tensors(hf_names(model, model_state), model, source=source)
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     config.architectures = [type(model).__name__]
     config.dtype = dtype  # the weights' own: from_pretrained then computes what plait did

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plait.models.architectures import architecture_of
+from plait.models.architectures import architecture_of, find_architecture
 from plait.moe.hf import hf_tensors_from_plait, is_hf_moe_block, to_hf_block, to_moe_layer
 from plait.moe.layer import MoELayer
 
@@ -70,11 +70,17 @@ def use_hf_moe(model: nn.Module) -> int:
 
 
 def hf_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` keyed by ``model``'s parameter names (weights or gradients) under the names the HF
-    model has without the swap: what a checkpoint or a comparison with the HF model needs."""
+    """``tensors`` (weights or gradients) under the names the HF model has without the swap.
+
+    ``model`` may be swapped or not (an export builds the HF model afresh): every block whose
+    MoELayer names appear in ``tensors`` is renamed; other names and models pass unchanged.
+    """
+    arch = find_architecture(model)
+    if arch is None or arch.moe_block is None:
+        return dict(tensors)
     out = dict(tensors)
-    for prefix, _, block in _blocks(model):
-        if not isinstance(block, MoELayer):
+    for prefix, _, _ in _blocks(model):
+        if f"{prefix}.router.weight" not in out:
             continue
         own = {name.removeprefix(f"{prefix}."): out.pop(name) for name in list(out) if name.startswith(f"{prefix}.")}
         out |= {f"{prefix}.{name}": tensor for name, tensor in hf_tensors_from_plait(own).items()}
