@@ -13,10 +13,14 @@ reference routes in dp groups (``plait.moe.set_routing_groups``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import plait
+from plait.checkpoint.hf_export import export_hf
+from plait.checkpoint.hf_model_export import hf_record
 from plait.models.hf_moe import use_plait_moe
 from plait.moe import set_routing_groups
 from plait.train.reference import train_reference
@@ -24,6 +28,8 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.test_hf_families import GLOBAL_BATCH, make_batches, reference, scheduler, train_family
 from tests.distributed.test_parity import assert_parity, optimizer
 from tests.hf_models import MOE_FAMILIES, tiny_model
+
+transformers = pytest.importorskip("transformers")
 
 PLANS = {
     "dp2-zero0": {"dp": 2, "zero": 0},
@@ -77,3 +83,28 @@ def test_swapped_moe_family_with_aux_loss_under_dp_matches_grouped_one_process(f
         max_grad_norm=1.0,
     )
     assert_parity(results, (losses, model.state_dict()))
+
+
+def train_save_and_score(rank: int, world_size: int, family: str, path: str) -> torch.Tensor:
+    model = swapped_model(family)
+    engine = plait.boost(
+        model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plait.Plan(dp=2, zero=3, bucket_mb=0.01)
+    )
+    batch = make_batches()[0]
+    share = slice(engine.dp_rank * 4, engine.dp_rank * 4 + 4)
+    engine.train_step({k: v[share] for k, v in batch.items()})  # weights move off their init
+    engine.save(path, extra=hf_record(model))
+    engine.model.eval()
+    with torch.no_grad():
+        return engine.model(input_ids=batch["input_ids"]).logits
+
+
+def test_zero3_checkpoint_of_a_swapped_model_exports_as_its_hf_class(tmp_path: Path) -> None:
+    results = run_ranks(train_save_and_score, 2, "qwen2_moe", str(tmp_path / "ckpt"), timeout_s=60)
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf") == "qwen2_moe"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "Qwen2MoeForCausalLM" and theirs.config.output_router_logits
+    with torch.no_grad():
+        expected = theirs(input_ids=make_batches()[0]["input_ids"]).logits
+    for logits in results:
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

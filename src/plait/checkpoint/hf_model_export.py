@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from plait.models.hf_moe import hf_names
+from plait.models.hf_moe import hf_config_dict, hf_names
 
 HF_RECORD = "hf"  # the trainer-state key that holds a model's transformers config and tokenizer files
 MODEL_FILE = "model.safetensors"
@@ -38,7 +38,7 @@ def hf_record(model: nn.Module, *, tokenizer: Any = None) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(f"hf_record needs a Hugging Face model (with .config), got {type(model).__name__}")
-    record: dict[str, Any] = {"config": config.to_dict()}
+    record: dict[str, Any] = {"config": hf_config_dict(model)}
     if tokenizer is not None:
         record["tokenizer_files"] = _tokenizer_files(tokenizer)
     return {HF_RECORD: record}

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -61,12 +63,25 @@ def use_hf_moe(model: nn.Module) -> int:
     """
     found = [(layer, block) for _, layer, block in _blocks(model) if isinstance(block, MoELayer)]
     name = architecture_of(model).moe_block
-    aux = any(block.config.aux_loss_weight > 0 for _, block in found)
+    aux = _trains_aux_loss(model)
     for layer, block in found:
         setattr(layer, name, to_hf_block(block, model.config))
     if aux:
         model.config.output_router_logits = True
     return len(found)
+
+
+def _trains_aux_loss(model: nn.Module) -> bool:
+    return any(module.config.aux_loss_weight > 0 for module in model.modules() if isinstance(module, MoELayer))
+
+
+def hf_config_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.config.to_dict()`` as the model without the swap has it (``output_router_logits`` set again
+    when the swapped layers train a load-balancing loss): what a checkpoint records for export."""
+    values = model.config.to_dict()
+    if _trains_aux_loss(model):
+        values["output_router_logits"] = True
+    return values
 
 
 def hf_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
