@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -276,15 +277,27 @@ def _check_verify_out_dir(out_dir: Path) -> None:
 
 
 def _sets_for(config: Config) -> list[str]:
-    """--set arguments that reproduce the plan and train sections of `config`."""
+    """--set arguments that reproduce `config`: its data, plan and train sections and the model's choice."""
     import dataclasses
 
-    items = []
-    for section in ("plan", "train"):
-        for key, value in dataclasses.asdict(getattr(config, section)).items():
-            text = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
-            items += ["--set", f"{section}.{key}={text}"]
-    return items
+    values = {
+        f"{section}.{key}": value
+        for section in ("data", "plan", "train")
+        for key, value in dataclasses.asdict(getattr(config, section)).items()
+    }
+    values["model.preset"] = config.model.preset
+    values |= {f"model.{key}": value for key, value in config.model.overrides.items()}
+    if config.model.pretrained is not None:
+        values["model.pretrained"] = config.model.pretrained
+    return [item for key, value in values.items() for item in ("--set", f"{key}={_toml_value(value)}")]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | list):
+        return json.dumps(value)  # a TOML basic string, or an array of them
+    return str(value)
 
 
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:

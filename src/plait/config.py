@@ -264,6 +264,7 @@ class DataConfig:
     vocab_size: int = 8192
     val_fraction: float = 0.01
     cache_dir: str = ".cache/plait"
+    document_mask: bool = False  # packed rows: each document attends only to itself, positions restart per document
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"data.seq_len={self.seq_len}: a causal LM needs at least 2 tokens per sample")
@@ -366,6 +367,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     plan: Plan = field(default_factory=Plan)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.data.document_mask and self.model.pretrained is not None),
+            "data.document_mask works with plait's models (their attention reads documents from position_ids); "
+            "a transformers model attends across documents whatever its positions: set data.document_mask=false",
+        )
 
     def check_batching(self, dp: int) -> None:
         """The global batch must split over dp ranks and then into micro-batches."""

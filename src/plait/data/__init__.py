@@ -11,6 +11,7 @@ Example::
 """
 
 from plait.data.corpus import corpus_fingerprint, iter_documents, stdlib_files
+from plait.data.documents import document_positions
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches, rank_batch_size
 from plait.data.shards import PreparedData, prepare_dataset, token_dtype
 from plait.data.tokenizer import EOT, EOT_ID, load_or_train_tokenizer, train_tokenizer
@@ -22,6 +23,7 @@ __all__ = [
     "ShardedLoader",
     "TokenDataset",
     "corpus_fingerprint",
+    "document_positions",
     "eval_batches",
     "iter_documents",
     "load_or_train_tokenizer",

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from plait.data.documents import document_positions
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -63,7 +65,8 @@ class ShardedLoader:
 
     Every call to :meth:`next_batch` returns ``global_batch // dp_size``
     sequences as ``{"input_ids", "labels"}`` (labels equal input_ids,
-    unshifted: the loss shifts them). Epochs follow one another seamlessly.
+    unshifted: the loss shifts them), plus ``position_ids`` per document when
+    ``eot_id`` is given. Epochs follow one another seamlessly.
 
     Example::
 
@@ -81,6 +84,7 @@ class ShardedLoader:
         dp_size: int,
         seed: int,
         shuffle: bool = True,
+        eot_id: int | None = None,
     ) -> None:
         self.per_rank = rank_batch_size(global_batch, dp_rank=dp_rank, dp_size=dp_size)
         self.dataset = dataset
@@ -89,6 +93,7 @@ class ShardedLoader:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
+        self.eot_id = eot_id  # given: batches carry per-document position_ids (plait.data.documents)
         self.offset = 0
         self._cached_epoch = -1
         self._cached_order = np.empty(0, dtype=np.int64)
@@ -107,7 +112,7 @@ class ShardedLoader:
         start = self.offset + self.dp_rank * self.per_rank
         input_ids = self.dataset.gather(self.global_indices(start, self.per_rank))
         self.offset += self.global_batch
-        return {"input_ids": input_ids, "labels": input_ids.clone()}
+        return make_batch(input_ids, eot_id=self.eot_id)
 
     def __iter__(self) -> ShardedLoader:
         return self
@@ -186,6 +191,7 @@ def eval_batches(
     num_batches: int,
     dp_rank: int,
     dp_size: int,
+    eot_id: int | None = None,
 ) -> list[Batch]:
     """This rank's share of a fixed validation set: the first ``num_batches`` batches.
 
@@ -206,8 +212,17 @@ def eval_batches(
     for step in range(num_batches):
         start = step * batch_size + dp_rank * per_rank
         input_ids = dataset.gather(np.arange(start, start + per_rank))
-        batches.append({"input_ids": input_ids, "labels": input_ids.clone()})
+        batches.append(make_batch(input_ids, eot_id=eot_id))
     return batches
+
+
+def make_batch(input_ids: torch.Tensor, *, eot_id: int | None) -> Batch:
+    """``input_ids`` and ``labels`` (the same tokens: the loss shifts them), plus ``position_ids``
+    restarting at each document when ``eot_id`` is given (documents attend only within themselves)."""
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if eot_id is not None:
+        batch["position_ids"] = document_positions(input_ids, eot_id=eot_id)
+    return batch
 
 
 def _count_tokens(path: Path, dtype: np.dtype) -> int:

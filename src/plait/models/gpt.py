@@ -165,9 +165,10 @@ class GPT(nn.Module):
 
         ``attention_mask`` and ``labels`` are accepted so Hugging Face style batches can
         be passed as ``model(**batch)``, and are not used: the loss is computed outside
-        (``plait.losses``), and attention is causal only, which is exact for packed or
-        right-padded sequences (no real token attends to padding on its right).
-        ``position_ids`` (seq,) or (batch, seq) default to ``0..seq-1``.
+        (``plait.losses``), and attention is causal, which is exact for right-padded
+        sequences (no real token attends to padding on its right).
+        ``position_ids`` (seq,) default to ``0..seq-1``; (batch, seq) ones mark packed
+        documents: each 0 starts a document, and attention stays inside it.
         """
         self._check_input(input_ids)
         x = self.embed(input_ids)  # (batch, seq, d_model)

@@ -77,6 +77,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) True where a query may attend: causal, and inside its own document.
+
+    ``position_ids`` (batch, seq) restart at 0 where a packed document starts
+    (``plait.data.document_positions``), so each 0 opens a document.
+
+    Example:
+        >>> document_causal_mask(torch.tensor([[0, 1, 0, 1]]))[0, 0].int()
+        tensor([[1, 0, 0, 0],
+                [1, 1, 0, 0],
+                [0, 0, 1, 0],
+                [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    document = (position_ids == 0).cumsum(dim=-1)  # (batch, seq)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (document[:, :, None] == document[:, None, :]))[:, None]
+
+
 class Attention(nn.Module):
     """Causal self-attention with separate q/k/v/o projections and optional GQA/RoPE.
 
@@ -119,7 +138,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
+            mask = document_causal_mask(position_ids)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 

@@ -269,8 +269,14 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
     seq_len = config.data.seq_len
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)
     dp_rank, dp_size = mesh.rank("dp"), mesh.size("dp")
+    eot_id = prepared.eot_id if config.data.document_mask else None
     loader = ShardedLoader(
-        train, global_batch=config.train.global_batch, dp_rank=dp_rank, dp_size=dp_size, seed=config.train.seed
+        train,
+        global_batch=config.train.global_batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=config.train.seed,
+        eot_id=eot_id,
     )
     if prepared.skipped_files:
         shown = ", ".join(prepared.skipped_files[:3]) + (" ..." if len(prepared.skipped_files) > 3 else "")
@@ -283,5 +289,6 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
         num_batches=config.train.eval_batches,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        eot_id=eot_id,
     )
     return DataSources(loader=loader, val_batches=val_batches, prepared=prepared)

@@ -58,7 +58,12 @@ def reference_losses(config: Config, *, num_routing_groups: int = 1) -> list[flo
     )
     train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=config.data.seq_len)
     loader = ShardedLoader(
-        train_set, global_batch=config.train.global_batch, dp_rank=0, dp_size=1, seed=config.train.seed
+        train_set,
+        global_batch=config.train.global_batch,
+        dp_rank=0,
+        dp_size=1,
+        seed=config.train.seed,
+        eot_id=data.eot_id if config.data.document_mask else None,
     )
     seed_everything(config.train.seed)
     model = GPT(model_config_for(config))
