@@ -170,13 +170,33 @@ class Plan:
         )
         if self.pp > 1:
             self._check_pipeline_microbatches()
-        for axis in ("cp", "ep"):
+        for axis in ("cp",):
             _require(
                 getattr(self, axis) == 1,
                 f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
             )
+        if self.ep > 1:
+            self._check_expert_parallel_available()
         if self.offloads:
             self._check_offload_available()
+
+    def _check_expert_parallel_available(self) -> None:
+        _require(
+            self.dp == -1 or self.dp % self.ep == 0,
+            f"plan.ep={self.ep} does not divide plan.dp={self.dp}: experts split over ep ranks carved from dp; "
+            f"choose an ep that divides {self.dp}",
+        )
+        for axis in ("tp", "pp"):
+            _require(
+                getattr(self, axis) == 1,
+                f"plan.ep={self.ep} with plan.{axis}={getattr(self, axis)} is not available yet in plait; "
+                f"set plan.{axis}=1 (ep composes with dp and ZeRO 0-3)",
+            )
+        _require(
+            not self.offloads,
+            f"plan.ep={self.ep} with offloaded states is not available yet in plait; set the plan.offload_* "
+            "fields to 'none' (and no plan.memory_budget)",
+        )
 
     def _check_offload_available(self) -> None:
         tiers = self.offload_tiers
@@ -221,6 +241,11 @@ class Plan:
         _require(
             dp * others == world_size,
             f"plan dp*tp*pp*cp = {dp}*{self.tp}*{self.pp}*{self.cp} = {dp * others} but the world size is {world_size}; set plan.dp=-1 to infer dp, or launch {dp * others} ranks",
+        )
+        _require(
+            dp % self.ep == 0,
+            f"plan.ep={self.ep} does not divide dp={dp} (world size {world_size}): experts split over ep ranks "
+            f"carved from dp; choose an ep that divides {dp}, or launch a multiple of {self.ep * others} ranks",
         )
         return dataclasses.replace(self, dp=dp)
 

@@ -25,7 +25,9 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.moe import has_moe, reset_stats, set_aux_loss_scale
+from plait.moe import expert_parameters, has_moe, reset_stats, set_aux_loss_scale
+from plait.moe.all_to_all import Exchange
+from plait.moe.expert_parallel import apply_expert_parallel, check_expert_parallel, gather_experts
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
@@ -86,12 +88,13 @@ class Engine:
     def __init__(self, model: nn.Module, *, parts: EngineParts, mesh: Mesh) -> None:
         mesh.plan.check_available()
         self.moe = has_moe(model)
-        _check_moe_plan(self.moe, mesh)
+        _check_moe_plan(model, mesh)
         self.mesh = mesh
         self.plan = mesh.plan
         self.loss_fn = CheckedLoss(parts.loss_fn) if mesh.size("tp") > 1 else parts.loss_fn  # tp: vocab slices
         self.max_grad_norm = parts.max_grad_norm
         self.comm = CommCounter.for_mesh(mesh)  # every strand's collectives, per axis and link
+        self.expert_params = _apply_ep(model, mesh=mesh, counter=self.comm)
         self.policy = PrecisionPolicy.from_name(self.plan.precision)
         self.scaler = LossScaler.from_policy(self.policy)
         self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
@@ -107,7 +110,9 @@ class Engine:
         count_collectives(self.model, self.comm)
         if self.pipeline is not None:
             self.pipeline.runner.link.counter = self.comm
-        self.data_parallel = build_data_parallel(self.model, mesh=mesh, policy=self.policy, counter=self.comm)
+        self.data_parallel = build_data_parallel(
+            self.model, mesh=mesh, policy=self.policy, counter=self.comm, expert_params=self.expert_params
+        )
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.offload: Offload | None = getattr(self.data_parallel, "offload", None)
         if self.offload is not None:
@@ -316,6 +321,7 @@ class Engine:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole model weights by name (every rank must call this: ZeRO-3 and tp gather)."""
         state = gather_tp_state(self.data_parallel.full_state_dict(), self.model, group=self.mesh.group("tp"))
+        gather_experts(state, self.model, group=self.mesh.group("ep"))
         if self.pipeline is not None:  # each pipeline rank holds some layers: collect them all
             parts: list[Any] = [None] * self.mesh.size("pp")
             dist.all_gather_object(parts, state, group=self.mesh.group("pp"))
@@ -389,16 +395,35 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
     return apply_tensor_parallel(model, plan, group=group, sequence_parallel=mesh.plan.sequence_parallel)
 
 
-def _check_moe_plan(moe: bool, mesh: Mesh) -> None:
-    """Mixture-of-Experts models train on one process or under plain data parallel / ZeRO so far."""
-    if not moe:
+def _check_moe_plan(model: nn.Module, mesh: Mesh) -> None:
+    """Mixture-of-Experts models train on one process or under data parallel / ZeRO, with or
+    without expert parallel, so far."""
+    if mesh.plan.ep > 1:
+        check_expert_parallel(model, mesh.plan.ep)
+        if _is_meta(model):
+            raise ValueError(
+                f"lazy (meta-device) initialisation with plan.ep={mesh.plan.ep} is not available yet; build the "
+                "model on a real device (each rank then keeps its experts' rows)"
+            )
+    if not has_moe(model):
         return
     for axis in ("tp", "pp"):
         if mesh.size(axis) > 1:
             raise ValueError(
                 f"plan.{axis}={mesh.size(axis)} with a Mixture-of-Experts model is not available yet in plait; "
-                f"set plan.{axis}=1 (dp and ZeRO 0-3 work: experts are replicated over dp)"
+                f"set plan.{axis}=1 (dp, ep and ZeRO 0-3 work)"
             )
+
+
+def _apply_ep(model: nn.Module, *, mesh: Mesh, counter: CommCounter) -> list[nn.Parameter]:
+    """Expert parallel: keep this rank's experts, exchange tokens by all-to-all; returns the expert
+    parameters (reduced over edp, not dp), or [] without ep."""
+    group = mesh.group("ep")
+    if group is None:
+        return []
+    exchange = Exchange(group=group, rank=mesh.rank("ep"), size=mesh.size("ep"), counter=counter)
+    apply_expert_parallel(model, exchange=exchange)
+    return [param for _, param in expert_parameters(model)]
 
 
 def _is_meta(model: nn.Module) -> bool:
@@ -431,6 +456,8 @@ def boost(
     if mesh is None:
         plan = plan or Plan()
         plan.check_available()  # before the mesh enters any collective
+        if plan.ep > 1:
+            check_expert_parallel(model, plan.ep)
         join_launched_group(_device_type(model))  # under torchrun (`plait run`) the script need not join it
         mesh = Mesh(plan, device_type=_device_type(model))
     elif plan is not None and plan != mesh.plan:

@@ -47,13 +47,21 @@ def test_plan_validates_itself(kwargs: dict, message: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"ep": 2}, "ep parallel is not available yet"),
+        ({"ep": 2, "tp": 2}, "plan.ep=2 with plan.tp=2 is not available yet"),
+        ({"ep": 2, "pp": 2, "microbatches": 2}, "plan.ep=2 with plan.pp=2 is not available yet"),
+        ({"dp": 4, "ep": 3}, "plan.ep=3 does not divide plan.dp=4"),
         ({"cp": 2}, "cp parallel is not available yet"),
     ],
 )
 def test_axes_not_built_are_rejected_not_ignored(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Plan(**kwargs).check_available()
+
+
+def test_expert_parallel_is_carved_from_dp() -> None:
+    assert Plan(dp=-1, ep=2).resolve(4).dp == 4
+    with pytest.raises(ValueError, match=r"plan\.ep=4 does not divide dp=2"):
+        Plan(dp=-1, ep=4).resolve(2)
 
 
 def test_batching_checks() -> None:

@@ -45,7 +45,8 @@ from plait.checkpoint.writer import CheckpointWriter, SaveRequest
 from plait.distributed.launch import get_logger, is_main_rank
 from plait.sizes import format_bytes
 
-PLAN_KEYS = ("dp", "tp", "pp", "zero", "microbatches", "pp_schedule", "precision")
+PLAN_KEYS = ("dp", "tp", "pp", "ep", "zero", "microbatches", "pp_schedule", "precision")
+PLAN_DEFAULTS = {"ep": 1}  # what a checkpoint written before the key existed ran with
 
 
 def _gather_to_main(obj: Any) -> list[Any]:
@@ -131,9 +132,9 @@ def _plan_changes(saved_plan: dict[str, Any], engine: CheckpointedEngine) -> lis
     if not saved_plan:  # written by one process (plait import): nothing to compare
         return []
     changed = [
-        f"{k} {saved_plan.get(k)}->{getattr(engine.plan, k)}"
+        f"{k} {saved_plan.get(k, PLAN_DEFAULTS.get(k))}->{getattr(engine.plan, k)}"
         for k in PLAN_KEYS
-        if saved_plan.get(k) != getattr(engine.plan, k)
+        if saved_plan.get(k, PLAN_DEFAULTS.get(k)) != getattr(engine.plan, k)
     ]
     if not changed:
         return []

@@ -67,6 +67,8 @@ def layout_of(placement: Placement | None, *, shape: tuple[int, ...], coords: Ra
         return PieceLayout(global_shape=tuple(shape))
     dim = tp_dim(placement)
     flat = placement.flat_range[1:] if placement.flat_range else None
+    if ("ep", 0) in placement.dim_shards:
+        flat = _expert_range(placement, flat=flat, shape=shape, coords=coords)
     return PieceLayout(
         global_shape=tuple(placement.global_shape),
         tp_dim=dim,
@@ -74,6 +76,18 @@ def layout_of(placement: Placement | None, *, shape: tuple[int, ...], coords: Ra
         tp=(coords.rank("tp"), coords.size("tp")) if dim is not None else (0, 1),
         flat=flat,
     )
+
+
+def _expert_range(
+    placement: Placement, *, flat: tuple[int, int] | None, shape: tuple[int, ...], coords: RankCoords
+) -> tuple[int, int]:
+    """An ep rank's experts are rows of dim 0, one contiguous range of the whole tensor: its pieces
+    (whole, or a ZeRO flat range of them) are flat ranges of the whole, readable under any ep."""
+    assert tp_dim(placement) is None, "expert parallel with tensor-parallel experts has no checkpoint layout yet"
+    local_numel = math.prod(placement.global_shape) // coords.size("ep")
+    offset = coords.rank("ep") * local_numel
+    lo, hi = flat if flat is not None else (0, math.prod(shape))
+    return offset + lo, offset + hi
 
 
 def global_indices(layout: PieceLayout) -> torch.Tensor:
@@ -99,4 +113,8 @@ def writes_piece(placement: Placement | None, *, coords: RankCoords) -> bool:
     if placement is not None and placement.duplicate:
         return False
     sliced = set(placement.sharded_axes) if placement is not None else set()
+    if sliced & {"ep", "edp"}:  # expert parallel carves dp into ep x edp: the first replica along the rest
+        sliced.add("dp")
+        if not all(coords.rank(axis) == 0 for axis in ("ep", "edp") if axis not in sliced):
+            return False
     return all(coords.rank(axis) == 0 for axis in AXES if axis not in sliced)

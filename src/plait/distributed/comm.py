@@ -11,6 +11,7 @@ message's payload) and N the ranks in its group. Per call this rank
     all_gather       (N-1)/N x B                            B
     reduce_scatter   (N-1)/N x B                            B
     all_to_all       (N-1)/N x B   (keeps its own 1/N)      B
+                     uneven splits: the rows for the others (`sent=`)
     broadcast        (N-1)/N x B   (pipelined; average)     B
     send             B                                      B
     copy             B   (device <-> host or disk: offload)  B
@@ -132,16 +133,20 @@ class CommCounter:
         group: dist.ProcessGroup | None = None,
         peer: int | None = None,
         axis: str | None = None,
+        sent: int | None = None,
     ) -> None:
         """Count one `op` on `tensor` (or that many bytes) over `group`, or to global rank `peer`
-        (a `copy` takes neither)."""
+        (a `copy` takes neither). `sent`: the bytes this rank sends to the others when the split is
+        uneven (an all-to-all with split sizes), in place of the even-split formula."""
         nbytes = tensor if isinstance(tensor, int) else tensor.numel() * tensor.element_size()
         route = HOST_ROUTE if op == "copy" else self._route(group, peer)
         if route.size < 2 and route is not HOST_ROUTE:
             return
         if axis is not None and axis not in AXIS_LABELS:
             raise ValueError(f"unknown axis label {axis!r}; use one of {AXIS_LABELS} (or add it to AXIS_LABELS)")
-        self.sent[(op, axis or route.axis, route.link)] += sent_bytes(op, nbytes, route.size)
+        self.sent[(op, axis or route.axis, route.link)] += (
+            sent if sent is not None else sent_bytes(op, nbytes, route.size)
+        )
         if route is not HOST_ROUTE:
             index = self.entered.index + 1 if self.entered is not None else 1
             self.entered = Entered(op, axis or route.axis, route.size, nbytes, index)

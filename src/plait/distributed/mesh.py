@@ -2,6 +2,11 @@
 
 The grid is `pp x dp x cp x tp` with tp varying fastest, so tensor-parallel
 peers are neighbours (inside one node), as in Megatron.
+
+Expert parallel is carved from dp: each dp group splits into dp/ep groups of ep
+contiguous dp ranks (`ep`, the ranks that split the experts between them, so ep
+peers are neighbours) and ep groups of dp/ep ranks with the same ep rank (`edp`,
+expert data parallel: the replicas of one set of experts, whose gradients they sum).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Mesh:
             shape = tuple(getattr(self.plan, axis) for axis in AXES)
             self.device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         self._axes = {axis: self._axis_info(axis) for axis in AXES}
+        self._axes.update(self._expert_axes())
 
     def _axis_info(self, axis: str) -> AxisInfo:
         if self.device_mesh is None:
@@ -51,6 +57,28 @@ class Mesh:
             size=self.device_mesh.size(self.device_mesh.mesh_dim_names.index(axis)),
             group=self.device_mesh.get_group(axis),
         )
+
+    def _expert_axes(self) -> dict[str, AxisInfo]:
+        """`ep` and `edp` (module docstring); with ep=1, ep is one rank and edp is dp itself."""
+        ep = self.plan.ep
+        dp = self._axes["dp"]
+        if ep == 1 or self.device_mesh is None:
+            return {"ep": AxisInfo(rank=0, size=1, group=None), "edp": dp}
+        dp_rank = dp.rank
+        ep_axis = edp_axis = None
+        # Every rank creates every group, in the same order (new_group is collective over the world).
+        for line in _dp_lines(self.device_mesh):
+            for start in range(0, len(line), ep):
+                group = dist.new_group(line[start : start + ep])
+                if self.global_rank in line[start : start + ep]:
+                    ep_axis = AxisInfo(rank=dp_rank % ep, size=ep, group=group)
+            for offset in range(ep):
+                members = line[offset::ep]
+                group = dist.new_group(members) if len(members) > 1 else None
+                if self.global_rank in members:
+                    edp_axis = AxisInfo(rank=dp_rank // ep, size=len(members), group=group)
+        assert ep_axis is not None and edp_axis is not None
+        return {"ep": ep_axis, "edp": edp_axis}
 
     def size(self, axis: str) -> int:
         return self._axes[axis].size
@@ -67,6 +95,18 @@ class Mesh:
     def global_rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
+    def ranks(self, axis: str) -> list[int]:
+        """The global ranks of this rank's group along `axis`, in axis-rank order."""
+        group = self.group(axis)
+        return dist.get_process_group_ranks(group) if group is not None else [self.global_rank]
+
     def __repr__(self) -> str:
         sizes = ", ".join(f"{axis}={self.size(axis)}" for axis in AXES)
         return f"Mesh({sizes}, rank={self.global_rank})"
+
+
+def _dp_lines(device_mesh: DeviceMesh) -> list[list[int]]:
+    """The global ranks of every dp group, each in dp-rank order."""
+    grid = device_mesh.mesh  # (pp, dp, cp, tp)
+    lines = grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+    return [line.tolist() for line in lines]

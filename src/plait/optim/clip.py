@@ -21,7 +21,19 @@ from plait.distributed.placement import placement_of
 
 def _is_sharded(mesh: Mesh) -> bool:
     plan = mesh.plan
-    return mesh.world_size > 1 and (plan.zero > 0 or mesh.size("tp") > 1 or mesh.size("pp") > 1)
+    split = plan.zero > 0 or any(mesh.size(axis) > 1 for axis in ("tp", "pp", "ep"))
+    return mesh.world_size > 1 and split
+
+
+def num_replicas(sharded: set[str], *, mesh: Mesh) -> int:
+    """Ranks holding the same piece of a tensor sharded over the `sharded` axes. Expert parallel
+    carves ep x edp out of dp: a piece split over ep (experts) or edp (their ZeRO shards) has
+    dp / ep or dp / edp replicas along dp."""
+    replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded and axis != "dp")
+    if "dp" in sharded:
+        return replicas
+    carved = math.prod(mesh.size(axis) for axis in ("ep", "edp") if axis in sharded)
+    return replicas * mesh.size("dp") // carved
 
 
 def norm_terms(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> dict[int, list[torch.Tensor]]:
@@ -36,7 +48,7 @@ def norm_terms(params: Iterable[torch.nn.Parameter], *, mesh: Mesh) -> dict[int,
         if param.grad is None or (placement is not None and placement.duplicate):
             continue
         sharded = set(placement.sharded_axes) if placement else set()
-        replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded)
+        replicas = num_replicas(sharded, mesh=mesh)
         by_replicas[replicas].append(param.grad.detach())
     return {replicas: list(torch._foreach_norm(grads, 2)) for replicas, grads in by_replicas.items()}
 

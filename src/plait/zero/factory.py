@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,9 +35,18 @@ def unit_numels(model: nn.Module) -> list[int]:
 
 
 def build_data_parallel(
-    model: nn.Module, *, mesh: Mesh, policy: PrecisionPolicy, counter: CommCounter
+    model: nn.Module,
+    *,
+    mesh: Mesh,
+    policy: PrecisionPolicy,
+    counter: CommCounter,
+    expert_params: Collection[nn.Parameter] = (),
 ) -> DataParallel | ZeroDataParallel:
-    """Plain bucketed data parallel for fp32 stage 0; flat dp-sharded units otherwise."""
+    """Plain bucketed data parallel for fp32 stage 0; flat dp-sharded units otherwise.
+
+    `expert_params` (expert parallel: each rank holds some experts) are reduced, sharded and
+    broadcast over the edp group, the ranks holding the same experts; the rest over dp.
+    """
     plan = mesh.plan
     is_lazy = any(p.is_meta for p in model.parameters())
     if is_lazy and plan.zero != 3:
@@ -45,22 +57,39 @@ def build_data_parallel(
         build_offload(unit_numels(model), mesh=mesh, policy=policy) if plan.offloads else None
     )  # before collectives
     if plan.zero == 0 and policy.param_dtype == torch.float32:
-        return DataParallel(model, mesh=mesh, bucket_mb=plan.bucket_mb, counter=counter)
+        return DataParallel(model, mesh=mesh, bucket_mb=plan.bucket_mb, counter=counter, expert_params=expert_params)
     if not is_lazy:
-        broadcast_module_state(model, mesh=mesh)
-    group = mesh.group("dp")
+        broadcast_module_state(model, mesh=mesh, expert_params=expert_params)
+    config = _unit_config(mesh, policy=policy, counter=counter, axis="dp")
+    config = dataclasses.replace(
+        config, copy_stream=torch.cuda.Stream() if offload is not None and mesh.device_type == "cuda" else None
+    )
+    expert_config = _unit_config(mesh, policy=policy, counter=counter, axis="edp") if expert_params else None
+    device = torch.device(mesh.device_type)
+    materialize = Materializer(model, device=device) if is_lazy else None
+    return ZeroDataParallel(
+        model,
+        config=config,
+        materialize=materialize,
+        offload=offload,
+        expert_config=expert_config,
+        expert_params=expert_params,
+    )
+
+
+def _unit_config(mesh: Mesh, *, policy: PrecisionPolicy, counter: CommCounter, axis: str) -> UnitConfig:
+    """Flat units sharded over `axis` (dp, or edp for expert-parallel parameters)."""
+    plan = mesh.plan
+    group = mesh.group(axis)
     sharded = plan.zero > 0
-    config = UnitConfig(
+    return UnitConfig(
         stage=max(plan.zero, 1),  # stage 0 in mixed precision: stage 1's layout, unsharded
         param_dtype=policy.param_dtype,
         reduce_dtype=policy.reduce_dtype,
         group=group,
-        num_shards=mesh.size("dp") if sharded else 1,
-        shard_index=mesh.rank("dp") if sharded else 0,
+        num_shards=mesh.size(axis) if sharded else 1,
+        shard_index=mesh.rank(axis) if sharded else 0,
         use_all_reduce=use_all_reduce(plan, group) or not sharded,
         counter=counter,
-        copy_stream=torch.cuda.Stream() if offload is not None and mesh.device_type == "cuda" else None,
+        axis=axis,
     )
-    device = torch.device(mesh.device_type)
-    materialize = Materializer(model, device=device) if is_lazy else None
-    return ZeroDataParallel(model, config=config, materialize=materialize, offload=offload)

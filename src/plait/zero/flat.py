@@ -70,17 +70,19 @@ def make_piece_param(
     layout: FlatLayout,
     sharded: bool,
     base: Placement | None,
+    axis: str = "dp",
 ) -> nn.Parameter:
     """An optimizer parameter viewing the master shard, its grad viewing the reduced grad shard.
 
     Its placement is the parameter's own (`base`: tensor-parallel dims, partial
-    gradients) plus, when the shard is a true dp shard, the flat range it covers.
+    gradients) plus, when the shard is a true dp shard, the flat range it covers over `axis`
+    (`edp` for expert-parallel parameters, sharded over their replicas only).
     """
     lo, hi = piece.lo - layout.shard_start, piece.hi - layout.shard_start
     param = nn.Parameter(master_shard[lo:hi], requires_grad=True)
     param.grad = grad_shard[lo:hi]
     span = piece.span
-    flat_range = ("dp", piece.lo - span.start, piece.hi - span.start) if sharded else None
+    flat_range = (axis, piece.lo - span.start, piece.hi - span.start) if sharded else None
     placement = base or Placement(name=span.name, global_shape=tuple(span.shape))
     set_placement(param, replace(placement, name=span.name, flat_range=flat_range))
     return param

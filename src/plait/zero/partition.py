@@ -5,10 +5,15 @@ and the grain of gradient reduction at every stage: each layer of a layer
 list (a ModuleList) is one unit, every other child with parameters is one,
 and parameters held directly by a module that contains a layer list form a
 unit of their own that lives across that module's whole forward.
+
+Expert parameters (expert parallel) are reduced and sharded over another group
+than the rest: a module's expert parameters form a unit of their own, next to
+its other parameters' unit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -19,6 +24,7 @@ class UnitSpec:
     name: str
     module: nn.Module
     named_params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    expert: bool = False  # expert-parallel parameters: reduced and sharded over the edp group
 
 
 @dataclass
@@ -53,21 +59,26 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def plan_units(model: nn.Module) -> tuple[list[UnitSpec], list[HookSite]]:
-    """Units (each parameter in exactly one, by identity) and the modules that use them."""
+def plan_units(
+    model: nn.Module, *, expert_params: Collection[nn.Parameter] = ()
+) -> tuple[list[UnitSpec], list[HookSite]]:
+    """Units (each parameter in exactly one, by identity) and the modules that use them;
+    `expert_params` go to units of their own (`UnitSpec.expert`)."""
+    experts = {id(p) for p in expert_params}
     owner: dict[int, int] = {}
     units: list[UnitSpec] = []
     sites: list[HookSite] = []
     for prefix, module, direct_only in _candidates(model, ""):
         named = list(module.named_parameters(recurse=not direct_only))
-        spec = UnitSpec(name=prefix or "<root>", module=module)
-        for name, param in named:
-            if id(param) not in owner and param.requires_grad:
-                owner[id(param)] = len(units)
-                spec.named_params.append((_qualified(prefix, name), param))
-        if spec.named_params:
-            units.append(spec)
+        name = prefix or "<root>"
+        for spec in (UnitSpec(name=name, module=module), UnitSpec(name=f"{name}[experts]", module=module, expert=True)):
+            for param_name, param in named:
+                if id(param) not in owner and param.requires_grad and (id(param) in experts) == spec.expert:
+                    owner[id(param)] = len(units)
+                    spec.named_params.append((_qualified(prefix, param_name), param))
+            if spec.named_params:
+                units.append(spec)
         used = sorted({owner[id(p)] for _, p in named if id(p) in owner})
         if used:
-            sites.append(HookSite(name=prefix or "<root>", module=module, unit_indices=used))
+            sites.append(HookSite(name=name, module=module, unit_indices=used))
     return units, sites

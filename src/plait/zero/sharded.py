@@ -11,7 +11,7 @@ previous module's prefetched), and released once their gradients are reduced.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -40,12 +40,15 @@ class ZeroDataParallel:
         config: UnitConfig,
         materialize: Materialize | None = None,
         offload: Offload | None = None,
+        expert_config: UnitConfig | None = None,
+        expert_params: Collection[nn.Parameter] = (),
     ) -> None:
         self.config = config
+        self.expert_config = expert_config or config  # expert-parallel units: reduced and sharded over edp
         self.model = model
         self.stage = config.stage
         self.offload = offload
-        specs, self.sites = plan_units(model)
+        specs, self.sites = plan_units(model, expert_params=expert_params)
         self.peak_held_elements = 0  # parameter elements held (shards + gathered units), at its highest
         self._held_so_far = 0
         self.units = [self._build_unit(index, spec, materialize) for index, spec in enumerate(specs)]
@@ -71,7 +74,7 @@ class ZeroDataParallel:
                 )
             named = materialize(spec)
         tiers = self.offload.tiers[index] if self.offload is not None else ON_DEVICE
-        unit = FlatUnit(named, config=self.config, tiers=tiers)
+        unit = FlatUnit(named, config=self.expert_config if spec.expert else self.config, tiers=tiers)
         if self.offload is not None:
             self.offload.attach(index, unit)
         # while a unit is flattened, its freshly initialised tensors and its flat buffer coexist

@@ -37,6 +37,7 @@ class UnitConfig:
     use_all_reduce: bool  # gloo's all-reduce beats its reduce-scatter; the kept bytes are the same
     counter: CommCounter
     copy_stream: torch.cuda.Stream | None = None  # CUDA: host-to-device copies of offloaded shards and their gathers
+    axis: str = "dp"  # the mesh axis `group` spans, as placement records name it ("edp" for experts)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class FlatUnit:
                 layout=self.layout,
                 sharded=config.num_shards > 1,
                 base=placements[piece.span.name],
+                axis=config.axis,
             )
             for piece in self.layout.pieces()
         ]
