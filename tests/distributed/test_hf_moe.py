@@ -9,7 +9,8 @@ experts and weights depend on that token alone, whichever rank or batch routes i
 with it set that loss reaches only ``outputs.loss``/``outputs.aux_loss``, which ``plait.losses.causal_lm``
 never reads. With the blocks swapped for plait MoELayers (``plait.models.use_plait_moe``) and
 ``output_router_logits=True``, the load-balancing loss trains the routers per routing group, so the
-reference routes in dp groups (``plait.moe.set_routing_groups``).
+reference routes in dp groups (``plait.moe.set_routing_groups``); swapped, they also run expert parallel
+(ep=2: each rank keeps half of every layer's experts).
 
 Seeds are chosen so that no top-k logit margin of the reference falls below 1e-4: a closer tie could
 flip under the float rounding of another batch shape, which the test would report as a failure.
@@ -45,7 +46,11 @@ PLANS = {
     # the registry's layout serves these too; tp splits attention, the experts stay whole on each rank
     "pp2-1f1b": {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "1f1b"},
     "tp2": {"dp": 1, "tp": 2},
+    # swapped models only: each rank keeps half the experts, tokens cross by all-to-all
+    "dp2-ep2": {"dp": 2, "ep": 2},
+    "dp2-ep2-zero3": {"dp": 2, "ep": 2, "zero": 3},
 }
+HF_PLANS = [name for name in PLANS if "ep" not in PLANS[name]]
 MIN_MARGIN = 1e-4
 # (family, swapped) -> model seed whose reference run keeps every top-k logit margin above MIN_MARGIN
 SEEDS = {
@@ -139,21 +144,29 @@ def check(family: str, plan: str, *, swapped: bool) -> None:
         assert_same_routing(results, recorder)
 
 
-@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("plan", HF_PLANS)
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_family_under_plan_matches_one_process(family: str, plan: str) -> None:
     check(family, plan, swapped=False)
 
 
-@pytest.mark.parametrize(("family", "plan"), [("mixtral", "dp2-zero0"), ("qwen2_moe", "dp2-zero3")])
-def test_swapped_moe_family_with_aux_loss_under_dp_matches_grouped_one_process(family: str, plan: str) -> None:
+SWAPPED_CASES = [
+    ("mixtral", "dp2-zero0"),
+    ("qwen2_moe", "dp2-zero3"),
+    ("mixtral", "dp2-ep2"),
+    ("qwen2_moe", "dp2-ep2-zero3"),  # the shared expert stays replicated
+]
+
+
+@pytest.mark.parametrize(("family", "plan"), SWAPPED_CASES)
+def test_swapped_moe_family_with_aux_loss_matches_grouped_one_process(family: str, plan: str) -> None:
     check(family, plan, swapped=True)
 
 
-def train_save_and_score(rank: int, world_size: int, family: str, path: str) -> torch.Tensor:
+def train_save_and_score(rank: int, world_size: int, family: str, plan: str, path: str) -> torch.Tensor:
     model = moe_model(family, swapped=True)
     engine = plait.boost(
-        model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plait.Plan(dp=2, zero=3, bucket_mb=0.01)
+        model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plait.Plan(bucket_mb=0.01, **PLANS[plan])
     )
     batch = make_batches()[0]
     share = slice(engine.dp_rank * 4, engine.dp_rank * 4 + 4)
@@ -164,8 +177,9 @@ def train_save_and_score(rank: int, world_size: int, family: str, path: str) -> 
         return engine.model(input_ids=batch["input_ids"]).logits
 
 
-def test_zero3_checkpoint_of_a_swapped_model_exports_as_its_hf_class(tmp_path: Path) -> None:
-    results = run_ranks(train_save_and_score, 2, "qwen2_moe", str(tmp_path / "ckpt"), timeout_s=60)
+@pytest.mark.parametrize("plan", ["dp2-zero3", "dp2-ep2"])
+def test_checkpoint_of_a_swapped_model_exports_as_its_hf_class(plan: str, tmp_path: Path) -> None:
+    results = run_ranks(train_save_and_score, 2, "qwen2_moe", plan, str(tmp_path / "ckpt"), timeout_s=60)
     assert export_hf(tmp_path / "ckpt", tmp_path / "hf") == "qwen2_moe"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == "Qwen2MoeForCausalLM" and theirs.config.output_router_logits
