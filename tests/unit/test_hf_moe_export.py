@@ -11,12 +11,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from plait.checkpoint.hf_export import export_hf, import_hf
+from plait.checkpoint.hf_export import HF_MODEL_FILE, export_hf, import_hf
 from plait.checkpoint.hf_model_export import hf_record
 from plait.checkpoint.io import load_checkpoint, save_checkpoint
 from plait.cli import main
+from plait.config import config_from_dict
+from plait.models.gpt import GPT
 from plait.models.hf_moe import use_plait_moe
 from plait.moe import has_moe
+from plait.train.setup import model_config_for
 from tests.hf_models import VOCAB, tiny_model
 from tests.unit.test_hf_export import cli_error, random_ids, save_plait_checkpoint
 
@@ -87,3 +90,40 @@ def test_hf_moe_checkpoint_exports_as_its_own_class(family: str, swapped: bool, 
     ids = random_ids(VOCAB, seq=12)
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def mixtral_native() -> torch.nn.Module:
+    """A tiny Mixtral built and initialised by transformers, every weight moved off its init."""
+    config = transformers.MixtralConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=48, num_local_experts=4, num_experts_per_tok=2,
+        rope_theta=20000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "plait-export"])
+def test_import_of_a_transformers_mixtral_matches_its_logits(layout: str, tmp_path: Path) -> None:
+    """Mixtral's per-expert files (save_pretrained), or transformers 5's stacked names (plait's export of an
+    HF Mixtral checkpoint), import into plait's MoE GPT."""
+    theirs = mixtral_native()
+    if layout == "save_pretrained":
+        theirs.save_pretrained(tmp_path / "hf")
+    else:
+        trainer_state = {"step": 1, **hf_record(theirs)}
+        save_checkpoint(tmp_path / "ckpt", model_state=theirs.state_dict(), trainer_state=trainer_state, config={})
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    stacked = "model.layers.0.mlp.experts.gate_up_proj" in safetensors.torch.load_file(tmp_path / "hf" / HF_MODEL_FILE)
+    assert stacked == (layout == "plait-export")
+    assert import_hf(tmp_path / "hf", tmp_path / "imported") == "mixtral"
+    state, _, raw_config = load_checkpoint(tmp_path / "imported")
+    ours = GPT(model_config_for(config_from_dict(raw_config))).eval()
+    ours.load_state_dict(state)
+    ids = random_ids(320, seq=48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)

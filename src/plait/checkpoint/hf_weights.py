@@ -5,7 +5,9 @@ Llama is a renaming. GPT-2 also stores its projections as ``Conv1D`` (weight
 (in, out), our ``nn.Linear`` transposed) and fuses q, k and v into one ``c_attn``.
 Mixtral is Llama's renaming for attention; its experts are written one tensor per expert
 (``block_sparse_moe.experts.{j}.w1/w3/w2``: gate, up, down), the layout Mixtral's checkpoints and
-transformers' ``save_pretrained`` use, where plait stacks them along a leading expert dim.
+transformers' ``save_pretrained`` use, where plait stacks them along a leading expert dim. Import also
+reads transformers 5's own module names (``mlp.gate``, stacked ``mlp.experts.gate_up_proj`` = [gate; up]
+and ``down_proj``), which a checkpoint of an HF Mixtral trained under plait exports.
 A tied head is written once, as its embedding, which is what every class expects.
 """
 
@@ -47,6 +49,8 @@ _MIXTRAL_PREFIXES = (
 _EXPERT_NAMES = {"gate_weight": "w1", "up_weight": "w3", "down_weight": "w2"}
 _PLAIT_EXPERTS = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(gate_weight|up_weight|down_weight)$")
 _HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_FUSED_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 _CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 _C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
@@ -137,7 +141,23 @@ def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if sorted(experts) != list(range(len(experts))):
             raise ValueError(f"cannot import: layer {layer} has experts {sorted(experts)} of {kind}; expected 0..n-1")
         stacked[f"blocks.{layer}.mlp.experts.{kinds[kind]}"] = torch.stack([experts[j] for j in range(len(experts))])
-    return stacked
+    return stacked | _unfused_experts(tensors)
+
+
+def _unfused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop transformers 5's module-named Mixtral tensors from ``tensors``; return plait's."""
+    state = {}
+    for name in [n for n in tensors if _FUSED_ROUTER.match(n)]:
+        state[f"blocks.{_FUSED_ROUTER.match(name).group(1)}.mlp.router.weight"] = tensors.pop(name)
+    for name in [n for n in tensors if _FUSED_EXPERTS.match(n)]:
+        layer, kind = _FUSED_EXPERTS.match(name).groups()
+        prefix, tensor = f"blocks.{layer}.mlp.experts.", tensors.pop(name)
+        if kind == "down_proj":
+            state[prefix + "down_weight"] = tensor
+        else:
+            gate, up = tensor.chunk(2, dim=1)  # (E, 2 * d_ff, d)
+            state[prefix + "gate_weight"], state[prefix + "up_weight"] = gate.contiguous(), up.contiguous()
+    return state
 
 
 def _to_hf_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
