@@ -28,6 +28,7 @@ from plait.distributed.mesh import Mesh
 from plait.moe import expert_parameters, has_moe, reset_stats, set_aux_loss_scale
 from plait.moe.all_to_all import Exchange
 from plait.moe.expert_parallel import apply_expert_parallel, check_expert_parallel, gather_experts
+from plait.optim.layerwise import use_mesh_norms
 from plait.pipeline.build import build_pipeline
 from plait.pipeline.runtime import StepInputs
 from plait.recompute import apply_recompute
@@ -115,6 +116,7 @@ class Engine:
         )
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.offload: Offload | None = getattr(self.data_parallel, "offload", None)
+        use_mesh_norms(self.optimizer, mesh=mesh, offloaded=self.offload is not None)  # LAMB, LARS
         if self.offload is not None:
             self.offload.optimizer = self.optimizer
             for note in self.offload.notes if mesh.rank("dp") == 0 and mesh.rank("tp") == 0 else []:

@@ -1,0 +1,103 @@
+"""LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from plait.optim.layerwise import LayerwiseOptimizer, NormReducer, local_norms, safe_ratio, squared_norms
+
+
+class Lamb(LayerwiseOptimizer):
+    """Adam's bias-corrected moments, decoupled weight decay inside the update, and a per-parameter
+    trust ratio ||w|| / ||update|| (1 where either norm is 0; at most 1 with ``trust_clip``).
+
+    A group with ``weight_decay == 0`` and not ``always_adapt`` takes the plain Adam step: that is
+    how biases and norm weights are excluded (``plait.optim.lamb`` builds such groups).
+    ``norms`` turns this rank's sums of squares into whole-parameter ones (``MeshNorms`` under
+    ZeRO / tensor parallel; the engine sets it).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        norms: NormReducer = local_norms,
+    ) -> None:
+        if lr < 0 or eps <= 0 or not all(0 <= beta < 1 for beta in betas) or weight_decay < 0:
+            raise ValueError(f"Lamb: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay} out of range")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_clip=trust_clip)
+        super().__init__(params, {**defaults, "always_adapt": always_adapt})
+        self.norms = norms
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, *self._updates(group)) for group in self.param_groups]
+        adapted = [(group, params, updates) for group, params, updates in work if _adapts(group)]
+        ratios = iter(self._trust_ratios(adapted))
+        for group, params, updates in work:
+            if _adapts(group):
+                torch._foreach_mul_(updates, [next(ratios) for _ in updates])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+        return loss
+
+    def _updates(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Adam's direction plus decoupled decay, for each parameter with a gradient."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return [], []
+        beta1, beta2 = group["betas"]
+        states = [self._state(p) for p in params]
+        grads = [p.grad for p in params]
+        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        step = float(states[0]["step"])
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2**step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(exp_avg, denom)
+        torch._foreach_div_(updates, 1 - beta1**step)
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+        return params, updates
+
+    def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def _trust_ratios(
+        self, adapted: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]
+    ) -> list[float]:
+        """||w|| / ||update|| for every adapted parameter, in order (one reduction for all of them)."""
+        params = [p for _, group_params, _ in adapted for p in group_params]
+        if not params:
+            return []
+        updates = [u for _, _, group_updates in adapted for u in group_updates]
+        squares = self.norms(torch.cat([squared_norms(params), squared_norms(updates)]), params)
+        weight_norm, update_norm = squares.sqrt().split(len(params))
+        ratios = safe_ratio(weight_norm, update_norm, keep=(weight_norm > 0) & (update_norm > 0))
+        clip = torch.tensor([bool(group["trust_clip"]) for group, group_params, _ in adapted for _ in group_params])
+        return torch.where(clip, ratios.clamp(max=1.0), ratios).tolist()
+
+
+def _adapts(group: dict[str, Any]) -> bool:
+    return bool(group["weight_decay"] or group["always_adapt"])

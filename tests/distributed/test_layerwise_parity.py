@@ -1,0 +1,57 @@
+"""LAMB and LARS under ZeRO 1-3 and tensor parallel against one plain process running the same optimizer:
+each parameter's trust ratio needs its whole norm, summed over the ranks that hold its pieces."""
+
+from __future__ import annotations
+
+import pytest
+
+import plait
+from plait.train.reference import train_reference
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_parity import assert_parity, fresh_model, make_batches, scheduler, shard_of
+
+OPTIMIZERS = {
+    "lamb": lambda: plait.optim.lamb(lr=2e-3, weight_decay=0.1),
+    "lars": lambda: plait.optim.lars(lr=0.5, weight_decay=1e-3, trust_coeff=0.02),
+}
+PLANS = {
+    "zero1": {"dp": 2, "zero": 1},
+    "zero2": {"dp": 2, "zero": 2},
+    "zero3": {"dp": 2, "zero": 3},
+    "tp2": {"dp": 1, "tp": 2},
+    "dp2-tp2-zero3": {"dp": 2, "tp": 2, "zero": 3},  # 4 ranks: norms summed over both axes
+}
+
+
+def train_plan(rank: int, world_size: int, optimizer: str, plan: dict) -> tuple[list[float], dict]:
+    model = fresh_model("tiny-llama")
+    engine = plait.boost(
+        model,
+        optimizer=OPTIMIZERS[optimizer](),
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(bucket_mb=0.01, **plan),
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    losses = [engine.train_step(shard_of(b, engine)).loss.item() for b in make_batches(model.config.vocab_size)]
+    return losses, engine.model_state_dict()
+
+
+def reference(optimizer: str) -> tuple[list[float], dict]:
+    model = fresh_model("tiny-llama")
+    losses = train_reference(
+        model,
+        make_batches(model.config.vocab_size),
+        optimizer=OPTIMIZERS[optimizer](),
+        loss_fn=plait.losses.causal_lm,
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_layerwise_optimizer_matches_one_process(optimizer: str, plan: str) -> None:
+    world = PLANS[plan]["dp"] * PLANS[plan].get("tp", 1)
+    assert_parity(run_ranks(train_plan, world, optimizer, PLANS[plan]), reference(optimizer))
