@@ -186,12 +186,6 @@ class Plan:
             f"plan.ep={self.ep} does not divide plan.dp={self.dp}: experts split over ep ranks carved from dp; "
             f"choose an ep that divides {self.dp}",
         )
-        for axis in ("tp", "pp"):
-            _require(
-                getattr(self, axis) == 1,
-                f"plan.ep={self.ep} with plan.{axis}={getattr(self, axis)} is not available yet in plait; "
-                f"set plan.{axis}=1 (ep composes with dp and ZeRO 0-3)",
-            )
         _require(
             not self.offloads,
             f"plan.ep={self.ep} with offloaded states is not available yet in plait; set the plan.offload_* "

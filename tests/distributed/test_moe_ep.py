@@ -9,6 +9,7 @@ CI runs STEPS steps; `python tests/distributed/test_moe_ep.py 20` runs every cas
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import plait
 from plait.models import build
 from plait.moe import expert_parameters, moe_layers, set_routing_groups
+from plait.moe.aux import in_backward
 from plait.moe.dispatch import Dispatched
 from plait.moe.expert_parallel import count_exchange_bytes
 from plait.train.reference import train_reference
@@ -38,6 +40,13 @@ class Case:
     microbatches: int = 1
     capacity_factor: float | None = -1.0  # -1: the preset's
     seed: int = 0
+    tp: int = 1
+    pp: int = 1
+    recompute: str = "none"
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
 
 
 def make_model(case: Case) -> torch.nn.Module:
@@ -64,12 +73,15 @@ def optimizer(params):
 
 
 class RouterLog:
-    """Every router's logits, per forward, in module order (forward hooks only read)."""
+    """Every router's logits per forward, by MoE layer name (forward hooks only read)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.logits: list[torch.Tensor] = []
-        for _, layer in moe_layers(model):
-            layer.router.register_forward_hook(lambda _m, _i, out: self.logits.append(out.detach().clone()))
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        for name, layer in moe_layers(model):
+            self.logits[name] = []
+            layer.router.register_forward_hook(
+                lambda _m, _i, out, log=self.logits[name]: None if in_backward() else log.append(out.detach().clone())
+            )
 
 
 class CountingDispatch:
@@ -80,7 +92,8 @@ class CountingDispatch:
         self.counts: list[torch.Tensor] = []
 
     def dispatch(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> Dispatched:
-        self.counts.append(tokens_per_expert.detach().clone())
+        if not in_backward():  # recomputation replays the forward: the same counts again
+            self.counts.append(tokens_per_expert.detach().clone())
         return self.inner.dispatch(tokens, tokens_per_expert)
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -90,7 +103,16 @@ class CountingDispatch:
 def train_ep(rank: int, world_size: int, case: Case, steps: int) -> dict:
     model = make_model(case)
     log = RouterLog(model)
-    plan = plait.Plan(dp=world_size, ep=case.ep, zero=case.zero, microbatches=case.microbatches, bucket_mb=0.01)
+    plan = plait.Plan(
+        dp=case.dp,
+        tp=case.tp,
+        pp=case.pp,
+        ep=case.ep,
+        zero=case.zero,
+        microbatches=case.microbatches,
+        recompute=case.recompute,
+        bucket_mb=0.01,
+    )
     engine = plait.boost(
         model,
         optimizer=optimizer,
@@ -99,9 +121,9 @@ def train_ep(rank: int, world_size: int, case: Case, steps: int) -> dict:
         lr_scheduler=lambda opt: plait.optim.warmup_cosine(opt, warmup=2, total=steps),
         max_grad_norm=1.0,
     )
-    counting = [CountingDispatch(layer.dispatch) for _, layer in moe_layers(engine.model)]
-    for (_, layer), wrapper in zip(moe_layers(engine.model), counting, strict=True):
-        layer.dispatch = wrapper
+    counting = {name: CountingDispatch(layer.dispatch) for name, layer in moe_layers(engine.model)}
+    for name, layer in moe_layers(engine.model):
+        layer.dispatch = counting[name]
     per_rank = GLOBAL_BATCH // engine.dp_size
     losses, exchanged, dropped = [], [], []
     for batch in make_batches(model.config.vocab_size, steps):
@@ -109,24 +131,27 @@ def train_ep(rank: int, world_size: int, case: Case, steps: int) -> dict:
         shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
         losses.append(engine.train_step(shard).loss.item())
         exchanged.append(count_exchange_bytes(engine.comm))
-        dropped.append(plait.moe.collect_stats(engine.model).dropped_fraction)
+        stats = plait.moe.collect_stats(engine.model)
+        dropped.append(stats.dropped_fraction if stats is not None else 0.0)
     expert_bytes = sum(p.numel() * p.element_size() for _, p in expert_parameters(engine.model))
     return {
         "losses": losses,
         "state": engine.model_state_dict(),
-        "logits": log.logits,
-        "counts": [torch.stack(w.counts) for w in counting],  # per layer: (forwards, E)
+        "logits": {name: forwards for name, forwards in log.logits.items() if name in counting},
+        "counts": {name: torch.stack(w.counts) for name, w in counting.items()},  # (forwards, E) per layer
         "exchanged": exchanged,
         "dropped": dropped,
         "expert_bytes": expert_bytes,
         "param_bytes": engine.state_bytes()["params"],
         "ep_rank": engine.mesh.rank("ep"),
+        "dp_rank": engine.dp_rank,
+        "ep_group": engine.mesh.ranks("ep"),
     }
 
 
 def reference(case: Case, steps: int) -> dict:
     model = make_model(case)
-    set_routing_groups(model, case.world * case.microbatches)
+    set_routing_groups(model, case.dp * case.microbatches)
     log = RouterLog(model)
     losses = train_reference(
         model,
@@ -145,51 +170,51 @@ def top_k_margin(logits: torch.Tensor, top_k: int) -> float:
     return float((ranked[:, :-1] - ranked[:, 1:]).min())
 
 
-def assert_same_routing(result: dict, ref: dict, *, case: Case, rank: int, top_k: int) -> None:
-    """Rank `rank`'s micro-batches are rows [rank * per_rank, (rank + 1) * per_rank) of each global batch."""
-    num_layers = len(ref["logits"]) // len(result["losses"])
-    per_rank_rows = GLOBAL_BATCH // case.world * SEQ
-    mine = result["logits"]
-    for step in range(len(result["losses"])):
-        for layer in range(num_layers):
-            ref_logits = ref["logits"][step * num_layers + layer][rank * per_rank_rows : (rank + 1) * per_rank_rows]
-            forwards = [mine[(step * case.microbatches + m) * num_layers + layer] for m in range(case.microbatches)]
-            got = torch.cat(forwards).topk(top_k, dim=-1).indices
+def assert_same_routing(result: dict, ref: dict, *, case: Case, top_k: int) -> None:
+    """A rank's micro-batches are rows [dp_rank * per_rank, (dp_rank + 1) * per_rank) of each global batch."""
+    rows = GLOBAL_BATCH // case.dp * SEQ
+    first = result["dp_rank"] * rows
+    for name, forwards in result["logits"].items():
+        for step in range(len(result["losses"])):
+            ref_logits = ref["logits"][name][step][first : first + rows]
+            mine = forwards[step * case.microbatches : (step + 1) * case.microbatches]
+            got = torch.cat(mine).topk(top_k, dim=-1).indices
             margin = top_k_margin(ref_logits, top_k)
-            assert margin >= MIN_MARGIN, f"step {step} layer {layer}: the reference's top-k margin is {margin:.2e}"
+            assert margin >= MIN_MARGIN, f"step {step} {name}: the reference's top-k margin is {margin:.2e}"
             flips = int((got != ref_logits.topk(top_k, dim=-1).indices).any(dim=-1).sum())
-            assert flips == 0, f"rank {rank} step {step} layer {layer}: {flips} tokens routed differently"
+            assert flips == 0, f"dp rank {result['dp_rank']} step {step} {name}: {flips} tokens routed differently"
 
 
 def expected_exchange_bytes(results: list[dict], *, rank: int, case: Case, d_model: int) -> list[float]:
-    """All-to-all bytes rank `rank` sends per step: per MoE layer and micro-batch, the counts exchange
+    """All-to-all bytes global rank `rank` sends per step: per MoE layer and micro-batch, the counts exchange
     ((ep-1)/ep x E x 8 bytes), and forward dispatch + combine and their backward reverses: twice
-    (slots it sends to other ep ranks + slots it receives from them) x d_model x 4 bytes."""
-    ep = case.ep
-    group = [r for r in range(case.world) if r // ep == rank // ep]
+    (slots it sends to other ep ranks + slots it receives from them) x d_model x 4 bytes. Full
+    recomputation replays the forward's exchanges (counts, dispatch, combine) once more in backward."""
+    replays = 2 if case.recompute == "full" else 1
+    ep, me = case.ep, results[rank]
+    peers = [results[r] for r in me["ep_group"] if r != rank]
     per_step = []
-    for step in range(len(results[rank]["losses"])):
+    for step in range(len(me["losses"])):
         total = 0.0
-        for layer_counts in zip(*(results[r]["counts"] for r in range(case.world)), strict=True):
-            num_experts = layer_counts[0].shape[1]
-            per_rank = num_experts // ep
-            mine = slice(results[rank]["ep_rank"] * per_rank, (results[rank]["ep_rank"] + 1) * per_rank)
-            for m in range(case.microbatches):
-                forward = step * case.microbatches + m
-                counts = layer_counts[rank][forward]
-                sent = int(counts.sum() - counts[mine].sum())
-                received = sum(int(layer_counts[q][forward][mine].sum()) for q in group if q != rank)
-                total += (ep - 1) / ep * num_experts * 8 + 2 * (sent + received) * d_model * 4
+        for name, counts in me["counts"].items():
+            num_experts = counts.shape[1]
+            mine = slice(me["ep_rank"] * num_experts // ep, (me["ep_rank"] + 1) * num_experts // ep)
+            for forward in range(step * case.microbatches, (step + 1) * case.microbatches):
+                sent = int(counts[forward].sum() - counts[forward][mine].sum())
+                received = sum(int(peer["counts"][name][forward][mine].sum()) for peer in peers)
+                counts_bytes = (ep - 1) / ep * num_experts * 8
+                total += replays * counts_bytes + (replays + 1) * (sent + received) * d_model * 4
         per_step.append(total)
     return per_step
 
 
-def expected_expert_bytes(model: torch.nn.Module, ep: int) -> int:
-    """Each MoE layer's experts: E / ep of them per rank, each up (d_ff x d) + down (d x d_ff), a gate
-    (d_ff x d) with SwiGLU, biases d_ff (+ d_ff) + d when the model has them; fp32."""
+def expected_expert_bytes(model: torch.nn.Module, ep: int, *, names: Iterable[str]) -> int:
+    """The experts of the MoE layers `names`: E / ep of them per rank, each up (d_ff x d) + down
+    (d x d_ff), a gate (d_ff x d) with SwiGLU, biases d_ff (+ d_ff) + d when the model has them; fp32."""
+    layers = dict(moe_layers(model))
     total = 0
-    for _, layer in moe_layers(model):
-        c = layer.config
+    for name in names:
+        c = layers[name].config
         swiglu = c.activation == "swiglu"
         per_expert = (3 if swiglu else 2) * c.d_ff * c.d_model
         if c.bias:
@@ -210,9 +235,11 @@ def check_case(case: Case, steps: int) -> dict:
         assert result["state"].keys() == ref["state"].keys()
         for name, value in ref["state"].items():
             torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"weight {name}")
-        assert_same_routing(result, ref, case=case, rank=rank, top_k=top_k)
-        assert result["expert_bytes"] == expected_expert_bytes(ref["model"], case.ep) == whole_experts // case.ep
-        if case.zero == 0:  # whole dense parameters plus this rank's experts
+        assert_same_routing(result, ref, case=case, top_k=top_k)
+        assert result["expert_bytes"] == expected_expert_bytes(ref["model"], case.ep, names=result["counts"])
+        if case.pp == 1:
+            assert result["expert_bytes"] == whole_experts // case.ep
+        if case.zero == 0 and case.tp == case.pp == 1:  # whole dense parameters plus this rank's experts
             assert result["param_bytes"] == dense_bytes + whole_experts // case.ep
         expected = expected_exchange_bytes(results, rank=rank, case=case, d_model=d_model)
         assert result["exchanged"] == pytest.approx(expected, rel=1e-12)
@@ -226,8 +253,12 @@ CASES = {
     "world4-dp4-ep2": Case("switch-tiny", world=4, ep=2, microbatches=2, seed=2),
     "ep2-zero1": Case("switch-tiny", world=2, ep=2, zero=1, microbatches=2, seed=2),
     "ep2-zero3": Case("switch-tiny", world=4, ep=2, zero=3, seed=2),
+    "ep2-zero2-recompute": Case("switch-tiny", world=2, ep=2, zero=2, recompute="full", seed=2),
     "top1-capacity1": Case("switch-tiny", world=2, ep=2, capacity_factor=1.0, seed=7),
     "top2-dropless": Case("mixtral-tiny", world=2, ep=2, capacity_factor=None, seed=4),
+    "ep2-tp2": Case("switch-tiny", world=4, ep=2, tp=2, seed=2),
+    "ep2-pp2": Case("switch-tiny", world=4, ep=2, pp=2, microbatches=2, seed=2),
+    "ep1-tp2-pp2": Case("switch-tiny", world=4, ep=1, tp=2, pp=2, microbatches=2, seed=2),
 }
 
 
@@ -254,7 +285,7 @@ if __name__ == "__main__":
         dropped = check_drops(CASES[name], results)
         worst = max(abs(a - b) / abs(b) for r in results for a, b in zip(r["losses"], ref["losses"], strict=True))
         top_k = moe_layers(ref["model"])[0][1].config.top_k
-        margin = min(top_k_margin(logits, top_k) for logits in ref["logits"])
+        margin = min(top_k_margin(logits, top_k) for forwards in ref["logits"].values() for logits in forwards)
         print(
             f"{name}: {steps} steps PASS, loss {ref['losses'][0]:.4f} -> {ref['losses'][-1]:.4f}, worst loss "
             f"rel. diff {worst:.1e}, min top-k margin {margin:.1e}, max dropped fraction {dropped:.3f}",

@@ -101,7 +101,8 @@ class Mesh:
         return dist.get_process_group_ranks(group) if group is not None else [self.global_rank]
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{axis}={self.size(axis)}" for axis in AXES)
+        shown = (*AXES, "ep") if self.size("ep") > 1 else AXES
+        sizes = ", ".join(f"{axis}={self.size(axis)}" for axis in shown)
         return f"Mesh({sizes}, rank={self.global_rank})"
 
 

@@ -118,9 +118,11 @@ class GPT(nn.Module):
         }
         if not self.config.parallel_block:
             plan["blocks.*.norm2"] = "sequence_norm"
-        if self.config.activation == "swiglu":
-            plan["blocks.*.mlp.gate_proj"] = "colwise"
-        plan |= {"blocks.*.mlp.up_proj": "colwise", "blocks.*.mlp.down_proj": "rowwise"}
+        if any(not self.config.is_moe_layer(i) for i in range(self.config.num_layers)):
+            # MoE layers stay whole on every tp rank: without sequence parallel each routes the same tokens
+            if self.config.activation == "swiglu":
+                plan["blocks.*.mlp.gate_proj"] = "colwise"
+            plan |= {"blocks.*.mlp.up_proj": "colwise", "blocks.*.mlp.down_proj": "rowwise"}
         return plan | {"norm_f": "sequence_norm", "lm_head": "vocab_head"}
 
     def init_order(self) -> list[nn.Module]:
