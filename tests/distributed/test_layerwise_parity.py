@@ -55,3 +55,38 @@ def reference(optimizer: str) -> tuple[list[float], dict]:
 def test_layerwise_optimizer_matches_one_process(optimizer: str, plan: str) -> None:
     world = PLANS[plan]["dp"] * PLANS[plan].get("tp", 1)
     assert_parity(run_ranks(train_plan, world, optimizer, PLANS[plan]), reference(optimizer))
+
+
+def train_moe(rank: int, world_size: int, zero: int) -> tuple[list[float], dict]:
+    from tests.distributed.test_moe_ep import Case, make_batches, make_model
+
+    case = Case("mixtral-tiny", world=2, ep=2, zero=zero)
+    model = make_model(case)
+    engine = plait.boost(
+        model,
+        optimizer=OPTIMIZERS["lamb"](),
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(dp=2, ep=2, zero=zero, bucket_mb=0.01),
+        max_grad_norm=1.0,
+    )
+    batches = make_batches(model.config.vocab_size, 10)
+    losses = [engine.train_step(shard_of(b, engine)).loss.item() for b in batches]
+    return losses, engine.model_state_dict()
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_lamb_under_expert_parallel_matches_one_process(zero: int) -> None:
+    """Each rank holds half the experts' rows of a stacked expert weight: its norm sums both halves."""
+    from plait.moe import set_routing_groups
+    from tests.distributed.test_moe_ep import Case, make_batches, make_model
+
+    model = make_model(Case("mixtral-tiny", world=2, ep=2))
+    set_routing_groups(model, 2)
+    losses = train_reference(
+        model,
+        make_batches(model.config.vocab_size, 10),
+        optimizer=OPTIMIZERS["lamb"](),
+        loss_fn=plait.losses.causal_lm,
+        max_grad_norm=1.0,
+    )
+    assert_parity(run_ranks(train_moe, 2, zero), (losses, model.state_dict()))
