@@ -84,3 +84,17 @@ def test_what_a_moe_layer_cannot_compute_is_refused() -> None:
     dense = tiny_model("qwen2")
     with pytest.raises(ValueError, match="no Mixture-of-Experts blocks"):
         use_plait_moe(dense)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_tensor_parallel_loader_reads_per_expert_checkpoints(family: str, tmp_path) -> None:
+    """save_pretrained writes one tensor per expert (Mixtral's under block_sparse_moe); the tp reader,
+    which reads keys itself, stacks them as transformers' own loading does."""
+    from plait.tensor.hf import load_pretrained_tp
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    loaded = load_pretrained_tp(type(model), tmp_path, group=None).state_dict()
+    expected = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from plait.distributed.placement import Placement, placement_of
+from plait.tensor.hf_expert_keys import file_spellings, per_expert_keys
 
 
 @dataclass
@@ -99,8 +100,9 @@ class _Reader:
     def key_of(self, names: list[str]) -> str | None:
         """The file's key for a tensor known by `names` (tied aliases); checkpoints of a base model
         lack the task model's prefix ("bert."), and the other way round."""
-        for name in names:
-            keys = (name, f"{self.prefix}.{name}", name.removeprefix(f"{self.prefix}.")) if self.prefix else (name,)
+        for spelling in (spelling for name in names for spelling in file_spellings(name)):
+            prefix = self.prefix
+            keys = (spelling, f"{prefix}.{spelling}", spelling.removeprefix(f"{prefix}.")) if prefix else (spelling,)
             found = next((key for key in keys if key in self.files), None)
             if found is not None:
                 return found
@@ -115,6 +117,11 @@ class _Reader:
         sharded = _tp_dim(placement) is not None  # a partial-gradient record (norms) holds the whole tensor
         tensor = _read_shard(slice_, placement, rank=self.rank, size=self.size) if sharded else handle.get_tensor(key)
         self.stats.add(tensor, sharded=sharded)
+        return tensor
+
+    def read_whole(self, key: str) -> torch.Tensor:
+        tensor = self.open_file(self.files[key]).get_tensor(key)
+        self.stats.add(tensor, sharded=False)
         return tensor
 
 
@@ -161,10 +168,14 @@ def _materialize_parameters(model: nn.Module, reader: _Reader, *, device: torch.
                 continue
             if id(param) not in loaded:
                 key = reader.key_of(aliases[id(param)])
-                if key is None:
+                if key is not None:
+                    filled = _filled(param, reader, key=key, device=device)
+                else:
+                    filled = _stacked_experts(param, aliases[id(param)], reader, device=device)
+                if filled is None:
                     missing.append(f"{module_name}.{attr}".lstrip("."))
                     continue
-                loaded[id(param)] = _filled(param, reader, key=key, device=device)
+                loaded[id(param)] = filled
             setattr(module, attr, loaded[id(param)])
     if missing:
         raise ValueError(
@@ -180,6 +191,25 @@ def _filled(param: nn.Parameter, reader: _Reader, *, key: str, device: torch.dev
     data = reader.read(key, placement, expected=tuple(expected)).to(device=device, dtype=param.dtype).contiguous()
     new = nn.Parameter(data, requires_grad=param.requires_grad)
     new.__dict__.update(param.__dict__)  # the placement record, and any flags HF set
+    return new
+
+
+def _stacked_experts(
+    param: nn.Parameter, names: list[str], reader: _Reader, *, device: torch.device
+) -> nn.Parameter | None:
+    """A stacked expert parameter put together from a checkpoint's per-expert tensors (see hf_expert_keys)."""
+    groups = next((found for found in (per_expert_keys(name, reader.files) for name in names) if found), None)
+    if groups is None:
+        return None
+    assert _tp_dim(placement_of(param)) is None, f"{names[0]} is split over tp; experts are kept whole"
+    data = torch.stack([torch.cat([reader.read_whole(key) for key in keys]) for keys in groups])
+    if tuple(data.shape) != tuple(param.shape):
+        raise ValueError(
+            f"{names[0]}: the checkpoint's {len(groups)} experts make shape {tuple(data.shape)} but the model "
+            f"expects {tuple(param.shape)}; pass the config the checkpoint was saved with"
+        )
+    new = nn.Parameter(data.to(device=device, dtype=param.dtype), requires_grad=param.requires_grad)
+    new.__dict__.update(param.__dict__)
     return new
 
 
