@@ -98,3 +98,11 @@ def test_tensor_parallel_loader_reads_per_expert_checkpoints(family: str, tmp_pa
     expected = model.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+
+def test_plait_train_refuses_an_aux_loss_it_would_drop(tmp_path) -> None:
+    from plait.checkpoint.hf_pretrained import inspect_pretrained
+
+    tiny_model("mixtral", output_router_logits=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"output_router_logits=true, but transformers adds .* only to the loss"):
+        inspect_pretrained(tmp_path)

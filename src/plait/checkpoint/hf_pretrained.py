@@ -103,9 +103,22 @@ def inspect_pretrained(path: str | Path) -> Pretrained:
             f"{label} holds {type(meta_model).__name__}, an encoder in plait's architecture registry, not a causal "
             f"LM; plait train needs weights that AutoModelForCausalLM loads (such as {CAUSAL_EXAMPLES})"
         )
+    _require_no_dropped_aux_loss(config, architecture, label=label)
     rows = meta_model.get_input_embeddings().weight.shape[0]
     tokenizer = read_tokenizer(path, config=config, embedding_rows=rows, label=label)
     return Pretrained(path=path, config=config, meta_model=meta_model, architecture=architecture, tokenizer=tokenizer)
+
+
+def _require_no_dropped_aux_loss(config: Any, architecture: Architecture, *, label: str) -> None:
+    """An HF MoE model adds its load-balancing loss only to the loss it computes from labels, which plait's
+    loss functions replace: with ``output_router_logits`` set it would silently not train."""
+    if architecture.moe_block is not None and getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"{label} sets output_router_logits=true, but transformers adds that load-balancing loss only to the "
+            "loss it computes itself, which plait train does not use, so the routers would train without it; set "
+            '"output_router_logits": false in its config.json (in Python, plait.models.use_plait_moe(model) '
+            "trains a per-layer load-balancing loss instead)"
+        )
 
 
 def build_meta_model(config: Any) -> nn.Module:
