@@ -6,7 +6,9 @@ over the experts (Mixtral always renormalises the ``k`` weights, the Qwens when
 (E, 2 * d_ff, d) = [gate; up] and ``down_proj`` (E, d, d_ff). Qwen2-MoE adds a shared expert
 scaled by ``sigmoid(shared_expert_gate(x))``. A ``MoELayer`` computes the same with its own
 router, capacity and dispatch seam, which is where expert parallel plugs in; the swap is a
-module replacement (``plait.models.use_plait_moe``), never a patch of transformers.
+module replacement (``plait.models.use_plait_moe``), never a patch of transformers. In fp32 the two
+compute the same logits; in bf16 plait's router projects in fp32 where HF's projects in the model's
+dtype (both take the softmax in fp32), so a near tie may route otherwise.
 
 The load-balancing loss: the HF model adds ``router_aux_loss_coef`` times one loss pooled over
 all layers and the whole batch, only when ``output_router_logits`` is set, and only to
