@@ -43,6 +43,7 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
 
 def use_plait_moe(model: nn.Module) -> int:
     """Replace every HF sparse-MoE block of ``model`` by an equivalent ``MoELayer``; return how many.
+    Call it before ``plait.boost``, which then sees an MoE model (expert parallel, MoE metrics).
 
     ``output_router_logits`` becomes a per-layer load-balancing loss (``plait.moe.hf``), and the
     config's flag is cleared: the HF forward would pool router logits from blocks that are gone.
