@@ -161,8 +161,9 @@ class Plan:
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
         _require(
-            self.pp == 1 or self.zero <= 1,
-            f"plan.zero={self.zero} with plan.pp={self.pp}: pipeline parallel composes with ZeRO stage 0 or 1 so far; set plan.zero=1",
+            self.pp == 1 or self.zero <= 2,
+            f"plan.zero=3 with plan.pp={self.pp}: ZeRO-3 under a pipeline is not available yet in plait; set "
+            "plan.zero=2 (each stage's gradients and optimizer state sharded over its dp group)",
         )
         _require(
             self.pp_chunks == 1 or self.pp_schedule == "interleaved",

@@ -65,3 +65,18 @@ def peak_activations(rank: int, world_size: int, schedule: str) -> int:
 def test_gpipe_holds_every_microbatch_and_1f1b_at_most_p() -> None:
     assert run_ranks(peak_activations, 4, "gpipe") == [8, 8, 8, 8]
     assert run_ranks(peak_activations, 4, "1f1b") == [4, 3, 2, 1]  # p - rank: never more than p
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"pp_schedule": "1f1b"},
+        {"pp_schedule": "zb-h1"},
+        {"pp_schedule": "interleaved", "pp_chunks": 2},
+        {"pp_schedule": "1f1b", "offload_optimizer": "cpu", "offload_gradients": "cpu"},
+    ],
+    ids=["1f1b", "zb-h1", "interleaved", "1f1b-offload"],
+)
+def test_zero2_under_a_pipeline_matches_one_process(plan: dict) -> None:
+    """Each stage's gradients accumulate over the micro-batches and are reduce-scattered once over its dp group."""
+    assert_parity(run_ranks(train_pp, 4, {"dp": 2, "pp": 2, "zero": 2, **plan}, timeout_s=120), reference())

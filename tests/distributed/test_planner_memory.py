@@ -60,3 +60,14 @@ def test_estimated_memory_matches_the_runtime(name: str) -> None:
     states, peak = max(r[0] for r in results), max(r[1] for r in results)
     assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
     assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)
+
+
+def test_zero2_under_a_pipeline_keeps_whole_gradients_as_estimated() -> None:
+    """dp2 x pp2 ZeRO-2 (4 ranks): each stage accumulates whole gradients over its micro-batches."""
+    plan = Plan(dp=2, pp=2, zero=2, microbatches=4)
+    cluster = Cluster.preset("h100", devices_per_node=4)
+    estimate = Estimator(ModelShape(CONFIG), Workload(GLOBAL_BATCH, SEQ), cluster=cluster).estimate(plan).memory
+    results = run_ranks(measure, 4, plan, timeout_s=90)
+    states, peak = max(r[0] for r in results), max(r[1] for r in results)
+    assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
+    assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)

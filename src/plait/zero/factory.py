@@ -67,7 +67,7 @@ def build_data_parallel(
     expert_config = _unit_config(mesh, policy=policy, counter=counter, axis="edp") if expert_params else None
     device = torch.device(mesh.device_type)
     materialize = Materializer(model, device=device) if is_lazy else None
-    return ZeroDataParallel(
+    zero = ZeroDataParallel(
         model,
         config=config,
         materialize=materialize,
@@ -75,6 +75,8 @@ def build_data_parallel(
         expert_config=expert_config,
         expert_params=expert_params,
     )
+    zero.defer_reduction = mesh.size("pp") > 1
+    return zero
 
 
 def _unit_config(mesh: Mesh, *, policy: PrecisionPolicy, counter: CommCounter, axis: str) -> UnitConfig:

@@ -55,6 +55,9 @@ class ZeroDataParallel:
         if offload is not None:
             trim_heap()  # what building the units freed goes back to the system, not to glibc's heap
         self.sync = True
+        # Under a pipeline, micro-batches' backwards interleave with other forwards: every micro-batch's
+        # gradients accumulate in full and each unit is reduced once, after the schedule (build_data_parallel sets it).
+        self.defer_reduction = False
         self.in_backward = False
         self._pending: list[tuple[FlatUnit, PendingReduce]] = []
         self._ready_counts = [0] * len(self.units)
@@ -108,7 +111,7 @@ class ZeroDataParallel:
 
     def _grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def on_grad_ready(_param: torch.Tensor) -> None:
-            if self.stage == 1 and not self.sync:
+            if (self.stage == 1 or self.defer_reduction) and not self.sync:
                 return
             self._ready_counts[index] += 1
             if self._ready_counts[index] == len(self.units[index].params):
