@@ -3,7 +3,11 @@
 Each case checks the losses of every step (1e-5 relative), the final weights (allclose 1e-5, 1e-6),
 and that every rank routed every token to the same experts as the reference did (with the
 reference's top-k margin at least 1e-4 everywhere, so no decision could flip on float noise).
-CI runs STEPS steps; `python tests/distributed/test_moe_ep.py 20` runs every case for 20.
+Each case also checks the expert bytes each rank holds and the all-to-all bytes of every step
+against formulas over the routing that happened. The dispatch alone is checked against experts on one
+rank (uneven and empty splits, forward and backward), and a checkpoint saved under ep=2 continues
+under ep=1, ep=4 and dp only. `python -m tests.distributed.test_moe_ep 20 [CASE...]` runs the parity
+cases by hand with a summary line each.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import plait
 from plait.models import build
-from plait.moe import expert_parameters, moe_layers, set_routing_groups
+from plait.moe import Experts, MoEConfig, expert_parameters, moe_layers, set_routing_groups
+from plait.moe.all_to_all import AllToAllDispatch, Exchange
 from plait.moe.aux import in_backward
-from plait.moe.dispatch import Dispatched
-from plait.moe.expert_parallel import count_exchange_bytes
+from plait.moe.dispatch import Dispatched, LocalDispatch
+from plait.moe.expert_parallel import count_exchange_bytes, slice_experts
 from plait.train.reference import train_reference
 from tests.distributed.harness import run_ranks
 
@@ -291,6 +297,49 @@ if __name__ == "__main__":
             f"rel. diff {worst:.1e}, min top-k margin {margin:.1e}, max dropped fraction {dropped:.3f}",
             flush=True,
         )
+
+
+def _exchange_case(rank: int, world_size: int, counts: list[list[int]]) -> None:
+    """One all-to-all dispatch + experts + combine, forward and backward, against every expert on one rank."""
+    config = MoEConfig(d_model=8, d_ff=16, num_experts=4)
+    torch.manual_seed(0)
+    full = Experts(config)
+    full.reset_parameters()
+    inputs = [torch.randn(sum(c), 8, generator=torch.Generator().manual_seed(10 + r)) for r, c in enumerate(counts)]
+    weights = [torch.randn(sum(c), 8, generator=torch.Generator().manual_seed(20 + r)) for r, c in enumerate(counts)]
+
+    def run(tokens: torch.Tensor, per_expert: torch.Tensor, experts: Experts, dispatch) -> torch.Tensor:
+        dispatched = dispatch.dispatch(tokens, per_expert)
+        return dispatch.combine(experts(dispatched.tokens, dispatched.tokens_per_local_expert), dispatched)
+
+    reference_inputs = [x.clone().requires_grad_() for x in inputs]
+    reference_outputs = [
+        run(x, torch.tensor(c), full, LocalDispatch()) for x, c in zip(reference_inputs, counts, strict=True)
+    ]
+    sum((y * w).sum() for y, w in zip(reference_outputs, weights, strict=True)).backward()
+    group = dist.new_group(list(range(world_size)))
+    local = slice_experts(full, config=config, first=2 * rank, count=2)
+    mine = inputs[rank].clone().requires_grad_()
+    dispatch = AllToAllDispatch(Exchange(group=group, rank=rank, size=world_size), num_local_experts=2)
+    out = run(mine, torch.tensor(counts[rank]), local, dispatch)
+    (out * weights[rank]).sum().backward()
+    torch.testing.assert_close(out, reference_outputs[rank].detach())
+    torch.testing.assert_close(mine.grad, reference_inputs[rank].grad)
+    for name, param in local.named_parameters():
+        reference = getattr(full, name).grad[2 * rank : 2 * rank + 2]
+        torch.testing.assert_close(param.grad, reference, msg=name)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [[1, 2, 0, 5], [4, 0, 0, 1]],  # uneven splits both ways
+        [[3, 0, 2, 0], [0, 0, 0, 0]],  # rank 1 sends nothing; its second expert gets no token
+        [[0, 0, 0, 0], [0, 0, 0, 0]],  # nothing anywhere: every rank still joins each exchange
+    ],
+)
+def test_all_to_all_dispatch_matches_local_experts(counts: list[list[int]]) -> None:
+    run_ranks(_exchange_case, 2, counts)
 
 
 @dataclass(frozen=True)

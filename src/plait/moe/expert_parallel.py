@@ -42,7 +42,7 @@ def apply_expert_parallel(model: nn.Module, *, exchange: Exchange) -> None:
     check_expert_parallel(model, exchange.size)
     for _, layer in moe_layers(model):
         count = layer.config.num_experts // exchange.size
-        layer.experts = _slice_experts(layer.experts, config=layer.config, first=exchange.rank * count, count=count)
+        layer.experts = slice_experts(layer.experts, config=layer.config, first=exchange.rank * count, count=count)
         layer.dispatch = AllToAllDispatch(exchange, num_local_experts=count)
     for name, param in expert_parameters(model):
         base = placement_of(param) or Placement(name=name, global_shape=())
@@ -51,8 +51,8 @@ def apply_expert_parallel(model: nn.Module, *, exchange: Exchange) -> None:
 
 
 @torch.no_grad()
-def _slice_experts(full: Experts, *, config: MoEConfig, first: int, count: int) -> Experts:
-    """An ``Experts`` holding rows ``[first, first + count)`` of ``full``'s (meta stays meta)."""
+def slice_experts(full: Experts, *, config: MoEConfig, first: int, count: int) -> Experts:
+    """An ``Experts`` holding rows ``[first, first + count)`` of ``full``'s copied (meta stays meta)."""
     with torch.device("meta"):  # placeholders: every parameter is replaced by its slice below
         part = Experts(config, first_expert=first, num_local_experts=count)
     offset = first - full.first_expert
