@@ -404,11 +404,6 @@ def _check_moe_plan(model: nn.Module, mesh: Mesh) -> None:
     groups the plain process does not have."""
     if mesh.plan.ep > 1:
         check_expert_parallel(model, mesh.plan.ep)
-        if _is_meta(model):
-            raise ValueError(
-                f"lazy (meta-device) initialisation with plan.ep={mesh.plan.ep} is not available yet; build the "
-                "model on a real device (each rank then keeps its experts' rows)"
-            )
     if not has_moe(model):
         return
     if mesh.size("tp") > 1 and mesh.plan.sequence_parallel:

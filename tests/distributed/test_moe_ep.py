@@ -406,3 +406,23 @@ def test_checkpoint_saved_under_ep2_continues_under_other_ep_degrees(tmp_path) -
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole_losses[save_at:]), rtol=1e-5, atol=0)
             for key, value in whole_state.items():
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def _lazy_initial_state(rank: int, world_size: int, preset: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = build(preset, max_seq_len=SEQ)
+    plan = plait.Plan(dp=world_size, ep=2, zero=3)
+    engine = plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan)
+    return engine.model_state_dict()
+
+
+@pytest.mark.parametrize("preset", ["switch-tiny", "mixtral-tiny"])
+def test_lazy_zero3_under_ep_materialises_the_plain_build(preset: str) -> None:
+    """Each rank materialises only its experts' rows (drawn as the whole layer's), unit by unit."""
+    torch.manual_seed(0)
+    plain = build(preset, max_seq_len=SEQ).state_dict()
+    for state in run_ranks(_lazy_initial_state, 4, preset):
+        assert state.keys() == plain.keys()
+        for name, value in plain.items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)

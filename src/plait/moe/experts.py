@@ -36,6 +36,7 @@ class Experts(nn.Module):
                 f"{config.num_experts} experts; choose 0 <= first_expert and first_expert + count <= num_experts"
             )
         self.first_expert, self.num_local_experts = first_expert, count
+        self.num_experts = config.num_experts
         self.init_std, self.out_init_std = config.init_std, config.out_init_std
         d, d_ff = config.d_model, config.d_ff
         self.up_weight = nn.Parameter(torch.empty(count, d_ff, d))
@@ -46,17 +47,30 @@ class Experts(nn.Module):
         self.gate_bias = nn.Parameter(torch.empty(count, d_ff)) if swiglu and config.bias else None
         self.down_bias = nn.Parameter(torch.empty(count, d)) if config.bias else None
 
+    @torch.no_grad()
+    def _normal_rows(self, weight: torch.Tensor, *, std: float) -> None:
+        if self.num_local_experts == self.num_experts:
+            nn.init.normal_(weight, mean=0.0, std=std)
+            return
+        whole = weight.new_empty((self.num_experts, *weight.shape[1:]))
+        nn.init.normal_(whole, mean=0.0, std=std)
+        weight.copy_(whole[self.first_expert : self.first_expert + self.num_local_experts])
+
     @property
     def local_experts(self) -> range:
         """The global indices of the experts this module holds."""
         return range(self.first_expert, self.first_expert + self.num_local_experts)
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, out_init_std for ``down_weight``, zero biases (the dense MLP's rules)."""
+        """Normal(0, init_std) weights, out_init_std for ``down_weight``, zero biases (the dense MLP's rules).
+
+        A slice of the layer's experts (expert parallel) draws the whole layer's weights and keeps its
+        rows, so it holds what the whole layer's reset would (lazy initialisation reproduces a plain build).
+        """
         if self.gate_weight is not None:
-            nn.init.normal_(self.gate_weight, mean=0.0, std=self.init_std)
-        nn.init.normal_(self.up_weight, mean=0.0, std=self.init_std)
-        nn.init.normal_(self.down_weight, mean=0.0, std=self.out_init_std)
+            self._normal_rows(self.gate_weight, std=self.init_std)
+        self._normal_rows(self.up_weight, std=self.init_std)
+        self._normal_rows(self.down_weight, std=self.out_init_std)
         for bias in (self.up_bias, self.gate_bias, self.down_bias):
             if bias is not None:
                 nn.init.zeros_(bias)

@@ -30,6 +30,25 @@ MAX_IN_FLIGHT = 2
 Materialize = Callable[[UnitSpec], list[tuple[str, nn.Parameter]]]
 
 
+def _with_siblings(materialize: Materialize, specs: list[UnitSpec]) -> Materialize:
+    """Materialise the units of one module together (a layer's expert-parallel unit and the rest of it):
+    initialising the module draws all its parameters, in the plain build's order, once."""
+
+    def together(spec: UnitSpec) -> list[tuple[str, nn.Parameter]]:
+        siblings = [s for s in specs if s.module is spec.module]
+        if len(siblings) == 1:
+            return materialize(spec)
+        merged = UnitSpec(
+            name=spec.name, module=spec.module, named_params=[p for s in siblings for p in s.named_params]
+        )
+        real = dict(materialize(merged))
+        for sibling in siblings:  # the siblings built later find real parameters: nothing left to materialise
+            sibling.named_params = [(name, real[name]) for name, _ in sibling.named_params]
+        return spec.named_params
+
+    return together
+
+
 class ZeroDataParallel:
     """A model's trainable parameters as dp-sharded flat units, with the hooks each stage needs."""
 
@@ -51,6 +70,8 @@ class ZeroDataParallel:
         specs, self.sites = plan_units(model, expert_params=expert_params)
         self.peak_held_elements = 0  # parameter elements held (shards + gathered units), at its highest
         self._held_so_far = 0
+        if materialize is not None:
+            materialize = _with_siblings(materialize, specs)
         self.units = [self._build_unit(index, spec, materialize) for index, spec in enumerate(specs)]
         if offload is not None:
             trim_heap()  # what building the units freed goes back to the system, not to glibc's heap
