@@ -14,8 +14,7 @@ from plait.planner.memory import MemoryModel, unit_state_bytes
 GPT3 = GPTConfig(vocab_size=51200, max_seq_len=2048, d_model=12288, num_layers=96, num_heads=96)
 
 
-# The planner's memory model has no MoE layers yet (issue 14), so the MoE presets are left out.
-@pytest.mark.parametrize("name", [name for name in preset_names() if not get_preset(name).moe_experts])
+@pytest.mark.parametrize("name", preset_names())
 def test_units_add_up_to_the_models_parameter_count(name: str) -> None:
     shape = ModelShape(get_preset(name))
     units = shape.stage_units(0, num_layers=shape.num_layers, pp=1, tp=1)

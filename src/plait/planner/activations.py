@@ -14,6 +14,12 @@ e bytes per element, t tensor-parallel ranks:
 - MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
 - norm statistics in fp32 (LayerNorm: mean and rstd; RMSNorm: rstd and the
   normalised input before its scale).
+- an MoE layer's MLP instead (whole on every tp rank): n*k*c token slots
+  (top_k k, capacity factor c, 1 when dropless: the most slots the experts
+  of one rank can take under expert parallel) each keep the expert MLP's
+  activations (2f or 4f elements), the gathered input and the expert output
+  (2h); the router keeps its fp32 logits and probabilities (2*n*E*4 bytes);
+  shared experts keep a dense MLP's.
 
 ``megatron``: Korthikanti et al. 2022's count for Megatron's layer (16-bit,
 dropout masks, materialised attention scores): sbh(34 + 5as/h) without
@@ -41,14 +47,24 @@ class LayerActivations:
     working: float
 
 
-def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool) -> float:
+def _moe_mlp(shape: ModelShape, *, n: int, e: int) -> float:
+    c = shape.config
+    per_mlp = 4 if c.activation == "swiglu" else 2
+    slots = n * c.moe_top_k * (c.moe_capacity_factor or 1.0)
+    experts = slots * (per_mlp * c.resolved_moe_d_ff + 2 * c.d_model) * e
+    router = 2 * n * c.moe_experts * FP32
+    shared = per_mlp * n * c.moe_shared_experts * c.resolved_moe_d_ff * e
+    return experts + router + shared
+
+
+def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool, moe: bool = False) -> float:
     c = shape.config
     n, h, f = b * s, c.d_model, c.resolved_d_ff
     residual = 2 * n * h * e / (tp if sp else 1)
     num_norms = 1 if c.parallel_block else 2
     norms = num_norms * n * h * e  # entered once per norm, gathered whole under sequence parallel
     attention = 4 * n * h * e / tp + FP32 * b * c.num_heads * s / tp
-    mlp = (4 if c.activation == "swiglu" else 2) * n * f * e / tp
+    mlp = _moe_mlp(shape, n=n, e=e) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
     stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
     stats = num_norms * n * stats_per_token / (tp if sp else 1)
     return residual + norms + attention + mlp + stats
@@ -73,12 +89,14 @@ def layer_activations(
     sp: bool = False,
     recompute: str = "none",
     profile: str = "plait",
+    moe: bool = False,
 ) -> LayerActivations:
     """Activation bytes of one layer for one micro-batch of `micro_batch` sequences.
 
     `recompute`: "none", "full" (keep the layer input only) or "selective"
     (megatron: drop the attention scores; plait's selective recomputation is
-    full recomputation of a fraction of the layers, see `memory.py`).
+    full recomputation of a fraction of the layers, see `memory.py`). `moe`:
+    an MoE layer (plait's profile; the megatron profile counts a dense layer).
     """
     if profile not in PROFILES:
         raise ValueError(f"activation profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -88,7 +106,7 @@ def layer_activations(
         full = _megatron_full(shape, b=b, s=s, tp=tp, sp=sp, selective=recompute == "selective")
         saved = 2 * b * s * shape.hidden / (tp if sp else 1) if recompute == "full" else full
         return LayerActivations(saved=saved, working=full if recompute == "full" else 0.0)
-    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp)
+    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp, moe=moe)
     if recompute == "full":
         return LayerActivations(saved=input_bytes, working=full)
     return LayerActivations(saved=full, working=0.0)

@@ -143,8 +143,10 @@ def run_plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or 8 * args.nodes * args.gpus_per_node
     workload = Workload(global_batch, seq, clips=args.max_grad_norm > 0)
     cluster = _cluster(args, shape.hidden, seq)
+    active = shape.config.num_active_parameters()
+    counted = _count(shape.num_parameters()) + (f" ({_count(active)} active)" if shape.config.moe_experts else "")
     header = (
-        f"{shape.name}: {_count(shape.num_parameters())} parameters, global batch {global_batch} x {seq} tokens, "
+        f"{shape.name}: {counted} parameters, global batch {global_batch} x {seq} tokens, "
         f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB"
         f"{_host_text(cluster)})"
     )

@@ -14,6 +14,13 @@ latency per ring step, scaled by the link's factor for its kind.
   fused projections do.
 - With sequence parallel each entry all-gathers the sequence and every
   row-parallel projection reduce-scatters its output; backward swaps them.
+- Expert parallel: per MoE layer and micro-batch, two all-to-alls forward
+  (dispatch, combine) and two backward (their reverses), two more where
+  recomputation replays the forward. Each sends tokens x top_k x capacity
+  factor (1 when dropless) x d_model x element bytes x (ep-1)/ep from a
+  rank (`all_to_all_bytes`; the slots of its own experts stay). Expert
+  gradients are reduced over edp (dp / ep ranks, stride tp x ep), the rest
+  over dp.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import math
 
 from plait.config import Plan
 from plait.planner.cluster import Cluster, Link
-from plait.planner.shape import Unit
+from plait.planner.shape import ModelShape, Unit
+from plait.planner.workload import PARAM_BYTES
 
 MB = 2**20
 
@@ -68,18 +76,58 @@ def _reduce_kind(plan: Plan, cluster: Cluster) -> str:
     return "all_reduce" if cluster.backend == "gloo" else "reduce_scatter"
 
 
+def all_to_all_bytes(shape: ModelShape, plan: Plan, *, tokens: int) -> float:
+    """Bytes one rank sends in one expert-parallel all-to-all of `tokens` tokens (one micro-batch)."""
+    c = shape.config
+    slots = tokens * c.moe_top_k * (c.moe_capacity_factor or 1.0)
+    return slots * c.d_model * PARAM_BYTES[plan.precision] * (plan.ep - 1) / plan.ep
+
+
+def ep_exchanges_per_layer(plan: Plan) -> tuple[float, float]:
+    """(forward, backward) token all-to-alls of one MoE layer per micro-batch: dispatch and combine, their
+    reverses, and the forward's replayed where recomputation replays it (selective: its fraction of layers)."""
+    recomputed = {"full": 1.0, "selective": plan.recompute_ratio}.get(plan.recompute, 0.0)
+    return 2.0, 2.0 + 2.0 * recomputed
+
+
+def ep_layer_seconds(shape: ModelShape, plan: Plan, *, tokens: int, cluster: Cluster) -> tuple[float, float]:
+    """(forward, backward) seconds of one MoE layer's all-to-alls for one micro-batch of `tokens` tokens,
+    with the exchange of per-expert counts (8 bytes each) before every dispatch."""
+    if plan.ep == 1:
+        return 0.0, 0.0
+    link = cluster.link(plan.ep, stride=plan.tp)
+    # collective_seconds takes the whole buffer and applies the ring's (ep-1)/ep itself
+    buffer = all_to_all_bytes(shape, plan, tokens=tokens) * plan.ep / (plan.ep - 1)
+    one = collective_seconds(buffer, ranks=plan.ep, link=link, kind="all_to_all")
+    counts = collective_seconds(8.0 * shape.config.moe_experts, ranks=plan.ep, link=link, kind="all_to_all")
+    forward, backward = ep_exchanges_per_layer(plan)
+    return forward * one + counts, backward * one + (backward - 2.0) / 2.0 * counts
+
+
 def dp_step_seconds(plan: Plan, units: list[Unit], *, cluster: Cluster) -> float:
-    """Seconds of one step's data-parallel collectives on a rank holding `units`."""
-    if plan.dp == 1:
+    """Seconds of one step's data-parallel collectives on a rank holding `units`: expert units over edp
+    (dp / ep ranks), the rest over dp."""
+    dense = [unit for unit in units if not unit.expert]
+    experts = [unit for unit in units if unit.expert]
+    seconds = _group_seconds(plan, dense, ranks=plan.dp, link=cluster.link(plan.dp, stride=plan.tp), cluster=cluster)
+    if experts:
+        edp = plan.dp // plan.ep
+        link = cluster.link(edp, stride=plan.tp * plan.ep)
+        seconds += _group_seconds(plan, experts, ranks=edp, link=link, cluster=cluster)
+    return seconds
+
+
+def _group_seconds(plan: Plan, units: list[Unit], *, ranks: int, link: Link, cluster: Cluster) -> float:
+    """Seconds of the collectives over one group of `ranks` that reduce (and gather) these units."""
+    if ranks == 1 or not units:
         return 0.0
-    link = cluster.link(plan.dp, stride=plan.tp)
     numels = [unit.local(plan.tp) for unit in units]
     grad_bytes = [4.0 * n for n in numels]  # plait's named precisions reduce in fp32
     param_bytes = [(2.0 if plan.precision != "fp32" else 4.0) * n for n in numels]
     m = plan.microbatches
 
     def each(sizes: list[float], kind: str) -> float:
-        return sum(collective_seconds(b, ranks=plan.dp, link=link, kind=kind) for b in sizes)
+        return sum(collective_seconds(b, ranks=ranks, link=link, kind=kind) for b in sizes)
 
     if plan.zero == 0 and plan.precision == "fp32":
         bucket = plan.bucket_mb * MB

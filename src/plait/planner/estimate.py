@@ -45,7 +45,8 @@ class Estimate:
 
 def describe(plan: Plan) -> str:
     """A short name for a plan: the degrees and switches that differ from the defaults."""
-    parts = [f"dp{plan.dp}", f"tp{plan.tp}", f"pp{plan.pp}", f"z{plan.zero}", plan.precision, f"m{plan.microbatches}"]
+    parts = [f"dp{plan.dp}", f"tp{plan.tp}", f"pp{plan.pp}"] + ([f"ep{plan.ep}"] if plan.ep > 1 else [])
+    parts += [f"z{plan.zero}", plan.precision, f"m{plan.microbatches}"]
     if plan.sequence_parallel:
         parts.append("sp")
     if plan.pp > 1:

@@ -19,6 +19,20 @@ class StageLayout:
     layers_per_rank: tuple[int, ...]
     chunk_layers: tuple[int, ...]
 
+    def layer_indices(self, rank: int) -> list[int]:
+        """The layers (from 0) pipeline rank `rank` holds: its chunks rank, rank + pp, ... in order."""
+        pp = len(self.layers_per_rank)
+        starts = [sum(self.chunk_layers[:v]) for v in range(len(self.chunk_layers))]
+        return [
+            i
+            for v in range(rank, len(self.chunk_layers), pp)
+            for i in range(starts[v], starts[v] + self.chunk_layers[v])
+        ]
+
+    def busiest_rank(self) -> int:
+        """The pipeline rank with the most layers (the first of them)."""
+        return self.layers_per_rank.index(max(self.layers_per_rank))
+
 
 def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
     """plait's cost-balanced split (`pipeline.partition`): forward FLOPs per layer, the head's charged
@@ -30,8 +44,7 @@ def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
         bounds = [0, *plan.pp_split, shape.num_layers]
         chunks = [bounds[i + 1] - bounds[i] for i in range(num_stages)]
     else:
-        layer = 2.0 * shape.layer_unit().local(plan.tp) + 4.0 * seq_len * shape.hidden
-        costs = [layer] * shape.num_layers
+        costs = [shape.stage_flops_per_token([i], seq_len, tp=plan.tp) * plan.tp for i in range(shape.num_layers)]
         costs[-1] += 2.0 * sum(unit.local(plan.tp) for unit in shape.last_units(plan.tp, with_embedding=False))
         chunks = [len(r) for r in balanced_split(costs, num_stages)]
     per_rank = [sum(chunks[v] for v in range(rank, num_stages, plan.pp)) for rank in range(plan.pp)]

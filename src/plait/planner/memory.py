@@ -92,22 +92,32 @@ class StateBytes:
     optimizer: float
 
 
+def zero_shards(unit: Unit, plan: Plan) -> int:
+    """Ranks a unit's flat state is sharded over: none at stage 0; dp, or edp (dp / ep) for experts."""
+    if plan.zero == 0:
+        return 1
+    return plan.dp // plan.ep if unit.expert else plan.dp
+
+
 def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
-    """Model states of these units on one rank, as plait's data-parallel strand lays them out."""
+    """Model states of these units on one rank, as plait's data-parallel strand lays them out (expert
+    units hold num_experts / ep experts and shard over edp)."""
     e = PARAM_BYTES[plan.precision]
-    numels = [unit.local(plan.tp) for unit in units]
-    tensors = sum(unit.num_tensors for unit in units)
     if plan.zero == 0 and e == FP32:  # bucketed data parallel: whole params, grads and moments
-        total = sum(numels)
+        total = sum(unit.local(plan.tp) for unit in units)
+        tensors = sum(unit.num_tensors for unit in units)
         return StateBytes(FP32 * total, 0.0, FP32 * total, ADAM_BYTES * total + FP32 * tensors)
-    shards = plan.dp if plan.zero > 0 else 1
-    padded = sum(math.ceil(n / shards) * shards for n in numels)
-    shard = padded / shards
+    padded = shard = pieces = 0.0
+    for unit in units:
+        shards = zero_shards(unit, plan)
+        unit_padded = math.ceil(unit.local(plan.tp) / shards) * shards
+        padded += unit_padded
+        shard += unit_padded / shards
+        pieces += unit.num_tensors / shards + (1 if shards > 1 else 0)
     master = FP32 * shard if e != FP32 else 0.0
     params = e * shard if plan.zero == 3 else e * padded
     grad_full = e * padded if plan.zero <= 1 else 0.0
     grad_shard = FP32 * shard if (plan.zero >= 2 or e != FP32) else 0.0
-    pieces = tensors / shards + (len(units) if shards > 1 else 0)
     return StateBytes(params, master, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)
 
 
@@ -148,20 +158,22 @@ class MemoryModel:
     def _stage(
         self, plan: Plan, layout: StageLayout, *, stage: int, in_flight: float, reserved: float
     ) -> MemoryBreakdown:
-        units = self.shape.stage_units(stage, num_layers=layout.layers_per_rank[stage], pp=plan.pp, tp=plan.tp)
+        layers = layout.layer_indices(stage)
+        units = self.shape.stage_units(stage, num_layers=len(layers), pp=plan.pp, tp=plan.tp, ep=plan.ep,
+                                       layers=layers)  # fmt: skip
         states = unit_state_bytes(units, plan)
         mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
         e = PARAM_BYTES[plan.precision]
-        saved, layer_working = self._layer_bytes(plan, mb, e)
+        per_layer = [self._layer_bytes(plan, mb, e, moe=self.shape.config.is_moe_layer(i)) for i in layers]
         hidden = mb * self.workload.seq_len * self.shape.hidden * e
         is_last = stage == plan.pp - 1
-        activations = in_flight * layout.layers_per_rank[stage] * saved + (2 * hidden if is_last else 0.0)
-        phases = [self._layer_phase(plan, units, layer_working)]
+        activations = in_flight * sum(saved for saved, _ in per_layer) + (2 * hidden if is_last else 0.0)
+        phases = [self._layer_phase(plan, units, max(working for _, working in per_layer))]
         if is_last:
             phases.append(self._head_phase(plan, mb, e))
         if stage == 0 and plan.pp > 1:  # pipeline transfers land in a stage's input, counted as activations
             phases.append(Phase(working=self._embedding_phase(plan, hidden)))
-        optimizer_step = 2 * FP32 * max(unit.local(plan.tp) for unit in units) / (plan.dp if plan.zero else 1)
+        optimizer_step = 2 * FP32 * max(unit.local(plan.tp) / zero_shards(unit, plan) for unit in units)
         phases.append(Phase(working=optimizer_step - activations))  # no activations left by then
         peak = max(phases, key=lambda phase: phase.working + phase.comm)
         return MemoryBreakdown(
@@ -208,9 +220,10 @@ class MemoryModel:
         gathered = e * sum(largest) if plan.zero == 3 else 0.0
         return Phase(working=recomputed + largest[-1] * e, comm=gathered + 3 * FP32 * largest[-1])
 
-    def _layer_bytes(self, plan: Plan, micro_batch: int, e: int) -> tuple[float, float]:
+    def _layer_bytes(self, plan: Plan, micro_batch: int, e: int, *, moe: bool = False) -> tuple[float, float]:
         """(saved, working) per layer, averaging selective recomputation's recomputed fraction of layers."""
         kwargs = {
+            "moe": moe,
             "micro_batch": micro_batch,
             "seq_len": self.workload.seq_len,
             "element_bytes": e,

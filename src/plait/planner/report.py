@@ -9,6 +9,7 @@ GIB = 2**30
 _PARTS = {
     "compute": "compute",
     "tp_comm": "tensor-parallel communication",
+    "ep_comm": "expert-parallel all-to-all",
     "bubble": "pipeline bubble",
     "pp_comm": "pipeline transfers",
     "dp_comm_exposed": "unhidden data-parallel communication",

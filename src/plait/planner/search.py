@@ -33,6 +33,7 @@ class SearchSpace:
     selective_ratio: float = 0.5  # plait's selective recomputation: the fraction of layers recomputed
     offload: tuple[str, ...] = ()  # tiers offloaded states may use: "cpu", "disk" (() keeps every state on the device)
     offload_dir: str = ""  # where disk-tier plans put their files (needed with "disk")
+    ep: tuple[int, ...] = ()  # () allows every ep dividing dp and the experts (MoE models only; 1 otherwise)
 
     def __post_init__(self) -> None:
         Plan(precision=self.precision)  # validates the name
@@ -82,7 +83,8 @@ def _tp_options(shape: ModelShape, cluster: Cluster, space: SearchSpace, seq_len
     for tp in space.tp or _divisors(cluster.num_devices):
         if tp > cluster.devices_per_node and not space.tp:
             continue
-        for sp in (False, True) if tp > 1 else (False,):
+        # MoE layers route whole sequences: plait refuses sequence parallel with them
+        for sp in (False, True) if tp > 1 and not shape.config.moe_experts else (False,):
             try:
                 check_tensor_parallel(shape.config, tp=tp, seq_len=seq_len, sequence_parallel=sp)
             except ValueError:
@@ -112,6 +114,14 @@ def _pipeline_options(pp: int, num_layers: int, space: SearchSpace) -> list[tupl
     return out
 
 
+def _ep_options(shape: ModelShape, dp: int, space: SearchSpace) -> list[int]:
+    """Expert-parallel degrees: those dividing both dp (ep is carved from it) and the experts per layer."""
+    experts = shape.config.moe_experts
+    if not experts:
+        return [1]
+    return [ep for ep in space.ep or _divisors(dp) if dp % ep == 0 and experts % ep == 0]
+
+
 def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace) -> Iterator[Plan]:
     """Every plan the options allow, before validation."""
     world = cluster.num_devices
@@ -123,12 +133,13 @@ def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, spa
             if workload.global_batch % dp:
                 continue
             for m in _microbatch_options(workload.global_batch // dp, pp, space):
-                for (schedule, chunks), zero, recompute in itertools.product(
-                    _pipeline_options(pp, shape.num_layers, space), space.zero, space.recompute
-                ):
+                for (schedule, chunks), zero, recompute, ep in itertools.product(
+                    _pipeline_options(pp, shape.num_layers, space), space.zero, space.recompute,
+                    _ep_options(shape, dp, space),
+                ):  # fmt: skip
                     ratio = space.selective_ratio if recompute == "selective" else 1.0
                     yield Plan(
-                        dp=dp, tp=tp, pp=pp, zero=zero, precision=space.precision, microbatches=m,
+                        dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=space.precision, microbatches=m,
                         recompute=recompute, recompute_ratio=ratio,
                         sequence_parallel=sp, pp_schedule=schedule, pp_chunks=chunks,
                     )  # fmt: skip
@@ -148,7 +159,7 @@ OFFLOAD_PLACEMENTS = (
 
 def offload_variants(plan: Plan, space: SearchSpace) -> Iterator[Plan]:
     """`plan` with each placement of `OFFLOAD_PLACEMENTS` its ZeRO stage and the space's tiers allow."""
-    if not space.offload or plan.zero == 0:
+    if not space.offload or plan.zero == 0 or plan.ep > 1:  # plait refuses offload under expert parallel
         return
     for params, optimizer, gradients in OFFLOAD_PLACEMENTS:
         if params != "none" and plan.zero != 3:

@@ -3,12 +3,20 @@
 Built from a `GPTConfig` (a preset or a Hugging Face config.json), never from
 weights. The units are those plait's ZeRO flattens (one per layer, one per
 other child module), so per-unit padding is counted as the runtime pads.
+
+Mixture of Experts: an MoE layer stays whole on every tp rank (only its
+attention is split), so its router, experts and shared experts count as
+replicated. Under expert parallel (ep > 1) the layer's experts form a unit of
+their own holding num_experts / ep experts (`Unit.expert`: reduced and sharded
+over the edp group, dp / ep ranks), as the runtime's ZeRO builds them; at
+ep = 1 they stay in the layer's unit.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +32,7 @@ class Unit:
     sharded: int
     replicated: int
     num_tensors: int
+    expert: bool = False  # an expert-parallel unit: reduced and sharded over edp (dp / ep ranks), not dp
 
     def local(self, tp: int) -> int:
         return self.sharded // tp + self.replicated
@@ -52,18 +61,66 @@ class ModelShape:
         return self.config.num_parameters()
 
     def layer_unit(self) -> Unit:
-        """One transformer layer: q/k/v/gate/up are split by columns, o/down by rows (their biases stay whole)."""
+        """One dense transformer layer: q/k/v/gate/up are split by columns, o/down by rows (their biases stay whole)."""
         c = self.config
-        d, kv, f = c.d_model, c.resolved_num_kv_heads * c.head_dim, c.resolved_d_ff
+        f = c.resolved_d_ff
         num_in = 2 if c.activation == "swiglu" else 1
         bias = 1 if c.bias else 0
-        sharded = d * (d + 2 * kv) + bias * (d + 2 * kv) + d * d + num_in * (d * f + bias * f) + f * d
+        attention = self._attention_unit()
+        sharded = attention.sharded + num_in * (c.d_model * f + bias * f) + f * c.d_model
+        num_tensors = attention.num_tensors + (num_in + 1) * (1 + bias)
+        return Unit("layer", sharded=sharded, replicated=attention.replicated + bias * c.d_model,
+                    num_tensors=num_tensors)  # fmt: skip
+
+    def _attention_unit(self) -> Unit:
+        """A layer without its MLP: q/k/v/o (split under tp), the output projection's bias and the norms."""
+        c = self.config
+        d, kv = c.d_model, c.resolved_num_kv_heads * c.head_dim
+        bias = 1 if c.bias else 0
         norm = d * (2 if c.norm == "layernorm" and c.bias else 1)
         num_norms = 1 if c.parallel_block else 2
-        replicated = 2 * bias * d + num_norms * norm
-        num_linears = 4 + num_in + 1
-        num_tensors = num_linears * (1 + bias) + num_norms * (2 if c.norm == "layernorm" and c.bias else 1)
-        return Unit("layer", sharded=sharded, replicated=replicated, num_tensors=num_tensors)
+        sharded = d * (d + 2 * kv) + bias * (d + 2 * kv) + d * d
+        replicated = bias * d + num_norms * norm
+        num_tensors = 4 * (1 + bias) + num_norms * (2 if c.norm == "layernorm" and c.bias else 1)
+        return Unit("attention", sharded=sharded, replicated=replicated, num_tensors=num_tensors)
+
+    def _mlp_parameters(self, d_ff: int) -> int:
+        """One MLP of width `d_ff` in the model's style (an expert, or the shared experts together)."""
+        c = self.config
+        num_in = 2 if c.activation == "swiglu" else 1
+        return (num_in + 1) * c.d_model * d_ff + ((num_in * d_ff + c.d_model) if c.bias else 0)
+
+    def _router_and_shared(self) -> int:
+        """An MoE layer's parameters besides attention and its routed experts."""
+        c = self.config
+        shared = self._mlp_parameters(c.moe_shared_experts * c.resolved_moe_d_ff) if c.moe_shared_experts else 0
+        return c.d_model * c.moe_experts + shared
+
+    def _mlp_tensors(self) -> int:
+        return (3 if self.config.activation == "swiglu" else 2) * (2 if self.config.bias else 1)
+
+    def expert_unit(self, ep: int) -> Unit:
+        """The num_experts / ep experts one ep rank holds of one MoE layer (stacked weights, whole under tp)."""
+        c = self.config
+        count = c.moe_experts // ep
+        return Unit("experts", sharded=0, replicated=count * self._mlp_parameters(c.resolved_moe_d_ff),
+                    num_tensors=self._mlp_tensors(), expert=True)  # fmt: skip
+
+    def moe_layer_units(self, ep: int = 1) -> list[Unit]:
+        """One MoE layer: attention (split under tp), then router, shared experts and experts, whole on
+        every tp rank; at ep > 1 the experts are a unit of their own."""
+        attention = self._attention_unit()
+        replicated = attention.replicated + self._router_and_shared()
+        num_tensors = attention.num_tensors + 1 + (self._mlp_tensors() if self.config.moe_shared_experts else 0)
+        experts = self.expert_unit(ep)
+        if ep == 1:
+            replicated, num_tensors = replicated + experts.replicated, num_tensors + experts.num_tensors
+        layer = Unit("layer", sharded=attention.sharded, replicated=replicated, num_tensors=num_tensors)
+        return [layer] if ep == 1 else [layer, experts]
+
+    def layer_units(self, index: int, *, ep: int = 1) -> list[Unit]:
+        """The units of layer `index` (from 0)."""
+        return self.moe_layer_units(ep) if self.config.is_moe_layer(index) else [self.layer_unit()]
 
     def vocab_rows(self, tp: int) -> int:
         """Rows of the embedding each tp rank holds (the vocabulary padded to a multiple of tp)."""
@@ -87,17 +144,33 @@ class ModelShape:
             units.append(Unit("lm_head", sharded=self.vocab_rows(tp) * c.d_model * tp, replicated=0, num_tensors=1))
         return units
 
-    def stage_units(self, stage: int, *, num_layers: int, pp: int, tp: int) -> list[Unit]:
-        """The units pipeline stage `stage` of `pp` holds, with `num_layers` layers."""
+    def stage_units(
+        self, stage: int, *, num_layers: int, pp: int, tp: int, ep: int = 1, layers: Sequence[int] | None = None
+    ) -> list[Unit]:
+        """The units pipeline stage `stage` of `pp` holds, with `num_layers` layers (`layers`: their
+        indices, which decide which are MoE layers; default the first `num_layers`)."""
         units = self.first_units(tp) if stage == 0 else []
-        units += [self.layer_unit()] * num_layers
+        for index in range(num_layers) if layers is None else layers:
+            units += self.layer_units(index, ep=ep)
         if stage == pp - 1:
             units += self.last_units(tp, with_embedding=stage == 0)
         return units
 
-    def layer_flops_per_token(self, seq_len: int, *, tp: int = 1) -> float:
-        """Forward FLOPs per token of one layer on one tp rank: 2 per matmul weight plus attention's 4*s*d."""
-        return (2.0 * self.layer_unit().sharded + 4.0 * seq_len * self.hidden) / tp
+    def layer_flops_per_token(self, seq_len: int, *, tp: int = 1, moe: bool = False) -> float:
+        """Forward FLOPs per token of one layer on one tp rank: 2 per matmul weight plus attention's 4*s*d.
+        An MoE layer counts the weights a token computes with: the router, its top_k experts and the
+        shared experts, all whole on every tp rank."""
+        if not moe:
+            return (2.0 * self.layer_unit().sharded + 4.0 * seq_len * self.hidden) / tp
+        c = self.config
+        active = self._router_and_shared() + c.moe_top_k * self._mlp_parameters(c.resolved_moe_d_ff)
+        return (2.0 * self._attention_unit().sharded + 4.0 * seq_len * self.hidden) / tp + 2.0 * active
+
+    def stage_flops_per_token(self, layers: Sequence[int], seq_len: int, *, tp: int = 1) -> float:
+        """Forward FLOPs per token of these layers on one tp rank."""
+        dense = self.layer_flops_per_token(seq_len, tp=tp)
+        moe = self.layer_flops_per_token(seq_len, tp=tp, moe=True) if self.config.moe_experts else 0.0
+        return sum(moe if self.config.is_moe_layer(i) else dense for i in layers)
 
     def head_flops_per_token(self, *, tp: int = 1) -> float:
         return 2.0 * self.vocab_rows(tp) * self.hidden

@@ -8,9 +8,10 @@ step = pipeline makespan of the busiest stage's forward and backward passes
 A pass costs its matmul FLOPs at `peak_flops * gemm_efficiency`, plus its
 element-wise traffic (about twice the activation bytes it writes: each
 element-wise op reads its input and writes its output) over memory bandwidth,
-plus `op_overhead` per operator, plus its tensor-parallel collectives
-(`comm.py`). Backward is twice a forward; full recomputation adds one more
-forward.
+plus `op_overhead` per operator, plus its tensor-parallel collectives and
+expert-parallel all-to-alls (`comm.py`). Backward is twice a forward; full
+recomputation adds one more forward. An MoE layer computes with its active
+weights (router, top_k experts, shared experts).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from dataclasses import dataclass, fields
 from plait.config import Plan
 from plait.planner.activations import FP32, layer_activations
 from plait.planner.cluster import Cluster
-from plait.planner.comm import collective_seconds, dp_step_seconds, tp_layer_seconds
-from plait.planner.layout import LayoutCache, ScheduleCache
+from plait.planner.comm import collective_seconds, dp_step_seconds, ep_layer_seconds, tp_layer_seconds
+from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
 from plait.planner.memory import ADAM_BYTES, unit_state_bytes
-from plait.planner.shape import ModelShape
+from plait.planner.shape import ModelShape, Unit
 from plait.planner.workload import PARAM_BYTES, Workload
 
 OPS_PER_LAYER = 30  # operators one layer's forward launches (norms, projections, attention, MLP, residuals)
+MOE_OPS_PER_EXPERT = 6  # operators per local expert (slice, up, activation, down, ...): experts run one by one
 OPTIMIZER_PASSES = 12  # fp32 arrays AdamW reads or writes per element (moments, master, grad, temporaries)
 OPTIMIZER_OPS_PER_TENSOR = 12
 
@@ -45,12 +47,13 @@ class TimeBreakdown:
     dp_comm: float = 0.0
     offload_io: float = 0.0
     io: float = 0.0
+    ep_comm: float = 0.0  # expert-parallel all-to-alls, on the critical path (tokens wait for them)
 
     @property
     def total(self) -> float:
         return (
-            self.compute + self.tp_comm + self.bubble + self.pp_comm + self.dp_comm_exposed + self.optimizer
-            + self.offload_io
+            self.compute + self.tp_comm + self.ep_comm + self.bubble + self.pp_comm + self.dp_comm_exposed
+            + self.optimizer + self.offload_io
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
@@ -65,6 +68,12 @@ class PassCost:
     backward: float
     tp_forward: float
     tp_backward: float
+    ep_forward: float = 0.0
+    ep_backward: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.tp_forward + self.tp_backward + self.ep_forward + self.ep_backward
 
 
 class TimeModel:
@@ -88,11 +97,11 @@ class TimeModel:
     def estimate(self, plan: Plan) -> TimeBreakdown:
         layout = self.layouts.get(plan)
         costs = [
-            self._pass(plan, layers, is_first=r == 0, is_last=r == plan.pp - 1)
-            for r, layers in enumerate(layout.layers_per_rank)
+            self._pass(plan, layout.layer_indices(r), is_first=r == 0, is_last=r == plan.pp - 1) for r in range(plan.pp)
         ]
-        slowest = max(costs, key=lambda c: c.forward + c.backward + c.tp_forward + c.tp_backward)
-        fwd, bwd = slowest.forward + slowest.tp_forward, slowest.backward + slowest.tp_backward
+        slowest = max(costs, key=lambda c: c.total)
+        fwd = slowest.forward + slowest.tp_forward + slowest.ep_forward
+        bwd = slowest.backward + slowest.tp_backward + slowest.ep_backward
         m = plan.microbatches
         busy = m * (fwd + bwd)
         makespan, pp_comm = busy, 0.0
@@ -102,15 +111,16 @@ class TimeModel:
             busy, makespan, fwd_scale = busy / speedup, makespan / speedup, 1 / speedup
         else:
             fwd_scale = 1.0
-        dp_comm, hidden_by = self._dp_comm(plan, layout.layers_per_rank), m * slowest.backward
+        dp_comm, hidden_by = self._dp_comm(plan, layout), m * slowest.backward
         exposed = max(dp_comm - self.cluster.overlap * hidden_by, (1 - self.cluster.overlap) * dp_comm)
         return TimeBreakdown(
             compute=m * (slowest.forward + slowest.backward) * fwd_scale,
             tp_comm=m * (slowest.tp_forward + slowest.tp_backward) * fwd_scale,
+            ep_comm=m * (slowest.ep_forward + slowest.ep_backward) * fwd_scale,
             bubble=max(0.0, makespan - busy - pp_comm),
             pp_comm=pp_comm,
             dp_comm_exposed=exposed,
-            optimizer=self._optimizer(plan, layout.layers_per_rank),
+            optimizer=self._optimizer(plan, layout),
             dp_comm=dp_comm,
         )
 
@@ -122,18 +132,13 @@ class TimeModel:
 
     # --- compute ---
 
-    def _pass(self, plan: Plan, num_layers: int, *, is_first: bool, is_last: bool) -> PassCost:
+    def _pass(self, plan: Plan, layers: list[int], *, is_first: bool, is_last: bool) -> PassCost:
         c, s = self.cluster, self.workload.seq_len
         mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
         tokens = mb * s
         e = PARAM_BYTES[plan.precision]
-        layer_flops = tokens * self.shape.layer_flops_per_token(s, tp=plan.tp)
-        act = layer_activations(
-            self.shape, micro_batch=mb, seq_len=s, element_bytes=e, tp=plan.tp, sp=plan.sequence_parallel,
-            profile=self.profile,
-        )  # fmt: skip
-        layer = layer_flops / (c.peak_flops * c.gemm_efficiency) + 2 * act.saved / c.memory_bandwidth
-        layer += OPS_PER_LAYER * c.op_overhead
+        num_moe = sum(self.shape.config.is_moe_layer(i) for i in layers)
+        dense, moe = self._layer_seconds(plan, mb, moe=False), self._layer_seconds(plan, mb, moe=True)
         head = 0.0
         if is_last:
             head_flops = tokens * self.shape.head_flops_per_token(tp=plan.tp)
@@ -142,15 +147,31 @@ class TimeModel:
         recomputed = {"full": 1.0, "selective": plan.recompute_ratio}.get(plan.recompute, 0.0)
         if self.profile == "megatron" and plan.recompute == "selective":
             recomputed = 0.0  # only the attention scores, already inside the element-wise traffic
-        forward = num_layers * layer + head
-        backward = 2 * forward + recomputed * num_layers * layer
+        layer_seconds = (len(layers) - num_moe) * dense + num_moe * moe
+        forward = layer_seconds + head
+        backward = 2 * forward + recomputed * layer_seconds
         hidden_bytes = tokens * self.shape.hidden * e
         columns = 1 if self.shape.config.parallel_block else 2  # the region is entered once per norm output
         tp_fwd, tp_bwd = tp_layer_seconds(plan, hidden_bytes, columns=columns, cluster=c)
         tp_ends = self._tp_ends(plan, hidden_bytes, tokens, is_first=is_first, is_last=is_last)
+        ep_fwd, ep_bwd = ep_layer_seconds(self.shape, plan, tokens=tokens, cluster=c)
         return PassCost(
-            forward, backward, num_layers * tp_fwd + tp_ends, num_layers * (tp_bwd + recomputed * tp_fwd) + tp_ends
-        )
+            forward, backward, len(layers) * tp_fwd + tp_ends,
+            len(layers) * (tp_bwd + recomputed * tp_fwd) + tp_ends, num_moe * ep_fwd, num_moe * ep_bwd,
+        )  # fmt: skip
+
+    def _layer_seconds(self, plan: Plan, micro_batch: int, *, moe: bool) -> float:
+        """Forward seconds of one layer (dense or MoE) for one micro-batch: matmuls, element-wise, launches."""
+        c, s = self.cluster, self.workload.seq_len
+        if moe and not self.shape.config.moe_experts:
+            return 0.0
+        flops = micro_batch * s * self.shape.layer_flops_per_token(s, tp=plan.tp, moe=moe)
+        act = layer_activations(
+            self.shape, micro_batch=micro_batch, seq_len=s, element_bytes=PARAM_BYTES[plan.precision], tp=plan.tp,
+            sp=plan.sequence_parallel, profile=self.profile, moe=moe,
+        )  # fmt: skip
+        ops = OPS_PER_LAYER + (MOE_OPS_PER_EXPERT * self.shape.config.moe_experts // plan.ep if moe else 0)
+        return flops / (c.peak_flops * c.gemm_efficiency) + 2 * act.saved / c.memory_bandwidth + ops * c.op_overhead
 
     def _tp_ends(self, plan: Plan, hidden_bytes: float, tokens: int, *, is_first: bool, is_last: bool) -> float:
         """The vocab-parallel ends: the embedding's all-reduce on the first stage; on the last, the head
@@ -176,12 +197,16 @@ class TimeModel:
 
     # --- data parallel and optimizer ---
 
-    def _dp_comm(self, plan: Plan, layers_per_rank: tuple[int, ...]) -> float:
-        units = self.shape.stage_units(0, num_layers=max(layers_per_rank), pp=plan.pp, tp=plan.tp)
-        return dp_step_seconds(plan, units, cluster=self.cluster)
+    def _busiest_units(self, plan: Plan, layout: StageLayout) -> list[Unit]:
+        """The first stage's units with the busiest rank's layers (the first stage also holds the embedding)."""
+        layers = layout.layer_indices(layout.busiest_rank())
+        return self.shape.stage_units(0, num_layers=len(layers), pp=plan.pp, tp=plan.tp, ep=plan.ep, layers=layers)
 
-    def _optimizer(self, plan: Plan, layers_per_rank: tuple[int, ...]) -> float:
-        units = self.shape.stage_units(0, num_layers=max(layers_per_rank), pp=plan.pp, tp=plan.tp)
+    def _dp_comm(self, plan: Plan, layout: StageLayout) -> float:
+        return dp_step_seconds(plan, self._busiest_units(plan, layout), cluster=self.cluster)
+
+    def _optimizer(self, plan: Plan, layout: StageLayout) -> float:
+        units = self._busiest_units(plan, layout)
         states = unit_state_bytes(units, plan)
         elements = (states.optimizer) / ADAM_BYTES
         num_tensors = sum(unit.num_tensors for unit in units)
