@@ -161,11 +161,6 @@ class Plan:
     def check_available(self) -> None:
         """Reject the parts of the plan that plait does not build yet."""
         _require(
-            self.pp == 1 or self.zero <= 2,
-            f"plan.zero=3 with plan.pp={self.pp}: ZeRO-3 under a pipeline is not available yet in plait; set "
-            "plan.zero=2 (each stage's gradients and optimizer state sharded over its dp group)",
-        )
-        _require(
             self.pp_chunks == 1 or self.pp_schedule == "interleaved",
             f"plan.pp_chunks={self.pp_chunks} needs plan.pp_schedule='interleaved' (the only schedule with virtual stages)",
         )

@@ -119,10 +119,6 @@ PLANS = {
         [*sets("plan.pp=4", "plan.dp=1", "plan.microbatches=4"), "--nproc", "4"],
         "4 stages but the model has 2 layers",
     ),
-    "pp zero": (
-        sets("plan.pp=2", "plan.dp=1", "plan.zero=3", "plan.microbatches=2"),
-        "ZeRO-3 under a pipeline is not available yet",
-    ),
     "pp chunks schedule": (
         sets("plan.pp=2", "plan.dp=1", "plan.microbatches=2", "plan.pp_chunks=2"),
         "needs plan.pp_schedule='interleaved'",

@@ -36,8 +36,14 @@ class HookSite:
     unit_indices: list[int]
 
 
+def _is_container(module: nn.Module) -> bool:
+    """A layer list, or a bare ``nn.Module`` that only holds children (a pipeline stage's merged tree):
+    neither has a forward of its own, so their children are the units and the hook sites."""
+    return isinstance(module, nn.ModuleList) or type(module) is nn.Module
+
+
 def _contains_layer_list(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.ModuleList) for m in module.modules())
+    return any(_is_container(m) for m in module.modules())
 
 
 def _candidates(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, bool]]:
@@ -47,7 +53,7 @@ def _candidates(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, bo
     out = [(prefix, module, True)]
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, nn.ModuleList):
+        if _is_container(child):
             for index, item in child.named_children():
                 out += _candidates(item, f"{path}.{index}")
         else:
