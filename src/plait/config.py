@@ -24,6 +24,7 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 AXES = ("pp", "dp", "cp", "tp")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
+ZERO3_GATHER_MODES = ("auto", "microbatch", "step")
 OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
 OFFLOADED_STATES = ("optimizer", "gradients", "params")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -61,6 +62,11 @@ class Plan:
     pp_schedule: str = "1f1b"
     pp_chunks: int = 1
     pp_split: list[int] = field(default_factory=list)
+    # ZeRO-3 with several micro-batches (a pipeline or accumulation): gather each unit around every
+    # micro-batch's forward and backward ("microbatch", least memory), or once and keep it until the
+    # step's gradients are reduced ("step", one all-gather per unit per step for the stage's full weights);
+    # auto: "step" under a pipeline (unless parameters are offloaded), "microbatch" otherwise.
+    zero3_gather: str = "auto"
     # Where each model state lives (see plait.zero.offload): none (on the device), cpu (host memory), disk
     # (files under offload_dir), or auto (placed by memory_budget, hottest first).
     offload_optimizer: str = "none"  # fp32 master shard, optimizer state, and the optimizer step
@@ -106,7 +112,34 @@ class Plan:
             self.bucket_mb > 0,
             f"plan.bucket_mb={self.bucket_mb}: gradient buckets need a positive size in MB (25 is typical)",
         )
+        _require(
+            self.zero3_gather in ZERO3_GATHER_MODES,
+            f"plan.zero3_gather={self.zero3_gather!r}: choose one of {', '.join(ZERO3_GATHER_MODES)}",
+        )
+        _require(
+            self.zero3_gather == "auto" or self.zero == 3,
+            f"plan.zero3_gather={self.zero3_gather!r} applies to ZeRO-3 only (plan.zero={self.zero} keeps whole "
+            "parameters): set plan.zero=3 or drop plan.zero3_gather",
+        )
         self._check_offload_fields()
+        _require(
+            not self.zero3_gathers_once_per_step or self.offload_tiers["params"] == "none",
+            "plan.zero3_gather='step' keeps each stage's whole parameters gathered for the step, which offloading "
+            "them is meant to avoid: set plan.offload_params='none' or plan.zero3_gather='microbatch'",
+        )
+        _require(
+            not (self.zero3_gather == "microbatch" and self.pp > 1 and self.pp_schedule == "zb-h1"),
+            "plan.zero3_gather='microbatch' with plan.pp_schedule='zb-h1': a unit must stay gathered from a "
+            "micro-batch's input-gradient pass to its weight-gradient pass; set plan.zero3_gather='step' or use "
+            "1f1b or interleaved",
+        )
+
+    @property
+    def zero3_gathers_once_per_step(self) -> bool:
+        """Whether ZeRO-3 keeps a gathered unit for the rest of the step (see zero3_gather)."""
+        if self.zero3_gather != "auto":
+            return self.zero3_gather == "step"
+        return self.zero == 3 and self.pp > 1 and self.offload_tiers["params"] == "none"
 
     def _check_offload_fields(self) -> None:
         for state in OFFLOADED_STATES:

@@ -40,6 +40,7 @@ from plait.update import Update
 from plait.zero.factory import build_data_parallel
 from plait.zero.offload.manager import Offload
 from plait.zero.offload.settle import after_step as settle_after_step
+from plait.zero.sharded import ZeroDataParallel
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
@@ -114,6 +115,8 @@ class Engine:
         self.data_parallel = build_data_parallel(
             self.model, mesh=mesh, policy=self.policy, counter=self.comm, expert_params=self.expert_params
         )
+        if self.pipeline is not None and isinstance(self.data_parallel, ZeroDataParallel):
+            self.pipeline.runner.backward_scope = self.data_parallel.backward_pass
         self.optimizer = parts.optimizer(self.data_parallel.optimizer_params)
         self.offload: Offload | None = getattr(self.data_parallel, "offload", None)
         use_mesh_norms(self.optimizer, mesh=mesh, offloaded=self.offload is not None)  # LAMB, LARS

@@ -103,6 +103,16 @@ CONFIG = {
     "set memory budget": (sets("plan.zero=1", "plan.memory_budget=lots"), "plan.memory_budget='lots' is not a size"),
     "set offload tier": (sets("plan.offload_optimizer=ram"), "plan.offload_optimizer='ram': choose one of"),
     "set offload auto no budget": (sets("plan.offload_optimizer=auto"), "set plan.memory_budget"),
+    "set zero3 gather mode": (sets("plan.zero=3", "plan.zero3_gather=layer"), "plan.zero3_gather='layer': choose"),
+    "zero3 gather without zero 3": (sets("plan.zero=2", "plan.zero3_gather=step"), "applies to ZeRO-3 only"),
+    "zero3 step with offloaded params": (
+        sets("plan.zero=3", "plan.zero3_gather=step", "plan.offload_params=cpu"),
+        "plan.zero3_gather='step' keeps each stage's whole parameters",
+    ),
+    "zero3 microbatch under zb-h1": (
+        sets("plan.zero=3", "plan.pp=2", "plan.pp_schedule=zb-h1", "plan.zero3_gather=microbatch"),
+        "plan.zero3_gather='microbatch' with plan.pp_schedule='zb-h1'",
+    ),
     "unknown preset": (sets("model.preset=gpt5"), "unknown model preset 'gpt5'"),
     "unknown model field": (sets("model.hidden=5"), "unknown GPTConfig field"),
     "model heads": (sets("model.num_heads=5"), "num_heads"),

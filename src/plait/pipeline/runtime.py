@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ class PipelineRunner:
         self.link = StageLink(prev, nxt, device=device)
         self.timeline: list[tuple[str, int, int, float, float]] = []  # (kind, micro-batch, chunk, start, end)
         self.peak_in_flight = 0  # most (micro-batch, chunk) activations held at once in the last step
+        # entered around each backward (ZeRO-3 tells recomputation from a schedule's forwards by it)
+        self.backward_scope: Callable[[], AbstractContextManager[None]] = nullcontext
 
     def schedule(self, num_microbatches: int) -> Schedule:
         return build_schedule(
@@ -160,11 +163,12 @@ class PipelineRunner:
         # whole backward (measured 110 ms for B + W vs 63 ms fused), and under tensor parallel the
         # vocab-parallel cross entropy reuses its saved softmax in place, so it can run only once.
         whole = not split or stage == self.num_stages - 1
-        if whole:
-            torch.autograd.backward(flight.output, flight.grad)
-            flight.weights_done = True
-        elif flight.received is not None:  # input gradient only; W computes the weights' later
-            torch.autograd.backward(flight.output, flight.grad, inputs=[flight.received], retain_graph=True)
+        with self.backward_scope():
+            if whole:
+                torch.autograd.backward(flight.output, flight.grad)
+                flight.weights_done = True
+            elif flight.received is not None:  # input gradient only; W computes the weights' later
+                torch.autograd.backward(flight.output, flight.grad, inputs=[flight.received], retain_graph=True)
         if stage > 0:
             self.link.send_backward(flight.received.grad, key=self._key(action.microbatch, stage))
             flight.received.grad = None
@@ -176,7 +180,8 @@ class PipelineRunner:
         if flight.weights_done:
             return
         params = [p for p in self.chunks[action.chunk].parameters() if p.requires_grad]
-        torch.autograd.backward(flight.output, flight.grad, inputs=params)
+        with self.backward_scope():
+            torch.autograd.backward(flight.output, flight.grad, inputs=params)
 
 
 def tied_groups(mesh_ranks: torch.Tensor) -> list[dist.ProcessGroup | None]:

@@ -76,6 +76,7 @@ def build_data_parallel(
         expert_params=expert_params,
     )
     zero.defer_reduction = mesh.size("pp") > 1
+    zero.gather_once_per_step = plan.zero3_gathers_once_per_step
     return zero
 
 

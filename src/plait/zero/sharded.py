@@ -11,7 +11,8 @@ previous module's prefetched), and released once their gradients are reduced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,6 +80,9 @@ class ZeroDataParallel:
         # Under a pipeline, micro-batches' backwards interleave with other forwards: every micro-batch's
         # gradients accumulate in full and each unit is reduced once, after the schedule (build_data_parallel sets it).
         self.defer_reduction = False
+        # ZeRO-3 over several micro-batches: keep each gathered unit until the step's reduction
+        # (one all-gather per unit per step) instead of releasing it after every use.
+        self.gather_once_per_step = False
         self.in_backward = False
         self._pending: list[tuple[FlatUnit, PendingReduce]] = []
         self._ready_counts = [0] * len(self.units)
@@ -132,11 +136,17 @@ class ZeroDataParallel:
 
     def _grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def on_grad_ready(_param: torch.Tensor) -> None:
-            if (self.stage == 1 or self.defer_reduction) and not self.sync:
+            deferred = (self.stage == 1 or self.defer_reduction) and not self.sync
+            if deferred and not self._releases_after_use:
                 return
             self._ready_counts[index] += 1
-            if self._ready_counts[index] == len(self.units[index].params):
-                self._reduce_unit(index)
+            if self._ready_counts[index] < len(self.units[index].params):
+                return
+            if deferred:  # this micro-batch is done with the unit; its gradients wait for the step's end
+                self._ready_counts[index] = 0
+                self.units[index].release()
+                return
+            self._reduce_unit(index)
 
         return on_grad_ready
 
@@ -153,7 +163,7 @@ class ZeroDataParallel:
         self._pending.append((unit, unit.start_reduce()))
         while len(self._pending) > MAX_IN_FLIGHT:
             self._complete_oldest()
-        if self.stage == 3:
+        if self._releases_after_use:
             unit.release()
 
     def _complete_oldest(self) -> None:
@@ -162,9 +172,24 @@ class ZeroDataParallel:
         if self.on_final_grads is not None and self.sync:
             self.on_final_grads.after_reduce(unit)
 
+    @property
+    def _releases_after_use(self) -> bool:
+        """Stage 3 frees a gathered unit after each use, unless it is kept for the rest of the step."""
+        return self.stage == 3 and (self.sync or not self.gather_once_per_step)
+
     def before_backward(self, *, sync: bool) -> None:
         self.sync = sync
+        if not self.defer_reduction:  # under a pipeline, `backward_pass` marks each of the schedule's backwards
+            self.in_backward = True
+
+    @contextmanager
+    def backward_pass(self) -> Iterator[None]:
+        """Around one backward of a pipeline schedule: forwards run inside it are recomputation."""
         self.in_backward = True
+        try:
+            yield
+        finally:
+            self.in_backward = False
 
     def after_backward(self) -> None:
         """After each micro-batch's backward: reduce what backward left, wait for all of it."""
@@ -177,7 +202,7 @@ class ZeroDataParallel:
                 self._complete_oldest()
         if self.stage >= 2:  # stage 1 re-arms at zero_(), after the step
             self._rearm()
-        if self.stage == 3:
+        if self._releases_after_use:
             for unit in self.units:
                 unit.release()
 
@@ -245,8 +270,9 @@ class ZeroDataParallel:
             if self.in_backward:  # recomputation inside backward: the units stay until reduced
                 return
             site = self.sites[position]
-            for index in site.unit_indices:
-                self.units[index].release()
+            if self.stage == 3 and not (self.gather_once_per_step and torch.is_grad_enabled()):
+                for index in site.unit_indices:
+                    self.units[index].release()
             self._hook_output(output, position)
             if self.offload is not None:
                 self.offload.observe(f"after-forward:{site.name}")
