@@ -108,8 +108,13 @@ def test_zero_3_gathering_per_microbatch_under_a_pipeline_matches_one_process(pl
     assert_parity(run_ranks(train_pp_or_not, 4, plan), reference())
 
 
-def test_zero_3_under_pp_4_matches_one_process() -> None:
-    plan = {"dp": 2, "pp": 4, "zero": 3, "pp_schedule": "1f1b"}
+@pytest.mark.parametrize(
+    ("zero", "plan"),
+    [(3, {"pp_schedule": "1f1b"}), (2, {"pp_schedule": "interleaved", "pp_chunks": 2}), (3, {"pp_schedule": "zb-h1"})],
+    ids=["zero3-1f1b", "zero2-interleaved", "zero3-zb-h1"],
+)
+def test_zero_under_pp_4_matches_one_process(zero: int, plan: dict) -> None:
+    plan = {"dp": 2, "pp": 4, "zero": zero, **plan}
     assert_parity(run_ranks(train_pp, 8, plan, timeout_s=150), reference())
 
 
