@@ -218,7 +218,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.resume is None:  # a rank a restart or a joining node starts continues the run (checked below)
             argv = [*argv, "--resume", "auto"]
     nproc = nodes.world_size(_ranks_wanted(config, args.nproc), per_node=args.nproc is not None)
-    validated = validate(config, world_size=nproc)  # every input error surfaces here, before any rank starts
+    # every input error surfaces here, before any rank starts
+    validated = validate(config, world_size=nproc, ranks_per_node=nodes.ranks_per_node(nproc))
     if _under_torchrun():
         _check_rank_resume(args.resume, config)
     else:

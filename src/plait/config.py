@@ -25,6 +25,7 @@ AXES = ("pp", "dp", "cp", "tp")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
 ZERO3_GATHER_MODES = ("auto", "microbatch", "step")
+ZERO_SHARD_MODES = ("all", "node")
 OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
 OFFLOADED_STATES = ("optimizer", "gradients", "params")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -51,6 +52,9 @@ class Plan:
     cp: int = 1
     ep: int = 1
     zero: int = 0
+    # Hybrid sharding: ZeRO shards its states over groups of this many dp ranks ("node": the dp ranks of
+    # one node) and replicates them across groups, whose link then carries only the shards' all-reduce.
+    zero_shard: int | str = "all"
     precision: str = "fp32"
     microbatches: int = 1
     recompute: str = "none"
@@ -122,6 +126,7 @@ class Plan:
             "parameters): set plan.zero=3 or drop plan.zero3_gather",
         )
         self._check_offload_fields()
+        self._check_zero_shard()
         _require(
             not self.zero3_gathers_once_per_step or self.offload_tiers["params"] == "none",
             "plan.zero3_gather='step' keeps each stage's whole parameters gathered for the step, which offloading "
@@ -133,6 +138,45 @@ class Plan:
             "micro-batch's input-gradient pass to its weight-gradient pass; set plan.zero3_gather='step' or use "
             "1f1b or interleaved",
         )
+
+    def _check_zero_shard(self) -> None:
+        shard = self.zero_shard
+        _require(
+            shard in ZERO_SHARD_MODES or (isinstance(shard, int) and not isinstance(shard, bool) and shard >= 1),
+            f"plan.zero_shard={shard!r}: choose 'all' (every dp rank), 'node' (the dp ranks of one node) or a "
+            "positive number of dp ranks that divides plan.dp",
+        )
+        _require(
+            shard == "all" or self.zero > 0,
+            f"plan.zero_shard={shard!r} shards ZeRO's states, but plan.zero=0 keeps them whole on every rank: "
+            "set plan.zero to 1, 2 or 3, or drop plan.zero_shard",
+        )
+        _require(
+            not isinstance(shard, int) or self.dp == -1 or self.dp % shard == 0,
+            f"plan.zero_shard={shard} does not divide plan.dp={self.dp}: shards span groups of dp ranks; choose "
+            f"a divisor of {self.dp} (e.g. the dp ranks of one node)",
+        )
+
+    def zero_shard_size(self, ranks_per_node: int) -> int:
+        """The dp ranks one ZeRO shard group spans (a resolved plan): plan.dp unless hybrid sharding.
+
+        The rank grid is pp x dp x cp x tp, so one node holds ranks_per_node / (cp*tp) neighbouring
+        dp ranks of each dp group, or whole dp groups when it holds a multiple of dp*cp*tp ranks."""
+        if self.zero_shard == "all":
+            return self.dp
+        if isinstance(self.zero_shard, int):
+            return self.zero_shard
+        inner = self.cp * self.tp
+        span = self.dp * inner
+        if ranks_per_node % span == 0:
+            return self.dp
+        _require(
+            span % ranks_per_node == 0 and ranks_per_node % inner == 0,
+            f"plan.zero_shard='node' with {ranks_per_node} ranks per node: a node must hold whole tp x cp groups "
+            f"({inner} ranks) and split the dp x cp x tp = {span} ranks of a pipeline stage evenly; launch a "
+            f"divisor of {span} ranks per node, or give plan.zero_shard as a number of dp ranks",
+        )
+        return ranks_per_node // inner
 
     @property
     def zero3_gathers_once_per_step(self) -> bool:
@@ -206,6 +250,12 @@ class Plan:
             )
         if self.ep > 1:
             self._check_expert_parallel_available()
+        for other, used in (("plan.ep", self.ep > 1), ("offloaded states", self.offloads)):
+            _require(
+                self.zero_shard == "all" or not used,
+                f"plan.zero_shard={self.zero_shard!r} with {other} is not available yet in plait; drop "
+                "plan.zero_shard (shard over every dp rank)",
+            )
         if self.offloads:
             self._check_offload_available()
 
@@ -269,6 +319,11 @@ class Plan:
             dp % self.ep == 0,
             f"plan.ep={self.ep} does not divide dp={dp} (world size {world_size}): experts split over ep ranks "
             f"carved from dp; choose an ep that divides {dp}, or launch a multiple of {self.ep * others} ranks",
+        )
+        _require(
+            not isinstance(self.zero_shard, int) or dp % self.zero_shard == 0,
+            f"plan.zero_shard={self.zero_shard} does not divide dp={dp} (world size {world_size}): shards span "
+            f"groups of dp ranks; choose a divisor of {dp} (e.g. the dp ranks of one node)",
         )
         return dataclasses.replace(self, dp=dp)
 

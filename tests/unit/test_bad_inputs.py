@@ -163,6 +163,24 @@ PLANS = {
         "plan.offload_params='cpu' needs plan.zero=3",
     ),
     "nproc zero": (train("--nproc", "0"), "--nproc 0: launch at least one rank"),
+    "zero shard without zero": (sets("plan.zero_shard=2"), "plan.zero_shard=2 shards ZeRO's states, but plan.zero=0"),
+    "zero shard mode": (sets("plan.zero=1", "plan.zero_shard=rack"), "plan.zero_shard='rack': choose 'all'"),
+    "zero shard vs dp": (
+        [*sets("plan.zero=3", "plan.zero_shard=3"), "--nproc", "4"],
+        "plan.zero_shard=3 does not divide dp=4",
+    ),
+    "zero shard node vs nodes": (
+        [
+            *sets("plan.zero=1", "plan.zero_shard=node", "plan.tp=2"),
+            "--nproc",
+            "3",
+            "--nnodes",
+            "2",
+            "--rdzv-endpoint",
+            "127.0.0.1:29400",
+        ],
+        "plan.zero_shard='node' with 3 ranks per node",
+    ),
 }
 FLAGS = {
     "nproc not a number": (train("--nproc", "two"), "argument --nproc: invalid int value: 'two'"),

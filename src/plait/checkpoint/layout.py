@@ -117,4 +117,8 @@ def writes_piece(placement: Placement | None, *, coords: RankCoords) -> bool:
         sliced.add("dp")
         if not all(coords.rank(axis) == 0 for axis in ("ep", "edp") if axis not in sliced):
             return False
+    if "zshard" in sliced:  # hybrid sharding carves dp into zshard x zrep: the first shard group writes
+        sliced.add("dp")
+        if coords.rank("zrep") != 0:
+            return False
     return all(coords.rank(axis) == 0 for axis in AXES if axis not in sliced)

@@ -71,7 +71,7 @@ SCALAR = PieceLayout(global_shape=())
 
 def rank_coords(engine: CheckpointedEngine) -> RankCoords:
     mesh = engine.mesh
-    return RankCoords({axis: (mesh.rank(axis), mesh.size(axis)) for axis in (*AXES, "ep", "edp")})
+    return RankCoords({axis: (mesh.rank(axis), mesh.size(axis)) for axis in (*AXES, "ep", "edp", "zshard", "zrep")})
 
 
 def _name_of(param: torch.Tensor, names: dict[int, str]) -> str:

@@ -43,11 +43,13 @@ class Mesh:
         self.device_type = device_type
         self.ranks_per_node = ranks_per_node or launched_ranks_per_node(world_size)
         self.device_mesh: DeviceMesh | None = None
+        zero_shard = self.plan.zero_shard_size(self.ranks_per_node)  # raises before any collective
         if dist.is_initialized():
             shape = tuple(getattr(self.plan, axis) for axis in AXES)
             self.device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         self._axes = {axis: self._axis_info(axis) for axis in AXES}
         self._axes.update(self._expert_axes())
+        self._axes.update(self._zero_shard_axes(zero_shard))
 
     def _axis_info(self, axis: str) -> AxisInfo:
         if self.device_mesh is None:
@@ -60,25 +62,37 @@ class Mesh:
 
     def _expert_axes(self) -> dict[str, AxisInfo]:
         """`ep` and `edp` (module docstring); with ep=1, ep is one rank and edp is dp itself."""
-        ep = self.plan.ep
+        ep_axis, edp_axis = self._carve_dp(self.plan.ep)
+        return {"ep": ep_axis, "edp": edp_axis}
+
+    def _zero_shard_axes(self, size: int) -> dict[str, AxisInfo]:
+        """`zshard` and `zrep` (module docstring); without hybrid sharding zshard is dp and zrep one rank."""
+        if size == self._axes["dp"].size:
+            return {"zshard": self._axes["dp"], "zrep": AxisInfo(rank=0, size=1, group=None)}
+        shard_axis, replica_axis = self._carve_dp(size)
+        return {"zshard": shard_axis, "zrep": replica_axis}
+
+    def _carve_dp(self, block: int) -> tuple[AxisInfo, AxisInfo]:
+        """Split each dp group into groups of `block` neighbouring dp ranks, and groups of the ranks at
+        the same offset in every block; block=1 leaves one rank and dp itself."""
         dp = self._axes["dp"]
-        if ep == 1 or self.device_mesh is None:
-            return {"ep": AxisInfo(rank=0, size=1, group=None), "edp": dp}
+        if block == 1 or self.device_mesh is None:
+            return AxisInfo(rank=0, size=1, group=None), dp
         dp_rank = dp.rank
-        ep_axis = edp_axis = None
+        inner = across = None
         # Every rank creates every group, in the same order (new_group is collective over the world).
         for line in _dp_lines(self.device_mesh):
-            for start in range(0, len(line), ep):
-                group = dist.new_group(line[start : start + ep])
-                if self.global_rank in line[start : start + ep]:
-                    ep_axis = AxisInfo(rank=dp_rank % ep, size=ep, group=group)
-            for offset in range(ep):
-                members = line[offset::ep]
+            for start in range(0, len(line), block):
+                group = dist.new_group(line[start : start + block])
+                if self.global_rank in line[start : start + block]:
+                    inner = AxisInfo(rank=dp_rank % block, size=block, group=group)
+            for offset in range(block):
+                members = line[offset::block]
                 group = dist.new_group(members) if len(members) > 1 else None
                 if self.global_rank in members:
-                    edp_axis = AxisInfo(rank=dp_rank // ep, size=len(members), group=group)
-        assert ep_axis is not None and edp_axis is not None
-        return {"ep": ep_axis, "edp": edp_axis}
+                    across = AxisInfo(rank=dp_rank // block, size=len(members), group=group)
+        assert inner is not None and across is not None
+        return inner, across
 
     def size(self, axis: str) -> int:
         return self._axes[axis].size

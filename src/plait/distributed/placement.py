@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 
 _ATTRIBUTE = "_plait_placement"
+# Axes that split each dp group into groups of its ranks (see mesh.py): expert parallel's ep and edp,
+# hybrid sharding's zshard. A piece sliced over one has dp / its size replicas along dp.
+CARVED_FROM_DP = ("ep", "edp", "zshard")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from plait.config import AXES
 from plait.distributed.comm import CommCounter
 from plait.distributed.mesh import Mesh
-from plait.distributed.placement import placement_of
+from plait.distributed.placement import CARVED_FROM_DP, placement_of
 
 
 def _is_sharded(mesh: Mesh) -> bool:
@@ -27,12 +27,12 @@ def _is_sharded(mesh: Mesh) -> bool:
 
 def num_replicas(sharded: set[str], *, mesh: Mesh) -> int:
     """Ranks holding the same piece of a tensor sharded over the `sharded` axes. Expert parallel
-    carves ep x edp out of dp: a piece split over ep (experts) or edp (their ZeRO shards) has
-    dp / ep or dp / edp replicas along dp."""
+    carves ep x edp out of dp, and hybrid sharding zshard x zrep: a piece split over ep (experts),
+    edp (their ZeRO shards) or zshard (hybrid ZeRO shards) has dp / that axis's size replicas along dp."""
     replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded and axis != "dp")
     if "dp" in sharded:
         return replicas
-    carved = math.prod(mesh.size(axis) for axis in ("ep", "edp") if axis in sharded)
+    carved = math.prod(mesh.size(axis) for axis in CARVED_FROM_DP if axis in sharded)
     return replicas * mesh.size("dp") // carved
 
 

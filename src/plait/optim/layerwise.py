@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from plait.distributed.placement import placement_of
+from plait.distributed.placement import CARVED_FROM_DP, placement_of
 
 REDUCED_AXES = ("dp", "cp", "tp")  # not pp: pipeline stages hold different parameters
 
@@ -76,7 +76,7 @@ class MeshNorms:
         size = self.mesh.size  # type: ignore[attr-defined]
         replicas = math.prod(size(axis) for axis in self.axes if axis not in sharded and axis != "dp")
         if "dp" in self.axes and "dp" not in sharded:
-            replicas *= size("dp") // math.prod(size(axis) for axis in ("ep", "edp") if axis in sharded)
+            replicas *= size("dp") // math.prod(size(axis) for axis in CARVED_FROM_DP if axis in sharded)
         return replicas
 
 

@@ -22,6 +22,7 @@ from plait.data.corpus import corpus_files
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.mesh import Mesh
+from plait.distributed.topology import launched_ranks_per_node
 from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig
 from plait.train import metrics
@@ -79,10 +80,12 @@ def check_tensor_parallel(model_config: GPTConfig, *, tp: int, seq_len: int, seq
             raise ValueError(f"{what}={size} is not divisible by plan.tp={tp}; use plan.tp in {valid}")
 
 
-def validate(config: Config, *, world_size: int) -> Validated:
-    """Check the whole config against the launch; raises ValueError with the fix."""
+def validate(config: Config, *, world_size: int, ranks_per_node: int | None = None) -> Validated:
+    """Check the whole config against the launch (`ranks_per_node`: default torchrun's
+    LOCAL_WORLD_SIZE, else the whole world); raises ValueError with the fix."""
     plan = config.plan.resolve(world_size)
     plan.check_available()
+    plan.zero_shard_size(ranks_per_node or launched_ranks_per_node(world_size))
     config.check_batching(plan.dp)
     if config.model.pretrained is not None:
         pretrained = validate_pretrained(config, plan=plan)

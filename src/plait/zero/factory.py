@@ -81,18 +81,22 @@ def build_data_parallel(
 
 
 def _unit_config(mesh: Mesh, *, policy: PrecisionPolicy, counter: CommCounter, axis: str) -> UnitConfig:
-    """Flat units sharded over `axis` (dp, or edp for expert-parallel parameters)."""
+    """Flat units sharded over `axis` (dp, or edp for expert-parallel parameters); under hybrid sharding
+    (plan.zero_shard) dp's units are sharded over zshard and their gradient shards summed over zrep."""
     plan = mesh.plan
-    group = mesh.group(axis)
+    hybrid = axis == "dp" and mesh.size("zrep") > 1
+    shard_axis = "zshard" if hybrid else axis
+    group = mesh.group(shard_axis)
     sharded = plan.zero > 0
     return UnitConfig(
         stage=max(plan.zero, 1),  # stage 0 in mixed precision: stage 1's layout, unsharded
         param_dtype=policy.param_dtype,
         reduce_dtype=policy.reduce_dtype,
         group=group,
-        num_shards=mesh.size(axis) if sharded else 1,
-        shard_index=mesh.rank(axis) if sharded else 0,
+        num_shards=mesh.size(shard_axis) if sharded else 1,
+        shard_index=mesh.rank(shard_axis) if sharded else 0,
         use_all_reduce=use_all_reduce(plan, group) or not sharded,
         counter=counter,
-        axis=axis,
+        axis=shard_axis,
+        replica_group=mesh.group("zrep") if hybrid else None,
     )

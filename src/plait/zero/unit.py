@@ -38,6 +38,9 @@ class UnitConfig:
     counter: CommCounter
     copy_stream: torch.cuda.Stream | None = None  # CUDA: host-to-device copies of offloaded shards and their gathers
     axis: str = "dp"  # the mesh axis `group` spans, as placement records name it ("edp" for experts)
+    # hybrid sharding: the ranks holding this rank's shard in the other shard groups (other nodes);
+    # the shard's gradients, reduced over `group`, are then summed over these
+    replica_group: dist.ProcessGroup | None = None
 
 
 @dataclass
@@ -231,6 +234,7 @@ class FlatUnit:
         result = pending.result
         if result.numel() != self.layout.shard_size:
             result = result[self.layout.shard_start : self.layout.shard_end]
+        self._reduce_over_replicas(result)
         page = self.pages.grads if self.pages is not None else None
         if page is not None:
             page.wait()
@@ -240,6 +244,15 @@ class FlatUnit:
             self.grad_shard.copy_(result)
         if page is not None and not self.pages.stepping:  # stepping: the update reads them right away
             page.evict(write=True)
+
+    def _reduce_over_replicas(self, shard: torch.Tensor) -> None:
+        """Hybrid sharding: the shard group's sum of this shard, summed over the other groups' copies
+        (the only gradient traffic between nodes: one shard per rank, not the whole unit)."""
+        group = self.config.replica_group
+        if group is None:
+            return
+        self.config.counter.record("all_reduce", shard, group=group)
+        dist.all_reduce(shard, group=group)
 
     def zero_grads(self) -> None:
         if self.pages is not None and self.pages.grads is not None:
