@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,9 +55,8 @@ def test_the_readme_example_trains_data_parallel_under_plait_run(tmp_path: Path)
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    results = [
-        json.loads(line.removeprefix("RESULT ")) for line in run.stdout.splitlines() if line.startswith("RESULT")
-    ]
+    # both ranks print to one pipe: a line may hold the other rank's result too
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^}]*\})", run.stdout)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["dp_size"] == 2 and r["steps"] == 3 for r in results)  # one group of 2, not 2 lone processes
     assert results[0]["loss"] == results[1]["loss"] and 0 < results[0]["loss"] < 20  # the global batch's loss
