@@ -29,6 +29,7 @@ ZERO_SHARD_MODES = ("all", "node")
 OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
 OFFLOADED_STATES = ("optimizer", "gradients", "params")
 NONFINITE_ACTIONS = ("stop", "skip")
+LR_SCHEDULES = ("cosine", "poly", "lars")  # plait.optim.schedules.lr_schedule
 
 
 def _require(condition: bool, message: str) -> None:
@@ -394,6 +395,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup: int = 20
+    schedule: str = "cosine"  # after warmup: cosine | poly (linear decay, LAMB/BERT) | lars (power-2 decay)
     weight_decay: float = 0.1
     beta2: float = 0.95
     eps: float = 1e-8
@@ -423,6 +425,11 @@ class TrainConfig:
             0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio}: use a fraction of lr between 0 and 1"
         )
         _require(self.warmup >= 0, f"train.warmup={self.warmup}: warmup steps cannot be negative")
+        _require(
+            self.schedule in LR_SCHEDULES,
+            f"train.schedule={self.schedule!r}: choose one of {', '.join(LR_SCHEDULES)} (each decays to "
+            "train.min_lr_ratio * lr after train.warmup steps)",
+        )
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: weight decay cannot be negative")
         _require(self.eps > 0, f"train.eps={self.eps}: Adam's eps must be positive, e.g. 1e-8")
         _require(0 <= self.beta2 < 1, f"train.beta2={self.beta2}: Adam's beta2 lies in [0, 1), e.g. 0.95")

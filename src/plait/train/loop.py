@@ -17,7 +17,7 @@ from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
-from plait.optim import adamw, warmup_cosine
+from plait.optim import adamw, lr_schedule
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
 from plait.train.operations import Operations, restart_count
@@ -55,8 +55,8 @@ def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engin
         optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
         loss_fn=causal_lm,
         mesh=mesh,
-        lr_scheduler=lambda opt: warmup_cosine(
-            opt, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
+        lr_scheduler=lambda opt: lr_schedule(
+            opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
         ),
         max_grad_norm=train.max_grad_norm,
         on_nonfinite=train.on_nonfinite,
