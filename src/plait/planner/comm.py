@@ -21,6 +21,10 @@ latency per ring step, scaled by the link's factor for its kind.
   rank (`all_to_all_bytes`; the slots of its own experts stay). Expert
   gradients are reduced over edp (dp / ep ranks, stride tp x ep), the rest
   over dp.
+- Hybrid sharding (plan.zero_shard = s < dp): the ZeRO collectives run over
+  the s ranks of a shard group (stride tp, inside a node), and each gradient
+  reduction is followed by an all-reduce of the rank's shard (P/s elements
+  of fp32) over the dp/s replicas (stride tp x s, across nodes).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 
 from plait.config import Plan
 from plait.planner.cluster import Cluster, Link
+from plait.planner.memory import dense_shard_ranks
 from plait.planner.shape import ModelShape, Unit
 from plait.planner.workload import PARAM_BYTES
 
@@ -109,12 +114,25 @@ def dp_step_seconds(plan: Plan, units: list[Unit], *, cluster: Cluster) -> float
     (dp / ep ranks), the rest over dp."""
     dense = [unit for unit in units if not unit.expert]
     experts = [unit for unit in units if unit.expert]
-    seconds = _group_seconds(plan, dense, ranks=plan.dp, link=cluster.link(plan.dp, stride=plan.tp), cluster=cluster)
+    shard = dense_shard_ranks(plan) if plan.zero > 0 else plan.dp
+    seconds = _group_seconds(plan, dense, ranks=shard, link=cluster.link(shard, stride=plan.tp), cluster=cluster)
+    if shard < plan.dp:
+        seconds += _replica_seconds(plan, dense, shard=shard, cluster=cluster)
     if experts:
         edp = plan.dp // plan.ep
         link = cluster.link(edp, stride=plan.tp * plan.ep)
         seconds += _group_seconds(plan, experts, ranks=edp, link=link, cluster=cluster)
     return seconds
+
+
+def _replica_seconds(plan: Plan, units: list[Unit], *, shard: int, cluster: Cluster) -> float:
+    """Hybrid sharding: after each gradient reduction inside the shard group, the all-reduce of each
+    unit's fp32 gradient shard over the dp / shard replicas (once per step at stage 1, per micro-batch above)."""
+    replicas = plan.dp // shard
+    link = cluster.link(replicas, stride=plan.tp * shard)
+    reductions = 1 if plan.zero == 1 else plan.microbatches
+    shards = [4.0 * math.ceil(unit.local(plan.tp) / shard) for unit in units]
+    return reductions * sum(collective_seconds(b, ranks=replicas, link=link, kind="all_reduce") for b in shards)
 
 
 def _group_seconds(plan: Plan, units: list[Unit], *, ranks: int, link: Link, cluster: Cluster) -> float:
@@ -138,6 +156,8 @@ def _group_seconds(plan: Plan, units: list[Unit], *, ranks: int, link: Link, clu
     reduce_kind = _reduce_kind(plan, cluster)
     if plan.zero == 1:
         return each(grad_bytes, reduce_kind) + each(param_bytes, "all_gather")
+    reductions = 1 if plan.pp > 1 else m  # a pipeline defers the reduction to the step's end
     if plan.zero == 2:
-        return m * each(grad_bytes, reduce_kind) + each(param_bytes, "all_gather")
-    return m * (each(grad_bytes, reduce_kind) + 2 * each(param_bytes, "all_gather"))
+        return reductions * each(grad_bytes, reduce_kind) + each(param_bytes, "all_gather")
+    gathers = 1 if plan.zero3_gathers_once_per_step else 2 * m  # around each micro-batch's forward and backward
+    return reductions * each(grad_bytes, reduce_kind) + gathers * each(param_bytes, "all_gather")
