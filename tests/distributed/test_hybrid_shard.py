@@ -8,6 +8,7 @@ all-gather or reduce-scatter may cross nodes: between them only the shards' grad
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import plait
 from plait.checkpoint.io import load_checkpoint
 from plait.distributed.mesh import Mesh
 from plait.distributed.topology import INTER_NODE
+from plait.planner import Cluster, Estimator, ModelShape, Workload
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_parity import (
     assert_parity,
@@ -28,6 +30,7 @@ from tests.distributed.test_parity import (
     shard_of,
     train_every_step,
 )
+from tests.distributed.test_planner_memory import CONFIG, GLOBAL_BATCH, SEQ, measure
 
 RANKS_PER_NODE = 2
 
@@ -105,3 +108,23 @@ def test_a_checkpoint_reshards_between_hybrid_and_plain_zero3(tmp_path: Path, fi
     weights, _, _ = load_checkpoint(Path(b))
     for name, value in ref_state.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _measure_on_two_nodes(rank: int, world_size: int, plan: plait.Plan) -> tuple[int, int]:
+    os.environ["LOCAL_WORLD_SIZE"] = str(RANKS_PER_NODE)  # this forked rank's launcher: 2 nodes x 2
+    return measure(rank, world_size, plan)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_the_planners_model_states_match_the_runtime_under_hybrid_sharding(zero: int) -> None:
+    """The runtime's model-state bytes equal the planner's for dp=4 as 2 nodes x 2 sharded by node (up
+    to Adam's 4-byte step counters), and are those of ZeRO over 2 ranks, not 4."""
+    plan = plait.Plan(dp=4, zero=zero, zero_shard="node")
+    cluster = Cluster.preset("h100", nodes=2, devices_per_node=RANKS_PER_NODE)
+    estimator = Estimator(ModelShape(CONFIG), Workload(GLOBAL_BATCH, SEQ), cluster=cluster)
+    results = run_ranks(_measure_on_two_nodes, 4, plan, timeout_s=120)
+    states = max(r[0] for r in results)
+    estimated = estimator.estimate(plan).memory.model_states
+    assert abs(estimated - states) <= 4 * 64, (estimated, states)
+    over_all_four = estimator.estimate(plait.Plan(dp=4, zero=zero)).memory.model_states
+    assert states - over_all_four > 4 * 64, (states, over_all_four)

@@ -9,7 +9,7 @@ from typing import Any
 from plait.config import Plan
 from plait.planner.cluster import Cluster
 from plait.planner.layout import LayoutCache, ScheduleCache
-from plait.planner.memory import MemoryBreakdown, MemoryModel
+from plait.planner.memory import MemoryBreakdown, MemoryModel, with_zero_shard
 from plait.planner.offload import OffloadBytes, summarize_tiers
 from plait.planner.offload_apply import apply_offload, fits
 from plait.planner.shape import ModelShape
@@ -47,6 +47,8 @@ def describe(plan: Plan) -> str:
     """A short name for a plan: the degrees and switches that differ from the defaults."""
     parts = [f"dp{plan.dp}", f"tp{plan.tp}", f"pp{plan.pp}"] + ([f"ep{plan.ep}"] if plan.ep > 1 else [])
     parts += [f"z{plan.zero}", plan.precision, f"m{plan.microbatches}"]
+    if plan.zero_shard != "all":
+        parts.append(f"shard{plan.zero_shard}")
     if plan.sequence_parallel:
         parts.append("sp")
     if plan.pp > 1:
@@ -87,6 +89,7 @@ class Estimator:
 
     def estimate(self, plan: Plan) -> Estimate:
         """`plan`'s estimate; an offloading plan's from the same plan on the device (`with_offload`)."""
+        plan = with_zero_shard(plan, ranks_per_node=self.cluster.devices_per_node)
         on_device = dataclasses.replace(plan, offload_optimizer="none", offload_gradients="none",
                                         offload_params="none", memory_budget="")  # fmt: skip
         memory = self.memory.estimate(on_device, reserved=self.cluster.reserved_bytes)

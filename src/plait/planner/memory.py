@@ -14,6 +14,7 @@ weights. `zero_paper_bytes` gives the ZeRO paper's formulas themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -93,10 +94,26 @@ class StateBytes:
 
 
 def zero_shards(unit: Unit, plan: Plan) -> int:
-    """Ranks a unit's flat state is sharded over: none at stage 0; dp, or edp (dp / ep) for experts."""
+    """Ranks a unit's flat state is sharded over: none at stage 0; dp (or plan.zero_shard's group under
+    hybrid sharding), or edp (dp / ep) for experts."""
     if plan.zero == 0:
         return 1
-    return plan.dp // plan.ep if unit.expert else plan.dp
+    return plan.dp // plan.ep if unit.expert else dense_shard_ranks(plan)
+
+
+def dense_shard_ranks(plan: Plan) -> int:
+    """The dp ranks ZeRO shards a (non-expert) unit over: plan.zero_shard once resolved to a number
+    (`with_zero_shard` does it for a cluster), else all of dp."""
+    if plan.zero_shard == "node":
+        raise ValueError("plan.zero_shard='node' depends on the cluster: resolve it with with_zero_shard first")
+    return plan.zero_shard if isinstance(plan.zero_shard, int) else plan.dp
+
+
+def with_zero_shard(plan: Plan, *, ranks_per_node: int) -> Plan:
+    """`plan` with zero_shard='node' replaced by the number of dp ranks one node holds."""
+    if plan.zero_shard != "node":
+        return plan
+    return dataclasses.replace(plan, zero_shard=plan.zero_shard_size(ranks_per_node))
 
 
 def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
