@@ -127,10 +127,11 @@ def dp_step_seconds(plan: Plan, units: list[Unit], *, cluster: Cluster) -> float
 
 def _replica_seconds(plan: Plan, units: list[Unit], *, shard: int, cluster: Cluster) -> float:
     """Hybrid sharding: after each gradient reduction inside the shard group, the all-reduce of each
-    unit's fp32 gradient shard over the dp / shard replicas (once per step at stage 1, per micro-batch above)."""
+    unit's fp32 gradient shard over the dp / shard replicas (once per step at stage 1 and under a pipeline,
+    per micro-batch otherwise, as `_group_seconds` reduces)."""
     replicas = plan.dp // shard
     link = cluster.link(replicas, stride=plan.tp * shard)
-    reductions = 1 if plan.zero == 1 else plan.microbatches
+    reductions = 1 if plan.zero == 1 or plan.pp > 1 else plan.microbatches
     shards = [4.0 * math.ceil(unit.local(plan.tp) / shard) for unit in units]
     return reductions * sum(collective_seconds(b, ranks=replicas, link=link, kind="all_reduce") for b in shards)
 
