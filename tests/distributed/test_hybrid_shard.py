@@ -128,3 +128,33 @@ def test_the_planners_model_states_match_the_runtime_under_hybrid_sharding(zero:
     assert abs(estimated - states) <= 4 * 64, (estimated, states)
     over_all_four = estimator.estimate(plait.Plan(dp=4, zero=zero)).memory.model_states
     assert states - over_all_four > 4 * 64, (states, over_all_four)
+
+
+def _train_on_nodes(rank: int, world_size: int, plan_kwargs: dict, ranks_per_node: int):
+    from tests.distributed.test_pipeline_parity import build
+
+    os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node)  # this forked rank's launcher: world / ranks_per_node nodes
+    model = build()
+    plan = plait.Plan(bucket_mb=0.01, microbatches=4, **plan_kwargs)
+    engine = plait.boost(
+        model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan, lr_scheduler=scheduler, max_grad_norm=1.0
+    )
+    assert engine.mesh.size("zshard") == 2 and engine.mesh.size("zrep") == 2
+    return train_every_step(engine, model.config.vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("plan", "ranks_per_node"),
+    [
+        ({"dp": 4, "tp": 2, "zero": 3, "sequence_parallel": True}, 4),
+        ({"dp": 4, "pp": 2, "zero": 2, "pp_schedule": "1f1b"}, 2),
+    ],
+    ids=["dp4xtp2-zero3-2nodes", "dp4xpp2-zero2-4nodes"],
+)
+def test_hybrid_sharding_with_tp_or_pp_on_8_ranks_matches_one_process(plan: dict, ranks_per_node: int) -> None:
+    """Shard groups of 2 dp ranks inside each node: beside tp peers (tp x dp = 4 ranks a node), or in
+    each pipeline stage (2 ranks a node)."""
+    from tests.distributed.test_pipeline_parity import reference
+
+    plan = {**plan, "zero_shard": "node"}
+    assert_parity(run_ranks(_train_on_nodes, 8, plan, ranks_per_node, timeout_s=180), reference())
