@@ -302,18 +302,20 @@ class Engine:
         return self.optimizer_step()
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
-        """The loss over this rank's share of `batches`, combined over dp as train_step does."""
+    def evaluate(self, batches: Iterable[Batch], *, metric: LossFn | None = None) -> torch.Tensor:
+        """The loss over this rank's share of `batches`, combined over dp as train_step does; `metric`
+        (same contract as loss_fn, e.g. (correct, count) for an accuracy) in place of the loss."""
+        loss_fn = self.loss_fn if metric is None else metric
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         batches = [self._to_device(batch) for batch in batches]
         if self.pipeline is not None:
-            loss_sum, count = self.pipeline.runner.forward_only(batches, loss_fn=self.loss_fn)
+            loss_sum, count = self.pipeline.runner.forward_only(batches, loss_fn=loss_fn)
             totals += torch.stack([loss_sum, count]).to(totals)
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         for batch in batches if self.pipeline is None else []:
-            loss = self.loss_fn(self.model(**self._model_inputs(batch)), batch)
+            loss = loss_fn(self.model(**self._model_inputs(batch)), batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
             totals += torch.stack([loss_sum.double(), count.to(totals)])
         all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)
