@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run: auto (the newest checkpoint under train.out_dir that verifies, or a fresh start "
         "when there is none) or a checkpoint directory",
     )
-    train.add_argument("--plan", choices=["auto"], default=None, help="auto: train with the planner's best plan")
+    train.add_argument(
+        "--plan", default=None, metavar="auto|PLAN",
+        help='auto: train with the planner\'s best plan; or a plan string in Plan\'s field names, e.g. '
+        '"dp=2 tp=2 pp=1 zero=1 microbatches=4 recompute=none" (replaces the config\'s [plan])',
+    )  # fmt: skip
     train.add_argument(
         "--max-restarts",
         type=int,
@@ -154,6 +158,16 @@ def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
     return [*_strip_flag(argv, "--plan"), *plan_overrides(plan)]
 
 
+def _with_plan_string(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """Replace `--plan "KEY=VALUE ..."` by --set overrides of every plan field, as `--plan auto` does."""
+    from plait.planner.auto import plan_overrides
+    from plait.planner.plan_string import parse_plan
+
+    overrides = plan_overrides(parse_plan(args.plan))
+    args.overrides = [*args.overrides, *overrides[1::2]]
+    return [*_strip_flag(argv, "--plan"), *overrides]
+
+
 def _preflight(config: Config, *, validated: Validated, resume: str | None, first_node: bool = True) -> None:
     """What only the launcher checks, once, before any rank starts (the ranks would race on it)."""
     from plait.train import preflight
@@ -209,6 +223,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     if args.plan == "auto":
         argv = _with_auto_plan(args, argv)
+    elif args.plan:
+        argv = _with_plan_string(args, argv)
     config = load_config(args.config, args.overrides)
     nodes = Nodes.from_args(args)  # one node unless --nnodes
     if nodes.elastic and not _under_torchrun():

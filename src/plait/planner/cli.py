@@ -8,11 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from plait.config import Plan
 from plait.planner.advice import explain_no_fit
 from plait.planner.cluster import PRESETS, Cluster, parse_bytes
 from plait.planner.estimate import Estimator
-from plait.planner.evaluate import format_estimate, parse_plan_fields, plan_to_evaluate
+from plait.planner.evaluate import checked_plan, format_estimate, parse_plan_fields, plan_to_evaluate
 from plait.planner.hardware import DISK_EXAMPLE, parse_disk, parse_host_memory, with_host_and_disk
+from plait.planner.plan_string import EXAMPLE as PLAN_EXAMPLE
+from plait.planner.plan_string import parse_fields, parse_plan, plan_string
 from plait.planner.report import format_table, why_best
 from plait.planner.search import SearchSpace, search
 from plait.planner.shape import ModelShape, load_shape
@@ -52,6 +55,15 @@ def add_plan_parser(commands: Any) -> None:
     plan.add_argument(
         "--evaluate", default=None, metavar="KEY=VALUE,...",
         help="estimate this one plan instead of searching, e.g. zero=3,offload_optimizer=disk,offload_dir=/x",
+    )  # fmt: skip
+    plan.add_argument(
+        "--plan", default=None, metavar="PLAN",
+        help=f'evaluate exactly this plan (Plan\'s field names), e.g. "{PLAN_EXAMPLE}": memory breakdown, step '
+        "time, why it fits or not (precision, when not given, is --precision's)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--profile", default="plait", choices=["plait", "megatron"],
+        help="layer accounting: plait's runtime, or Megatron-LM's (materialised attention scores, its kernels)",
     )  # fmt: skip
 
 
@@ -121,13 +133,22 @@ def _check_options(args: argparse.Namespace) -> None:
         parse_host_memory(args.host_mem)
     if args.evaluate:
         parse_plan_fields(args.evaluate)
+    if args.plan:
+        parse_plan(args.plan)
+    if args.plan and args.evaluate:
+        raise ValueError("--plan and --evaluate both name one plan; give one of them")
 
 
 def _evaluate(args: argparse.Namespace, shape: ModelShape, workload: Workload, cluster: Cluster) -> int:
     """`--evaluate`: the one plan's estimate in full; exit 1 where it does not fit."""
     world = cluster.num_devices
-    plan = plan_to_evaluate(args.evaluate, world=world, workload=workload, precision=_precision(args, cluster))
-    estimate = Estimator(shape, workload, cluster=cluster).estimate(plan)
+    if args.plan:
+        fields = {"precision": _precision(args, cluster)} | parse_fields(args.plan)
+        plan = checked_plan(Plan(**fields), world=world, workload=workload)  # type: ignore[arg-type]
+        print(f"plan string: {plan_string(plan)}")
+    else:
+        plan = plan_to_evaluate(args.evaluate, world=world, workload=workload, precision=_precision(args, cluster))
+    estimate = Estimator(shape, workload, cluster=cluster, profile=args.profile).estimate(plan)
     print(format_estimate(estimate, device_memory=cluster.device_memory))
     if args.json:
         Path(args.json).write_text(json.dumps(estimate.as_dict(), indent=1) + "\n")
@@ -150,11 +171,11 @@ def run_plan(args: argparse.Namespace) -> int:
         f"{cluster.nodes} x {cluster.devices_per_node} {cluster.name} ({cluster.device_memory / 2**30:.0f} GiB"
         f"{_host_text(cluster)})"
     )
-    if args.evaluate:
+    if args.evaluate or args.plan:
         print(header)
         return _evaluate(args, shape, workload, cluster)
     space = _space(args, cluster)
-    result = search(shape, workload, cluster=cluster, space=space)
+    result = search(shape, workload, cluster=cluster, space=space, profile=args.profile)
     print(f"{header}; {len(result.estimates)} valid plans estimated in {result.seconds:.1f} s")
     print(format_table(result, top=args.top))
     if args.json:

@@ -51,10 +51,35 @@ def parse_plan_fields(text: str) -> dict[str, object]:
 def plan_to_evaluate(text: str, *, world: int, workload: Workload, precision: str) -> Plan:
     """The plan `--evaluate` names, with dp inferred and plait's launch checks applied."""
     fields = {"precision": precision} | parse_plan_fields(text)
-    plan = Plan(**fields).resolve(world)  # type: ignore[arg-type]
+    return checked_plan(Plan(**fields), world=world, workload=workload)  # type: ignore[arg-type]
+
+
+def checked_plan(plan: Plan, *, world: int, workload: Workload) -> Plan:
+    """`plan` with dp inferred and plait's own launch checks applied (what `plait train` would refuse)."""
+    plan = plan.resolve(world)
     plan.check_available()
     Config(plan=plan, train=TrainConfig(global_batch=workload.global_batch)).check_batching(plan.dp)
     return plan
+
+
+def fit_reason(est: Estimate, *, device_memory: int) -> str:
+    """Why the plan fits or does not: its peak against the device, and the parts that make it up."""
+    m = est.memory
+    parts = {
+        "model states": m.model_states, "activations": m.activations, "working buffers": m.working + m.comm,
+        "reserved": m.reserved,
+    }  # fmt: skip
+    largest = ", ".join(f"{name} {size / GIB:.2f}" for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
+    margin = (device_memory - m.total) / GIB
+    peak = f"the busiest rank (stage {m.stage}) peaks at {m.total / GIB:.2f} GiB"
+    if est.fits:
+        return f"fits: {peak}, {margin:.2f} GiB spare ({largest} GiB)"
+    if margin >= 0:
+        return (
+            f"does not fit: {peak} on the device, but its offloaded states lack room (host {m.host / GIB:.2f} GiB, "
+            f"disk {m.disk / GIB:.2f} GiB per rank)"
+        )
+    return f"does not fit: {peak}, {-margin:.2f} GiB over {device_memory / GIB:.1f} GiB ({largest} GiB)"
 
 
 def _traffic(name: str, traffic: Traffic) -> str:
@@ -80,4 +105,5 @@ def format_estimate(est: Estimate, *, device_memory: int) -> str:
         lines.append(_traffic("after backward (optimizer)", est.offload.after))
     parts = ", ".join(f"{k} {v:.3g}" for k, v in t.as_dict().items() if k != "total" and v)
     lines.append(f"step: {est.step_s:.3g} s ({parts}); {est.tokens_per_s:,.0f} tokens/s; MFU {100 * est.mfu:.1f}%")
+    lines.append(fit_reason(est, device_memory=device_memory))
     return "\n".join(lines)
