@@ -6,7 +6,8 @@ the place in it (table, section, line) and the exact quoted numbers; whatever th
 and the planner needs is listed under `assumed`, with the reason for the choice.
 
 The plan is a plan string in `plait.Plan`'s own field names (dp, tp, pp, cp, zero, microbatches,
-sequence_parallel, recompute, pp_schedule, pp_chunks, pp_split, precision). `microbatches` is a count
+sequence_parallel, recompute, pp_schedule, pp_chunks, pp_split, precision); pp_split lists the layers
+where pipeline stages 1, 2, ... start. `microbatches` is a count
 per step per pipeline (global batch / dp / micro-batch size). `measured` is either the step time in
 seconds (`step_s`) or TFLOP/s per GPU under the source's own FLOP count (`tflops`, with `flops` naming
 the convention), from which benchmarks/planner_golden.py derives the step time.
@@ -161,7 +162,7 @@ BLOOM_ROWS = [
         "gpus": 384,
         "global_batch": 2048,
         "plan": "dp=8 tp=4 pp=12 zero=1 microbatches=128 pp_schedule=1f1b recompute=full "
-        "pp_split=5,6,6,6,6,6,6,6,6,6,6,5",
+        "pp_split=5,11,17,23,29,35,41,47,53,59,65",
         "measured": {"step_s": 104.70},
         "assumed": [
             "position='rope' stands for ALiBi: neither has position parameters",
@@ -195,7 +196,7 @@ LLAMA3_ASSUMED = [
     "TFLOP/s per GPU converted with PaLM's model FLOPs (6N + 12 L d s per token), the MFU convention Meta cites",
     "sequence_parallel=true (not stated; Megatron-style tp=8 with sequence parallelism is assumed)",
 ]
-LLAMA3_SPLIT = "pp_split=" + ",".join(["7"] + ["8"] * 14 + ["7"])
+LLAMA3_SPLIT = "pp_split=" + ",".join(str(7 + 8 * i) for i in range(15))  # where stages 1..15 start
 LLAMA3_ROWS = [
     {
         "id": key,

@@ -36,7 +36,7 @@ def test_the_issues_example_parses_into_plans_fields() -> None:
             sequence_parallel=True,
             recompute="selective",
             recompute_ratio=0.5,
-            pp_split=[7, 8, 8, 7],
+            pp_split=[7, 15, 23],
             zero3_gather="microbatch",
         ),
         Plan(dp=4, zero=2, recompute="selective", recompute_modules=["attention"], offload_optimizer="cpu"),
