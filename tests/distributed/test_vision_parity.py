@@ -52,6 +52,10 @@ def train_plan(rank: int, world_size: int, preset: str, plan: dict) -> tuple[lis
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
     )
+    if plan.get("tp", 1) > 1:  # the layers really are split
+        assert any(type(module).__name__ == "ColumnParallelLinear" for module in engine.model.modules())
+    if plan.get("pp", 1) > 1:
+        assert engine.pipeline is not None
     per_rank = GLOBAL_BATCH // engine.dp_size
     shard = slice(engine.dp_rank * per_rank, (engine.dp_rank + 1) * per_rank)
     losses = [engine.train_step({k: v[shard] for k, v in batch.items()}).loss.item() for batch in global_batches()]
@@ -74,6 +78,8 @@ def reference(preset: str) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 PLANS = {
     "dp2-zero3": {"dp": 2, "zero": 3},
+    "tp2": {"dp": 1, "tp": 2},
+    "pp2": {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "1f1b"},
 }
 
 
@@ -83,3 +89,21 @@ def test_dp2_zero3_matches_one_process(preset: str) -> None:
     losses = reference(preset)[0]
     assert losses[-1] < losses[0]  # it learns: the comparison is not between two idle runs
     assert_parity(results, reference(preset))
+
+
+@pytest.mark.parametrize("plan", ["tp2", "pp2"])
+def test_vit_under_tp_and_pp_matches_one_process(plan: str) -> None:
+    results = run_ranks(train_plan, 2, "vit-tiny", PLANS[plan], timeout_s=120)
+    assert_parity(results, reference("vit-tiny"))
+
+
+def test_swin_under_tp_or_pp_is_refused_with_the_reason() -> None:
+    """What the engine calls first under tp (the plan) and pp (the layout) refuses Swin, before any collective."""
+    from plait.pipeline.partition import decoder_layout
+    from plait.tensor.hf import check_tp
+
+    model = fresh_model("swin-tiny")
+    with pytest.raises(ValueError, match="tensor parallelism is not available for SwinForImageClassification"):
+        check_tp(model, 2)
+    with pytest.raises(ValueError, match=r"pipeline parallelism is not available for Swin.*plan.tp=1, plan.pp=1"):
+        decoder_layout(model)

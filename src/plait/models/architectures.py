@@ -34,6 +34,7 @@ __all__ = [
     "model_type_of",
     "present_paths",
     "suggested_entry",
+    "unsplittable_reason",
 ]
 
 
@@ -76,6 +77,8 @@ class Architecture:
     # config attribute -> why a pipeline stage cannot run the family when it is set
     pp_refusals: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     moe_block: str | None = None  # a layer's sparse-MoE block, which plait.models.use_plait_moe swaps for a MoELayer
+    inputs: str = "input_ids"  # the batch key the first stage embeds ("pixel_values" for vision models)
+    head_on_first_token: bool = False  # the head reads the first (class) token only, as ViT's classifier does
 
     @property
     def is_plait(self) -> bool:
@@ -264,7 +267,51 @@ _ENTRIES = (
     ),
 )
 
-ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({entry.name: entry for entry in _ENTRIES})
+_VIT_ENTRY = Architecture(
+    "vit",
+    layers="layers",
+    embed="embeddings",  # patches (a convolution), the class token and learned positions, from pixel_values
+    norm="layernorm",
+    head="classifier",
+    causal=False,
+    inputs="pixel_values",
+    head_on_first_token=True,
+    attention="attention",
+    tp_styles=MappingProxyType(
+        {
+            "attention.q_proj": "colwise",
+            "attention.k_proj": "colwise",
+            "attention.v_proj": "colwise",
+            "attention.o_proj": "rowwise",
+            "mlp.fc1": "colwise",
+            "mlp.fc2": "rowwise",
+        }
+    ),
+)
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({entry.name: entry for entry in (*_ENTRIES, _VIT_ENTRY)})
+
+
+# model_type -> why neither pipeline nor tensor parallel can split the family (dp and ZeRO 1-3 can)
+UNSPLITTABLE: Mapping[str, str] = MappingProxyType(
+    {
+        "swin": "Swin's stages change the token grid (patch merging halves each side, doubling the width) and its "
+        "blocks take the grid's dimensions, so plait's pipeline cannot pass one (batch, tokens, width) activation "
+        "between stages; and each block's relative-position bias table holds every head, which plait's tensor "
+        "parallel does not slice. Train Swin under dp and ZeRO 1-3 (plan.tp=1, plan.pp=1), or use ViT",
+    }
+)
+
+
+def unsplittable_reason(model: nn.Module, *, purpose: str) -> str | None:
+    """The refusal for a family that `purpose` (pipeline or tensor parallelism) cannot split, or None."""
+    model_type = model_type_of(model)
+    reason = UNSPLITTABLE.get(model_type or "")
+    return (
+        f"{purpose} is not available for {type(model).__name__} (model_type {model_type!r}): {reason}"
+        if reason
+        else None
+    )
 
 
 def _is_plait_gpt(model: nn.Module) -> bool:
@@ -328,6 +375,9 @@ def architecture_of(model: nn.Module, *, purpose: str = "this") -> Architecture:
     entry = find_architecture(model)
     if entry is not None:
         return entry
+    refusal = unsplittable_reason(model, purpose=purpose)
+    if refusal:
+        raise ValueError(refusal)
     model_type = model_type_of(model)
     if model_type in ARCHITECTURES:
         known = ARCHITECTURES[model_type]

@@ -30,8 +30,11 @@ STAGE_KEYWORDS = ("attention_mask", "position_ids")  # what every stage needs of
 
 def stage_keywords(batch: Batch) -> dict[str, torch.Tensor]:
     """The micro-batch's padding mask and positions, which every stage's layers use alike. Positions
-    default to the whole sequence's: a stage may receive only its chunk of it (sequence parallel)."""
+    default to the whole sequence's: a stage may receive only its chunk of it (sequence parallel).
+    Images (no input_ids) have neither: their embeddings add positions, and no token is padding."""
     keywords = {key: batch[key] for key in STAGE_KEYWORDS if key in batch}
+    if "input_ids" not in batch:
+        return keywords
     input_ids = batch["input_ids"]
     keywords.setdefault("position_ids", torch.arange(input_ids.shape[1], device=input_ids.device))
     return keywords
@@ -65,6 +68,7 @@ class PipelineRunner:
         device: torch.device,
     ) -> None:
         self.chunks = chunks
+        self.input_key = getattr(chunks[0], "input_key", "input_ids")  # what the first stage embeds
         self.schedule_name = schedule_name
         self.num_ranks = len(pp_ranks)
         self.num_chunks = len(chunks)
@@ -111,7 +115,9 @@ class PipelineRunner:
                 rank, chunk = stage_location(stage, self.num_ranks)
                 if rank != self.rank:
                     continue
-                inputs = batch["input_ids"] if stage == 0 else self.link.recv_forward(key=self._key(index, stage - 1))
+                inputs = (
+                    batch[self.input_key] if stage == 0 else self.link.recv_forward(key=self._key(index, stage - 1))
+                )
                 output = self.chunks[chunk](inputs, **stage_keywords(batch))
                 if stage < self.num_stages - 1:
                     self.link.send_forward(output, key=self._key(index, stage))
@@ -139,7 +145,7 @@ class PipelineRunner:
         batch = step.micro_batches[action.microbatch]
         received = None
         if stage == 0:
-            inputs = batch["input_ids"]
+            inputs = batch[self.input_key]
         else:
             received = self.link.recv_forward(key=self._key(action.microbatch, stage - 1))
             inputs = received

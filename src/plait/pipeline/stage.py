@@ -80,6 +80,7 @@ class PipelineStage(nn.Module):
         super().__init__()
         self.spec = spec
         self.layout = decoder_layout(model)
+        self.input_key = self.layout.inputs  # the batch entry the first stage embeds
         self.hf_config = None if self.layout.is_plait else getattr(model, "config", None)
         pairs = _tied_pairs(model, self.layout)
         self.tied_pairs = pairs if untie else []
@@ -123,6 +124,8 @@ class PipelineStage(nn.Module):
     def _embed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
+        if self.input_key != "input_ids":  # images: the embeddings module adds its own positions
+            return self.get_submodule(self.layout.embed)(input_ids)  # (batch, tokens, d_model)
         if input_ids.dim() != 2:
             raise ValueError(
                 f"the first pipeline stage takes input_ids (batch, seq), got shape {tuple(input_ids.shape)}; "
@@ -150,8 +153,12 @@ class PipelineStage(nn.Module):
         return module(mask, 0, position_ids=positions.expand_as(input_ids))
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        for module in self._modules_at(self.layout.last_paths()):
-            hidden = module(hidden)
+        for path in self.layout.last_paths():
+            if path not in self._held:
+                continue
+            if path == self.layout.head and self.layout.head_on_first_token:
+                hidden = hidden[:, 0]  # (batch, d_model): the class token, as the model's forward pools
+            hidden = self.get_submodule(path)(hidden)
         cap = getattr(self.hf_config, self.layout.logit_softcap, None) if self.layout.logit_softcap else None
         return torch.tanh(hidden / cap) * cap if cap else hidden  # the soft-capping the model's forward applies
 

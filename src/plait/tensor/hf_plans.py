@@ -26,7 +26,13 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from plait.models.architectures import ARCHITECTURES, Architecture, find_architecture, model_type_of
+from plait.models.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    find_architecture,
+    model_type_of,
+    unsplittable_reason,
+)
 from plait.tensor.apply import KINDS, Style
 
 PlanTable = dict[str, str | Style]
@@ -65,6 +71,9 @@ def tp_plan_for(model: nn.Module) -> PlanTable:
 
 def tp_refusal(model: nn.Module) -> str | None:
     """Why `model` cannot be tensor-parallel at all (whatever the tp), or None."""
+    unsplittable = unsplittable_reason(model, purpose="tensor parallelism")
+    if unsplittable:
+        return unsplittable
     config = getattr(model, "config", None)
     if model_type_of(model) == "falcon" and config.multi_query and not config.new_decoder_architecture:
         return (
