@@ -11,6 +11,7 @@ depend on how many ranks share it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 from plait.data.documents import document_positions
 
 Batch = dict[str, torch.Tensor]
+# (rows (n, seq_len), their global positions (n,)) -> the model's batch: a task's (plait.tasks.text)
+BatchMaker = Callable[[torch.Tensor, np.ndarray], Batch]
 
 
 class TokenDataset:
@@ -85,6 +88,7 @@ class ShardedLoader:
         seed: int,
         shuffle: bool = True,
         eot_id: int | None = None,
+        batch_maker: BatchMaker | None = None,
     ) -> None:
         self.per_rank = rank_batch_size(global_batch, dp_rank=dp_rank, dp_size=dp_size)
         self.dataset = dataset
@@ -94,6 +98,7 @@ class ShardedLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.eot_id = eot_id  # given: batches carry per-document position_ids (plait.data.documents)
+        self.batch_maker = batch_maker  # given: it makes each batch (a task's inputs and labels) from the rows
         self.offset = 0
         self._cached_epoch = -1
         self._cached_order = np.empty(0, dtype=np.int64)
@@ -112,6 +117,8 @@ class ShardedLoader:
         start = self.offset + self.dp_rank * self.per_rank
         input_ids = self.dataset.gather(self.global_indices(start, self.per_rank))
         self.offset += self.global_batch
+        if self.batch_maker is not None:
+            return self.batch_maker(input_ids, np.arange(start, start + self.per_rank))
         return make_batch(input_ids, eot_id=self.eot_id)
 
     def __iter__(self) -> ShardedLoader:
@@ -192,6 +199,7 @@ def eval_batches(
     dp_rank: int,
     dp_size: int,
     eot_id: int | None = None,
+    batch_maker: BatchMaker | None = None,
 ) -> list[Batch]:
     """This rank's share of a fixed validation set: the first ``num_batches`` batches.
 
@@ -211,8 +219,9 @@ def eval_batches(
     batches = []
     for step in range(num_batches):
         start = step * batch_size + dp_rank * per_rank
-        input_ids = dataset.gather(np.arange(start, start + per_rank))
-        batches.append(make_batch(input_ids, eot_id=eot_id))
+        positions = np.arange(start, start + per_rank)
+        input_ids = dataset.gather(positions)
+        batches.append(batch_maker(input_ids, positions) if batch_maker else make_batch(input_ids, eot_id=eot_id))
     return batches
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,28 @@ def train_tokenizer(documents: Iterable[str], *, vocab_size: int) -> Tokenizer:
     tokenizer.train_from_iterator(documents, trainer=trainer)
     assert tokenizer.token_to_id(EOT) == EOT_ID, "special tokens come first in BPE training"
     return tokenizer
+
+
+def add_special_tokens(tokenizer: Tokenizer, names: Sequence[str]) -> list[int]:
+    """Add a task's special tokens (plait.data.special_tokens) after the vocabulary; returns their ids.
+
+    They must land at ids vocab_size, vocab_size + 1, ... (where tasks and models put them), so the
+    tokenizer must hold exactly the vocabulary it was trained for.
+
+    >>> tok = train_tokenizer(["def f(x):\\n    return x\\n"] * 10, vocab_size=300)
+    >>> first = tok.get_vocab_size()
+    >>> add_special_tokens(tok, ["[CLS]", "[SEP]"]) == [first, first + 1]
+    True
+    """
+    first = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens(list(names))
+    ids = [tokenizer.token_to_id(name) for name in names]
+    if ids != list(range(first, first + len(names))):
+        raise ValueError(
+            f"special tokens {list(names)[:4]} landed at ids {ids[:4]}, not after the {first}-token vocabulary; "
+            "the tokenizer already knows some of them: use a tokenizer trained by plait (train_tokenizer)"
+        )
+    return ids
 
 
 def load_or_train_tokenizer(
