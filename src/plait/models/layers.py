@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv_width, bias=config.bias)
         self.v_proj = nn.Linear(d, kv_width, bias=config.bias)
         self.o_proj = nn.Linear(q_width, d, bias=config.bias)
+        # Context parallel (plait.context) sets this to attention over the cp ring: (q, k, v, *, position_ids).
+        self.context_attention: Callable[..., torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, GPT-2's scaled std for ``o_proj``, zero biases."""
@@ -138,7 +141,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
+        if self.context_attention is not None:
+            out = self.context_attention(q, k, v, position_ids=position_ids)
+        elif position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
             mask = document_causal_mask(position_ids)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:

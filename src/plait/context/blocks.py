@@ -1,0 +1,61 @@
+"""Attention on one block of keys, in fp32, with the log-sum-exp that merges blocks exactly.
+
+The forward keeps, per query row, ``lse = log sum exp(scores)``; merging two blocks' outputs
+weights each by ``exp(lse_block - lse_merged)`` (the online softmax). The backward recomputes a
+block's probabilities from the merged ``lse`` (FlashAttention's scheme), so nothing of size
+queries x keys is kept between the rings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with rows that see no key (-inf) at 0, so ``scores - lse`` stays -inf there, not nan."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (batch, heads, queries, keys)
+    return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+
+def block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This block's normalised output (batch, heads, queries, head_dim) and its lse (batch, heads, queries)."""
+    scores = _scores(q, k, scale=scale, mask=mask)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - _finite(lse)[..., None])
+    return torch.matmul(probs, v), lse
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, piece: tuple[torch.Tensor, torch.Tensor], rows: slice) -> None:
+    """Fold one block's (output, lse) into the running ``out``/``lse`` over query ``rows``, in place."""
+    piece_out, piece_lse = piece
+    old_lse = lse[:, :, rows]
+    merged = torch.logaddexp(old_lse, piece_lse)
+    safe = _finite(merged)
+    old_weight = torch.exp(old_lse - safe)[..., None]
+    new_weight = torch.exp(piece_lse - safe)[..., None]
+    out[:, :, rows] = out[:, :, rows] * old_weight + piece_out * new_weight
+    lse[:, :, rows] = merged
+
+
+def block_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one block; ``grad`` is (d_out, merged lse, delta = rowsum(d_out * out))."""
+    d_out, lse, delta = grad
+    probs = torch.exp(_scores(q, k, scale=scale, mask=mask) - _finite(lse)[..., None])
+    dv = torch.matmul(probs.transpose(-1, -2), d_out)
+    d_probs = torch.matmul(d_out, v.transpose(-1, -2))
+    d_scores = probs * (d_probs - delta[..., None]) * scale
+    return torch.matmul(d_scores, k), torch.matmul(d_scores.transpose(-1, -2), q), dv
