@@ -101,6 +101,8 @@ class Engine:
         self.scaler = LossScaler.from_policy(self.policy)
         self.device = torch.device(mesh.device_type) if _is_meta(model) else next(model.parameters()).device
         self.tensor_parallel = _apply_tp(model, mesh)
+        if self.expert_params:  # tp swaps in sliced experts: their parameters are new objects
+            self.expert_params = [param for _, param in expert_parameters(model)]
         self.recomputed = apply_recompute(  # before the split: the stages hold these same layer objects
             model,
             mode=self.plan.recompute,
@@ -404,8 +406,8 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
 
 
 def _check_moe_plan(model: nn.Module, mesh: Mesh) -> None:
-    """Mixture-of-Experts layers run replicated over tp (each tp rank routes the same whole tokens) and
-    inside pipeline stages; sequence parallel would hand them a slice of the sequence, with routing
+    """Mixture-of-Experts layers route whole tokens on every tp rank (their experts split over tp) and
+    run inside pipeline stages; sequence parallel would hand them a slice of the sequence, with routing
     groups the plain process does not have."""
     if mesh.plan.ep > 1:
         check_expert_parallel(model, mesh.plan.ep)

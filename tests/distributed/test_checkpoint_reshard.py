@@ -118,6 +118,11 @@ ROUND_TRIPS = {
     "tp2 zero1 dp2 -> pp2 dp2": ("tiny", {"dp": 2, "tp": 2, "zero": 1}, {"dp": 2, "pp": 2, "microbatches": 2}),
     "hf llama tp2 -> zero3 dp2": ("hf-llama", {"dp": 1, "tp": 2}, {"dp": 2, "zero": 3}),
     "hf gpt2 zero1 dp2 -> tp2 (Conv1D)": ("hf-gpt2", {"dp": 2, "zero": 1}, {"dp": 1, "tp": 2}),
+    "moe ep2 x tp2 zero1 -> zero3 dp2 (tp-split experts)": (
+        "mixtral-tiny",
+        {"dp": 2, "tp": 2, "ep": 2, "zero": 1},
+        {"dp": 2, "zero": 3},
+    ),
 }
 
 

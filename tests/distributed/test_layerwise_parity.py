@@ -57,7 +57,7 @@ def test_layerwise_optimizer_matches_one_process(optimizer: str, plan: str) -> N
     assert_parity(run_ranks(train_plan, world, optimizer, PLANS[plan]), reference(optimizer))
 
 
-def train_moe(rank: int, world_size: int, zero: int) -> tuple[list[float], dict]:
+def train_moe(rank: int, world_size: int, zero: int, tp: int) -> tuple[list[float], dict]:
     from tests.distributed.test_moe_ep import Case, make_batches, make_model
 
     case = Case("mixtral-tiny", world=2, ep=2, zero=zero)
@@ -66,7 +66,7 @@ def train_moe(rank: int, world_size: int, zero: int) -> tuple[list[float], dict]
         model,
         optimizer=OPTIMIZERS["lamb"](),
         loss_fn=plait.losses.causal_lm,
-        plan=plait.Plan(dp=2, ep=2, zero=zero, bucket_mb=0.01),
+        plan=plait.Plan(dp=2, ep=2, tp=tp, zero=zero, bucket_mb=0.01),
         max_grad_norm=1.0,
     )
     batches = make_batches(model.config.vocab_size, 10)
@@ -74,9 +74,10 @@ def train_moe(rank: int, world_size: int, zero: int) -> tuple[list[float], dict]
     return losses, engine.model_state_dict()
 
 
-@pytest.mark.parametrize("zero", [0, 3])
-def test_lamb_under_expert_parallel_matches_one_process(zero: int) -> None:
-    """Each rank holds half the experts' rows of a stacked expert weight: its norm sums both halves."""
+@pytest.mark.parametrize(("zero", "tp"), [(0, 1), (3, 1), (0, 2)])
+def test_lamb_under_expert_parallel_matches_one_process(zero: int, tp: int) -> None:
+    """Each rank holds half the experts' rows of a stacked expert weight: its norm sums both halves
+    (and under tp=2, both halves of each expert's width)."""
     from plait.moe import set_routing_groups
     from tests.distributed.test_moe_ep import Case, make_batches, make_model
 
@@ -89,4 +90,4 @@ def test_lamb_under_expert_parallel_matches_one_process(zero: int) -> None:
         loss_fn=plait.losses.causal_lm,
         max_grad_norm=1.0,
     )
-    assert_parity(run_ranks(train_moe, 2, zero), (losses, model.state_dict()))
+    assert_parity(run_ranks(train_moe, 2 * tp, zero, tp), (losses, model.state_dict()))

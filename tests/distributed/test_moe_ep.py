@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 
 import plait
+from plait.distributed.comm import CommCounter, sent_bytes
 from plait.models import build
 from plait.moe import Experts, MoEConfig, expert_parameters, moe_layers, set_routing_groups
 from plait.moe.all_to_all import AllToAllDispatch, Exchange
 from plait.moe.aux import in_backward
 from plait.moe.dispatch import Dispatched, LocalDispatch
 from plait.moe.expert_parallel import count_exchange_bytes, slice_experts
+from plait.moe.expert_tp import TensorParallelExperts
 from plait.train.reference import train_reference
 from tests.distributed.harness import run_ranks
 
@@ -96,11 +98,14 @@ class CountingDispatch:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.counts: list[torch.Tensor] = []
+        self.rows: list[int] = []  # rows this rank's experts got, per forward
 
     def dispatch(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> Dispatched:
+        dispatched = self.inner.dispatch(tokens, tokens_per_expert)
         if not in_backward():  # recomputation replays the forward: the same counts again
             self.counts.append(tokens_per_expert.detach().clone())
-        return self.inner.dispatch(tokens, tokens_per_expert)
+            self.rows.append(int(dispatched.tokens.shape[0]))
+        return dispatched
 
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         return self.inner.combine(expert_output, dispatched)
@@ -130,13 +135,19 @@ def train_ep(rank: int, world_size: int, case: Case, steps: int) -> dict:
     counting = {name: CountingDispatch(layer.dispatch) for name, layer in moe_layers(engine.model)}
     for name, layer in moe_layers(engine.model):
         layer.dispatch = counting[name]
+    expert_comm = CommCounter.for_mesh(engine.mesh)  # the tp-split experts' collectives alone
+    for module in engine.model.modules():
+        if isinstance(module, TensorParallelExperts):
+            module.counter = expert_comm
     per_rank = GLOBAL_BATCH // engine.dp_size
-    losses, exchanged, dropped = [], [], []
+    losses, exchanged, dropped, expert_tp = [], [], [], []
     for batch in make_batches(model.config.vocab_size, steps):
         engine.comm.reset()
+        expert_comm.reset()
         shard = {k: v[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank] for k, v in batch.items()}
         losses.append(engine.train_step(shard).loss.item())
         exchanged.append(count_exchange_bytes(engine.comm))
+        expert_tp.append(sum(v for (op, axis, _), v in expert_comm.sent.items() if (op, axis) == ("all_reduce", "tp")))
         stats = plait.moe.collect_stats(engine.model)
         dropped.append(stats.dropped_fraction if stats is not None else 0.0)
     expert_bytes = sum(p.numel() * p.element_size() for _, p in expert_parameters(engine.model))
@@ -146,6 +157,8 @@ def train_ep(rank: int, world_size: int, case: Case, steps: int) -> dict:
         "logits": {name: forwards for name, forwards in log.logits.items() if name in counting},
         "counts": {name: torch.stack(w.counts) for name, w in counting.items()},  # (forwards, E) per layer
         "exchanged": exchanged,
+        "expert_tp_bytes": expert_tp,
+        "expert_rows": {name: w.rows for name, w in counting.items()},
         "dropped": dropped,
         "expert_bytes": expert_bytes,
         "param_bytes": engine.state_bytes()["params"],
@@ -214,19 +227,35 @@ def expected_exchange_bytes(results: list[dict], *, rank: int, case: Case, d_mod
     return per_step
 
 
-def expected_expert_bytes(model: torch.nn.Module, ep: int, *, names: Iterable[str]) -> int:
-    """The experts of the MoE layers `names`: E / ep of them per rank, each up (d_ff x d) + down
-    (d x d_ff), a gate (d_ff x d) with SwiGLU, biases d_ff (+ d_ff) + d when the model has them; fp32."""
+def expected_expert_bytes(model: torch.nn.Module, ep: int, *, names: Iterable[str], tp: int = 1) -> int:
+    """The experts of the MoE layers `names`: E / ep of them per rank, each up (d_ff/tp x d) + down
+    (d x d_ff/tp), a gate (d_ff/tp x d) with SwiGLU, biases d_ff/tp (+ d_ff/tp) + d (whole) when the
+    model has them; fp32."""
     layers = dict(moe_layers(model))
     total = 0
     for name in names:
         c = layers[name].config
         swiglu = c.activation == "swiglu"
-        per_expert = (3 if swiglu else 2) * c.d_ff * c.d_model
+        width = c.d_ff // tp
+        per_expert = (3 if swiglu else 2) * width * c.d_model
         if c.bias:
-            per_expert += (2 if swiglu else 1) * c.d_ff + c.d_model
+            per_expert += (2 if swiglu else 1) * width + c.d_model
         total += c.num_experts // ep * per_expert * 4
     return total
+
+
+def expected_expert_tp_bytes(result: dict, *, case: Case, d_model: int) -> list[float]:
+    """Tp all-reduce bytes of the experts per step: per MoE layer and micro-batch, the rows this rank's
+    experts received (its own kept slots for them plus its ep peers'), d_model x 4 bytes each, once
+    forward (the partial outputs) and once backward (the input gradient), each a ring all-reduce."""
+    per_step = []
+    for step in range(len(result["losses"])):
+        total = 0.0
+        for received in result["expert_rows"].values():
+            for rows in received[step * case.microbatches : (step + 1) * case.microbatches]:
+                total += 2 * sent_bytes("all_reduce", rows * d_model * 4, case.tp)
+        per_step.append(total)
+    return per_step
 
 
 def check_case(case: Case, steps: int) -> dict:
@@ -242,9 +271,14 @@ def check_case(case: Case, steps: int) -> dict:
         for name, value in ref["state"].items():
             torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"weight {name}")
         assert_same_routing(result, ref, case=case, top_k=top_k)
-        assert result["expert_bytes"] == expected_expert_bytes(ref["model"], case.ep, names=result["counts"])
-        if case.pp == 1:
+        names = result["counts"]
+        assert result["expert_bytes"] == expected_expert_bytes(ref["model"], case.ep, names=names, tp=case.tp)
+        if case.pp == 1 and case.tp == 1:
             assert result["expert_bytes"] == whole_experts // case.ep
+        if case.tp > 1:
+            expected_tp = expected_expert_tp_bytes(result, case=case, d_model=d_model)
+            assert result["expert_tp_bytes"] == pytest.approx(expected_tp, rel=1e-12)
+            assert min(expected_tp) > 0
         if case.zero == 0 and case.tp == case.pp == 1:  # whole dense parameters plus this rank's experts
             assert result["param_bytes"] == dense_bytes + whole_experts // case.ep
         expected = expected_exchange_bytes(results, rank=rank, case=case, d_model=d_model)
@@ -265,6 +299,9 @@ CASES = {
     "ep2-tp2": Case("switch-tiny", world=4, ep=2, tp=2, seed=2),
     "ep2-pp2": Case("switch-tiny", world=4, ep=2, pp=2, microbatches=2, seed=2),
     "ep1-tp2-pp2": Case("switch-tiny", world=4, ep=1, tp=2, pp=2, microbatches=2, seed=2),
+    "tp2": Case("switch-tiny", world=2, ep=1, tp=2, seed=2),
+    "tp2-zero3": Case("switch-tiny", world=4, ep=1, tp=2, zero=3, seed=2),
+    "mixtral-ep2-tp2": Case("mixtral-tiny", world=4, ep=2, tp=2, capacity_factor=None, seed=4),
 }
 
 
@@ -347,12 +384,20 @@ class Stage:
     world: int
     ep: int
     zero: int
-    microbatches: int  # world x microbatches stays 4: the same routing groups on both sides
+    microbatches: int  # dp x microbatches stays 4: the same routing groups on both sides
+    tp: int = 1
 
 
 def _engine(case: Case, stage: Stage, *, steps: int) -> tuple[plait.Engine, torch.nn.Module]:
     model = make_model(case)
-    plan = plait.Plan(dp=stage.world, ep=stage.ep, zero=stage.zero, microbatches=stage.microbatches, bucket_mb=0.01)
+    plan = plait.Plan(
+        dp=stage.world // stage.tp,
+        tp=stage.tp,
+        ep=stage.ep,
+        zero=stage.zero,
+        microbatches=stage.microbatches,
+        bucket_mb=0.01,
+    )
     engine = plait.boost(
         model,
         optimizer=optimizer,
@@ -408,6 +453,32 @@ def test_checkpoint_saved_under_ep2_continues_under_other_ep_degrees(tmp_path) -
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
 
+def _check_reshard(case: Case, source: Stage, targets: dict[str, Stage], path: str) -> None:
+    steps, save_at = 4, 2
+    whole_losses, whole_state = run_ranks(train_and_save, source.world, case, source, path, steps, save_at)[0]
+    for name, target in targets.items():
+        results = run_ranks(load_and_continue, target.world, case, target, path, steps, save_at, timeout_s=120.0)
+        for losses, state in results:
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole_losses[save_at:]), rtol=1e-5, atol=0)
+            for key, value in whole_state.items():
+                torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_checkpoint_with_tp_split_experts_reshards(tmp_path) -> None:
+    """Experts split over tp (and ep): saved at step 2 under ep=2 x tp=2 (ZeRO-1) and tp=2 alone; steps 3-4
+    reloaded under ep=1 x tp=1, ep=1 x tp=2 with ZeRO-3, ep=2 x tp=1, and tp=2 -> tp=1, match."""
+    case = CASES["ep2-zero1"]
+    source = Stage(world=4, ep=2, zero=1, microbatches=2, tp=2)
+    targets = {
+        "ep1-tp1": Stage(world=2, ep=1, zero=0, microbatches=2),
+        "ep1-tp2-zero3": Stage(world=4, ep=1, zero=3, microbatches=2, tp=2),
+        "ep2-tp1": Stage(world=2, ep=2, zero=1, microbatches=2),
+    }
+    _check_reshard(case, source, targets, str(tmp_path / "ep2-tp2"))
+    source = Stage(world=2, ep=1, zero=0, microbatches=4, tp=2)
+    _check_reshard(case, source, {"tp1": Stage(world=2, ep=1, zero=2, microbatches=2)}, str(tmp_path / "tp2"))
+
+
 def _lazy_initial_state(rank: int, world_size: int, preset: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -426,3 +497,46 @@ def test_lazy_zero3_under_ep_materialises_the_plain_build(preset: str) -> None:
         assert state.keys() == plain.keys()
         for name, value in plain.items():
             torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+
+
+def _train_and_save_for_export(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    from plait.config import Config, DataConfig, ModelConfig
+
+    case = CASES["mixtral-ep2-tp2"]
+    model = make_model(case)
+    plan = plait.Plan(dp=2, tp=2, ep=2, zero=1, bucket_mb=0.01)
+    engine = plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan)
+    for batch in make_batches(model.config.vocab_size, 2):
+        engine.train_step({k: v[engine.dp_rank * 8 : (engine.dp_rank + 1) * 8] for k, v in batch.items()})
+    overrides = {"max_seq_len": SEQ, "moe_z_loss_weight": 1e-3}
+    config = Config(
+        model=ModelConfig(preset=case.preset, overrides=overrides), data=DataConfig(vocab_size=512, seq_len=SEQ)
+    )
+    engine.save(path, config=config.to_dict())
+    return engine.model_state_dict()
+
+
+def test_checkpoint_with_tp_split_experts_exports_to_mixtral(tmp_path) -> None:
+    """Saved under ep=2 x tp=2 (each piece of an expert tensor an ep rank's rows of a tp slice): the
+    checkpoint reads back as the engine's gathered weights, bit for bit, and transformers' Mixtral loaded
+    from its export reproduces plait's logits."""
+    transformers = pytest.importorskip("transformers")
+    from plait.checkpoint.hf_export import export_hf
+    from plait.checkpoint.io import load_checkpoint
+    from plait.config import config_from_dict
+    from plait.models.gpt import GPT
+    from plait.train.setup import model_config_for
+
+    path = tmp_path / "ckpt"
+    state = run_ranks(_train_and_save_for_export, 4, str(path), timeout_s=120.0)[0]
+    weights, _, raw_config = load_checkpoint(path)
+    assert weights.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(weights[name], value), name
+    assert export_hf(path, tmp_path / "hf") == "mixtral"
+    ours = GPT(model_config_for(config_from_dict(raw_config))).eval()
+    ours.load_state_dict(weights)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(512, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)

@@ -40,6 +40,8 @@ def is_sliced(layout: PieceLayout) -> bool:
 def local_shape(layout: PieceLayout) -> tuple[int, ...]:
     """The shape of one tp rank's slice (before any flat range): segments split, padded rows."""
     shape = list(layout.global_shape)
+    if layout.rows is not None:
+        shape[0] = layout.rows[1] - layout.rows[0]
     if is_sliced(layout):
         dim, size = layout.tp_dim, layout.tp[1]
         assert dim is not None
@@ -60,6 +62,7 @@ def _record(layout: PieceLayout) -> Placement:
 
 def take_local(whole: torch.Tensor, layout: PieceLayout) -> torch.Tensor:
     """The flat piece a rank with `layout` holds, cut from the whole tensor (zeros where it pads)."""
+    whole = _rows(whole, layout)
     local = shard_along(whole, _record(layout), rank=layout.tp[0], size=layout.tp[1]) if is_sliced(layout) else whole
     flat = local.reshape(-1)
     lo, hi = _flat_bounds(layout, flat.numel())
@@ -68,6 +71,7 @@ def take_local(whole: torch.Tensor, layout: PieceLayout) -> torch.Tensor:
 
 def place_local(whole: torch.Tensor, local: torch.Tensor, layout: PieceLayout) -> None:
     """Copy one tp rank's whole slice into its place in `whole` (the padding rows dropped)."""
+    whole = _rows(whole, layout)
     if not is_sliced(layout):
         whole.copy_(local)
         return
@@ -85,6 +89,11 @@ def place_local(whole: torch.Tensor, local: torch.Tensor, layout: PieceLayout) -
     valid = max(0, min(per_rank, rows - rank * per_rank))
     if valid:
         whole.narrow(dim, rank * per_rank, valid).copy_(local.narrow(dim, 0, valid))
+
+
+def _rows(whole: torch.Tensor, layout: PieceLayout) -> torch.Tensor:
+    """The rows of dim 0 a layout's tp slice is cut from (an ep rank's experts), as a view."""
+    return whole if layout.rows is None else whole.narrow(0, layout.rows[0], layout.rows[1] - layout.rows[0])
 
 
 def _distinct(pieces: list[SourcePiece]) -> list[SourcePiece]:

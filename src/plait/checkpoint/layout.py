@@ -32,6 +32,7 @@ class PieceLayout:
     segments: tuple[int, ...] = ()
     tp: tuple[int, int] = (0, 1)  # (rank, size) on the tp axis
     flat: tuple[int, int] | None = None  # [lo, hi) of the flattened tp-local tensor
+    rows: tuple[int, int] | None = None  # [lo, hi) of dim 0 taken before the tp slice (experts under ep x tp)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +46,7 @@ class PieceLayout:
             segments=tuple(data.get("segments", ())),
             tp=tuple(data.get("tp", (0, 1))),  # type: ignore[arg-type]
             flat=tuple(flat) if flat is not None else None,  # type: ignore[arg-type]
+            rows=tuple(data["rows"]) if data.get("rows") is not None else None,  # type: ignore[arg-type]
         )
 
 
@@ -67,14 +69,20 @@ def layout_of(placement: Placement | None, *, shape: tuple[int, ...], coords: Ra
         return PieceLayout(global_shape=tuple(shape))
     dim = tp_dim(placement)
     flat = placement.flat_range[1:] if placement.flat_range else None
+    rows = None
     if ("ep", 0) in placement.dim_shards:
-        flat = _expert_range(placement, flat=flat, shape=shape, coords=coords)
+        if dim is None:
+            flat = _expert_range(placement, flat=flat, shape=shape, coords=coords)
+        else:  # split over tp too: this ep rank's experts, then their tp slice
+            per_rank = placement.global_shape[0] // coords.size("ep")
+            rows = (coords.rank("ep") * per_rank, (coords.rank("ep") + 1) * per_rank)
     return PieceLayout(
         global_shape=tuple(placement.global_shape),
         tp_dim=dim,
         segments=tuple(placement.segments),
         tp=(coords.rank("tp"), coords.size("tp")) if dim is not None else (0, 1),
         flat=flat,
+        rows=rows,
     )
 
 
@@ -83,7 +91,6 @@ def _expert_range(
 ) -> tuple[int, int]:
     """An ep rank's experts are rows of dim 0, one contiguous range of the whole tensor: its pieces
     (whole, or a ZeRO flat range of them) are flat ranges of the whole, readable under any ep."""
-    assert tp_dim(placement) is None, "expert parallel with tensor-parallel experts has no checkpoint layout yet"
     local_numel = math.prod(placement.global_shape) // coords.size("ep")
     offset = coords.rank("ep") * local_numel
     lo, hi = flat if flat is not None else (0, math.prod(shape))
@@ -94,12 +101,12 @@ def global_indices(layout: PieceLayout) -> torch.Tensor:
     """The whole-tensor flat index of each local element, in local order (PADDING outside it)."""
     numel = math.prod(layout.global_shape)
     whole = torch.arange(numel, dtype=torch.int64).view(layout.global_shape)
-    local = whole
+    local = whole if layout.rows is None else whole[layout.rows[0] : layout.rows[1]]
     if layout.tp_dim is not None and layout.tp[1] > 1:
         record = Placement(
             name="", global_shape=layout.global_shape, dim_shards=(("tp", layout.tp_dim),), segments=layout.segments
         )
-        local = shard_along(whole, record, rank=layout.tp[0], size=layout.tp[1], fill=PADDING)
+        local = shard_along(local, record, rank=layout.tp[0], size=layout.tp[1], fill=PADDING)
     flat = local.reshape(-1)
     if layout.flat is not None:
         lo, hi = layout.flat

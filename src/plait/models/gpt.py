@@ -118,8 +118,10 @@ class GPT(nn.Module):
         }
         if not self.config.parallel_block:
             plan["blocks.*.norm2"] = "sequence_norm"
+        if any(self.config.is_moe_layer(i) for i in range(self.config.num_layers)):
+            # each expert split over tp; the router (and shared experts) whole: every tp rank routes alike
+            plan["blocks.*.mlp.experts"] = "experts"
         if any(not self.config.is_moe_layer(i) for i in range(self.config.num_layers)):
-            # MoE layers stay whole on every tp rank: without sequence parallel each routes the same tokens
             if self.config.activation == "swiglu":
                 plan["blocks.*.mlp.gate_proj"] = "colwise"
             plan |= {"blocks.*.mlp.up_proj": "colwise", "blocks.*.mlp.down_proj": "rowwise"}

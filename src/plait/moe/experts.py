@@ -10,6 +10,7 @@ of each stacked tensor, under the same names.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,12 +88,21 @@ class Experts(nn.Module):
 
     def expert_forward(self, local_index: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert ``local_index`` on ``x`` (n, d_model); an empty ``x`` still gives every weight a gradient."""
+        hidden = self.expert_hidden(local_index, x)
+        return F.linear(hidden, self.down_weight[local_index], _row(self.down_bias, local_index))
+
+    def expert_hidden(self, local_index: int, x: torch.Tensor) -> torch.Tensor:
+        """The activation (n, d_ff) local expert ``local_index`` feeds its down projection."""
         up = F.linear(x, self.up_weight[local_index], _row(self.up_bias, local_index))
         if self.gate_weight is not None:
-            hidden = F.silu(F.linear(x, self.gate_weight[local_index], _row(self.gate_bias, local_index))) * up
-        else:
-            hidden = F.gelu(up, approximate="tanh")
-        return F.linear(hidden, self.down_weight[local_index], _row(self.down_bias, local_index))
+            return F.silu(F.linear(x, self.gate_weight[local_index], _row(self.gate_bias, local_index))) * up
+        return F.gelu(up, approximate="tanh")
+
+    def split_over_tp(self, *, group: dist.ProcessGroup, name: str) -> nn.Module:
+        """This tp rank's share of every expert (``plait.moe.expert_tp``; the tp plan's style "experts")."""
+        from plait.moe.expert_tp import TensorParallelExperts  # it subclasses this class
+
+        return TensorParallelExperts.from_experts(self, group=group, name=name)
 
 
 def _row(bias: torch.Tensor | None, index: int) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ parameter names and checkpoints are unchanged), divide an attention module's
 head counts by tp ("heads"), or mark a norm's parameters as sequence
 parallel ("sequence_norm") or any replicated parameters as getting partial
 gradients ("partial_grad": Qwen3's per-head q_norm sees only this rank's
-heads). The first matching pattern wins.
+heads), or split every expert of stacked MoE experts ("experts", see
+plait.moe.expert_tp). The first matching pattern wins.
 
 Under sequence parallel a style's `sequence_input` says where a module stands
 relative to the sequence-parallel region (plait's own layers need none; a
@@ -64,6 +65,7 @@ KINDS = (
     "sequence_scatter",
     "partial_grad",
     "replicate",
+    "experts",
 )
 # Under sequence parallel, what a module's input is:
 #   None        this rank's sequence chunk (column layers gather it themselves; plait's layers)
@@ -198,6 +200,18 @@ def _sequence_scatter(module: nn.Module, name: str, style: Style, ctx: Context) 
     return module
 
 
+def _experts(module: nn.Module, name: str, style: Style, ctx: Context) -> nn.Module:
+    """Stacked MoE experts (plait.moe.Experts): each expert's MLP split over tp, one all-reduce per layer."""
+    split = getattr(module, "split_over_tp", None)
+    if split is None:
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, not stacked experts; the style 'experts' splits plait.moe.Experts"
+        )
+    if ctx.sequence_parallel:
+        raise ValueError(f"{name}: experts split over tp take whole tokens; set plan.sequence_parallel=false")
+    return split(group=ctx.group, name=name)
+
+
 BUILDERS: dict[str, Callable[[nn.Module, str, Style, Context], nn.Module]] = {
     "colwise": _colwise,
     "rowwise": _rowwise,
@@ -207,6 +221,7 @@ BUILDERS: dict[str, Callable[[nn.Module, str, Style, Context], nn.Module]] = {
     "sequence_scatter": _sequence_scatter,
     "partial_grad": _partial_grad,
     "replicate": lambda module, name, style, ctx: module,
+    "experts": _experts,
 }
 
 
@@ -227,9 +242,21 @@ def _apply_head(model: nn.Module, name: str, module: nn.Module, style: Style, ct
     """The LM head: tied to the (already parallel) embedding when it shares its weight."""
     tied = ctx.embeddings.get(id(module.weight))
     sequence_parallel = _chunked(style, ctx)
-    if tied is not None:
-        return VocabParallelHead.tied_to(tied, sequence_parallel=sequence_parallel)
-    return VocabParallelHead.from_dense(module, group=ctx.group, name=name, sequence_parallel=sequence_parallel)
+    if tied is None:
+        return VocabParallelHead.from_dense(module, group=ctx.group, name=name, sequence_parallel=sequence_parallel)
+    bias = getattr(module, "bias", None)
+    head = VocabParallelHead.tied_to(tied, bias=bias, name=name, sequence_parallel=sequence_parallel)
+    if bias is not None:  # BERT's head module holds its decoder's bias as `bias` too: keep them one parameter
+        _repoint(model, bias, head.bias)
+    return head
+
+
+def _repoint(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Every module attribute holding the parameter `old` now holds `new`."""
+    for module in model.modules():
+        for attr, param in list(module._parameters.items()):
+            if param is old:
+                setattr(module, attr, new)
 
 
 def apply_tensor_parallel(
@@ -275,6 +302,7 @@ def count_collectives(model: nn.Module, counter: CommCounter | None) -> int:
         hook for m in model.modules() if isinstance(hook := getattr(m, "sequence_scatter", None), SequenceScatter)
     ]
     modules += [hook for m in model.modules() for hook in getattr(m, "hidden_states_hooks", ())]
+    modules += [m for m in model.modules() if getattr(m, "counts_tp_collectives", False)]  # plait.moe's experts
     for module in modules:
         module.counter = counter
     return len(modules)

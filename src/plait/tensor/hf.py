@@ -150,6 +150,8 @@ def _module_constraints(module: nn.Module, pattern: str, style: Style) -> list[t
         return [(f"{pattern} output features", segment) for segment in segments]
     if style.kind == "rowwise":
         return [(f"{pattern} input features", input_features(module))]
+    if style.kind == "experts":
+        return [(f"{pattern} expert width", module.up_weight.shape[1])]
     if style.kind == "heads":
         values = [(attr, getattr(module, attr, None)) for attr in HEAD_ATTRIBUTES]
         return [(f"{pattern}.{attr}", v) for attr, v in values if isinstance(v, int) and not isinstance(v, bool)]
