@@ -89,3 +89,27 @@ def test_only_the_first_shard_group_writes_a_hybrid_piece() -> None:
     assert writes_piece(placement, coords=coords(1, 1, 0))
     assert not writes_piece(placement, coords=coords(2, 0, 1))
     assert not writes_piece(placement, coords=coords(3, 1, 1))
+
+
+def test_the_search_offers_node_sharding_across_nodes_only() -> None:
+    """With zero_shard=("all", "node"), every ZeRO plan whose dp group spans nodes comes in both forms, the
+    hybrid one moving less data-parallel traffic over the slow link; none at stage 0 or on one node."""
+    from plait.planner import Workload
+    from plait.planner.search import SearchSpace, search
+
+    shape = ModelShape(GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=4, num_heads=4))
+    space = SearchSpace(
+        precision="bf16", zero=(0, 1, 3), recompute=("none",), tp=(1,), pp=(1,), zero_shard=("all", "node")
+    )
+    slow = Link(bandwidth=1e9, latency=1e-4)
+    cluster = replace(Cluster.preset("h100", nodes=2, devices_per_node=4), inter=slow, overlap=0.0)
+    estimates = search(shape, Workload(16, 64), cluster=cluster, space=space).estimates
+    by_plan = {(e.plan.zero, e.plan.microbatches, e.plan.zero_shard): e for e in estimates}
+    hybrid = [key for key in by_plan if key[2] != "all"]
+    assert hybrid and {key[2] for key in hybrid} == {4} and {key[0] for key in hybrid} == {1, 3}
+    for zero, microbatches, _ in hybrid:
+        assert by_plan[zero, microbatches, 4].time.dp_comm < by_plan[zero, microbatches, "all"].time.dp_comm
+    one_node = replace(cluster, nodes=1, devices_per_node=8)
+    assert all(
+        e.plan.zero_shard == "all" for e in search(shape, Workload(16, 64), cluster=one_node, space=space).estimates
+    )

@@ -36,6 +36,10 @@ def add_plan_parser(commands: Any) -> None:
     plan.add_argument("--zero", type=int, nargs="+", default=None, help="ZeRO stages to consider")
     plan.add_argument("--recompute", nargs="+", default=None, choices=["none", "selective", "full"])
     plan.add_argument("--microbatches", type=int, nargs="+", default=None)
+    plan.add_argument(
+        "--zero-shard", nargs="+", default=None, choices=["all", "node"],
+        help="ZeRO shard groups to consider: all dp ranks (default), node (hybrid: shard inside a node)",
+    )  # fmt: skip
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", default=None, help="also write every estimate to this JSON file")
     plan.add_argument("--host-mem", default=None, help="host memory per node for offloaded state, e.g. 512GiB")
@@ -103,6 +107,8 @@ def _space(args: argparse.Namespace, cluster: Cluster) -> SearchSpace:
         options["recompute"] = tuple(args.recompute)
     if args.microbatches:
         options["microbatches"] = tuple(args.microbatches)
+    if args.zero_shard:
+        options["zero_shard"] = tuple(args.zero_shard)
     return SearchSpace(**options)
 
 

@@ -34,6 +34,8 @@ class SearchSpace:
     offload: tuple[str, ...] = ()  # tiers offloaded states may use: "cpu", "disk" (() keeps every state on the device)
     offload_dir: str = ""  # where disk-tier plans put their files (needed with "disk")
     ep: tuple[int, ...] = ()  # () allows every ep dividing dp and the experts (MoE models only; 1 otherwise)
+    # ZeRO shard groups: "all" dp ranks, and/or "node" (hybrid sharding: shard inside a node, replicate across)
+    zero_shard: tuple[str, ...] = ("all",)
 
     def __post_init__(self) -> None:
         Plan(precision=self.precision)  # validates the name
@@ -46,8 +48,10 @@ class SearchSpace:
             Plan(zero=stage)
         for mode in self.recompute:
             Plan(recompute=mode)
-        if not self.zero or not self.recompute or not self.schedules:
-            raise ValueError("a search space needs at least one zero stage, recompute mode and schedule")
+        for shard in self.zero_shard:
+            Plan(zero=1, zero_shard=shard)
+        if not self.zero or not self.recompute or not self.schedules or not self.zero_shard:
+            raise ValueError("a search space needs at least one zero stage, recompute mode, schedule and zero_shard")
 
     def relax(self, **changes: object) -> SearchSpace:
         return dataclasses.replace(self, **changes)
@@ -138,11 +142,28 @@ def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, spa
                     _ep_options(shape, dp, space),
                 ):  # fmt: skip
                     ratio = space.selective_ratio if recompute == "selective" else 1.0
-                    yield Plan(
+                    plan = Plan(
                         dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=space.precision, microbatches=m,
                         recompute=recompute, recompute_ratio=ratio,
                         sequence_parallel=sp, pp_schedule=schedule, pp_chunks=chunks,
                     )  # fmt: skip
+                    yield from zero_shard_variants(plan, space, cluster)
+
+
+def zero_shard_variants(plan: Plan, space: SearchSpace, cluster: Cluster) -> Iterator[Plan]:
+    """`plan` sharded over all dp ranks and/or inside each node, as the space allows; "node" only where
+    it differs from "all" (ZeRO on, a dp group spanning nodes that split it evenly)."""
+    if "all" in space.zero_shard:
+        yield plan
+    if "node" not in space.zero_shard or plan.zero == 0:
+        return
+    hybrid = dataclasses.replace(plan, zero_shard="node")
+    try:
+        shard = hybrid.zero_shard_size(cluster.devices_per_node)
+    except ValueError:
+        return
+    if shard < plan.dp:
+        yield hybrid
 
 
 # (params, optimizer, gradients) placements the search tries: the optimizer (and the gradient shard it
@@ -159,7 +180,7 @@ OFFLOAD_PLACEMENTS = (
 
 def offload_variants(plan: Plan, space: SearchSpace) -> Iterator[Plan]:
     """`plan` with each placement of `OFFLOAD_PLACEMENTS` its ZeRO stage and the space's tiers allow."""
-    if not space.offload or plan.zero == 0 or plan.ep > 1:  # plait refuses offload under expert parallel
+    if not space.offload or plan.zero == 0 or plan.ep > 1 or plan.zero_shard != "all":  # plait refuses these
         return
     for params, optimizer, gradients in OFFLOAD_PLACEMENTS:
         if params != "none" and plan.zero != 3:
