@@ -169,11 +169,19 @@ class VocabParallelHead(nn.Module):
         )
 
     @classmethod
-    def tied_to(cls, embedding: VocabParallelEmbedding, *, sequence_parallel: bool = False) -> VocabParallelHead:
-        """A head that shares `embedding`'s local vocabulary shard (tied input and output embeddings)."""
+    def tied_to(
+        cls,
+        embedding: VocabParallelEmbedding,
+        *,
+        bias: torch.Tensor | None = None,
+        name: str = "lm_head",
+        sequence_parallel: bool = False,
+    ) -> VocabParallelHead:
+        """A head that shares `embedding`'s local vocabulary shard (tied input and output embeddings);
+        the head's own `bias` (BERT's decoder has one) is copied as this rank's rows."""
         return cls(
             embedding.weight,
-            None,
+            None if bias is None else _shard_rows(bias, group=embedding.group, name=f"{name}.bias"),
             group=embedding.group,
             vocab_size=embedding.num_embeddings,
             sequence_parallel=sequence_parallel,
