@@ -113,3 +113,16 @@ def test_the_search_offers_node_sharding_across_nodes_only() -> None:
     assert all(
         e.plan.zero_shard == "all" for e in search(shape, Workload(16, 64), cluster=one_node, space=space).estimates
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ep": 2}, "plan.zero_shard='node' with plan.ep"),
+        ({"offload_optimizer": "cpu"}, "plan.zero_shard='node' with offloaded states"),
+    ],
+)
+def test_hybrid_sharding_refuses_what_it_does_not_build_yet(fields: dict, message: str) -> None:
+    plan = Plan(dp=4, zero=1, zero_shard="node", **fields)
+    with pytest.raises(ValueError, match=message):
+        plan.check_available()
