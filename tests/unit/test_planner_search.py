@@ -118,3 +118,11 @@ def test_the_chosen_plan_is_accepted_by_plan_validation() -> None:
     best = result.best
     assert best is not None
     Plan(**{k: getattr(best.plan, k) for k in ("dp", "tp", "pp", "zero", "microbatches")}).check_available()
+
+
+def test_interleaving_chunks_range_from_two_to_one_layer_per_virtual_stage() -> None:
+    shape = ModelShape(GPTConfig(vocab_size=256, max_seq_len=64, d_model=64, num_layers=12, num_heads=4))
+    space = SearchSpace(zero=(1,), recompute=("none",), schedules=("interleaved",), tp=(1,), pp=(2, 4))
+    result = search(shape, Workload(16, 64), cluster=Cluster.preset("h100", nodes=1), space=space)
+    chunks = {(e.plan.pp, e.plan.pp_chunks) for e in result.estimates if e.plan.pp > 1}
+    assert chunks == {(2, c) for c in range(2, 7)} | {(4, c) for c in range(2, 4)}

@@ -105,14 +105,14 @@ def _microbatch_options(per_rank: int, pp: int, space: SearchSpace) -> list[int]
 
 
 def _pipeline_options(pp: int, num_layers: int, space: SearchSpace) -> list[tuple[str, int]]:
-    """(schedule, chunks per rank) pairs; interleaving uses 2 chunks where the layers allow it."""
+    """(schedule, chunks per rank) pairs; interleaving takes every chunk count from 2 to the most the layers
+    allow (at least one layer per virtual stage)."""
     if pp == 1:
         return [("1f1b", 1)]
     out = []
     for name in space.schedules:
         if name == "interleaved":
-            if num_layers >= 2 * pp:
-                out.append((name, 2))
+            out += [(name, chunks) for chunks in range(2, num_layers // pp + 1)]
         else:
             out.append((name, 1))
     return out
