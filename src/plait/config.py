@@ -244,11 +244,8 @@ class Plan:
         )
         if self.pp > 1:
             self._check_pipeline_microbatches()
-        for axis in ("cp",):
-            _require(
-                getattr(self, axis) == 1,
-                f"plan.{axis}={getattr(self, axis)}: {axis} parallel is not available yet in plait; set plan.{axis}=1",
-            )
+        if self.cp > 1:
+            self._check_context_parallel_available()
         if self.ep > 1:
             self._check_expert_parallel_available()
         for other, used in (("plan.ep", self.ep > 1), ("offloaded states", self.offloads)):
@@ -259,6 +256,17 @@ class Plan:
             )
         if self.offloads:
             self._check_offload_available()
+
+    def _check_context_parallel_available(self) -> None:
+        for other, used in (
+            ("plan.ep", self.ep > 1),
+            ("plan.zero_shard", self.zero_shard != "all"),
+            ("offloaded states", self.offloads),
+        ):
+            _require(
+                not used,
+                f"plan.cp={self.cp} with {other} is not available yet in plait; drop {other} or set plan.cp=1",
+            )
 
     def _check_expert_parallel_available(self) -> None:
         _require(

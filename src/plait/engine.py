@@ -21,6 +21,8 @@ from plait.amp.scaler import LossScaler, Overflow
 from plait.checkpoint.engine_state import load_engine, save_engine
 from plait.checkpoint.writer import CheckpointWriter
 from plait.config import Plan
+from plait.context.apply import ContextParallel, apply_context_parallel
+from plait.context.batch import context_loss
 from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
@@ -111,6 +113,9 @@ class Engine:
         )
         self.pipeline = build_pipeline(model, mesh=mesh, device=self.device) if mesh.size("pp") > 1 else None
         self.model = self.pipeline.module if self.pipeline else model
+        self.context = _apply_cp(self.model, mesh=mesh, counter=self.comm)
+        if self.context is not None:
+            self.loss_fn = context_loss(parts.loss_fn)
         count_collectives(self.model, self.comm)
         if self.pipeline is not None:
             self.pipeline.runner.link.counter = self.comm
@@ -157,17 +162,21 @@ class Engine:
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh.rank("dp")
+        return self.mesh.rank("data")  # the data shard; cp peers share it (plait.distributed.mesh)
 
     @property
     def dp_size(self) -> int:
-        return self.mesh.size("dp")
+        return self.mesh.size("data")
 
     def _model_inputs(self, batch: Batch) -> Batch:
         """What the model's forward gets: the batch, less `labels` when the loss reads them itself."""
         if getattr(self.loss_fn, "reads_labels", False):
             return {key: value for key, value in batch.items() if key != "labels"}
         return batch
+
+    def _cp_shard(self, batch: Batch) -> Batch:
+        """Under context parallel, this cp rank's two chunks of every row (plait.context.batch)."""
+        return self.context.shard(batch) if self.context is not None else batch
 
     def _to_device(self, batch: Batch) -> Batch:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -290,7 +299,7 @@ class Engine:
 
     def train_step(self, batch: Batch) -> StepResult:
         """One optimizer step on this rank's share of the global batch."""
-        micro_batches = split_microbatches(batch, self.plan.microbatches)
+        micro_batches = [self._cp_shard(mb) for mb in split_microbatches(batch, self.plan.microbatches)]
         if self.offload is not None:
             self.offload.reset_stats()
         if self.moe:
@@ -311,7 +320,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = [self._to_device(batch) for batch in batches]
+        batches = [self._to_device(self._cp_shard(batch)) for batch in batches]
         if self.pipeline is not None:
             loss_sum, count = self.pipeline.runner.forward_only(batches, loss_fn=loss_fn)
             totals += torch.stack([loss_sum, count]).to(totals)
@@ -403,6 +412,18 @@ def _apply_tp(model: nn.Module, mesh: Mesh) -> list[str]:
     plan = plan_of()
     check_tp(model, mesh.size("tp"), plan=plan)
     return apply_tensor_parallel(model, plan, group=group, sequence_parallel=mesh.plan.sequence_parallel)
+
+
+def _apply_cp(model: nn.Module, *, mesh: Mesh, counter: CommCounter) -> ContextParallel | None:
+    """Context parallel: ring attention in plait's attention layers (None without cp)."""
+    if mesh.size("cp") == 1:
+        return None
+    if has_moe(model):
+        raise ValueError(
+            "plan.cp with a Mixture-of-Experts model is not available yet in plait (experts would route "
+            "pieces of sequences); set plan.cp=1"
+        )
+    return apply_context_parallel(model, mesh=mesh, counter=counter)
 
 
 def _check_moe_plan(model: nn.Module, mesh: Mesh) -> None:

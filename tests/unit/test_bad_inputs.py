@@ -123,7 +123,10 @@ PLANS = {
     "degrees vs world": (train("--nproc", "4", "--set", "plan.dp=2"), "but the world size is 4"),
     "batch vs dp": (sets("plan.dp=2", "train.global_batch=7"), "does not split over dp=2"),
     "microbatches": (sets("plan.dp=2", "plan.microbatches=3"), "plan.microbatches=3 does not divide"),
-    "cp not built": (sets("plan.cp=2", "plan.dp=1"), "cp parallel is not available yet"),
+    "cp with offload": (
+        sets("plan.cp=2", "plan.dp=1", "plan.zero=1", "plan.offload_optimizer=cpu"),
+        "plan.cp=2 with offloaded states is not available yet",
+    ),
     "pp microbatches": (sets("plan.pp=2", "plan.dp=1"), "plan.microbatches=1 is fewer than plan.pp=2"),
     "pp layers": (
         [*sets("plan.pp=4", "plan.dp=1", "plan.microbatches=4"), "--nproc", "4"],

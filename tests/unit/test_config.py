@@ -49,7 +49,8 @@ def test_plan_validates_itself(kwargs: dict, message: str) -> None:
     [
         ({"ep": 2, "offload_optimizer": "cpu", "zero": 1}, "plan.ep=2 with offloaded states is not available yet"),
         ({"dp": 4, "ep": 3}, "plan.ep=3 does not divide plan.dp=4"),
-        ({"cp": 2}, "cp parallel is not available yet"),
+        ({"cp": 2, "ep": 2}, "plan.cp=2 with plan.ep is not available yet"),
+        ({"cp": 2, "zero": 1, "offload_optimizer": "cpu"}, "plan.cp=2 with offloaded states is not available yet"),
     ],
 )
 def test_axes_not_built_are_rejected_not_ignored(kwargs: dict, message: str) -> None:

@@ -71,7 +71,10 @@ SCALAR = PieceLayout(global_shape=())
 
 def rank_coords(engine: CheckpointedEngine) -> RankCoords:
     mesh = engine.mesh
-    return RankCoords({axis: (mesh.rank(axis), mesh.size(axis)) for axis in (*AXES, "ep", "edp", "zshard", "zrep")})
+    weight_axes = [axis for axis in AXES if axis != "cp"]  # cp ranks are replicas inside dp (plait.distributed.mesh)
+    return RankCoords(
+        {axis: (mesh.rank(axis), mesh.size(axis)) for axis in (*weight_axes, "ep", "edp", "zshard", "zrep")}
+    )
 
 
 def _name_of(param: torch.Tensor, names: dict[int, str]) -> str:

@@ -7,6 +7,11 @@ Expert parallel is carved from dp: each dp group splits into dp/ep groups of ep
 contiguous dp ranks (`ep`, the ranks that split the experts between them, so ep
 peers are neighbours) and ep groups of dp/ep ranks with the same ep rank (`edp`,
 expert data parallel: the replicas of one set of experts, whose gradients they sum).
+
+Context parallel splits each sequence over cp ranks that hold replicas of the weights, so for
+the weights they are data-parallel ranks: with cp > 1 the `dp` axis spans dp x cp (rank
+dp_rank * cp + cp_rank), and every reduction and ZeRO shard that reads `dp` covers the cp ranks.
+`data` is the plain dp axis: which shard of the global batch a rank feeds (cp peers share it).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Mesh:
             shape = tuple(getattr(self.plan, axis) for axis in AXES)
             self.device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         self._axes = {axis: self._axis_info(axis) for axis in AXES}
+        self._axes.update(self._fold_context())
         self._axes.update(self._expert_axes())
         self._axes.update(self._zero_shard_axes(zero_shard))
 
@@ -59,6 +65,19 @@ class Mesh:
             size=self.device_mesh.size(self.device_mesh.mesh_dim_names.index(axis)),
             group=self.device_mesh.get_group(axis),
         )
+
+    def _fold_context(self) -> dict[str, AxisInfo]:
+        """`data` (the plain dp axis) and, with cp > 1, `dp` spanning dp x cp (module docstring)."""
+        data = self._axes["dp"]
+        if self.plan.cp == 1 or self.device_mesh is None:
+            return {"data": data}
+        folded = None
+        for line in _dp_lines(self.device_mesh):  # new_group is collective: every rank makes every group
+            group = dist.new_group(line)
+            if self.global_rank in line:
+                folded = AxisInfo(rank=line.index(self.global_rank), size=len(line), group=group)
+        assert folded is not None
+        return {"data": data, "dp": folded}
 
     def _expert_axes(self) -> dict[str, AxisInfo]:
         """`ep` and `edp` (module docstring); with ep=1, ep is one rank and edp is dp itself."""
@@ -121,7 +140,7 @@ class Mesh:
 
 
 def _dp_lines(device_mesh: DeviceMesh) -> list[list[int]]:
-    """The global ranks of every dp group, each in dp-rank order."""
+    """The global ranks of every (dp x cp) group, each in dp-rank order (cp varying fastest)."""
     grid = device_mesh.mesh  # (pp, dp, cp, tp)
-    lines = grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+    lines = grid.permute(0, 3, 1, 2).reshape(-1, grid.shape[1] * grid.shape[2])
     return [line.tolist() for line in lines]

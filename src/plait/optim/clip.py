@@ -29,7 +29,8 @@ def num_replicas(sharded: set[str], *, mesh: Mesh) -> int:
     """Ranks holding the same piece of a tensor sharded over the `sharded` axes. Expert parallel
     carves ep x edp out of dp, and hybrid sharding zshard x zrep: a piece split over ep (experts),
     edp (their ZeRO shards) or zshard (hybrid ZeRO shards) has dp / that axis's size replicas along dp."""
-    replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded and axis != "dp")
+    # cp is folded into the dp axis (its ranks hold weight replicas; plait.distributed.mesh)
+    replicas = math.prod(mesh.size(axis) for axis in AXES if axis not in sharded and axis not in ("dp", "cp"))
     if "dp" in sharded:
         return replicas
     carved = math.prod(mesh.size(axis) for axis in CARVED_FROM_DP if axis in sharded)

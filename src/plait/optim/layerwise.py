@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from plait.distributed.placement import CARVED_FROM_DP, placement_of
 
-REDUCED_AXES = ("dp", "cp", "tp")  # not pp: pipeline stages hold different parameters
+# not pp: pipeline stages hold different parameters; not cp: folded into dp (plait.distributed.mesh)
+REDUCED_AXES = ("dp", "tp")
 
 
 class NormReducer(Protocol):

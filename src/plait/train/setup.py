@@ -271,7 +271,7 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
     prepared = prepare_data_once(config, log=log, pretrained=pretrained)
     seq_len = config.data.seq_len
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)
-    dp_rank, dp_size = mesh.rank("dp"), mesh.size("dp")
+    dp_rank, dp_size = mesh.rank("data"), mesh.size("data")  # cp peers share a shard
     eot_id = prepared.eot_id if config.data.document_mask else None
     loader = ShardedLoader(
         train,
