@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import plait
+from plait.train.reference import train_reference
+from tests.distributed import test_documents_parity as documents
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_parity import (
     assert_parity,
@@ -55,3 +57,19 @@ def test_context_parallel_matches_one_process(plan: str, preset: str, reference:
 def test_context_parallel_composes(plan: str, reference: dict) -> None:
     world_size, fields = PLANS[plan]
     assert_parity(run_ranks(train_plan, world_size, "tiny-llama", dict(fields)), reference["tiny-llama"])
+
+
+@pytest.fixture(scope="module")
+def documents_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = fresh_model("tiny-llama")
+    kwargs = dict(optimizer=optimizer, loss_fn=plait.losses.causal_lm, lr_scheduler=scheduler, max_grad_norm=1.0)
+    losses = train_reference(model, documents.make_batches(model.config.vocab_size), **kwargs)
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("plan", [{"cp": 2}, {"cp": 2, "dp": 2, "zero": 2}], ids=["cp2", "dp2-cp2-zero2"])
+def test_packed_documents_under_context_parallel(plan: dict, documents_reference: tuple) -> None:
+    """Rows of several documents (per-document positions and masks): the ring masks each key block by
+    the tokens' documents, from their global positions."""
+    world_size = 2 * plan.get("dp", 1)
+    assert_parity(run_ranks(documents.train_plan, world_size, plan), documents_reference)
