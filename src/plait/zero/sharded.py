@@ -168,7 +168,10 @@ class ZeroDataParallel:
 
     def _complete_oldest(self) -> None:
         unit, pending = self._pending.pop(0)
-        unit.finish_reduce(pending)
+        follow = unit.finish_reduce(pending)
+        if follow is not None:  # hybrid sharding: the shard's all-reduce across replicas, in flight in turn
+            self._pending.append((unit, follow))
+            return
         if self.on_final_grads is not None and self.sync:
             self.on_final_grads.after_reduce(unit)
 

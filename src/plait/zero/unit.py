@@ -48,6 +48,7 @@ class PendingReduce:
     handle: dist.Work | None
     source: torch.Tensor  # the full (padded) gradients in the reduce dtype
     result: torch.Tensor  # the reduced shard, or `source` itself after an all-reduce
+    over_replicas: bool = False  # hybrid sharding's second phase: the shard's all-reduce across replicas
 
 
 class FlatUnit:
@@ -228,13 +229,16 @@ class FlatUnit:
         handle = reduce_scatter_flat(result, source, group=config.group, async_op=True)
         return PendingReduce(handle=handle, source=source, result=result)
 
-    def finish_reduce(self, pending: PendingReduce) -> None:
+    def finish_reduce(self, pending: PendingReduce) -> PendingReduce | None:
+        """Land the reduced shard in grad_shard; under hybrid sharding the shard group's sum first
+        starts its all-reduce over the replicas, returned to be finished in turn (None once landed)."""
         if pending.handle is not None:
             pending.handle.wait()
         result = pending.result
         if result.numel() != self.layout.shard_size:
             result = result[self.layout.shard_start : self.layout.shard_end]
-        self._reduce_over_replicas(result)
+        if self.config.replica_group is not None and not pending.over_replicas:
+            return self._reduce_over_replicas(result)
         page = self.pages.grads if self.pages is not None else None
         if page is not None:
             page.wait()
@@ -244,15 +248,15 @@ class FlatUnit:
             self.grad_shard.copy_(result)
         if page is not None and not self.pages.stepping:  # stepping: the update reads them right away
             page.evict(write=True)
+        return None
 
-    def _reduce_over_replicas(self, shard: torch.Tensor) -> None:
+    def _reduce_over_replicas(self, shard: torch.Tensor) -> PendingReduce:
         """Hybrid sharding: the shard group's sum of this shard, summed over the other groups' copies
         (the only gradient traffic between nodes: one shard per rank, not the whole unit)."""
         group = self.config.replica_group
-        if group is None:
-            return
         self.config.counter.record("all_reduce", shard, group=group)
-        dist.all_reduce(shard, group=group)
+        handle = dist.all_reduce(shard, group=group, async_op=True)
+        return PendingReduce(handle=handle, source=shard, result=shard, over_replicas=True)
 
     def zero_grads(self) -> None:
         if self.pages is not None and self.pages.grads is not None:
