@@ -89,6 +89,7 @@ def reference(preset: str) -> tuple[list[float], dict[str, torch.Tensor]]:
 PLANS = {
     "dp2-zero3": {"dp": 2, "zero": 3},
     "dp2-zero2": {"dp": 2, "zero": 2},
+    "dp2-zero2-recompute": {"dp": 2, "zero": 2, "recompute": "full"},
     "tp2": {"dp": 1, "tp": 2},
     "pp2": {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "1f1b"},
 }
@@ -96,6 +97,12 @@ CASES = [
     ("bert-tiny", "dp2-zero3"),
     ("bert-tiny", "tp2"),
     ("bert-tiny", "pp2"),
+    ("albert-tiny", "dp2-zero3"),
+    ("albert-tiny", "tp2"),
+    ("albert-tiny", "dp2-zero2-recompute"),
+    ("t5-tiny", "dp2-zero2"),
+    ("t5-tiny", "dp2-zero3"),
+    ("t5-tiny", "dp2-zero2-recompute"),
 ]
 
 
@@ -105,3 +112,25 @@ def test_plan_matches_one_process(preset: str, plan: str) -> None:
     losses = reference(preset)[0]
     assert losses[-1] < losses[0]  # it learns: the comparison is not between two idle runs
     assert_parity(results, reference(preset))
+
+
+@pytest.mark.parametrize(
+    ("preset", "plan", "reason"),
+    [
+        (
+            "albert-tiny",
+            "pp2",
+            r"pipeline parallelism cannot split AlbertForPreTraining: ALBERT calls one shared group",
+        ),
+        ("t5-tiny", "pp2", r"pipeline parallelism is not available for T5ForConditionalGeneration.*encoder-decoder"),
+        ("t5-tiny", "tp2", r"tensor parallelism is not available for T5ForConditionalGeneration.*relative position"),
+    ],
+)
+def test_plans_that_cannot_split_the_family_are_refused_with_the_reason(preset: str, plan: str, reason: str) -> None:
+    """What the engine calls first under pp (the layout) and tp (the plan) refuses, before any collective."""
+    from plait.pipeline.partition import decoder_layout
+    from plait.tensor.hf import check_tp
+
+    model = fresh_model(preset)
+    with pytest.raises(ValueError, match=reason):
+        decoder_layout(model) if plan == "pp2" else check_tp(model, 2)

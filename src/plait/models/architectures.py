@@ -289,7 +289,36 @@ _VIT_ENTRY = Architecture(
     ),
 )
 
-ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({entry.name: entry for entry in (*_ENTRIES, _VIT_ENTRY)})
+_ALBERT_ENTRY = Architecture(
+    "albert",
+    layers="encoder.albert_layer_groups",  # one group of shared layers, called num_hidden_layers times
+    embed="embeddings",
+    norm=None,
+    head="predictions",
+    causal=False,
+    attention="attention",
+    tp_styles=MappingProxyType(
+        {
+            "attention.query": "colwise",
+            "attention.key": "colwise",
+            "attention.value": "colwise",
+            "attention.dense": "rowwise",
+            "ffn": "colwise",
+            "ffn_output": "rowwise",
+        }
+    ),
+    pp_refusals=MappingProxyType(  # keyed by model_type: every ALBERT config has it
+        {
+            "model_type": "ALBERT calls one shared group of layers num_hidden_layers times, so its layers cannot be "
+            "placed on different stages (each stage would need the same weights); train ALBERT under dp, ZeRO 1-3 "
+            "and tp (plan.pp=1), or use BERT for a pipeline"
+        }
+    ),
+)
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
+    {entry.name: entry for entry in (*_ENTRIES, _VIT_ENTRY, _ALBERT_ENTRY)}
+)
 
 
 # model_type -> why neither pipeline nor tensor parallel can split the family (dp and ZeRO 1-3 can)
@@ -299,6 +328,10 @@ UNSPLITTABLE: Mapping[str, str] = MappingProxyType(
         "blocks take the grid's dimensions, so plait's pipeline cannot pass one (batch, tokens, width) activation "
         "between stages; and each block's relative-position bias table holds every head, which plait's tensor "
         "parallel does not slice. Train Swin under dp and ZeRO 1-3 (plan.tp=1, plan.pp=1), or use ViT",
+        "t5": "T5 is an encoder-decoder: the decoder's every layer reads the encoder's output (cross-attention), "
+        "which plait's pipeline cannot pass along one (batch, seq, width) activation; and each stack's relative "
+        "position bias holds every head, which plait's tensor parallel does not slice. Train T5 under dp, ZeRO "
+        "1-3 and recomputation (plan.tp=1, plan.pp=1)",
     }
 )
 

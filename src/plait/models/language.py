@@ -17,7 +17,7 @@ from plait.data.special_tokens import BertTokens, T5Tokens
 
 _BERT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 _ALBERT = {**_BERT, "classifier_dropout_prob": 0.0}
-_T5 = {"dropout_rate": 0.0, "feed_forward_proj": "gelu_new"}
+_T5 = {"dropout_rate": 0.0, "feed_forward_proj": "gelu_new", "use_cache": False}  # training: no key/value cache
 # name -> (family, config fields). Tiny ones: 2 heads and even widths (tp=2), 4 layers (pp=2).
 LANGUAGE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "bert-tiny": ("bert", {**_BERT, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
