@@ -30,6 +30,8 @@ OFFLOAD_TIERS = ("none", "cpu", "disk", "auto")
 OFFLOADED_STATES = ("optimizer", "gradients", "params")
 NONFINITE_ACTIONS = ("stop", "skip")
 LR_SCHEDULES = ("cosine", "poly", "lars")  # plait.optim.schedules.lr_schedule
+OPTIMIZERS = ("adamw", "lamb", "lars")
+TASKS = ("causal_lm", "image_classification")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -397,12 +399,45 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What a run trains for. ``causal_lm`` (the default): next-token prediction on [data]'s corpus.
+    ``image_classification``: a ViT or Swin preset ([model] preset vit-* / swin-*) on scikit-learn's
+    8x8 digits upsampled to image_size, with a random shift and rotation per sample::
+
+        [task]
+        kind = "image_classification"
+        image_size = 32
+    """
+
+    kind: str = "causal_lm"
+    image_size: int = 32  # image_classification: the digits are upsampled to image_size x image_size
+    max_shift: float = 3.0  # augmentation: pixels of random shift either way (0: none)
+    max_degrees: float = 10.0  # augmentation: degrees of random rotation either way (0: none)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in TASKS, f"task.kind={self.kind!r}: choose one of {', '.join(TASKS)}")
+        _require(self.image_size >= 8, f"task.image_size={self.image_size}: the digits are 8x8; use 8 or more")
+        _require(
+            self.max_shift >= 0 and self.max_degrees >= 0,
+            f"task.max_shift={self.max_shift}, task.max_degrees={self.max_degrees}: use non-negative values "
+            "(0 switches that augmentation off)",
+        )
+
+    @property
+    def uses_corpus(self) -> bool:
+        """Whether the task reads [data]'s text corpus (image classification has its own images)."""
+        return self.kind != "image_classification"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 200
     global_batch: int = 16
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup: int = 20
+    optimizer: str = "adamw"  # adamw | lamb | lars (plait.optim's factories: vectors undecayed, unadapted)
+    momentum: float = 0.9  # lars
     schedule: str = "cosine"  # after warmup: cosine | poly (linear decay, LAMB/BERT) | lars (power-2 decay)
     weight_decay: float = 0.1
     beta2: float = 0.95
@@ -433,6 +468,10 @@ class TrainConfig:
             0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio}: use a fraction of lr between 0 and 1"
         )
         _require(self.warmup >= 0, f"train.warmup={self.warmup}: warmup steps cannot be negative")
+        _require(
+            self.optimizer in OPTIMIZERS, f"train.optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
+        )
+        _require(0 <= self.momentum < 1, f"train.momentum={self.momentum}: LARS's momentum lies in [0, 1), e.g. 0.9")
         _require(
             self.schedule in LR_SCHEDULES,
             f"train.schedule={self.schedule!r}: choose one of {', '.join(LR_SCHEDULES)} (each decays to "
@@ -485,8 +524,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     plan: Plan = field(default_factory=Plan)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.task.uses_corpus or self.model.pretrained is None,
+            f"task.kind={self.task.kind!r} trains a vision preset from scratch; drop model.pretrained and set "
+            "model.preset (e.g. 'vit-small')",
+        )
         _require(
             not (self.data.document_mask and self.model.pretrained is not None),
             "data.document_mask works with plait's models (their attention reads documents from position_ids); "
@@ -532,7 +577,13 @@ def model_config_for(config: Config) -> GPTConfig:
     return model_config
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "plan": Plan, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "plan": Plan,
+    "train": TrainConfig,
+    "task": TaskConfig,
+}
 
 
 def _closest(word: str, options: typing.Iterable[str]) -> str:

@@ -149,9 +149,11 @@ def format_bytes(num_bytes: float) -> str:
 _FORMATS: tuple[tuple[str, Any], ...] = (
     ("loss", lambda v: f"loss {v:.3f}"),
     ("val_loss", lambda v: f"val {v:.3f}"),
+    ("val_acc", lambda v: f"top-1 {100 * v:.1f}%"),
     ("lr", lambda v: f"lr {v:.1e}"),
     ("grad_norm", lambda v: f"gnorm {v:.2f}"),
     ("tokens_per_s", lambda v: f"{v:.0f} tok/s"),
+    ("images_per_s", lambda v: f"{v:.0f} img/s"),
     ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
     ("state_bytes", lambda v: f"state {format_bytes(v)}"),
     ("peak_rss", lambda v: f"rss {format_bytes(v)}"),

@@ -17,10 +17,11 @@ from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
 from plait.losses import causal_lm
-from plait.optim import adamw, lr_schedule
+from plait.optim import lr_schedule
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
 from plait.train.operations import Operations, restart_count
+from plait.train.optimizers import optimizer_from_config
 from plait.train.preflight import AUTO, newest_verified_checkpoint
 from plait.train.resume import restore, save_training_state
 from plait.train.setup import (
@@ -52,7 +53,7 @@ def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engin
     train = config.train
     return boost(
         model,
-        optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
+        optimizer=optimizer_from_config(train),
         loss_fn=causal_lm,
         mesh=mesh,
         lr_scheduler=lambda opt: lr_schedule(
@@ -235,6 +236,10 @@ def summary_line(summary: RunSummary) -> str:
 
 def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     """Train per `config` on this rank (under torchrun: every rank calls this)."""
+    if config.task.kind == "image_classification":
+        from plait.tasks.vision_train import run_image_classification
+
+        return run_image_classification(config, resume=resume)
     owns_group = not dist.is_initialized()  # under a test harness the caller owns it
     if resume is None and restart_count() > 0:
         resume = "auto"  # torchrun's elastic agent restarted the ranks: continue from the newest checkpoint

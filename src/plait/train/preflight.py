@@ -108,6 +108,8 @@ def check_data(config: Config, *, pretrained: Pretrained | None = None) -> None:
     data.val_fraction=0, a whole eval batch of train.global_batch sequences."""
     from plait.train.setup import prepare_data  # torch and the tokenizers load only when needed
 
+    if not config.task.uses_corpus:  # image classification: images from a package, nothing to tokenize
+        return
     data, train = config.data, config.train
     prepared = prepare_data(config, pretrained=pretrained)
     num_train = prepared.num_train_tokens // data.seq_len

@@ -37,6 +37,7 @@ class Validated:
     plan: Plan
     model_config: GPTConfig | None
     pretrained: Pretrained | None = None
+    vision: Any = None  # image classification: the transformers config of the vision preset
 
     def num_parameters(self) -> int:
         if self.pretrained is not None:
@@ -87,6 +88,10 @@ def validate(config: Config, *, world_size: int, ranks_per_node: int | None = No
     plan.check_available()
     plan.zero_shard_size(ranks_per_node or launched_ranks_per_node(world_size))
     config.check_batching(plan.dp)
+    if config.task.kind == "image_classification":
+        from plait.tasks.vision_train import validate_vision
+
+        return Validated(plan=plan, model_config=None, vision=validate_vision(config, plan=plan))
     if config.model.pretrained is not None:
         pretrained = validate_pretrained(config, plan=plan)
         _check_corpus(config)

@@ -12,7 +12,8 @@ from plait.data.shards import prepare_dataset
 from plait.losses import causal_lm
 from plait.models.gpt import GPT
 from plait.moe import set_routing_groups
-from plait.optim import adamw, lr_schedule
+from plait.optim import lr_schedule
+from plait.train.optimizers import optimizer_from_config
 from plait.train.reference import train_reference
 from plait.train.setup import seed_everything
 
@@ -72,7 +73,7 @@ def reference_losses(config: Config, *, num_routing_groups: int = 1) -> list[flo
     return train_reference(
         model,
         (loader.next_batch() for _ in range(train.steps)),
-        optimizer=adamw(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, train.beta2), eps=train.eps),
+        optimizer=optimizer_from_config(train),
         loss_fn=causal_lm,
         lr_scheduler=lambda opt: lr_schedule(
             opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
