@@ -547,6 +547,12 @@ class Config:
             per_rank % mb == 0,
             f"each rank gets {per_rank} sequences, which plan.microbatches={mb} does not divide; use a global_batch that is a multiple of {dp * mb}",
         )
+        cp, seq_len = self.plan.cp, self.data.seq_len
+        _require(
+            seq_len % (2 * cp) == 0,
+            f"data.seq_len={seq_len} does not split into 2 * plan.cp = {2 * cp} equal chunks (each cp rank holds one "
+            f"from the front and one from the back of every row); use a multiple of {2 * cp}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

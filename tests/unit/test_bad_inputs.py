@@ -123,6 +123,10 @@ PLANS = {
     "degrees vs world": (train("--nproc", "4", "--set", "plan.dp=2"), "but the world size is 4"),
     "batch vs dp": (sets("plan.dp=2", "train.global_batch=7"), "does not split over dp=2"),
     "microbatches": (sets("plan.dp=2", "plan.microbatches=3"), "plan.microbatches=3 does not divide"),
+    "cp seq_len": (
+        sets("plan.cp=2", "plan.dp=1", "data.seq_len=30"),
+        "does not split into 2 * plan.cp = 4 equal chunks",
+    ),
     "cp with offload": (
         sets("plan.cp=2", "plan.dp=1", "plan.zero=1", "plan.offload_optimizer=cpu"),
         "plan.cp=2 with offloaded states is not available yet",
