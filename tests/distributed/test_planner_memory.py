@@ -71,3 +71,16 @@ def test_zero2_under_a_pipeline_keeps_whole_gradients_as_estimated() -> None:
     states, peak = max(r[0] for r in results), max(r[1] for r in results)
     assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
     assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)
+
+
+@pytest.mark.parametrize("gather", ["step", "microbatch"])
+def test_zero3_under_a_pipeline_holds_what_is_estimated(gather: str) -> None:
+    """dp2 x pp2 ZeRO-3 (4 ranks): whole gradients accumulate over the schedule; gathering once per step keeps
+    each stage's whole parameters from their first use to the step's reduction."""
+    plan = Plan(dp=2, pp=2, zero=3, microbatches=4, zero3_gather=gather)
+    cluster = Cluster.preset("h100", devices_per_node=4)
+    estimate = Estimator(ModelShape(CONFIG), Workload(GLOBAL_BATCH, SEQ), cluster=cluster).estimate(plan).memory
+    results = run_ranks(measure, 4, plan, timeout_s=90)
+    states, peak = max(r[0] for r in results), max(r[1] for r in results)
+    assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
+    assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)

@@ -138,6 +138,18 @@ def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
     return StateBytes(params, master, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)
 
 
+def held_through_schedule(units: list[Unit], plan: Plan) -> Phase:
+    """What a rank holds from its first micro-batch to the step's reduction, on top of its model states:
+    under a pipeline ZeRO-2/3 accumulate every micro-batch's gradients in full (in the parameters' dtype) and
+    reduce-scatter each unit once after the schedule; ZeRO-3 gathering once per step (`zero3_gather`) keeps
+    each unit's whole parameters from its first use to that reduction."""
+    local = sum(unit.local(plan.tp) for unit in units)
+    e = PARAM_BYTES[plan.precision]
+    grads = e * local if plan.pp > 1 and plan.zero >= 2 else 0.0
+    gathered = e * local if plan.zero == 3 and plan.zero3_gathers_once_per_step else 0.0
+    return Phase(working=grads, comm=gathered)
+
+
 class MemoryModel:
     """Estimates `MemoryBreakdown`s; holds a cache of simulated schedules for a search."""
 
@@ -190,6 +202,10 @@ class MemoryModel:
             phases.append(self._head_phase(plan, mb, e))
         if stage == 0 and plan.pp > 1:  # pipeline transfers land in a stage's input, counted as activations
             phases.append(Phase(working=self._embedding_phase(plan, hidden)))
+        if plan.pp > 1 and plan.zero >= 2:
+            phases.append(self._deferred_reduction_phase(plan, units, activations))
+        held = held_through_schedule(units, plan)
+        phases = [Phase(working=p.working + held.working, comm=p.comm + held.comm) for p in phases]
         optimizer_step = 2 * FP32 * max(unit.local(plan.tp) / zero_shards(unit, plan) for unit in units)
         phases.append(Phase(working=optimizer_step - activations))  # no activations left by then
         peak = max(phases, key=lambda phase: phase.working + phase.comm)
@@ -234,8 +250,17 @@ class MemoryModel:
             return Phase(working=recomputed)
         largest = sorted(unit.local(plan.tp) for unit in units)[-2:]
         e = PARAM_BYTES[plan.precision]
-        gathered = e * sum(largest) if plan.zero == 3 else 0.0
+        per_unit = plan.zero == 3 and not plan.zero3_gathers_once_per_step  # else `held_through_schedule`'s
+        gathered = e * sum(largest) if per_unit else 0.0
+        if plan.pp > 1:  # reductions deferred to the schedule's end (`_deferred_reduction_phase`)
+            return Phase(working=recomputed, comm=gathered)
         return Phase(working=recomputed + largest[-1] * e, comm=gathered + 3 * FP32 * largest[-1])
+
+    def _deferred_reduction_phase(self, plan: Plan, units: list[Unit], activations: float) -> Phase:
+        """Under a pipeline, ZeRO-2/3's reduction after the schedule: every unit's fp32 flat buffers in flight
+        (`MAX_IN_FLIGHT` and the one just launched) while the whole gradients wait; no activations left."""
+        largest = max(unit.local(plan.tp) for unit in units)
+        return Phase(working=-activations, comm=3 * FP32 * largest)
 
     def _layer_bytes(self, plan: Plan, micro_batch: int, e: int, *, moe: bool = False) -> tuple[float, float]:
         """(saved, working) per layer, averaging selective recomputation's recomputed fraction of layers."""
