@@ -177,6 +177,18 @@ class Cluster:
         """The slowest link a group of `group_size` ranks, `stride` apart in rank order, crosses."""
         return self.intra if group_size * stride <= self.devices_per_node else self.inter
 
+    def collective_link(self, group_size: int, *, stride: int = 1) -> Link:
+        """The link a ring collective (all-reduce, reduce-scatter, all-gather) of `group_size` ranks,
+        `stride` apart, runs at. Across nodes each of the group's k ranks on a node drives its own
+        inter-node link (NCCL spreads a ring's channels over the node's NICs, one per GPU), and the
+        node's other groups drive the rest: a rank's share of the traffic moves at k times one device's
+        inter-node bandwidth, up to the intra-node link every byte also crosses."""
+        link = self.link(group_size, stride=stride)
+        per_node = min(group_size, self.devices_per_node // stride)
+        if link is self.intra or link.table or per_node <= 1:
+            return link
+        return link.replace(bandwidth=min(self.intra.bandwidth, link.bandwidth * per_node))
+
     def replace(self, **changes: object) -> Cluster:
         return dataclasses.replace(self, **changes)
 

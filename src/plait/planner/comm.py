@@ -115,12 +115,14 @@ def dp_step_seconds(plan: Plan, units: list[Unit], *, cluster: Cluster) -> float
     dense = [unit for unit in units if not unit.expert]
     experts = [unit for unit in units if unit.expert]
     shard = dense_shard_ranks(plan) if plan.zero > 0 else plan.dp
-    seconds = _group_seconds(plan, dense, ranks=shard, link=cluster.link(shard, stride=plan.tp), cluster=cluster)
+    seconds = _group_seconds(
+        plan, dense, ranks=shard, link=cluster.collective_link(shard, stride=plan.tp), cluster=cluster
+    )
     if shard < plan.dp:
         seconds += _replica_seconds(plan, dense, shard=shard, cluster=cluster)
     if experts:
         edp = plan.dp // plan.ep
-        link = cluster.link(edp, stride=plan.tp * plan.ep)
+        link = cluster.collective_link(edp, stride=plan.tp * plan.ep)
         seconds += _group_seconds(plan, experts, ranks=edp, link=link, cluster=cluster)
     return seconds
 
@@ -130,7 +132,7 @@ def _replica_seconds(plan: Plan, units: list[Unit], *, shard: int, cluster: Clus
     unit's fp32 gradient shard over the dp / shard replicas (once per step at stage 1 and under a pipeline,
     per micro-batch otherwise, as `_group_seconds` reduces)."""
     replicas = plan.dp // shard
-    link = cluster.link(replicas, stride=plan.tp * shard)
+    link = cluster.collective_link(replicas, stride=plan.tp * shard)
     reductions = 1 if plan.zero == 1 or plan.pp > 1 else plan.microbatches
     shards = [4.0 * math.ceil(unit.local(plan.tp) / shard) for unit in units]
     return reductions * sum(collective_seconds(b, ranks=replicas, link=link, kind="all_reduce") for b in shards)
