@@ -3,12 +3,15 @@
 The forward keeps, per query row, ``lse = log sum exp(scores)``; merging two blocks' outputs
 weights each by ``exp(lse_block - lse_merged)`` (the online softmax). The backward recomputes a
 block's probabilities from the merged ``lse`` (FlashAttention's scheme), so nothing of size
-queries x keys is kept between the rings.
+queries x keys is kept between the rings. Both run over tiles of ``QUERY_TILE`` query rows, so the
+scores held at once are tile x keys, not queries x keys: memory stays linear in the sequence.
 """
 
 from __future__ import annotations
 
 import torch
+
+QUERY_TILE = 512
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -21,10 +24,9 @@ def _scores(q: torch.Tensor, k: torch.Tensor, *, scale: float, mask: torch.Tenso
     return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
-def block_forward(
+def _forward_tile(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This block's normalised output (batch, heads, queries, head_dim) and its lse (batch, heads, queries)."""
     scores = _scores(q, k, scale=scale, mask=mask)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite(lse)[..., None])
@@ -43,7 +45,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, piece: tuple[torch.Tensor, 
     lse[:, :, rows] = merged
 
 
-def block_backward(
+def _backward_tile(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -52,10 +54,59 @@ def block_backward(
     scale: float,
     mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of one block; ``grad`` is (d_out, merged lse, delta = rowsum(d_out * out))."""
     d_out, lse, delta = grad
     probs = torch.exp(_scores(q, k, scale=scale, mask=mask) - _finite(lse)[..., None])
     dv = torch.matmul(probs.transpose(-1, -2), d_out)
     d_probs = torch.matmul(d_out, v.transpose(-1, -2))
     d_scores = probs * (d_probs - delta[..., None]) * scale
     return torch.matmul(d_scores, k), torch.matmul(d_scores.transpose(-1, -2), q), dv
+
+
+def _tiles(num_rows: int, tile: int) -> list[slice]:
+    return [slice(start, min(start + tile, num_rows)) for start in range(0, num_rows, tile)]
+
+
+def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[..., rows, :]  # (queries, keys) or (batch, 1, queries, keys)
+
+
+def block_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None,
+    tile: int = QUERY_TILE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This block's normalised output (batch, heads, queries, head_dim) and its lse (batch, heads, queries)."""
+    pieces = [
+        _forward_tile(q[:, :, rows], k, v, scale=scale, mask=_mask_rows(mask, rows))
+        for rows in _tiles(q.shape[2], tile)
+    ]
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([out for out, _ in pieces], dim=2), torch.cat([lse for _, lse in pieces], dim=2)
+
+
+def block_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    mask: torch.Tensor | None,
+    tile: int = QUERY_TILE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one block; ``grad`` is (d_out, merged lse, delta = rowsum(d_out * out))."""
+    dq_tiles, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+    for rows in _tiles(q.shape[2], tile):
+        tile_grad = tuple(g[:, :, rows] for g in grad)
+        dq_tile, dk_tile, dv_tile = _backward_tile(
+            q[:, :, rows], k, v, grad=tile_grad, scale=scale, mask=_mask_rows(mask, rows)
+        )
+        dq_tiles.append(dq_tile)
+        dk += dk_tile
+        dv += dv_tile
+    return torch.cat(dq_tiles, dim=2), dk, dv
