@@ -22,7 +22,8 @@ e bytes per element, t tensor-parallel ranks:
   shared experts keep a dense MLP's.
 
 ``megatron``: Korthikanti et al. 2022's count for Megatron's layer (16-bit,
-dropout masks, materialised attention scores): sbh(34 + 5as/h) without
+dropout masks, materialised attention scores; grouped kv heads and the MLP's
+width and kind as in `_megatron_full`): sbh(34 + 5as/h) without
 parallelism, sbh(10 + 24/t + 5as/(ht)) with tp, (sbh/t)(34 + 5as/h) with
 tp + sp; selective recomputation drops the 5as^2b term; full recomputation
 keeps only the layer input, 2sbh (/t with sp).
@@ -71,12 +72,20 @@ def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool,
 
 
 def _megatron_full(shape: ModelShape, *, b: int, s: int, tp: int, sp: bool, selective: bool) -> float:
-    h, a = shape.hidden, shape.config.num_heads
+    """Korthikanti's terms per sbh, generalised to grouped kv heads (ratio r = kv heads / heads: K and V
+    take 2r each) and to the MLP's width f and kind (GELU keeps its input and fc2's, 4f/h; SwiGLU its two
+    inputs and fc2's, 6f/h). Outside the tp split: the QKV and fc1 inputs, two dropout masks and the norms'
+    inputs, 10; split: Q and the projection input 4, K and V 4r, the MLP. GPT-3's layer (r = 1, f = 4h,
+    GELU) gives the paper's 10 + 24/t, 34 with sequence parallel."""
+    c = shape.config
+    h, a = shape.hidden, c.num_heads
     sbh = s * b * h
+    r = c.resolved_num_kv_heads / a
+    split = 4 + 4 * r + (6 if c.activation == "swiglu" else 4) * c.resolved_d_ff / h
     scores = 0.0 if selective else 5 * a * s / h
     if sp or tp == 1:
-        return sbh / tp * (34 + scores)
-    return sbh * (10 + 24 / tp + scores / tp)
+        return sbh / tp * (10 + split + scores)
+    return sbh * (10 + split / tp + scores / tp)
 
 
 def layer_activations(

@@ -1,0 +1,50 @@
+"""The published-run check's pieces: Megatron's layer accounting under grouped kv heads and SwiGLU, and every
+published row's plan string is a valid plan the planner estimates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from plait.models.gpt_config import GPTConfig
+from plait.planner import ModelShape, layer_activations
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from planner_golden import run_published
+from planner_published import ROWS
+
+S, B, H, A, T = 2048, 1, 4096, 32, 8
+
+
+def megatron(config: GPTConfig, **options: object) -> float:
+    return layer_activations(ModelShape(config), micro_batch=B, seq_len=S, element_bytes=2, tp=T,
+                             profile="megatron", **options).saved  # fmt: skip
+
+
+def test_gpt3_layer_keeps_korthikantis_terms() -> None:
+    gpt = GPTConfig(vocab_size=512, max_seq_len=S, d_model=H, num_layers=2, num_heads=A)
+    sbh, scores = S * B * H, 5 * A * S / H
+    assert megatron(gpt) == sbh * (10 + 24 / T + scores / T)
+    assert megatron(gpt, sp=True) == sbh / T * (34 + scores)
+    assert megatron(gpt, sp=True, recompute="selective") == 34 * sbh / T
+
+
+def test_grouped_kv_heads_and_swiglu_change_only_their_own_terms() -> None:
+    llama = GPTConfig(vocab_size=512, max_seq_len=S, d_model=H, num_layers=2, num_heads=A, num_kv_heads=8,
+                      d_ff=3 * H, activation="swiglu", norm="rmsnorm", position="rope", bias=False)  # fmt: skip
+    sbh = S * B * H
+    # K and V at 8/32 of Q's width (2 * 0.25 each), SwiGLU's two inputs and fc2's (6 * 3h/h)
+    assert megatron(llama, sp=True, recompute="selective") == sbh / T * (10 + 4 + 4 * 0.25 + 6 * 3)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row["id"] for row in ROWS])
+def test_every_published_plan_is_estimated_or_refused_in_one_line(row: dict) -> None:
+    result = run_published(row)
+    assert result["published_step_s"] > 0
+    if "error" in result:
+        assert "\n" not in result["error"]
+    else:
+        assert result["estimated_step_s"] > 0 and result["memory_gib"] > 0
