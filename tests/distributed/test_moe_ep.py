@@ -29,6 +29,7 @@ from plait.moe.aux import in_backward
 from plait.moe.dispatch import Dispatched, LocalDispatch
 from plait.moe.expert_parallel import count_exchange_bytes, slice_experts
 from plait.moe.expert_tp import TensorParallelExperts
+from plait.planner import ModelShape
 from plait.train.reference import train_reference
 from tests.distributed.harness import run_ranks
 
@@ -273,6 +274,9 @@ def check_case(case: Case, steps: int) -> dict:
         assert_same_routing(result, ref, case=case, top_k=top_k)
         names = result["counts"]
         assert result["expert_bytes"] == expected_expert_bytes(ref["model"], case.ep, names=names, tp=case.tp)
+        if case.pp == 1:  # the planner's expert units, as many as MoE layers
+            per_layer = ModelShape(ref["model"].config).expert_unit(case.ep).local(case.tp)
+            assert result["expert_bytes"] == 4 * per_layer * ref["model"].config.num_moe_layers
         if case.pp == 1 and case.tp == 1:
             assert result["expert_bytes"] == whole_experts // case.ep
         if case.tp > 1:

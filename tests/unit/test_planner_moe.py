@@ -89,24 +89,26 @@ def test_model_state_bytes_per_rank_against_the_built_model(ep: int, zero: int, 
     assert states.params + states.master + states.grads + states.optimizer == pytest.approx(expected, rel=1e-12)
 
 
-def test_memory_per_rank_equals_the_formula() -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_memory_per_rank_equals_the_formula(tp: int) -> None:
     """switch-tiny (2 MoE layers: d 64, 4 heads, 4 experts of width 256, top-1, capacity 1.25) on dp=2, ep=2,
-    fp32, 4 sequences of 64 tokens per rank: the activations each layer keeps, by hand."""
+    fp32, 4 sequences of 64 tokens per rank: the activations each layer keeps, by hand (tp splits the
+    attention and each expert's width)."""
     shape = ModelShape(get_preset("switch-tiny"))
-    plan = Plan(dp=2, ep=2, zero=1, precision="fp32")
+    plan = Plan(dp=2, ep=2, tp=tp, zero=1, precision="fp32")
     memory = MemoryModel(shape, Workload(8, 64)).estimate(plan)
     n, h, f, e, experts = 4 * 64, 64, 256, 4, 4
     slots = n * 1 * 1.25
     layer = (
         2 * n * h * e + 2 * n * h * e  # residual stream, norm outputs
-        + 4 * n * h * e + 4 * 4 * 4 * 64  # q, k, v, attention output; fp32 log-sum-exp per head and token
-        + slots * (2 * f + 2 * h) * e  # per token slot: GELU's input and output, gathered input, expert output
+        + (4 * n * h * e + 4 * 4 * 4 * 64) / tp  # q, k, v, attention output; fp32 log-sum-exp per head and token
+        + slots * (2 * f / tp + 2 * h) * e  # per token slot: GELU's input and output, gathered input, expert output
         + 2 * n * experts * 4  # router logits and probabilities, fp32
         + 2 * n * 2 * 4  # LayerNorm mean and rstd, fp32, two norms
     )  # fmt: skip
     head_input = 2 * n * h * e
     assert memory.activations == pytest.approx(2 * layer + head_input, rel=1e-12)
-    states = unit_state_bytes(planner_units("switch-tiny", 2), plan)
+    states = unit_state_bytes(shape.stage_units(0, num_layers=shape.num_layers, pp=1, tp=tp, ep=2), plan)
     assert memory.model_states == states.params + states.master + states.grads + states.optimizer
     dropless = MemoryModel(ModelShape(get_preset("mixtral-tiny")), Workload(8, 64)).estimate(plan)
     assert dropless.activations > 0
@@ -121,10 +123,52 @@ def test_moe_layer_flops_count_the_active_experts_and_the_router() -> None:
     expert = 3 * d * f  # SwiGLU, no biases
     expected = 2 * (attention + d * config.moe_experts + config.moe_top_k * expert) + 4 * s * d
     assert shape.layer_flops_per_token(s, moe=True) == expected
+    # tp splits the attention and every expert, not the router
+    split = 2 * (attention + config.moe_top_k * expert) + 4 * s * d
+    assert shape.layer_flops_per_token(s, tp=2, moe=True) == split / 2 + 2 * d * config.moe_experts
     # forward + backward of every layer and the head: the model's 6 x active parameters + attention, less norms
     planned = 3 * (shape.stage_flops_per_token(range(config.num_layers), s) + shape.head_flops_per_token())
     assert planned == pytest.approx(config.flops_per_token(s), rel=1e-3)
     assert planned < 0.5 * 6 * config.num_parameters()  # far below what all 8 experts would cost
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("ep", [1, 2])
+@pytest.mark.parametrize("name", ["switch-tiny", "mixtral-tiny"])
+def test_expert_units_under_tp_hold_each_experts_share_of_its_width(name: str, ep: int, tp: int) -> None:
+    """What a tp rank holds of an ep rank's experts is the experts of a model whose expert width is d_ff / tp
+    (the down bias stays whole): the planner's expert unit at tp against such a model built from the preset."""
+    config = get_preset(name)
+    with torch.device("meta"):
+        narrow = build(name, moe_d_ff=config.resolved_moe_d_ff // tp)
+    _, layer = moe_layers(narrow)[0]
+    local = slice_experts(layer.experts, config=layer.config, first=0, count=config.moe_experts // ep)
+    shape = ModelShape(config)
+    assert shape.expert_unit(ep).local(tp) == sum(p.numel() for p in local.parameters())
+
+
+def test_tp_all_reduces_of_moe_layers_per_step() -> None:
+    """moe-100m (every layer MoE) at tp=2: per layer and micro-batch, forward the attention output's and the
+    experts' all-reduce, backward the attention entry's and the experts' entry (tokens x top_k slots of
+    d_model, dropless); plus the vocab-parallel ends."""
+    config = get_preset("moe-100m")
+    shape = ModelShape(config)
+    cluster = Cluster.preset("h100", nodes=1)
+    plan = Plan(dp=4, tp=2, ep=2, zero=1, microbatches=2, precision="bf16")
+    workload = Workload(64, 256)
+    tokens = 64 // 4 // 2 * 256
+    link = cluster.link(2)
+
+    def all_reduce(num_bytes: float) -> float:
+        return collective_seconds(num_bytes, ranks=2, link=link, kind="all_reduce")
+
+    hidden = all_reduce(tokens * config.d_model * 2)
+    experts = all_reduce(tokens * config.moe_top_k * config.d_model * 2)
+    ends = 2 * hidden + 3 * all_reduce(4 * tokens)  # embedding; head input's gradient and the loss
+    assert config.num_moe_layers == config.num_layers
+    layers = config.num_layers * 2 * (hidden + experts)
+    expected = plan.microbatches * (layers + 2 * ends)  # the ends charged to forward and backward (_tp_ends)
+    assert TimeModel(shape, workload, cluster=cluster).estimate(plan).tp_comm == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(("name", "ep", "precision"), [("switch-tiny", 2, "fp32"), ("moe-100m", 4, "bf16")])

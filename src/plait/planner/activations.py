@@ -14,11 +14,11 @@ e bytes per element, t tensor-parallel ranks:
 - MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
 - norm statistics in fp32 (LayerNorm: mean and rstd; RMSNorm: rstd and the
   normalised input before its scale).
-- an MoE layer's MLP instead (whole on every tp rank): n*k*c token slots
-  (top_k k, capacity factor c, 1 when dropless: the most slots the experts
-  of one rank can take under expert parallel) each keep the expert MLP's
-  activations (2f or 4f elements), the gathered input and the expert output
-  (2h); the router keeps its fp32 logits and probabilities (2*n*E*4 bytes);
+- an MoE layer's MLP instead: n*k*c token slots (top_k k, capacity factor
+  c, 1 when dropless: the most slots the experts of one rank can take under
+  expert parallel) each keep the expert MLP's activations (2f/t or 4f/t
+  elements: tp splits each expert's width), the gathered input and the
+  expert output (2h, whole); the router keeps its fp32 logits and probabilities (2*n*E*4 bytes);
   shared experts keep a dense MLP's.
 
 ``megatron``: Korthikanti et al. 2022's count for Megatron's layer (16-bit,
@@ -48,11 +48,11 @@ class LayerActivations:
     working: float
 
 
-def _moe_mlp(shape: ModelShape, *, n: int, e: int) -> float:
+def _moe_mlp(shape: ModelShape, *, n: int, e: int, tp: int) -> float:
     c = shape.config
     per_mlp = 4 if c.activation == "swiglu" else 2
     slots = n * c.moe_top_k * (c.moe_capacity_factor or 1.0)
-    experts = slots * (per_mlp * c.resolved_moe_d_ff + 2 * c.d_model) * e
+    experts = slots * (per_mlp * c.resolved_moe_d_ff / tp + 2 * c.d_model) * e
     router = 2 * n * c.moe_experts * FP32
     shared = per_mlp * n * c.moe_shared_experts * c.resolved_moe_d_ff * e
     return experts + router + shared
@@ -65,7 +65,7 @@ def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool,
     num_norms = 1 if c.parallel_block else 2
     norms = num_norms * n * h * e  # entered once per norm, gathered whole under sequence parallel
     attention = 4 * n * h * e / tp + FP32 * b * c.num_heads * s / tp
-    mlp = _moe_mlp(shape, n=n, e=e) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
+    mlp = _moe_mlp(shape, n=n, e=e, tp=tp) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
     stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
     stats = num_norms * n * stats_per_token / (tp if sp else 1)
     return residual + norms + attention + mlp + stats

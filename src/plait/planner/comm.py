@@ -12,6 +12,10 @@ latency per ring step, scaled by the link's factor for its kind.
   norm output, since the projections fed one tensor (q, k, v; gate, up)
   share one entry (`columns=2`, 1 for the parallel block), as Megatron's
   fused projections do.
+- An MoE layer instead: forward, the attention output's all-reduce and one
+  all-reduce of its experts' partial outputs (tokens x top_k x capacity
+  factor slots of d_model, `expert_slot_bytes`), after all its experts;
+  backward, the attention's entry and the experts' entry (the same slots).
 - With sequence parallel each entry all-gathers the sequence and every
   row-parallel projection reduce-scatters its output; backward swaps them.
 - Expert parallel: per MoE layer and micro-batch, two all-to-alls forward
@@ -81,11 +85,30 @@ def _reduce_kind(plan: Plan, cluster: Cluster) -> str:
     return "all_reduce" if cluster.backend == "gloo" else "reduce_scatter"
 
 
+def expert_slot_bytes(shape: ModelShape, plan: Plan, *, tokens: int) -> float:
+    """Bytes of the token slots one rank's experts take per MoE layer for `tokens` tokens (one micro-batch):
+    tokens x top_k x capacity factor (1 dropless) rows of d_model (balanced over ep, as many as it sends)."""
+    c = shape.config
+    return tokens * c.moe_top_k * (c.moe_capacity_factor or 1.0) * c.d_model * PARAM_BYTES[plan.precision]
+
+
 def all_to_all_bytes(shape: ModelShape, plan: Plan, *, tokens: int) -> float:
     """Bytes one rank sends in one expert-parallel all-to-all of `tokens` tokens (one micro-batch)."""
-    c = shape.config
-    slots = tokens * c.moe_top_k * (c.moe_capacity_factor or 1.0)
-    return slots * c.d_model * PARAM_BYTES[plan.precision] * (plan.ep - 1) / plan.ep
+    return expert_slot_bytes(shape, plan, tokens=tokens) * (plan.ep - 1) / plan.ep
+
+
+def moe_tp_layer_seconds(
+    shape: ModelShape, plan: Plan, hidden_bytes: float, *, tokens: int, cluster: Cluster
+) -> tuple[float, float]:
+    """(forward, backward) seconds of one MoE layer's tensor-parallel collectives for one micro-batch: the
+    attention's output and entry all-reduces, and the experts' (their outputs forward, their input's
+    gradient backward), once per layer for all its experts."""
+    if plan.tp == 1:
+        return 0.0, 0.0
+    link = cluster.link(plan.tp)
+    slots = expert_slot_bytes(shape, plan, tokens=tokens)
+    one = sum(collective_seconds(b, ranks=plan.tp, link=link, kind="all_reduce") for b in (hidden_bytes, slots))
+    return one, one
 
 
 def ep_exchanges_per_layer(plan: Plan) -> tuple[float, float]:

@@ -4,9 +4,10 @@ Built from a `GPTConfig` (a preset or a Hugging Face config.json), never from
 weights. The units are those plait's ZeRO flattens (one per layer, one per
 other child module), so per-unit padding is counted as the runtime pads.
 
-Mixture of Experts: an MoE layer stays whole on every tp rank (only its
-attention is split), so its router, experts and shared experts count as
-replicated. Under expert parallel (ep > 1) the layer's experts form a unit of
+Mixture of Experts: tp splits every expert (its up/gate weights and biases
+by columns, its down weight by rows; the down bias whole) as well as the
+attention; the router and shared experts stay whole on every tp rank. Under
+expert parallel (ep > 1) the layer's experts form a unit of
 their own holding num_experts / ep experts (`Unit.expert`: reduced and sharded
 over the edp group, dp / ep ranks), as the runtime's ZeRO builds them; at
 ep = 1 they stay in the layer's unit.
@@ -100,22 +101,25 @@ class ModelShape:
         return (3 if self.config.activation == "swiglu" else 2) * (2 if self.config.bias else 1)
 
     def expert_unit(self, ep: int) -> Unit:
-        """The num_experts / ep experts one ep rank holds of one MoE layer (stacked weights, whole under tp)."""
+        """The num_experts / ep experts one ep rank holds of one MoE layer (stacked weights): split over tp
+        but for the down projection's bias."""
         c = self.config
         count = c.moe_experts // ep
-        return Unit("experts", sharded=0, replicated=count * self._mlp_parameters(c.resolved_moe_d_ff),
+        whole = count * c.d_model if c.bias else 0  # the down biases, added once after the tp sum
+        return Unit("experts", sharded=count * self._mlp_parameters(c.resolved_moe_d_ff) - whole, replicated=whole,
                     num_tensors=self._mlp_tensors(), expert=True)  # fmt: skip
 
     def moe_layer_units(self, ep: int = 1) -> list[Unit]:
-        """One MoE layer: attention (split under tp), then router, shared experts and experts, whole on
-        every tp rank; at ep > 1 the experts are a unit of their own."""
+        """One MoE layer: attention and experts (split under tp), router and shared experts (whole on every
+        tp rank); at ep > 1 the experts are a unit of their own."""
         attention = self._attention_unit()
-        replicated = attention.replicated + self._router_and_shared()
+        sharded, replicated = attention.sharded, attention.replicated + self._router_and_shared()
         num_tensors = attention.num_tensors + 1 + (self._mlp_tensors() if self.config.moe_shared_experts else 0)
         experts = self.expert_unit(ep)
         if ep == 1:
-            replicated, num_tensors = replicated + experts.replicated, num_tensors + experts.num_tensors
-        layer = Unit("layer", sharded=attention.sharded, replicated=replicated, num_tensors=num_tensors)
+            sharded, replicated = sharded + experts.sharded, replicated + experts.replicated
+            num_tensors += experts.num_tensors
+        layer = Unit("layer", sharded=sharded, replicated=replicated, num_tensors=num_tensors)
         return [layer] if ep == 1 else [layer, experts]
 
     def layer_units(self, index: int, *, ep: int = 1) -> list[Unit]:
@@ -158,13 +162,14 @@ class ModelShape:
 
     def layer_flops_per_token(self, seq_len: int, *, tp: int = 1, moe: bool = False) -> float:
         """Forward FLOPs per token of one layer on one tp rank: 2 per matmul weight plus attention's 4*s*d.
-        An MoE layer counts the weights a token computes with: the router, its top_k experts and the
-        shared experts, all whole on every tp rank."""
+        An MoE layer counts the weights a token computes with: its top_k experts (split over tp), the router
+        and the shared experts (whole on every tp rank)."""
         if not moe:
             return (2.0 * self.layer_unit().sharded + 4.0 * seq_len * self.hidden) / tp
         c = self.config
-        active = self._router_and_shared() + c.moe_top_k * self._mlp_parameters(c.resolved_moe_d_ff)
-        return (2.0 * self._attention_unit().sharded + 4.0 * seq_len * self.hidden) / tp + 2.0 * active
+        experts = c.moe_top_k * self._mlp_parameters(c.resolved_moe_d_ff)
+        split = 2.0 * (self._attention_unit().sharded + experts) + 4.0 * seq_len * self.hidden
+        return split / tp + 2.0 * self._router_and_shared()
 
     def stage_flops_per_token(self, layers: Sequence[int], seq_len: int, *, tp: int = 1) -> float:
         """Forward FLOPs per token of these layers on one tp rank."""

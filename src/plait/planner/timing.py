@@ -21,7 +21,13 @@ from dataclasses import dataclass, fields
 from plait.config import Plan
 from plait.planner.activations import FP32, layer_activations
 from plait.planner.cluster import Cluster
-from plait.planner.comm import collective_seconds, dp_step_seconds, ep_layer_seconds, tp_layer_seconds
+from plait.planner.comm import (
+    collective_seconds,
+    dp_step_seconds,
+    ep_layer_seconds,
+    moe_tp_layer_seconds,
+    tp_layer_seconds,
+)
 from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
 from plait.planner.memory import ADAM_BYTES, unit_state_bytes
 from plait.planner.shape import ModelShape, Unit
@@ -153,11 +159,16 @@ class TimeModel:
         hidden_bytes = tokens * self.shape.hidden * e
         columns = 1 if self.shape.config.parallel_block else 2  # the region is entered once per norm output
         tp_fwd, tp_bwd = tp_layer_seconds(plan, hidden_bytes, columns=columns, cluster=c)
+        moe_fwd, moe_bwd = (
+            moe_tp_layer_seconds(self.shape, plan, hidden_bytes, tokens=tokens, cluster=c) if num_moe else (0.0, 0.0)
+        )
         tp_ends = self._tp_ends(plan, hidden_bytes, tokens, is_first=is_first, is_last=is_last)
         ep_fwd, ep_bwd = ep_layer_seconds(self.shape, plan, tokens=tokens, cluster=c)
+        num_dense = len(layers) - num_moe
         return PassCost(
-            forward, backward, len(layers) * tp_fwd + tp_ends,
-            len(layers) * (tp_bwd + recomputed * tp_fwd) + tp_ends, num_moe * ep_fwd, num_moe * ep_bwd,
+            forward, backward, num_dense * tp_fwd + num_moe * moe_fwd + tp_ends,
+            num_dense * (tp_bwd + recomputed * tp_fwd) + num_moe * (moe_bwd + recomputed * moe_fwd) + tp_ends,
+            num_moe * ep_fwd, num_moe * ep_bwd,
         )  # fmt: skip
 
     def _layer_seconds(self, plan: Plan, micro_batch: int, *, moe: bool) -> float:
