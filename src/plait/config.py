@@ -31,7 +31,7 @@ OFFLOADED_STATES = ("optimizer", "gradients", "params")
 NONFINITE_ACTIONS = ("stop", "skip")
 LR_SCHEDULES = ("cosine", "poly", "lars")  # plait.optim.schedules.lr_schedule
 OPTIMIZERS = ("adamw", "lamb", "lars")
-TASKS = ("causal_lm", "image_classification")
+TASKS = ("causal_lm", "masked_lm", "masked_lm_sop", "span_corruption", "image_classification")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -407,12 +407,19 @@ class TaskConfig:
         [task]
         kind = "image_classification"
         image_size = 32
+
+    On the corpus (plait.tasks): ``masked_lm`` (BERT presets: mask_prob of each sample, 80/10/10),
+    ``masked_lm_sop`` (ALBERT: plus sentence-order prediction), ``span_corruption`` (T5: noise_density,
+    mean_span).
     """
 
     kind: str = "causal_lm"
     image_size: int = 32  # image_classification: the digits are upsampled to image_size x image_size
     max_shift: float = 3.0  # augmentation: pixels of random shift either way (0: none)
     max_degrees: float = 10.0  # augmentation: degrees of random rotation either way (0: none)
+    mask_prob: float = 0.15  # masked_lm(_sop): the fraction of each sample's tokens predicted
+    noise_density: float = 0.15  # span_corruption: the fraction of tokens in noise spans
+    mean_span: float = 3.0  # span_corruption: the mean noise span length
 
     def __post_init__(self) -> None:
         _require(self.kind in TASKS, f"task.kind={self.kind!r}: choose one of {', '.join(TASKS)}")
@@ -421,6 +428,11 @@ class TaskConfig:
             self.max_shift >= 0 and self.max_degrees >= 0,
             f"task.max_shift={self.max_shift}, task.max_degrees={self.max_degrees}: use non-negative values "
             "(0 switches that augmentation off)",
+        )
+        _require(
+            0 < self.mask_prob < 1 and 0 < self.noise_density < 1 and self.mean_span >= 1,
+            f"task.mask_prob={self.mask_prob}, task.noise_density={self.noise_density}, task.mean_span="
+            f"{self.mean_span}: use fractions in (0, 1) and a mean span >= 1 (BERT and T5: 0.15, 0.15, 3)",
         )
 
     @property

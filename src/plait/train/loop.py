@@ -16,7 +16,6 @@ from plait.config import Config
 from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is_main_rank, log_file
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
-from plait.losses import causal_lm
 from plait.optim import lr_schedule
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
@@ -33,6 +32,7 @@ from plait.train.setup import (
     seed_everything,
     validate,
 )
+from plait.train.text_tasks import task_tokenizer, text_task
 
 LOG_FILE = "train.log"  # in out_dir: every rank's log lines, appended, "[rank R]" before each
 
@@ -54,7 +54,7 @@ def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engin
     return boost(
         model,
         optimizer=optimizer_from_config(train),
-        loss_fn=causal_lm,
+        loss_fn=text_task(config).loss_fn,  # causal_lm unless [task] names another (plait.tasks)
         mesh=mesh,
         lr_scheduler=lambda opt: lr_schedule(
             opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
@@ -78,7 +78,7 @@ class Run:
         self.model = build_model(validated, mesh=self.mesh, device=device)
         self.engine = build_engine(config, self.model, mesh=self.mesh)
         self.data: DataSources = build_data(config, mesh=self.mesh, log=self.log, pretrained=validated.pretrained)
-        self.tokenizer_json = self.data.prepared.load_tokenizer().to_str()
+        self.tokenizer_json = task_tokenizer(self.data.prepared.load_tokenizer(), text_task(config)).to_str()
         self.checkpoint_extra = checkpoint_extra(validated) if is_main_rank() else {}
         self.out_dir = Path(config.train.out_dir)
         checkpoint, note = Path(resume) if resume else None, ""

@@ -26,6 +26,13 @@ from plait.distributed.topology import launched_ranks_per_node
 from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig
 from plait.train import metrics
+from plait.train.text_tasks import (
+    build_language_model,
+    task_tokenizer,
+    text_task,
+    uses_language_preset,
+    validate_language,
+)
 from plait.zero.factory import unit_numels
 from plait.zero.offload.build import plan_offload
 
@@ -38,8 +45,11 @@ class Validated:
     model_config: GPTConfig | None
     pretrained: Pretrained | None = None
     vision: Any = None  # image classification: the transformers config of the vision preset
+    language: Any = None  # BERT / ALBERT / T5 presets: a plait.train.text_tasks.LanguageModel
 
     def num_parameters(self) -> int:
+        if self.language is not None:
+            return self.language.num_parameters
         if self.pretrained is not None:
             return self.pretrained.num_parameters()
         assert self.model_config is not None
@@ -47,6 +57,8 @@ class Validated:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (metrics.model_flops_per_token; embedding lookups are not matmuls)."""
+        if self.language is not None:
+            return self.language.flops_per_token(seq_len)
         if self.pretrained is None:
             assert self.model_config is not None
             return self.model_config.flops_per_token(seq_len)
@@ -92,6 +104,10 @@ def validate(config: Config, *, world_size: int, ranks_per_node: int | None = No
         from plait.tasks.vision_train import validate_vision
 
         return Validated(plan=plan, model_config=None, vision=validate_vision(config, plan=plan))
+    if uses_language_preset(config):  # BERT / ALBERT / T5 with their tasks
+        language = validate_language(config, plan=plan)
+        _check_corpus(config)
+        return Validated(plan=plan, model_config=None, language=language)
     if config.model.pretrained is not None:
         pretrained = validate_pretrained(config, plan=plan)
         _check_corpus(config)
@@ -217,6 +233,8 @@ def _check_pretrained_tp(pretrained: Pretrained, *, plan: Plan, seq_len: int) ->
 def build_model(validated: Validated, *, mesh: Mesh, device: torch.device) -> nn.Module:
     """The run's model. plait's GPT under ZeRO-3 is built on the meta device and materialised shard by
     shard (same weights, seeded); a pretrained model is loaded, tp ranks reading only their slices."""
+    if validated.language is not None:
+        return build_language_model(validated.language, device=device)
     if validated.pretrained is not None:
         return load_pretrained_model(
             validated.pretrained,
@@ -274,10 +292,13 @@ class DataSources:
 
 def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained | None = None) -> DataSources:
     prepared = prepare_data_once(config, log=log, pretrained=pretrained)
-    seq_len = config.data.seq_len
+    eot_id = prepared.eot_id if config.data.document_mask else None
+    task = text_task(config, eot_id=eot_id)  # what each row becomes: next-token, masked-LM, spans
+    task_tokenizer(prepared.load_tokenizer(), task)  # its special tokens fit after the corpus vocabulary
+    batch_maker = None if task.kind == "causal_lm" else task.make_batch
+    seq_len = task.sample_tokens(config.data.seq_len)
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)
     dp_rank, dp_size = mesh.rank("data"), mesh.size("data")  # cp peers share a shard
-    eot_id = prepared.eot_id if config.data.document_mask else None
     loader = ShardedLoader(
         train,
         global_batch=config.train.global_batch,
@@ -285,6 +306,7 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
         dp_size=dp_size,
         seed=config.train.seed,
         eot_id=eot_id,
+        batch_maker=batch_maker,
     )
     if prepared.skipped_files:
         shown = ", ".join(prepared.skipped_files[:3]) + (" ..." if len(prepared.skipped_files) > 3 else "")
@@ -298,5 +320,6 @@ def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained |
         dp_rank=dp_rank,
         dp_size=dp_size,
         eot_id=eot_id,
+        batch_maker=batch_maker,
     )
     return DataSources(loader=loader, val_batches=val_batches, prepared=prepared)
