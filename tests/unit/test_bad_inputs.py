@@ -191,6 +191,23 @@ PLANS = {
 }
 FLAGS = {
     "nproc not a number": (train("--nproc", "two"), "argument --nproc: invalid int value: 'two'"),
+    "ep without experts": ([*sets("plan.ep=2"), "--nproc", "2"], "plan.ep=2 splits the experts of MoE layers, but"),
+    "ep not dividing experts": (
+        [*sets("model.preset=switch-tiny", "plan.ep=3", "train.global_batch=6"), "--nproc", "3"],
+        "model.moe_experts=4 does not split over plan.ep=3 ranks; use plan.ep in [1]",
+    ),
+    "ep not dividing dp": (
+        [*sets("model.preset=switch-tiny", "plan.ep=4"), "--nproc", "2"],
+        "plan.ep=4 does not divide dp=2 (world size 2)",
+    ),
+    "moe sequence parallel": (
+        [*sets("model.preset=switch-tiny", "plan.tp=2", "plan.sequence_parallel=true"), "--nproc", "2"],
+        "plan.sequence_parallel with a Mixture-of-Experts model",
+    ),
+    "moe expert width vs tp": (
+        [*sets("model.preset=switch-tiny", "model.moe_d_ff=101", "plan.tp=2"), "--nproc", "2"],
+        "model.moe_d_ff=101 (each expert's width, split over tp) is not divisible by plan.tp=2",
+    ),
     "plan choice": (train("--plan", "best"), "argument --plan: invalid choice: 'best'"),
     "unknown flag": (train("--step", "3"), "unrecognized arguments: --step"),
     "unknown command": (["fly"], "argument command: invalid choice: 'fly'"),

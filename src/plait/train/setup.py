@@ -134,16 +134,42 @@ def validate(config: Config, *, world_size: int, ranks_per_node: int | None = No
 
 
 def check_moe(model_config: GPTConfig, *, plan: Plan) -> None:
-    """A Mixture-of-Experts model trains under dp and ZeRO so far; tp and pp are refused before launch."""
-    if not model_config.moe_experts:
+    """Expert parallel needs MoE layers whose experts split evenly over the ep ranks; tp splits each
+    expert's width; MoE layers route whole sequences, so no sequence parallel; no pipeline in plait train
+    yet (all before launch)."""
+    experts = model_config.moe_experts
+    if plan.ep > 1 and not experts:
+        raise ValueError(
+            f"plan.ep={plan.ep} splits the experts of MoE layers, but the model has none (model.moe_experts=0); "
+            "set plan.ep=1, or train an MoE preset (e.g. model.preset=switch-tiny)"
+        )
+    if experts % plan.ep:
+        valid = [ep for ep in range(1, experts + 1) if experts % ep == 0 and plan.dp % ep == 0]
+        raise ValueError(
+            f"model.moe_experts={experts} does not split over plan.ep={plan.ep} ranks; use plan.ep in {valid} "
+            f"(it divides the experts and dp={plan.dp}), or a multiple of {plan.ep} experts"
+        )
+    if not experts:
         return
-    for axis in ("tp", "pp"):
-        if getattr(plan, axis) > 1:
-            raise ValueError(
-                f"plan.{axis}={getattr(plan, axis)} with a Mixture-of-Experts model (model.moe_experts="
-                f"{model_config.moe_experts}) is not available yet in plait; set plan.{axis}=1, or "
-                "model.moe_experts=0 for the dense model"
-            )
+    if plan.pp > 1:  # the engine runs MoE layers in pipeline stages; plait train does not yet
+        raise ValueError(
+            f"plan.pp={plan.pp} with a Mixture-of-Experts model (model.moe_experts={experts}) is not available "
+            "yet in plait train; set plan.pp=1, or model.moe_experts=0 for the dense model"
+        )
+    if plan.tp == 1:
+        return
+    if plan.sequence_parallel:
+        raise ValueError(
+            "plan.sequence_parallel with a Mixture-of-Experts model is not available yet in plait: MoE layers "
+            "route whole sequences; set plan.sequence_parallel=false (tp splits each expert without it)"
+        )
+    width = model_config.resolved_moe_d_ff
+    if width % plan.tp:
+        valid = [tp for tp in range(1, width + 1) if width % tp == 0 and model_config.num_heads % tp == 0]
+        raise ValueError(
+            f"model.moe_d_ff={width} (each expert's width, split over tp) is not divisible by plan.tp={plan.tp}; "
+            f"use plan.tp in {valid}, or an expert width that plan.tp divides"
+        )
 
 
 def check_pp_split(plan: Plan, *, num_layers: int) -> None:
