@@ -158,3 +158,22 @@ def test_hybrid_sharding_with_tp_or_pp_on_8_ranks_matches_one_process(plan: dict
 
     plan = {**plan, "zero_shard": "node"}
     assert_parity(run_ranks(_train_on_nodes, 8, plan, ranks_per_node, timeout_s=180), reference())
+
+
+def _train_lazy(rank: int, world_size: int):
+    with torch.device("meta"):
+        model = fresh_model("tiny")
+    engine = plait.boost(
+        model,
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        mesh=Mesh(plait.Plan(dp=world_size, zero=3, zero_shard="node"), ranks_per_node=RANKS_PER_NODE),
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    return train_every_step(engine, model.config.vocab_size)
+
+
+def test_lazy_init_under_hybrid_zero3_matches_one_process() -> None:
+    """A meta-device model materialised shard by shard over the node's ranks trains as the plain build."""
+    assert_parity(run_ranks(_train_lazy, 4, timeout_s=120), reference_run("tiny"))
