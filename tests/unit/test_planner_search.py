@@ -39,11 +39,12 @@ def test_heads_limit_tensor_parallel() -> None:
 
 
 def test_search_over_1024_gpus_is_quick() -> None:
-    """A guard only (a loaded CI box is slower); the figure is in benchmarks/results/planner.json."""
+    """A guard only; the figure is in benchmarks/results/planner.json. CPU seconds of this process (the
+    search runs on one core): a box shared with other jobs stretches the wall clock, not the work."""
     config = GPTConfig(vocab_size=51200, max_seq_len=2048, d_model=10240, num_layers=60, num_heads=80)
-    started = time.perf_counter()
+    started = time.process_time()
     result = search(ModelShape(config), Workload(1792, 2048), cluster=Cluster.preset("a100-80gb", nodes=128))
-    assert time.perf_counter() - started < 60
+    assert time.process_time() - started < 60
     assert result.best is not None and len(result.estimates) > 1000
 
 

@@ -86,6 +86,7 @@ class Estimator:
         shared = {"schedules": ScheduleCache(), "layouts": LayoutCache(shape, seq_len=workload.seq_len)}
         self.memory = MemoryModel(shape, workload, profile=profile, **shared)
         self.time = TimeModel(shape, workload, cluster=cluster, profile=profile, **shared)
+        self._flops_per_token = shape.config.flops_per_token(workload.seq_len)  # the same for every plan
 
     def estimate(self, plan: Plan) -> Estimate:
         """`plan`'s estimate; an offloading plan's from the same plan on the device (`with_offload`)."""
@@ -108,9 +109,8 @@ class Estimator:
 
     def _finish(self, plan: Plan, memory: MemoryBreakdown, time: TimeBreakdown) -> Estimate:
         tokens_per_s = self.workload.tokens / time.total
-        flops = self.shape.config.flops_per_token(self.workload.seq_len)
         utilisation = mfu(
-            tokens_per_s=tokens_per_s, flops_per_token=flops, peak_flops=self.cluster.peak_flops,
+            tokens_per_s=tokens_per_s, flops_per_token=self._flops_per_token, peak_flops=self.cluster.peak_flops,
             num_ranks=self.cluster.num_devices,
         )  # fmt: skip
         return Estimate(plan, memory, time, tokens_per_s, utilisation, fits(memory, self.cluster))

@@ -193,7 +193,10 @@ class MemoryModel:
         states = unit_state_bytes(units, plan)
         mb = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches)
         e = PARAM_BYTES[plan.precision]
-        per_layer = [self._layer_bytes(plan, mb, e, moe=self.shape.config.is_moe_layer(i)) for i in layers]
+        by_kind = {
+            moe: self._layer_bytes(plan, mb, e, moe=moe) for moe in {self.shape.config.is_moe_layer(i) for i in layers}
+        }
+        per_layer = [by_kind[self.shape.config.is_moe_layer(i)] for i in layers]
         hidden = mb * self.workload.seq_len * self.shape.hidden * e
         is_last = stage == plan.pp - 1
         activations = in_flight * sum(saved for saved, _ in per_layer) + (2 * hidden if is_last else 0.0)
