@@ -248,13 +248,15 @@ def expected_expert_bytes(model: torch.nn.Module, ep: int, *, names: Iterable[st
 def expected_expert_tp_bytes(result: dict, *, case: Case, d_model: int) -> list[float]:
     """Tp all-reduce bytes of the experts per step: per MoE layer and micro-batch, the rows this rank's
     experts received (its own kept slots for them plus its ep peers'), d_model x 4 bytes each, once
-    forward (the partial outputs) and once backward (the input gradient), each a ring all-reduce."""
+    forward (the partial outputs) and once backward (the input gradient), each a ring all-reduce; full
+    recomputation replays the forward's once more in backward."""
+    collectives = 3 if case.recompute == "full" else 2
     per_step = []
     for step in range(len(result["losses"])):
         total = 0.0
         for received in result["expert_rows"].values():
             for rows in received[step * case.microbatches : (step + 1) * case.microbatches]:
-                total += 2 * sent_bytes("all_reduce", rows * d_model * 4, case.tp)
+                total += collectives * sent_bytes("all_reduce", rows * d_model * 4, case.tp)
         per_step.append(total)
     return per_step
 
@@ -304,6 +306,7 @@ CASES = {
     "ep2-pp2": Case("switch-tiny", world=4, ep=2, pp=2, microbatches=2, seed=2),
     "ep1-tp2-pp2": Case("switch-tiny", world=4, ep=1, tp=2, pp=2, microbatches=2, seed=2),
     "tp2": Case("switch-tiny", world=2, ep=1, tp=2, seed=2),
+    "ep2-tp2-recompute": Case("switch-tiny", world=4, ep=2, tp=2, zero=2, recompute="full", seed=2),
     "tp2-zero3": Case("switch-tiny", world=4, ep=1, tp=2, zero=3, seed=2),
     "mixtral-ep2-tp2": Case("mixtral-tiny", world=4, ep=2, tp=2, capacity_factor=None, seed=4),
 }
