@@ -3,10 +3,12 @@
 Each case checks the losses of every step (1e-5 relative), the final weights (allclose 1e-5, 1e-6),
 and that every rank routed every token to the same experts as the reference did (with the
 reference's top-k margin at least 1e-4 everywhere, so no decision could flip on float noise).
-Each case also checks the expert bytes each rank holds and the all-to-all bytes of every step
-against formulas over the routing that happened. The dispatch alone is checked against experts on one
-rank (uneven and empty splits, forward and backward), and a checkpoint saved under ep=2 continues
-under ep=1, ep=4 and dp only. `python -m tests.distributed.test_moe_ep 20 [CASE...]` runs the parity
+Each case also checks the expert bytes each rank holds (a formula, and the planner's expert units)
+and the all-to-all bytes of every step against formulas over the routing that happened; under tp,
+which splits each expert over the tp ranks, also the experts' tp all-reduce bytes per step. The
+dispatch alone is checked against experts on one rank (uneven and empty splits, forward and
+backward); a checkpoint saved under ep=2 continues under ep=1, ep=4 and dp only, one saved under
+ep=2 x tp=2 (and tp=2) under other ep and tp degrees, and exports to Mixtral. `python -m tests.distributed.test_moe_ep 20 [CASE...]` runs the parity
 cases by hand with a summary line each.
 """
 
