@@ -245,8 +245,10 @@ def _apply_head(model: nn.Module, name: str, module: nn.Module, style: Style, ct
     if tied is None:
         return VocabParallelHead.from_dense(module, group=ctx.group, name=name, sequence_parallel=sequence_parallel)
     bias = getattr(module, "bias", None)
-    head = VocabParallelHead.tied_to(tied, bias=bias, name=name, sequence_parallel=sequence_parallel)
-    if bias is not None:  # BERT's head module holds its decoder's bias as `bias` too: keep them one parameter
+    # BERT's head module holds its decoder's bias as `bias` too: one parameter, saved under its first name
+    bias_name = next((n for n, p in model.named_parameters() if p is bias), f"{name}.bias")
+    head = VocabParallelHead.tied_to(tied, bias=bias, bias_name=bias_name, sequence_parallel=sequence_parallel)
+    if bias is not None:
         _repoint(model, bias, head.bias)
     return head
 

@@ -174,14 +174,15 @@ class VocabParallelHead(nn.Module):
         embedding: VocabParallelEmbedding,
         *,
         bias: torch.Tensor | None = None,
-        name: str = "lm_head",
+        bias_name: str = "lm_head.bias",
         sequence_parallel: bool = False,
     ) -> VocabParallelHead:
         """A head that shares `embedding`'s local vocabulary shard (tied input and output embeddings);
-        the head's own `bias` (BERT's decoder has one) is copied as this rank's rows."""
+        the head's own `bias` (BERT's decoder has one) is copied as this rank's rows, which checkpoints
+        name `bias_name`."""
         return cls(
             embedding.weight,
-            None if bias is None else _shard_rows(bias, group=embedding.group, name=f"{name}.bias"),
+            None if bias is None else _shard_rows(bias, group=embedding.group, name=bias_name),
             group=embedding.group,
             vocab_size=embedding.num_embeddings,
             sequence_parallel=sequence_parallel,
