@@ -132,3 +132,20 @@ def test_span_corruption_reconstructs_the_row_with_t5_lengths() -> None:
         rebuilt = [t for token in inputs[:-1] for t in spans_of.get(token, [token])]
         assert rebuilt == rows[i].tolist()
         assert [t for t in inputs if t >= VOCAB + 2][:spans] == [task.tokens.sentinel(j) for j in range(spans)]
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "albert-tiny", "t5-tiny"])
+def test_task_losses_equal_the_models_own(preset: str) -> None:
+    """loss_sum / count is what transformers computes from the same labels: BERT's masked-LM mean,
+    ALBERT's masked-LM mean + sentence-order mean, T5's mean over target tokens."""
+    from plait.models.language import build_language, language_task_kind
+
+    kinds = {"masked_lm": MaskedLM, "masked_lm_sop": SentenceOrderMLM, "span_corruption": SpanCorruption}
+    task = kinds[language_task_kind(preset)](vocab_size=VOCAB, seed=0)
+    torch.manual_seed(0)
+    model = build_language(preset, vocab_size=VOCAB, max_positions=SEQ)
+    rows = torch.from_numpy(np.random.default_rng(4).integers(1, VOCAB, size=(6, task.sample_tokens(SEQ))))
+    batch = task.make_batch(rows, np.arange(6))
+    outputs = model(**batch)
+    loss_sum, count = task.loss_fn(outputs, batch)
+    torch.testing.assert_close(loss_sum / count, outputs.loss, rtol=1e-6, atol=0)
