@@ -1,4 +1,4 @@
-"""Ring attention alone against torch's scaled_dot_product_attention on the whole sequence."""
+"""Ring attention alone (grouped-query heads) against torch's scaled_dot_product_attention on the whole sequence."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from plait.context.ring import Ring
 from plait.models.layers import document_causal_mask
 from tests.distributed.harness import run_ranks
 
-BATCH, HEADS, SEQ, HEAD_DIM = 2, 3, 24, 8
+BATCH, HEADS, KV_HEADS, SEQ, HEAD_DIM = 2, 4, 2, 24, 8  # grouped-query: 2 query heads per kv head
 
 
 def whole_inputs(documents: bool) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(7)
-    q, k, v, d_out = (torch.randn(BATCH, HEADS, SEQ, HEAD_DIM, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, d_out = (torch.randn(BATCH, HEADS, SEQ, HEAD_DIM, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(BATCH, KV_HEADS, SEQ, HEAD_DIM, generator=gen, dtype=torch.float64) for _ in range(2))
     positions = torch.arange(SEQ).expand(BATCH, SEQ).clone()
     if documents:  # documents start at 0, 5, 11 in row 0 and at 0, 17 in row 1
         positions[0] = torch.tensor([*range(5), *range(6), *range(13)])
@@ -29,10 +30,11 @@ def whole_inputs(documents: bool) -> tuple[torch.Tensor, ...]:
 def reference(documents: bool) -> tuple[torch.Tensor, ...]:
     q, k, v, d_out, positions = whole_inputs(documents)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    keys, values = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))  # query head h: kv h // 2
     if documents:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(positions))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=document_causal_mask(positions))
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
     out.backward(d_out)
     return out.detach(), q.grad, k.grad, v.grad
 

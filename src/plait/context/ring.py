@@ -85,16 +85,35 @@ class Masks:
         return rows, cols, mask
 
 
+def _repeat(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(batch, kv_heads, keys, head_dim) -> one copy per query head (query head h uses kv head h // group)."""
+    if group == 1:
+        return x
+    batch, heads, keys, head_dim = x.shape
+    return x[:, :, None].expand(batch, heads, group, keys, head_dim).reshape(batch, heads * group, keys, head_dim)
+
+
+def _fold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The gradient of `_repeat`: each kv head's copies summed."""
+    if group == 1:
+        return x
+    batch, heads, keys, head_dim = x.shape
+    return x.view(batch, heads // group, group, keys, head_dim).sum(dim=2)
+
+
 def ring_forward(
     q: torch.Tensor, kv: torch.Tensor, *, ring: Ring, masks: Masks, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (batch, heads, seq, head_dim) and lse (batch, heads, seq) in fp32; ``kv`` is stack(k, v)."""
+    """Output (batch, heads, seq, head_dim) and lse (batch, heads, seq) in fp32; ``kv`` is stack(k, v),
+    with kv heads (a divisor of the query heads: grouped-query attention)."""
+    group = q.shape[1] // kv.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
     for step in range(ring.size):
         incoming = ring.shift(kv) if step < ring.size - 1 else None
         rows, cols, mask = masks.piece((ring.rank - step) % ring.size, q.device)
-        piece = block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], scale=scale, mask=mask)
+        k, v = _repeat(kv[0][:, :, cols], group), _repeat(kv[1][:, :, cols], group)
+        piece = block_forward(q[:, :, rows], k, v, scale=scale, mask=mask)
         merge_into(out, lse, piece, rows)
         if incoming is not None:
             kv = incoming.wait()
@@ -110,6 +129,7 @@ def ring_backward(
     before it accumulated (which arrived while it computed) and sends the sum on.
     """
     d_out, out, lse = grad
+    group = q.shape[1] // kv.shape[2]
     delta = (d_out * out).sum(dim=-1)
     dq = torch.zeros_like(q)
     accumulated: Pending | None = None
@@ -117,13 +137,12 @@ def ring_backward(
         incoming = ring.shift(kv) if step < ring.size - 1 else None
         rows, cols, mask = masks.piece((ring.rank - step) % ring.size, q.device)
         block_grad = (d_out[:, :, rows], lse[:, :, rows], delta[:, :, rows])
-        dq_piece, dk, dv = block_backward(
-            q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], grad=block_grad, scale=scale, mask=mask
-        )
+        k, v = _repeat(kv[0][:, :, cols], group), _repeat(kv[1][:, :, cols], group)
+        dq_piece, dk, dv = block_backward(q[:, :, rows], k, v, grad=block_grad, scale=scale, mask=mask)
         dq[:, :, rows] += dq_piece
         share = torch.zeros_like(kv)
-        share[0][:, :, cols] = dk
-        share[1][:, :, cols] = dv
+        share[0][:, :, cols] = _fold(dk, group)
+        share[1][:, :, cols] = _fold(dv, group)
         if accumulated is not None:
             share += accumulated.wait()
         accumulated = ring.shift(share)

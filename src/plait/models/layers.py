@@ -139,11 +139,13 @@ class Attention(nn.Module):
                 position_ids = torch.arange(seq, device=x.device)
             cos, sin = rope_cos_sin(position_ids, self.head_dim, theta=self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.context_attention is not None:  # k/v travel the ring with their own (fewer) heads
+            out = self.context_attention(q, k, v, position_ids=position_ids)
+            out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+            return self.o_proj(out)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.context_attention is not None:
-            out = self.context_attention(q, k, v, position_ids=position_ids)
-        elif position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
+        if position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
             mask = document_causal_mask(position_ids)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
