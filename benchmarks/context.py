@@ -1,0 +1,225 @@
+"""Context parallel (plan.cp): throughput, ring overlap, and the longest sequence a memory budget trains.
+
+Work: a Llama-style GPT (d_model 128, 4 heads, 2 kv heads, 4 layers, vocab 512), fp32 AdamW,
+forked gloo ranks of one thread each.
+- tokens/s: 2 rows of `--seq` tokens per step on 2 ranks, cp=2 (each rank two chunks of both rows)
+  against cp=1 (dp=2: each rank one row), both engines in the same processes, A B A B;
+- overlap: one attention layer's ring (forward + backward, cp=2) timed whole, its block
+  computations alone (a ring of one that hands blocks straight back) and its p2p alone (the same
+  shifts without compute); share of p2p hidden = (compute + p2p - ring) / p2p, in [0, 1];
+- memory: per cp in 1, 2, 4 (world = cp, one row per step), the first step's peak RSS above the
+  RSS after set-up (VmHWM reset; blocks over 128 KiB mmapped so freed memory leaves RSS), at
+  doubling sequence lengths until it passes `--budget-mib`; the longest that fits at each cp
+  (the worst rank).
+
+    python benchmarks/context.py            # ~10 min on 2 quiet cores
+    python benchmarks/context.py --quick    # a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from common import (
+    RESULTS_DIR,
+    current_rss_bytes,
+    environment,
+    finish,
+    format_table,
+    peak_rss_bytes,
+    ratio_summary,
+    reset_peak_rss,
+    run_alternating,
+    run_ranks,
+    timed_block,
+)
+
+import plait
+from plait.context.layout import chunk_size
+from plait.context.ring import Masks, Pending, Ring, ring_backward, ring_forward
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
+MODEL = {"d_model": 128, "num_heads": 4, "num_kv_heads": 2, "num_layers": 4, "vocab_size": 512}
+
+
+def build_engine(*, cp: int, seq: int) -> plait.Engine:
+    torch.manual_seed(0)
+    model = plait.models.build("tiny-llama", max_seq_len=seq, **MODEL)
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-4, eps=1e-6)  # noqa: E731
+    plan = plait.Plan(dp=-1, cp=cp, zero=1)
+    return plait.boost(model, optimizer=optimizer, loss_fn=plait.losses.causal_lm, plan=plan)
+
+
+def make_rows(num_rows: int, seq: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, MODEL["vocab_size"], (num_rows, seq), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def throughput_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    rows = make_rows(2, args.seq)
+    engines = {"cp1": build_engine(cp=1, seq=args.seq), "cp2": build_engine(cp=2, seq=args.seq)}
+    batches = {"cp1": {k: v[rank : rank + 1] for k, v in rows.items()}, "cp2": rows}  # dp=2 vs cp peers share rows
+    for name, engine in engines.items():  # warm-up
+        engine.train_step(batches[name])
+
+    def block(name: str) -> float:
+        return timed_block(lambda: [engines[name].train_step(batches[name]) for _ in range(args.steps)])[0] / args.steps
+
+    timed = run_alternating({name: (lambda n=name: block(n)) for name in engines}, num_pairs=args.pairs)
+    tokens = 2 * args.seq
+    return {
+        "seconds": timed["seconds"],
+        "tokens_per_s": {name: tokens / statistics.median(s) for name, s in timed["seconds"].items()},
+        "cp2_over_cp1": ratio_summary(timed["seconds"]["cp1"], timed["seconds"]["cp2"]),
+        "overlap": measure_overlap(rank, world_size, args),
+    }
+
+
+class LocalRing(Ring):
+    """The blocks a ring would bring, handed straight back: the ring's compute without its p2p."""
+
+    def shift(self, tensor: torch.Tensor) -> Pending:
+        return Pending(tensor, [])
+
+
+def measure_overlap(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    heads, head_dim = MODEL["num_heads"], MODEL["d_model"] // MODEL["num_heads"]
+    chunk = chunk_size(args.seq, world_size)
+    gen = torch.Generator().manual_seed(rank)
+    q, d_out, out = (torch.randn(2, heads, 2 * chunk, head_dim, generator=gen) for _ in range(3))
+    kv = torch.randn(2, 2, MODEL["num_kv_heads"], 2 * chunk, head_dim, generator=gen)  # k/v travel with kv heads
+    ring = Ring(group=dist.group.WORLD, rank=rank, size=world_size, ranks=list(range(world_size)))
+    local = LocalRing(group=dist.group.WORLD, rank=rank, size=world_size, ranks=list(range(world_size)))
+    masks = Masks(rank=rank, size=world_size, chunk=chunk, starts=None)
+    scale = head_dim**-0.5
+    lse = ring_forward(q, kv, ring=ring, masks=masks, scale=scale)[1]
+
+    def attention(on: Ring) -> None:
+        ring_forward(q, kv, ring=on, masks=masks, scale=scale)
+        ring_backward(q, kv, grad=(d_out, out, lse), ring=on, masks=masks, scale=scale)
+
+    def p2p_only() -> None:  # forward: cp-1 key/value hops; backward: cp-1 again and cp of dK/dV
+        for _ in range(3 * world_size - 2):
+            ring.shift(kv).wait()
+
+    runs: dict[str, list[float]] = {"ring": [], "compute": [], "p2p": []}
+    for _ in range(args.pairs):
+        for name, run in (("ring", lambda: attention(ring)), ("compute", lambda: attention(local)), ("p2p", p2p_only)):
+            runs[name].append(timed_block(run)[0])
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    hidden = (medians["compute"] + medians["p2p"] - medians["ring"]) / medians["p2p"]
+    return {"seconds": runs, "median_s": medians, "p2p_hidden_share": min(1.0, max(0.0, hidden))}
+
+
+def return_freed_memory() -> None:
+    """Large blocks from mmap, returned on free (glibc's adaptive threshold would keep a freed step's
+    memory in the heap, and the next step's peak would hide inside RSS already counted)."""
+    libc = ctypes.CDLL("libc.so.6")
+    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        libc.mallopt(option, 128 * 1024)
+
+
+def memory_main(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return_freed_memory()
+    points = []
+    for seq in args.memory_seqs:
+        engine = build_engine(cp=world_size, seq=seq)
+        batch = make_rows(1, seq)
+        gc.collect()
+        before = current_rss_bytes()
+        reset_peak_rss()
+        start = time.perf_counter()
+        engine.train_step(batch)  # the first step: activations, gradients and Adam's states (tiny here)
+        step_bytes = (peak_rss_bytes() or 0) - (before or 0)
+        worst = torch.tensor(float(step_bytes))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        points.append({"seq": seq, "step_peak_bytes": int(worst), "seconds": time.perf_counter() - start})
+        del engine
+        if worst.item() > args.budget_mib * 2**20:
+            break
+    return points
+
+
+def longest_within(points: list[dict[str, Any]], budget: int) -> int | None:
+    fitting = [p["seq"] for p in points if p["step_peak_bytes"] <= budget]
+    return max(fitting) if fitting else None
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    speeds = results["throughput"]["tokens_per_s"]
+    left.bar(list(speeds), list(speeds.values()), color=["tab:gray", "tab:blue"])
+    left.set_ylabel("tokens/s (2 ranks)")
+    left.set_title(f"seq {results['args']['seq']}: cp=2 vs cp=1 (dp=2)")
+    for cp, points in results["memory"].items():
+        right.plot([p["seq"] for p in points], [p["step_peak_bytes"] / 2**20 for p in points], "o-", label=f"cp={cp}")
+    right.axhline(results["args"]["budget_mib"], color="red", linestyle="--", label="budget")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("sequence length")
+    right.set_ylabel("step peak RSS above set-up per rank (MiB)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--budget-mib", type=float, default=256.0)
+    parser.add_argument("--memory-seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.seq, args.pairs, args.steps, args.memory_seqs, args.budget_mib = 256, 2, 1, [256, 512], 64.0
+    started = time.perf_counter()
+    throughput = run_ranks(throughput_main, 2, args)[0]
+    phase = {"throughput": time.perf_counter() - started}
+    memory = {cp: run_ranks(memory_main, cp, args)[0] for cp in (1, 2, 4)}
+    phase["memory"] = time.perf_counter() - started - phase["throughput"]
+    budget = int(args.budget_mib * 2**20)
+    longest = {cp: longest_within(points, budget) for cp, points in memory.items()}
+    ratio = throughput["cp2_over_cp1"]
+    print(
+        format_table(["plan (2 ranks)", "tokens/s"], [[k, f"{v:,.0f}"] for k, v in throughput["tokens_per_s"].items()])
+    )
+    print(f"step time cp1/cp2 = {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})")
+    overlap = throughput["overlap"]["median_s"]
+    print(
+        f"one layer's ring (fwd+bwd, cp=2): {overlap['ring'] * 1e3:.1f} ms; compute alone {overlap['compute'] * 1e3:.1f} ms, "
+        f"p2p alone {overlap['p2p'] * 1e3:.1f} ms; share of p2p hidden {throughput['overlap']['p2p_hidden_share']:.2f}"
+    )
+    rows = [[f"cp={cp}", " ".join(f"{p['seq']}:{p['step_peak_bytes'] / 2**20:.0f}" for p in pts), longest[cp]]
+            for cp, pts in memory.items()]  # fmt: skip
+    print(format_table(["plan", "seq:step peak MiB per rank", f"longest within {args.budget_mib:.0f} MiB"], rows))
+    stem = "context-quick" if args.quick else "context"
+    out = args.out or RESULTS_DIR / f"{stem}.json"
+    payload = {
+        "environment": environment(),
+        "args": vars(args) | {"out": str(out)},
+        "throughput": throughput,
+        "memory": memory,
+        "longest_within_budget": longest,
+    }
+    plot(payload, out.with_suffix(".png"))
+    finish(out, payload, wall_s=time.perf_counter() - started, phase_wall_s=phase)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
