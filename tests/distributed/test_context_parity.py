@@ -25,6 +25,7 @@ PLANS = {
     "cp2-tp2": (4, {"cp": 2, "tp": 2}),
     "cp2-tp2-sp-zero1": (4, {"cp": 2, "tp": 2, "sequence_parallel": True, "zero": 1}),
     "cp2-pp2": (4, {"cp": 2, "pp": 2, "microbatches": 4}),
+    "cp2-recompute": (2, {"cp": 2, "recompute": "full", "microbatches": 2}),
 }
 
 
@@ -53,7 +54,7 @@ def test_context_parallel_matches_one_process(plan: str, preset: str, reference:
     assert_parity(run_ranks(train_plan, world_size, preset, dict(fields)), reference[preset])
 
 
-@pytest.mark.parametrize("plan", ["dp2-cp2-zero3", "cp2-tp2", "cp2-tp2-sp-zero1", "cp2-pp2"])
+@pytest.mark.parametrize("plan", ["dp2-cp2-zero3", "cp2-tp2", "cp2-tp2-sp-zero1", "cp2-pp2", "cp2-recompute"])
 def test_context_parallel_composes(plan: str, reference: dict) -> None:
     world_size, fields = PLANS[plan]
     assert_parity(run_ranks(train_plan, world_size, "tiny-llama", dict(fields)), reference["tiny-llama"])
