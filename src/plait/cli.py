@@ -294,12 +294,12 @@ def _check_verify_out_dir(out_dir: Path) -> None:
 
 
 def _sets_for(config: Config) -> list[str]:
-    """--set arguments that reproduce `config`: its data, plan and train sections and the model's choice."""
+    """--set arguments that reproduce `config`: its data, plan, train and task sections and the model's choice."""
     import dataclasses
 
     values = {
         f"{section}.{key}": value
-        for section in ("data", "plan", "train")
+        for section in ("data", "plan", "train", "task")
         for key, value in dataclasses.asdict(getattr(config, section)).items()
     }
     values["model.preset"] = config.model.preset

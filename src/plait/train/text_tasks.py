@@ -138,6 +138,12 @@ def build_language_model(language: LanguageModel, *, device: torch.device) -> nn
     return build_language(language.preset, **language.build_args).to(device)
 
 
+def language_model_for(config: Config) -> nn.Module:
+    """The model a BERT / ALBERT / T5 run builds, as one plain process builds it (plait verify's reference)."""
+    sizes = {"vocab_size": config.data.vocab_size, "max_positions": config.data.seq_len}
+    return build_language(config.model.preset, **sizes, **config.model.overrides)
+
+
 def task_tokenizer(tokenizer: Tokenizer, task: TextTask) -> Tokenizer:
     """The corpus tokenizer with the task's special tokens after its vocabulary (checkpoints keep it, so
     decoding shows [MASK] or <extra_id_0>); ValueError when the vocabulary is not the size the model has."""

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from plait.config import Config, model_config_for
 from plait.data.loader import ShardedLoader, TokenDataset
 from plait.data.shards import prepare_dataset
-from plait.losses import causal_lm
 from plait.models.gpt import GPT
 from plait.moe import set_routing_groups
 from plait.optim import lr_schedule
 from plait.train.optimizers import optimizer_from_config
 from plait.train.reference import train_reference
 from plait.train.setup import seed_everything
+from plait.train.text_tasks import language_model_for, text_task, uses_language_preset
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
 
@@ -57,24 +57,27 @@ def reference_losses(config: Config, *, num_routing_groups: int = 1) -> list[flo
         cache_dir=config.data.cache_dir,
         val_fraction=config.data.val_fraction,
     )
-    train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=config.data.seq_len)
+    eot_id = data.eot_id if config.data.document_mask else None
+    task = text_task(config, eot_id=eot_id)  # causal LM, or BERT's / ALBERT's / T5's task
+    train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=task.sample_tokens(config.data.seq_len))
     loader = ShardedLoader(
         train_set,
         global_batch=config.train.global_batch,
         dp_rank=0,
         dp_size=1,
         seed=config.train.seed,
-        eot_id=data.eot_id if config.data.document_mask else None,
+        eot_id=eot_id,
+        batch_maker=None if task.kind == "causal_lm" else task.make_batch,
     )
     seed_everything(config.train.seed)
-    model = GPT(model_config_for(config))
+    model = language_model_for(config) if uses_language_preset(config) else GPT(model_config_for(config))
     set_routing_groups(model, num_routing_groups)
     train = config.train
     return train_reference(
         model,
         (loader.next_batch() for _ in range(train.steps)),
         optimizer=optimizer_from_config(train),
-        loss_fn=causal_lm,
+        loss_fn=task.loss_fn,
         lr_scheduler=lambda opt: lr_schedule(
             opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
         ),
