@@ -1,0 +1,146 @@
+"""Large batch in miniature, vision half: ViT on digits with LARS at k x the base batch vs the base batch.
+
+Trains configs/vit-digits.toml (model.preset and everything else as there, unless --set) through
+`plait train`, one run after another (the machine is shared):
+  - base:        AdamW at --base-batch, --base-lr, --steps steps;
+  - lars-{k}x:   LARS at k x base batch, learning rate --lars-lr x k (linear scaling, You et al. 2017),
+                 the LARS schedule (warmup, then power-2 decay), steps / k: the same samples seen;
+  - adamw-{k}x:  AdamW at k x base batch, learning rate base-lr x sqrt(k), steps / k, beside it.
+Reads each run's test top-1 (val_acc in metrics.csv) against samples seen and optimizer steps,
+plots accuracy vs samples seen for every run in one PNG, and reports, per run, the optimizer steps
+and wall time to first reach the base run's final accuracy (minus --slack).
+
+    python benchmarks/large_batch_vision.py                         # k = 8, 800 base steps
+    python benchmarks/large_batch_vision.py --factors 4 16 --steps 1600 --set task.image_size=32
+
+Writes benchmarks/results/large_batch_vision.json and .png (another --tag: large_batch_vision-TAG.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS_DIR, environment, format_table, load_average, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs/vit-digits.toml"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--factors", type=int, nargs="+", default=[8], help="large batch = factor x base batch")
+    parser.add_argument("--base-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the base run")
+    parser.add_argument("--base-lr", type=float, default=2e-3, help="AdamW at the base batch")
+    parser.add_argument("--lars-lr", type=float, default=0.5, help="LARS lr per base batch (scaled by the factor)")
+    parser.add_argument("--evals", type=int, default=8, help="test evaluations per run")
+    parser.add_argument("--slack", type=float, default=0.005, help="target = base final accuracy - slack")
+    parser.add_argument("--runs", default="runs/large_batch_vision")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value for every run")
+    return parser.parse_args()
+
+
+def run_specs(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Run name -> its --set overrides (each run sees steps x batch samples: the same for all)."""
+    base_warmup = max(1, args.steps // 16)
+    specs = {"base": _overrides(args, batch=args.base_batch, steps=args.steps, warmup=base_warmup)}
+    specs["base"] += ["train.optimizer=adamw", f"train.lr={args.base_lr}", "train.schedule=cosine"]
+    for k in args.factors:
+        steps = max(1, args.steps // k)
+        warmup = max(1, steps // 8)  # a larger share of warmup at large batch, as the LARS recipe has
+        common = _overrides(args, batch=k * args.base_batch, steps=steps, warmup=warmup)
+        specs[f"lars-{k}x"] = [*common, "train.optimizer=lars", f"train.lr={args.lars_lr * k}", "train.schedule=lars",
+                               "train.weight_decay=1e-4"]  # fmt: skip
+        specs[f"adamw-{k}x"] = [*common, "train.optimizer=adamw", f"train.lr={args.base_lr * math.sqrt(k)}",
+                                "train.schedule=cosine"]  # fmt: skip
+    return specs
+
+
+def _overrides(args: argparse.Namespace, *, batch: int, steps: int, warmup: int) -> list[str]:
+    every = max(1, steps // args.evals)
+    return [f"train.global_batch={batch}", f"train.steps={steps}", f"train.warmup={warmup}",
+            f"train.eval_every={every}", f"train.log_every={every}", f"train.checkpoint_every={10 * steps}",
+            "train.min_lr_ratio=0.0", *args.set]  # fmt: skip
+
+
+def train(name: str, overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "plait.cli", "train", str(CONFIG), "--set", f"train.out_dir={out_dir}"]
+    for override in overrides:
+        command += ["--set", override]
+    print(" ".join(command[2:]), flush=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log, load_before, started = out_dir.parent / f"{out_dir.name}.log", load_average(), time.perf_counter()
+    with log.open("w") as stream:  # a file: a full pipe would stall the run
+        code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"{name} failed ({code}):\n{log.read_text()[-3000:]}")
+    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
+    batch = int(next(o.split("=")[1] for o in overrides if o.startswith("train.global_batch=")))
+    evals = [(int(r["step"]), float(r["val_acc"])) for r in rows if r.get("val_acc")]
+    step_s = [float(r["step_s"]) for r in rows if r.get("step_s")]
+    return {"global_batch": batch, "steps": [s for s, _ in evals], "samples": [s * batch for s, _ in evals],
+            "accuracy": [a for _, a in evals], "step_s": step_s, "wall_s": time.perf_counter() - started,
+            "load_before": load_before, "load_after": load_average(), "overrides": overrides}  # fmt: skip
+
+
+def first_reaching(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """Optimizer steps, samples and training seconds (sum of step times) at the first evaluation >= target."""
+    for step, samples, accuracy in zip(run["steps"], run["samples"], run["accuracy"], strict=True):
+        if accuracy >= target:
+            return {"steps": step, "samples": samples, "train_s": sum(run["step_s"][:step])}
+    return {"steps": None, "samples": None, "train_s": None}
+
+
+def plot(runs: dict[str, dict[str, Any]], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, run in runs.items():
+        ax.plot(
+            run["samples"],
+            [100 * a for a in run["accuracy"]],
+            marker="o",
+            label=f"{name} (batch {run['global_batch']})",
+        )
+    ax.axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:.1f}%")
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title("ViT on digits: LARS at large batch vs the base batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    stem = "large_batch_vision" + (f"-{args.tag}" if args.tag else "")
+    started = time.perf_counter()
+    runs = {
+        name: train(name, sets, out_dir=ROOT / args.runs / f"{stem}-{name}") for name, sets in run_specs(args).items()
+    }
+    target = runs["base"]["accuracy"][-1] - args.slack
+    reached = {name: first_reaching(run, target) for name, run in runs.items()}
+    rows = [[name, run["global_batch"], run["steps"][-1], f"{100 * run['accuracy'][-1]:.1f}%",
+             "not reached" if reached[name]["steps"] is None else reached[name]["steps"], f"{run['wall_s']:.0f}", f"{run['load_before']:.1f}"]
+            for name, run in runs.items()]  # fmt: skip
+    print(format_table(["run", "batch", "steps", "final top-1", "steps to target", "wall s", "load"], rows))
+    png = RESULTS_DIR / f"{stem}.png"
+    plot(runs, target, png)
+    payload = {"environment": environment(), "args": vars(args), "target_accuracy": target, "runs": runs,
+               "reached": reached, "wall_s": time.perf_counter() - started, "png": str(png)}  # fmt: skip
+    print(f"wrote {write_json(RESULTS_DIR / f'{stem}.json', payload)} and {png}")
+
+
+if __name__ == "__main__":
+    main()
