@@ -418,6 +418,7 @@ class TaskConfig:
     max_shift: float = 3.0  # augmentation: pixels of random shift either way (0: none)
     max_degrees: float = 10.0  # augmentation: degrees of random rotation either way (0: none)
     mask_prob: float = 0.15  # masked_lm(_sop): the fraction of each sample's tokens predicted
+    whole_word: bool = False  # masked_lm: predict whole words (tokens joined by word characters) up to mask_prob
     noise_density: float = 0.15  # span_corruption: the fraction of tokens in noise spans
     mean_span: float = 3.0  # span_corruption: the mean noise span length
 
@@ -433,6 +434,10 @@ class TaskConfig:
             0 < self.mask_prob < 1 and 0 < self.noise_density < 1 and self.mean_span >= 1,
             f"task.mask_prob={self.mask_prob}, task.noise_density={self.noise_density}, task.mean_span="
             f"{self.mean_span}: use fractions in (0, 1) and a mean span >= 1 (BERT and T5: 0.15, 0.15, 3)",
+        )
+        _require(
+            not self.whole_word or self.kind == "masked_lm",
+            f"task.whole_word masks whole words for task.kind='masked_lm' (BERT), not {self.kind!r}; drop it",
         )
 
     @property

@@ -149,3 +149,25 @@ def test_task_losses_equal_the_models_own(preset: str) -> None:
     outputs = model(**batch)
     loss_sum, count = task.loss_fn(outputs, batch)
     torch.testing.assert_close(loss_sum / count, outputs.loss, rtol=1e-6, atol=0)
+
+
+def test_whole_word_masking_chooses_whole_words_only() -> None:
+    from plait.data.tokenizer import train_tokenizer
+    from plait.tasks.masked_lm import WordEdges
+
+    text = "def default_value(self):\n    return self.x + other_name[3]\n" * 20
+    tokenizer = train_tokenizer([text], vocab_size=300)
+    words = WordEdges.of(tokenizer)
+    ids = np.array(tokenizer.encode(text).ids[:40])
+    word_of = words.word_ids(ids)
+    spans = {tuple(tokenizer.decode(ids[word_of == w].tolist()).strip().split()) for w in range(word_of[-1] + 1)}
+    assert ("default_value",) in spans and ("self",) in spans and ("other_name",) in spans
+    task = MaskedLM(vocab_size=tokenizer.get_vocab_size(), seed=0, mask_prob=0.3, words=words)
+    rows = torch.from_numpy(np.stack([ids] * 50))
+    labels = task.make_batch(rows, np.arange(50))["labels"][:, 1:-1]
+    chosen = labels != IGNORE_INDEX
+    assert (chosen.sum(dim=1) <= round(0.3 * 40)).all() and chosen.sum() > 0.8 * 50 * round(0.3 * 40)
+    for row in chosen:
+        for word in range(word_of[-1] + 1):
+            in_word = row[torch.from_numpy(word_of == word)]
+            assert in_word.all() or not in_word.any()  # a word is predicted whole or not at all

@@ -319,8 +319,9 @@ class DataSources:
 def build_data(config: Config, *, mesh: Mesh, log: Any, pretrained: Pretrained | None = None) -> DataSources:
     prepared = prepare_data_once(config, log=log, pretrained=pretrained)
     eot_id = prepared.eot_id if config.data.document_mask else None
-    task = text_task(config, eot_id=eot_id)  # what each row becomes: next-token, masked-LM, spans
-    task_tokenizer(prepared.load_tokenizer(), task)  # its special tokens fit after the corpus vocabulary
+    tokenizer = prepared.load_tokenizer()
+    task = text_task(config, eot_id=eot_id, tokenizer=tokenizer)  # what each row becomes: next-token, masked-LM, spans
+    task_tokenizer(tokenizer, task)  # its special tokens fit after the corpus vocabulary
     batch_maker = None if task.kind == "causal_lm" else task.make_batch
     seq_len = task.sample_tokens(config.data.seq_len)
     train = TokenDataset(prepared.train_path, dtype=prepared.dtype, seq_len=seq_len)

@@ -29,7 +29,7 @@ from plait.models.language import (
     language_preset_names,
     language_task_kind,
 )
-from plait.tasks.masked_lm import MaskedLM, SentenceOrderMLM
+from plait.tasks.masked_lm import MaskedLM, SentenceOrderMLM, WordEdges
 from plait.tasks.span_corruption import SpanCorruption
 from plait.tasks.text import CausalLMTask, TextTask
 from plait.train import metrics
@@ -42,11 +42,13 @@ def uses_language_preset(config: Config) -> bool:
     return config.task.kind in TEXT_TASKS or is_language_preset(config.model.preset)
 
 
-def text_task(config: Config, *, eot_id: int | None = None) -> TextTask:
-    """The task of the run's [task] kind; `eot_id`: causal LM's per-document positions (data.document_mask)."""
+def text_task(config: Config, *, eot_id: int | None = None, tokenizer: Tokenizer | None = None) -> TextTask:
+    """The task of the run's [task] kind; `eot_id`: causal LM's per-document positions (data.document_mask);
+    `tokenizer`: the corpus's, which whole-word masking reads word edges from (the loss needs neither)."""
     kind, task, seed, vocab = config.task.kind, config.task, config.train.seed, config.data.vocab_size
     if kind == "masked_lm":
-        return MaskedLM(vocab_size=vocab, seed=seed, mask_prob=task.mask_prob)
+        words = WordEdges.of(tokenizer) if task.whole_word and tokenizer is not None else None
+        return MaskedLM(vocab_size=vocab, seed=seed, mask_prob=task.mask_prob, words=words)
     if kind == "masked_lm_sop":
         return SentenceOrderMLM(vocab_size=vocab, seed=seed, mask_prob=task.mask_prob)
     if kind == "span_corruption":

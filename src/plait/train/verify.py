@@ -58,7 +58,7 @@ def reference_losses(config: Config, *, num_routing_groups: int = 1) -> list[flo
         val_fraction=config.data.val_fraction,
     )
     eot_id = data.eot_id if config.data.document_mask else None
-    task = text_task(config, eot_id=eot_id)  # causal LM, or BERT's / ALBERT's / T5's task
+    task = text_task(config, eot_id=eot_id, tokenizer=data.load_tokenizer())  # causal LM, or BERT's / ALBERT's / T5's
     train_set = TokenDataset(data.train_path, dtype=data.dtype, seq_len=task.sample_tokens(config.data.seq_len))
     loader = ShardedLoader(
         train_set,
