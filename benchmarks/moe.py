@@ -218,10 +218,10 @@ def plot(rows: list[dict[str, Any]], path: Any, *, title: str) -> None:
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if "refused" not in r]
-    labels = [f"{r['system']}\nep{r['ep']}" for r in done]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    labels = [f"{'DS' if r['system'] == 'deepspeed' else r['system']}\nep{r['ep']}" for r in done]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(labels, [r["tokens_per_s"] for r in done])
-    axes[0].set_title("tokens/s (median over rounds)")
+    axes[0].set_title("tokens/s (median over rounds; DS: DeepSpeed-MoE)")
     axes[1].bar(labels, [100 * r["all_to_all_share"] for r in done])
     axes[1].set_title("all-to-all share of a step (%)")
     axes[2].bar(labels, [r["model_states_per_rank"] / 2**30 for r in done], label="model states")
@@ -250,16 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (("d_model", 128), ("num_layers", 2), ("moe_d_ff", 256)) if args.quick else ()
     specs = [Spec(system, ep, world=args.world, steps=args.steps, overrides=overrides)
              for system in args.systems for ep in args.ep]  # fmt: skip
+    name = "moe-quick" if args.quick else "moe"
     runs = []
     for round_index in range(1 if args.quick else args.rounds):
         for spec in specs if round_index % 2 == 0 else specs[::-1]:
             runs.append(run_one(spec))
+            # every finished run is kept, so a run cut short (a time limit on a shared box) loses no figure
+            partial = {"preset": PRESET, "world": args.world, "complete": False, "runs": runs}
+            write_json(RESULTS_DIR / f"{name}.json", partial | {"environment": environment()})
     rows = summarize(runs)
     print_table(rows)
-    name = "moe-quick" if args.quick else "moe"
     title = f"{PRESET}{' (quick)' if args.quick else ''}: world {args.world} on {environment()['cpu_count']} cores"
     plot(rows, RESULTS_DIR / f"{name}.png", title=title)
-    payload = {"preset": PRESET, "world": args.world, "rows": rows, "runs": runs, "environment": environment()}
+    payload = {"preset": PRESET, "world": args.world, "complete": True, "rows": rows, "runs": runs,
+               "environment": environment()}  # fmt: skip
     print(f"wrote {write_json(RESULTS_DIR / f'{name}.json', payload)} and {RESULTS_DIR / f'{name}.png'}")
     return 0
 
