@@ -208,7 +208,7 @@ FLAGS = {
         [*sets("model.preset=switch-tiny", "model.moe_d_ff=101", "plan.tp=2"), "--nproc", "2"],
         "model.moe_d_ff=101 (each expert's width, split over tp) is not divisible by plan.tp=2",
     ),
-    "plan choice": (train("--plan", "best"), "argument --plan: invalid choice: 'best'"),
+    "plan choice": (train("--plan", "best"), "plan string 'best': not KEY=VALUE"),
     "unknown flag": (train("--step", "3"), "unrecognized arguments: --step"),
     "unknown command": (["fly"], "argument command: invalid choice: 'fly'"),
 }
