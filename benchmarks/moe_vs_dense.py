@@ -1,8 +1,8 @@
 """A tiny Switch model against the dense model of the same FLOPs per token, after the same steps.
 
 Trains configs/switch-tiny.toml and configs/switch-tiny-dense.toml with `plait train` (the same
-data, batch, steps, learning rate and schedule; the configs' plan), one after the other, reads
-each run's metrics.csv and plots both validation-loss curves in one PNG. Before training it checks
+data, batch, steps, learning rate and schedule; the configs' plan), once per seed, --jobs runs at a
+time, reads each run's metrics.csv and plots every validation-loss curve in one PNG. Before training it checks
 that the two models compute the same FLOPs per token (`GPTConfig.flops_per_token`, which counts an
 MoE model's active parameters: its router and top_k experts), apart from the router's matmul.
 
@@ -10,7 +10,7 @@ The FLOPs are counted twice: `GPTConfig.flops_per_token` (training, 6N + attenti
 planner's forward count (`ModelShape.stage_flops_per_token` + the head), which must agree too.
 
     python benchmarks/moe_vs_dense.py                          # 1000 steps each, seed 0
-    python benchmarks/moe_vs_dense.py --seeds 0 1              # both models once per seed
+    python benchmarks/moe_vs_dense.py --steps 400 --seeds 0 1 --jobs 4   # the committed run (~7 min)
     python benchmarks/moe_vs_dense.py --steps 3000 --set train.lr=2e-3   # --set applies to both runs
     python benchmarks/moe_vs_dense.py --switch-set model.moe_capacity_factor=1.25   # the Switch run only
 
