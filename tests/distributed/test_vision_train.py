@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from plait.config import load_config
-from plait.tasks.vision_train import run_image_classification
+from plait.train.image_tasks import run_image_classification
 from plait.train.setup import validate
 from tests.distributed.harness import run_ranks
 

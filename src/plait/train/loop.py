@@ -237,7 +237,7 @@ def summary_line(summary: RunSummary) -> str:
 def run_training(config: Config, *, resume: str | None = None) -> RunSummary:
     """Train per `config` on this rank (under torchrun: every rank calls this)."""
     if config.task.kind == "image_classification":
-        from plait.tasks.vision_train import run_image_classification
+        from plait.train.image_tasks import run_image_classification
 
         return run_image_classification(config, resume=resume)
     owns_group = not dist.is_initialized()  # under a test harness the caller owns it

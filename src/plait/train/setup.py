@@ -101,7 +101,7 @@ def validate(config: Config, *, world_size: int, ranks_per_node: int | None = No
     plan.zero_shard_size(ranks_per_node or launched_ranks_per_node(world_size))
     config.check_batching(plan.dp)
     if config.task.kind == "image_classification":
-        from plait.tasks.vision_train import validate_vision
+        from plait.train.image_tasks import validate_vision
 
         return Validated(plan=plan, model_config=None, vision=validate_vision(config, plan=plan))
     if uses_language_preset(config):  # BERT / ALBERT / T5 with their tasks

@@ -201,7 +201,7 @@ def summary_line(summary: VisionSummary) -> str:
 
 def run_image_classification(config: Config, *, resume: str | None = None) -> VisionSummary:
     """Train per `config` (task.kind = "image_classification") on this rank; under torchrun every rank calls it."""
-    from plait.train.setup import launched_world_size, validate
+    from plait.train.setup import launched_world_size, validate  # here: setup imports this module
 
     if resume is not None:
         raise ValueError(
