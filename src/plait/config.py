@@ -566,7 +566,7 @@ class Config:
         )
         cp, seq_len = self.plan.cp, self.data.seq_len
         _require(
-            seq_len % (2 * cp) == 0,
+            cp == 1 or seq_len % (2 * cp) == 0,
             f"data.seq_len={seq_len} does not split into 2 * plan.cp = {2 * cp} equal chunks (each cp rank holds one "
             f"from the front and one from the back of every row); use a multiple of {2 * cp}",
         )
