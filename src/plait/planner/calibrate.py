@@ -38,6 +38,7 @@ class Probe:
     tokens: int = 512
     hidden: int = 256
     dtype: torch.dtype = torch.float32
+    seq_len: int = 128  # the attention probe's sequence (rows of tokens // seq_len sequences)
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,12 @@ class Measured:
 
     peak_flops: float
     gemm_flops: float
+    attention_flops: float
     memory_bandwidth: float
     op_overhead: float
     all_reduce_s: tuple[float, ...]  # at TABLE_BYTES
-    all_gather_s: float
-    reduce_scatter_s: float
+    all_gather_s: tuple[float, ...]  # at TABLE_BYTES
+    reduce_scatter_s: tuple[float, ...]  # at TABLE_BYTES
     overlap: float
     adam_rate: float = 800e6  # parameters per second of AdamW on this rank's host share
 
@@ -99,6 +101,21 @@ def _gemm_flops(probe: Probe) -> float:
         out.backward()
 
     flops = 3 * 2 * tokens * (4 * hidden * hidden + 8 * hidden * hidden)
+    return flops / _block_s(step)
+
+
+def _attention_flops(probe: Probe, head_dim: int = 64) -> float:
+    """Causal fused attention forward and backward at the probe's shape, as FLOP/s counted the way the
+    time model counts attention (4 x seq x hidden per token forward, backward twice that): torch's
+    fused kernels run at their own rate, not the matmuls' (slower on a CPU at short sequences)."""
+    seq = max(2, min(probe.seq_len, probe.tokens))
+    batch, heads = max(1, probe.tokens // seq), max(1, probe.hidden // head_dim)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=probe.dtype, requires_grad=True) for _ in range(3))
+
+    def step() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    flops = 3 * 4 * batch * seq * seq * heads * head_dim
     return flops / _block_s(step)
 
 
@@ -198,11 +215,12 @@ def measure_rank(group: dist.ProcessGroup | None = None, *, probe: Probe | None 
     return Measured(
         peak_flops=_together(lambda: _peak_flops(probe.dtype), group),
         gemm_flops=_together(lambda: _gemm_flops(probe), group),
+        attention_flops=_together(lambda: _attention_flops(probe), group),
         memory_bandwidth=_together(lambda: _elementwise_rate(probe), group),
         op_overhead=_together(_op_overhead, group),
         all_reduce_s=tuple(_collective_s(size, group) for size in TABLE_BYTES),
-        all_gather_s=_collective_s(LARGE, group, "all_gather"),
-        reduce_scatter_s=_collective_s(LARGE, group, "reduce_scatter"),
+        all_gather_s=tuple(_collective_s(size, group, "all_gather") for size in TABLE_BYTES),
+        reduce_scatter_s=tuple(_collective_s(size, group, "reduce_scatter") for size in TABLE_BYTES),
         overlap=_overlap(group),
         adam_rate=_together(adam_rate, group),
     )
@@ -228,11 +246,17 @@ def _monotone(times: list[float]) -> list[float]:
     return out
 
 
+def _slowest(measured: list[Measured], name: str) -> list[float]:
+    """The slowest rank's times by size of one collective kind, made monotone."""
+    return _monotone([max(getattr(m, name)[i] for m in measured) for i in range(len(TABLE_BYTES))])
+
+
 def _link(measured: list[Measured], ranks: int) -> Link:
-    """The slowest rank's all-reduce times by size as the link's table, with the ring model's
-    bandwidth and latency fitted to them (least squares) for display and for other group sizes;
-    the all-gather and reduce-scatter factors are their times over what the table predicts."""
-    times = _monotone([max(m.all_reduce_s[i] for m in measured) for i in range(len(TABLE_BYTES))])
+    """The slowest rank's all-reduce, all-gather and reduce-scatter times by size as the link's tables,
+    with the ring model's bandwidth and latency fitted to the all-reduce's (least squares) for display
+    and for other group sizes; the all-gather and reduce-scatter factors (shown, and used by links
+    without their own tables) are their times at `LARGE` over what the all-reduce table predicts."""
+    times = _slowest(measured, "all_reduce_s")
     steps = 2 * (ranks - 1)
     xs, ys = [steps / ranks * size for size in TABLE_BYTES], times
     mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
@@ -242,11 +266,13 @@ def _link(measured: list[Measured], ranks: int) -> Link:
     link = Link(
         bandwidth=bandwidth, latency=latency, table=tuple(zip(TABLE_BYTES, times, strict=True)), table_ranks=ranks
     )
+    gather, scatter = _slowest(measured, "all_gather_s"), _slowest(measured, "reduce_scatter_s")
+    large = TABLE_BYTES.index(LARGE)
     return link.replace(
-        all_gather=max(m.all_gather_s for m in measured)
-        / collective_seconds(LARGE, ranks=ranks, link=link, kind="all_gather"),
-        reduce_scatter=max(m.reduce_scatter_s for m in measured)
-        / collective_seconds(LARGE, ranks=ranks, link=link, kind="reduce_scatter"),
+        all_gather=gather[large] / collective_seconds(LARGE, ranks=ranks, link=link, kind="all_gather"),
+        reduce_scatter=scatter[large] / collective_seconds(LARGE, ranks=ranks, link=link, kind="reduce_scatter"),
+        gather_table=tuple(zip(TABLE_BYTES, gather, strict=True)),
+        scatter_table=tuple(zip(TABLE_BYTES, scatter, strict=True)),
     )
 
 
@@ -267,6 +293,7 @@ def cluster_from(measurements: list[Measured], *, device_memory: int, io: HostIO
         intra=link,
         inter=link,
         gemm_efficiency=gemm / peak,
+        attention_flops=min(m.attention_flops for m in measurements),
         op_overhead=max(m.op_overhead for m in measurements),
         reserved_bytes=0,
         overlap=min(m.overlap for m in measurements) if ranks > 1 else 1.0,

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -37,6 +38,8 @@ class Link:
     reduce_scatter: float = 1.0
     table: tuple[tuple[int, float], ...] = ()
     table_ranks: int = 2
+    gather_table: tuple[tuple[int, float], ...] = ()
+    scatter_table: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0 or self.latency < 0 or not self.all_gather > 0 or not self.reduce_scatter > 0:
@@ -51,14 +54,21 @@ class Link:
     def replace(self, **changes: object) -> Link:
         return dataclasses.replace(self, **changes)
 
-    def all_reduce_table_seconds(self, num_bytes: float) -> float:
-        """Measured all-reduce seconds for `num_bytes` over `table_ranks`, interpolated linearly
-        between the sizes timed and extrapolated at the largest one's rate per byte."""
-        sizes = [size for size, _ in self.table]
-        times = [seconds for _, seconds in self.table]
+    def kind_table(self, kind: str) -> tuple[tuple[int, float], ...]:
+        """The measured table for a collective kind: its own where calibrated, else the all-reduce's."""
+        own = {"all_gather": self.gather_table, "reduce_scatter": self.scatter_table}.get(kind, ())
+        return own or self.table
+
+    def all_reduce_table_seconds(self, num_bytes: float, *, kind: str = "all_reduce") -> float:
+        """Measured seconds of `kind` (its own table, else the all-reduce's) for a buffer of `num_bytes`
+        over `table_ranks`, interpolated linearly between the sizes timed and extrapolated at the largest
+        one's rate per byte."""
+        table = self.kind_table(kind)
+        sizes = [size for size, _ in table]
+        times = [seconds for _, seconds in table]
         if num_bytes <= sizes[0]:
             return times[0]
-        for (lo, t_lo), (hi, t_hi) in zip(self.table, self.table[1:], strict=False):
+        for (lo, t_lo), (hi, t_hi) in itertools.pairwise(table):
             if num_bytes <= hi:
                 return t_lo + (t_hi - t_lo) * (num_bytes - lo) / (hi - lo)
         return times[-1] * num_bytes / sizes[-1]
@@ -91,6 +101,10 @@ class Cluster:
       element-wise work (norms, activations, softmax, the optimizer update).
     - ``op_overhead``: seconds of fixed cost per operator launched (kernel
       launch on GPU, dispatch on CPU).
+    - ``attention_flops``: the rate (FLOP/s, counted as the time model counts
+      attention: 4 x seq x d_model per token forward) of the fused attention
+      kernel, which runs at its own rate, not the matmuls'; 0: at the matmul
+      rate (``peak_flops * gemm_efficiency``).
     - ``intra`` / ``inter``: the link inside a node and between nodes.
     - ``reserved_bytes``: memory per device that holds no tensors of the
       model (CUDA context, allocator slack), kept out of every plan's budget.
@@ -132,6 +146,7 @@ class Cluster:
     host_memory_bandwidth: float = 200e9
     host_adam_rate: float = 800e6
     disk: Disk | None = None
+    attention_flops: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("nodes", "devices_per_node", "device_memory"):
@@ -152,6 +167,8 @@ class Cluster:
                 f"cluster host_memory={self.host_memory} must be >= 0 bytes (e.g. --host-mem 2TB) and host_link, "
                 "host_memory_bandwidth positive bytes/s"
             )
+        if self.attention_flops < 0:
+            raise ValueError(f"cluster.attention_flops={self.attention_flops}: FLOP/s >= 0 (0: the matmul rate)")
         if not self.host_adam_rate > 0:
             raise ValueError(f"cluster.host_adam_rate={self.host_adam_rate}: parameters per second, positive")
         if self.reserved_bytes >= self.device_memory:

@@ -54,6 +54,9 @@ def collective_seconds(num_bytes: float, *, ranks: int, link: Link, kind: str) -
     if ranks == 1 or num_bytes == 0:
         return 0.0
     steps = _ring_steps(kind, ranks)
+    if link.table and link.kind_table(kind) is not link.table:  # this kind's own measured times
+        measured = link.all_reduce_table_seconds(num_bytes, kind=kind)
+        return measured * steps / _ring_steps(kind, link.table_ranks)
     if link.table:
         measured = link.all_reduce_table_seconds(num_bytes)
         seconds = measured * steps / _ring_steps("all_reduce", link.table_ranks)
