@@ -46,7 +46,9 @@ class Estimate:
 def describe(plan: Plan) -> str:
     """A short name for a plan: the degrees and switches that differ from the defaults."""
     parts = [f"dp{plan.dp}", f"tp{plan.tp}", f"pp{plan.pp}"] + ([f"ep{plan.ep}"] if plan.ep > 1 else [])
-    parts += [f"z{plan.zero}", plan.precision, f"m{plan.microbatches}"]
+    parts += ([f"cp{plan.cp}"] if plan.cp > 1 else []) + [f"z{plan.zero}", plan.precision, f"m{plan.microbatches}"]
+    if plan.zero == 3 and plan.zero3_gather != "auto":
+        parts.append(f"gather-{plan.zero3_gather}")
     if plan.zero_shard != "all":
         parts.append(f"shard{plan.zero_shard}")
     if plan.sequence_parallel:

@@ -103,10 +103,11 @@ def zero_shards(unit: Unit, plan: Plan) -> int:
 
 def dense_shard_ranks(plan: Plan) -> int:
     """The dp ranks ZeRO shards a (non-expert) unit over: plan.zero_shard once resolved to a number
-    (`with_zero_shard` does it for a cluster), else all of dp."""
+    (`with_zero_shard` does it for a cluster), else all of dp, and its cp ranks (weight replicas that
+    plait.distributed.mesh folds into dp)."""
     if plan.zero_shard == "node":
         raise ValueError("plan.zero_shard='node' depends on the cluster: resolve it with with_zero_shard first")
-    return plan.zero_shard if isinstance(plan.zero_shard, int) else plan.dp
+    return plan.zero_shard if isinstance(plan.zero_shard, int) else plan.dp * plan.cp
 
 
 def with_zero_shard(plan: Plan, *, ranks_per_node: int) -> Plan:

@@ -16,6 +16,7 @@ weights (router, top_k experts, shared experts).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 from plait.config import Plan
@@ -54,12 +55,13 @@ class TimeBreakdown:
     offload_io: float = 0.0
     io: float = 0.0
     ep_comm: float = 0.0  # expert-parallel all-to-alls, on the critical path (tokens wait for them)
+    cp_comm: float = 0.0  # context parallel's ring hops (key/value blocks, their gradients' accumulators)
 
     @property
     def total(self) -> float:
         return (
-            self.compute + self.tp_comm + self.ep_comm + self.bubble + self.pp_comm + self.dp_comm_exposed
-            + self.optimizer + self.offload_io
+            self.compute + self.tp_comm + self.ep_comm + self.cp_comm + self.bubble + self.pp_comm
+            + self.dp_comm_exposed + self.optimizer + self.offload_io
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
@@ -101,6 +103,8 @@ class TimeModel:
         self.layouts = layouts or LayoutCache(shape, seq_len=workload.seq_len)
 
     def estimate(self, plan: Plan) -> TimeBreakdown:
+        if plan.cp > 1:
+            return self._context_parallel(plan)
         layout = self.layouts.get(plan)
         costs = [
             self._pass(plan, layout.layer_indices(r), is_first=r == 0, is_last=r == plan.pp - 1) for r in range(plan.pp)
@@ -129,6 +133,24 @@ class TimeModel:
             optimizer=self._optimizer(plan, layout),
             dp_comm=dp_comm,
         )
+
+    def _context_parallel(self, plan: Plan) -> TimeBreakdown:
+        """cp ranks hold weight replicas (plait.distributed.mesh folds them into dp for every reduction and
+        ZeRO shard) and each computes 1/cp of every sequence's tokens against all of its keys: the same
+        work and collectives as dp x cp data-parallel ranks, plus the ring's hops per layer."""
+        folded = dataclasses.replace(plan, dp=plan.dp * plan.cp, cp=1)
+        base = self.estimate(folded)
+        c, cfg = self.cluster, self.shape.config
+        tokens = self.workload.micro_batch(dp=folded.dp, microbatches=plan.microbatches) * self.workload.seq_len
+        block = 2 * tokens * cfg.resolved_num_kv_heads * cfg.head_dim * FP32 / plan.tp  # stack(k, v) in fp32
+        link = c.link(plan.cp, stride=plan.tp)
+        hop = block / link.bandwidth + link.latency
+        recomputed = {"full": 1.0, "selective": plan.recompute_ratio}.get(plan.recompute, 0.0)
+        # forward: cp - 1 hops of k/v; backward: k/v again and cp hops of their gradients' accumulator
+        hops = (1 + recomputed) * (plan.cp - 1) + (plan.cp - 1) + plan.cp
+        num_layers = max(len(self.layouts.get(plan).layer_indices(r)) for r in range(plan.pp))
+        ring = plan.microbatches * num_layers * hops * hop
+        return dataclasses.replace(base, cp_comm=ring)
 
     def _core_speedup(self, busy_fraction: float) -> float:
         """Ranks sharing cores: with only `busy_fraction` of them computing at a time (the rest wait in
@@ -182,7 +204,11 @@ class TimeModel:
             sp=plan.sequence_parallel, profile=self.profile, moe=moe,
         )  # fmt: skip
         ops = OPS_PER_LAYER + (MOE_OPS_PER_EXPERT * self.shape.config.moe_experts // plan.ep if moe else 0)
-        return flops / (c.peak_flops * c.gemm_efficiency) + 2 * act.saved / c.memory_bandwidth + ops * c.op_overhead
+        matmul = flops / (c.peak_flops * c.gemm_efficiency)
+        if c.attention_flops:  # the fused attention kernel at its own measured rate
+            attention = micro_batch * s * 4.0 * s * self.shape.hidden / plan.tp
+            matmul += attention / c.attention_flops - attention / (c.peak_flops * c.gemm_efficiency)
+        return matmul + 2 * act.saved / c.memory_bandwidth + ops * c.op_overhead
 
     def _tp_ends(self, plan: Plan, hidden_bytes: float, tokens: int, *, is_first: bool, is_last: bool) -> float:
         """The vocab-parallel ends: the embedding's all-reduce on the first stage; on the last, the head
