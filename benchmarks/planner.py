@@ -2,31 +2,38 @@
 
 Work: a reference GPT (GPT-2 layout: d_model 256, 4 layers, 4 heads, vocab
 4096, seq 128, tied embeddings; P = 4.24M), global batch 8 sequences, fp32
-AdamW, on 2 and 4 forked gloo ranks of one thread each. For each world size:
+AdamW, on 2 and 4 forked gloo ranks of one thread each; the ep plans run a MoE
+variant (4 experts, top-2, dropless, in every other layer). Plans cover data
+parallel and ZeRO 0-3, recomputation, micro-batches, tp (with and without
+sequence parallel), pp (1F1B, GPipe), CPU offload of the optimizer (and of
+ZeRO-3's parameters), cp=2, ep=2/4, and ZeRO-3 x pp with each unit gathered
+once per step or per micro-batch. For each world size:
 
 1. `plait.planner.calibrate` measures this machine with that many ranks at
-   once (matmul rate at the model's shapes, element-wise rate, cost per
-   operator, all-reduce times by size, all-gather and reduce-scatter against
-   them, overlap, each rank's share of a core), median of 3 calibrations:
-   the planner's cluster.
-2. each plan is estimated (before anything of it runs), then run in
+   once (matmul rate at the model's shapes, fused attention's rate, element-
+   wise rate, cost per operator, all-reduce, all-gather and reduce-scatter
+   times by size, overlap, each rank's share of a core, the host AdamW rate),
+   median of 3 calibrations: the planner's cluster.
+2. each plan is estimated (all of them before anything runs), then run in
    `--rounds` passes over all plans (drift on a shared machine hits each
-   plan alike): a warm-up step, in the first pass one step under the
+   plan alike): `WARMUP_STEPS` warm-up steps, in the first pass one step under the
    allocator's events (peak live tensor bytes,
    `metrics.peak_live_tensor_bytes`), then `--steps` timed steps between
    barriers; the figure is the median over every pass's timed steps, each
    step's time the slowest rank's. Model-state bytes are
-   `engine.state_bytes()` after the first step. Memory figures are the
+   `engine.state_bytes()` after the first step (offloaded plans: against the
+   planner's device plus host bytes). Memory figures are the
    busiest rank's. The 1-minute load average before each pass is recorded
    (other users' jobs show there).
 3. accuracy: estimated/measured per plan; Spearman rank correlation of
    estimated vs measured step time (world 2, where ranks do not share a
-   core, and all plans); the plan the planner picks among the measured ones
-   against the fastest measured; DeepSpeed's own ZeRO estimators as a second
+   core, and all plans); the plan the planner picks among one model's
+   measured plans against the fastest measured; DeepSpeed's own ZeRO estimators as a second
    opinion on model states where deepspeed is importable.
 
-    python benchmarks/planner.py                # ~10 min on 2 cores (3 rounds)
+    python benchmarks/planner.py                # ~15 min on 2 cores (3 rounds)
     python benchmarks/planner.py --quick        # 2 plans per world, 3 steps
+    python benchmarks/planner.py --worlds 2 --only 0 12   # some plans (development; writes planner-quick.json)
 """
 
 from __future__ import annotations
@@ -59,8 +66,12 @@ from plait.planner.calibrate import Probe, calibrate
 from plait.train.metrics import peak_live_tensor_bytes
 
 REFERENCE = GPTConfig(vocab_size=4096, max_seq_len=128, d_model=256, num_layers=4, num_heads=4)
+# The reference with 4 experts (top-2, dropless) in place of every other layer's MLP: the ep plans' model.
+MOE = dataclasses.replace(REFERENCE, moe_experts=4, moe_every=2, moe_top_k=2)
+MODELS = {"reference": REFERENCE, "moe": MOE}
 SEQ_LEN = 128
 GLOBAL_BATCH = 8
+WARMUP_STEPS = 3  # steps before the timed ones: a fresh process's first steps still grow its heap (page faults)
 
 PLANS: dict[int, list[dict[str, Any]]] = {
     2: [
@@ -76,6 +87,11 @@ PLANS: dict[int, list[dict[str, Any]]] = {
         {"dp": 1, "pp": 2, "microbatches": 4},
         {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "gpipe"},
         {"dp": 1, "pp": 2, "microbatches": 4, "recompute": "full"},
+        {"dp": 2, "zero": 1, "offload_optimizer": "cpu"},
+        {"dp": 2, "zero": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
+        {"dp": 1, "cp": 2},
+        {"model": "moe", "dp": 2, "zero": 1},
+        {"model": "moe", "dp": 2, "ep": 2, "zero": 1},
     ],
     4: [
         {"dp": 4, "zero": 0},
@@ -84,13 +100,25 @@ PLANS: dict[int, list[dict[str, Any]]] = {
         {"dp": 2, "pp": 2, "microbatches": 2, "zero": 1},
         {"dp": 1, "tp": 2, "pp": 2, "microbatches": 4},
         {"dp": 1, "tp": 4},
+        {"dp": 2, "pp": 2, "microbatches": 2, "zero": 3, "zero3_gather": "step"},
+        {"dp": 2, "pp": 2, "microbatches": 2, "zero": 3, "zero3_gather": "microbatch"},
+        {"dp": 4, "zero": 1, "offload_optimizer": "cpu"},
+        {"dp": 2, "cp": 2, "zero": 1},
+        {"model": "moe", "dp": 4, "ep": 2, "zero": 1},
+        {"model": "moe", "dp": 4, "ep": 4, "zero": 1},
     ],
 }
 
 
-def make_engine(plan: Plan) -> plait.Engine:
+def split_options(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A plan entry's model name ("reference" unless it says "model") and its Plan fields."""
+    fields = dict(options)
+    return fields.pop("model", "reference"), fields
+
+
+def make_engine(plan: Plan, config: GPTConfig = REFERENCE) -> plait.Engine:
     torch.manual_seed(0)
-    model = plait.models.build(REFERENCE)
+    model = plait.models.build(config)
     return plait.boost(
         model,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4),
@@ -106,16 +134,20 @@ def rank_batch(engine: plait.Engine) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens, "labels": tokens}
 
 
-def measure_plan(rank: int, world_size: int, plan: Plan, num_steps: int, with_memory: bool) -> dict[str, Any]:
-    engine = make_engine(plan)
+def measure_plan(
+    rank: int, world_size: int, plan: Plan, config: GPTConfig, num_steps: int, with_memory: bool
+) -> dict[str, Any]:
+    engine = make_engine(plan, config)
     batch = rank_batch(engine)
     engine.train_step(batch)
-    out: dict[str, Any] = {"states": engine.state_bytes()["total"]}
+    states = engine.state_bytes()
+    out: dict[str, Any] = {"states": states["total"], "states_detail": states}
     gc.collect()
     if with_memory:
         live = peak_live_tensor_bytes(lambda: engine.train_step(batch))
         out |= {"live_start": live["start"], "live_peak": live["peak"]}
-    engine.train_step(batch)
+    for _ in range(WARMUP_STEPS):
+        engine.train_step(batch)
     out["seconds"] = [timed_block(lambda: engine.train_step(batch))[0] for _ in range(num_steps)]
     return out
 
@@ -186,29 +218,37 @@ def step_seconds(results: list[dict[str, Any]]) -> list[float]:
 
 def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: int) -> dict[str, Any]:
     started = time.perf_counter()
-    probe = Probe(tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model)
+    probe = Probe(tokens=GLOBAL_BATCH // world * SEQ_LEN, hidden=REFERENCE.d_model, seq_len=SEQ_LEN)
     cluster = calibrate(world, probe=probe, repeats=3)
     calibration_s = time.perf_counter() - started
-    estimator = Estimator(ModelShape(REFERENCE, name="reference"), Workload(GLOBAL_BATCH, SEQ_LEN), cluster=cluster)
+    workload = Workload(GLOBAL_BATCH, SEQ_LEN)
+    estimators = {name: Estimator(ModelShape(config, name=name), workload, cluster=cluster) for name, config in MODELS.items()}
+    estimates = []
+    for options in plans:  # every estimate before anything of the plan runs
+        name, fields = split_options(options)
+        estimates.append(estimators[name].estimate(Plan(**fields).resolve(world)))
     rows = []
     measured: dict[int, list[dict[str, Any]]] = {}
     seconds: dict[int, list[float]] = {index: [] for index in range(len(plans))}
     loads: dict[int, list[float | None]] = {index: [] for index in range(len(plans))}
     for round_index in range(rounds):  # rounds through all plans, so drift on a shared machine hits each alike
         for index, options in enumerate(plans):
-            plan = Plan(**options).resolve(world)
+            name, fields = split_options(options)
+            plan = Plan(**fields).resolve(world)
             loads[index].append(load_average())  # a busy machine shows here (other users' jobs)
-            results = run_ranks(measure_plan, world, plan, num_steps, round_index == 0)
+            results = run_ranks(measure_plan, world, plan, MODELS[name], num_steps, round_index == 0)
             measured.setdefault(index, results)
             seconds[index] += step_seconds(results)
     for index, options in enumerate(plans):
-        plan = Plan(**options).resolve(world)
-        est = estimator.estimate(plan)
+        est, name = estimates[index], split_options(options)[0]
+        plan = est.plan
         results = measured[index]
         step_s = statistics.median(seconds[index])
         rows.append({
-            "world": world, "plan": describe(plan), "options": options,
-            "est_states": est.memory.model_states, "states": max(r["states"] for r in results),
+            "world": world, "model": name, "plan": describe(plan) + ("" if name == "reference" else f" {name}"),
+            "options": options,
+            "est_states": est.memory.model_states + (est.offload.host if est.offload else 0.0),
+            "states": max(r["states"] for r in results), "states_detail": results[0]["states_detail"],
             "est_peak": est.memory.tensors, "peak": max(r["live_peak"] for r in results),
             "est_step_s": est.step_s, "step_s": step_s,
             "step_spread": [min(seconds[index]), max(seconds[index])],
@@ -235,13 +275,15 @@ def summarize(worlds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         world_rows = data["rows"]
         est, measured = [r["est_step_s"] for r in world_rows], [r["step_s"] for r in world_rows]
         summary[f"spearman_world{world}"] = spearman(est, measured)
-        picked = min(world_rows, key=lambda r: r["est_step_s"])
-        fastest = min(world_rows, key=lambda r: r["step_s"])
-        summary[f"picked_world{world}"] = {
-            "picked": picked["plan"], "picked_measured_s": picked["step_s"],
-            "fastest": fastest["plan"], "fastest_measured_s": fastest["step_s"],
-            "picked_over_fastest": picked["step_s"] / fastest["step_s"] - 1,
-        }  # fmt: skip
+        for model in sorted({r["model"] for r in world_rows}):  # the planner picks among one model's plans
+            model_rows = [r for r in world_rows if r["model"] == model]
+            picked = min(model_rows, key=lambda r: r["est_step_s"])
+            fastest = min(model_rows, key=lambda r: r["step_s"])
+            summary[f"picked_world{world}_{model}"] = {
+                "picked": picked["plan"], "picked_measured_s": picked["step_s"],
+                "fastest": fastest["plan"], "fastest_measured_s": fastest["step_s"],
+                "picked_over_fastest": picked["step_s"] / fastest["step_s"] - 1,
+            }  # fmt: skip
     summary["spearman_all"] = spearman([r["est_step_s"] for r in rows], [r["step_s"] for r in rows])
     return summary
 
@@ -293,17 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=7, help="timed steps per plan (the median is reported)")
     parser.add_argument("--rounds", type=int, default=3, help="passes over all plans (timed steps pool)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--only", type=int, nargs="+", help="indices into each world's plan list (development)")
     args = parser.parse_args(argv)
     steps = 3 if args.quick else args.steps
     worlds = {}
     for world in args.worlds:
         plans = PLANS[world][:2] if args.quick else PLANS[world]
+        plans = [plans[i] for i in args.only if i < len(plans)] if args.only else plans
         print(f"world {world}: calibrating, then {len(plans)} plans", file=sys.stderr, flush=True)
         worlds[world] = run_world(world, plans, steps, 1 if args.quick else args.rounds)
     summary = summarize(worlds)
     summary["second_opinion"] = [row for world in args.worlds for row in second_opinion(world)]
     print_report(worlds, summary)
-    name = "planner-quick.json" if args.quick else "planner.json"
+    name = "planner-quick.json" if args.quick or args.only else "planner.json"
     payload = {"environment": environment(), "model": dataclasses.asdict(REFERENCE), "global_batch": GLOBAL_BATCH}
     payload |= {"worlds": {str(k): v for k, v in worlds.items()}, "summary": summary}
     path = write_json(RESULTS_DIR / name, payload)
