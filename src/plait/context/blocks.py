@@ -5,13 +5,25 @@ weights each by ``exp(lse_block - lse_merged)`` (the online softmax). The backwa
 block's probabilities from the merged ``lse`` (FlashAttention's scheme), so nothing of size
 queries x keys is kept between the rings. Both run over tiles of ``QUERY_TILE`` query rows, so the
 scores held at once are tile x keys, not queries x keys: memory stays linear in the sequence.
+
+``attend_forward``/``attend_backward`` pick the kernel: torch's fused CPU flash kernel
+(``plait.context.fused``) for fp32/fp64 CPU tensors, these tiled kernels otherwise (other devices).
 """
 
 from __future__ import annotations
 
 import torch
 
+from plait.context.fused import fused_backward, fused_forward, fused_supported
+
 QUERY_TILE = 512
+MIN_TILE = 16
+TILE_SCORES = 512 * 512
+
+
+def tile_rows(num_keys: int) -> int:
+    """Query rows per tile for a block of ``num_keys`` keys."""
+    return max(MIN_TILE, min(QUERY_TILE, TILE_SCORES // max(num_keys, 1)))
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -77,9 +89,10 @@ def block_forward(
     *,
     scale: float,
     mask: torch.Tensor | None,
-    tile: int = QUERY_TILE,
+    tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This block's normalised output (batch, heads, queries, head_dim) and its lse (batch, heads, queries)."""
+    tile = tile or tile_rows(k.shape[2])
     pieces = [
         _forward_tile(q[:, :, rows], k, v, scale=scale, mask=_mask_rows(mask, rows))
         for rows in _tiles(q.shape[2], tile)
@@ -97,9 +110,10 @@ def block_backward(
     grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     scale: float,
     mask: torch.Tensor | None,
-    tile: int = QUERY_TILE,
+    tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one block; ``grad`` is (d_out, merged lse, delta = rowsum(d_out * out))."""
+    tile = tile or tile_rows(k.shape[2])
     dq_tiles, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
     for rows in _tiles(q.shape[2], tile):
         tile_grad = tuple(g[:, :, rows] for g in grad)
@@ -110,3 +124,58 @@ def block_backward(
         dk += dk_tile
         dv += dv_tile
     return torch.cat(dq_tiles, dim=2), dk, dv
+
+
+def _repeat(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(batch, kv_heads, keys, head_dim) -> one copy per query head (query head h uses kv head h // group)."""
+    if group == 1:
+        return x
+    batch, heads, keys, head_dim = x.shape
+    return x[:, :, None].expand(batch, heads, group, keys, head_dim).reshape(batch, heads * group, keys, head_dim)
+
+
+def _fold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The gradient of `_repeat`: each kv head's copies summed."""
+    if group == 1:
+        return x
+    batch, heads, keys, head_dim = x.shape
+    return x.view(batch, heads // group, group, keys, head_dim).sum(dim=2)
+
+
+def _full_mask(q: torch.Tensor, k: torch.Tensor, *, causal: bool, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The tiled kernels' bool mask: ``causal`` (query i sees keys 0..i) made explicit."""
+    if not causal:
+        return mask
+    return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+
+
+def attend_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's (output, lse); ``k``/``v`` may have fewer heads (grouped-query), ``mask`` excludes ``causal``."""
+    if fused_supported(q):
+        return fused_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    group = q.shape[1] // k.shape[1]
+    full = _full_mask(q, k, causal=causal, mask=mask)
+    return block_forward(q, _repeat(k, group), _repeat(v, group), scale=scale, mask=full)
+
+
+def attend_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's dq, dk, dv (dk/dv with k's heads); ``grad`` is (d_out, merged out, merged lse)."""
+    if fused_supported(q):
+        return fused_backward(q, k, v, grad=grad, scale=scale, causal=causal, mask=mask)
+    d_out, out, lse = grad
+    group = q.shape[1] // k.shape[1]
+    full = _full_mask(q, k, causal=causal, mask=mask)
+    tile_grad = (d_out, lse, (d_out * out).sum(dim=-1))
+    dq, dk, dv = block_backward(q, _repeat(k, group), _repeat(v, group), grad=tile_grad, scale=scale, mask=full)
+    return dq, _fold(dk, group), _fold(dv, group)

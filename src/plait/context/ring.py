@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.context.blocks import block_backward, block_forward, merge_into
+from plait.context.blocks import attend_backward, attend_forward, merge_into
 from plait.context.layout import token_index, visible_pieces
 from plait.distributed.comm import CommCounter
 
@@ -73,32 +73,25 @@ class Masks:
     def index(self, rank: int, device: torch.device) -> torch.Tensor:
         return token_index(rank, self.size, chunk=self.chunk, device=device)
 
-    def piece(self, source: int, device: torch.device) -> tuple[slice, slice, torch.Tensor | None]:
-        """Query rows, key columns and mask (None: all visible) of our queries against `source`'s block."""
+    def piece(self, source: int, device: torch.device) -> Piece:
+        """Which of our queries see which keys of `source`'s block, and how."""
         rows, cols, masked = visible_pieces(self.rank, source, chunk=self.chunk)
-        mask = None
-        if masked:  # (queries, keys)
-            mask = self.index(source, device)[None, cols] <= self.index(self.rank, device)[rows, None]
-        if self.starts is not None:  # (batch, 1, queries, keys): the same document only
-            same = self.starts[self.rank][:, rows, None] == self.starts[source][:, None, cols]
-            mask = (same if mask is None else same & mask)[:, None]
-        return rows, cols, mask
+        if self.starts is None:  # the diagonal block: positions increase in local order, so plain causal
+            return Piece(rows, cols, causal=masked, mask=None)
+        mask = self.starts[self.rank][:, rows, None] == self.starts[source][:, None, cols]  # the same document
+        if masked:
+            mask &= self.index(source, device)[None, cols] <= self.index(self.rank, device)[rows, None]
+        return Piece(rows, cols, causal=False, mask=mask[:, None])  # (batch, 1, queries, keys)
 
 
-def _repeat(x: torch.Tensor, group: int) -> torch.Tensor:
-    """(batch, kv_heads, keys, head_dim) -> one copy per query head (query head h uses kv head h // group)."""
-    if group == 1:
-        return x
-    batch, heads, keys, head_dim = x.shape
-    return x[:, :, None].expand(batch, heads, group, keys, head_dim).reshape(batch, heads * group, keys, head_dim)
+@dataclass(frozen=True)
+class Piece:
+    """Our query rows and the block's key columns that meet, under a causal mask or a bool mask (or none)."""
 
-
-def _fold(x: torch.Tensor, group: int) -> torch.Tensor:
-    """The gradient of `_repeat`: each kv head's copies summed."""
-    if group == 1:
-        return x
-    batch, heads, keys, head_dim = x.shape
-    return x.view(batch, heads // group, group, keys, head_dim).sum(dim=2)
+    rows: slice
+    cols: slice
+    causal: bool  # query i sees keys 0..i of the piece
+    mask: torch.Tensor | None  # True: visible; packed documents (the causal part folded in)
 
 
 def ring_forward(
@@ -106,15 +99,14 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (batch, heads, seq, head_dim) and lse (batch, heads, seq) in fp32; ``kv`` is stack(k, v),
     with kv heads (a divisor of the query heads: grouped-query attention)."""
-    group = q.shape[1] // kv.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
     for step in range(ring.size):
         incoming = ring.shift(kv) if step < ring.size - 1 else None
-        rows, cols, mask = masks.piece((ring.rank - step) % ring.size, q.device)
-        k, v = _repeat(kv[0][:, :, cols], group), _repeat(kv[1][:, :, cols], group)
-        piece = block_forward(q[:, :, rows], k, v, scale=scale, mask=mask)
-        merge_into(out, lse, piece, rows)
+        piece = masks.piece((ring.rank - step) % ring.size, q.device)
+        k, v = kv[0][:, :, piece.cols], kv[1][:, :, piece.cols]
+        block = attend_forward(q[:, :, piece.rows], k, v, scale=scale, causal=piece.causal, mask=piece.mask)
+        merge_into(out, lse, block, piece.rows)
         if incoming is not None:
             kv = incoming.wait()
     return out, lse
@@ -129,20 +121,21 @@ def ring_backward(
     before it accumulated (which arrived while it computed) and sends the sum on.
     """
     d_out, out, lse = grad
-    group = q.shape[1] // kv.shape[2]
-    delta = (d_out * out).sum(dim=-1)
     dq = torch.zeros_like(q)
     accumulated: Pending | None = None
     for step in range(ring.size):
         incoming = ring.shift(kv) if step < ring.size - 1 else None
-        rows, cols, mask = masks.piece((ring.rank - step) % ring.size, q.device)
-        block_grad = (d_out[:, :, rows], lse[:, :, rows], delta[:, :, rows])
-        k, v = _repeat(kv[0][:, :, cols], group), _repeat(kv[1][:, :, cols], group)
-        dq_piece, dk, dv = block_backward(q[:, :, rows], k, v, grad=block_grad, scale=scale, mask=mask)
+        piece = masks.piece((ring.rank - step) % ring.size, q.device)
+        rows, cols = piece.rows, piece.cols
+        block_grad = (d_out[:, :, rows], out[:, :, rows], lse[:, :, rows])
+        k, v = kv[0][:, :, cols], kv[1][:, :, cols]
+        dq_piece, dk, dv = attend_backward(
+            q[:, :, rows], k, v, grad=block_grad, scale=scale, causal=piece.causal, mask=piece.mask
+        )
         dq[:, :, rows] += dq_piece
         share = torch.zeros_like(kv)
-        share[0][:, :, cols] = _fold(dk, group)
-        share[1][:, :, cols] = _fold(dv, group)
+        share[0][:, :, cols] = dk
+        share[1][:, :, cols] = dv
         if accumulated is not None:
             share += accumulated.wait()
         accumulated = ring.shift(share)
