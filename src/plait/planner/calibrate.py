@@ -53,6 +53,7 @@ class Measured:
     all_reduce_s: tuple[float, ...]  # at TABLE_BYTES
     all_gather_s: tuple[float, ...]  # at TABLE_BYTES
     reduce_scatter_s: tuple[float, ...]  # at TABLE_BYTES
+    all_to_all_s: tuple[float, ...]  # at TABLE_BYTES
     overlap: float
     adam_rate: float = 800e6  # parameters per second of AdamW on this rank's host share
 
@@ -163,11 +164,12 @@ def _collective_s(num_bytes: int, group: dist.ProcessGroup | None, kind: str = "
     it): eight back to back after a barrier, so the barrier's own noise stays out; median of three."""
     ranks = dist.get_world_size(group)
     full = torch.zeros(max(ranks, num_bytes // 4 // ranks * ranks))
-    shard = torch.zeros(full.numel() // ranks)
+    shard, out = torch.zeros(full.numel() // ranks), torch.empty_like(full)
     calls = {
         "all_reduce": lambda: dist.all_reduce(full, group=group),
         "all_gather": lambda: dist.all_gather_single(full, shard, group=group),
         "reduce_scatter": lambda: dist.reduce_scatter_single(shard, full, group=group),
+        "all_to_all": lambda: dist.all_to_all_single(out, full, group=group),
     }
 
     def block() -> float:
@@ -221,6 +223,7 @@ def measure_rank(group: dist.ProcessGroup | None = None, *, probe: Probe | None 
         all_reduce_s=tuple(_collective_s(size, group) for size in TABLE_BYTES),
         all_gather_s=tuple(_collective_s(size, group, "all_gather") for size in TABLE_BYTES),
         reduce_scatter_s=tuple(_collective_s(size, group, "reduce_scatter") for size in TABLE_BYTES),
+        all_to_all_s=tuple(_collective_s(size, group, "all_to_all") for size in TABLE_BYTES),
         overlap=_overlap(group),
         adam_rate=_together(adam_rate, group),
     )
@@ -252,7 +255,7 @@ def _slowest(measured: list[Measured], name: str) -> list[float]:
 
 
 def _link(measured: list[Measured], ranks: int) -> Link:
-    """The slowest rank's all-reduce, all-gather and reduce-scatter times by size as the link's tables,
+    """The slowest rank's all-reduce, all-gather, reduce-scatter and all-to-all times by size as the link's tables,
     with the ring model's bandwidth and latency fitted to the all-reduce's (least squares) for display
     and for other group sizes; the all-gather and reduce-scatter factors (shown, and used by links
     without their own tables) are their times at `LARGE` over what the all-reduce table predicts."""
@@ -273,6 +276,7 @@ def _link(measured: list[Measured], ranks: int) -> Link:
         reduce_scatter=scatter[large] / collective_seconds(LARGE, ranks=ranks, link=link, kind="reduce_scatter"),
         gather_table=tuple(zip(TABLE_BYTES, gather, strict=True)),
         scatter_table=tuple(zip(TABLE_BYTES, scatter, strict=True)),
+        all_to_all_table=tuple(zip(TABLE_BYTES, _slowest(measured, "all_to_all_s"), strict=True)),
     )
 
 

@@ -27,9 +27,13 @@ class Link:
 
     `all_gather` and `reduce_scatter` scale the ring model's time for those
     collectives where a backend runs them slower than its all-reduce (gloo's
-    reduce-scatter, FACTS.md); 1.0 on NCCL. A calibrated link also carries
-    `table`, measured all-reduce seconds by buffer bytes over `table_ranks`
-    ranks, which replaces the bandwidth/latency model where it has data.
+    reduce-scatter); 1.0 on NCCL. A calibrated link also carries `table`,
+    measured all-reduce seconds by buffer bytes over `table_ranks` ranks,
+    which replaces the bandwidth/latency model where it has data, and
+    `gather_table` / `scatter_table` / `all_to_all_table`, the same for
+    all-gather, reduce-scatter and all-to-all (their cost relative to an
+    all-reduce changes with the size on gloo: sequence parallel's are small,
+    ZeRO's large); a kind with its own table takes no factor.
     """
 
     bandwidth: float
@@ -40,6 +44,7 @@ class Link:
     table_ranks: int = 2
     gather_table: tuple[tuple[int, float], ...] = ()
     scatter_table: tuple[tuple[int, float], ...] = ()
+    all_to_all_table: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0 or self.latency < 0 or not self.all_gather > 0 or not self.reduce_scatter > 0:
@@ -56,7 +61,8 @@ class Link:
 
     def kind_table(self, kind: str) -> tuple[tuple[int, float], ...]:
         """The measured table for a collective kind: its own where calibrated, else the all-reduce's."""
-        own = {"all_gather": self.gather_table, "reduce_scatter": self.scatter_table}.get(kind, ())
+        own = {"all_gather": self.gather_table, "reduce_scatter": self.scatter_table,
+               "all_to_all": self.all_to_all_table}.get(kind, ())  # fmt: skip
         return own or self.table
 
     def all_reduce_table_seconds(self, num_bytes: float, *, kind: str = "all_reduce") -> float:
