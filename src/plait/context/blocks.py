@@ -53,8 +53,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, piece: tuple[torch.Tensor, 
     safe = _finite(merged)
     old_weight = torch.exp(old_lse - safe)[..., None]
     new_weight = torch.exp(piece_lse - safe)[..., None]
-    out[:, :, rows] = out[:, :, rows] * old_weight + piece_out * new_weight
-    lse[:, :, rows] = merged
+    out[:, :, rows].mul_(old_weight).add_(piece_out * new_weight)
+    old_lse.copy_(merged)
 
 
 def _backward_tile(

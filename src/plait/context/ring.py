@@ -99,17 +99,30 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (batch, heads, seq, head_dim) and lse (batch, heads, seq) in fp32; ``kv`` is stack(k, v),
     with kv heads (a divisor of the query heads: grouped-query attention)."""
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    out = lse = None
     for step in range(ring.size):
         incoming = ring.shift(kv) if step < ring.size - 1 else None
         piece = masks.piece((ring.rank - step) % ring.size, q.device)
         k, v = kv[0][:, :, piece.cols], kv[1][:, :, piece.cols]
         block = attend_forward(q[:, :, piece.rows], k, v, scale=scale, causal=piece.causal, mask=piece.mask)
-        merge_into(out, lse, block, piece.rows)
+        if out is None:  # step 0 is our own block, all rows: it starts the running result
+            out, lse = block
+        else:
+            merge_into(out, lse, block, piece.rows)
         if incoming is not None:
             kv = incoming.wait()
+    assert out is not None and lse is not None
     return out, lse
+
+
+def _share(kv: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cols: slice) -> torch.Tensor:
+    """stack(dk, dv) placed at the block's key columns ``cols`` (zeros elsewhere)."""
+    if cols == slice(0, kv.shape[3]):
+        return torch.stack([dk, dv])
+    share = torch.zeros_like(kv)
+    share[0][:, :, cols] = dk
+    share[1][:, :, cols] = dv
+    return share
 
 
 def ring_backward(
@@ -117,12 +130,13 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dq and stack(dk, dv) of this rank's blocks; ``grad`` is (d_out, out, lse), all fp32.
 
-    Each step computes this rank's share of the held block's dK/dV, then adds the share the ranks
-    before it accumulated (which arrived while it computed) and sends the sum on.
+    Step 0 computes this rank's share of its own block's dK/dV and keeps it. Each later step
+    computes its share of the held block, adds the share the ranks before it accumulated (which
+    arrived while it computed) and sends the sum on; after cp - 1 hops each block's sum reaches
+    its owner, which adds its own share.
     """
     d_out, out, lse = grad
-    dq = torch.zeros_like(q)
-    accumulated: Pending | None = None
+    dq = own = accumulated = None
     for step in range(ring.size):
         incoming = ring.shift(kv) if step < ring.size - 1 else None
         piece = masks.piece((ring.rank - step) % ring.size, q.device)
@@ -132,17 +146,18 @@ def ring_backward(
         dq_piece, dk, dv = attend_backward(
             q[:, :, rows], k, v, grad=block_grad, scale=scale, causal=piece.causal, mask=piece.mask
         )
-        dq[:, :, rows] += dq_piece
-        share = torch.zeros_like(kv)
-        share[0][:, :, cols] = dk
-        share[1][:, :, cols] = dv
-        if accumulated is not None:
-            share += accumulated.wait()
-        accumulated = ring.shift(share)
+        share = _share(kv, dk, dv, cols)
+        if dq is None:  # step 0: our own block, all rows
+            dq, own = dq_piece, share
+        else:
+            dq[:, :, rows] += dq_piece
+            if accumulated is not None:
+                share += accumulated.wait()
+            accumulated = ring.shift(share)
         if incoming is not None:
             kv = incoming.wait()
-    assert accumulated is not None
-    return dq, accumulated.wait()  # after cp hops each block's sum is back with its owner
+    assert dq is not None and own is not None
+    return dq, own if accumulated is None else own + accumulated.wait()
 
 
 class RingAttentionFunction(torch.autograd.Function):
