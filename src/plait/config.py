@@ -161,12 +161,13 @@ class Plan:
         )
 
     def zero_shard_size(self, ranks_per_node: int) -> int:
-        """The dp ranks one ZeRO shard group spans (a resolved plan): plan.dp unless hybrid sharding.
+        """The dp ranks one ZeRO shard group spans (a resolved plan): plan.dp unless hybrid sharding,
+        times plan.cp (cp ranks hold the same weights; plait.distributed.mesh folds them into dp).
 
         The rank grid is pp x dp x cp x tp, so one node holds ranks_per_node / (cp*tp) neighbouring
         dp ranks of each dp group, or whole dp groups when it holds a multiple of dp*cp*tp ranks."""
         if self.zero_shard == "all":
-            return self.dp
+            return self.dp * self.cp
         if isinstance(self.zero_shard, int):
             return self.zero_shard
         inner = self.cp * self.tp
