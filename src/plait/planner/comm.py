@@ -65,21 +65,33 @@ def collective_seconds(num_bytes: float, *, ranks: int, link: Link, kind: str) -
     return seconds * link.scale(kind)
 
 
-def tp_layer_seconds(plan: Plan, hidden_bytes: float, *, columns: int, cluster: Cluster) -> tuple[float, float]:
+def tp_layer_seconds(
+    plan: Plan, hidden_bytes: float, *, columns: int, cluster: Cluster, staged: bool = True
+) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's tensor-parallel collectives for one micro-batch;
-    `columns` is how many column-parallel projections take the layer's input separately."""
+    `columns` is how many column-parallel projections take the layer's input separately; `staged`: with
+    plait's copies around each collective (`_staged_bytes`; Megatron's sequence-first layout has none)."""
     if plan.tp == 1:
         return 0.0, 0.0
     link = cluster.link(plan.tp)
 
     def cost(kind: str) -> float:
-        return collective_seconds(hidden_bytes, ranks=plan.tp, link=link, kind=kind)
+        copies = _staged_bytes(kind, hidden_bytes, ranks=plan.tp) if staged else 0.0
+        return collective_seconds(hidden_bytes, ranks=plan.tp, link=link, kind=kind) + copies / cluster.memory_bandwidth
 
     if plan.sequence_parallel:
         return columns * cost("all_gather") + 2 * cost("reduce_scatter"), columns * cost("reduce_scatter") + 2 * cost(
             "all_gather"
         )
     return 2 * cost("all_reduce"), columns * cost("all_reduce")
+
+
+def _staged_bytes(kind: str, num_bytes: float, *, ranks: int) -> float:
+    """Bytes plait's tensor-parallel collectives copy around the wire (read and written): an all-reduce
+    clones its input; the sequence all-gather and reduce-scatter move the sequence dim to the front and
+    back, copying the local and the full buffer."""
+    moved = num_bytes if kind == "all_reduce" else num_bytes + num_bytes / ranks
+    return 2 * moved
 
 
 def _reduce_kind(plan: Plan, cluster: Cluster) -> str:

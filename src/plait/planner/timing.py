@@ -180,7 +180,9 @@ class TimeModel:
         backward = 2 * forward + recomputed * layer_seconds
         hidden_bytes = tokens * self.shape.hidden * e
         columns = 1 if self.shape.config.parallel_block else 2  # the region is entered once per norm output
-        tp_fwd, tp_bwd = tp_layer_seconds(plan, hidden_bytes, columns=columns, cluster=c)
+        tp_fwd, tp_bwd = tp_layer_seconds(
+            plan, hidden_bytes, columns=columns, cluster=c, staged=self.profile == "plait"
+        )
         moe_fwd, moe_bwd = (
             moe_tp_layer_seconds(self.shape, plan, hidden_bytes, tokens=tokens, cluster=c) if num_moe else (0.0, 0.0)
         )
