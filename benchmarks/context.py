@@ -14,6 +14,8 @@ forked gloo ranks of one thread each.
 
     python benchmarks/context.py            # ~10 min on 2 quiet cores
     python benchmarks/context.py --quick    # a smoke check
+    python benchmarks/context.py --skip-memory   # throughput and overlap only; the JSON keeps the
+                                                 # memory section of the file it replaces
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import statistics
 import sys
 import time
@@ -35,6 +38,7 @@ from common import (
     environment,
     finish,
     format_table,
+    load_average,
     peak_rss_bytes,
     ratio_summary,
     reset_peak_rss,
@@ -42,6 +46,7 @@ from common import (
     run_ranks,
     timed_block,
 )
+from context_torch import torch_cp_main
 
 import plait
 from plait.context.layout import chunk_size
@@ -107,8 +112,8 @@ def measure_overlap(rank: int, world_size: int, args: argparse.Namespace) -> dic
         ring_forward(q, kv, ring=on, masks=masks, scale=scale)
         ring_backward(q, kv, grad=(d_out, out, lse), ring=on, masks=masks, scale=scale)
 
-    def p2p_only() -> None:  # forward: cp-1 key/value hops; backward: cp-1 again and cp of dK/dV
-        for _ in range(3 * world_size - 2):
+    def p2p_only() -> None:  # forward: cp-1 key/value hops; backward: cp-1 again and cp-1 of dK/dV
+        for _ in range(3 * (world_size - 1)):
             ring.shift(kv).wait()
 
     runs: dict[str, list[float]] = {"ring": [], "compute": [], "p2p": []}
@@ -149,6 +154,13 @@ def memory_main(rank: int, world_size: int, args: argparse.Namespace) -> list[di
     return points
 
 
+def previous_memory(path: Path) -> dict[int, list[dict[str, Any]]]:
+    """The memory points of the results file being replaced (``--skip-memory``), keyed by cp."""
+    if not path.exists():
+        return {}
+    return {int(cp): points for cp, points in json.loads(path.read_text()).get("memory", {}).items()}
+
+
 def longest_within(points: list[dict[str, Any]], budget: int) -> int | None:
     fitting = [p["seq"] for p in points if p["step_peak_bytes"] <= budget]
     return max(fitting) if fitting else None
@@ -161,10 +173,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    speeds = results["throughput"]["tokens_per_s"]
-    left.bar(list(speeds), list(speeds.values()), color=["tab:gray", "tab:blue"])
+    speeds = dict(results["throughput"]["tokens_per_s"])
+    if results["torch_context_parallel"]["ran"]:
+        speeds["torch cp2"] = results["torch_context_parallel"]["tokens_per_s"]
+    left.bar(list(speeds), list(speeds.values()), color=["tab:gray", "tab:blue", "tab:orange"][: len(speeds)])
     left.set_ylabel("tokens/s (2 ranks)")
-    left.set_title(f"seq {results['args']['seq']}: cp=2 vs cp=1 (dp=2)")
+    left.set_title(
+        f"seq {results['args']['seq']}: cp=2 vs cp=1 (dp=2)"
+        + ("" if results["torch_context_parallel"]["ran"] else "; torch CP fails on CPU")
+    )
     for cp, points in results["memory"].items():
         right.plot([p["seq"] for p in points], [p["step_peak_bytes"] / 2**20 for p in points], "o-", label=f"cp={cp}")
     right.axhline(results["args"]["budget_mib"], color="red", linestyle="--", label="budget")
@@ -184,21 +201,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--budget-mib", type=float, default=256.0)
     parser.add_argument("--memory-seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.seq, args.pairs, args.steps, args.memory_seqs, args.budget_mib = 256, 2, 1, [256, 512], 64.0
-    started = time.perf_counter()
+    stem = "context-quick" if args.quick else "context"
+    out = args.out or RESULTS_DIR / f"{stem}.json"
+    started, loads = time.perf_counter(), {"start": load_average()}
     throughput = run_ranks(throughput_main, 2, args)[0]
     phase = {"throughput": time.perf_counter() - started}
-    memory = {cp: run_ranks(memory_main, cp, args)[0] for cp in (1, 2, 4)}
-    phase["memory"] = time.perf_counter() - started - phase["throughput"]
+    loads["after_throughput"] = load_average()
+    torch_cp = run_ranks(torch_cp_main, 2, args, MODEL)[0]
+    phase["torch_context_parallel"] = time.perf_counter() - started - phase["throughput"]
+    if args.skip_memory:
+        memory = previous_memory(out)
+    else:
+        memory = {cp: run_ranks(memory_main, cp, args)[0] for cp in (1, 2, 4)}
+        phase["memory"] = time.perf_counter() - started - sum(phase.values())
+        loads["after_memory"] = load_average()
     budget = int(args.budget_mib * 2**20)
     longest = {cp: longest_within(points, budget) for cp, points in memory.items()}
     ratio = throughput["cp2_over_cp1"]
-    print(
-        format_table(["plan (2 ranks)", "tokens/s"], [[k, f"{v:,.0f}"] for k, v in throughput["tokens_per_s"].items()])
-    )
+    speeds = [[f"plait {k}", f"{v:,.0f}"] for k, v in throughput["tokens_per_s"].items()]
+    speeds.append(["torch context_parallel cp2", f"{torch_cp['tokens_per_s']:,.0f}" if torch_cp["ran"] else "fails"])
+    print(format_table(["plan (2 ranks)", "tokens/s"], speeds))
+    if not torch_cp["ran"]:
+        print(f"torch context_parallel: {torch_cp['error']}")
     print(f"step time cp1/cp2 = {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})")
     overlap = throughput["overlap"]["median_s"]
     print(
@@ -208,13 +237,14 @@ def main() -> None:
     rows = [[f"cp={cp}", " ".join(f"{p['seq']}:{p['step_peak_bytes'] / 2**20:.0f}" for p in pts), longest[cp]]
             for cp, pts in memory.items()]  # fmt: skip
     print(format_table(["plan", "seq:step peak MiB per rank", f"longest within {args.budget_mib:.0f} MiB"], rows))
-    stem = "context-quick" if args.quick else "context"
-    out = args.out or RESULTS_DIR / f"{stem}.json"
     payload = {
         "environment": environment(),
         "args": vars(args) | {"out": str(out)},
+        "load_average": loads,
         "throughput": throughput,
+        "torch_context_parallel": torch_cp,
         "memory": memory,
+        "memory_measured": "in an earlier run (--skip-memory)" if args.skip_memory else "in this run",
         "longest_within_budget": longest,
     }
     plot(payload, out.with_suffix(".png"))
