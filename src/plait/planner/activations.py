@@ -21,6 +21,12 @@ e bytes per element, t tensor-parallel ranks:
   expert output (2h, whole); the router keeps its fp32 logits and probabilities (2*n*E*4 bytes);
   shared experts keep a dense MLP's.
 
+Context parallel (cp ranks) cuts every sequence over the cp group: each rank holds s/cp tokens of
+it, so every term above is taken at s/cp, the head's too. Ring attention keeps the same per token
+(q and its fp32 output and lse), but K and V with the model's kv heads (the whole-sequence path
+repeats them to every query head for SDPA). Its backward holds, while it runs, fp32 blocks of
+s/cp tokens that travel the ring (`ring_working_bytes`).
+
 ``megatron``: Korthikanti et al. 2022's count for Megatron's layer (16-bit,
 dropout masks, materialised attention scores; grouped kv heads and the MLP's
 width and kind as in `_megatron_full`): sbh(34 + 5as/h) without
@@ -58,13 +64,16 @@ def _moe_mlp(shape: ModelShape, *, n: int, e: int, tp: int) -> float:
     return experts + router + shared
 
 
-def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool, moe: bool = False) -> float:
+def _plait_full(
+    shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool, moe: bool = False, ring: bool = False
+) -> float:
     c = shape.config
     n, h, f = b * s, c.d_model, c.resolved_d_ff
     residual = 2 * n * h * e / (tp if sp else 1)
     num_norms = 1 if c.parallel_block else 2
     norms = num_norms * n * h * e  # entered once per norm, gathered whole under sequence parallel
-    attention = 4 * n * h * e / tp + FP32 * b * c.num_heads * s / tp
+    kv_width = c.resolved_num_kv_heads * c.head_dim if ring else h  # the ring passes K/V unrepeated
+    attention = (2 * h + 2 * kv_width) * n * e / tp + FP32 * b * c.num_heads * s / tp
     mlp = _moe_mlp(shape, n=n, e=e, tp=tp) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
     stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
     stats = num_norms * n * stats_per_token / (tp if sp else 1)
@@ -99,23 +108,25 @@ def layer_activations(
     recompute: str = "none",
     profile: str = "plait",
     moe: bool = False,
+    cp: int = 1,
 ) -> LayerActivations:
     """Activation bytes of one layer for one micro-batch of `micro_batch` sequences.
 
     `recompute`: "none", "full" (keep the layer input only) or "selective"
     (megatron: drop the attention scores; plait's selective recomputation is
     full recomputation of a fraction of the layers, see `memory.py`). `moe`:
-    an MoE layer (plait's profile; the megatron profile counts a dense layer).
+    an MoE layer (plait's profile; the megatron profile counts a dense layer). `cp`: context-parallel
+    ranks (each holds seq_len / cp tokens of every sequence).
     """
     if profile not in PROFILES:
         raise ValueError(f"activation profile {profile!r}: choose one of {', '.join(PROFILES)}")
-    b, s = micro_batch, seq_len
+    b, s = micro_batch, seq_len // cp
     input_bytes = b * s * shape.hidden * element_bytes / (tp if sp else 1)
     if profile == "megatron":
         full = _megatron_full(shape, b=b, s=s, tp=tp, sp=sp, selective=recompute == "selective")
         saved = 2 * b * s * shape.hidden / (tp if sp else 1) if recompute == "full" else full
         return LayerActivations(saved=saved, working=full if recompute == "full" else 0.0)
-    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp, moe=moe)
+    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp, moe=moe, ring=cp > 1)
     if recompute == "full":
         return LayerActivations(saved=input_bytes, working=full)
     return LayerActivations(saved=full, working=0.0)
@@ -127,7 +138,14 @@ VOCAB_PARALLEL_LOSS_BYTES = 5.5
 
 
 def head_working_bytes(
-    shape: ModelShape, *, micro_batch: int, seq_len: int, element_bytes: int, tp: int, logits_kept: bool = True
+    shape: ModelShape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    element_bytes: int,
+    tp: int,
+    logits_kept: bool = True,
+    cp: int = 1,
 ) -> float:
     """Bytes the LM head and the loss hold at their peak, in backward (plait's profile).
 
@@ -138,6 +156,21 @@ def head_working_bytes(
     engine keeps the model's output (`logits_kept`), not in a pipeline stage.
     Measured without tp: 4.0 n*V*4 bytes in fp32, as counted.
     """
-    n = micro_batch * seq_len
+    n = micro_batch * seq_len // cp
     loss = 3 * FP32 if tp == 1 else VOCAB_PARALLEL_LOSS_BYTES
     return n * shape.vocab_rows(tp) * (loss + (element_bytes if logits_kept else 0))
+
+
+def ring_working_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, tp: int, cp: int) -> float:
+    """Bytes ring attention's backward holds while it runs, for one layer (0 without cp).
+
+    All fp32, per rank's s/cp tokens: stack(K, V) of the block held, of the one arriving, this step's
+    dK/dV share, the share arriving and the one being sent (each 2 * kv width), and dq with one
+    block's piece of it (2 * the query width).
+    """
+    if cp == 1:
+        return 0.0
+    c = shape.config
+    n = micro_batch * seq_len // cp
+    kv_width = c.resolved_num_kv_heads * c.head_dim / tp
+    return FP32 * n * (5 * 2 * kv_width + 2 * c.d_model / tp)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, fields
 
 from plait.config import Plan
-from plait.planner.activations import FP32, head_working_bytes, layer_activations
+from plait.planner.activations import FP32, head_working_bytes, layer_activations, ring_working_bytes
 from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
 from plait.planner.shape import ModelShape, Unit
 from plait.planner.workload import PARAM_BYTES, Workload
@@ -198,10 +198,11 @@ class MemoryModel:
             moe: self._layer_bytes(plan, mb, e, moe=moe) for moe in {self.shape.config.is_moe_layer(i) for i in layers}
         }
         per_layer = [by_kind[self.shape.config.is_moe_layer(i)] for i in layers]
-        hidden = mb * self.workload.seq_len * self.shape.hidden * e
+        hidden = mb * self.workload.seq_len // plan.cp * self.shape.hidden * e  # a cp rank's tokens
         is_last = stage == plan.pp - 1
         activations = in_flight * sum(saved for saved, _ in per_layer) + (2 * hidden if is_last else 0.0)
-        phases = [self._layer_phase(plan, units, max(working for _, working in per_layer))]
+        ring = ring_working_bytes(self.shape, micro_batch=mb, seq_len=self.workload.seq_len, tp=plan.tp, cp=plan.cp)
+        phases = [self._layer_phase(plan, units, max(working for _, working in per_layer) + ring)]
         if is_last:
             phases.append(self._head_phase(plan, mb, e))
         if stage == 0 and plan.pp > 1:  # pipeline transfers land in a stage's input, counted as activations
@@ -234,10 +235,10 @@ class MemoryModel:
         (measured: +-5% of the peak under sequence parallel)."""
         loss = head_working_bytes(
             self.shape, micro_batch=micro_batch, seq_len=self.workload.seq_len, element_bytes=e, tp=plan.tp,
-            logits_kept=plan.pp == 1,
+            logits_kept=plan.pp == 1, cp=plan.cp,
         )  # fmt: skip
         copies = (3 if plan.sequence_parallel else 2) if plan.tp > 1 else 0
-        exit_grads = copies * micro_batch * self.workload.seq_len * self.shape.hidden * e
+        exit_grads = copies * micro_batch * self.workload.seq_len // plan.cp * self.shape.hidden * e
         return Phase(working=loss, comm=exit_grads)
 
     def _embedding_phase(self, plan: Plan, hidden: float) -> float:
@@ -276,6 +277,7 @@ class MemoryModel:
             "tp": plan.tp,
             "sp": plan.sequence_parallel,
             "profile": self.profile,
+            "cp": plan.cp,
         }
         if plan.recompute != "selective" or self.profile == "megatron":
             act = layer_activations(self.shape, recompute=plan.recompute, **kwargs)
