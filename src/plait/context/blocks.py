@@ -153,11 +153,8 @@ def attend_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block's (output, lse); ``k``/``v`` may have fewer heads (grouped-query), ``mask`` excludes ``causal``."""
-    if fused_supported(q):
-        return fused_forward(q, k, v, scale=scale, causal=causal, mask=mask)
-    group = q.shape[1] // k.shape[1]
-    full = _full_mask(q, k, causal=causal, mask=mask)
-    return block_forward(q, _repeat(k, group), _repeat(v, group), scale=scale, mask=full)
+    kernel = fused_forward if fused_supported(q) else tiled_forward
+    return kernel(q, k, v, scale=scale, causal=causal, mask=mask)
 
 
 def attend_backward(
@@ -171,8 +168,30 @@ def attend_backward(
     mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block's dq, dk, dv (dk/dv with k's heads); ``grad`` is (d_out, merged out, merged lse)."""
-    if fused_supported(q):
-        return fused_backward(q, k, v, grad=grad, scale=scale, causal=causal, mask=mask)
+    kernel = fused_backward if fused_supported(q) else tiled_backward
+    return kernel(q, k, v, grad=grad, scale=scale, causal=causal, mask=mask)
+
+
+def tiled_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_forward`` through the tiled kernels (any device): kv heads repeated, ``causal`` as a mask."""
+    group = q.shape[1] // k.shape[1]
+    full = _full_mask(q, k, causal=causal, mask=mask)
+    return block_forward(q, _repeat(k, group), _repeat(v, group), scale=scale, mask=full)
+
+
+def tiled_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attend_backward`` through the tiled kernels: dK/dV folded back onto the kv heads."""
     d_out, out, lse = grad
     group = q.shape[1] // k.shape[1]
     full = _full_mask(q, k, causal=causal, mask=mask)
