@@ -3,8 +3,9 @@
 Forward: cp steps; at each, this rank starts sending the key/value block it holds to the next
 rank and receiving the previous rank's, computes its queries against the block it holds, and
 merges the result (online softmax, fp32). Backward is a second ring: key/value blocks travel
-again, and each block's dK/dV accumulator follows it, each rank adding its share, until after
-cp hops it is back with the block's owner.
+again, and each block's dK/dV accumulator follows it from the rank after its owner, each rank
+adding its share, until after cp - 1 hops it is back with the owner, which adds its own.
+Each block's kernel is picked in ``plait.context.blocks`` (fused on CPU, tiled elsewhere).
 """
 
 from __future__ import annotations
