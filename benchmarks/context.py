@@ -6,13 +6,14 @@ forked gloo ranks of one thread each.
   against cp=1 (dp=2: each rank one row), both engines in the same processes, A B A B;
 - overlap: one attention layer's ring (forward + backward, cp=2) timed whole, its block
   computations alone (a ring of one that hands blocks straight back) and its p2p alone (the same
-  shifts without compute); share of p2p hidden = (compute + p2p - ring) / p2p, in [0, 1];
+  shifts without compute); share of p2p hidden = (compute + p2p - ring) / p2p, in [0, 1] (with two
+  one-thread ranks on 2 cores, gloo's transfer threads take the cores the blocks compute on);
 - memory: per cp in 1, 2, 4 (world = cp, one row per step), the first step's peak RSS above the
   RSS after set-up (VmHWM reset; blocks over 128 KiB mmapped so freed memory leaves RSS), at
   doubling sequence lengths until it passes `--budget-mib`; the longest that fits at each cp
   (the worst rank).
 
-    python benchmarks/context.py            # ~10 min on 2 quiet cores
+    python benchmarks/context.py            # ~1-2 min on 2 cores
     python benchmarks/context.py --quick    # a smoke check
     python benchmarks/context.py --skip-memory   # throughput and overlap only; the JSON keeps the
                                                  # memory section of the file it replaces
