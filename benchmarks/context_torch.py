@@ -7,7 +7,9 @@ DTensors and handles only the CUDA kernels' ops (``_sdpa_handler``: aten._scaled
 flash/efficient/cudnn_attention and their backwards); on CPU SDPA dispatches to
 aten._scaled_dot_product_flash_attention_for_cpu, which has neither a CP handler nor a DTensor
 sharding strategy. Forcing SDPA's MATH backend decomposes it into ops on DTensors beside a plain
-causal-mask tensor, which DTensor refuses.
+causal-mask tensor, which DTensor refuses ("aten.add.Tensor got mixed torch.Tensor and DTensor").
+torch's other CP style, ``_ContextParallel`` with flex_attention (K/V all-gathered, no ring), cannot
+train here either: "FlexAttention does not support backward on CPU".
 """
 
 from __future__ import annotations
