@@ -1,4 +1,4 @@
-"""Context parallel (plan.cp): throughput, ring overlap, and the longest sequence a memory budget trains.
+"""Context parallel (plan.cp): throughput and ring overlap; memory per rank is benchmarks/context_memory.py.
 
 Work: a Llama-style GPT (d_model 128, 4 heads, 2 kv heads, 4 layers, vocab 512), fp32 AdamW,
 forked gloo ranks of one thread each.
@@ -7,24 +7,15 @@ forked gloo ranks of one thread each.
 - overlap: one attention layer's ring (forward + backward, cp=2) timed whole, its block
   computations alone (a ring of one that hands blocks straight back) and its p2p alone (the same
   shifts without compute); share of p2p hidden = (compute + p2p - ring) / p2p, in [0, 1] (with two
-  one-thread ranks on 2 cores, gloo's transfer threads take the cores the blocks compute on);
-- memory: per cp in 1, 2, 4 (world = cp, one row per step), the first step's peak RSS above the
-  RSS after set-up (VmHWM reset; blocks over 128 KiB mmapped so freed memory leaves RSS), at
-  doubling sequence lengths until it passes `--budget-mib`; the longest that fits at each cp
-  (the worst rank).
+  one-thread ranks on 2 cores, gloo's transfer threads take the cores the blocks compute on).
 
     python benchmarks/context.py            # ~1-2 min on 2 cores
     python benchmarks/context.py --quick    # a smoke check
-    python benchmarks/context.py --skip-memory   # throughput and overlap only; the JSON keeps the
-                                                 # memory section of the file it replaces
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import statistics
 import sys
 import time
@@ -35,14 +26,11 @@ import torch
 import torch.distributed as dist
 from common import (
     RESULTS_DIR,
-    current_rss_bytes,
     environment,
     finish,
     format_table,
     load_average,
-    peak_rss_bytes,
     ratio_summary,
-    reset_peak_rss,
     run_alternating,
     run_ranks,
     timed_block,
@@ -53,7 +41,6 @@ import plait
 from plait.context.layout import chunk_size
 from plait.context.ring import Masks, Pending, Ring, ring_backward, ring_forward
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
 MODEL = {"d_model": 128, "num_heads": 4, "num_kv_heads": 2, "num_layers": 4, "vocab_size": 512}
 
 
@@ -126,54 +113,13 @@ def measure_overlap(rank: int, world_size: int, args: argparse.Namespace) -> dic
     return {"seconds": runs, "median_s": medians, "p2p_hidden_share": min(1.0, max(0.0, hidden))}
 
 
-def return_freed_memory() -> None:
-    """Large blocks from mmap, returned on free (glibc's adaptive threshold would keep a freed step's
-    memory in the heap, and the next step's peak would hide inside RSS already counted)."""
-    libc = ctypes.CDLL("libc.so.6")
-    for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
-        libc.mallopt(option, 128 * 1024)
-
-
-def memory_main(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    return_freed_memory()
-    points = []
-    for seq in args.memory_seqs:
-        engine = build_engine(cp=world_size, seq=seq)
-        batch = make_rows(1, seq)
-        gc.collect()
-        before = current_rss_bytes()
-        reset_peak_rss()
-        start = time.perf_counter()
-        engine.train_step(batch)  # the first step: activations, gradients and Adam's states (tiny here)
-        step_bytes = (peak_rss_bytes() or 0) - (before or 0)
-        worst = torch.tensor(float(step_bytes))
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        points.append({"seq": seq, "step_peak_bytes": int(worst), "seconds": time.perf_counter() - start})
-        del engine
-        if worst.item() > args.budget_mib * 2**20:
-            break
-    return points
-
-
-def previous_memory(path: Path) -> dict[int, list[dict[str, Any]]]:
-    """The memory points of the results file being replaced (``--skip-memory``), keyed by cp."""
-    if not path.exists():
-        return {}
-    return {int(cp): points for cp, points in json.loads(path.read_text()).get("memory", {}).items()}
-
-
-def longest_within(points: list[dict[str, Any]], budget: int) -> int | None:
-    fitting = [p["seq"] for p in points if p["step_peak_bytes"] <= budget]
-    return max(fitting) if fitting else None
-
-
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, left = plt.subplots(figsize=(5.5, 4))
     speeds = dict(results["throughput"]["tokens_per_s"])
     if results["torch_context_parallel"]["ran"]:
         speeds["torch cp2"] = results["torch_context_parallel"]["tokens_per_s"]
@@ -183,13 +129,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
         f"seq {results['args']['seq']}: cp=2 vs cp=1 (dp=2)"
         + ("" if results["torch_context_parallel"]["ran"] else "; torch CP fails on CPU")
     )
-    for cp, points in results["memory"].items():
-        right.plot([p["seq"] for p in points], [p["step_peak_bytes"] / 2**20 for p in points], "o-", label=f"cp={cp}")
-    right.axhline(results["args"]["budget_mib"], color="red", linestyle="--", label="budget")
-    right.set_xscale("log", base=2)
-    right.set_xlabel("sequence length")
-    right.set_ylabel("step peak RSS above set-up per rank (MiB)")
-    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -200,13 +139,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--budget-mib", type=float, default=256.0)
-    parser.add_argument("--memory-seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.seq, args.pairs, args.steps, args.memory_seqs, args.budget_mib = 256, 2, 1, [256, 512], 64.0
+        args.seq, args.pairs, args.steps = 256, 2, 1
     stem = "context-quick" if args.quick else "context"
     out = args.out or RESULTS_DIR / f"{stem}.json"
     started, loads = time.perf_counter(), {"start": load_average()}
@@ -215,14 +151,6 @@ def main() -> None:
     loads["after_throughput"] = load_average()
     torch_cp = run_ranks(torch_cp_main, 2, args, MODEL)[0]
     phase["torch_context_parallel"] = time.perf_counter() - started - phase["throughput"]
-    if args.skip_memory:
-        memory = previous_memory(out)
-    else:
-        memory = {cp: run_ranks(memory_main, cp, args)[0] for cp in (1, 2, 4)}
-        phase["memory"] = time.perf_counter() - started - sum(phase.values())
-        loads["after_memory"] = load_average()
-    budget = int(args.budget_mib * 2**20)
-    longest = {cp: longest_within(points, budget) for cp, points in memory.items()}
     ratio = throughput["cp2_over_cp1"]
     speeds = [[f"plait {k}", f"{v:,.0f}"] for k, v in throughput["tokens_per_s"].items()]
     speeds.append(["torch context_parallel cp2", f"{torch_cp['tokens_per_s']:,.0f}" if torch_cp["ran"] else "fails"])
@@ -235,18 +163,12 @@ def main() -> None:
         f"one layer's ring (fwd+bwd, cp=2): {overlap['ring'] * 1e3:.1f} ms; compute alone {overlap['compute'] * 1e3:.1f} ms, "
         f"p2p alone {overlap['p2p'] * 1e3:.1f} ms; share of p2p hidden {throughput['overlap']['p2p_hidden_share']:.2f}"
     )
-    rows = [[f"cp={cp}", " ".join(f"{p['seq']}:{p['step_peak_bytes'] / 2**20:.0f}" for p in pts), longest[cp]]
-            for cp, pts in memory.items()]  # fmt: skip
-    print(format_table(["plan", "seq:step peak MiB per rank", f"longest within {args.budget_mib:.0f} MiB"], rows))
     payload = {
         "environment": environment(),
         "args": vars(args) | {"out": str(out)},
         "load_average": loads,
         "throughput": throughput,
         "torch_context_parallel": torch_cp,
-        "memory": memory,
-        "memory_measured": "in an earlier run (--skip-memory)" if args.skip_memory else "in this run",
-        "longest_within_budget": longest,
     }
     plot(payload, out.with_suffix(".png"))
     finish(out, payload, wall_s=time.perf_counter() - started, phase_wall_s=phase)
