@@ -35,3 +35,20 @@ def test_labels_are_shifted_before_the_split() -> None:
     assert shard["position_ids"].tolist() == [2, 3, 4, 5]
     last = shard_batch({"input_ids": ids, "labels": ids.clone()}, rank=0, size=2)
     assert last["labels"].tolist() == [[1, 2, 7, -100]]  # chunks 0 and 3: the row's last token predicts nothing
+
+
+@pytest.mark.parametrize("family", ["phi3", "opt", "gemma2"])
+def test_hf_models_without_cp_parity_are_refused(family: str) -> None:
+    from plait.context.hf import hf_attention_layers
+    from tests.hf_models import tiny_model
+
+    with pytest.raises(ValueError, match="not available yet in plait"):
+        hf_attention_layers(tiny_model(family))
+
+
+def test_packed_documents_of_an_hf_model_are_refused() -> None:
+    from plait.context.apply import ContextParallel
+
+    ids = torch.arange(8)[None]
+    with pytest.raises(ValueError, match="packed documents"):
+        ContextParallel(None, hf=True).shard({"input_ids": ids, "labels": ids, "position_ids": ids})
