@@ -120,15 +120,16 @@ def theory_tp(sizes: dict[str, int]) -> float:
 def theory_tp_sp(sizes: dict[str, int]) -> float:
     """Sequence parallel: each all-gather and reduce-scatter of a full (micro, seq, d) buffer B sends
     (N-1)/N x B = B/2. Per micro-batch: the embedding reduce-scatters forward and all-gathers
-    backward (2); per layer the two entries all-gather forward and reduce-scatter backward, the two
-    exits the reverse (8); the head gathers forward and reduce-scatters backward (2); the learned
+    backward (2); per layer the two entries all-gather forward, reduce-scatter backward and gather their
+    input's sequence chunk again in backward for the weight gradients (the chunk, not the gathered copy,
+    is kept), the two exits reduce-scatter forward and all-gather backward (10); the head gathers forward and reduce-scatters backward (2); the learned
     positions (seq, d) keep their chunk forward and all-gather backward; the loss as without sequence
     parallel. Once per step: the norms' and row biases' partial gradients are summed over tp
     (norm1, norm2 weight and bias, o_proj and down_proj bias: 6d per layer; norm_f: 2d) and clipping."""
     d, layers = sizes["d"], sizes["layers"]
     full = FP32 * MICRO * SEQ * d
     per_token = FP32 * MICRO * SEQ
-    per_microbatch = (2 + 8 * layers + 2) * full / 2 + FP32 * SEQ * d / 2 + 3 * per_token
+    per_microbatch = (2 + 10 * layers + 2) * full / 2 + FP32 * SEQ * d / 2 + 3 * per_token
     partial_grads = FP32 * (6 * d * layers + 2 * d)
     return MICROBATCHES * per_microbatch + partial_grads + FP32
 

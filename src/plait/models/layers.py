@@ -143,13 +143,15 @@ class Attention(nn.Module):
             out = self.context_attention(q, k, v, position_ids=position_ids)
             out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
             return self.o_proj(out)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        gqa = self._sdpa_groups_heads(q)
+        if not gqa:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
         dropout_p = self.attn_dropout if self.training else 0.0
         if position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
             mask = document_causal_mask(position_ids)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -157,12 +159,16 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)
 
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """Repeat each kv head for its group of query heads (query head h uses kv h // group).
+    def _sdpa_groups_heads(self, q: torch.Tensor) -> bool:
+        """Whether SDPA reads each kv head for its group of query heads itself (``enable_gqa``), so no
+        repeated copy of K and V is made or kept for backward: on CPU (the fused flash kernel) and in
+        16-bit on GPU (flash attention). fp32 on GPU relies on the memory-efficient kernel, which
+        ``enable_gqa`` rules out."""
+        grouped = self.num_heads != self.num_kv_heads
+        return grouped and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
 
-        Explicit repetition rather than SDPA's ``enable_gqa`` because the latter rules out
-        the memory-efficient kernel, which fp32 on GPU relies on.
-        """
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Repeat each kv head for its group of query heads (query head h uses kv h // group)."""
         group = self.num_heads // self.num_kv_heads
         if group == 1:
             return x

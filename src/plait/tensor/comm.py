@@ -170,16 +170,17 @@ class SharedEntry:
 
     def __init__(self) -> None:
         self._last: tuple[Any, int, torch.Tensor, bool] | None = None  # (input ref, version, entered, sp)
+        self.regather: Any = None  # under sequence parallel, the backward all-gather the entered tensor's users share
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # a copied or pickled model starts with nothing entered (weak references do not pickle)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._last = None
+        self._last, self.regather = None, None
 
     def _forget(self, source: Any) -> None:
         if self._last is not None and self._last[0] is source:
-            self._last = None
+            self._last, self.regather = None, None
 
     def enter(
         self,
@@ -195,4 +196,5 @@ class SharedEntry:
         enter = gather_sequence if sequence_parallel else copy_to_tp
         out = enter(x, group, counter=counter)
         self._last = (weakref.ref(x, self._forget), x._version, out, sequence_parallel)
+        self.regather = None  # a column layer keeping the input's shard sets a fresh one
         return out

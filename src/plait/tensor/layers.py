@@ -31,6 +31,7 @@ from plait.tensor.comm import (
     reduce_scatter_sequence,
     tp_rank_and_size,
 )
+from plait.tensor.sharded_input import Regather, linear_keeping_shard
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
@@ -108,11 +109,30 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel and x.dim() == 2:  # (tokens, in): (batch, seq) flattened first (OPT's MLP)
-            x = gather_sequence(x, self.group, dim=0, counter=self.counter)
+            full = gather_sequence(x, self.group, dim=0, counter=self.counter)
         else:
-            x = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel, counter=self.counter)
-        out = _project(x, self.weight, self.bias, transposed=self.transposed)
+            full = self.entry.enter(x, self.group, sequence_parallel=self.sequence_parallel, counter=self.counter)
+        if self._keeps_shard():
+            out = linear_keeping_shard(
+                full, x, self.weight, self.bias, regather=self._regather(x), transposed=self.transposed
+            )
+        else:
+            out = _project(full, self.weight, self.bias, transposed=self.transposed)
         return self._gather(out) if self.gather_output else out
+
+    def _keeps_shard(self) -> bool:
+        # Under sequence parallel the weight gradient needs the gathered input: keep this rank's chunk
+        # and gather it again in backward rather than hold the whole copy (Megatron's trade).
+        return (
+            self.sequence_parallel and self.group is not None and torch.is_grad_enabled() and self.weight.requires_grad
+        )
+
+    def _regather(self, x: torch.Tensor) -> Regather:
+        if x.dim() == 2:
+            return Regather(self.group, 0, self.counter)
+        if self.entry.regather is None:  # the first layer fed this entered tensor; the others share it
+            self.entry.regather = Regather(self.group, 1, self.counter)
+        return self.entry.regather
 
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         _, size = tp_rank_and_size(self.group)
