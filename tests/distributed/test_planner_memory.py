@@ -7,6 +7,7 @@ under sequence parallel)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import plait
 from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
-from plait.planner import Cluster, Estimator, ModelShape, Workload
+from plait.planner import Cluster, Estimator, ModelShape, Workload, layer_activations
 from plait.train.metrics import live_tensor_bytes, peak_live_tensor_bytes
 from tests.distributed.harness import run_ranks
 
@@ -84,3 +85,46 @@ def test_zero3_under_a_pipeline_holds_what_is_estimated(gather: str) -> None:
     states, peak = max(r[0] for r in results), max(r[1] for r in results)
     assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
     assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)
+
+
+GQA = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=2, num_heads=8, num_kv_heads=2,
+                norm="rmsnorm", activation="swiglu", position="rope", bias=False)  # fmt: skip
+GQA_BATCH = 4
+
+
+def saved_bytes(rank: int, world_size: int, config: GPTConfig, plan: Plan) -> int:
+    """Bytes of the distinct storages autograd saves in one forward, parameters aside."""
+    torch.manual_seed(0)
+    engine = plait.boost(
+        plait.models.build(config),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        loss_fn=plait.losses.causal_lm,
+        plan=plan,
+    )
+    params = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, config.vocab_size, (GQA_BATCH, SEQ))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        engine.model(input_ids=tokens)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 8])
+def test_layer_activations_under_sequence_parallel_and_grouped_kv_heads(num_kv_heads: int) -> None:
+    """tp2 + sp, Llama's layer with 8 query heads: what one layer saves (a 4-layer model's bytes less a
+    2-layer one's, halved) is the planner's count. Fails if K/V are kept repeated to every query head
+    (+2nh(1-r)/t) or the column layers keep the whole gathered norm output (+2nh(1-1/t))."""
+    config = dataclasses.replace(GQA, num_kv_heads=num_kv_heads)
+    plan = Plan(dp=1, tp=2, sequence_parallel=True)
+    two, four = (
+        max(run_ranks(saved_bytes, 2, dataclasses.replace(config, num_layers=n), plan, timeout_s=60)) for n in (2, 4)
+    )
+    estimate = layer_activations(ModelShape(config), micro_batch=GQA_BATCH, seq_len=SEQ, element_bytes=4, tp=2, sp=True)
+    assert abs(estimate.saved / ((four - two) / 2) - 1) < 0.01, (estimate.saved, (four - two) / 2)

@@ -75,7 +75,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos[:, None], sin[:, None]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    halves = (first * cos - second * sin, second * cos + first * sin)
+    # Joined in (batch, seq, heads) memory order, the projections': attention's output then keeps it and
+    # reaches o_proj as a view, not as one more copy kept for backward.
+    return torch.cat([half.transpose(1, 2) for half in halves], dim=-1).transpose(1, 2)
 
 
 def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,16 @@ e bytes per element, t tensor-parallel ranks:
 
 - residual stream: the layer input and the sum after attention, 2nh
   (sequence-sharded, /t, under sequence parallel);
-- norm outputs: 2nh, whole under tp; under sequence parallel the
-  projections fed one norm (q, k, v; gate, up) share one all-gathered copy,
-  so also 2nh (nh for the parallel block);
-- attention: q, k, v and the output of fused attention, 4nh/t, plus its
+- norm outputs: 2nh (nh for the parallel block), whole under tp; under
+  sequence parallel 2nh/t: the column layers fed one norm (q, k, v; gate,
+  up) keep its sequence chunk and all-gather it again in backward, as
+  Megatron does (`working`: that one gathered copy while their backward runs);
+- attention: q and the output of fused attention, 2nh/t, K and V at the kv
+  heads' width, 2nh*r/t (r = kv heads / heads: SDPA groups the query heads
+  itself, no repeated copy; except fp32 on a GPU, where plait repeats K/V for
+  the memory-efficient kernel and this undercounts by 2nh(1-r)/t), plus its
   fp32 log-sum-exp, 4*b*a*s/t bytes (no s x s scores are ever stored);
+  rotary positions add their cos and sin tables, s * head_dim elements;
 - MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
 - norm statistics in fp32 (LayerNorm: mean and rstd; RMSNorm: rstd and the
   normalised input before its scale).
@@ -64,20 +69,19 @@ def _moe_mlp(shape: ModelShape, *, n: int, e: int, tp: int) -> float:
     return experts + router + shared
 
 
-def _plait_full(
-    shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool, moe: bool = False, ring: bool = False
-) -> float:
+def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool, moe: bool = False) -> float:
     c = shape.config
     n, h, f = b * s, c.d_model, c.resolved_d_ff
     residual = 2 * n * h * e / (tp if sp else 1)
     num_norms = 1 if c.parallel_block else 2
-    norms = num_norms * n * h * e  # entered once per norm, gathered whole under sequence parallel
-    kv_width = c.resolved_num_kv_heads * c.head_dim if ring else h  # the ring passes K/V unrepeated
+    norms = num_norms * n * h * e / (tp if sp else 1)  # under sp the column layers keep the sequence chunk
+    kv_width = c.resolved_num_kv_heads * c.head_dim  # SDPA (enable_gqa) and the ring take K/V unrepeated
     attention = (2 * h + 2 * kv_width) * n * e / tp + FP32 * b * c.num_heads * s / tp
     mlp = _moe_mlp(shape, n=n, e=e, tp=tp) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
     stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
     stats = num_norms * n * stats_per_token / (tp if sp else 1)
-    return residual + norms + attention + mlp + stats
+    rope = s * c.head_dim * e if c.position == "rope" else 0.0  # its cos and sin tables, made per layer
+    return residual + norms + attention + mlp + stats + rope
 
 
 def _megatron_full(shape: ModelShape, *, b: int, s: int, tp: int, sp: bool, selective: bool) -> float:
@@ -126,7 +130,7 @@ def layer_activations(
         full = _megatron_full(shape, b=b, s=s, tp=tp, sp=sp, selective=recompute == "selective")
         saved = 2 * b * s * shape.hidden / (tp if sp else 1) if recompute == "full" else full
         return LayerActivations(saved=saved, working=full if recompute == "full" else 0.0)
-    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp, moe=moe, ring=cp > 1)
+    full = _plait_full(shape, b=b, s=s, e=element_bytes, tp=tp, sp=sp, moe=moe)
     if recompute == "full":
         return LayerActivations(saved=input_bytes, working=full)
     return LayerActivations(saved=full, working=0.0)

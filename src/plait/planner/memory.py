@@ -202,9 +202,13 @@ class MemoryModel:
         is_last = stage == plan.pp - 1
         activations = in_flight * sum(saved for saved, _ in per_layer) + (2 * hidden if is_last else 0.0)
         ring = ring_working_bytes(self.shape, micro_batch=mb, seq_len=self.workload.seq_len, tp=plan.tp, cp=plan.cp)
-        phases = [self._layer_phase(plan, units, max(working for _, working in per_layer) + ring)]
+        # Under sp the column layers' input, whole: re-gathered while a layer's backward runs, and the
+        # last one entered held by the shared entry until that layer's backward (so through the head's).
+        gathered = hidden if plan.sequence_parallel and plan.tp > 1 else 0.0
+        phases = [self._layer_phase(plan, units, max(working for _, working in per_layer) + ring + gathered)]
         if is_last:
-            phases.append(self._head_phase(plan, mb, e))
+            head = self._head_phase(plan, mb, e)
+            phases.append(Phase(working=head.working + gathered, comm=head.comm))
         if stage == 0 and plan.pp > 1:  # pipeline transfers land in a stage's input, counted as activations
             phases.append(Phase(working=self._embedding_phase(plan, hidden)))
         if plan.pp > 1 and plan.zero >= 2:
