@@ -17,6 +17,7 @@ weights (router, top_k experts, shared experts).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from plait.config import Plan
@@ -139,9 +140,9 @@ class TimeModel:
         ZeRO shard) and each computes 1/cp of every sequence's tokens against all of its keys: the same
         work and collectives as dp x cp data-parallel ranks, plus the ring's hops per layer."""
         folded = dataclasses.replace(plan, dp=plan.dp * plan.cp, cp=1)
-        base = self.estimate(folded)
+        base = self._folded(folded, cp=plan.cp)
         c, cfg = self.cluster, self.shape.config
-        tokens = self.workload.micro_batch(dp=folded.dp, microbatches=plan.microbatches) * self.workload.seq_len
+        tokens = self.workload.micro_batch(dp=plan.dp, microbatches=plan.microbatches) * self.workload.seq_len / plan.cp
         block = 2 * tokens * cfg.resolved_num_kv_heads * cfg.head_dim * FP32 / plan.tp  # stack(k, v) in fp32
         link = c.link(plan.cp, stride=plan.tp)
         hop = block / link.bandwidth + link.latency
@@ -151,6 +152,26 @@ class TimeModel:
         num_layers = max(len(self.layouts.get(plan).layer_indices(r)) for r in range(plan.pp))
         ring = plan.microbatches * num_layers * hops * hop
         return dataclasses.replace(base, cp_comm=ring)
+
+    def _folded(self, folded: Plan, *, cp: int) -> TimeBreakdown:
+        """The dp x cp fold gives each folded rank b / cp sequences per micro-batch, fewer than one when the
+        micro-batch b is smaller than cp (long-context runs use b = 1): estimated on a batch `widen` times
+        larger, so that the folded micro-batch is whole, then the per-micro-batch terms (linear in tokens)
+        taken back to the rank's b x seq / cp tokens; the gradient reduction and the optimizer do not
+        depend on tokens, and the share of the reduction that backward hides shrinks with it."""
+        b = self.workload.micro_batch(dp=folded.dp // cp, microbatches=folded.microbatches)
+        widen = cp // math.gcd(b, cp)
+        if widen == 1:
+            return self.estimate(folded)
+        wide = Workload(self.workload.global_batch * widen, self.workload.seq_len, clips=self.workload.clips)
+        model = TimeModel(self.shape, wide, cluster=self.cluster, profile=self.profile, layouts=self.layouts)
+        base = model.estimate(folded)
+        hidden = (base.dp_comm - base.dp_comm_exposed) / widen
+        exposed = max(base.dp_comm - hidden, (1 - self.cluster.overlap) * base.dp_comm)
+        per_token = ("compute", "tp_comm", "ep_comm", "bubble", "pp_comm")
+        return dataclasses.replace(
+            base, dp_comm_exposed=exposed, **{name: getattr(base, name) / widen for name in per_token}
+        )
 
     def _core_speedup(self, busy_fraction: float) -> float:
         """Ranks sharing cores: with only `busy_fraction` of them computing at a time (the rest wait in
