@@ -190,8 +190,12 @@ LLAMA3_ASSUMED = [
     "micro-batch size 1 (not stated), so microbatches = batch size/DP",
     "recompute=none (the paper names no activation recomputation for pre-training)",
     "zero=2: optimizer states and gradients sharded, parameters kept after forward",
-    "plain 1F1B with the first and last stages one layer short (Section 3.3.2: 'we reduce one Transformer layer "
-    "each from the first and the last stages'); the paper's interleaved schedule does not state its chunk count",
+    "plain 1F1B, first and last stages one layer short, though the source interleaves (Section 3.3.2: 'we reduce "
+    "one Transformer layer each from the first and the last stages ... the first model chunk on the first stage has "
+    "only the embedding ... we use an interleaved schedule (Narayanan et al., 2021) with V pipeline stages on one "
+    "pipeline rank. Overall pipeline bubble ratio is (PP-1)/(V*M)'): V is not stated; equal chunks need 16 V - 2 "
+    "to divide 126 layers, so V = 8 with two layer-less chunks, which plait's partition refuses ('cannot split 126 "
+    "layers into 128 non-empty stages'): bubble 15/M here where the source has 15/(8 M)",
     "inter-node link 400 Gb/s per GPU = 50 GB/s (stated fabric), not the preset's 25 GB/s",
     "TFLOP/s per GPU converted with PaLM's model FLOPs (6N + 12 L d s per token), the MFU convention Meta cites",
     "sequence_parallel=true (not stated; Megatron-style tp=8 with sequence parallelism is assumed)",
