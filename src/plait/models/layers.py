@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
+from plait.models.kept_inputs import keep_inputs
 from plait.moe import MoEConfig, MoELayer
 
 
@@ -37,9 +38,12 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return keep_inputs(self._norm, x, self.weight)  # keeps x, not its fp32 copy and the normed tensor
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -202,7 +206,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(keep_inputs(_swiglu, self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -233,6 +237,10 @@ def build_mlp(config: GPTConfig, *, moe: bool = False) -> nn.Module:
     if config.moe_shared_experts:
         shared = MLP(dataclasses.replace(config, d_ff=config.moe_shared_experts * config.resolved_moe_d_ff))
     return MoELayer(moe_config(config), shared=shared)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def _init_linear(linear: nn.Linear, *, std: float) -> None:

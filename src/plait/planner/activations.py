@@ -16,9 +16,10 @@ e bytes per element, t tensor-parallel ranks:
   the memory-efficient kernel and this undercounts by 2nh(1-r)/t), plus its
   fp32 log-sum-exp, 4*b*a*s/t bytes (no s x s scores are ever stored);
   rotary positions add their cos and sin tables, s * head_dim elements;
-- MLP: 2nf/t for GELU (its input and output), 4nf/t for SwiGLU;
-- norm statistics in fp32 (LayerNorm: mean and rstd; RMSNorm: rstd and the
-  normalised input before its scale).
+- MLP: 2nf/t for GELU (its input and output), 3nf/t for SwiGLU (gate, up and
+  their product: silu(gate) is re-run in backward);
+- norm statistics in fp32 for LayerNorm (mean and rstd); RMSNorm keeps only
+  its input (the residual stream) and re-runs itself in backward.
 - an MoE layer's MLP instead: n*k*c token slots (top_k k, capacity factor
   c, 1 when dropless: the most slots the experts of one rank can take under
   expert parallel) each keep the expert MLP's activations (2f/t or 4f/t
@@ -65,7 +66,8 @@ def _moe_mlp(shape: ModelShape, *, n: int, e: int, tp: int) -> float:
     slots = n * c.moe_top_k * (c.moe_capacity_factor or 1.0)
     experts = slots * (per_mlp * c.resolved_moe_d_ff / tp + 2 * c.d_model) * e
     router = 2 * n * c.moe_experts * FP32
-    shared = per_mlp * n * c.moe_shared_experts * c.resolved_moe_d_ff * e
+    dense_per_mlp = 3 if c.activation == "swiglu" else 2  # shared experts are the model's MLP (`_plait_full`)
+    shared = dense_per_mlp * n * c.moe_shared_experts * c.resolved_moe_d_ff * e
     return experts + router + shared
 
 
@@ -77,8 +79,8 @@ def _plait_full(shape: ModelShape, *, b: int, s: int, e: int, tp: int, sp: bool,
     norms = num_norms * n * h * e / (tp if sp else 1)  # under sp the column layers keep the sequence chunk
     kv_width = c.resolved_num_kv_heads * c.head_dim  # SDPA (enable_gqa) and the ring take K/V unrepeated
     attention = (2 * h + 2 * kv_width) * n * e / tp + FP32 * b * c.num_heads * s / tp
-    mlp = _moe_mlp(shape, n=n, e=e, tp=tp) if moe else (4 if c.activation == "swiglu" else 2) * n * f * e / tp
-    stats_per_token = 2 * FP32 if c.norm == "layernorm" else FP32 + h * e
+    mlp = _moe_mlp(shape, n=n, e=e, tp=tp) if moe else (3 if c.activation == "swiglu" else 2) * n * f * e / tp
+    stats_per_token = 2 * FP32 if c.norm == "layernorm" else 0  # RMSNorm keeps its input alone (the residual)
     stats = num_norms * n * stats_per_token / (tp if sp else 1)
     rope = s * c.head_dim * e if c.position == "rope" else 0.0  # its cos and sin tables, made per layer
     return residual + norms + attention + mlp + stats + rope
