@@ -97,6 +97,7 @@ CASES = [
     ("bert-tiny", "dp2-zero3"),
     ("bert-tiny", "tp2"),
     ("bert-tiny", "pp2"),
+    ("bert-tiny", "dp2-zero2-recompute"),
     ("albert-tiny", "dp2-zero3"),
     ("albert-tiny", "tp2"),
     ("albert-tiny", "dp2-zero2-recompute"),

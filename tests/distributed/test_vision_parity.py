@@ -78,6 +78,7 @@ def reference(preset: str) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 PLANS = {
     "dp2-zero3": {"dp": 2, "zero": 3},
+    "dp2-zero2-recompute": {"dp": 2, "zero": 2, "recompute": "full"},
     "tp2": {"dp": 1, "tp": 2},
     "pp2": {"dp": 1, "pp": 2, "microbatches": 4, "pp_schedule": "1f1b"},
 }
@@ -88,6 +89,12 @@ def test_dp2_zero3_matches_one_process(preset: str) -> None:
     results = run_ranks(train_plan, 2, preset, PLANS["dp2-zero3"], timeout_s=120)
     losses = reference(preset)[0]
     assert losses[-1] < losses[0]  # it learns: the comparison is not between two idle runs
+    assert_parity(results, reference(preset))
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
+def test_dp2_zero2_recompute_matches_one_process(preset: str) -> None:
+    results = run_ranks(train_plan, 2, preset, PLANS["dp2-zero2-recompute"], timeout_s=120)
     assert_parity(results, reference(preset))
 
 
