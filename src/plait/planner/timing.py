@@ -271,7 +271,7 @@ class TimeModel:
         elements = (states.optimizer) / ADAM_BYTES
         num_tensors = sum(unit.num_tensors for unit in units)
         c = self.cluster
-        return (
-            elements * OPTIMIZER_PASSES * FP32 / c.memory_bandwidth
-            + num_tensors * OPTIMIZER_OPS_PER_TENSOR * c.op_overhead
-        )
+        per_tensor = num_tensors * OPTIMIZER_OPS_PER_TENSOR * c.op_overhead
+        if c.host_is_device:  # CPU ranks: the optimizer is the host's AdamW, at its calibrated rate
+            return elements / c.host_adam_rate + per_tensor
+        return elements * OPTIMIZER_PASSES * FP32 / c.memory_bandwidth + per_tensor
