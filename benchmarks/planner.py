@@ -2,12 +2,13 @@
 
 Work: a reference GPT (GPT-2 layout: d_model 256, 4 layers, 4 heads, vocab
 4096, seq 128, tied embeddings; P = 4.24M), global batch 8 sequences, fp32
-AdamW, on 2 and 4 forked gloo ranks of one thread each; the ep plans run a MoE
-variant (4 experts, top-2, dropless, in every other layer). Plans cover data
-parallel and ZeRO 0-3, recomputation, micro-batches, tp (with and without
-sequence parallel), pp (1F1B, GPipe), CPU offload of the optimizer (and of
-ZeRO-3's parameters), cp=2, ep=2/4, and ZeRO-3 x pp with each unit gathered
-once per step or per micro-batch. For each world size:
+AdamW (fused, as `plait train` runs it), on 2 and 4 forked gloo ranks of one
+thread each; the ep plans run a MoE variant (4 experts, top-2, dropless, in
+every other layer). Plans cover data parallel and ZeRO 0-3, recomputation,
+micro-batches, tp (with and without sequence parallel), pp (1F1B, GPipe), CPU
+offload of the optimizer (and of ZeRO-3's parameters), cp=2, ep=2/4, and
+ZeRO-3 x pp with each unit gathered once per step or per micro-batch. For
+each world size:
 
 1. `plait.planner.calibrate` measures this machine with that many ranks at
    once (matmul rate at the model's shapes, fused attention's rate, element-
@@ -22,7 +23,8 @@ once per step or per micro-batch. For each world size:
    barriers; the figure is the median over every pass's timed steps, each
    step's time the slowest rank's. Model-state bytes are
    `engine.state_bytes()` after the first step (offloaded plans: against the
-   planner's device plus host bytes). Memory figures are the
+   planner's device plus host bytes, as for the peak: on CPUs the host is the
+   device). Memory figures are the
    busiest rank's. The 1-minute load average before each pass is recorded
    (other users' jobs show there).
 3. accuracy: estimated/measured per plan; Spearman rank correlation of
@@ -121,7 +123,7 @@ def make_engine(plan: Plan, config: GPTConfig = REFERENCE) -> plait.Engine:
     model = plait.models.build(config)
     return plait.boost(
         model,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4, fused=True),  # as plait train runs it
         loss_fn=plait.losses.causal_lm,
         plan=plan,
         max_grad_norm=1.0,
@@ -222,7 +224,9 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
     cluster = calibrate(world, probe=probe, repeats=3)
     calibration_s = time.perf_counter() - started
     workload = Workload(GLOBAL_BATCH, SEQ_LEN)
-    estimators = {name: Estimator(ModelShape(config, name=name), workload, cluster=cluster) for name, config in MODELS.items()}
+    estimators = {
+        name: Estimator(ModelShape(config, name=name), workload, cluster=cluster) for name, config in MODELS.items()
+    }
     estimates = []
     for options in plans:  # every estimate before anything of the plan runs
         name, fields = split_options(options)
@@ -249,7 +253,8 @@ def run_world(world: int, plans: list[dict[str, Any]], num_steps: int, rounds: i
             "options": options,
             "est_states": est.memory.model_states + (est.offload.host if est.offload else 0.0),
             "states": max(r["states"] for r in results), "states_detail": results[0]["states_detail"],
-            "est_peak": est.memory.tensors, "peak": max(r["live_peak"] for r in results),
+            # the host is the device here: host-held states are live tensors on it too
+            "est_peak": est.memory.tensors + est.memory.host, "peak": max(r["live_peak"] for r in results),
             "est_step_s": est.step_s, "step_s": step_s,
             "step_spread": [min(seconds[index]), max(seconds[index])],
             "step_seconds": seconds[index], "load_1min_before_each_round": loads[index],
