@@ -11,6 +11,7 @@ from plait.config import Plan
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, Estimator, Link, ModelShape, Workload
 from plait.planner.comm import collective_seconds
+from plait.planner.memory import ADAM_BYTES
 from plait.planner.timing import TimeModel
 
 CONFIG = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, num_layers=4, num_heads=4)
@@ -59,3 +60,15 @@ def test_cp_is_dp_over_its_ranks_plus_the_rings_hops() -> None:
     assert cp.time.cp_comm == pytest.approx(CONFIG.num_layers * hops * hop)
     assert cp.step_s == pytest.approx(dp.step_s + cp.time.cp_comm)
     assert dataclasses.replace(cp.time, cp_comm=0.0).total == pytest.approx(dp.time.total)
+
+
+def test_cpu_ranks_step_the_optimizer_at_the_calibrated_host_adamw_rate() -> None:
+    shape, workload = ModelShape(CONFIG, name="tiny"), Workload(8, 64)
+    plan = Plan(dp=1).resolve(1)
+    fast, slow = (
+        TimeModel(shape, workload, cluster=cpu_cluster(host_adam_rate=rate)).estimate(plan).optimizer
+        for rate in (1e9, 1e8)
+    )
+    elements = Estimator(shape, workload, cluster=cpu_cluster()).estimate(plan).memory.optimizer / ADAM_BYTES
+    assert elements == pytest.approx(CONFIG.num_parameters(), rel=1e-3)
+    assert slow - fast == pytest.approx(elements / 1e8 - elements / 1e9)
