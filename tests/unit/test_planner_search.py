@@ -23,7 +23,7 @@ def test_every_plan_is_valid_and_fitting_plans_come_fastest_first() -> None:
     assert result.best is not None and result.num_invalid > 0
     for est in result.estimates:
         plan = est.plan
-        assert plan.dp * plan.tp * plan.pp == 8
+        assert plan.dp * plan.tp * plan.pp * plan.cp == 8
         assert shape.config.num_heads % plan.tp == 0 and shape.config.resolved_num_kv_heads % plan.tp == 0
         assert is_valid(plan, shape, Workload(64, 4096))
     times = [e.step_s for e in result.fitting]
@@ -127,3 +127,16 @@ def test_interleaving_chunks_range_from_two_to_one_layer_per_virtual_stage() -> 
     result = search(shape, Workload(16, 64), cluster=Cluster.preset("h100", nodes=1), space=space)
     chunks = {(e.plan.pp, e.plan.pp_chunks) for e in result.estimates if e.plan.pp > 1}
     assert chunks == {(2, c) for c in range(2, 7)} | {(4, c) for c in range(2, 4)}
+
+
+def test_cp_is_searched_where_sequences_run_out_and_only_then() -> None:
+    shape = ModelShape(get_preset("llama-7b"))
+    long_and_few = Workload(2, 131072)  # 2 sequences on 32 GPUs: dp <= 2, tp <= 8 leaves pp or cp
+    cluster = Cluster.preset("h100", nodes=4)
+    best = search(shape, long_and_few, cluster=cluster).best
+    without_cp = search(shape, long_and_few, cluster=cluster, space=SearchSpace(cp=(1,))).best
+    assert best is not None and without_cp is not None
+    assert best.plan.cp > 1 and without_cp.plan.pp > 1  # a pipeline of 1 micro-batch per rank is mostly bubble
+    assert best.step_s < without_cp.step_s
+    plenty = search(shape, Workload(64, 4096), cluster=Cluster.preset("h100", nodes=1))
+    assert plenty.best is not None and all(e.plan.cp == 1 for e in plenty.estimates)  # dp does the same work

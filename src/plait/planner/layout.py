@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from plait.config import Plan
 from plait.pipeline.partition import balanced_split
-from plait.pipeline.schedules import build_schedule
+from plait.pipeline.schedules import Schedule, build_schedule
 from plait.pipeline.simulate import SimResult, simulate
 from plait.planner.shape import ModelShape
 
@@ -71,6 +71,7 @@ class ScheduleCache:
 
     def __init__(self) -> None:
         self._results: dict[tuple[object, ...], SimResult] = {}
+        self._schedules: dict[tuple[object, ...], Schedule] = {}
 
     def timing(self, plan: Plan, *, forward: float = 1.0, backward: float = 2.0) -> PipelineTiming:
         v, p, m = plan.pp_chunks, plan.pp, plan.microbatches
@@ -78,10 +79,14 @@ class ScheduleCache:
         if plan.pp_schedule == "interleaved":
             simulated = max(p, simulated // p * p)
         ratio = max(0.25, round(4 * backward / forward) / 4) if forward > 0 else 2.0
-        key = (plan.pp_schedule, p, simulated, v, ratio)
+        shape = (plan.pp_schedule, p, simulated, v)
+        if shape not in self._schedules:
+            self._schedules[shape] = build_schedule(
+                plan.pp_schedule, num_ranks=p, num_microbatches=simulated, num_chunks=v
+            )
+        key = (*shape, ratio)
         if key not in self._results:
-            schedule = build_schedule(plan.pp_schedule, num_ranks=p, num_microbatches=simulated, num_chunks=v)
-            self._results[key] = simulate(schedule, forward_cost=1.0, backward_cost=ratio)
+            self._results[key] = simulate(self._schedules[shape], forward_cost=1.0, backward_cost=ratio)
         result = self._results[key]
         scale = forward  # the simulation ran with forward cost 1
         makespan = result.makespan * scale + (m - simulated) * v * (forward + backward)

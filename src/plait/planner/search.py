@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from plait.config import Config, Plan, TrainConfig
+from plait.config import Config, DataConfig, Plan, TrainConfig
 from plait.planner.cluster import Cluster
 from plait.planner.estimate import Estimate, Estimator
 from plait.planner.shape import ModelShape
@@ -34,6 +34,9 @@ class SearchSpace:
     offload: tuple[str, ...] = ()  # tiers offloaded states may use: "cpu", "disk" (() keeps every state on the device)
     offload_dir: str = ""  # where disk-tier plans put their files (needed with "disk")
     ep: tuple[int, ...] = ()  # () allows every ep dividing dp and the experts (MoE models only; 1 otherwise)
+    # () lets the search choose cp among divisors whose dp divides the batch; a larger cp is tried only while
+    # the smaller one leaves a layout with no plan that fits (cp is never faster than dp on the same work)
+    cp: tuple[int, ...] = ()
     # ZeRO shard groups: "all" dp ranks, and/or "node" (hybrid sharding: shard inside a node, replicate across)
     zero_shard: tuple[str, ...] = ("all",)
 
@@ -46,6 +49,8 @@ class SearchSpace:
             )
         for stage in self.zero:
             Plan(zero=stage)
+        for size in self.cp:
+            Plan(cp=size)
         for mode in self.recompute:
             Plan(recompute=mode)
         for shard in self.zero_shard:
@@ -118,6 +123,16 @@ def _pipeline_options(pp: int, num_layers: int, space: SearchSpace) -> list[tupl
     return out
 
 
+def _cp_options(ranks: int, workload: Workload, space: SearchSpace) -> list[int]:
+    """Context-parallel degrees for ``ranks`` = dp x cp ranks, smallest first: those whose dp divides the
+    global batch and whose cp divides the sequence into 2 * cp chunks (or the space's own list)."""
+    sizes = [cp for cp in space.cp or _divisors(ranks) if ranks % cp == 0]
+    return [
+        cp for cp in sizes
+        if workload.global_batch % (ranks // cp) == 0 and (cp == 1 or workload.seq_len % (2 * cp) == 0)
+    ]  # fmt: skip
+
+
 def _ep_options(shape: ModelShape, dp: int, space: SearchSpace) -> list[int]:
     """Expert-parallel degrees: those dividing both dp (ep is carved from it) and the experts per layer."""
     experts = shape.config.moe_experts
@@ -126,28 +141,37 @@ def _ep_options(shape: ModelShape, dp: int, space: SearchSpace) -> list[int]:
     return [ep for ep in space.ep or _divisors(dp) if dp % ep == 0 and experts % ep == 0]
 
 
-def candidate_plans(shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace) -> Iterator[Plan]:
-    """Every plan the options allow, before validation."""
+def candidate_layouts(
+    shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace
+) -> Iterator[tuple[dict, list[int]]]:
+    """Every (tp, pp, sequence_parallel) layout with its cp degrees, smallest first."""
     world = cluster.num_devices
     for tp, sp in _tp_options(shape, cluster, space, workload.seq_len):
         for pp in space.pp or _divisors(world // tp):
             if (world // tp) % pp or pp > shape.num_layers:
                 continue
-            dp = world // tp // pp
-            if workload.global_batch % dp:
-                continue
-            for m in _microbatch_options(workload.global_batch // dp, pp, space):
-                for (schedule, chunks), zero, recompute, ep in itertools.product(
-                    _pipeline_options(pp, shape.num_layers, space), space.zero, space.recompute,
-                    _ep_options(shape, dp, space),
-                ):  # fmt: skip
-                    ratio = space.selective_ratio if recompute == "selective" else 1.0
-                    plan = Plan(
-                        dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=space.precision, microbatches=m,
-                        recompute=recompute, recompute_ratio=ratio,
-                        sequence_parallel=sp, pp_schedule=schedule, pp_chunks=chunks,
-                    )  # fmt: skip
-                    yield from zero_shard_variants(plan, space, cluster)
+            yield {"tp": tp, "pp": pp, "sequence_parallel": sp}, _cp_options(world // tp // pp, workload, space)
+
+
+def layout_plans(
+    shape: ModelShape, workload: Workload, cluster: Cluster, space: SearchSpace, *, layout: dict, cp: int
+) -> Iterator[Plan]:
+    """The plans of one layout at one cp degree (micro-batching, schedule, ZeRO, recompute, ep), before
+    validation."""
+    dp = cluster.num_devices // layout["tp"] // layout["pp"] // cp
+    if workload.global_batch % dp:
+        return
+    for m in _microbatch_options(workload.global_batch // dp, layout["pp"], space):
+        for (schedule, chunks), zero, recompute, ep in itertools.product(
+            _pipeline_options(layout["pp"], shape.num_layers, space), space.zero, space.recompute,
+            _ep_options(shape, dp, space),
+        ):  # fmt: skip
+            ratio = space.selective_ratio if recompute == "selective" else 1.0
+            plan = Plan(
+                dp=dp, cp=cp, ep=ep, zero=zero, precision=space.precision, microbatches=m, recompute=recompute,
+                recompute_ratio=ratio, pp_schedule=schedule, pp_chunks=chunks, **layout,
+            )  # fmt: skip
+            yield from zero_shard_variants(plan, space, cluster)
 
 
 def zero_shard_variants(plan: Plan, space: SearchSpace, cluster: Cluster) -> Iterator[Plan]:
@@ -202,11 +226,18 @@ def keep_offload(plain: list[Estimate], offloaded: list[Estimate]) -> list[Estim
     return [e for e in offloaded if e.fits and e.step_s < fastest]
 
 
+def _activations_overflow(estimate: Estimate, cluster: Cluster) -> bool:
+    """Whether the plan would fit on the device without what its sequence's activations take."""
+    memory = estimate.memory
+    return memory.total - memory.activations - memory.working <= cluster.device_memory
+
+
 def is_valid(plan: Plan, shape: ModelShape, workload: Workload) -> bool:
     """plait's own launch checks (`Plan.check_available`, `Config.check_batching`) and stages <= layers."""
     try:
         plan.check_available()
-        Config(plan=plan, train=TrainConfig(global_batch=workload.global_batch)).check_batching(plan.dp)
+        train, data = TrainConfig(global_batch=workload.global_batch), DataConfig(seq_len=workload.seq_len)
+        Config(plan=plan, train=train, data=data).check_batching(plan.dp)
     except ValueError:
         return False
     return plan.pp * plan.pp_chunks <= shape.num_layers
@@ -225,13 +256,20 @@ def search(
     started = time.perf_counter()
     estimator = Estimator(shape, workload, cluster=cluster, profile=profile)
     estimates, offloaded, invalid = [], [], 0
-    for plan in candidate_plans(shape, workload, cluster, space):
-        if not is_valid(plan, shape, workload):
-            invalid += 1
-            continue
-        base = estimator.estimate(plan)
-        estimates.append(base)
-        offloaded += [estimator.with_offload(base, variant) for variant in offload_variants(plan, space)]
+    for layout, cps in candidate_layouts(shape, workload, cluster, space):
+        # a larger cp does a dp rank's work plus more ring traffic: it is tried only while nothing fits
+        # and the sequence's activations are what overflows (cp divides those, not the model states)
+        for cp in cps:
+            found = []
+            for plan in layout_plans(shape, workload, cluster, space, layout=layout, cp=cp):
+                if not is_valid(plan, shape, workload):
+                    invalid += 1
+                    continue
+                found.append(estimator.estimate(plan))
+                offloaded += [estimator.with_offload(found[-1], variant) for variant in offload_variants(plan, space)]
+            estimates += found
+            if any(e.fits for e in found) or not any(_activations_overflow(e, cluster) for e in found):
+                break
     estimates += keep_offload(estimates, offloaded)
     # among equally fast plans, the one that communicates least, then the one that needs least memory
     estimates.sort(

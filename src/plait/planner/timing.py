@@ -147,8 +147,9 @@ class TimeModel:
         link = c.link(plan.cp, stride=plan.tp)
         hop = block / link.bandwidth + link.latency
         recomputed = {"full": 1.0, "selective": plan.recompute_ratio}.get(plan.recompute, 0.0)
-        # forward: cp - 1 hops of k/v; backward: k/v again and cp hops of their gradients' accumulator
-        hops = (1 + recomputed) * (plan.cp - 1) + (plan.cp - 1) + plan.cp
+        # forward: cp - 1 hops of k/v; backward: k/v again and cp - 1 hops of their gradients' accumulator
+        # (the owner keeps its own block's share, so the accumulator starts one rank on)
+        hops = (1 + recomputed) * (plan.cp - 1) + 2 * (plan.cp - 1)
         num_layers = max(len(self.layouts.get(plan).layer_indices(r)) for r in range(plan.pp))
         ring = plan.microbatches * num_layers * hops * hop
         return dataclasses.replace(base, cp_comm=ring)
@@ -164,7 +165,9 @@ class TimeModel:
         if widen == 1:
             return self.estimate(folded)
         wide = Workload(self.workload.global_batch * widen, self.workload.seq_len, clips=self.workload.clips)
-        model = TimeModel(self.shape, wide, cluster=self.cluster, profile=self.profile, layouts=self.layouts)
+        model = TimeModel(
+            self.shape, wide, cluster=self.cluster, profile=self.profile, layouts=self.layouts, schedules=self.schedules
+        )
         base = model.estimate(folded)
         hidden = (base.dp_comm - base.dp_comm_exposed) / widen
         exposed = max(base.dp_comm - hidden, (1 - self.cluster.overlap) * base.dp_comm)
