@@ -73,8 +73,11 @@ def _overrides(args: argparse.Namespace, *, batch: int, steps: int, warmup: int)
             "train.schedule=poly", *args.set]  # fmt: skip
 
 
-def train(name: str, overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "plait.cli", "train", str(CONFIG), "--set", f"train.out_dir={out_dir}"]
+def train(
+    name: str, overrides: list[str], *, out_dir: Path, config: Path = CONFIG, metric: str = "val_loss"
+) -> dict[str, Any]:
+    """One `plait train` run of ``config``; its evaluations of ``metric`` by step and samples seen."""
+    command = [sys.executable, "-m", "plait.cli", "train", str(config), "--set", f"train.out_dir={out_dir}"]
     for override in overrides:
         command += ["--set", override]
     print(" ".join(command[2:]), flush=True)
@@ -86,10 +89,10 @@ def train(name: str, overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
         raise SystemExit(f"{name} failed ({code}):\n{log.read_text()[-3000:]}")
     rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
     batch = int(next(o.split("=")[1] for o in overrides if o.startswith("train.global_batch=")))
-    evals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    evals = [(int(r["step"]), float(r[metric])) for r in rows if r.get(metric)]
     step_s = [float(r["step_s"]) for r in rows if r.get("step_s")]
     return {"global_batch": batch, "steps": [s for s, _ in evals], "samples": [s * batch for s, _ in evals],
-            "val_loss": [v for _, v in evals], "step_s": step_s, "wall_s": time.perf_counter() - started,
+            metric: [v for _, v in evals], "step_s": step_s, "wall_s": time.perf_counter() - started,
             "load_before": load_before, "load_after": load_average(), "overrides": overrides}  # fmt: skip
 
 

@@ -19,15 +19,13 @@ Writes benchmarks/results/large_batch_vision.json and .png (another --tag: large
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS_DIR, environment, format_table, load_average, write_json
+from common import RESULTS_DIR, environment, format_table, write_json
+from large_batch import train as train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/vit-digits.toml"
@@ -72,23 +70,9 @@ def _overrides(args: argparse.Namespace, *, batch: int, steps: int, warmup: int)
 
 
 def train(name: str, overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "plait.cli", "train", str(CONFIG), "--set", f"train.out_dir={out_dir}"]
-    for override in overrides:
-        command += ["--set", override]
-    print(" ".join(command[2:]), flush=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    log, load_before, started = out_dir.parent / f"{out_dir.name}.log", load_average(), time.perf_counter()
-    with log.open("w") as stream:  # a file: a full pipe would stall the run
-        code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT).returncode
-    if code:
-        raise SystemExit(f"{name} failed ({code}):\n{log.read_text()[-3000:]}")
-    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
-    batch = int(next(o.split("=")[1] for o in overrides if o.startswith("train.global_batch=")))
-    evals = [(int(r["step"]), float(r["val_acc"])) for r in rows if r.get("val_acc")]
-    step_s = [float(r["step_s"]) for r in rows if r.get("step_s")]
-    return {"global_batch": batch, "steps": [s for s, _ in evals], "samples": [s * batch for s, _ in evals],
-            "accuracy": [a for _, a in evals], "step_s": step_s, "wall_s": time.perf_counter() - started,
-            "load_before": load_before, "load_after": load_average(), "overrides": overrides}  # fmt: skip
+    run = train_run(name, overrides, out_dir=out_dir, config=CONFIG, metric="val_acc")
+    run["accuracy"] = run.pop("val_acc")
+    return run
 
 
 def first_reaching(run: dict[str, Any], target: float) -> dict[str, Any]:
