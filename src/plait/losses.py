@@ -27,6 +27,17 @@ def logits_of(outputs: Any) -> torch.Tensor:
     return logits
 
 
+def aligned_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy of ``logits`` (batch, seq, vocab) against ``targets`` (batch, seq) at the same
+    positions (IGNORE_INDEX skipped); under tensor parallel the vocabulary is never gathered."""
+    shard = is_vocab_sharded(logits)
+    if shard is not None:
+        return vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX).sum()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 class CausalLM:
     """Next-token cross entropy: (sum over predicted tokens, number of them).
 
@@ -41,22 +52,11 @@ class CausalLM:
     reads_labels = True
 
     def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_of(outputs)
-        shard = is_vocab_sharded(logits)
-        if shard is not None:  # tensor parallel: never gather the vocabulary
-            labels = batch["labels"]
+        logits, labels = logits_of(outputs), batch["labels"]
+        if is_vocab_sharded(logits) is not None:  # vocab-sharded logits are used whole; the last target is ignored
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
-            loss_sum = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX).sum()
-            return loss_sum, self.count_tokens(batch)
-        logits = logits[:, :-1]  # (batch, seq-1, vocab)
-        targets = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss_sum, self.count_tokens(batch)
+            return aligned_cross_entropy(logits, targets), self.count_tokens(batch)
+        return aligned_cross_entropy(logits[:, :-1], labels[:, 1:]), self.count_tokens(batch)
 
     @staticmethod
     def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from plait.context.layout import chunk_size, token_index
-from plait.losses import IGNORE_INDEX, CausalLM, logits_of
-from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
+from plait.losses import IGNORE_INDEX, CausalLM, aligned_cross_entropy, logits_of
 
 Batch = dict[str, torch.Tensor]
 
@@ -43,16 +41,7 @@ class ShiftedCausalLM:
     reads_labels = True
 
     def __call__(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_of(outputs)
-        targets = batch["labels"]
-        shard = is_vocab_sharded(logits)
-        if shard is not None:  # tensor parallel: never gather the vocabulary
-            loss_sum = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX).sum()
-            return loss_sum, self.count_tokens(batch)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return loss_sum, self.count_tokens(batch)
+        return aligned_cross_entropy(logits_of(outputs), batch["labels"]), self.count_tokens(batch)
 
     @staticmethod
     def count_tokens(batch: Batch) -> torch.Tensor:
