@@ -96,10 +96,12 @@ def train(
             "load_before": load_before, "load_after": load_average(), "overrides": overrides}  # fmt: skip
 
 
-def first_reaching(run: dict[str, Any], target: float) -> dict[str, Any]:
-    """Optimizer steps, samples and training seconds (sum of step times) at the first evaluation <= target."""
-    for step, samples, loss in zip(run["steps"], run["samples"], run["val_loss"], strict=True):
-        if loss <= target:
+def first_reaching(run: dict[str, Any], target: float, *, metric: str = "val_loss") -> dict[str, Any]:
+    """Optimizer steps, samples and training seconds (sum of step times) at the first evaluation that
+    reaches ``target``: at or below it for a loss, at or above it for an accuracy."""
+    lower_is_better = metric.endswith("loss")
+    for step, samples, value in zip(run["steps"], run["samples"], run[metric], strict=True):
+        if (value <= target) if lower_is_better else (value >= target):
             return {"steps": step, "samples": samples, "train_s": sum(run["step_s"][:step])}
     return {"steps": None, "samples": None, "train_s": None}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS_DIR, environment, format_table, write_json
-from large_batch import train as train_run
+from large_batch import first_reaching, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/vit-digits.toml"
@@ -69,20 +69,6 @@ def _overrides(args: argparse.Namespace, *, batch: int, steps: int, warmup: int)
             "train.min_lr_ratio=0.0", *args.set]  # fmt: skip
 
 
-def train(name: str, overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
-    run = train_run(name, overrides, out_dir=out_dir, config=CONFIG, metric="val_acc")
-    run["accuracy"] = run.pop("val_acc")
-    return run
-
-
-def first_reaching(run: dict[str, Any], target: float) -> dict[str, Any]:
-    """Optimizer steps, samples and training seconds (sum of step times) at the first evaluation >= target."""
-    for step, samples, accuracy in zip(run["steps"], run["samples"], run["accuracy"], strict=True):
-        if accuracy >= target:
-            return {"steps": step, "samples": samples, "train_s": sum(run["step_s"][:step])}
-    return {"steps": None, "samples": None, "train_s": None}
-
-
 def plot(runs: dict[str, dict[str, Any]], target: float, path: Path) -> None:
     import matplotlib
 
@@ -93,7 +79,7 @@ def plot(runs: dict[str, dict[str, Any]], target: float, path: Path) -> None:
     for name, run in runs.items():
         ax.plot(
             run["samples"],
-            [100 * a for a in run["accuracy"]],
+            [100 * a for a in run["val_acc"]],
             marker="o",
             label=f"{name} (batch {run['global_batch']})",
         )
@@ -111,11 +97,12 @@ def main() -> None:
     stem = "large_batch_vision" + (f"-{args.tag}" if args.tag else "")
     started = time.perf_counter()
     runs = {
-        name: train(name, sets, out_dir=ROOT / args.runs / f"{stem}-{name}") for name, sets in run_specs(args).items()
+        name: train(name, sets, out_dir=ROOT / args.runs / f"{stem}-{name}", config=CONFIG, metric="val_acc")
+        for name, sets in run_specs(args).items()
     }
-    target = runs["base"]["accuracy"][-1] - args.slack
-    reached = {name: first_reaching(run, target) for name, run in runs.items()}
-    rows = [[name, run["global_batch"], run["steps"][-1], f"{100 * run['accuracy'][-1]:.1f}%",
+    target = runs["base"]["val_acc"][-1] - args.slack
+    reached = {name: first_reaching(run, target, metric="val_acc") for name, run in runs.items()}
+    rows = [[name, run["global_batch"], run["steps"][-1], f"{100 * run['val_acc'][-1]:.1f}%",
              "not reached" if reached[name]["steps"] is None else reached[name]["steps"], f"{run['wall_s']:.0f}", f"{run['load_before']:.1f}"]
             for name, run in runs.items()]  # fmt: skip
     print(format_table(["run", "batch", "steps", "final top-1", "steps to target", "wall s", "load"], rows))
