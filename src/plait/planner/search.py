@@ -35,7 +35,8 @@ class SearchSpace:
     offload_dir: str = ""  # where disk-tier plans put their files (needed with "disk")
     ep: tuple[int, ...] = ()  # () allows every ep dividing dp and the experts (MoE models only; 1 otherwise)
     # () lets the search choose cp among divisors whose dp divides the batch; a larger cp is tried only while
-    # the smaller one leaves a layout with no plan that fits (cp is never faster than dp on the same work)
+    # the smaller one leaves a layout with no plan that fits for its activations (cp is never faster than dp
+    # on the same work)
     cp: tuple[int, ...] = ()
     # ZeRO shard groups: "all" dp ranks, and/or "node" (hybrid sharding: shard inside a node, replicate across)
     zero_shard: tuple[str, ...] = ("all",)
@@ -158,9 +159,7 @@ def layout_plans(
 ) -> Iterator[Plan]:
     """The plans of one layout at one cp degree (micro-batching, schedule, ZeRO, recompute, ep), before
     validation."""
-    dp = cluster.num_devices // layout["tp"] // layout["pp"] // cp
-    if workload.global_batch % dp:
-        return
+    dp = cluster.num_devices // layout["tp"] // layout["pp"] // cp  # divides the batch (`_cp_options`)
     for m in _microbatch_options(workload.global_batch // dp, layout["pp"], space):
         for (schedule, chunks), zero, recompute, ep in itertools.product(
             _pipeline_options(layout["pp"], shape.num_layers, space), space.zero, space.recompute,
