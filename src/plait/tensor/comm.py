@@ -63,12 +63,20 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCou
     return out
 
 
-def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
+def start_all_gather(
+    x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None
+) -> tuple[torch.Tensor, Any]:
+    """Start gathering ``x`` along ``dim`` over ``group``: (the buffer, gathered dim first; its async work)."""
     size = dist.get_world_size(group)
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((size * local.shape[0], *local.shape[1:]))
     _count(counter, "all_gather", out, group)
-    dist.all_gather_single(out, local, group=group)
+    return out, dist.all_gather_single(out, local, group=group, async_op=True)
+
+
+def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
+    out, work = start_all_gather(x, group, dim, counter)
+    work.wait()
     return out.movedim(0, dim).contiguous()
 
 

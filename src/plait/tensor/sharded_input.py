@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from plait.distributed.comm import CommCounter
-from plait.tensor.comm import ProcessGroup
+from plait.tensor.comm import ProcessGroup, start_all_gather
 
 
 class Regather:
@@ -30,12 +29,7 @@ class Regather:
     def start(self, local: torch.Tensor) -> None:
         if self._full is not None or self._pending is not None:
             return
-        shard = local.movedim(self.dim, 0).contiguous()
-        size = dist.get_world_size(self.group)
-        out = shard.new_empty((size * shard.shape[0], *shard.shape[1:]))
-        if self.counter is not None:
-            self.counter.record("all_gather", out, group=self.group, axis="tp")
-        self._pending = (out, dist.all_gather_single(out, shard, group=self.group, async_op=True))
+        self._pending = start_all_gather(local, self.group, self.dim, self.counter)
 
     def take(self) -> torch.Tensor:
         """The gathered tensor; the last user's call lets it go."""
