@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES = ("none", "full", "selective")
+COMPILE_MODES = ("off", "blocks", "full")  # plait.compile
 AXES = ("pp", "dp", "cp", "tp")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 REDUCE_OPS = ("auto", "reduce_scatter", "all_reduce")
@@ -81,6 +82,9 @@ class Plan:
     offload_params: str = "none"  # ZeRO-3 parameter shards, fetched per unit before use
     offload_dir: str = ""
     memory_budget: str = ""  # e.g. "16GiB": model-state bytes a rank may hold in memory; alone it means auto
+    # Operator fusion by torch.compile (plait.compile): "blocks" compiles each transformer block (one code
+    # for all of them), "full" the whole model or each pipeline stage; "off" runs eager.
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         _require(
@@ -127,6 +131,11 @@ class Plan:
             self.zero3_gather == "auto" or self.zero == 3,
             f"plan.zero3_gather={self.zero3_gather!r} applies to ZeRO-3 only (plan.zero={self.zero} keeps whole "
             "parameters): set plan.zero=3 or drop plan.zero3_gather",
+        )
+        _require(
+            self.compile in COMPILE_MODES,
+            f"plan.compile={self.compile!r}: choose one of {', '.join(COMPILE_MODES)} (off: eager; blocks: each "
+            "transformer block; full: the whole model, or each pipeline stage)",
         )
         self._check_offload_fields()
         self._check_zero_shard()
