@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plait.distributed.comm import all_gather_flat, reduce_scatter_flat
 from plait.planner.calibrate_io import DiskMeasurement, adam_rate, measure_disk, measure_memcpy
 from plait.planner.cluster import Cluster, Link
 from plait.planner.comm import collective_seconds
@@ -167,8 +168,8 @@ def _collective_s(num_bytes: int, group: dist.ProcessGroup | None, kind: str = "
     shard, out = torch.zeros(full.numel() // ranks), torch.empty_like(full)
     calls = {
         "all_reduce": lambda: dist.all_reduce(full, group=group),
-        "all_gather": lambda: dist.all_gather_single(full, shard, group=group),
-        "reduce_scatter": lambda: dist.reduce_scatter_single(shard, full, group=group),
+        "all_gather": lambda: all_gather_flat(full, shard, group=group),
+        "reduce_scatter": lambda: reduce_scatter_flat(shard, full, group=group),
         "all_to_all": lambda: dist.all_to_all_single(out, full, group=group),
     }
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.distributed.comm import CommCounter
+from plait.distributed.comm import CommCounter, all_gather_flat, reduce_scatter_flat
 
 ProcessGroup = dist.ProcessGroup
 
@@ -71,7 +71,7 @@ def start_all_gather(
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((size * local.shape[0], *local.shape[1:]))
     _count(counter, "all_gather", out, group)
-    return out, dist.all_gather_single(out, local, group=group, async_op=True)
+    return out, all_gather_flat(out, local, group=group, async_op=True)
 
 
 def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int, counter: CommCounter | None) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _reduce_scatter(x: torch.Tensor, group: ProcessGroup, dim: int, counter: Com
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
     _count(counter, "reduce_scatter", full, group)
-    dist.reduce_scatter_single(out, full, group=group)
+    reduce_scatter_flat(out, full, group=group)
     return out.movedim(0, dim).contiguous()
 
 
