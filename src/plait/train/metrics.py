@@ -1,5 +1,6 @@
 """Every measured quantity in plait, each computed in one place, formula in the docstring: here, or
-for model-state bytes plait.distributed.memory (the engine reaches it without the loop), re-exported here.
+for model-state bytes plait.distributed.memory (the engine reaches it without the loop) and for the
+matmul peak plait.train.peak, re-exported here.
 
 Throughput, model FLOPs, MFU, bytes of model state, resident memory and bytes communicated.
 """
@@ -10,7 +11,6 @@ import contextlib
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +21,11 @@ import torch
 from plait.distributed.comm import AXIS_LABELS, LINKS, CommCounter
 from plait.distributed.memory import model_state_bytes as model_state_bytes  # counted there, listed here
 from plait.moe import collect_stats
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s.
-# Variants come before their family name so the first substring match wins.
-_CUDA_BF16_PEAKS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
+from plait.train.peak import PeakFlops as PeakFlops  # measured there, listed here
+from plait.train.peak import cuda_bf16_peak as cuda_bf16_peak
+from plait.train.peak import measure_matmul_flops as measure_matmul_flops
+from plait.train.peak import measure_peak as measure_peak
+from plait.train.peak import measure_peak_flops as measure_peak_flops
 
 
 def model_flops_per_token(*, num_params: int, num_layers: int, d_model: int, seq_len: int) -> float:
@@ -61,47 +56,6 @@ def mfu(*, tokens_per_s: float, flops_per_token: float, peak_flops: float, num_r
             f"mfu needs a positive peak and rank count, got peak_flops={peak_flops}, num_ranks={num_ranks}"
         )
     return tokens_per_s * flops_per_token / (peak_flops * num_ranks)
-
-
-def _time_matmul(size: int, *, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    torch.mm(a, b)  # warm-up: allocation, kernel selection, thread pool start
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
-def cuda_bf16_peak(name: str) -> float | None:
-    """The data-sheet dense bf16 peak of a GPU by its device name, or None when unknown."""
-    for key, peak in _CUDA_BF16_PEAKS:
-        if key.lower() in name.lower():
-            return peak
-    return None
-
-
-def measure_peak_flops(device: torch.device, *, size: int = 2048) -> float:
-    """Peak FLOP/s of one rank's device, the denominator of MFU.
-
-    CPU: a size x size fp32 matmul on the current torch thread count, warmed up,
-    best of 3: peak = 2 * size^3 / seconds.
-    CUDA: the device's dense bf16 peak from the data sheet (H100, H200, A100);
-    for other GPUs a bf16 matmul of 4 * size, measured the same way.
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        return _time_matmul(size, dtype=torch.float32, device=device)
-    if device.type == "cuda":
-        peak = cuda_bf16_peak(torch.cuda.get_device_name(device))
-        return peak if peak is not None else _time_matmul(4 * size, dtype=torch.bfloat16, device=device)
-    raise ValueError(f"cannot measure peak FLOP/s on device type {device.type!r}; use a cpu or cuda device")
 
 
 def _proc_status_kib(field: str) -> int | None:
