@@ -27,6 +27,7 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
+from plait.losses import check_hidden_loss, with_hidden_request
 from plait.moe import expert_parameters, has_moe, reset_stats, set_aux_loss_scale
 from plait.moe.all_to_all import Exchange
 from plait.moe.expert_parallel import apply_expert_parallel, check_expert_parallel, gather_experts
@@ -96,6 +97,7 @@ class Engine:
         self.mesh = mesh
         self.plan = mesh.plan
         self.loss_fn = CheckedLoss(parts.loss_fn) if mesh.size("tp") > 1 else parts.loss_fn  # tp: vocab slices
+        check_hidden_loss(parts.loss_fn, zero=self.plan.zero)
         self.max_grad_norm = parts.max_grad_norm
         self.comm = CommCounter.for_mesh(mesh)  # every strand's collectives, per axis and link
         self.expert_params = _apply_ep(model, mesh=mesh, counter=self.comm)
@@ -168,11 +170,12 @@ class Engine:
     def dp_size(self) -> int:
         return self.mesh.size("data")
 
-    def _model_inputs(self, batch: Batch) -> Batch:
-        """What the model's forward gets: the batch, less `labels` when the loss reads them itself."""
+    def _model_inputs(self, batch: Batch, *, loss_fn: LossFn | None = None) -> Batch:
+        """What the model's forward gets: the batch, less `labels` when the loss reads them itself, and
+        `return_hidden` when the loss in use (`loss_fn`, default the engine's) takes hidden states."""
         if getattr(self.loss_fn, "reads_labels", False):
-            return {key: value for key, value in batch.items() if key != "labels"}
-        return batch
+            batch = {key: value for key, value in batch.items() if key != "labels"}
+        return with_hidden_request(batch, loss_fn=self.loss_fn if loss_fn is None else loss_fn, model=self.model)
 
     def _cp_shard(self, batch: Batch) -> Batch:
         """Under context parallel, this cp rank's two chunks of every row (plait.context.batch)."""
@@ -326,7 +329,7 @@ class Engine:
             totals += torch.stack([loss_sum, count]).to(totals)
             all_reduce(totals, group=self.mesh.group("pp"), counter=self.comm)
         for batch in batches if self.pipeline is None else []:
-            loss = loss_fn(self.model(**self._model_inputs(batch)), batch)
+            loss = loss_fn(self.model(**self._model_inputs(batch, loss_fn=loss_fn)), batch)
             loss_sum, count = loss if isinstance(loss, tuple) else (loss, torch.ones(()))
             totals += torch.stack([loss_sum.double(), count.to(totals)])
         all_reduce(totals, group=self.mesh.group("dp"), counter=self.comm)

@@ -7,11 +7,14 @@ all micro-batches and data-parallel ranks divided by the global token count.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from plait.models.head_output import head_of
+from plait.tensor.chunked_cross_entropy import chunked_linear_cross_entropy
 from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100
@@ -64,6 +67,67 @@ class CausalLM:
 
 
 causal_lm = CausalLM()
+
+
+class ChunkedCausalLM(CausalLM):
+    """`causal_lm` computed from the final hidden states and the head's weight, ``chunk_size`` tokens at a time.
+
+    The logits of the whole batch never exist (nor their fp32 softmax): the peak of the loss is about
+    ``chunk_size x vocab`` fp32 values (``/ tp`` under tensor parallel) instead of twice
+    ``tokens x vocab``. The engine asks a plait GPT for its hidden states (``return_hidden=True``);
+    any other output (a Hugging Face model's logits, a pipeline stage's) takes `causal_lm`'s path.
+    Needs the head's weight outside the head's forward, so not with ZeRO-3 (the engine refuses).
+
+        engine = plait.boost(model, optimizer=..., loss_fn=plait.losses.ChunkedCausalLM(4096), plan=plan)
+    """
+
+    reads_hidden = True
+
+    def __init__(self, chunk_size: int = 4096) -> None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"ChunkedCausalLM: chunk_size is tokens per chunk, a positive int; got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def __call__(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        head = head_of(outputs)
+        if head is None:
+            return super().__call__(outputs, batch)
+        hidden, weight, bias, shard = head_inputs(head, outputs)
+        labels = batch["labels"]  # whole-sequence hidden states, the last target ignored: no copy of a slice
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+        loss_sum = chunked_linear_cross_entropy(
+            hidden, weight, targets, bias=bias, shard=shard, chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX
+        )
+        return loss_sum, self.count_tokens(batch)
+
+    def __repr__(self) -> str:
+        return f"ChunkedCausalLM(chunk_size={self.chunk_size})"
+
+
+def with_hidden_request(batch: dict[str, Any], *, loss_fn: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """``batch`` plus ``return_hidden=True`` when ``loss_fn`` reads hidden states and ``model``'s forward offers them."""
+    if getattr(loss_fn, "reads_hidden", False) and "return_hidden" in inspect.signature(model.forward).parameters:
+        return {**batch, "return_hidden": True}
+    return batch
+
+
+def check_hidden_loss(loss_fn: Any, *, zero: int) -> None:
+    """Refuse a loss that reads the head's weight outside the head's forward where ZeRO-3 releases it."""
+    if getattr(loss_fn, "reads_hidden", False) and zero == 3:
+        raise ValueError(
+            f"{loss_fn!r} reads the LM head's weight outside the head's forward, where ZeRO-3 has released it; "
+            "use plan.zero <= 2 with it, or loss_fn=plait.losses.causal_lm under ZeRO-3"
+        )
+
+
+def head_inputs(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+    """(input, weight, bias, vocab shard or None) of an `nn.Linear` head or a vocab-parallel one."""
+    loss_inputs = getattr(head, "loss_inputs", None)
+    if loss_inputs is not None:
+        return loss_inputs(hidden)
+    if isinstance(head, torch.nn.Linear):
+        return hidden, head.weight, head.bias, None
+    raise TypeError(f"ChunkedCausalLM cannot read the weight of a {type(head).__name__} head; use causal_lm")
 
 
 def causal_lm_mean(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

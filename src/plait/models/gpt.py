@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
+from plait.models.head_output import with_head
 from plait.models.layers import Attention, build_mlp, build_norm
 
 __all__ = ["GPT", "Block", "GPTConfig"]
@@ -163,6 +164,7 @@ class GPT(nn.Module):
         *,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
         **_: object,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab_size) for ``input_ids`` (batch, seq).
@@ -173,6 +175,9 @@ class GPT(nn.Module):
         sequences (no real token attends to padding on its right).
         ``position_ids`` (seq,) default to ``0..seq-1``; (batch, seq) ones mark packed
         documents: each 0 starts a document, and attention stays inside it.
+        ``return_hidden=True`` returns the final normed hidden states (batch, seq, d_model) tagged
+        with ``lm_head`` (``plait.models.head_output``) instead of logits, for a loss that
+        never materialises the whole vocabulary (``plait.losses.ChunkedCausalLM``).
         """
         self._check_input(input_ids)
         x = self.embed(input_ids)  # (batch, seq, d_model)
@@ -183,6 +188,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, position_ids=position_ids)
+        if return_hidden:
+            return with_head(self.norm_f(x), self.lm_head)
         return self.lm_head(self.norm_f(x))
 
     def _check_input(self, input_ids: torch.Tensor) -> None:

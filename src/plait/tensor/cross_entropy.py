@@ -51,8 +51,9 @@ def set_vocab_shard(tensor: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return tensor
 
 
-def _all_reduce(tensor: torch.Tensor, shard: VocabShard, op: dist.ReduceOp.RedOpType) -> None:
-    if shard.group is None:
+def all_reduce_over_shard(tensor: torch.Tensor, shard: VocabShard | None, op: dist.ReduceOp.RedOpType) -> None:
+    """Reduce per-token statistics over the shard's tensor-parallel group (nothing without one)."""
+    if shard is None or shard.group is None:
         return
     if shard.counter is not None:
         shard.counter.record("all_reduce", tensor, group=shard.group, axis="tp")
@@ -64,7 +65,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, shard: VocabShard, ignore_index: int) -> torch.Tensor:
         logits32 = logits.float()  # (..., width); no copy when already fp32
         global_max = logits32.amax(dim=-1)  # (...)
-        _all_reduce(global_max, shard, dist.ReduceOp.MAX)
+        all_reduce_over_shard(global_max, shard, dist.ReduceOp.MAX)
 
         local_targets = targets - shard.start
         in_shard = (local_targets >= 0) & (local_targets < logits.shape[-1])
@@ -73,7 +74,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         probs = (logits32 - global_max.unsqueeze(-1)).exp_()  # the only (..., width) buffer
         sums = torch.stack((probs.sum(dim=-1), target_logit))  # one collective for both sums
-        _all_reduce(sums, shard, dist.ReduceOp.SUM)
+        all_reduce_over_shard(sums, shard, dist.ReduceOp.SUM)
         sum_exp, target_logit = sums.unbind(0)
 
         ignored = targets == ignore_index

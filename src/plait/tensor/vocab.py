@@ -189,12 +189,17 @@ class VocabParallelHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias, shard = self.loss_inputs(x)
+        return set_vocab_shard(F.linear(x, weight, bias), shard)  # (batch, seq, num_local)
+
+    def loss_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, VocabShard]:
+        """What the logits are made of: the whole-sequence input, this rank's weight and bias rows
+        (padding dropped) and the shard; a chunked loss takes these instead of the logits."""
         enter = gather_sequence if self.sequence_parallel else copy_to_tp
         x = enter(x, self.group, counter=self.counter)
         num_local = self.range.num_local
         bias = None if self.bias is None else self.bias[:num_local]
-        logits = F.linear(x, self.weight[:num_local], bias)  # (batch, seq, num_local)
-        return set_vocab_shard(logits, self.shard)
+        return x, self.weight[:num_local], bias, self.shard
 
     def extra_repr(self) -> str:
         end = self.range.start + self.range.num_local
