@@ -1,6 +1,6 @@
 """boost(): apply a plan to a model and own the training step.
 
-The strands apply in a fixed order, TP -> recompute -> PP split -> ZeRO/DP (recomputation
+The strands apply in a fixed order, TP -> recompute -> PP split -> compile -> ZeRO/DP (recomputation
 wraps the layers the stages then hold); this is the one place that composes them.
 """
 
@@ -20,6 +20,7 @@ from plait.amp.policy import PrecisionPolicy
 from plait.amp.scaler import LossScaler, Overflow
 from plait.checkpoint.engine_state import load_engine, save_engine
 from plait.checkpoint.writer import CheckpointWriter
+from plait.compile import CompileStats, apply_compile, check_compile_available
 from plait.config import Plan
 from plait.context.apply import ContextParallel, apply_context_parallel
 from plait.context.batch import context_loss
@@ -92,6 +93,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, parts: EngineParts, mesh: Mesh) -> None:
         mesh.plan.check_available()
+        check_compile_available(mesh.plan.compile, device_type=mesh.device_type)
         self.moe = has_moe(model)
         _check_moe_plan(model, mesh)
         self.mesh = mesh
@@ -118,6 +120,15 @@ class Engine:
         self.context = _apply_cp(self.model, mesh=mesh, counter=self.comm)
         if self.context is not None:
             self.loss_fn = context_loss(parts.loss_fn)
+        self.compiled = apply_compile(  # after every strand that swaps layers, before DP hooks gradients
+            model,
+            mode=self.plan.compile,
+            held=self.model if self.pipeline else None,
+            stages=self.pipeline.runner.chunks if self.pipeline else (),
+            eager=self.tensor_parallel,  # tp layers' collectives bound the compiled regions
+        )
+        self._compile_start = CompileStats.now() if self.compiled else None
+        self.compile_stats: CompileStats | None = None  # set after the first step
         count_collectives(self.model, self.comm)
         if self.pipeline is not None:
             self.pipeline.runner.link.counter = self.comm
@@ -276,7 +287,17 @@ class Engine:
         self._count.zero_()
         self._divisor = None
         self.steps_done += 1
+        self._report_compile()
         return StepResult(loss=(loss_sum / count).float(), grad_norm=grad_norm, num_tokens=count, skipped=skipped)
+
+    def _report_compile(self) -> None:
+        """Once, after the first step: graphs, graph breaks and seconds compiling (plait.compile)."""
+        if self._compile_start is None or self.compiled is None:
+            return
+        stats = CompileStats.now().since(self._compile_start)
+        self._compile_start = None
+        self.compile_stats = stats
+        get_logger().info(stats.line(self.compiled.describe()))
 
     def _pipeline_step(self, micro_batches: list[Batch]) -> None:
         """Run the schedule without communicating gradients, sync tied weights, then reduce over dp."""
@@ -493,6 +514,7 @@ def boost(
     if mesh is None:
         plan = plan or Plan()
         plan.check_available()  # before the mesh enters any collective
+        check_compile_available(plan.compile, device_type=_device_type(model))
         if plan.ep > 1:
             check_expert_parallel(model, plan.ep)
         join_launched_group(_device_type(model))  # under torchrun (`plait run`) the script need not join it

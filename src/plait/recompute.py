@@ -123,9 +123,18 @@ def recompute_module(module: nn.Module) -> None:
         >>> type(model.blocks[0]).__name__
         'RecomputedBlock'
     """
+    _recompute_as(module, {})
+
+
+def _recompute_as(module: nn.Module, classes: dict[type[nn.Module], type[nn.Module]]) -> None:
+    """Recompute `module`, reusing the subclass made for its class in `classes` (a compiled block's
+    code guards on its module's type: layers of one class must share one Recomputed class)."""
     if isinstance(module, Recomputed):
         raise ValueError(f"recompute already applied to this {type(module).__name__}; apply it once")
-    module.__class__ = _recomputed_class(type(module))
+    base = type(module)
+    if base not in classes:
+        classes[base] = _recomputed_class(base)
+    module.__class__ = classes[base]
 
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -192,8 +201,9 @@ def apply_recompute(
     _check_not_applied(model)
     layers = _selected_layers(model, ratio=ratio, by_module=modules is not None)
     targets = layers if modules is None else _match_submodules(layers, modules)
+    classes: dict[type[nn.Module], type[nn.Module]] = {}
     for _, module in targets:
-        recompute_module(module)
+        _recompute_as(module, classes)
     _disable_hf_kv_cache(model)
     return [name for name, _ in targets]
 
