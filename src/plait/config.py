@@ -485,6 +485,9 @@ class TrainConfig:
     save_on_signal: bool = True  # SIGINT/SIGTERM: finish the step, save a checkpoint, exit together
     checkpoint_every_s: float = 0.0  # also save when this many seconds passed since the last save; 0: off
     on_nonfinite: str = "stop"  # a nan/inf loss or gradient norm (fp32/bf16): stop (exit 3) or skip the step
+    # causal LM: cross entropy from the final hidden states, this many tokens' logits at a time
+    # (plait.losses.ChunkedCausalLM); 0: the whole batch's logits, as the model returns them
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         self._check_operations()
@@ -512,6 +515,10 @@ class TrainConfig:
         _require(
             self.max_grad_norm >= 0,
             f"train.max_grad_norm={self.max_grad_norm}: use a positive norm, or 0 to switch clipping off",
+        )
+        _require(
+            self.loss_chunk >= 0,
+            f"train.loss_chunk={self.loss_chunk}: give tokens per loss chunk, e.g. 4096, or 0 for whole logits",
         )
         for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "threads"):
             value = getattr(self, name)
@@ -563,6 +570,12 @@ class Config:
             not (self.data.document_mask and self.model.pretrained is not None),
             "data.document_mask works with plait's models (their attention reads documents from position_ids); "
             "a transformers model attends across documents whatever its positions: set data.document_mask=false",
+        )
+        _require(
+            self.train.loss_chunk == 0 or (self.task.kind == "causal_lm" and self.plan.zero != 3),
+            f"train.loss_chunk={self.train.loss_chunk} chunks the causal LM loss through the head's weight, which "
+            f"task.kind={self.task.kind!r} / plan.zero={self.plan.zero} does not allow (ZeRO-3 releases the head "
+            "outside its forward); set train.loss_chunk=0, or use the causal LM task with plan.zero <= 2",
         )
 
     def check_batching(self, dp: int) -> None:

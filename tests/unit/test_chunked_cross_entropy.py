@@ -78,3 +78,18 @@ def test_zero3_refuses_the_hidden_state_loss() -> None:
     check_hidden_loss(causal_lm, zero=3)
     with pytest.raises(ValueError, match="ZeRO-3"):
         check_hidden_loss(ChunkedCausalLM(8), zero=3)
+
+
+def test_train_loss_chunk_is_validated_and_picks_the_chunked_loss() -> None:
+    from plait.config import Config, Plan, TaskConfig, TrainConfig
+    from plait.train.text_tasks import text_task
+
+    assert text_task(Config()).loss_fn is causal_lm
+    chunked = text_task(Config(train=TrainConfig(loss_chunk=512))).loss_fn
+    assert isinstance(chunked, ChunkedCausalLM) and chunked.chunk_size == 512
+    with pytest.raises(ValueError, match="loss_chunk"):
+        TrainConfig(loss_chunk=-1)
+    with pytest.raises(ValueError, match="ZeRO-3 releases"):
+        Config(train=TrainConfig(loss_chunk=512), plan=Plan(zero=3))
+    with pytest.raises(ValueError, match="masked_lm"):
+        Config(train=TrainConfig(loss_chunk=512), task=TaskConfig(kind="masked_lm"))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from plait.data.loader import make_batch
-from plait.losses import causal_lm
+from plait.losses import ChunkedCausalLM, causal_lm
 
 Batch = dict[str, torch.Tensor]
 
@@ -51,10 +51,10 @@ class CausalLMTask:
     shifts them), per-document positions when `eot_id` is given."""
 
     kind = "causal_lm"
-    loss_fn = causal_lm
 
-    def __init__(self, *, eot_id: int | None = None) -> None:
+    def __init__(self, *, eot_id: int | None = None, loss_chunk: int = 0) -> None:
         self.eot_id = eot_id
+        self.loss_fn = ChunkedCausalLM(loss_chunk) if loss_chunk else causal_lm  # train.loss_chunk
 
     def sample_tokens(self, seq_len: int) -> int:
         return seq_len

@@ -53,7 +53,7 @@ def text_task(config: Config, *, eot_id: int | None = None, tokenizer: Tokenizer
         return SentenceOrderMLM(vocab_size=vocab, seed=seed, mask_prob=task.mask_prob)
     if kind == "span_corruption":
         return SpanCorruption(vocab_size=vocab, seed=seed, noise_density=task.noise_density, mean_span=task.mean_span)
-    return CausalLMTask(eot_id=eot_id)
+    return CausalLMTask(eot_id=eot_id, loss_chunk=config.train.loss_chunk)
 
 
 @dataclass(frozen=True)
