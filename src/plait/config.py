@@ -268,6 +268,12 @@ class Plan:
             )
         if self.offloads:
             self._check_offload_available()
+        _require(
+            self.compile != "full" or self.zero != 3,
+            "plan.compile='full' with plan.zero=3 is not available yet in plait: ZeRO-3 gathers and releases each "
+            "block's parameters in hooks around its forward, which break a whole-model graph into pieces; use "
+            "plan.compile='blocks' (each block compiled between its gather and release)",
+        )
 
     def _check_context_parallel_available(self) -> None:
         for other, used in (
