@@ -36,7 +36,8 @@ class _KeepInputs(torch.autograd.Function):
 
 def keep_inputs(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
     """`fn(*inputs)`, keeping only `inputs` for backward (and `fn` re-run there); `fn` itself when no
-    gradient is being recorded."""
-    if not torch.is_grad_enabled() or not any(x.requires_grad for x in inputs):
+    gradient is being recorded, or under torch.compile, whose partitioner already re-runs cheap
+    element-wise chains in backward (and cannot trace the re-run's autograd.grad: a graph break)."""
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in inputs) or torch.compiler.is_compiling():
         return fn(*inputs)
     return _KeepInputs.apply(fn, *inputs)
