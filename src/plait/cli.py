@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("what", choices=["stacks"], help="stacks: every rank's stack, and which collective it is in")
     debug.add_argument("out_dir", help="the job's train.out_dir (it keeps job.json there while it runs)")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
+    from plait.data.prepare.cli import add_data_parser
     from plait.planner.cli import add_plan_parser
 
     add_plan_parser(commands)
+    add_data_parser(commands)
     return parser
 
 
@@ -377,6 +379,12 @@ def cmd_debug(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return debug_stacks(Path(args.out_dir))
 
 
+def cmd_data(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.data.prepare.cli import cmd_data as run_data
+
+    return run_data(args, argv)
+
+
 def cmd_plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.planner.cli import run_plan
 
@@ -392,6 +400,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "debug": cmd_debug,
+    "data": cmd_data,
 }
 
 

@@ -1,0 +1,216 @@
+"""`plait data prepare`: clean files in parallel into a ledger, deduplicate, tokenize, pack and report.
+
+Outputs are written into a staging directory inside DIR and moved into place at the end (meta.json
+last); on an error nothing half-written is left, and the ledger of finished files lets a rerun skip
+the files already cleaned and produce the same output.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from plait.data.prepare.clean import clean_file
+from plait.data.prepare.dedup import DedupResult, deduplicate
+from plait.data.prepare.ledger import WORK_DIR, Record, record_for
+from plait.data.prepare.output import (
+    load_given_tokenizer,
+    sample_cutoff,
+    train_on_sample,
+    val_threshold,
+    write_meta,
+    write_shards,
+)
+from plait.data.prepare.report import build_report, write_report
+from plait.data.prepare.rules import PrepareConfig
+from plait.data.prepare.sources import FileTask, list_files
+from plait.data.shards import META_FILE
+from plait.data.tokenizer import TOKENIZER_FILE, GivenTokenizer
+
+Progress = Callable[[str], None]
+# The rule a user loosens when one stage removed everything.
+_LOOSEN = {
+    "empty": "the documents are empty",
+    "min_chars": "lower [filters] min_chars",
+    "max_chars": "raise [filters] max_chars",
+    "alnum_fraction": "lower [filters] min_alnum_fraction",
+    "repeated_lines": "raise [filters] max_repeated_line_fraction",
+    "generated": "set [filters] drop_generated = false",
+    "license": "set [filters] drop_license = false",
+}
+
+
+def prepare_corpus(
+    sources: list[str],
+    out: str | os.PathLike,
+    *,
+    config: PrepareConfig | None = None,
+    field: str = "text",
+    tokenizer: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Clean, deduplicate and tokenize ``sources`` into ``out``; returns the report (also written there).
+
+    Example::
+
+        report = prepare_corpus(["stdlib", "my_texts/"], "data/clean")
+        # then train with data.corpus = "data/clean"
+    """
+    config = config or PrepareConfig()
+    say = progress or (lambda message: None)
+    tasks = list_files(sources, field=field)
+    given = load_given_tokenizer(tokenizer) if tokenizer is not None else None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory (it is created when missing)")
+    created = not out.exists()
+    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        report = _run(tasks, out=out, staging=staging, config=config, given=given, say=say)
+        report["sources"] = list(sources)
+        _publish(staging, out)
+        return report
+    except ValueError:
+        shutil.rmtree(out if created else staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(
+    tasks: list[FileTask],
+    *,
+    out: Path,
+    staging: Path,
+    config: PrepareConfig,
+    given: GivenTokenizer | None,
+    say: Progress,
+) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    records = [record_for(out / WORK_DIR, t, rules_fingerprint=config.fingerprint()) for t in tasks]
+    stats, num_resumed = _clean_all(tasks, records, config=config, say=say)
+    seconds["clean"] = time.perf_counter() - started
+    say(f"deduplicating ({'exact + near' if config.dedup.near else 'exact'})")
+    with (staging / "duplicates.tsv").open("w") as pairs:
+        pairs.write("kind\tdropped\tkept\tsimilarity\n")
+        dedup = deduplicate(zip(tasks, records, strict=True), config.dedup, pairs_out=pairs)
+    seconds["dedup"] = time.perf_counter() - started - sum(seconds.values())
+    if not dedup.kept_hashes:
+        raise ValueError(_empty_message(stats, dedup))
+    output = _tokenize(tasks, records, dedup=dedup, staging=staging, config=config, given=given, say=say)
+    seconds["tokenize"] = time.perf_counter() - started - sum(seconds.values())
+    report = build_report(stats, dedup, output=output)
+    total = time.perf_counter() - started
+    report["run"] = {
+        "files_resumed": num_resumed,
+        "seconds": {k: round(v, 2) for k, v in {**seconds, "total": total}.items()},
+        "workers": config.workers,
+        "input_mb_per_s": round(report["input"]["bytes"] / 1e6 / max(total, 1e-9), 2),
+    }
+    write_report(staging, report)
+    return report
+
+
+def _clean_all(
+    tasks: list[FileTask], records: list[Record], *, config: PrepareConfig, say: Progress
+) -> tuple[list[dict[str, Any]], int]:
+    """Every file's counts: read from the ledger when done, else cleaned by a pool of workers."""
+    todo = [i for i, record in enumerate(records) if not record.done()]
+    say(
+        f"cleaning {len(todo)} of {len(tasks)} files ({len(tasks) - len(todo)} done before) on {config.workers} workers"
+    )
+    cleaned = dict(zip(todo, _map((tasks[i], records[i], config) for i in todo), strict=True)) if todo else {}
+    return [cleaned[i] if i in cleaned else records[i].read_stats() for i in range(len(tasks))], len(tasks) - len(todo)
+
+
+def _map(jobs: Iterator[tuple[FileTask, Record, PrepareConfig]]) -> list[dict[str, Any]]:
+    jobs_list = list(jobs)
+    workers = min(jobs_list[0][2].workers, len(jobs_list))
+    if workers == 1:
+        return [_clean_job(job) for job in jobs_list]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(pool.imap(_clean_job, jobs_list, chunksize=1))
+
+
+def _clean_job(job: tuple[FileTask, Record, PrepareConfig]) -> dict[str, Any]:
+    task, record, config = job
+    return clean_file(task, record, config)
+
+
+def _kept_documents(tasks: list[FileTask], records: list[Record], dedup: DedupResult) -> Iterator[tuple[str, int]]:
+    for task, record in zip(tasks, records, strict=True):
+        dropped = dedup.dropped.get(task.index, set())
+        for doc in record.iter_docs():
+            if doc["index"] not in dropped:
+                yield doc["text"], doc["hash"]
+
+
+def _tokenize(
+    tasks: list[FileTask],
+    records: list[Record],
+    *,
+    dedup: DedupResult,
+    staging: Path,
+    config: PrepareConfig,
+    given: GivenTokenizer | None,
+    say: Progress,
+) -> dict[str, Any]:
+    def documents() -> Iterator[tuple[str, int]]:
+        return _kept_documents(tasks, records, dedup)
+
+    rules = config.tokenizer
+    if given is None:
+        cutoff = sample_cutoff(dedup.kept_chars, rules.sample_bytes)
+        say(
+            f"training a {rules.vocab_size}-token tokenizer on ~{min(rules.sample_bytes, dedup.kept_chars) / 1e6:.0f} MB"
+        )
+        trained = train_on_sample(documents, cutoff=cutoff, vocab_size=rules.vocab_size)
+        given = GivenTokenizer(json=trained.to_str(), eot_id=0, vocab_size=trained.get_vocab_size())
+        how = f"trained on a {min(rules.sample_bytes, dedup.kept_chars) / 1e6:.1f} MB sample"
+    else:
+        how = "given"
+    tokenizer = given.load()
+    (staging / TOKENIZER_FILE).write_text(given.json)
+    say("tokenizing and packing the kept documents")
+    threshold = val_threshold(dedup.kept_hashes, rules.val_fraction)
+    counts = write_shards(documents(), tokenizer, directory=staging, eot_id=given.eot_id, threshold=threshold)
+    extra = {"tokenizer_fingerprint": given.fingerprint, "rules_fingerprint": config.fingerprint()}
+    write_meta(staging, tokenizer=tokenizer, eot_id=given.eot_id, counts=counts, extra=extra)
+    return {
+        "documents": counts["num_train_documents"] + counts["num_val_documents"],
+        "chars": dedup.kept_chars,
+        "tokens": counts["num_train_tokens"] + counts["num_val_tokens"],
+        "train_tokens": counts["num_train_tokens"],
+        "val_tokens": counts["num_val_tokens"],
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer": how,
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every output into ``out``, meta.json last: its presence marks a complete directory."""
+    names = sorted(p.name for p in staging.iterdir() if p.name != META_FILE)
+    for name in [*names, META_FILE]:
+        os.replace(staging / name, out / name)
+
+
+def _empty_message(stats: list[dict[str, Any]], dedup: DedupResult) -> str:
+    removed = {"bad files": sum(1 for s in stats if s["bad"])}
+    for s in stats:
+        for name, (docs, _) in s["dropped"].items():
+            removed[name] = removed.get(name, 0) + docs
+    removed["exact_dup"], removed["near_dup"] = dedup.num_exact, dedup.num_near
+    worst = max(removed, key=lambda name: removed[name])
+    hint = _LOOSEN.get(worst, "check the sources (see the counts)")
+    return (
+        f"no document is left after filtering: {worst} removed the most ({removed[worst]}; all: "
+        f"{ {k: v for k, v in removed.items() if v} }); {hint}, or add text to the sources"
+    )
