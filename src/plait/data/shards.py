@@ -89,6 +89,10 @@ def prepare_dataset(
         data = prepare_dataset("stdlib", vocab_size=8192, cache_dir=".cache/data")
         train = TokenDataset(data.train_path, dtype=data.dtype, seq_len=128)
     """
+    from plait.data.prepare.output import is_prepared, load_prepared  # that module imports this one
+
+    if is_prepared(corpus):  # a directory written by `plait data prepare`: its shards as they are
+        return load_prepared(corpus, vocab_size=vocab_size, tokenizer=tokenizer)
     if tokenizer is None:
         check_vocab_size(vocab_size)
     else:

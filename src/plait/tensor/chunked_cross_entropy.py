@@ -13,6 +13,8 @@ as `vocab_parallel_cross_entropy` does for whole logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -53,28 +55,64 @@ def _chunk_loss_and_grad(
     return loss, probs.to(logits.dtype)
 
 
+@dataclass
+class _Grads:
+    """The gradients forward fills chunk by chunk (None: not wanted); weight and bias accumulate in fp32."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @property
+    def wanted(self) -> bool:
+        return any(g is not None for g in (self.hidden, self.weight, self.bias))
+
+
+def _accumulate_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    rows: slice,
+    grads: _Grads,
+    shard: VocabShard | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    """One chunk's summed loss; its gradients added into ``grads``. A function of its own so the chunk's
+    (chunk, width) buffer is freed before the next chunk's is allocated."""
+    loss, grad_logits = _chunk_loss_and_grad(
+        hidden, weight, bias, targets, shard=shard, ignore_index=ignore_index, with_grad=grads.wanted
+    )
+    if grads.hidden is not None:
+        torch.mm(grad_logits, weight, out=grads.hidden[rows])
+    if grads.weight is not None:
+        grads.weight.addmm_(grad_logits.t().float(), hidden.float())
+    if grads.bias is not None:
+        grads.bias += grad_logits.float().sum(dim=0)
+    return loss
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, shard, chunk_size, ignore_index):  # type: ignore[override]
-        with_grad = any(ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        grads = _Grads(hidden=grad_hidden, weight=grad_weight, bias=grad_bias)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            loss, grad_logits = _chunk_loss_and_grad(
-                hidden[rows], weight, bias, targets[rows], shard=shard, ignore_index=ignore_index, with_grad=with_grad
+            total += _accumulate_chunk(
+                hidden[rows],
+                weight,
+                bias,
+                targets[rows],
+                rows=rows,
+                grads=grads,
+                shard=shard,
+                ignore_index=ignore_index,
             )
-            total += loss
-            if grad_logits is None:
-                continue
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().float(), hidden[rows].float())
-            if grad_bias is not None:
-                grad_bias += grad_logits.float().sum(dim=0)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -83,8 +121,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # type: ignore[override]
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if present else None for present in ctx.present]
-        grad_hidden, grad_weight, grad_bias = (g * grad_total if g is not None else None for g in grads)
+        # In place: no second copy of the weight's gradient; a second backward through this graph is
+        # not supported (it would scale the stored gradients twice), as in vocab_parallel_cross_entropy.
+        grads = [next(saved).mul_(grad_total) if present else None for present in ctx.present]
+        grad_hidden, grad_weight, grad_bias = grads
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.dtypes[0])
         if grad_bias is not None:
