@@ -63,7 +63,7 @@ class Lars(LayerwiseOptimizer):
             if _adapts(group):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 torch._foreach_mul_(grads, [next(ratios) for _ in params])
-            torch._foreach_add_(params, self._with_momentum(group, params, grads), alpha=-group["lr"])
+            self._momentum_step(group, params, grads)
         return loss
 
     def _local_rates(self, adapted: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[float]:
@@ -81,22 +81,27 @@ class Lars(LayerwiseOptimizer):
         rates = torch.where(keep, coeff * weight_norm / (grad_norm + decay * weight_norm + eps), 1.0)
         return torch.where(clip, (rates / lr).clamp(max=1.0), rates).tolist()
 
-    def _with_momentum(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    def _momentum_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """torch's fused SGD kernel: the momentum buffer's update and the parameter's in one pass per tensor
+        (the first step's buffer is the gradient itself, as torch's SGD)."""
         momentum = group["momentum"]
-        if momentum == 0:
-            return grads
         states = [self.state[param] for param in params]
-        if any("momentum_buffer" not in state for state in states):  # the first step: the gradient itself
-            for state, grad in zip(states, grads, strict=True):
-                state["momentum_buffer"] = grad.detach().clone()
-            buffers = [state["momentum_buffer"] for state in states]
-        else:
-            buffers = [state["momentum_buffer"] for state in states]
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, grads, alpha=1 - group["dampening"])
-        return torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
+        first_step = momentum != 0 and any("momentum_buffer" not in state for state in states)
+        if first_step:
+            for state, param in zip(states, params, strict=True):
+                state.setdefault("momentum_buffer", torch.zeros_like(param))
+        torch._fused_sgd_(
+            params,
+            grads,
+            [state["momentum_buffer"] for state in states] if momentum != 0 else [],
+            weight_decay=0.0,
+            momentum=momentum,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=False,
+            is_first_step=first_step,
+        )
 
 
 def _adapts(group: dict[str, Any]) -> bool:
