@@ -128,20 +128,32 @@ def _restore_rng(saved: list[Any]) -> bool:
     return same
 
 
+def _auto_precision_note(saved_plan: dict[str, Any], engine: CheckpointedEngine) -> list[str]:
+    """One line when plan.precision="auto" picks another precision here than the checkpoint ran in."""
+    choice = getattr(engine.mesh, "precision", None)
+    saved = saved_plan.get("precision")
+    if choice is None or choice.requested != "auto" or saved is None or saved == choice.precision:
+        return []
+    return [f"trained in {saved}; plan.precision=auto resolves to {choice.precision} here ({choice.reason})"]
+
+
 def _plan_changes(saved_plan: dict[str, Any], engine: CheckpointedEngine) -> list[str]:
     if not saved_plan:  # written by one process (plait import): nothing to compare
         return []
+    notes = _auto_precision_note(saved_plan, engine)
+    said = {"precision"} if notes else set()
     changed = [
         f"{k} {saved_plan.get(k, PLAN_DEFAULTS.get(k))}->{getattr(engine.plan, k)}"
         for k in PLAN_KEYS
-        if saved_plan.get(k, PLAN_DEFAULTS.get(k)) != getattr(engine.plan, k)
+        if k not in said and saved_plan.get(k, PLAN_DEFAULTS.get(k)) != getattr(engine.plan, k)
     ]
     if not changed:
-        return []
-    return [
+        return notes
+    resharded = (
         "resharded to the new plan (" + ", ".join(changed) + "); losses match the saved run's to float "
         "rounding (reductions add in another order)"
-    ]
+    )
+    return [*notes, resharded]
 
 
 def _load_run_state(engine: CheckpointedEngine, trainer_state: dict[str, Any]) -> list[str]:

@@ -16,12 +16,15 @@ dp_rank * cp + cp_rank), and every reduction and ZeRO shard that reads `dp` cove
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from plait.amp.auto import AUTO, agree_on_precision, resolve_precision
 from plait.config import AXES, Plan
+from plait.distributed.launch import get_logger, is_main_rank
 from plait.distributed.topology import launched_ranks_per_node
 
 
@@ -43,7 +46,12 @@ class Mesh:
 
     def __init__(self, plan: Plan, *, device_type: str = "cpu", ranks_per_node: int | None = None) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.plan = plan.resolve(world_size)
+        # plan.precision="auto" becomes bf16 or fp32 here, by this machine (plait.amp.auto), the same on every rank
+        precision = resolve_precision(plan.precision, device_type=device_type)
+        self.precision = agree_on_precision(precision, device_type=device_type)
+        self.plan = dataclasses.replace(plan.resolve(world_size), precision=self.precision.precision)
+        if self.precision.requested == AUTO and is_main_rank():
+            get_logger().info(self.precision.line())
         self.world_size = world_size
         self.device_type = device_type
         self.ranks_per_node = ranks_per_node or launched_ranks_per_node(world_size)

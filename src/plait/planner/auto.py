@@ -35,15 +35,24 @@ def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None
     """The fastest plan that fits for `config` on `world_size` ranks; NoPlanFits says what would fit."""
     shape = ModelShape(model_config_for(config), name=config.model.preset)
     workload = Workload(config.train.global_batch, config.data.seq_len, clips=config.train.max_grad_norm > 0)
-    cluster = cluster or local_cluster(world_size, precision=config.plan.precision)
+    precision = resolved_precision(config.plan.precision)  # the ranks resolve "auto" the same way
+    cluster = cluster or local_cluster(world_size, precision=precision)
     if cluster.num_devices != world_size:
         cluster = cluster.replace(nodes=1, devices_per_node=world_size)
-    space = SearchSpace(precision=config.plan.precision)
+    space = SearchSpace(precision=precision)
     result = search(shape, workload, cluster=cluster, space=space)
     if result.best is None:
         raise NoPlanFits(explain_no_fit(result, shape, workload=workload, space=space))
     kept = {name: getattr(config.plan, name) for name in _KEPT}
     return dataclasses.replace(result.best.plan, **kept), result
+
+
+def resolved_precision(precision: str) -> str:
+    """`precision`, with "auto" resolved for this machine's device (plait.amp.auto)."""
+    from plait.amp.auto import resolve_precision
+    from plait.distributed.launch import default_device_type
+
+    return resolve_precision(precision, device_type=default_device_type()).precision
 
 
 def plan_overrides(plan: Plan) -> list[str]:

@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.amp.auto import resolve_precision
 from plait.checkpoint.hf_pretrained import Pretrained, inspect_pretrained, load_pretrained_model, tokenizer_files
 from plait.config import Config, Plan, model_config_for
 from plait.data.corpus import corpus_files
 from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
+from plait.distributed.launch import default_device_type
 from plait.distributed.mesh import Mesh
 from plait.distributed.topology import launched_ranks_per_node
 from plait.models.factory import build
@@ -211,7 +213,8 @@ def check_offload(model_config: GPTConfig, *, plan: Plan, world_size: int) -> No
     Tensor-parallel slices are counted as 1/tp of each unit (norms and biases are replicated, a rounding)."""
     with torch.device("meta"):
         model = build(model_config)
-    param_bytes = 4 if plan.precision == "fp32" else 2
+    precision = resolve_precision(plan.precision, device_type=default_device_type()).precision  # as Mesh will
+    param_bytes = 4 if precision == "fp32" else 2
     numels = [-(-numel // plan.tp) for numel in unit_numels(model)]
     plan_offload(numels, plan=plan, num_shards=plan.dp, param_bytes=param_bytes, ranks_per_node=world_size)
 

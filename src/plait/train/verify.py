@@ -6,9 +6,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from plait.amp.auto import resolve_precision
 from plait.config import Config, model_config_for
 from plait.data.loader import ShardedLoader, TokenDataset
 from plait.data.shards import prepare_dataset
+from plait.distributed.launch import default_device_type
 from plait.models.gpt import GPT
 from plait.moe import set_routing_groups
 from plait.optim import lr_schedule
@@ -96,5 +98,5 @@ def compare(plan_losses: list[float], config: Config, *, num_routing_groups: int
     return Comparison(
         plan_losses=plan_losses,
         reference_losses=reference_losses(config, num_routing_groups=num_routing_groups),
-        tolerance=TOLERANCE[config.plan.precision],
+        tolerance=TOLERANCE[resolve_precision(config.plan.precision, device_type=default_device_type()).precision],
     )
