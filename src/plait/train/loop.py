@@ -90,10 +90,13 @@ class Run:
         self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
         self.throughput = metrics.Throughput()
         self.flops_per_token = validated.flops_per_token(config.data.seq_len)
-        self.peak_flops = metrics.measure_peak_flops(device)
+        # MFU's denominator: a large matmul in the run's precision on this rank's threads
+        self.peak = metrics.measure_peak(device, dtype=self.engine.policy.param_dtype)
+        self.peak_flops = self.peak.flops
         self.val_losses: list[float] = []
         self.losses: list[float] = []
         self.log.info(f"{self.mesh} | model {validated.num_parameters() / 1e6:.2f}M params | start step {self.step}")
+        self.log.info(self.peak.line())
         self.operations = Operations(config, comm=self.engine.comm, device=device)
         self.stopped_by: str | None = None
 
