@@ -1,5 +1,6 @@
 """The chunked cross entropy (hidden states and head weight, never the whole logits) under tp's
-vocab-parallel head, against one plain process with the plain loss."""
+vocab-parallel head (with and without sequence parallel), dp ZeRO-2 and pp (whose stages give logits,
+so the loss takes causal_lm's path), against one plain process with the plain loss."""
 
 from __future__ import annotations
 
@@ -13,18 +14,26 @@ from tests.distributed.test_tensor_parity import MODELS, build, reference
 CHUNK = 24  # tokens: each rank's 256-token step runs 11 chunks, the last one partial
 
 
-def train_chunked(rank: int, world_size: int, model: str, sp: bool):
+def train_chunked(rank: int, world_size: int, model: str, plan: dict):
     net = build(model)
-    plan = plait.Plan(tp=world_size, sequence_parallel=sp)
     loss_fn = plait.losses.ChunkedCausalLM(CHUNK)
     engine = plait.boost(
-        net, optimizer=optimizer, loss_fn=loss_fn, plan=plan, lr_scheduler=scheduler, max_grad_norm=1.0
+        net, optimizer=optimizer, loss_fn=loss_fn, plan=plait.Plan(**plan), lr_scheduler=scheduler, max_grad_norm=1.0
     )
-    assert "lm_head" in engine.tensor_parallel
     return train_every_step(engine, net.config.vocab_size)
 
 
-@pytest.mark.parametrize(("model", "sp"), [("gpt2", False), ("llama-gqa", True)])
-def test_tp2_chunked_loss_matches_one_process(model: str, sp: bool) -> None:
+PLANS = {
+    "tp2": {"tp": 2},
+    "tp2-sp": {"tp": 2, "sequence_parallel": True},
+    "dp2-zero2": {"dp": 2, "zero": 2, "bucket_mb": 0.01},  # gpt2's head is tied: its gradient has two sources
+    "pp2": {"pp": 2, "microbatches": 2},  # stages return logits: causal_lm's path
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "plan"), [("gpt2", "tp2"), ("llama-gqa", "tp2-sp"), ("gpt2", "dp2-zero2"), ("gpt2", "pp2")]
+)
+def test_chunked_loss_matches_one_process(model: str, plan: str) -> None:
     assert model in MODELS
-    assert_parity(run_ranks(train_chunked, 2, model, sp), reference(model))
+    assert_parity(run_ranks(train_chunked, 2, model, PLANS[plan]), reference(model))
