@@ -80,3 +80,12 @@ def test_a_resume_where_auto_resolves_differently_says_so_in_one_line() -> None:
     assert _plan_changes(saved | {"precision": "fp32"}, _engine_with(fp32_here)) == []
     explicit = PrecisionChoice("fp32", "fp32", "set explicitly")
     assert "precision bf16->fp32" in _plan_changes(saved | {"precision": "bf16"}, _engine_with(explicit))[0]
+
+
+def test_calibrate_measures_the_bf16_gain_and_names_autos_choice() -> None:
+    from plait.planner.calibrate_precision import measure_precision_gain
+
+    gain = measure_precision_gain(size=128)
+    assert gain.fp32_flops > 0 and gain.bf16_flops > 0 and gain.gain == gain.bf16_flops / gain.fp32_flops
+    assert gain.choice == resolve_precision("auto", device_type="cpu")
+    assert f"x{gain.gain:.2f}; plan.precision=auto -> {gain.choice.precision}" in gain.line()

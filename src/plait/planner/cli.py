@@ -170,6 +170,10 @@ def run_plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or 8 * args.nodes * args.gpus_per_node
     workload = Workload(global_batch, seq, clips=args.max_grad_norm > 0)
     cluster = _cluster(args, shape.hidden, seq)
+    if args.calibrate:  # what bf16 buys on this CPU, which plan.precision="auto" counts on
+        from plait.planner.calibrate_precision import measure_precision_gain
+
+        print(measure_precision_gain().line())
     active = shape.config.num_active_parameters()
     counted = _count(shape.num_parameters()) + (f" ({_count(active)} active)" if shape.config.moe_experts else "")
     header = (
