@@ -22,6 +22,9 @@ from plait.data.prepare.rules import DedupRules
 from plait.data.prepare.sources import FileTask
 
 _EXAMPLE_CLUSTERS = 10
+# Band sizes chosen to miss few true pairs (false negatives weigh 0.8): every candidate is checked against
+# the threshold with the full signature, so a false positive costs one comparison, never a wrong drop.
+_LSH_WEIGHTS = (0.2, 0.8)
 # datasketch keeps, per band, a dict entry holding the band's bytes and a key list: about this much per doc and band.
 _INDEX_BYTES_PER_BAND_ENTRY = 200
 
@@ -49,7 +52,7 @@ def deduplicate(
     """Decide which cleaned documents are duplicates; write ``kind  dropped  kept  similarity`` lines."""
     result = DedupResult()
     first_of: dict[int, str] = {}  # content hash -> the kept document's name
-    lsh = MinHashLSH(threshold=rules.threshold, num_perm=rules.num_perm) if rules.near else None
+    lsh = MinHashLSH(threshold=rules.threshold, num_perm=rules.num_perm, weights=_LSH_WEIGHTS) if rules.near else None
     indexed: list[np.ndarray] = []
     indexed_names: list[str] = []
     for task, record in files:

@@ -63,7 +63,7 @@ def shingle_hashes(text: str, shingle_words: int) -> np.ndarray:
     mixed = np.zeros(len(ids) - width + 1, dtype=np.uint64)
     for offset in range(width):
         mixed = mixed * _MIX + ids[offset : offset + len(mixed)]
-    return np.unique(((mixed >> np.uint64(29)) & _MAX_HASH).astype(np.uint32))
+    return np.unique(((mixed * _MIX) >> np.uint64(32)).astype(np.uint32))  # the well-mixed high half
 
 
 def lean(signature: np.ndarray) -> LeanMinHash:

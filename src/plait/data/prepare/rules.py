@@ -11,9 +11,9 @@ Example ``rules.toml`` (every key optional; these are the defaults)::
     drop_generated = true
     drop_license = true
     [dedup]
-    threshold = 0.7
+    threshold = 0.5
     num_perm = 128
-    shingle_words = 3
+    shingle_words = 2
     max_index_docs = 200_000
     [scrub]
     emails = true
@@ -67,9 +67,9 @@ class FilterRules:
 class DedupRules:
     """Exact (content hash) and near (MinHash LSH over word shingles) duplicate removal."""
 
-    threshold: float = 0.7  # estimated Jaccard similarity at which a document is a near duplicate
+    threshold: float = 0.5  # estimated Jaccard similarity at which a document is a near duplicate
     num_perm: int = 128
-    shingle_words: int = 3
+    shingle_words: int = 2
     max_index_docs: int = 200_000  # the LSH index's bound; documents past it are kept but not indexed
     near: bool = True
 
@@ -123,7 +123,9 @@ class PrepareConfig:
 
     def fingerprint(self) -> str:
         """A hash of the rules that change a file's cleaned documents (the ledger's records depend on it)."""
-        per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("workers", "tokenizer")}
+        per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("workers", "tokenizer", "dedup")}
+        # Of the dedup rules only the signature's make changes a file's record (threshold and bound do not).
+        per_file["signature"] = [self.dedup.num_perm, self.dedup.shingle_words, self.dedup.near]
         return hashlib.blake2b(json.dumps(per_file, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -159,5 +161,5 @@ def _section(cls: type, values: Any, *, name: str) -> Any:
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
         if kind is int and isinstance(value, bool):
             ok = False
-        _require(ok, f"[{name}] {key}={value!r}: expected a {kind.__name__}")
+        _require(ok, f"[{name}] {key}={value!r}: expected a value of type {kind.__name__}")
     return cls(**values)
