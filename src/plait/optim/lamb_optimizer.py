@@ -89,9 +89,11 @@ class Lamb(LayerwiseOptimizer):
     def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[param]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)  # the fused kernel reads it
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        elif state["step"].device != param.device:  # a loaded checkpoint keeps `step` where it was saved
+            state["step"] = state["step"].to(param.device)
         return state
 
     def _trust_ratios(
