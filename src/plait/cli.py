@@ -91,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("out_dir", help="the job's train.out_dir (it keeps job.json there while it runs)")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
     from plait.data.prepare.cli import add_data_parser
+    from plait.eval.cli import add_eval_parser
     from plait.planner.cli import add_plan_parser
 
     add_plan_parser(commands)
     add_data_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 
@@ -392,6 +394,12 @@ def cmd_plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_plan(args)
 
 
+def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.eval.cli import cmd_eval as run_eval
+
+    return run_eval(args, argv)
+
+
 COMMANDS = {
     "plan": cmd_plan,
     "train": cmd_train,
@@ -401,6 +409,7 @@ COMMANDS = {
     "import": cmd_import,
     "debug": cmd_debug,
     "data": cmd_data,
+    "eval": cmd_eval,
 }
 
 

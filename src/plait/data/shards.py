@@ -128,20 +128,22 @@ def _build(
         tokenizer_path = tokenizer_at(directory / TOKENIZER_FILE, corpus, vocab_size=vocab_size, progress=progress)
     else:
         tokenizer_path = _write_given(directory / TOKENIZER_FILE, tokenizer)
-    val_threshold = _val_threshold(corpus, settings["val_fraction"])
+    threshold = val_threshold(corpus, settings["val_fraction"])
     if progress is not None:
         progress("tokenizing the corpus")
     counts = _write_shards(
         corpus,
         Tokenizer.from_file(str(tokenizer_path)),
         directory=directory,
-        val_threshold=val_threshold,
+        val_threshold=threshold,
         dtype=token_dtype(vocab_size),
         eot_id=settings["eot_id"],
     )
     if progress is not None:
         progress(f"{counts['num_train_tokens']:,} train, {counts['num_val_tokens']:,} val tokens")
-    meta = {**settings, **counts}
+    from plait.data.heldout import split_record  # heldout imports this module
+
+    meta = {**settings, **counts, "split": split_record(val_fraction=settings["val_fraction"], threshold=threshold)}
     # meta.json goes last: its presence marks a complete dataset.
     with atomic_path(directory / META_FILE) as temporary:
         temporary.write_text(json.dumps(meta, indent=2) + "\n")
@@ -169,7 +171,7 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def _val_threshold(corpus: Corpus, val_fraction: float) -> int | None:
+def val_threshold(corpus: Corpus, val_fraction: float) -> int | None:
     """The largest document hash that goes to validation (None: no validation split).
 
     Taking the k smallest hashes gives exactly k validation documents (more
