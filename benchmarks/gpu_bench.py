@@ -35,25 +35,10 @@ from typing import Any
 import torch
 import torch._dynamo
 from common import environment, load_average, write_json
+from torchtitan_figures import torchtitan_comparison
 
 import plait
-from plait.models.gpt_config import GPTConfig
 from plait.train import metrics
-
-# torchtitan's benchmarks/llama3_h100_202412_torchtitan.md (also docs/performance.md), Table 1: Llama 3.1 8B,
-# 1D FSDP on 8 H100 SXM (96 GB HBM2e, 500 W), local batch 2 x seq 8192 (torchtitan's llama3_8b.toml),
-# selective activation checkpointing, bf16; TPS/GPU read at step 90. torch of 2024-12-23.
-TORCHTITAN = {
-    "source": "github.com/pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 1",
-    "setup": "Llama 3.1 8B, FSDP over 8 H100 SXM 96GB HBM2e at 500 W, local batch 2, seq 8192, selective AC",
-    "tokens_per_s_per_gpu": {"eager": 5762, "compiled": 6667},
-    "memory_gib": {"eager": 82.4, "compiled": 77.0},
-}
-LLAMA31_8B = GPTConfig(
-    vocab_size=128256, max_seq_len=8192, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-    d_ff=14336, rope_theta=500000.0, norm="rmsnorm", activation="swiglu", position="rope", bias=False,
-    tied_embeddings=False,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,6 +80,13 @@ def attention_kernels(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, 
     names = [event.key for event in prof.key_averages()]
     counts = {event.key: event.count for event in prof.key_averages()}
     return {name: counts[name] for name in names if "attention" in name.lower()}
+
+
+def attention_backend(ops: dict[str, int]) -> str:
+    """The SDPA kernel family named by the profiled operators (math when no fused kernel ran)."""
+    names = " ".join(ops).lower()
+    found = [kind for kind in ("flash", "efficient", "cudnn") if kind in names]
+    return "+".join(found) if found else "math"
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -178,6 +170,7 @@ def train_once(case: TrainCase, *, batch: int, loss: str, args: argparse.Namespa
     }
     try:  # after the figures: a profiler failure must not lose them
         result["attention_ops_in_one_step"] = attention_kernels(engine, next_batch())
+        result["attention_backend"] = attention_backend(result["attention_ops_in_one_step"])
     except Exception as error:
         result["attention_ops_in_one_step"] = {"error": f"{type(error).__name__}: {error}"[:500]}
     engine_close = getattr(engine, "close", None)
@@ -224,21 +217,6 @@ def train_case(case: TrainCase, *, args: argparse.Namespace, peak: float) -> dic
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def torchtitan_comparison(llama_1b: dict[str, Any] | None) -> dict[str, Any]:
-    """torchtitan's 8B tokens/s per GPU scaled to the 1B: equal FLOP/s per GPU means
-    tokens/s_1B = tokens/s_8B x flops_per_token_8B(seq 8192) / flops_per_token_1B(its seq)."""
-    flops_8b = LLAMA31_8B.flops_per_token(8192)
-    out: dict[str, Any] = dict(TORCHTITAN) | {"flops_per_token_8b_seq8192": flops_8b}
-    out["flop_per_s_per_gpu"] = {k: v * flops_8b for k, v in TORCHTITAN["tokens_per_s_per_gpu"].items()}
-    if llama_1b is not None:
-        scale = flops_8b / llama_1b["flops_per_token"]
-        out["conversion"] = f"x {scale:.3f} = flops_per_token 8B (seq 8192) / 1B (seq {llama_1b['seq_len']})"
-        equivalent = {k: v * scale for k, v in TORCHTITAN["tokens_per_s_per_gpu"].items()}
-        out["equivalent_1b_tokens_per_s"] = equivalent
-        out["plait_over_torchtitan_compiled"] = llama_1b["tokens_per_s"] / equivalent["compiled"]
-    return out
 
 
 def matmul_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -340,14 +318,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\n{'part':<16} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9}")
+    print(f"\n{'part':<16} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9}  attention")
     for name, value in results.items():
         if isinstance(value, dict) and "tokens_per_s" in value:
             memory = value["memory_bytes"].get("cuda_max_allocated", value["memory_bytes"].get("peak_rss", 0))
             print(
                 f"{name:<16} {value['tokens_per_s']:>10,.0f} {value['mfu']:>7.1%} "
-                f"{value['median_step_s']:>8.3f} {memory / 2**30:>9.2f}"
+                f"{value['median_step_s']:>8.3f} {memory / 2**30:>9.2f}  {value.get('attention_backend', '?')}"
             )
+    titan = results.get("torchtitan") or {}
+    if "equivalent_1b_tokens_per_s" in titan:
+        equivalent = titan["equivalent_1b_tokens_per_s"]
+        print(
+            f"torchtitan Llama 3.1 8B on H100 ({titan['source']}): {equivalent['compiled']:,.0f} tokens/s compiled, "
+            f"{equivalent['eager']:,.0f} eager as 1B tokens/s ({titan['conversion']}); "
+            f"plait / torchtitan compiled = {titan['plait_over_torchtitan_compiled']:.2f}"
+        )
 
 
 if __name__ == "__main__":
