@@ -471,6 +471,7 @@ class TrainConfig:
     warmup: int = 20
     optimizer: str = "adamw"  # adamw | lamb | lars (plait.optim's factories: vectors undecayed, unadapted)
     momentum: float = 0.9  # lars
+    vector_lr_ratio: float = 1.0  # lars: biases and norm weights (not adapted) step at lr x this
     schedule: str = "cosine"  # after warmup: cosine | poly (linear decay, LAMB/BERT) | lars (power-2 decay)
     weight_decay: float = 0.1
     beta2: float = 0.95
@@ -508,6 +509,11 @@ class TrainConfig:
             self.optimizer in OPTIMIZERS, f"train.optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
         )
         _require(0 <= self.momentum < 1, f"train.momentum={self.momentum}: LARS's momentum lies in [0, 1), e.g. 0.9")
+        _require(
+            self.vector_lr_ratio > 0,
+            f"train.vector_lr_ratio={self.vector_lr_ratio}: LARS's lr for biases and norm weights is lr x this; use a "
+            "positive ratio, e.g. 1 (timm's) or LARS's trust coefficient 0.001",
+        )
         _require(
             self.schedule in LR_SCHEDULES,
             f"train.schedule={self.schedule!r}: choose one of {', '.join(LR_SCHEDULES)} (each decays to "

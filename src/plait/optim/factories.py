@@ -62,16 +62,27 @@ def lars(
     trust_coeff: float = 0.001,
     trust_clip: bool = False,
     nesterov: bool = False,
+    vector_lr_ratio: float = 1.0,
 ) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
     """LARS with matrices decayed and adapted; biases, norm weights and other vectors take the plain
-    momentum step (no decay, no local learning rate), as LARS's ImageNet runs exclude them.
+    momentum step (no decay, no local learning rate), as LARS's ImageNet runs exclude them, at
+    ``lr * vector_lr_ratio`` (1: timm's and the paper's). An adapted matrix moves by about
+    ``lr * trust_coeff`` of its norm per step, a vector by ``lr`` times its gradient: at LARS's
+    large lr a ratio near trust_coeff keeps the vectors' steps on the matrices' scale (a ViT's
+    zero-initialised patch-embedding bias otherwise outgrows the patch signal and training stalls).
 
     Example: `plait.boost(model, optimizer=plait.optim.lars(lr=1.0, weight_decay=5e-5), ...)`.
     """
     from plait.optim.lars_optimizer import Lars
 
+    if vector_lr_ratio <= 0:
+        raise ValueError(f"lars: vector_lr_ratio={vector_lr_ratio} must be positive, e.g. 1 (timm's) or trust_coeff")
+
     def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         groups = _decay_groups(params, weight_decay=weight_decay)
+        for group in groups:
+            if group["weight_decay"] == 0:
+                group["lr"] = lr * vector_lr_ratio
         options = dict(momentum=momentum, trust_coeff=trust_coeff, trust_clip=trust_clip, nesterov=nesterov)
         return Lars(groups, lr=lr, weight_decay=weight_decay, **options)
 
