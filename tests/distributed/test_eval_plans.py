@@ -1,0 +1,55 @@
+"""plait eval under dp=2 and tp=2 gives one process's numbers: perplexities within 1e-5 relative,
+accuracies and exact matches equal (dp shares the requests, tp gathers vocab-parallel logits)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plait.eval.cli import eval_plan
+from plait.eval.runner import EvalRequest, run_eval
+from tests.distributed.harness import run_ranks
+from tests.unit.test_eval_inputs import save_eval_checkpoint, write_eval_corpus
+
+LIMIT = 12
+PERPLEXITIES = ("word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
+
+
+def _request(root: Path, plan: str | None, out: str) -> EvalRequest:
+    checkpoint = str(root / "run" / "checkpoints" / "step-000010")
+    return EvalRequest(paths=[checkpoint], plan=eval_plan(plan), out_dir=str(root / out), limit=LIMIT, batch_size=4)
+
+
+def _rank(rank: int, world_size: int, root: Path, plan: str) -> dict[str, Any]:
+    return run_eval(_request(root, plan, f"out-{plan}"))["checkpoints"][0]["results"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval-plans")
+    write_eval_corpus(root / "corpus")
+    save_eval_checkpoint(root / "run" / "checkpoints" / "step-000010", root, step=10, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(root: Path) -> dict[str, Any]:
+    return run_eval(_request(root, None, "out-one"))["checkpoints"][0]["results"]
+
+
+@pytest.mark.parametrize("plan", ["dp=2", "tp=2"])
+def test_plan_matches_one_process(plan: str, root: Path, reference: dict[str, Any]) -> None:
+    results = run_ranks(_rank, 2, root, plan, timeout_s=120)
+    assert results[0] == results[1]  # every rank returns the gathered results
+    assert set(results[0]) == set(reference)
+    for task, metrics in reference.items():
+        for metric, expected in metrics.items():
+            got = results[0][task][metric]
+            if metric in PERPLEXITIES:
+                assert math.isclose(got, expected, rel_tol=1e-5), (plan, task, metric, got, expected)
+            else:
+                assert got == expected, (plan, task, metric, got, expected)
+    assert (root / f"out-{plan}" / "results.json").is_file()
