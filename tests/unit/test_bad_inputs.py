@@ -145,7 +145,7 @@ PLANS = {
         "plan.pp_split=[1, 1]: give the 1 layer indices",
     ),
     "pp_split out of range": (
-        sets("plan.pp=2", "plan.dp=1", "plan.microbatches=2", "plan.pp_split=[2]"),
+        sets("plan.pp=2", "plan.dp=1", "plan.microbatches=2", "plan.pp_split=[3]"),  # [2]: the head alone
         "within 1..1 (the model has 2 layers",
     ),
     "pp_split without pp": (sets("plan.pp_split=[1]"), "plan.pp_split=[1]: give the 0 layer indices"),

@@ -11,7 +11,13 @@ import transformers
 from torch import nn
 
 from plait.models import build
-from plait.pipeline.partition import balanced_split, layer_costs, partition_layers, ranges_from_split_points
+from plait.pipeline.partition import (
+    balanced_split,
+    check_stage_count,
+    layer_costs,
+    partition_layers,
+    ranges_from_split_points,
+)
 from plait.pipeline.stage import build_stage, build_stage_chunks, release_unused
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,8 +88,11 @@ def test_split_points_override() -> None:
 @pytest.mark.parametrize(
     ("points", "num_stages", "message"),
     [
-        ([0], 2, "stage 0 empty"),
-        ([4], 2, "stage 1 empty"),
+        ([0, 0], 3, "stage 1 empty"),
+        ([4, 4], 3, "stage 1 empty"),
+        ([0, 0, 4], 4, "stage 1 empty"),
+        ([-1], 2, "stage 0 empty"),
+        ([5], 2, "stage 1 empty"),
         ([2, 2], 3, "stage 1 empty"),
         ([3, 1], 3, "stage 1 empty"),
         ([1, 2], 2, "gives 3 stages but 2"),
@@ -102,6 +111,45 @@ def test_too_many_stages_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"num_chunks <= 2"):
         partition_layers(model, pp=2, num_chunks=3, seq_len=16)
     assert_partition(partition_layers(model, pp=2, num_chunks=2, seq_len=16), 4, 4)
+    with pytest.raises(ValueError, match=r"num_chunks <= 2"):  # only an explicit split leaves a stage layer-less
+        check_stage_count(4, pp=2, num_chunks=3)
+
+
+def test_an_explicit_split_may_leave_the_first_stage_the_embedding_and_the_last_the_head() -> None:
+    assert ranges_from_split_points([0], num_layers=4, num_stages=2) == [range(0, 0), range(0, 4)]
+    assert ranges_from_split_points([4], num_layers=4, num_stages=2) == [range(0, 4), range(4, 4)]
+    model = build("tiny", num_layers=4)
+    ranges = partition_layers(model, pp=2, num_chunks=3, seq_len=16, split_points=[0, 1, 2, 3, 4])
+    assert ranges == [range(0, 0), *(range(i, i + 1) for i in range(4)), range(4, 4)]
+    check_stage_count(4, pp=2, num_chunks=3, split_points=[0, 1, 2, 3, 4])  # 6 stages for 4 layers: accepted
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_layerless_end_chunks_chain_to_the_model(preset: str) -> None:
+    """An embedding-only first chunk and a norm + head-only last chunk compute what the model computes."""
+    torch.manual_seed(0)
+    model = build(preset, num_layers=2).eval()
+    ranges = ranges_from_split_points([0, 1, 2], num_layers=2, num_stages=4)
+    chunks = build_stage_chunks(model, rank=0, num_ranks=1, num_chunks=4, ranges=ranges)
+    first, last = all_names(chunks[0]), all_names(chunks[3])
+    assert "embed.weight" in first and "lm_head.weight" in last
+    assert not any(name.startswith("blocks.") for name in first | last)
+    ids = torch.randint(512, (2, 16))
+    hidden = ids
+    with torch.no_grad():
+        for chunk in chunks:
+            hidden = chunk(hidden)
+        torch.testing.assert_close(hidden, model(ids), **EXACT)
+
+
+def test_hf_llama_layerless_end_stages_match_the_model() -> None:
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ranges = ranges_from_split_points([0, 4], num_layers=4, num_stages=3)
+    stages = [build_stage(model, stage_index=i, num_stages=3, layer_ranges=ranges) for i in range(3)]
+    ids = torch.randint(1, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(stages[2](stages[1](stages[0](ids))).logits, model(ids).logits, **EXACT)
 
 
 def test_unsupported_model_is_a_clear_error() -> None:

@@ -3,7 +3,9 @@
 The units are the model's transformer layers, found through plait's architecture registry. The embedding's cost is charged to the
 first layer and the final norm + LM head's to the last, because those parts always
 live on the first and the last stage; a large vocabulary then pushes layers off the
-last stage. Every stage holds at least one layer and no layer is ever dropped.
+last stage. Every stage holds at least one layer and no layer is ever dropped; only an
+explicit split may leave the first stage with the embedding alone and the last with the
+final norm + head alone (Llama 3's interleaved layout), never a stage in between.
 
 Example:
     >>> ranges = partition_layers(model, pp=2, seq_len=128)   # 4 layers
@@ -25,6 +27,7 @@ from plait.models.architectures import Architecture, architecture_of, present_pa
 __all__ = [
     "LayerCost",
     "balanced_split",
+    "check_stage_count",
     "decoder_layout",
     "layer_costs",
     "partition_layers",
@@ -141,9 +144,16 @@ def _reconstruct(prefix: list[float], best: list[list[float]], num_stages: int) 
 def ranges_from_split_points(split_points: Sequence[int], *, num_layers: int, num_stages: int) -> list[range]:
     """Stage ranges from the layer indices where stages 1, 2, ... start.
 
+    The first point may be 0 (the first stage holds only the embedding) and the last
+    ``num_layers`` (the last stage holds only the final norm and head), as Llama 3's
+    interleaved layout does; every stage in between needs a layer: it would only pass
+    its input on. Megatron's ``--pipeline-model-parallel-layout`` writes these as ``E|`` and ``|L``.
+
     Example:
         >>> ranges_from_split_points([3], num_layers=8, num_stages=2)
         [range(0, 3), range(3, 8)]
+        >>> ranges_from_split_points([0, 4, 8], num_layers=8, num_stages=4)
+        [range(0, 0), range(0, 4), range(4, 8), range(8, 8)]
     """
     points = list(split_points)
     if len(points) != num_stages - 1:
@@ -155,12 +165,24 @@ def ranges_from_split_points(split_points: Sequence[int], *, num_layers: int, nu
         raise ValueError(f"split_points={points} must be ints (layer indices where stages start)")
     bounds = [0, *points, num_layers]
     for index, (start, end) in enumerate(itertools.pairwise(bounds)):
-        if not start < end:
+        layerless_end = start == end and index in (0, num_stages - 1) and num_stages > 1
+        if not (start < end or layerless_end):
             raise ValueError(
                 f"split_points={points} leaves stage {index} empty: the points must increase strictly "
-                f"and lie in 1..{num_layers - 1} (the model has {num_layers} layers)"
+                f"and lie in 1..{num_layers - 1} (the model has {num_layers} layers); only the first point may be "
+                f"0 (a first stage with the embedding alone) and only the last {num_layers} (a last stage with "
+                "the final norm and head alone)"
             )
     return [range(start, end) for start, end in itertools.pairwise(bounds)]
+
+
+def check_stage_count(num_layers: int, *, pp: int, num_chunks: int, split_points: Sequence[int] = ()) -> None:
+    """Refuse (ValueError) more (virtual) stages than layers, unless an explicit split gives the first
+    stage the embedding alone and the last the head alone (then up to ``num_layers + 2`` stages)."""
+    if split_points:
+        ranges_from_split_points(split_points, num_layers=num_layers, num_stages=pp * num_chunks)
+        return
+    _num_stages(num_layers, pp=pp, num_chunks=num_chunks)
 
 
 def partition_layers(
@@ -179,19 +201,26 @@ def partition_layers(
     """
     costs = layer_costs(model, seq_len=seq_len)
     num_layers = len(costs) - 2
-    num_stages = _num_stages(num_layers, pp=pp, num_chunks=num_chunks)
     if split_points is not None:
-        return ranges_from_split_points(split_points, num_layers=num_layers, num_stages=num_stages)
+        _check_positive(pp=pp, num_chunks=num_chunks)
+        return ranges_from_split_points(split_points, num_layers=num_layers, num_stages=pp * num_chunks)
+    num_stages = _num_stages(num_layers, pp=pp, num_chunks=num_chunks)
     layer_flops = [cost.flops_per_token for cost in costs[1:-1]]
     layer_flops[0] += costs[0].flops_per_token
     layer_flops[-1] += costs[-1].flops_per_token
     return balanced_split(layer_flops, num_stages)
 
 
-def _num_stages(num_layers: int, *, pp: int, num_chunks: int) -> int:
-    for name, value in (("pp", pp), ("num_chunks", num_chunks)):
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _num_stages(num_layers: int, *, pp: int, num_chunks: int) -> int:
+    """Without an explicit split every stage needs a layer; more stages than layers is refused, as
+    Megatron refuses virtual stages that get no layer unless a layout string places them."""
+    _check_positive(pp=pp, num_chunks=num_chunks)
     if pp > num_layers:
         raise ValueError(
             f"pp={pp} is larger than the model's {num_layers} layers: every stage needs at least one layer; "

@@ -271,10 +271,12 @@ def _check_ranges(layer_ranges: Sequence[range], *, num_stages: int, num_layers:
     if len(layer_ranges) != num_stages:
         raise ValueError(f"got {len(layer_ranges)} layer ranges for {num_stages} stages; pass one range per stage")
     covered = [index for layers in layer_ranges for index in layers]
-    if covered != list(range(num_layers)) or any(len(layers) == 0 for layers in layer_ranges):
+    inner = layer_ranges[1:-1] if num_stages > 1 else layer_ranges  # the ends may hold only embedding / head
+    if covered != list(range(num_layers)) or any(len(layers) == 0 for layers in inner):
         raise ValueError(
-            f"layer ranges {list(layer_ranges)} must be non-empty, contiguous, in order and cover the model's "
-            f"{num_layers} layers exactly once; build them with partition_layers"
+            f"layer ranges {list(layer_ranges)} must be contiguous, in order, cover the model's {num_layers} "
+            "layers exactly once and leave no stage empty but the first (embedding alone) or the last (head "
+            "alone); build them with partition_layers"
         )
 
 

@@ -72,7 +72,11 @@ def _check_pipeline(model: torch.nn.Module, *, plan: Plan, num_layers: int) -> N
 
     decoder_layout(model)  # refuses Swin with the reason
     stages = plan.pp * plan.pp_chunks
-    if stages > num_layers:
+    if plan.pp_split:  # may leave the end stages layer-less (embedding / head alone)
+        from plait.train.setup import check_pp_split
+
+        check_pp_split(plan, num_layers=num_layers)
+    elif stages > num_layers:
         raise ValueError(
             f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but the model has {num_layers} "
             f"layers; use at most {num_layers} stages"

@@ -116,7 +116,7 @@ def validate(config: Config, *, world_size: int, ranks_per_node: int | None = No
         return Validated(plan=plan, model_config=None, pretrained=pretrained)
     model_config = model_config_for(config)
     stages = plan.pp * plan.pp_chunks
-    if stages > model_config.num_layers:
+    if stages > model_config.num_layers and not plan.pp_split:  # a split is checked below (layer-less ends)
         raise ValueError(
             f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but the model has "
             f"{model_config.num_layers} layers; use at most {model_config.num_layers} stages"
@@ -175,7 +175,8 @@ def check_moe(model_config: GPTConfig, *, plan: Plan) -> None:
 
 
 def check_pp_split(plan: Plan, *, num_layers: int) -> None:
-    """plan.pp_split lists the layers where stages 1, 2, ... start: pp * pp_chunks - 1 increasing indices."""
+    """plan.pp_split lists the layers where stages 1, 2, ... start: pp * pp_chunks - 1 increasing indices
+    (the first may be 0: a first stage with the embedding alone; the last num_layers: the head alone)."""
     if not plan.pp_split:
         return
     from plait.pipeline.partition import ranges_from_split_points
@@ -188,7 +189,9 @@ def check_pp_split(plan: Plan, *, num_layers: int) -> None:
         raise ValueError(
             f"plan.pp_split={plan.pp_split}: give the {stages - 1} layer indices where pipeline stages 1.."
             f"{stages - 1} start, increasing, within 1..{num_layers - 1} (the model has {num_layers} layers, "
-            f"plan.pp x plan.pp_chunks = {stages} stages), e.g. plan.pp_split={example}, or [] to balance by cost"
+            f"plan.pp x plan.pp_chunks = {stages} stages; the first may be 0 and the last {num_layers}, leaving the "
+            f"first stage the embedding alone and the last the head alone), e.g. plan.pp_split={example}, or [] to "
+            "balance by cost"
         ) from None
 
 
@@ -233,8 +236,9 @@ def validate_pretrained(config: Config, *, plan: Plan) -> Pretrained:
             f"data.seq_len={config.data.seq_len} is longer than {pretrained.label}'s {longest} positions; "
             f"lower data.seq_len to at most {longest}"
         )
+    check_pp_split(plan, num_layers=pretrained.num_layers)
     stages = plan.pp * plan.pp_chunks
-    if stages > pretrained.num_layers:
+    if stages > pretrained.num_layers and not plan.pp_split:
         raise ValueError(
             f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but {pretrained.label} has "
             f"{pretrained.num_layers} layers; use at most {pretrained.num_layers} stages"

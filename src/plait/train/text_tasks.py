@@ -121,7 +121,11 @@ def _check_splits(model: nn.Module, *, plan: Plan) -> None:
 
         layout = decoder_layout(model)
         num_layers, stages = len(model.get_submodule(layout.layers)), plan.pp * plan.pp_chunks
-        if stages > num_layers:
+        if plan.pp_split:  # may leave the end stages layer-less (embedding / head alone)
+            from plait.train.setup import check_pp_split
+
+            check_pp_split(plan, num_layers=num_layers)
+        elif stages > num_layers:
             raise ValueError(
                 f"plan.pp={plan.pp} x plan.pp_chunks={plan.pp_chunks} = {stages} stages but the model has "
                 f"{num_layers} layers; use at most {num_layers} stages"
