@@ -108,7 +108,11 @@ def reset_peak_memory(device: torch.device) -> None:
 def loss_function(name: str) -> Any:
     """plait's causal LM loss: "chunked" (ChunkedCausalLM, no whole-batch logits) or "plain" (causal_lm)."""
     chunked = getattr(plait.losses, "ChunkedCausalLM", None)
-    return chunked(4096) if name == "chunked" and chunked is not None else plait.losses.causal_lm
+    return chunked() if name == "chunked" and chunked is not None else plait.losses.causal_lm
+
+
+def loss_name(loss_fn: Any) -> str:
+    return repr(loss_fn) if type(loss_fn).__repr__ is not object.__repr__ else type(loss_fn).__name__
 
 
 def train_once(case: TrainCase, *, batch: int, loss: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
@@ -156,7 +160,7 @@ def train_once(case: TrainCase, *, batch: int, loss: str, args: argparse.Namespa
         "batch": batch,
         "tokens_per_step": batch * case.seq_len,
         "compile": case.compile,
-        "loss_fn": repr(loss_function(loss)),
+        "loss_fn": loss_name(loss_function(loss)),
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "boost_s": boost_s,
@@ -190,7 +194,8 @@ def _compile_stats(engine: Any) -> dict[str, Any] | None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, out_of_memory) or "out of memory" in str(error).lower()
 
 
 def train_case(case: TrainCase, *, args: argparse.Namespace, peak: float) -> dict[str, Any]:
