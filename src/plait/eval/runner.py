@@ -107,7 +107,7 @@ def _checkpoint(path: Path, *, imported_dir: Path) -> Checkpoint:
 
     target = imported_dir / f"{len(list(imported_dir.iterdir()))}-{path.name}"
     import_hf(path, target)
-    return read_checkpoint(target, label=path.name)
+    return read_checkpoint(target, origin=path)
 
 
 def _default_out(first: Path) -> Path:

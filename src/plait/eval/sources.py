@@ -29,6 +29,7 @@ class Checkpoint:
     tokenizer_json: str
     trained_by_plait: bool  # `plait train` wrote it (its config names the run's data)
     data: dict[str, Any]  # its config's [data]
+    origin: Path | None = None  # the Hugging Face directory it was imported from
 
 
 def check_paths(paths: list[str]) -> None:
@@ -51,7 +52,7 @@ def is_hf_dir(path: Path) -> bool:
     return not (path / _MANIFEST).is_file() and (path / _HF_CONFIG).is_file()
 
 
-def read_checkpoint(path: Path, *, label: str | None = None) -> Checkpoint:
+def read_checkpoint(path: Path, *, origin: Path | None = None) -> Checkpoint:
     """The checkpoint's step, tokenizer and data settings, without reading its weights."""
     trainer_state = read_trainer_state(path)
     tokenizer = trainer_state.get("tokenizer")
@@ -60,11 +61,12 @@ def read_checkpoint(path: Path, *, label: str | None = None) -> Checkpoint:
     config = json.loads((path / _HF_CONFIG).read_text())
     return Checkpoint(
         path=path,
-        label=label or path.name,
+        label=(origin or path).name,
         step=int(trainer_state.get("step", 0)),
         tokenizer_json=tokenizer,
         trained_by_plait="loader" in trainer_state,
         data=config.get("data") or {},
+        origin=origin,
     )
 
 
@@ -83,7 +85,11 @@ def eval_data(first: Checkpoint) -> EvalData:
     defaults = DataConfig()
     if not first.trained_by_plait:
         part = held_out(defaults.corpus, val_fraction=defaults.val_fraction)
-        return EvalData(part=part, tokenizer_json=first.tokenizer_json, source=f"{first.path} (its own tokenizer)")
+        return EvalData(
+            part=part,
+            tokenizer_json=first.tokenizer_json,
+            source=f"{defaults.corpus}'s split, {first.origin or first.path}'s own tokenizer",
+        )
     from plait.data.shards import prepare_dataset
 
     data = {**vars(defaults), **first.data}
