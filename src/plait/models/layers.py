@@ -104,6 +104,22 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (document[:, :, None] == document[:, None, :]))[:, None]
 
 
+_DOCUMENT_MASK = "plait_document_mask"  # the attribute of a position_ids tensor that keeps its mask
+
+
+def document_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``document_causal_mask`` as the additive mask (0 where visible, -inf elsewhere) that
+    scaled_dot_product_attention turns a bool mask into, made once per batch and kept on the
+    ``position_ids`` tensor: every layer then passes, and saves for backward, the same
+    (batch, 1, seq, seq) tensor instead of converting and keeping a copy of its own."""
+    kept = getattr(position_ids, _DOCUMENT_MASK, None)
+    if kept is None or kept.dtype != dtype:
+        visible = document_causal_mask(position_ids)
+        kept = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        setattr(position_ids, _DOCUMENT_MASK, kept)
+    return kept
+
+
 class Attention(nn.Module):
     """Causal self-attention with separate q/k/v/o projections and optional GQA/RoPE.
 
@@ -155,7 +171,7 @@ class Attention(nn.Module):
             k, v = self._repeat_kv(k), self._repeat_kv(v)
         dropout_p = self.attn_dropout if self.training else 0.0
         if position_ids is not None and position_ids.dim() == 2:  # packed documents: attend within each
-            mask = document_causal_mask(position_ids)
+            mask = document_attention_mask(position_ids, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
