@@ -93,3 +93,17 @@ def test_train_loss_chunk_is_validated_and_picks_the_chunked_loss() -> None:
         Config(train=TrainConfig(loss_chunk=512), plan=Plan(zero=3))
     with pytest.raises(ValueError, match="masked_lm"):
         Config(train=TrainConfig(loss_chunk=512), task=TaskConfig(kind="masked_lm"))
+
+
+def test_a_transformers_model_takes_the_plain_path() -> None:
+    from plait.losses import with_hidden_request
+    from tests.hf_models import tiny_model
+
+    model = tiny_model("llama")
+    batch = {"input_ids": torch.randint(0, 96, (2, 12)), "labels": torch.randint(0, 96, (2, 12))}
+    assert with_hidden_request(batch, loss_fn=ChunkedCausalLM(5), model=model) is batch  # no return_hidden
+    outputs = model(input_ids=batch["input_ids"])
+    torch.testing.assert_close(ChunkedCausalLM(5)(outputs, batch)[0], causal_lm(outputs, batch)[0], rtol=0, atol=0)
+    gpt = plait.models.build("tiny", max_seq_len=16)
+    assert with_hidden_request(batch, loss_fn=ChunkedCausalLM(5), model=gpt)["return_hidden"] is True
+    assert with_hidden_request(batch, loss_fn=causal_lm, model=gpt) is batch
