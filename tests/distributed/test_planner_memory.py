@@ -46,6 +46,7 @@ def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
 PLANS = {
     "dp2-zero0": Plan(dp=2),
     "dp2-zero3": Plan(dp=2, zero=3),
+    "dp2-zero3-bf16": Plan(dp=2, zero=3, precision="bf16"),  # 16P/N: the 16-bit parameters exist only gathered
     "dp2-zero2-full-recompute": Plan(dp=2, zero=2, recompute="full"),
     "tp2-sp": Plan(dp=1, tp=2, sequence_parallel=True),
     "pp2-1f1b": Plan(dp=1, pp=2, microbatches=4),
@@ -85,6 +86,31 @@ def test_zero3_under_a_pipeline_holds_what_is_estimated(gather: str) -> None:
     states, peak = max(r[0] for r in results), max(r[1] for r in results)
     assert abs(estimate.model_states - states) <= 4 * 64, (estimate.model_states, states)
     assert abs(estimate.tensors / peak - 1) < 0.075, (estimate.tensors, peak)
+
+
+def device_state_bytes(rank: int, world_size: int, plan: Plan) -> int:
+    torch.manual_seed(0)
+    engine = plait.boost(
+        plait.models.build(CONFIG),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        loss_fn=plait.losses.causal_lm,
+        plan=plan,
+    )
+    tokens = torch.randint(0, CONFIG.vocab_size, (GLOBAL_BATCH // engine.dp_size, SEQ))
+    engine.train_step({"input_ids": tokens, "labels": tokens})
+    return engine.data_parallel.offload.resident_bytes()["device"]
+
+
+def test_zero3_in_bf16_keeps_a_bf16_shard_on_the_device_beside_an_offloaded_optimizer() -> None:
+    """With the fp32 master on the host, each gather would otherwise fetch 4 bytes per element: the device
+    keeps a bf16 shard (2S) and nothing else of the model states, as the planner's offload model says."""
+    plan = Plan(dp=2, zero=3, precision="bf16", offload_optimizer="cpu")
+    cluster = Cluster.preset("h100", devices_per_node=2)
+    estimate = Estimator(ModelShape(CONFIG), Workload(GLOBAL_BATCH, SEQ), cluster=cluster).estimate(plan).memory
+    device = max(run_ranks(device_state_bytes, 2, plan, timeout_s=60))
+    shard_elements = ModelShape(CONFIG).num_parameters() / 2
+    assert abs(device - 2 * shard_elements) <= 4 * 64, (device, shard_elements)
+    assert abs(estimate.model_states - device) <= 4 * 64, (estimate.model_states, device)
 
 
 GQA = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=2, num_heads=8, num_kv_heads=2,

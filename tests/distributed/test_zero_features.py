@@ -41,12 +41,13 @@ FP32_FORMULA = {
 
 # bf16 params and grads, fp32 masters and Adam: the paper's 16P, 4P+12P/N, 2P+14P/N, 16P/N plus the fp32
 # gradient shard plait keeps so accumulation over micro-batches does not round in bf16 (+4P/N; +2P/N where
-# the paper already counts a 2-byte gradient shard).
+# the paper already counts a 2-byte gradient shard); stage 3 is the paper's 16P/N, its fp32 master shard the
+# only parameter storage between gathers (each gather casts it to bf16 as it sends it).
 BF16_FORMULA = {
     0: lambda p, n: 20 * p,
     1: lambda p, n: 4 * p + 16 * p / n,
     2: lambda p, n: 2 * p + 16 * p / n,
-    3: lambda p, n: 18 * p / n,
+    3: lambda p, n: 16 * p / n,
 }
 
 

@@ -30,8 +30,9 @@ def test_zero_paper_formulas() -> None:
 
 
 # plait's bf16 keeps the paper's bytes plus an fp32 gradient shard (4P/N; 2P/N more where the paper
-# already counts a 2-byte gradient shard); stage 0 is stage 1's layout unsharded.
-BF16_EXTRA = {0: lambda p, n: 4 * p, 1: lambda p, n: 4 * p / n, 2: lambda p, n: 2 * p / n, 3: lambda p, n: 2 * p / n}
+# already counts a 2-byte gradient shard), but at stage 3, which keeps the paper's 16P/N (fp32 master and
+# gradient shards, no 16-bit shard); stage 0 is stage 1's layout unsharded.
+BF16_EXTRA = {0: lambda p, n: 4 * p, 1: lambda p, n: 4 * p / n, 2: lambda p, n: 2 * p / n, 3: lambda p, n: 0.0}
 FP32 = {
     0: lambda p, n: 16 * p,
     1: lambda p, n: 8 * p + 8 * p / n,

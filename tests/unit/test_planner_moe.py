@@ -64,7 +64,7 @@ FORMULAS = {
     "fp32": {0: lambda p, n: 16 * p, 1: lambda p, n: 8 * p + 8 * p / n, 2: lambda p, n: 4 * p + 12 * p / n,
              3: lambda p, n: 16 * p / n},
     "bf16": {0: lambda p, n: 20 * p, 1: lambda p, n: 4 * p + 16 * p / n, 2: lambda p, n: 2 * p + 16 * p / n,
-             3: lambda p, n: 18 * p / n},
+             3: lambda p, n: 16 * p / n},
 }  # fmt: skip
 
 

@@ -51,12 +51,8 @@ def test_every_published_plan_is_estimated_or_refused_in_one_line(row: dict) -> 
 
 
 # Published runs that trained but that plait's runtime would not fit, with why: plait keeps more there.
-NOT_FIT_BY_PLAIT = {
-    "mpt-30b-a100-8": "plait's ZeRO-3 keeps a bf16 copy of its parameter shard for the whole step (2P/N, 7.0 GiB at 30B "
-    "on 8 GPUs: 18P/N of model states where FSDP's FULL_SHARD keeps 16P/N and casts into its gather buffer) and up "
-    "to three fp32 flat buffers of a whole unit in its gradient reduction (6.9 GiB at 617M parameters per layer): "
-    "80.5 GiB estimated on an 80 GB A100, 73.5 GiB without the bf16 shard copy",
-}
+# (mpt-30b-a100-8 was here at 80.5 GiB until ZeRO-3 stopped keeping a bf16 copy of its shard: 73.6 GiB.)
+NOT_FIT_BY_PLAIT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row["id"] for row in ROWS])

@@ -4,11 +4,13 @@ Model states follow plait's ZeRO (closing notes of the ZeRO strand), per
 parameter element with fp32 Adam (8 bytes of moments) on N dp ranks:
 
     fp32:  stage 0 16P, 1: 8P + 8P/N, 2: 4P + 12P/N, 3: 16P/N
-    bf16:  stage 0 20P, 1: 4P + 16P/N, 2: 2P + 16P/N, 3: 18P/N   (fp16 the same)
+    bf16:  stage 0 20P, 1: 4P + 16P/N, 2: 2P + 16P/N, 3: 16P/N   (fp16 the same)
 
-(bf16 keeps the paper's 16P, 4P+12P/N, 2P+14P/N, 16P/N plus an fp32 gradient
-shard.) Flat units are padded to a multiple of N, every Adam parameter holds
-a 4-byte step, and under tp each rank counts only its shard of the split
+(bf16 keeps the paper's 16P, 4P+12P/N, 2P+14P/N plus an fp32 gradient
+shard; at stage 3 the paper's 16P/N: the fp32 master, gradient shard and
+moments, the 16-bit parameters existing only while gathered, as in FSDP.)
+Flat units are padded to a multiple of N, every Adam parameter holds a
+4-byte step, and under tp each rank counts only its shard of the split
 weights. `zero_paper_bytes` gives the ZeRO paper's formulas themselves.
 """
 
@@ -133,7 +135,9 @@ def unit_state_bytes(units: list[Unit], plan: Plan) -> StateBytes:
         shard += unit_padded / shards
         pieces += unit.num_tensors / shards + (1 if shards > 1 else 0)
     master = FP32 * shard if e != FP32 else 0.0
-    params = e * shard if plan.zero == 3 else e * padded
+    params = e * padded
+    if plan.zero == 3:  # the shard alone; in 16 bits that is the master, cast as each gather sends it
+        params = 0.0 if e != FP32 else FP32 * shard
     grad_full = e * padded if plan.zero <= 1 else 0.0
     grad_shard = FP32 * shard if (plan.zero >= 2 or e != FP32) else 0.0
     return StateBytes(params, master, grad_full + grad_shard, ADAM_BYTES * shard + FP32 * pieces)

@@ -7,7 +7,9 @@ offload (`plait.zero.offload`) places and moves them:
 - optimizer off the device: fp32 master (4S) + Adam moments (8S) on the
   host or disk; the step runs on the host. disk: 12S read and 12S written
   per step. The new parameter values go where the parameters live: the
-  device's shard (e*S host->device) unless they are offloaded too.
+  device's shard (e*S host->device) unless they are offloaded too. ZeRO-3
+  in 16 bits, whose on-device shard is the master itself, then keeps a
+  16-bit shard on the device instead (`off_device` params -e*S: it arrives).
 - gradients (at least on the host once the optimizer is): the fp32 shard
   (4S) goes device->host after each micro-batch's reduction under ZeRO-2/3,
   once under ZeRO-1; on disk it is written then (and read back before the
@@ -206,6 +208,8 @@ def _unit(
     if tier.optimizer != "device":
         moved["optimizer"] = ADAM_BYTES * s
         moved["master"] = FP32 * s if e != FP32 else 0.0  # fp32: the parameters are the master on the device
+        if plan.zero == 3 and e != FP32 and tier.params == "device":  # a 16-bit shard stays for the gathers
+            moved["params"] = -e * s
         placed[tier.optimizer] += OPTIMIZER_STATE_BYTES * s
     if tier.grads != "device":
         moved["grads"] = FP32 * s if (plan.zero >= 2 or e != FP32) else 0.0  # fp32 ZeRO-1: a view of the full grads

@@ -6,7 +6,10 @@ Stages differ only in what a unit keeps between uses:
 - stage 2: full parameters; gradients are reduced as soon as a micro-batch's
   backward produced them and only the shard is kept;
 - stage 3: only the parameter shard; the full parameters are gathered just
-  before use and their storage released after.
+  before use and their storage released after. In 16 bits the shard kept is
+  the fp32 master itself, cast as it is sent, so 16-bit parameters exist only
+  gathered; a 16-bit shard is kept apart only where the optimizer or the
+  parameters are offloaded (it halves the bytes each gather fetches).
 The optimizer always steps on this rank's pieces of the fp32 master shard.
 """
 
@@ -75,6 +78,8 @@ class FlatUnit:
         self.master_shard = self._make_master()
         if tiers.params != "device":
             self.param_shard = self._offloaded_param_shard()
+        elif config.stage == 3 and tiers.optimizer == "device":
+            self.param_shard = self.master_shard  # 16-bit parameters exist only gathered: cast at each gather
         self.grad_full: torch.Tensor | None = None
         if config.stage <= 1:
             self.grad_full = torch.zeros_like(self.full)
@@ -172,8 +177,11 @@ class FlatUnit:
             if shard.data_ptr() != self.full.data_ptr():
                 self.full.copy_(shard)
             return None
+        # ZeRO-3 in 16 bits gathers from the fp32 master: the cast is a transient send buffer (the work holds
+        # it until the gather lands), rounded as a cast after the step was, so the same 16-bit parameters
+        send = shard if shard.dtype == self.full.dtype else shard.to(self.full.dtype)
         self.config.counter.record("all_gather", self.full, group=self.config.group)
-        return all_gather_flat(self.full, shard, group=self.config.group, async_op=True)
+        return all_gather_flat(self.full, send, group=self.config.group, async_op=True)
 
     def publish_step(self) -> dist.Work | None:
         """After the optimizer step: cast masters into the parameter shard; stages 1-2 re-gather."""

@@ -107,8 +107,11 @@ def _move_params(offload: Offload, index: int, unit: UnitLike, pages: UnitPages,
         else:
             _to_memory(pages.params)
         pages.params = None
-    elif unit.param_shard is not unit.master_shard:
-        pages.params = offload.written_page(f"unit{index}.params", [unit.param_shard])
+    else:
+        if unit.param_shard is unit.master_shard and unit.full.dtype != unit.master_shard.dtype:
+            unit.param_shard = unit.master_shard.to(unit.full.dtype)  # ZeRO-3 in 16 bits: its own shard on disk
+        if unit.param_shard is not unit.master_shard:
+            pages.params = offload.written_page(f"unit{index}.params", [unit.param_shard])
 
 
 def _move_optimizer(offload: Offload, index: int, unit: UnitLike, pages: UnitPages, *, to_disk: bool) -> None:
