@@ -89,3 +89,15 @@ def test_calibrate_measures_the_bf16_gain_and_names_autos_choice() -> None:
     assert gain.fp32_flops > 0 and gain.bf16_flops > 0 and gain.gain == gain.bf16_flops / gain.fp32_flops
     assert gain.choice == resolve_precision("auto", device_type="cpu")
     assert f"x{gain.gain:.2f}; plan.precision=auto -> {gain.choice.precision}" in gain.line()
+
+
+def test_plait_plan_resolves_auto_for_the_cluster_it_plans() -> None:
+    import argparse
+
+    from plait.planner.cli import _precision
+    from plait.planner.cluster import Cluster
+
+    auto = argparse.Namespace(precision="auto")
+    assert _precision(auto, Cluster.preset("h100")) == "bf16"
+    cpu = Cluster.preset("h100").replace(backend="gloo")
+    assert _precision(auto, cpu) == resolve_precision("auto", device_type="cpu").precision

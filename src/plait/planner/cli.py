@@ -32,7 +32,7 @@ def add_plan_parser(commands: Any) -> None:
     plan.add_argument("--calibrate", action="store_true", help="measure this machine (CPU ranks) instead of a preset")
     plan.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 8 per device)")
     plan.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the model's context)")
-    plan.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
+    plan.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "auto"])
     plan.add_argument("--zero", type=int, nargs="+", default=None, help="ZeRO stages to consider")
     plan.add_argument("--recompute", nargs="+", default=None, choices=["none", "selective", "full"])
     plan.add_argument("--microbatches", type=int, nargs="+", default=None)
@@ -77,7 +77,7 @@ def _cluster(args: argparse.Namespace, hidden: int, tokens: int) -> Cluster:
         from plait.planner.calibrate import Probe, calibrate
 
         memory = parse_bytes(args.gpu_mem) if args.gpu_mem else None
-        dtype = PrecisionPolicy.from_name(args.precision or "fp32").param_dtype
+        dtype = PrecisionPolicy.from_name(_on_cpu(args.precision or "fp32")).param_dtype
         probe = Probe(tokens=tokens, hidden=min(hidden, 1024), dtype=dtype)
         cluster = calibrate(args.gpus_per_node, device_memory=memory, probe=probe, io_dir=_offload_dir(args))
         cluster = cluster.replace(nodes=args.nodes)
@@ -113,7 +113,16 @@ def _space(args: argparse.Namespace, cluster: Cluster) -> SearchSpace:
 
 
 def _precision(args: argparse.Namespace, cluster: Cluster) -> str:
+    """--precision, by default fp32 on CPU ranks and bf16 on GPUs; "auto" resolved for the cluster."""
+    if args.precision == "auto":  # GPU presets all have bf16 tensor cores; CPU ranks are this machine's
+        return _on_cpu("auto") if cluster.backend == "gloo" else "bf16"
     return args.precision or ("fp32" if cluster.backend == "gloo" else "bf16")
+
+
+def _on_cpu(precision: str) -> str:
+    from plait.amp.auto import resolve_precision
+
+    return resolve_precision(precision, device_type="cpu").precision
 
 
 def _count(num: int) -> str:
@@ -150,6 +159,8 @@ def _evaluate(args: argparse.Namespace, shape: ModelShape, workload: Workload, c
     world = cluster.num_devices
     if args.plan:
         fields = {"precision": _precision(args, cluster)} | parse_fields(args.plan)
+        if fields["precision"] == "auto":
+            fields["precision"] = _precision(argparse.Namespace(precision="auto"), cluster)
         plan = checked_plan(Plan(**fields), world=world, workload=workload)  # type: ignore[arg-type]
         print(f"plan string: {plan_string(plan)}")
     else:
