@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.config import Plan
-from plait.pipeline.partition import balanced_split
+from plait.pipeline.partition import balanced_split, ranges_from_split_points
 from plait.pipeline.schedules import Schedule, build_schedule
 from plait.pipeline.simulate import SimResult, simulate
 from plait.planner.shape import ModelShape
@@ -36,13 +36,14 @@ class StageLayout:
 
 def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
     """plait's cost-balanced split (`pipeline.partition`): forward FLOPs per layer, the head's charged
-    to the last layer, the embedding's (none) to the first; or `plan.pp_split` when given."""
+    to the last layer, the embedding's (none) to the first; or `plan.pp_split` when given, checked as the
+    runtime checks it (its first chunk may hold the embedding alone and its last the head alone: 0 layers)."""
     num_stages = plan.pp * plan.pp_chunks
     if num_stages == 1:
         return StageLayout((shape.num_layers,), (shape.num_layers,))
     if plan.pp_split:
-        bounds = [0, *plan.pp_split, shape.num_layers]
-        chunks = [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+        ranges = ranges_from_split_points(plan.pp_split, num_layers=shape.num_layers, num_stages=num_stages)
+        chunks = [len(layers) for layers in ranges]
     else:
         costs = [shape.stage_flops_per_token([i], seq_len, tp=plan.tp) * plan.tp for i in range(shape.num_layers)]
         costs[-1] += 2.0 * sum(unit.local(plan.tp) for unit in shape.last_units(plan.tp, with_embedding=False))
