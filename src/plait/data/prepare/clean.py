@@ -40,7 +40,7 @@ def empty_stats(task: FileTask) -> dict[str, Any]:
         "scrubbed_docs": 0,
         "docs_kept": 0,
         "chars_kept": 0,
-        "hist_in": [0] * (len(LENGTH_BINS) - 1),
+        "hist_in": {},  # length bin -> documents, sparse: a run can hold many files' counts at once
     }
 
 
@@ -73,7 +73,8 @@ def _clean_document(text: str, *, name: str, stats: dict[str, Any], config: Prep
     text = normalise(text)
     stats["docs_in"] += 1
     stats["chars_in"] += len(text)
-    stats["hist_in"][_bin(len(text))] += 1
+    key = str(_bin(len(text)))
+    stats["hist_in"][key] = stats["hist_in"].get(key, 0) + 1
     failed = "empty" if not text.strip() else first_failure(text, config.filters)
     if failed is not None:
         count = stats["dropped"].setdefault(failed, [0, 0])

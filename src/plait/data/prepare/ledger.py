@@ -21,6 +21,8 @@ from plait.data.prepare.sources import FileTask
 from plait.data.tokenizer import atomic_path
 
 WORK_DIR = ".prepare-work"
+# Bump when what a record holds changes, so older records are cleaned again rather than misread.
+_RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,6 @@ def record_for(work_dir: Path, task: FileTask, *, rules_fingerprint: str) -> Rec
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         identity = "unreadable"
-    text = f"{task.name}\0{task.path.resolve()}\0{identity}\0{task.field}\0{rules_fingerprint}"
+    text = f"v{_RECORD_VERSION}\0{task.name}\0{task.path.resolve()}\0{identity}\0{task.field}\0{rules_fingerprint}"
     key = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
     return Record(work_dir / f"{key}.json", work_dir / f"{key}.docs.jsonl", work_dir / f"{key}.sig")

@@ -69,7 +69,7 @@ def build_report(stats: list[dict[str, Any]], dedup: DedupResult, *, output: dic
         "output": {**output, "chars_per_token": round(chars_per_token, 3)},
         "lengths": {
             "bin_edges_chars": [round(float(e), 1) for e in LENGTH_BINS],
-            "input": _sum_lists([s["hist_in"] for s in stats]),
+            "input": _dense([s["hist_in"] for s in stats]),
             "kept": dedup.hist_kept,
         },
     }
@@ -125,8 +125,12 @@ def _duplicates(dedup: DedupResult) -> dict[str, Any]:
     }
 
 
-def _sum_lists(lists: list[list[int]]) -> list[int]:
-    return [sum(column) for column in zip(*lists, strict=True)] if lists else []
+def _dense(histograms: list[dict[str, int]]) -> list[int]:
+    counts = [0] * (len(LENGTH_BINS) - 1)
+    for histogram in histograms:
+        for key, count in histogram.items():
+            counts[int(key)] += count
+    return counts
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> None:

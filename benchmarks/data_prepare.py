@@ -1,0 +1,263 @@
+"""`plait data prepare` on the stdlib plus a planted dirty copy, and on a ~1 GB input.
+
+Shows (issue 18): the report counts each planted kind; near-duplicate recall and precision on the
+planted pairs (a copy with 10% of its identifiers renamed and 5% of its lines added and 5% reordered)
+at several thresholds; the cleaned output has no planted secret and `plait train` trains on it;
+throughput in MB/s with 2 workers; peak memory of the whole process tree (the sum of PSS, shared
+pages counted once, and the largest single RSS) sampled every 0.2 s on a ~1 GB input made by
+repeating the stdlib with mutations (the tokenizer trains on a sample).
+
+    .venv/bin/python benchmarks/data_prepare.py                  # ~1 GB large run (default)
+    .venv/bin/python benchmarks/data_prepare.py --large-mb 0     # the dirty-corpus part only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import RESULTS_DIR, environment, finish, format_table, load_average
+from tokenizers import Tokenizer
+
+from plait.data.corpus import stdlib_files
+from plait.data.prepare import DedupRules, PrepareConfig, prepare_corpus
+from plait.data.prepare.dirty import SECRET_EMAIL, SECRET_KEY, DirtyPlan, mutate, write_dirty_corpus
+
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+_SAMPLE_S = 0.2
+
+
+def stdlib_documents() -> list[tuple[str, str]]:
+    files = stdlib_files()
+    root = Path(*files[0].parts[: len(files[0].parts) - 1])
+    while not all(str(f).startswith(str(root)) for f in files[:50]):
+        root = root.parent
+    return [(f.relative_to(root).as_posix(), f.read_bytes().decode("utf-8", errors="replace")) for f in files]
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(sum of PSS, largest RSS) in bytes over ``pid`` and its descendants, from /proc."""
+    pids, total_pss, largest_rss = [pid], 0, 0
+    while pids:
+        current = pids.pop()
+        try:
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Pss:", "Rss:")):
+                    value = int(line.split()[1]) * 1024
+                    total_pss += value if line.startswith("Pss:") else 0
+                    largest_rss = max(largest_rss, value) if line.startswith("Rss:") else largest_rss
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pids.extend(int(p) for p in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total_pss, largest_rss
+
+
+def _child(sources: list[str], out: str, config: PrepareConfig, tokenizer: str | None, result: str) -> None:
+    report = prepare_corpus(sources, out, config=config, tokenizer=tokenizer)
+    Path(result).write_text(json.dumps(report))
+
+
+def measured_prepare(sources: list[str], out: Path, *, config: PrepareConfig, tokenizer: str | None = None) -> dict:
+    """Run prepare_corpus in a forked process, sampling its tree's memory; the report plus the peaks."""
+    result = out.parent / f"{out.name}-report.json"
+    process = multiprocessing.get_context("fork").Process(
+        target=_child, args=(sources, str(out), config, tokenizer, str(result))
+    )
+    started = time.perf_counter()
+    process.start()
+    peak_pss = peak_rss = 0
+    while process.is_alive():
+        pss, rss = tree_memory(process.pid)
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        time.sleep(_SAMPLE_S)
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"prepare_corpus failed (exit {process.exitcode})")
+    report = json.loads(result.read_text())
+    report["measured"] = {
+        "wall_s": round(time.perf_counter() - started, 2),
+        "peak_pss_sum": peak_pss,
+        "peak_rss_max": peak_rss,
+    }
+    return report
+
+
+def near_scores(out: Path, truth: dict[str, Any]) -> dict[str, float]:
+    """Recall and precision of the near pairs found, against the planted (copy, original) pairs.
+
+    A found pair holding a planted copy is correct when its other side is the copy's original, or an
+    original the run itself put in one cluster with that original (the stdlib has real near duplicates).
+    """
+    rows = [line.split("\t") for line in (out / "duplicates.tsv").read_text().splitlines()[1:]]
+    found = {frozenset((r[1], r[2])) for r in rows if r[0] == "near"}
+    same = {}
+    for r in rows:  # union of originals that the run grouped (kept -> dropped), for the cluster rule
+        same.setdefault(r[2], {r[2]}).add(r[1])
+        same.setdefault(r[1], {r[1]}).add(r[2])
+    planted = {frozenset((d["copy"], d["original"])) for d in truth["near"]}
+    original_of = {d["copy"]: d["original"] for d in truth["near"]}
+    with_copy = [p for p in found if any(name in original_of for name in p)]
+    correct = 0
+    for pair in with_copy:
+        copy = next(name for name in pair if name in original_of)
+        other = next(iter(pair - {copy}), copy)
+        correct += other == original_of[copy] or other in same.get(original_of[copy], set())
+    recall = len(found & planted) / len(planted)
+    return {
+        "recall": round(recall, 4),
+        "precision": round(correct / max(len(with_copy), 1), 4),
+        "pairs_found": len(with_copy),
+        "planted": len(planted),
+    }
+
+
+def secrets_left(out: Path) -> int:
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    meta = json.loads((out / "meta.json").read_text())
+    found = 0
+    for name in ("train.bin", "val.bin"):
+        tokens = np.fromfile(out / name, dtype=meta["dtype"])
+        for start in range(0, len(tokens), 1 << 20):
+            text = tokenizer.decode(tokens[start : start + (1 << 20) + 64].tolist())
+            found += text.count(SECRET_EMAIL) + text.count(SECRET_KEY)
+    return found
+
+
+def train_on(out: Path, run: Path, *, vocab_size: int, steps: int) -> dict[str, float]:
+    plait = Path(sys.executable).parent / "plait"
+    sets = [f"data.corpus={out}", f"data.vocab_size={vocab_size}", f"train.steps={steps}", "train.global_batch=8",
+            f"train.out_dir={run}", "train.eval_every=1000", "train.log_every=1"]  # fmt: skip
+    subprocess.run([str(plait), "train", *[a for s in sets for a in ("--set", s)]], check=True, capture_output=True)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = [line.split(",")[header.index("loss")] for line in lines[1:]]
+    losses = [float(cell) for cell in cells if cell]
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def write_large(root: Path, documents: list[tuple[str, str]], *, target_mb: int, seed: int = 0) -> int:
+    """Rounds of the stdlib, each file an exact copy or a mutated one (half each), until ``target_mb``."""
+    rng = random.Random(seed)
+    written, round_index = 0, 0
+    while written < target_mb * 1e6:
+        for name, text in documents:
+            if round_index > 0 and rng.random() < 0.5:
+                text = mutate(text, rng, rename_fraction=0.1, line_fraction=0.05)
+            path = root / f"r{round_index:03d}" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written += path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+        round_index += 1
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--work", default="/tmp/plait-bench-data-prepare", help="scratch directory (removed at the end)"
+    )
+    parser.add_argument("--large-mb", type=int, default=1024, help="size of the large input (0: skip it)")
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "data_prepare.json"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    started, phases = time.perf_counter(), {}
+    payload: dict[str, Any] = {"environment": environment(), "load_average_start": load_average()}
+    documents = stdlib_documents()
+    truth = write_dirty_corpus(documents, work / "dirty", DirtyPlan(num_exact=50, num_near=100, seed=0))
+    config = PrepareConfig(workers=2)
+    dirty = measured_prepare([str(work / "dirty" / "corpus")], work / "out-0.5", config=config)
+    phases["dirty"] = time.perf_counter() - started
+    payload["dirty"] = _summary(dirty, truth, out=work / "out-0.5")
+    sweep = {}
+    for threshold in THRESHOLDS:
+        out = work / f"out-{threshold}"
+        if threshold != config.dedup.threshold:  # the ledger is reused: only dedup and packing run again
+            swept = PrepareConfig(workers=2, dedup=DedupRules(threshold=threshold))
+            prepare_corpus([str(work / "dirty" / "corpus")], out, config=swept, tokenizer=str(work / "out-0.5"))
+        sweep[str(threshold)] = near_scores(out, truth)
+    payload["near_by_threshold"] = sweep
+    payload["secrets_left_in_output"] = secrets_left(work / "out-0.5")
+    payload["train"] = train_on(work / "out-0.5", work / "run", vocab_size=8192, steps=args.train_steps)
+    phases["sweep+train"] = time.perf_counter() - started - sum(phases.values())
+    shutil.copy(work / "out-0.5" / "lengths.png", Path(args.out).with_name("data_prepare_lengths.png"))
+    if args.large_mb > 0:
+        written = write_large(work / "large", documents, target_mb=args.large_mb)
+        phases["generate large"] = time.perf_counter() - started - sum(phases.values())
+        large = measured_prepare([str(work / "large")], work / "out-large", config=config)
+        payload["large"] = {"input_bytes": written, **_run_figures(large)}
+        phases["large"] = time.perf_counter() - started - sum(phases.values())
+    payload["load_average_end"] = load_average()
+    _print(payload)
+    shutil.rmtree(work, ignore_errors=True)
+    finish(args.out, payload, wall_s=time.perf_counter() - started, phase_wall_s=phases)
+
+
+def _run_figures(report: dict) -> dict[str, Any]:
+    return {
+        "input_mb": round(report["input"]["bytes"] / 1e6, 1),
+        "mb_per_s": round(report["input"]["bytes"] / 1e6 / report["measured"]["wall_s"], 2),
+        "seconds": report["run"]["seconds"],
+        "wall_s": report["measured"]["wall_s"],
+        "peak_pss_sum_mib": round(report["measured"]["peak_pss_sum"] / 2**20, 1),
+        "peak_rss_max_mib": round(report["measured"]["peak_rss_max"] / 2**20, 1),
+        "lsh_index": report["duplicates"]["lsh_index"],
+        "output": report["output"],
+        "stages": {s["stage"]: s["docs_removed"] for s in report["stages"]},
+        "bad_files": report["bad_files"]["by_reason"],
+    }
+
+
+def _summary(report: dict, truth: dict, *, out: Path) -> dict[str, Any]:
+    stages = {s["stage"]: s["docs_removed"] for s in report["stages"]}
+    planted = {
+        "exact copies": (len(truth["exact"]), stages["exact_dup"]),
+        "near copies": (len(truth["near"]), stages["near_dup"]),
+        "binary files": (len(truth["binary"]), report["bad_files"]["by_reason"].get("binary or undecodable", 0)),
+        "huge files": (len(truth["huge"]), report["bad_files"]["by_reason"].get("too large", 0)),
+        "empty files": (len(truth["empty"]), stages["empty"]),
+        "repeated-line file": (1, stages["repeated_lines"]),
+        "symbol file": (1, stages["alnum_fraction"]),
+        "license file": (1, stages["license"]),
+        "generated file": (1, stages["generated"]),
+        "e-mail (secrets file)": (truth["secrets"]["emails"], report["scrub"]["emails"]),
+        "keys (secrets file)": (truth["secrets"]["keys"], report["scrub"]["keys"]),
+    }
+    return {**_run_figures(report), "planted_vs_reported": planted, "near": near_scores(out, truth)}
+
+
+def _print(payload: dict[str, Any]) -> None:
+    dirty = payload["dirty"]
+    print(
+        format_table(
+            ["kind", "planted", "reported (whole corpus)"],
+            [(k, p, r) for k, (p, r) in dirty["planted_vs_reported"].items()],
+        )
+    )
+    print()
+    print(
+        format_table(
+            ["threshold", "recall", "precision", "pairs"],
+            [(t, s["recall"], s["precision"], s["pairs_found"]) for t, s in payload["near_by_threshold"].items()],
+        )
+    )
+    runs = [("dirty stdlib", dirty)] + ([("large", payload["large"])] if "large" in payload else [])
+    print()
+    print(format_table(["run", "input MB", "MB/s", "wall s", "peak PSS sum MiB", "largest RSS MiB", "LSH docs", "out tokens"],
+                       [(n, r["input_mb"], r["mb_per_s"], r["wall_s"], r["peak_pss_sum_mib"], r["peak_rss_max_mib"], r["lsh_index"]["documents"], r["output"]["tokens"]) for n, r in runs]))  # fmt: skip
+    print(f"\nsecrets left in the output: {payload['secrets_left_in_output']}; train: {payload['train']}")
+    print(f"load average {payload['load_average_start']} -> {payload['load_average_end']}")
+
+
+if __name__ == "__main__":
+    main()
