@@ -315,11 +315,29 @@ def main(argv: list[str] | None = None) -> int:
         run_part(case.name, results, path, lambda case=case: train_case(case, args=args, peak=peak))
     llama = results.get("llama-1b") or {}
     run_part("torchtitan", results, path, lambda: torchtitan_comparison(llama if "tokens_per_s" in llama else None))
+    results["summary"] = summary(results)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(path, results)
     print_table(results)
     print(f"wrote {path} ({results['wall_s']:.0f} s)")
     return 0 if all("error" not in value for value in results.values() if isinstance(value, dict)) else 1
+
+
+MFU_TARGET_1B = 0.55  # issue 20: the 1B in bf16 against the measured matmul rate
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures: the 1B's MFU against the target, compiled over eager, and over torchtitan."""
+    compiled, eager = results.get("llama-1b") or {}, results.get("llama-1b-eager") or {}
+    out: dict[str, Any] = {"mfu_target_1b": MFU_TARGET_1B}
+    if "mfu" in compiled:
+        out |= {"mfu_1b": compiled["mfu"], "mfu_1b_meets_target": compiled["mfu"] >= MFU_TARGET_1B}
+    if "tokens_per_s" in compiled and "tokens_per_s" in eager:
+        out["compiled_over_eager_1b"] = compiled["tokens_per_s"] / eager["tokens_per_s"]
+    titan = results.get("torchtitan") or {}
+    if "plait_over_torchtitan_compiled" in titan:
+        out["plait_over_torchtitan_compiled"] = titan["plait_over_torchtitan_compiled"]
+    return out
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -339,6 +357,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"{equivalent['eager']:,.0f} eager as 1B tokens/s ({titan['conversion']}); "
             f"plait / torchtitan compiled = {titan['plait_over_torchtitan_compiled']:.2f}"
         )
+    print(
+        "summary: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in results["summary"].items())
+    )
 
 
 if __name__ == "__main__":
