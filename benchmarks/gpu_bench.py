@@ -283,7 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s (compilation)")
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4, help="the 1B's sequences per step (halved on OOM)")
+    parser.add_argument("--batch", type=int, default=8, help="the 1B's sequences per step (halved on OOM)")
     parser.add_argument("--loss", default="chunked", choices=["chunked", "plain"], help="causal LM loss")
     parser.add_argument("--budget-s", type=float, default=270.0, help="the eager 1B runs only if time is left")
     args = parser.parse_args(argv)
