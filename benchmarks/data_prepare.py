@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 from plait.data.corpus import stdlib_files
 from plait.data.prepare import DedupRules, PrepareConfig, prepare_corpus
 from plait.data.prepare.dirty import SECRET_EMAIL, SECRET_KEY, DirtyPlan, mutate, write_dirty_corpus
+from plait.data.prepare.ledger import WORK_DIR
 
 THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 _SAMPLE_S = 0.2
@@ -167,6 +168,7 @@ def main() -> None:
     )
     parser.add_argument("--large-mb", type=int, default=1024, help="size of the large input (0: skip it)")
     parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--skip-dirty", action="store_true", help="only the large run (its figures alone)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "data_prepare.json"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -174,6 +176,29 @@ def main() -> None:
     started, phases = time.perf_counter(), {}
     payload: dict[str, Any] = {"environment": environment(), "load_average_start": load_average()}
     documents = stdlib_documents()
+    if not args.skip_dirty:
+        _dirty_part(documents, work=work, payload=payload, phases=phases, args=args, started=started)
+    if args.large_mb > 0:
+        written = write_large(work / "large", documents, target_mb=args.large_mb)
+        phases["generate large"] = time.perf_counter() - started - sum(phases.values())
+        large = measured_prepare([str(work / "large")], work / "out-large", config=PrepareConfig(workers=2))
+        payload["large"] = {"input_bytes": written, **_run_figures(large)}
+        phases["large"] = time.perf_counter() - started - sum(phases.values())
+    payload["load_average_end"] = load_average()
+    _print(payload)
+    shutil.rmtree(work, ignore_errors=True)
+    finish(args.out, payload, wall_s=time.perf_counter() - started, phase_wall_s=phases)
+
+
+def _dirty_part(
+    documents: list[tuple[str, str]],
+    *,
+    work: Path,
+    payload: dict,
+    phases: dict,
+    args: argparse.Namespace,
+    started: float,
+) -> None:
     truth = write_dirty_corpus(documents, work / "dirty", DirtyPlan(num_exact=50, num_near=100, seed=0))
     config = PrepareConfig(workers=2)
     dirty = measured_prepare([str(work / "dirty" / "corpus")], work / "out-0.5", config=config)
@@ -183,6 +208,7 @@ def main() -> None:
     for threshold in THRESHOLDS:
         out = work / f"out-{threshold}"
         if threshold != config.dedup.threshold:  # the ledger is reused: only dedup and packing run again
+            shutil.copytree(work / "out-0.5" / WORK_DIR, out / WORK_DIR)
             swept = PrepareConfig(workers=2, dedup=DedupRules(threshold=threshold))
             prepare_corpus([str(work / "dirty" / "corpus")], out, config=swept, tokenizer=str(work / "out-0.5"))
         sweep[str(threshold)] = near_scores(out, truth)
@@ -191,16 +217,6 @@ def main() -> None:
     payload["train"] = train_on(work / "out-0.5", work / "run", vocab_size=8192, steps=args.train_steps)
     phases["sweep+train"] = time.perf_counter() - started - sum(phases.values())
     shutil.copy(work / "out-0.5" / "lengths.png", Path(args.out).with_name("data_prepare_lengths.png"))
-    if args.large_mb > 0:
-        written = write_large(work / "large", documents, target_mb=args.large_mb)
-        phases["generate large"] = time.perf_counter() - started - sum(phases.values())
-        large = measured_prepare([str(work / "large")], work / "out-large", config=config)
-        payload["large"] = {"input_bytes": written, **_run_figures(large)}
-        phases["large"] = time.perf_counter() - started - sum(phases.values())
-    payload["load_average_end"] = load_average()
-    _print(payload)
-    shutil.rmtree(work, ignore_errors=True)
-    finish(args.out, payload, wall_s=time.perf_counter() - started, phase_wall_s=phases)
 
 
 def _run_figures(report: dict) -> dict[str, Any]:
@@ -251,12 +267,7 @@ def _print(payload: dict[str, Any]) -> None:
             [(t, s["recall"], s["precision"], s["pairs_found"]) for t, s in payload["near_by_threshold"].items()],
         )
     )
-    runs = [("dirty stdlib", dirty)] + ([("large", payload["large"])] if "large" in payload else [])
-    print()
-    print(format_table(["run", "input MB", "MB/s", "wall s", "peak PSS sum MiB", "largest RSS MiB", "LSH docs", "out tokens"],
-                       [(n, r["input_mb"], r["mb_per_s"], r["wall_s"], r["peak_pss_sum_mib"], r["peak_rss_max_mib"], r["lsh_index"]["documents"], r["output"]["tokens"]) for n, r in runs]))  # fmt: skip
     print(f"\nsecrets left in the output: {payload['secrets_left_in_output']}; train: {payload['train']}")
-    print(f"load average {payload['load_average_start']} -> {payload['load_average_end']}")
 
 
 if __name__ == "__main__":
