@@ -99,11 +99,14 @@ def resolve_precision(
 def agree_on_precision(choice: PrecisionChoice, *, device_type: str) -> PrecisionChoice:
     """Every rank's "auto" choice made one: fp32 if any rank resolved fp32 (a machine of another kind
     among the nodes), since ranks that exchange activations or gradients must hold one dtype. Collective
-    over the default group; a no-op for an explicit precision or without a process group."""
+    over the default group on CPU ranks (gloo), whose machines differ from day to day; a no-op for an
+    explicit precision, without a process group, and on GPUs (one job's GPUs are one kind in practice,
+    and an NCCL collective here would need each rank's device set before the mesh exists)."""
     if choice.requested != AUTO or not dist.is_initialized() or dist.get_world_size() == 1:
         return choice
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    flag = torch.tensor([int(choice.precision == "bf16")], device=device)
+    if device_type != "cpu" or dist.get_backend() != "gloo":
+        return choice
+    flag = torch.tensor([int(choice.precision == "bf16")])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if choice.precision == "bf16" and not flag.item():
         return PrecisionChoice(
