@@ -584,10 +584,9 @@ class Config:
             "a transformers model attends across documents whatever its positions: set data.document_mask=false",
         )
         _require(
-            self.train.loss_chunk == 0 or (self.task.kind == "causal_lm" and self.plan.zero != 3),
-            f"train.loss_chunk={self.train.loss_chunk} chunks the causal LM loss through the head's weight, which "
-            f"task.kind={self.task.kind!r} / plan.zero={self.plan.zero} does not allow (ZeRO-3 releases the head "
-            "outside its forward); set train.loss_chunk=0, or use the causal LM task with plan.zero <= 2",
+            self.train.loss_chunk == 0 or self.task.kind == "causal_lm",
+            f"train.loss_chunk={self.train.loss_chunk} chunks the causal LM loss; task.kind={self.task.kind!r} has "
+            "a loss of its own: set train.loss_chunk=0",
         )
 
     def check_batching(self, dp: int) -> None:

@@ -28,7 +28,7 @@ from plait.distributed.comm import CommCounter, all_reduce
 from plait.distributed.launch import get_logger, join_launched_group
 from plait.distributed.memory import model_state_bytes
 from plait.distributed.mesh import Mesh
-from plait.losses import check_hidden_loss, with_hidden_request
+from plait.losses import with_hidden_request
 from plait.moe import expert_parameters, has_moe, reset_stats, set_aux_loss_scale
 from plait.moe.all_to_all import Exchange
 from plait.moe.expert_parallel import apply_expert_parallel, check_expert_parallel, gather_experts
@@ -99,7 +99,6 @@ class Engine:
         self.mesh = mesh
         self.plan = mesh.plan
         self.loss_fn = CheckedLoss(parts.loss_fn) if mesh.size("tp") > 1 else parts.loss_fn  # tp: vocab slices
-        check_hidden_loss(parts.loss_fn, zero=self.plan.zero)
         self.max_grad_norm = parts.max_grad_norm
         self.comm = CommCounter.for_mesh(mesh)  # every strand's collectives, per axis and link
         self.expert_params = _apply_ep(model, mesh=mesh, counter=self.comm)

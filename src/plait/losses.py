@@ -8,6 +8,7 @@ all micro-batches and data-parallel ranks divided by the global token count.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ class ChunkedCausalLM(CausalLM):
     ``chunk_size x vocab`` fp32 values (``/ tp`` under tensor parallel) instead of twice
     ``tokens x vocab``. The engine asks a plait GPT for its hidden states (``return_hidden=True``);
     any other output (a Hugging Face model's logits, a pipeline stage's) takes `causal_lm`'s path.
-    Needs the head's weight outside the head's forward, so not with ZeRO-3 (the engine refuses).
+    The loss runs inside the head's call, so under ZeRO-3 the head is gathered for it as for its logits.
 
         engine = plait.boost(model, optimizer=..., loss_fn=plait.losses.ChunkedCausalLM(1024), plan=plan)
     """
@@ -94,13 +95,15 @@ class ChunkedCausalLM(CausalLM):
         head = head_of(outputs)
         if head is None:
             return super().__call__(outputs, batch)
-        hidden, weight, bias, shard = head_inputs(head, outputs)
         labels = batch["labels"]  # whole-sequence hidden states, the last target ignored: no copy of a slice
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
-        loss_sum = chunked_linear_cross_entropy(
-            hidden, weight, targets, bias=bias, shard=shard, chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX
-        )
-        return loss_sum, self.count_tokens(batch)
+
+        def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shard: Any) -> torch.Tensor:
+            return chunked_linear_cross_entropy(
+                hidden, weight, targets, bias=bias, shard=shard, chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX
+            )
+
+        return head_loss(head, outputs, loss), self.count_tokens(batch)
 
     def __repr__(self) -> str:
         return f"ChunkedCausalLM(chunk_size={self.chunk_size})"
@@ -113,22 +116,14 @@ def with_hidden_request(batch: dict[str, Any], *, loss_fn: Any, model: torch.nn.
     return batch
 
 
-def check_hidden_loss(loss_fn: Any, *, zero: int) -> None:
-    """Refuse a loss that reads the head's weight outside the head's forward where ZeRO-3 releases it."""
-    if getattr(loss_fn, "reads_hidden", False) and zero == 3:
-        raise ValueError(
-            f"{loss_fn!r} reads the LM head's weight outside the head's forward, where ZeRO-3 has released it; "
-            "use plan.zero <= 2 with it, or loss_fn=plait.losses.causal_lm under ZeRO-3"
-        )
-
-
-def head_inputs(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
-    """(input, weight, bias, vocab shard or None) of an `nn.Linear` head or a vocab-parallel one."""
-    loss_inputs = getattr(head, "loss_inputs", None)
-    if loss_inputs is not None:
-        return loss_inputs(hidden)
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, loss: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``loss(input, weight, bias, vocab shard or None)`` of ``head``: inside the head's own call where it takes
+    one (plait's `LMHead`, `VocabParallelHead`: ZeRO-3 has the weight gathered there), else from a plain
+    `nn.Linear`'s parameters."""
+    if "loss" in inspect.signature(head.forward).parameters:
+        return head(hidden, loss=loss)
     if isinstance(head, torch.nn.Linear):
-        return hidden, head.weight, head.bias, None
+        return loss(hidden, head.weight, head.bias, None)
     raise TypeError(f"ChunkedCausalLM cannot read the weight of a {type(head).__name__} head; use causal_lm")
 
 

@@ -1,5 +1,5 @@
 """The chunked cross entropy (hidden states and head weight, never the whole logits) under tp's
-vocab-parallel head (with and without sequence parallel), dp ZeRO-2 and pp (whose stages give logits,
+vocab-parallel head (with and without sequence parallel), dp ZeRO-2 and ZeRO-3 and pp (whose stages give logits,
 so the loss takes causal_lm's path), against one plain process with the plain loss."""
 
 from __future__ import annotations
@@ -27,12 +27,21 @@ PLANS = {
     "tp2": {"tp": 2},
     "tp2-sp": {"tp": 2, "sequence_parallel": True},
     "dp2-zero2": {"dp": 2, "zero": 2, "bucket_mb": 0.01},  # gpt2's head is tied: its gradient has two sources
+    "dp2-zero3": {"dp": 2, "zero": 3, "bucket_mb": 0.01},  # the head gathered for the loss inside its call
     "pp2": {"pp": 2, "microbatches": 2},  # stages return logits: causal_lm's path
 }
 
 
 @pytest.mark.parametrize(
-    ("model", "plan"), [("gpt2", "tp2"), ("llama-gqa", "tp2-sp"), ("gpt2", "dp2-zero2"), ("gpt2", "pp2")]
+    ("model", "plan"),
+    [
+        ("gpt2", "tp2"),
+        ("llama-gqa", "tp2-sp"),
+        ("gpt2", "dp2-zero2"),
+        ("gpt2", "dp2-zero3"),
+        ("llama-gqa", "dp2-zero3"),
+        ("gpt2", "pp2"),
+    ],
 )
 def test_chunked_loss_matches_one_process(model: str, plan: str) -> None:
     assert model in MODELS

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
-from plait.models.head_output import with_head
+from plait.models.head_output import LMHead, with_head
 from plait.models.layers import Attention, build_mlp, build_norm
 
 __all__ = ["GPT", "Block", "GPTConfig"]
@@ -95,7 +95,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, moe=config.is_moe_layer(i)) for i in range(config.num_layers))
         self.norm_f = build_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -14,6 +14,8 @@ which shares the embedding's local shard parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,8 +190,12 @@ class VocabParallelHead(nn.Module):
             sequence_parallel=sequence_parallel,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loss: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """This rank's logits; with ``loss``, ``loss(input, weight, bias, shard)`` instead (a chunked loss
+        that never makes the logits, run inside this call so hooks on the head hold for it)."""
         x, weight, bias, shard = self.loss_inputs(x)
+        if loss is not None:
+            return loss(x, weight, bias, shard)
         return set_vocab_shard(F.linear(x, weight, bias), shard)  # (batch, seq, num_local)
 
     def loss_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, VocabShard]:
