@@ -161,6 +161,7 @@ def train_once(case: TrainCase, *, batch: int, loss: str, args: argparse.Namespa
         "tokens_per_step": batch * case.seq_len,
         "compile": case.compile,
         "loss_fn": loss_name(loss_function(loss)),
+        "optimizer": {"type": type(engine.optimizer).__name__, "fused": engine.optimizer.defaults.get("fused")},
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "boost_s": boost_s,
