@@ -10,6 +10,7 @@ import plait
 from plait.losses import ChunkedCausalLM, causal_lm
 from plait.models.head_output import head_of
 from plait.tensor.chunked_cross_entropy import chunked_linear_cross_entropy
+from plait.train.metrics import peak_live_tensor_bytes
 
 
 def _inputs(*, bias: bool) -> tuple[torch.Tensor, ...]:
@@ -45,6 +46,10 @@ def test_no_grad_and_bad_arguments() -> None:
         got = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=10)
     want = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten(), reduction="sum")
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=0)
+    big_weight = torch.randn(4096, 16, requires_grad=True)
+    with torch.no_grad():  # evaluation: one chunk's logits at a time, no gradient buffers (4096 x 16 fp32 each)
+        live = peak_live_tensor_bytes(lambda: chunked_linear_cross_entropy(hidden, big_weight, targets, chunk_size=8))
+    assert live["peak"] - live["start"] < big_weight.numel() * 4
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=0)
     with pytest.raises(ValueError, match="disagree"):

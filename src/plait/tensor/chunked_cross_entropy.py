@@ -95,11 +95,13 @@ def _accumulate_chunk(
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, shard, chunk_size, ignore_index):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, shard, chunk_size, ignore_index, grad_enabled):  # type: ignore[override]
+        # needs_input_grad says True under no_grad too: evaluation would pay for gradients nobody reads
+        wanted = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        grad_hidden = torch.empty_like(hidden) if wanted[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wanted[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wanted[2] else None
         grads = _Grads(hidden=grad_hidden, weight=grad_weight, bias=grad_bias)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -129,7 +131,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.dtypes[0])
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -161,5 +163,5 @@ def chunked_linear_cross_entropy(
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     return _ChunkedLinearCrossEntropy.apply(
-        flat_hidden, weight, bias, targets.reshape(-1), shard, chunk_size, ignore_index
+        flat_hidden, weight, bias, targets.reshape(-1), shard, chunk_size, ignore_index, torch.is_grad_enabled()
     )
