@@ -76,7 +76,8 @@ class ChunkedCausalLM(CausalLM):
     The logits of the whole batch never exist (nor their fp32 softmax): the peak of the loss is about
     ``chunk_size x vocab`` fp32 values (``/ tp`` under tensor parallel) instead of twice
     ``tokens x vocab``. The engine asks a plait GPT for its hidden states (``return_hidden=True``);
-    any other output (a Hugging Face model's logits, a pipeline stage's) takes `causal_lm`'s path.
+    any other output (a Hugging Face model's logits, a pipeline stage's) takes `causal_lm`'s path, as does
+    context parallel (its shards' loss is its own).
     The loss runs inside the head's call, so under ZeRO-3 the head is gathered for it as for its logits.
 
         engine = plait.boost(model, optimizer=..., loss_fn=plait.losses.ChunkedCausalLM(1024), plan=plan)
