@@ -67,7 +67,9 @@ class ScheduleCache:
     per micro-batch on every rank, so with m' <= m micro-batches simulated the
     makespan for m is makespan(m') + (m - m') * (F + B), and the peak in
     flight is already reached. The backward/forward ratio is rounded to a
-    quarter so that a search reuses the simulations.
+    quarter so that a search reuses the simulations; the busy time that the
+    rounding took off (or added to) every one of a rank's m * v backward
+    passes is given back, so only the idle time comes from the rounded run.
     """
 
     def __init__(self) -> None:
@@ -90,7 +92,8 @@ class ScheduleCache:
             self._results[key] = simulate(self._schedules[shape], forward_cost=1.0, backward_cost=ratio)
         result = self._results[key]
         scale = forward  # the simulation ran with forward cost 1
-        makespan = result.makespan * scale + (m - simulated) * v * (forward + backward)
+        rounding = simulated * v * (backward - ratio * forward)  # the simulated backwards' cost, made exact
+        makespan = result.makespan * scale + rounding + (m - simulated) * v * (forward + backward)
         return PipelineTiming(makespan=makespan, in_flight=tuple(peak / v for peak in result.peak_activations))
 
 
