@@ -190,17 +190,18 @@ LLAMA3_ASSUMED = [
     "micro-batch size 1 (not stated), so microbatches = batch size/DP",
     "recompute=none (the paper names no activation recomputation for pre-training)",
     "zero=2: optimizer states and gradients sharded, parameters kept after forward",
-    "plain 1F1B, first and last stages one layer short, though the source interleaves (Section 3.3.2: 'we reduce "
-    "one Transformer layer each from the first and the last stages ... the first model chunk on the first stage has "
-    "only the embedding ... we use an interleaved schedule (Narayanan et al., 2021) with V pipeline stages on one "
-    "pipeline rank. Overall pipeline bubble ratio is (PP-1)/(V*M)'): V is not stated; equal chunks need 16 V - 2 "
-    "to divide 126 layers, so V = 8 with two layer-less chunks, which plait's partition refuses ('cannot split 126 "
-    "layers into 128 non-empty stages'): bubble 15/M here where the source has 15/(8 M)",
+    "interleaved 1F1B, V = pp_chunks = 8, in the source's layout (Section 3.3.2: 'we reduce one Transformer layer "
+    "each from the first and the last stages ... the first model chunk on the first stage has only the embedding ... "
+    "we use an interleaved schedule (Narayanan et al., 2021) with V pipeline stages on one pipeline rank. Overall "
+    "pipeline bubble ratio is (PP-1)/(V*M)'): V is not stated; whole-layer chunks of one size, with a first chunk "
+    "holding only the embedding and a last only the final norm and head, need 16 V - 2 to divide 126 layers, which of "
+    "the interleaved V (2 and up) only V = 8 gives: one layer per chunk, pp_split=0,1,...,126 (virtual stage v on "
+    "rank v mod 16), so the first and last ranks hold 7 layers and the others 8",
     "inter-node link 400 Gb/s per GPU = 50 GB/s (stated fabric), not the preset's 25 GB/s",
     "TFLOP/s per GPU converted with PaLM's model FLOPs (6N + 12 L d s per token), the MFU convention Meta cites",
     "sequence_parallel=true (not stated; Megatron-style tp=8 with sequence parallelism is assumed)",
 ]
-LLAMA3_SPLIT = "pp_split=" + ",".join(str(7 + 8 * i) for i in range(15))  # where stages 1..15 start
+LLAMA3_SPLIT = "pp_split=" + ",".join(str(i) for i in range(127))  # stage 0: the embedding; 127: the head
 LLAMA3_ROWS = [
     {
         "id": key,
@@ -215,7 +216,7 @@ LLAMA3_ROWS = [
         "gpus": gpus,
         "global_batch": dp * per_dp,
         "plan": f"dp={dp} tp=8 pp=16 cp={cp} zero=2 microbatches={per_dp} "
-        f"pp_schedule=1f1b recompute=none sequence_parallel=true {LLAMA3_SPLIT}",
+        f"pp_schedule=interleaved pp_chunks=8 recompute=none sequence_parallel=true {LLAMA3_SPLIT}",
         "measured": {"tflops": tflops, "flops": "palm"},
         "assumed": LLAMA3_ASSUMED,
     }
