@@ -17,6 +17,9 @@ N = batch x seq tokens, B = batch, V = vocab, d = d_model, c = chunk, 4-byte flo
     chunked ~ 4 * c*V + 4 * (V*d + N*d): one chunk's logits (softmax and gradient in place) beside the
               fp32 gradients of the weight and the hidden states that forward fills
 
+Whole model: the same peak for a forward + backward of a plait GPT (`--model`, vocabulary replaced) with
+each loss, the model's own activations included (the head's input is the model's, not `--d-model`).
+
 Step time: plain and chunked alternate A B A B (`--pairs` pairs, one forward + backward each), the
 median of per-pair ratios (chunked / plain seconds) with its spread.
 
@@ -45,6 +48,7 @@ from common import (
 from torch import nn
 
 from plait.losses import ChunkedCausalLM, causal_lm
+from plait.models import build
 from plait.models.head_output import with_head
 from plait.train.metrics import peak_live_tensor_bytes
 
@@ -109,6 +113,32 @@ def measure(vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def model_step(kind: str, model: torch.nn.Module, batch: dict, *, chunk: int) -> float:
+    """One forward + backward of a whole plait GPT and the loss, as the engine runs them."""
+    model.zero_grad(set_to_none=True)
+    if kind == "plain":
+        outputs, loss_fn = model(batch["input_ids"]), causal_lm
+    else:
+        outputs, loss_fn = model(batch["input_ids"], return_hidden=True), ChunkedCausalLM(chunk)
+    loss_sum, _ = loss_fn(outputs, batch)
+    loss_sum.backward()
+    return loss_sum.item()
+
+
+def measure_model(vocab: int, args: argparse.Namespace) -> dict[str, int]:
+    """Peak live bytes a whole step adds (activations, logits or chunks, gradients) to the weights."""
+    torch.manual_seed(0)
+    model = build(args.model, vocab_size=vocab, max_seq_len=args.seq)
+    _, _, batch = make_work(batch=args.batch, seq=args.seq, vocab=vocab, d_model=args.d_model)
+    peaks = {}
+    for kind in ("plain", "chunked"):
+        model_step(kind, model, batch, chunk=args.chunk)
+        model.zero_grad(set_to_none=True)
+        live = peak_live_tensor_bytes(lambda kind=kind: model_step(kind, model, batch, chunk=args.chunk))
+        peaks[kind] = live["peak"] - live["start"]
+    return peaks
+
+
 def table(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in results:
@@ -144,6 +174,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--model", default="llama-10m", help="the preset of the whole-model rows (vocab replaced)")
     parser.add_argument("--quick", action="store_true", help="vocab 4096, seq 128, 2 pairs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -153,11 +184,19 @@ def main() -> None:
     started = time.perf_counter()
     load_before = load_average()
     results = [measure(vocab, args) for vocab in args.vocabs]
+    for result in results:
+        result["model_peak_bytes"] = measure_model(result["vocab"], args)
     print(
         f"batch {args.batch} x seq {args.seq} tokens, d_model {args.d_model}, chunk {args.chunk}, fp32, "
         f"1 thread; load {load_before} -> {load_average()}"
     )
     print(table(results))
+    print(f"\nwhole {args.model} step (forward + backward, model and loss), peak live bytes above the weights:")
+    rows = [
+        [f"vocab {r['vocab']}", *(format_bytes(r["model_peak_bytes"][k]) for k in ("plain", "chunked"))]
+        for r in results
+    ]
+    print(format_table(["model step", "plain", "chunked"], rows))
     out = args.out or RESULTS_DIR / ("fused_loss-quick.json" if args.quick else "fused_loss.json")
     payload = {
         "environment": environment(),
