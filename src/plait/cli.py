@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("what", choices=["stacks"], help="stacks: every rank's stack, and which collective it is in")
     debug.add_argument("out_dir", help="the job's train.out_dir (it keeps job.json there while it runs)")
     commands.add_parser("run", help="torchrun with its flags passed through", add_help=False)
+    from plait.bench.cli import add_bench_parser
     from plait.data.prepare.cli import add_data_parser
     from plait.eval.cli import add_eval_parser
     from plait.planner.cli import add_plan_parser
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
     add_data_parser(commands)
     add_eval_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -400,6 +402,12 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_eval(args, argv)
 
 
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.bench.cli import cmd_bench as run_bench
+
+    return run_bench(args, argv)
+
+
 COMMANDS = {
     "plan": cmd_plan,
     "train": cmd_train,
@@ -410,6 +418,7 @@ COMMANDS = {
     "debug": cmd_debug,
     "data": cmd_data,
     "eval": cmd_eval,
+    "bench": cmd_bench,
 }
 
 

@@ -1,0 +1,107 @@
+"""Turn each benchmark script's JSON into the rows of `plait bench`'s table, one per system.
+
+A row: system, tokens/s (median, min, max over the A/B blocks), the per-pair ratio plait/peer,
+seconds per step, model-state bytes per rank, peak RSS per rank, comm bytes per step per rank
+(plait's counter), and a status ("ran", or why not). Figures the script does not measure are None.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+
+def _row(system: str, **values: Any) -> dict[str, Any]:
+    base = {
+        "system": system,
+        "status": "ran",
+        "tokens_per_s": None,
+        "ratio_plait_over_peer": None,
+        "step_s": None,
+        "model_state_bytes_per_rank": None,
+        "peak_rss_bytes_per_rank": None,
+        "comm_bytes_per_step_per_rank": None,
+    }
+    return base | values
+
+
+def _not_run(system: str, why: str) -> dict[str, Any]:
+    return _row(system, status=why)
+
+
+def deepspeed_row(recorded: str | None) -> dict[str, Any]:
+    """DeepSpeed's row: 'not installed' when it is not importable here, else what the script recorded."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return _not_run("deepspeed", "not installed")
+    return _not_run("deepspeed", recorded or "installed; the script did not run it")
+
+
+def read_dp(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    summary = payload["summary"]
+    ranks = payload["per_rank"]
+    peaks = summary["memory"]["peak_rss_bytes_per_rank"]
+    rows = []
+    for name in ("plait", "ddp"):
+        rows.append(
+            _row(
+                name,
+                tokens_per_s=summary["tokens_per_s"][name],
+                ratio_plait_over_peer=None if name == "plait" else summary["ratio_plait_over_ddp"],
+                step_s=summary["step_s_median"][name],
+                model_state_bytes_per_rank=[r["model_state_bytes"][name]["total"] for r in ranks],
+                peak_rss_bytes_per_rank=peaks,
+                comm_bytes_per_step_per_rank=summary["comm"]["plait_bytes_per_step_per_rank"]
+                if name == "plait"
+                else None,
+            )
+        )
+    return rows
+
+
+def read_zero(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    stages = payload["speed"]["stages"]
+    if not stages:
+        return [_not_run("plait", f"skipped: {payload['speed'].get('skipped')}")]
+    (record,) = stages.values()
+    peer = record["peer"]
+    rows = []
+    for name in ("plait", peer):
+        rows.append(
+            _row(
+                name,
+                tokens_per_s=record["tokens_per_s"][name],
+                ratio_plait_over_peer=None if name == "plait" else record["ratio_plait_over_peer"],
+                step_s=record["step_s_median"][name],
+                model_state_bytes_per_rank=[record["model_state_bytes_rank0"][name]["total"]],
+                comm_bytes_per_step_per_rank=record["plait_comm_bytes_per_step"] if name == "plait" else None,
+            )
+        )
+    return [*rows, deepspeed_row(payload.get("deepspeed"))]
+
+
+def read_pipeline(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    record = payload["torch"]["schedules"]["1f1b"]
+    return [
+        _row(
+            name,
+            tokens_per_s=record["tokens_per_s"][name],
+            ratio_plait_over_peer=None if name == "plait" else record["ratio_plait_over_torch"],
+        )
+        for name in ("plait", "torch")
+    ]
+
+
+def read_gpu(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    record = payload["llama-1b"]
+    rate = record["tokens_per_s"]
+    return [
+        _row(
+            "plait",
+            tokens_per_s={"median": rate, "min": rate, "max": rate},
+            step_s=record["median_step_s"],
+            peak_rss_bytes_per_rank=[record["memory_bytes"]["cuda_max_allocated"]],
+        )
+    ]
+
+
+READERS = {"read_dp": read_dp, "read_zero": read_zero, "read_pipeline": read_pipeline, "read_gpu": read_gpu}

@@ -1,0 +1,115 @@
+"""`plait bench`: bad input says what is wrong in one line before anything runs; the report writes its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from plait.bench.read import read_zero
+from plait.bench.report import write_outputs
+from plait.bench.runner import case_command
+from plait.bench.suites import SUITES, all_cases
+from plait.cli import main
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_suite_lists_the_valid_ones(capsys, tmp_path):
+    err = _error_line(capsys, ["bench", "--suite", "nope", "--out", str(tmp_path / "out")])
+    assert "unknown suite 'nope'" in err
+    assert all(name in err for name in SUITES)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_case_lists_the_valid_ones(capsys, tmp_path):
+    err = _error_line(capsys, ["bench", "--cases", "dp2-zero0-ddp", "bogus", "--out", str(tmp_path / "out")])
+    assert "unknown case 'bogus'" in err
+    assert all(name in err for name in all_cases())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu(capsys, tmp_path):
+    err = _error_line(capsys, ["bench", "--device", "cuda", "--out", str(tmp_path / "out")])
+    assert "no CUDA GPU on this machine" in err
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = _error_line(capsys, ["bench", "--out", str(blocker / "sub")])
+    assert "is not writable" in err and str(blocker / "sub") in err
+
+
+def test_bad_repeats(capsys, tmp_path):
+    err = _error_line(capsys, ["bench", "--repeats", "0", "--out", str(tmp_path / "out")])
+    assert "--repeats must be at least 1" in err
+
+
+def test_repeats_become_the_scripts_pairs(tmp_path):
+    case = all_cases()["dp2-zero0-ddp"]
+    command = case_command(case, benchmarks_dir=tmp_path, raw_json=tmp_path / "x.json", repeats=7)
+    assert command[1] == str(tmp_path / "dp.py")
+    assert command[-2:] == ["--pairs", "7"]
+    assert "--out" in command
+
+
+def _zero_payload() -> dict:
+    rate = {"median": 100.0, "min": 90.0, "max": 110.0}
+    states = {"total": 1000}
+    return {
+        "deepspeed": "not run: deepspeed is not installed",
+        "speed": {
+            "skipped": [],
+            "stages": {
+                "3": {
+                    "peer": "fsdp2-reshard",
+                    "tokens_per_s": {"plait": rate, "fsdp2-reshard": {"median": 80.0, "min": 70.0, "max": 85.0}},
+                    "ratio_plait_over_peer": {"per_pair": [1.2, 1.3], "median": 1.25, "min": 1.2, "max": 1.3},
+                    "step_s_median": {"plait": 0.1, "fsdp2-reshard": 0.12},
+                    "model_state_bytes_rank0": {"plait": states, "fsdp2-reshard": states},
+                    "plait_comm_bytes_per_step": 3000.0,
+                }
+            },
+        },
+    }
+
+
+def test_report_writes_json_markdown_and_png(tmp_path):
+    rows = read_zero(_zero_payload())
+    assert [row["system"] for row in rows] == ["plait", "fsdp2-reshard", "deepspeed"]
+    env = {
+        "plait": "0",
+        "torch": "t",
+        "backend": "gloo",
+        "cpu_model": "cpu",
+        "cpu_count": 2,
+        "gpu_model": None,
+        "date": "d",
+    }
+    case = {"name": "dp2-zero3-fsdp2", "plan": "dp=2 zero=3"}
+    record = {
+        "suite": "quick",
+        "device": "cpu",
+        "environment": env,
+        "peaks": {},
+        "load_average_start": 1.0,
+        "load_average_end": 2.0,
+        "wall_s": 3.0,
+        "cases": [{"case": case, "rows": rows}],
+    }
+    paths = write_outputs(record, tmp_path)
+    table = paths["markdown"].read_text()
+    assert "| dp2-zero3-fsdp2 | dp=2 zero=3 | fsdp2-reshard | 80 | 70-85 | 1.250 (1.200-1.300, 2 pairs) |" in table
+    assert "deepspeed" in table
+    assert json.loads(paths["json"].read_text())["cases"][0]["rows"][0]["comm_bytes_per_step_per_rank"] == 3000.0
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
