@@ -289,3 +289,16 @@ def test_build_stage_rejects_bad_ranges() -> None:
         build_stage(model, stage_index=0, num_stages=2, layer_ranges=[range(0, 2), range(3, 4)])
     with pytest.raises(ValueError, match="stage_index"):
         build_stage(model, stage_index=2, num_stages=2, layer_ranges=[range(0, 2), range(2, 4)])
+
+
+def test_plait_train_accepts_layerless_end_stages_only_from_an_explicit_split() -> None:
+    from plait.config import Config, Plan
+    from plait.train.setup import validate
+
+    plan = {"dp": 1, "pp": 2, "microbatches": 2, "pp_schedule": "interleaved", "pp_chunks": 2}
+    accepted = validate(Config(plan=Plan(**plan, pp_split=[0, 1, 2])), world_size=2)  # tiny: 2 layers, 4 chunks
+    assert accepted.plan.pp_split == [0, 1, 2]
+    with pytest.raises(ValueError, match="4 stages but the model has 2 layers"):
+        validate(Config(plan=Plan(**plan)), world_size=2)
+    with pytest.raises(ValueError, match=r"pp_split=\[0, 0, 2\]"):
+        validate(Config(plan=Plan(**plan, pp_split=[0, 0, 2])), world_size=2)
