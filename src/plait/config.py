@@ -19,7 +19,7 @@ from plait.config_types import checked_value, matches
 if TYPE_CHECKING:
     from plait.models.gpt_config import GPTConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it (plait.amp.auto)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it (plait.distributed.precision)
 RECOMPUTE_MODES = ("none", "full", "selective")
 COMPILE_MODES = ("off", "blocks", "full")  # plait.compile
 AXES = ("pp", "dp", "cp", "tp")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plait.amp.auto import agree_on_precision, resolve_precision
+from plait.distributed.precision import agree_on_precision, resolve_precision
 from tests.distributed.harness import run_ranks
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import plait
-from plait.amp.auto import PrecisionChoice, cpu_bf16_units, cpu_flags, resolve_precision
 from plait.checkpoint.engine_state import _plan_changes
 from plait.distributed.mesh import Mesh
+from plait.distributed.precision import PrecisionChoice, cpu_bf16_units, cpu_flags, resolve_precision
 
 SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 COOPER_LAKE = {"avx512f", "avx512_bf16"}

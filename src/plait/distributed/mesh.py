@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from plait.amp.auto import AUTO, agree_on_precision, resolve_precision
 from plait.config import AXES, Plan
 from plait.distributed.launch import get_logger, is_main_rank
+from plait.distributed.precision import AUTO, agree_on_precision, resolve_precision
 from plait.distributed.topology import launched_ranks_per_node
 
 
@@ -46,7 +46,7 @@ class Mesh:
 
     def __init__(self, plan: Plan, *, device_type: str = "cpu", ranks_per_node: int | None = None) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        # plan.precision="auto" becomes bf16 or fp32 here, by this machine (plait.amp.auto), the same on every rank
+        # plan.precision="auto" becomes bf16 or fp32 here, by this machine (plait.distributed.precision), the same on every rank
         precision = resolve_precision(plan.precision, device_type=device_type)
         self.precision = agree_on_precision(precision, device_type=device_type)
         self.plan = dataclasses.replace(plan.resolve(world_size), precision=self.precision.precision)

@@ -48,9 +48,9 @@ def auto_plan(config: Config, *, world_size: int, cluster: Cluster | None = None
 
 
 def resolved_precision(precision: str) -> str:
-    """`precision`, with "auto" resolved for this machine's device (plait.amp.auto)."""
-    from plait.amp.auto import resolve_precision
+    """`precision`, with "auto" resolved for this machine's device (plait.distributed.precision)."""
     from plait.distributed.launch import default_device_type
+    from plait.distributed.precision import resolve_precision
 
     return resolve_precision(precision, device_type=default_device_type()).precision
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.amp.auto import PrecisionChoice, resolve_precision
+from plait.distributed.precision import PrecisionChoice, resolve_precision
 from plait.train.peak import measure_matmul_flops
 
 

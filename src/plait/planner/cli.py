@@ -120,7 +120,7 @@ def _precision(args: argparse.Namespace, cluster: Cluster) -> str:
 
 
 def _on_cpu(precision: str) -> str:
-    from plait.amp.auto import resolve_precision
+    from plait.distributed.precision import resolve_precision
 
     return resolve_precision(precision, device_type="cpu").precision
 

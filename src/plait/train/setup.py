@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.amp.auto import resolve_precision
 from plait.checkpoint.hf_pretrained import Pretrained, inspect_pretrained, load_pretrained_model, tokenizer_files
 from plait.config import Config, Plan, model_config_for
 from plait.data.corpus import corpus_files
@@ -24,6 +23,7 @@ from plait.data.loader import ShardedLoader, TokenDataset, eval_batches
 from plait.data.shards import PreparedData, prepare_dataset
 from plait.distributed.launch import default_device_type
 from plait.distributed.mesh import Mesh
+from plait.distributed.precision import resolve_precision
 from plait.distributed.topology import launched_ranks_per_node
 from plait.models.factory import build
 from plait.models.gpt import GPT, GPTConfig

@@ -6,11 +6,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from plait.amp.auto import resolve_precision
 from plait.config import Config, model_config_for
 from plait.data.loader import ShardedLoader, TokenDataset
 from plait.data.shards import prepare_dataset
 from plait.distributed.launch import default_device_type
+from plait.distributed.precision import resolve_precision
 from plait.models.gpt import GPT
 from plait.moe import set_routing_groups
 from plait.optim import lr_schedule
