@@ -27,7 +27,6 @@ from plait.models.architectures import Architecture, architecture_of, present_pa
 __all__ = [
     "LayerCost",
     "balanced_split",
-    "check_stage_count",
     "decoder_layout",
     "layer_costs",
     "partition_layers",
@@ -174,15 +173,6 @@ def ranges_from_split_points(split_points: Sequence[int], *, num_layers: int, nu
                 "the final norm and head alone)"
             )
     return [range(start, end) for start, end in itertools.pairwise(bounds)]
-
-
-def check_stage_count(num_layers: int, *, pp: int, num_chunks: int, split_points: Sequence[int] = ()) -> None:
-    """Refuse (ValueError) more (virtual) stages than layers, unless an explicit split gives the first
-    stage the embedding alone and the last the head alone (then up to ``num_layers + 2`` stages)."""
-    if split_points:
-        ranges_from_split_points(split_points, num_layers=num_layers, num_stages=pp * num_chunks)
-        return
-    _num_stages(num_layers, pp=pp, num_chunks=num_chunks)
 
 
 def partition_layers(
