@@ -14,6 +14,10 @@ OPTIMIZERS = {
     "lamb": lambda: plait.optim.lamb(lr=2e-3, weight_decay=0.1),
     "lars": lambda: plait.optim.lars(lr=0.5, weight_decay=1e-3, trust_coeff=0.02),
 }
+# vectors in their own group at lr x 0.1: the group's lr must survive the plan's regrouping (ZeRO-3 only: cost)
+VECTOR_LR = {
+    "lars-vector-lr": lambda: plait.optim.lars(lr=0.5, weight_decay=1e-3, trust_coeff=0.02, vector_lr_ratio=0.1)
+}
 PLANS = {
     "zero1": {"dp": 2, "zero": 1},
     "zero2": {"dp": 2, "zero": 2},
@@ -27,7 +31,7 @@ def train_plan(rank: int, world_size: int, optimizer: str, plan: dict) -> tuple[
     model = fresh_model("tiny-llama")
     engine = plait.boost(
         model,
-        optimizer=OPTIMIZERS[optimizer](),
+        optimizer={**OPTIMIZERS, **VECTOR_LR}[optimizer](),
         loss_fn=plait.losses.causal_lm,
         plan=plait.Plan(bucket_mb=0.01, **plan),
         lr_scheduler=scheduler,
@@ -42,7 +46,7 @@ def reference(optimizer: str) -> tuple[list[float], dict]:
     losses = train_reference(
         model,
         make_batches(model.config.vocab_size),
-        optimizer=OPTIMIZERS[optimizer](),
+        optimizer={**OPTIMIZERS, **VECTOR_LR}[optimizer](),
         loss_fn=plait.losses.causal_lm,
         lr_scheduler=scheduler,
         max_grad_norm=1.0,
@@ -55,6 +59,10 @@ def reference(optimizer: str) -> tuple[list[float], dict]:
 def test_layerwise_optimizer_matches_one_process(optimizer: str, plan: str) -> None:
     world = PLANS[plan]["dp"] * PLANS[plan].get("tp", 1)
     assert_parity(run_ranks(train_plan, world, optimizer, PLANS[plan]), reference(optimizer))
+
+
+def test_lars_vectors_at_their_own_lr_match_one_process_under_zero3() -> None:
+    assert_parity(run_ranks(train_plan, 2, "lars-vector-lr", PLANS["zero3"]), reference("lars-vector-lr"))
 
 
 def train_moe(rank: int, world_size: int, zero: int, tp: int) -> tuple[list[float], dict]:
