@@ -111,7 +111,8 @@ class ZeroDataParallel:
         return unit
 
     def held_tensors(self) -> list[torch.Tensor]:
-        """Parameter storage only the units reach: ZeRO-3's low-precision shards next to the fp32 masters."""
+        """Parameter storage only the units reach: ZeRO-3's 16-bit shards kept apart from an offloaded fp32
+        master, or offloaded themselves (on the device the master is the shard, cast as it is gathered)."""
         return [unit.param_shard for unit in self.units if unit.param_shard is not unit.master_shard]
 
     @property
