@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from plait.bench.read import read_zero
+from plait.bench.read import read_gpu, read_zero
 from plait.bench.report import write_outputs
 from plait.bench.runner import case_command
 from plait.bench.suites import SUITES, all_cases
@@ -113,3 +113,9 @@ def test_report_writes_json_markdown_and_png(tmp_path):
     assert "deepspeed" in table
     assert json.loads(paths["json"].read_text())["cases"][0]["rows"][0]["comm_bytes_per_step_per_rank"] == 3000.0
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_case_reads_the_scripts_mfu():
+    record = {"tokens_per_s": 50.0, "median_step_s": 0.5, "memory_bytes": {"cuda_max_allocated": 7}, "mfu": 0.4}
+    (row,) = read_gpu({"llama-1b": record})
+    assert row["mfu"] == 0.4 and row["tokens_per_s"]["median"] == 50.0 and row["peak_rss_bytes_per_rank"] == [7]

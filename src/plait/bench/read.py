@@ -99,7 +99,8 @@ def read_gpu(payload: dict[str, Any]) -> list[dict[str, Any]]:
             "plait",
             tokens_per_s={"median": rate, "min": rate, "max": rate},
             step_s=record["median_step_s"],
-            peak_rss_bytes_per_rank=[record["memory_bytes"]["cuda_max_allocated"]],
+            peak_rss_bytes_per_rank=list(record["memory_bytes"].values())[:1],  # CUDA max allocated, or RSS
+            mfu=record["mfu"],  # the script's, against the GPU's measured bf16 peak
         )
     ]
 

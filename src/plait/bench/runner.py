@@ -150,6 +150,8 @@ def add_mfu(record: dict[str, Any], case: Case, peaks: dict[str, Any]) -> None:
     per_token = flops_per_token(case)
     peak = peaks.get(case.precision)
     for row in record["rows"]:
+        if row.get("mfu") is not None:
+            continue  # the script measured it (the GPU case)
         rate = row.get("tokens_per_s")
         if per_token is None or peak is None or not rate:
             row["mfu"] = None
