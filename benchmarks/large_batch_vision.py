@@ -4,13 +4,14 @@ Trains configs/vit-digits.toml (model.preset and everything else as there, unles
 `plait train`, one run after another (the machine is shared):
   - base:        AdamW at --base-batch, --base-lr, --steps steps;
   - lars-{k}x:   LARS at k x base batch, learning rate --lars-lr x k (linear scaling, You et al. 2017),
-                 the LARS schedule (warmup, then power-2 decay), steps / k: the same samples seen;
-  - adamw-{k}x:  AdamW at k x base batch, learning rate base-lr x sqrt(k), steps / k, beside it.
+                 biases and norm weights at that lr x --vector-lr-ratio, the LARS schedule (warmup,
+                 then power-2 decay), steps x --samples / k steps: --samples x the base run's samples;
+  - adamw-{k}x:  AdamW at k x base batch, learning rate base-lr x sqrt(k), the same steps, beside it.
 Reads each run's test top-1 (val_acc in metrics.csv) against samples seen and optimizer steps,
 plots accuracy vs samples seen for every run in one PNG, and reports, per run, the optimizer steps
 and wall time to first reach the base run's final accuracy (minus --slack).
 
-    python benchmarks/large_batch_vision.py                         # k = 8, 800 base steps
+    python benchmarks/large_batch_vision.py                         # k = 8, 800 base steps, 400 at 8x
     python benchmarks/large_batch_vision.py --factors 4 16 --steps 1600 --set task.image_size=32
 
 Writes benchmarks/results/large_batch_vision.json and .png (another --tag: large_batch_vision-TAG.*).
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the base run")
     parser.add_argument("--base-lr", type=float, default=2e-3, help="AdamW at the base batch")
     parser.add_argument("--lars-lr", type=float, default=0.5, help="LARS lr per base batch (scaled by the factor)")
+    parser.add_argument("--vector-lr-ratio", type=float, default=0.001, help="LARS: biases/norms at lr x this")
+    parser.add_argument("--samples", type=float, default=4.0, help="large runs' samples / the base run's samples")
+    parser.add_argument("--lars-warmup", type=float, default=0.125, help="LARS warmup, a share of its steps")
     parser.add_argument("--evals", type=int, default=8, help="test evaluations per run")
     parser.add_argument("--slack", type=float, default=0.005, help="target = base final accuracy - slack")
     parser.add_argument("--runs", default="runs/large_batch_vision")
@@ -47,16 +51,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_specs(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Run name -> its --set overrides (each run sees steps x batch samples: the same for all)."""
+    """Run name -> its --set overrides (the large-batch runs see --samples x the base run's samples)."""
     base_warmup = max(1, args.steps // 16)
     specs = {"base": _overrides(args, batch=args.base_batch, steps=args.steps, warmup=base_warmup)}
     specs["base"] += ["train.optimizer=adamw", f"train.lr={args.base_lr}", "train.schedule=cosine"]
     for k in args.factors:
-        steps = max(1, args.steps // k)
-        warmup = max(1, steps // 8)  # a larger share of warmup at large batch, as the LARS recipe has
-        common = _overrides(args, batch=k * args.base_batch, steps=steps, warmup=warmup)
-        specs[f"lars-{k}x"] = [*common, "train.optimizer=lars", f"train.lr={args.lars_lr * k}", "train.schedule=lars",
-                               "train.weight_decay=1e-4"]  # fmt: skip
+        steps = max(1, round(args.steps * args.samples / k))
+        batch = k * args.base_batch  # a larger share of warmup at large batch, as the LARS recipe has:
+        common = _overrides(args, batch=batch, steps=steps, warmup=max(1, steps // 8))
+        lars = _overrides(args, batch=batch, steps=steps, warmup=max(1, round(steps * args.lars_warmup)))
+        specs[f"lars-{k}x"] = [*lars, "train.optimizer=lars", f"train.lr={args.lars_lr * k}", "train.schedule=lars",
+                               "train.weight_decay=1e-4", f"train.vector_lr_ratio={args.vector_lr_ratio}"]  # fmt: skip
         specs[f"adamw-{k}x"] = [*common, "train.optimizer=adamw", f"train.lr={args.base_lr * math.sqrt(k)}",
                                 "train.schedule=cosine"]  # fmt: skip
     return specs
@@ -75,21 +80,24 @@ def plot(runs: dict[str, dict[str, Any]], target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for name, run in runs.items():
-        ax.plot(
-            run["samples"],
-            [100 * a for a in run["val_acc"]],
-            marker="o",
-            label=f"{name} (batch {run['global_batch']})",
-        )
-    ax.axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:.1f}%")
-    ax.set_xlabel("training samples seen")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title("ViT on digits: LARS at large batch vs the base batch")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for axis, x, label in ((axes[0], "samples", "training samples seen"), (axes[1], "steps", "optimizer steps")):
+        for name, run in runs.items():
+            accuracy = [100 * a for a in run["val_acc"]]
+            axis.plot(run[x], accuracy, marker="o", label=f"{name} (batch {run['global_batch']})")
+        axis.axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:.1f}%")
+        axis.set_xlabel(label)
+    axes[0].set_ylabel("test top-1 accuracy (%)")
+    axes[0].legend()
+    fig.suptitle("ViT on digits: LARS and AdamW at large batch vs AdamW at the base batch")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _reached_cells(reached: dict[str, Any]) -> list[str]:
+    if reached["steps"] is None:
+        return ["not reached", "-"]
+    return [str(reached["steps"]), f"{reached['train_s']:.1f}"]
 
 
 def main() -> None:
@@ -103,9 +111,10 @@ def main() -> None:
     target = runs["base"]["val_acc"][-1] - args.slack
     reached = {name: first_reaching(run, target, metric="val_acc") for name, run in runs.items()}
     rows = [[name, run["global_batch"], run["steps"][-1], f"{100 * run['val_acc'][-1]:.1f}%",
-             "not reached" if reached[name]["steps"] is None else reached[name]["steps"], f"{run['wall_s']:.0f}", f"{run['load_before']:.1f}"]
+             *_reached_cells(reached[name]), f"{run['wall_s']:.0f}", f"{run['load_before']:.1f}"]
             for name, run in runs.items()]  # fmt: skip
-    print(format_table(["run", "batch", "steps", "final top-1", "steps to target", "wall s", "load"], rows))
+    header = ["run", "batch", "steps", "final top-1", "steps to target", "train s to target", "wall s", "load"]
+    print(format_table(header, rows))
     png = RESULTS_DIR / f"{stem}.png"
     plot(runs, target, png)
     payload = {"environment": environment(), "args": vars(args), "target_accuracy": target, "runs": runs,
