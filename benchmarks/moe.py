@@ -24,6 +24,7 @@ import argparse
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -242,6 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/moe.json, moe-quick.json)")
     return parser.parse_args(argv)
 
 
@@ -251,20 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     specs = [Spec(system, ep, world=args.world, steps=args.steps, overrides=overrides)
              for system in args.systems for ep in args.ep]  # fmt: skip
     name = "moe-quick" if args.quick else "moe"
+    json_path = args.out or RESULTS_DIR / f"{name}.json"
     runs = []
     for round_index in range(1 if args.quick else args.rounds):
         for spec in specs if round_index % 2 == 0 else specs[::-1]:
             runs.append(run_one(spec))
             # every finished run is kept, so a run cut short (a time limit on a shared box) loses no figure
             partial = {"preset": PRESET, "world": args.world, "complete": False, "runs": runs}
-            write_json(RESULTS_DIR / f"{name}.json", partial | {"environment": environment()})
+            write_json(json_path, partial | {"environment": environment()})
     rows = summarize(runs)
     print_table(rows)
     title = f"{PRESET}{' (quick)' if args.quick else ''}: world {args.world} on {environment()['cpu_count']} cores"
-    plot(rows, RESULTS_DIR / f"{name}.png", title=title)
+    plot(rows, json_path.with_suffix(".png"), title=title)
     payload = {"preset": PRESET, "world": args.world, "complete": True, "rows": rows, "runs": runs,
                "environment": environment()}  # fmt: skip
-    print(f"wrote {write_json(RESULTS_DIR / f'{name}.json', payload)} and {RESULTS_DIR / f'{name}.png'}")
+    print(f"wrote {write_json(json_path, payload)} and {json_path.with_suffix('.png')}")
     return 0
 
 

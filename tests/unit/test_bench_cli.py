@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from plait.bench.read import read_gpu, read_zero
+from plait.bench.read import read_gpu, read_moe, read_zero
 from plait.bench.report import write_outputs
 from plait.bench.runner import case_command
 from plait.bench.suites import SUITES, all_cases
@@ -119,3 +119,19 @@ def test_gpu_case_reads_the_scripts_mfu():
     record = {"tokens_per_s": 50.0, "median_step_s": 0.5, "memory_bytes": {"cuda_max_allocated": 7}, "mfu": 0.4}
     (row,) = read_gpu({"llama-1b": record})
     assert row["mfu"] == 0.4 and row["tokens_per_s"]["median"] == 50.0 and row["peak_rss_bytes_per_rank"] == [7]
+
+
+def test_moe_rows_carry_the_all_to_all_share_and_deepspeed_refusals():
+    plait_row = {
+        "system": "plait",
+        "ep": 2,
+        "tokens_per_s": 5.0,
+        "tokens_per_s_runs": [4.0, 5.0, 6.0],
+        "all_to_all_share": 0.1,
+        "model_states_per_rank": 3,
+        "peak_rss_per_rank": 9,
+    }
+    refused = {"system": "deepspeed", "ep": 2, "refused": "ImportError: No module named 'deepspeed'"}
+    rows = read_moe({"rows": [plait_row, refused]})
+    assert rows[0]["comm_share"] == 0.1 and rows[0]["tokens_per_s"] == {"median": 5.0, "min": 4.0, "max": 6.0}
+    assert rows[1]["system"] == "deepspeed ep2" and rows[1]["tokens_per_s"] is None

@@ -21,6 +21,7 @@ def _row(system: str, **values: Any) -> dict[str, Any]:
         "model_state_bytes_per_rank": None,
         "peak_rss_bytes_per_rank": None,
         "comm_bytes_per_step_per_rank": None,
+        "comm_share": None,
     }
     return base | values
 
@@ -105,4 +106,35 @@ def read_gpu(payload: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-READERS = {"read_dp": read_dp, "read_zero": read_zero, "read_pipeline": read_pipeline, "read_gpu": read_gpu}
+def read_moe(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """benchmarks/moe.py: one row per system and ep; its all-to-all share of step time (torch.profiler)."""
+    rows = []
+    for record in payload["rows"]:
+        name = f"{record['system']} ep{record['ep']}"
+        if "refused" in record:
+            rows.append(
+                deepspeed_row(record["refused"]) | {"system": name}
+                if record["system"] == "deepspeed"
+                else _not_run(name, f"refused: {record['refused']}")
+            )
+            continue
+        runs = record["tokens_per_s_runs"]
+        rows.append(
+            _row(
+                name,
+                tokens_per_s={"median": record["tokens_per_s"], "min": min(runs), "max": max(runs)},
+                model_state_bytes_per_rank=[record["model_states_per_rank"]],
+                peak_rss_bytes_per_rank=[record["peak_rss_per_rank"]],
+                comm_share=record["all_to_all_share"],
+            )
+        )
+    return rows
+
+
+READERS = {
+    "read_moe": read_moe,
+    "read_dp": read_dp,
+    "read_zero": read_zero,
+    "read_pipeline": read_pipeline,
+    "read_gpu": read_gpu,
+}

@@ -18,6 +18,7 @@ HEADERS = [
     "model states/rank",
     "peak RSS/rank",
     "comm/step/rank",
+    "comm share",
     "status",
 ]
 
@@ -61,6 +62,7 @@ def table_rows(record: dict[str, Any]) -> list[list[str]]:
                     _bytes(row.get("model_state_bytes_per_rank")),
                     _bytes(row.get("peak_rss_bytes_per_rank")),
                     _bytes(row.get("comm_bytes_per_step_per_rank")),
+                    "-" if row.get("comm_share") is None else f"{100 * row['comm_share']:.1f}%",
                     row.get("status", "ran"),
                 ]
             )
@@ -84,7 +86,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines += ["", *(f"- {p['line']}" for p in record["peaks"].values())]
     lines += [
         "- A/B alternated per case (A B, B A, ...); ratio = median of the per-pair ratios plait/peer.",
-        "- comm: bytes plait's counter sent per step per rank; its share of step time is not measured by the harness.",
+        "- comm/step: bytes plait's counter sent per step per rank; comm share: the share of step time in "
+        "collectives where the script measures it (moe.py: all-to-all, torch.profiler on rank 0), else -.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -123,6 +123,7 @@ def case_record(case: Case) -> dict[str, Any]:
         "world": case.world,
         "precision": case.precision,
         "device": case.device,
+        "reader": case.reader,
     }
 
 
@@ -131,7 +132,7 @@ def flops_per_token(case: Case) -> float | None:
     from plait.models import build
     from plait.train.metrics import model_flops_per_token
 
-    if case.device != "cpu":
+    if case.device != "cpu" or not case.mfu:
         return None
     preset = case.model.split()[0]
     model = build(preset, **case.model_overrides)

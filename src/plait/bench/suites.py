@@ -26,6 +26,7 @@ class Case:
     reader: str
     device: str = "cpu"
     pairs_flag: str = "--pairs"
+    mfu: bool = True  # False where 6 x params does not count the work (MoE: only top-k experts run)
     model_overrides: dict[str, int] = field(default_factory=dict)
 
 
@@ -102,10 +103,23 @@ GPU_LLAMA = Case(
     device="cuda",
     pairs_flag="",
 )
+MOE_EP2 = Case(
+    name="moe-ep2-deepspeed",
+    script="moe.py",
+    args=("--quick", "--world", "2", "--ep", "2"),
+    model="moe-100m d128 L2 (8 experts, top-2)",
+    plan="dp=2 ep=2",
+    world=2,
+    precision="fp32",
+    peers=("deepspeed",),
+    reader="read_moe",
+    pairs_flag="",  # moe.py alternates rounds of whole runs; --quick runs one
+    mfu=False,
+)
 
 SUITES: dict[str, tuple[Case, ...]] = {
-    "quick": (DP_DDP, DP_ZERO3_FSDP2, PP_TORCH),
-    "full": (DP_DDP_FULL, DP_ZERO3_FSDP2, DP_ZERO2_FSDP2, PP_TORCH, GPU_LLAMA),
+    "quick": (DP_DDP, DP_ZERO3_FSDP2, PP_TORCH, MOE_EP2),
+    "full": (DP_DDP_FULL, DP_ZERO3_FSDP2, DP_ZERO2_FSDP2, PP_TORCH, MOE_EP2, GPU_LLAMA),
 }
 
 
