@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=1024, help="size of the large input (0: skip it)")
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--skip-dirty", action="store_true", help="only the large run (its figures alone)")
+    parser.add_argument("--large-input", default=None, help="an existing large input directory (else generated)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "data_prepare.json"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -179,9 +180,13 @@ def main() -> None:
     if not args.skip_dirty:
         _dirty_part(documents, work=work, payload=payload, phases=phases, args=args, started=started)
     if args.large_mb > 0:
-        written = write_large(work / "large", documents, target_mb=args.large_mb)
+        large_input = Path(args.large_input) if args.large_input else work / "large"
+        if args.large_input:
+            written = sum(p.stat().st_size for p in large_input.rglob("*") if p.is_file())
+        else:
+            written = write_large(large_input, documents, target_mb=args.large_mb)
         phases["generate large"] = time.perf_counter() - started - sum(phases.values())
-        large = measured_prepare([str(work / "large")], work / "out-large", config=PrepareConfig(workers=2))
+        large = measured_prepare([str(large_input)], work / "out-large", config=PrepareConfig(workers=2))
         payload["large"] = {"input_bytes": written, **_run_figures(large)}
         phases["large"] = time.perf_counter() - started - sum(phases.values())
     payload["load_average_end"] = load_average()
@@ -253,20 +258,26 @@ def _summary(report: dict, truth: dict, *, out: Path) -> dict[str, Any]:
 
 
 def _print(payload: dict[str, Any]) -> None:
-    dirty = payload["dirty"]
-    print(
-        format_table(
-            ["kind", "planted", "reported (whole corpus)"],
-            [(k, p, r) for k, (p, r) in dirty["planted_vs_reported"].items()],
-        )
-    )
-    print()
-    print(
-        format_table(
-            ["threshold", "recall", "precision", "pairs"],
-            [(t, s["recall"], s["precision"], s["pairs_found"]) for t, s in payload["near_by_threshold"].items()],
-        )
-    )
+    runs = [("large", payload["large"])] if "large" in payload else []
+    if "dirty" in payload:
+        _print_dirty(payload)
+        runs.insert(0, ("dirty stdlib", payload["dirty"]))
+    headers = ["run", "input MB", "MB/s", "wall s", "peak PSS sum MiB", "largest RSS MiB", "LSH docs", "out tokens"]
+    rows = [
+        (n, r["input_mb"], r["mb_per_s"], r["wall_s"], r["peak_pss_sum_mib"], r["peak_rss_max_mib"],
+         r["lsh_index"]["documents"], r["output"]["tokens"])
+        for n, r in runs
+    ]  # fmt: skip
+    print(f"\n{format_table(headers, rows)}")
+    print(f"load average {payload['load_average_start']} -> {payload['load_average_end']}")
+
+
+def _print_dirty(payload: dict[str, Any]) -> None:
+    planted = payload["dirty"]["planted_vs_reported"]
+    print(format_table(["kind", "planted", "reported (whole corpus)"], [(k, p, r) for k, (p, r) in planted.items()]))
+    sweep = payload["near_by_threshold"]
+    rows = [(t, s["recall"], s["precision"], s["pairs_found"]) for t, s in sweep.items()]
+    print(f"\n{format_table(['threshold', 'recall', 'precision', 'pairs'], rows)}")
     print(f"\nsecrets left in the output: {payload['secrets_left_in_output']}; train: {payload['train']}")
 
 
