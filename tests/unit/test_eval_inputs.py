@@ -65,6 +65,16 @@ def save_eval_checkpoint(path: Path, root: Path, *, step: int, seed: int, tokeni
     save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
 
 
+def save_stale_split_checkpoint(root: Path) -> None:
+    """A run whose data cache records another version of the held-out split."""
+    stale = root / "stale"
+    write_eval_corpus(stale / "corpus")
+    save_eval_checkpoint(stale / "step-000010", stale, step=10, seed=0)
+    (meta_path,) = (stale / "cache").glob("*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "split": {**meta["split"], "version": 0}}))
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval")
@@ -73,6 +83,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_eval_checkpoint(root / "run" / "checkpoints" / f"step-{step:06d}", root, step=step, seed=seed)
     other = train_tokenizer(["something else entirely\n" * 20], vocab_size=VOCAB).to_str()
     save_eval_checkpoint(root / "other" / "step-000010", root, step=10, seed=0, tokenizer=other)
+    save_stale_split_checkpoint(root)
     tasks = root / "mytasks"
     tasks.mkdir()
     (tasks / "hub_task.yaml").write_text(
@@ -106,6 +117,11 @@ CLI_CASES = {
         "other/step-000010: its tokenizer differs from the eval data's",
     ),
     "plan pp": (["eval", "{ckpt}", "--plan", "pp=2"], "pp=2 is not supported for evaluation yet"),
+    "ranks without plan": (["eval", "{ckpt}", "--nproc", "2"], "--nproc 2 without --plan"),
+    "split version": (
+        ["eval", "{root}/stale/step-000010"],
+        "records held-out split version 0, this plait makes version 1",
+    ),
     "empty tasks": (["eval", "{ckpt}", "--tasks", ","], "names no task"),
 }
 

@@ -68,12 +68,12 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     nproc = _ranks(plan, args.nproc)
     if nproc > 1 and not _under_torchrun():
-        with tempfile.TemporaryDirectory(prefix="plait-eval-check-") as scratch:
-            prepare(request, imported_dir=Path(scratch))  # every input error here, in one line, before launch
         if plan is None:
             raise ValueError(
                 f"--nproc {nproc} without --plan: say how the ranks share the work, e.g. --plan dp={nproc}"
             )
+        with tempfile.TemporaryDirectory(prefix="plait-eval-check-") as scratch:
+            prepare(request, imported_dir=Path(scratch))  # every input error here, in one line, before launch
         return _launch(nproc, _strip_nproc(argv))
     results = run_eval(request)
     from plait.distributed.launch import is_main_rank
