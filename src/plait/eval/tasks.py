@@ -42,7 +42,9 @@ def plait_task_config(task: str, data_file: Path) -> dict[str, Any]:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     config = load_yaml(TASKS_DIR / f"{task}.yaml", resolve_func=False)
-    return {**config, "dataset_kwargs": {"data_files": {"test": str(data_file)}}}
+    # datasets caches beside the data file (a temporary directory), not in the user's ~/.cache
+    kwargs = {"data_files": {"test": str(data_file)}, "cache_dir": str(data_file.parent / "datasets-cache")}
+    return {**config, "dataset_kwargs": kwargs}
 
 
 def check_other_tasks(names: Sequence[str], task_manager: Any) -> None:
