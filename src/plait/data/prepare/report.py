@@ -165,6 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Output: {out['documents']:,} documents, {out['train_tokens']:,} train + {out['val_tokens']:,} val tokens "
         f"(vocabulary {out['vocab_size']:,}, tokenizer {out['tokenizer']}).",
     ]
+    for example in dup["examples"][:5]:
+        lines.append(f"- duplicate cluster: kept {example['kept']}, dropped {', '.join(example['dropped'])}")
     for bad in report["bad_files"]["files"][:10]:
         lines.append(f"- bad file {bad['name']}: {bad['reason']}")
     return "\n".join(lines) + "\n"
