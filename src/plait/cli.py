@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plait.config import Config, load_config
+from plait.distributed.agent import launch_cli, strip_flag, under_torchrun
 from plait.distributed.nodes import Nodes, add_node_args, strip_node_flags
 
 if typing.TYPE_CHECKING:
@@ -113,44 +114,18 @@ def _ranks_wanted(config: Config, nproc: int | None) -> int:
     return plan.dp * plan.tp * plan.pp * plan.cp
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
-
-
 def _launch(
     nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None, max_restarts: int = 0, out_dir: str | None = None
 ) -> int:
-    """Re-run this command on `nproc` local ranks through torchrun (joined to the other `nodes`' ranks); the
-    agent runs in this process (plait.distributed.agent: signals reach it, failures are told in one line)."""
-    from plait.distributed.agent import launch_ranks
-
-    node_flags = nodes.torchrun_flags() if nodes else ["--standalone"]
-    flags = [*node_flags, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
-    return launch_ranks(flags, ["-m", "plait.cli", *argv], out_dir=out_dir)
-
-
-def _strip_flag(argv: Sequence[str], flag: str) -> list[str]:
-    """argv without `flag VALUE` and `flag=VALUE`."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == flag:
-            skip = True
-        elif not item.startswith(flag + "="):
-            out.append(item)
-    return out
-
-
-def _strip_nproc(argv: Sequence[str]) -> list[str]:
-    return _strip_flag(argv, "--nproc")
+    """plait.distributed.agent.launch_cli, named here so tests can stand in for the launch."""
+    return launch_cli(nproc, argv, nodes=nodes, max_restarts=max_restarts, out_dir=out_dir)
 
 
 def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
     """Replace `--plan auto` by the planner's best plan, as --set overrides every rank reads."""
     from plait.planner.auto import auto_plan, plan_overrides
 
-    if _under_torchrun():
+    if under_torchrun():
         raise ValueError(
             "--plan auto chooses the plan before launch; run it as `plait train ... --nproc N --plan auto`"
         )
@@ -161,7 +136,7 @@ def _with_auto_plan(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
 
     print(why_best(result))
     args.overrides = [*args.overrides, *plan_overrides(plan)[1::2]]
-    return [*_strip_flag(argv, "--plan"), *plan_overrides(plan)]
+    return [*strip_flag(argv, "--plan"), *plan_overrides(plan)]
 
 
 def _with_plan_string(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
@@ -171,7 +146,7 @@ def _with_plan_string(args: argparse.Namespace, argv: Sequence[str]) -> list[str
 
     overrides = plan_overrides(parse_plan(args.plan))
     args.overrides = [*args.overrides, *overrides[1::2]]
-    return [*_strip_flag(argv, "--plan"), *overrides]
+    return [*strip_flag(argv, "--plan"), *overrides]
 
 
 def _preflight(config: Config, *, validated: Validated, resume: str | None, first_node: bool = True) -> None:
@@ -233,7 +208,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         argv = _with_plan_string(args, argv)
     config = load_config(args.config, args.overrides)
     nodes = Nodes.from_args(args)  # one node unless --nnodes
-    if nodes.elastic and not _under_torchrun():
+    if nodes.elastic and not under_torchrun():
         _check_elastic(config, nodes=nodes, nproc=args.nproc)
         for count in nodes.node_counts[:-1]:  # the world may shrink to any of these after a node is lost
             validate(config, world_size=args.nproc * count)
@@ -242,15 +217,15 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     nproc = nodes.world_size(_ranks_wanted(config, args.nproc), per_node=args.nproc is not None)
     # every input error surfaces here, before any rank starts
     validated = validate(config, world_size=nproc, ranks_per_node=nodes.ranks_per_node(nproc))
-    if _under_torchrun():
+    if under_torchrun():
         _check_rank_resume(args.resume, config)
     else:
         _preflight(config, validated=validated, resume=args.resume, first_node=nodes.is_first)
         _warn_oversubscribed(nodes.ranks_per_node(nproc))
-    if (nproc > 1 or nodes.num_nodes > 1) and not _under_torchrun():
+    if (nproc > 1 or nodes.num_nodes > 1) and not under_torchrun():
         if args.max_restarts < 0:
             raise ValueError(f"--max-restarts {args.max_restarts}: use 0 (no restart) or more")
-        per_node, rank_argv = nodes.ranks_per_node(nproc), strip_node_flags(_strip_nproc(argv))
+        per_node, rank_argv = nodes.ranks_per_node(nproc), strip_node_flags(strip_flag(argv, "--nproc"))
         return _launch(per_node, rank_argv, nodes=nodes, max_restarts=args.max_restarts, out_dir=config.train.out_dir)
     from plait.train.loop import run_training
 

@@ -43,6 +43,7 @@ def test_the_engine_docstring_states_the_order_the_strands_apply() -> None:
         "TP": "_apply_tp(",
         "recompute": "apply_recompute(",
         "PP split": "build_pipeline(",
+        "compile": "apply_compile(",
         "ZeRO/DP": "build_data_parallel(",
     }
     applied = sorted(steps, key=lambda name: code.index(steps[name]))

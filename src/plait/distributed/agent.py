@@ -13,9 +13,41 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plait.distributed.nodes import Nodes
 
 SHUTDOWN_TIMEOUT_S = 120  # after SIGINT/SIGTERM the ranks finish the step and save; then the agent kills them
 REPORTED_EXITS = (2, 3)  # a rank already printed the cause in one line (bad input, run-time fault)
+
+
+def under_torchrun() -> bool:
+    """True inside a rank that torchrun started (the command is then a rank, not the launcher)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def strip_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` and `flag=VALUE`."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            out.append(item)
+    return out
+
+
+def launch_cli(
+    nproc: int, argv: Sequence[str], *, nodes: Nodes | None = None, max_restarts: int = 0, out_dir: str | None = None
+) -> int:
+    """Re-run the `plait` command `argv` on `nproc` local ranks through torchrun (joined to the other `nodes`'
+    ranks); the agent runs in this process (signals reach it, failures are told in one line)."""
+    node_flags = nodes.torchrun_flags() if nodes else ["--standalone"]
+    flags = [*node_flags, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    return launch_ranks(flags, ["-m", "plait.cli", *argv], out_dir=out_dir)
 
 
 def launch_ranks(torchrun_flags: Sequence[str], command: Sequence[str], *, out_dir: str | None = None) -> int:

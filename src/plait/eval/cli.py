@@ -53,7 +53,7 @@ def _ranks(plan: Plan | None, nproc: int | None) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from plait.cli import _launch, _strip_nproc, _under_torchrun
+    from plait.distributed.agent import launch_cli, strip_flag, under_torchrun
     from plait.eval.runner import EvalRequest, prepare, run_eval
 
     plan = eval_plan(args.plan)
@@ -67,14 +67,14 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         limit=args.limit,
     )
     nproc = _ranks(plan, args.nproc)
-    if nproc > 1 and not _under_torchrun():
+    if nproc > 1 and not under_torchrun():
         if plan is None:
             raise ValueError(
                 f"--nproc {nproc} without --plan: say how the ranks share the work, e.g. --plan dp={nproc}"
             )
         with tempfile.TemporaryDirectory(prefix="plait-eval-check-") as scratch:
             prepare(request, imported_dir=Path(scratch))  # every input error here, in one line, before launch
-        return _launch(nproc, _strip_nproc(argv))
+        return launch_cli(nproc, strip_flag(argv, "--nproc"))
     results = run_eval(request)
     from plait.distributed.launch import is_main_rank
     from plait.eval.report import markdown_table
