@@ -113,6 +113,19 @@ def test_zero3_in_bf16_keeps_a_bf16_shard_on_the_device_beside_an_offloaded_opti
     assert abs(estimate.model_states - device) <= 4 * 64, (estimate.model_states, device)
 
 
+def test_fp32_zero3_parameters_beside_an_offloaded_optimizer_are_its_master() -> None:
+    """fp32 ZeRO-3 with parameters and optimizer on the host: the parameter shard is the master shard (one
+    copy), so the rank holds 16P/N as without offload, and the planner counts it once."""
+    plan = Plan(dp=2, zero=3, offload_params="cpu", offload_optimizer="cpu")
+    cluster = Cluster.preset("h100", devices_per_node=2)
+    estimate = Estimator(ModelShape(CONFIG), Workload(GLOBAL_BATCH, SEQ), cluster=cluster).estimate(plan)
+    states = max(r[0] for r in run_ranks(measure, 2, plan, timeout_s=60))
+    assert estimate.offload is not None
+    estimated = estimate.memory.model_states + estimate.offload.host
+    assert abs(estimated - states) <= 4 * 64, (estimated, states)
+    assert abs(states - 16 * ModelShape(CONFIG).num_parameters() / 2) <= 4 * 64, states
+
+
 GQA = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=2, num_heads=8, num_kv_heads=2,
                 norm="rmsnorm", activation="swiglu", position="rope", bias=False)  # fmt: skip
 GQA_BATCH = 4

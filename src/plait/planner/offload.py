@@ -201,7 +201,8 @@ def _unit(
     """(bytes leaving the device per state, bytes per tier, (traffic during, after backward)) of one unit."""
     s, placed = size.shard, {"host": 0.0, "disk": 0.0, "device": 0.0}
     moved = dict.fromkeys(("params", "master", "grads", "optimizer"), 0.0)
-    shares_master = tier.params == "disk" and tier.optimizer == "disk" and e == FP32
+    # fp32 parameters beside the optimizer on the same tier are its master shard (plait.zero.unit)
+    shares_master = tier.params == tier.optimizer != "device" and e == FP32
     if tier.params != "device":
         moved["params"] = e * s
         placed[tier.params] += 0.0 if shares_master else e * s
