@@ -35,9 +35,9 @@ class StageLayout:
 
 
 def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
-    """plait's cost-balanced split (`pipeline.partition`): forward FLOPs per layer, the head's charged
-    to the last layer, the embedding's (none) to the first; or `plan.pp_split` when given, checked as the
-    runtime checks it (its first chunk may hold the embedding alone and its last the head alone: 0 layers)."""
+    """plait's cost-balanced split (`pipeline.partition`) with the costs it balances (`partition_costs`);
+    or `plan.pp_split` when given, checked as the runtime checks it (its first chunk may hold the
+    embedding alone and its last the head alone: 0 layers)."""
     num_stages = plan.pp * plan.pp_chunks
     if num_stages == 1:
         return StageLayout((shape.num_layers,), (shape.num_layers,))
@@ -45,11 +45,28 @@ def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
         ranges = ranges_from_split_points(plan.pp_split, num_layers=shape.num_layers, num_stages=num_stages)
         chunks = [len(layers) for layers in ranges]
     else:
-        costs = [shape.stage_flops_per_token([i], seq_len, tp=plan.tp) * plan.tp for i in range(shape.num_layers)]
-        costs[-1] += 2.0 * sum(unit.local(plan.tp) for unit in shape.last_units(plan.tp, with_embedding=False))
-        chunks = [len(r) for r in balanced_split(costs, num_stages)]
+        chunks = [len(r) for r in balanced_split(partition_costs(shape, plan, seq_len=seq_len), num_stages)]
     per_rank = [sum(chunks[v] for v in range(rank, num_stages, plan.pp)) for rank in range(plan.pp)]
     return StageLayout(tuple(per_rank), tuple(chunks))
+
+
+def partition_costs(shape: ModelShape, plan: Plan, *, seq_len: int) -> list[float]:
+    """The layer costs `pipeline.partition.layer_costs` gives the runtime's split, with the final norm +
+    head's added to the last layer's and the embedding's (none) to the first's.
+
+    The runtime splits the model after tp and ep have sharded it, so it weighs what one tp rank holds:
+    2 per parameter of the layer there (the tp-replicated norms and biases too, and every expert this
+    ep rank keeps, not only the top_k a token runs) plus attention's 4 * seq_len * d_model, which tp
+    does not divide; the head is its tp rank's vocabulary rows. Global layer costs beside a head
+    divided by tp would move layers to the last stage under tp.
+    """
+    attention = 4.0 * seq_len * shape.hidden
+    costs = [
+        2.0 * sum(unit.local(plan.tp) for unit in shape.layer_units(index, ep=plan.ep)) + attention
+        for index in range(shape.num_layers)
+    ]
+    costs[-1] += 2.0 * sum(unit.local(plan.tp) for unit in shape.last_units(plan.tp, with_embedding=False))
+    return costs
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,7 @@ class ScheduleCache:
 
 
 class LayoutCache:
-    """`stage_layout` by (pp, chunks, tp, split): the balanced split is the costliest step of an estimate."""
+    """`stage_layout` by (pp, chunks, tp, ep, split): the balanced split is the costliest step of an estimate."""
 
     def __init__(self, shape: ModelShape, *, seq_len: int) -> None:
         self.shape = shape
@@ -106,7 +123,7 @@ class LayoutCache:
         self._layouts: dict[tuple[object, ...], StageLayout] = {}
 
     def get(self, plan: Plan) -> StageLayout:
-        key = (plan.pp, plan.pp_chunks, plan.tp, tuple(plan.pp_split))
+        key = (plan.pp, plan.pp_chunks, plan.tp, plan.ep, tuple(plan.pp_split))
         if key not in self._layouts:
             self._layouts[key] = stage_layout(self.shape, plan, seq_len=self.seq_len)
         return self._layouts[key]
