@@ -147,7 +147,7 @@ def _build(
     # meta.json goes last: its presence marks a complete dataset.
     with atomic_path(directory / META_FILE) as temporary:
         temporary.write_text(json.dumps(meta, indent=2) + "\n")
-    return _from_meta(directory, meta)
+    return prepared_from_meta(directory, meta)
 
 
 def _write_given(path: Path, tokenizer: GivenTokenizer) -> Path:
@@ -268,7 +268,7 @@ def _load_cached(directory: Path, settings: dict[str, Any]) -> PreparedData | No
     if any(meta.get(key) != value for key, value in settings.items()):
         return None
     try:
-        data = _from_meta(directory, meta)
+        data = prepared_from_meta(directory, meta)
     except (KeyError, TypeError):
         return None
     expected = {data.train_path: data.num_train_tokens, data.val_path: data.num_val_tokens}
@@ -278,7 +278,8 @@ def _load_cached(directory: Path, settings: dict[str, Any]) -> PreparedData | No
     return data if data.tokenizer_path.is_file() else None
 
 
-def _from_meta(directory: Path, meta: dict[str, Any]) -> PreparedData:
+def prepared_from_meta(directory: Path, meta: dict[str, Any]) -> PreparedData:
+    """The shards a meta.json describes in `directory` (plait's cache or a `plait data prepare` output)."""
     return PreparedData(
         tokenizer_path=directory / TOKENIZER_FILE,
         train_path=directory / TRAIN_FILE,

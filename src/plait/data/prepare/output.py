@@ -20,6 +20,7 @@ from plait.data.shards import (
     TRAIN_FILE,
     VAL_FILE,
     PreparedData,
+    prepared_from_meta,
     token_dtype,
 )
 from plait.data.tokenizer import EOT, TOKENIZER_FILE, GivenTokenizer, train_tokenizer
@@ -121,18 +122,7 @@ def load_prepared(path: str | Path, *, vocab_size: int, tokenizer: GivenTokenize
             f"data.corpus={str(path)!r} holds a {meta['vocab_size']}-token vocabulary, not data.vocab_size="
             f"{vocab_size}; set data.vocab_size={meta['vocab_size']}"
         )
-    return PreparedData(
-        tokenizer_path=directory / TOKENIZER_FILE,
-        train_path=directory / TRAIN_FILE,
-        val_path=directory / VAL_FILE,
-        dtype=np.dtype(meta["dtype"]),
-        vocab_size=meta["vocab_size"],
-        eot_id=meta["eot_id"],
-        num_train_tokens=meta["num_train_tokens"],
-        num_val_tokens=meta["num_val_tokens"],
-        num_train_documents=meta["num_train_documents"],
-        num_val_documents=meta["num_val_documents"],
-    )
+    return prepared_from_meta(directory, meta)
 
 
 def _batches(documents: Iterator[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
