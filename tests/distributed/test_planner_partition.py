@@ -3,7 +3,9 @@
 The runtime splits the model into stages after ep and tp have sharded it (engine order EP -> TP ->
 recompute -> PP split), so it balances what one rank holds. Forked ranks shard the model as the
 engine does and run the runtime's partition for pp stages (no pipeline is built); the planner's
-layers per stage and each stage's parameters on one rank must equal them.
+layers per stage and each stage's parameters on one rank must equal them, whatever the workload's
+sequence length (the runtime builds its stages before it sees a batch and weighs attention at the
+model's max_seq_len).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from plait.models.gpt_config import GPTConfig
 from plait.moe.all_to_all import Exchange
 from plait.moe.expert_parallel import apply_expert_parallel
 from plait.pipeline.partition import decoder_layout, partition_layers
-from plait.planner import ModelShape
-from plait.planner.layout import stage_layout
+from plait.planner import Cluster, Estimator, ModelShape, Workload
 from plait.tensor.apply import apply_tensor_parallel
 from tests.distributed.harness import run_ranks
 
@@ -36,6 +37,9 @@ LLAMA_STYLE = dataclasses.replace(
 )  # fmt: skip
 MOE_TOP1 = dataclasses.replace(REFERENCE, moe_experts=4, moe_every=1, moe_top_k=1)
 MOE_WIDE_VOCAB = dataclasses.replace(MOE_TOP1, vocab_size=16384, moe_experts=8)
+# Attention at max_seq_len weighs enough to split 2 | 2; at the workload's 32 tokens it would be 3 | 1.
+LONG_CONTEXT = GPTConfig(vocab_size=2048, max_seq_len=512, d_model=128, num_layers=4, num_heads=4)
+WORKLOAD = Workload(global_batch=8, seq_len=32)
 CASES = {  # (model, pp, tp, ep)
     "reference-tp2-pp2": (REFERENCE, 2, 2, 1),
     "llama-style-6-layers-tp2-pp3": (LLAMA_STYLE, 3, 2, 1),
@@ -44,6 +48,7 @@ CASES = {  # (model, pp, tp, ep)
     "moe-top1-tp2-pp2": (MOE_TOP1, 2, 2, 1),
     # ... and only the experts its ep rank keeps: 3 | 1 at ep2 where ep1 splits 2 | 2.
     "moe-wide-vocab-ep2-pp2": (MOE_WIDE_VOCAB, 2, 1, 2),
+    "long-context-tp2-pp2": (LONG_CONTEXT, 2, 2, 1),
 }
 
 
@@ -75,7 +80,8 @@ def runtime_stages(rank: int, world_size: int, config: GPTConfig, pp: int, ep: i
 def planner_stages(config: GPTConfig, *, pp: int, tp: int, ep: int) -> list[tuple[int, int]]:
     shape = ModelShape(config)
     plan = Plan(dp=ep, tp=tp, pp=pp, ep=ep, microbatches=pp)
-    layout = stage_layout(shape, plan, seq_len=config.max_seq_len)
+    estimator = Estimator(shape, WORKLOAD, cluster=Cluster.preset("h100", devices_per_node=tp * ep))
+    layout = estimator.memory.layouts.get(plan)
     stages = []
     for stage in range(pp):
         indices = layout.layer_indices(stage)

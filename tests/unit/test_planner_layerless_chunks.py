@@ -33,7 +33,7 @@ def estimate(plan_text: str) -> dict:
 
 
 def test_layerless_end_chunks_hold_no_layer() -> None:
-    layout = stage_layout(load_shape("llama-7b"), parse_plan(PLAN), seq_len=2048)
+    layout = stage_layout(load_shape("llama-7b"), parse_plan(PLAN))
     assert layout.chunk_layers == (0, 4, 4, 4, 4, 4, 4, 4, 4, 0) and layout.layers_per_rank == (16, 16)
     assert layout.layer_indices(0) == [*range(4, 8), *range(12, 16), *range(20, 24), *range(28, 32)]
 
@@ -68,4 +68,4 @@ def test_a_split_the_runtime_refuses_is_refused(split: str, message: str) -> Non
 def test_without_a_split_more_stages_than_layers_is_refused() -> None:
     plan = dataclasses.replace(parse_plan(PLAN), pp_split=[], pp_chunks=17)
     with pytest.raises(ValueError, match="non-empty stages"):
-        stage_layout(load_shape("llama-7b"), plan, seq_len=2048)
+        stage_layout(load_shape("llama-7b"), plan)

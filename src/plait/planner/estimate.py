@@ -85,7 +85,7 @@ class Estimator:
         self.shape = shape
         self.workload = workload
         self.cluster = cluster
-        shared = {"schedules": ScheduleCache(), "layouts": LayoutCache(shape, seq_len=workload.seq_len)}
+        shared = {"schedules": ScheduleCache(), "layouts": LayoutCache(shape)}
         self.memory = MemoryModel(shape, workload, profile=profile, **shared)
         self.time = TimeModel(shape, workload, cluster=cluster, profile=profile, **shared)
         self._flops_per_token = shape.config.flops_per_token(workload.seq_len)  # the same for every plan

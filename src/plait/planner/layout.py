@@ -34,7 +34,7 @@ class StageLayout:
         return self.layers_per_rank.index(max(self.layers_per_rank))
 
 
-def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
+def stage_layout(shape: ModelShape, plan: Plan) -> StageLayout:
     """plait's cost-balanced split (`pipeline.partition`) with the costs it balances (`partition_costs`);
     or `plan.pp_split` when given, checked as the runtime checks it (its first chunk may hold the
     embedding alone and its last the head alone: 0 layers)."""
@@ -45,12 +45,12 @@ def stage_layout(shape: ModelShape, plan: Plan, *, seq_len: int) -> StageLayout:
         ranges = ranges_from_split_points(plan.pp_split, num_layers=shape.num_layers, num_stages=num_stages)
         chunks = [len(layers) for layers in ranges]
     else:
-        chunks = [len(r) for r in balanced_split(partition_costs(shape, plan, seq_len=seq_len), num_stages)]
+        chunks = [len(r) for r in balanced_split(partition_costs(shape, plan), num_stages)]
     per_rank = [sum(chunks[v] for v in range(rank, num_stages, plan.pp)) for rank in range(plan.pp)]
     return StageLayout(tuple(per_rank), tuple(chunks))
 
 
-def partition_costs(shape: ModelShape, plan: Plan, *, seq_len: int) -> list[float]:
+def partition_costs(shape: ModelShape, plan: Plan) -> list[float]:
     """The layer costs `pipeline.partition.layer_costs` gives the runtime's split, with the final norm +
     head's added to the last layer's and the embedding's (none) to the first's.
 
@@ -58,9 +58,10 @@ def partition_costs(shape: ModelShape, plan: Plan, *, seq_len: int) -> list[floa
     2 per parameter of the layer there (the tp-replicated norms and biases too, and every expert this
     ep rank keeps, not only the top_k a token runs) plus attention's 4 * seq_len * d_model, which tp
     does not divide; the head is its tp rank's vocabulary rows. Global layer costs beside a head
-    divided by tp would move layers to the last stage under tp.
+    divided by tp would move layers to the last stage under tp. The runtime builds the stages before
+    it sees a batch, so seq_len is the model's max_seq_len, not the workload's.
     """
-    attention = 4.0 * seq_len * shape.hidden
+    attention = 4.0 * shape.config.max_seq_len * shape.hidden
     costs = [
         2.0 * sum(unit.local(plan.tp) for unit in shape.layer_units(index, ep=plan.ep)) + attention
         for index in range(shape.num_layers)
@@ -117,13 +118,12 @@ class ScheduleCache:
 class LayoutCache:
     """`stage_layout` by (pp, chunks, tp, ep, split): the balanced split is the costliest step of an estimate."""
 
-    def __init__(self, shape: ModelShape, *, seq_len: int) -> None:
+    def __init__(self, shape: ModelShape) -> None:
         self.shape = shape
-        self.seq_len = seq_len
         self._layouts: dict[tuple[object, ...], StageLayout] = {}
 
     def get(self, plan: Plan) -> StageLayout:
         key = (plan.pp, plan.pp_chunks, plan.tp, plan.ep, tuple(plan.pp_split))
         if key not in self._layouts:
-            self._layouts[key] = stage_layout(self.shape, plan, seq_len=self.seq_len)
+            self._layouts[key] = stage_layout(self.shape, plan)
         return self._layouts[key]

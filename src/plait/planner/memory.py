@@ -171,7 +171,7 @@ class MemoryModel:
         self.workload = workload
         self.profile = profile
         self.schedules = schedules or ScheduleCache()
-        self.layouts = layouts or LayoutCache(shape, seq_len=workload.seq_len)
+        self.layouts = layouts or LayoutCache(shape)
 
     def estimate(self, plan: Plan, *, reserved: float = 0.0) -> MemoryBreakdown:
         """The busiest pipeline rank's breakdown (every rank's when pp == 1)."""

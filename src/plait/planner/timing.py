@@ -101,7 +101,7 @@ class TimeModel:
         self.cluster = cluster
         self.profile = profile
         self.schedules = schedules or ScheduleCache()
-        self.layouts = layouts or LayoutCache(shape, seq_len=workload.seq_len)
+        self.layouts = layouts or LayoutCache(shape)
 
     def estimate(self, plan: Plan) -> TimeBreakdown:
         if plan.cp > 1:
