@@ -15,6 +15,7 @@ import torch
 
 import plait
 from plait.config import Plan
+from plait.engine import Engine
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, Estimator, ModelShape, Workload, layer_activations
 from plait.train.metrics import live_tensor_bytes, peak_live_tensor_bytes
@@ -24,10 +25,8 @@ CONFIG = GPTConfig(vocab_size=2048, max_seq_len=64, d_model=128, num_layers=4, n
 GLOBAL_BATCH, SEQ = 8, 64
 
 
-def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
-    # Ranks are forked from the pytest process: tensors earlier tests left alive there are not the engine's.
-    gc.collect()
-    inherited = live_tensor_bytes()
+def one_step(plan: Plan) -> tuple[Engine, dict[str, torch.Tensor]]:
+    """An engine of CONFIG under `plan` after its first step, and the batch it took."""
     torch.manual_seed(0)
     engine = plait.boost(
         plait.models.build(CONFIG),
@@ -38,6 +37,14 @@ def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
     tokens = torch.randint(0, CONFIG.vocab_size, (GLOBAL_BATCH // engine.dp_size, SEQ))
     batch = {"input_ids": tokens, "labels": tokens}
     engine.train_step(batch)
+    return engine, batch
+
+
+def measure(rank: int, world_size: int, plan: Plan) -> tuple[int, int]:
+    # Ranks are forked from the pytest process: tensors earlier tests left alive there are not the engine's.
+    gc.collect()
+    inherited = live_tensor_bytes()
+    engine, batch = one_step(plan)
     gc.collect()
     live = peak_live_tensor_bytes(lambda: engine.train_step(batch))
     return engine.state_bytes()["total"], live["peak"] - inherited
@@ -89,15 +96,7 @@ def test_zero3_under_a_pipeline_holds_what_is_estimated(gather: str) -> None:
 
 
 def device_state_bytes(rank: int, world_size: int, plan: Plan) -> int:
-    torch.manual_seed(0)
-    engine = plait.boost(
-        plait.models.build(CONFIG),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        loss_fn=plait.losses.causal_lm,
-        plan=plan,
-    )
-    tokens = torch.randint(0, CONFIG.vocab_size, (GLOBAL_BATCH // engine.dp_size, SEQ))
-    engine.train_step({"input_ids": tokens, "labels": tokens})
+    engine, _ = one_step(plan)
     return engine.data_parallel.offload.resident_bytes()["device"]
 
 
