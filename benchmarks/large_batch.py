@@ -74,10 +74,17 @@ def _overrides(args: argparse.Namespace, *, batch: int, steps: int, warmup: int)
 
 
 def train(
-    name: str, overrides: list[str], *, out_dir: Path, config: Path = CONFIG, metric: str = "val_loss"
+    name: str,
+    overrides: list[str],
+    *,
+    out_dir: Path,
+    config: Path = CONFIG,
+    metric: str = "val_loss",
+    module: str = "plait.cli",
 ) -> dict[str, Any]:
-    """One `plait train` run of ``config``; its evaluations of ``metric`` by step and samples seen."""
-    command = [sys.executable, "-m", "plait.cli", "train", str(config), "--set", f"train.out_dir={out_dir}"]
+    """One `plait train` run of ``config`` (or `python -m module train`, taking the same arguments);
+    its evaluations of ``metric`` by step and samples seen."""
+    command = [sys.executable, "-m", module, "train", str(config), "--set", f"train.out_dir={out_dir}"]
     for override in overrides:
         command += ["--set", override]
     print(" ".join(command[2:]), flush=True)
