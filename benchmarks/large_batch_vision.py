@@ -19,6 +19,9 @@ LARS's recipe here (lr 0.5 x k, vectors at 1e-3 of it, warmup a quarter of the s
 287 training images held out as a validation split, never on the test images. In
 results/large_batch_vision.json (--factors 8 32, warmup an eighth) LARS stays below the base run;
 in results/large_batch_vision-lars-warmup-quarter.json LARS-8x reaches it at step 300 of its 400.
+At 32x (--factors 32 --lars-warmup 0.125 --samples 16 --tag lars-32x: lr 16, warmup an eighth, 16x the
+base run's samples, chosen with --select; the trials are results/large_batch_vision-select-*.json)
+LARS-32x and AdamW-32x both reach the base run's accuracy at step 200 of their 400.
 
 --select scores every run on the last 287 training images instead of the test images (they are then
 held out of training: benchmarks/vision_heldout.py), for choosing a recipe; --only runs a subset:
