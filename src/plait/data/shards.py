@@ -179,12 +179,19 @@ def val_threshold(corpus: Corpus, val_fraction: float) -> int | None:
     """
     if val_fraction == 0.0:
         return None
-    hashes = np.sort(np.array([document_hash(t) for t in iter_documents(corpus)], np.uint64))
+    hashes = np.array([document_hash(t) for t in iter_documents(corpus)], np.uint64)
     if len(hashes) < 2:
         raise ValueError(
             f"the corpus has {len(hashes)} document, too few to hold one out for "
             "validation; add documents, or set val_fraction=0 (plait train: --set data.val_fraction=0)"
         )
+    return split_threshold(hashes, val_fraction)
+
+
+def split_threshold(hashes: np.ndarray, val_fraction: float) -> int:
+    """The largest of at least two document hashes that goes to validation: the k smallest, k =
+    round(val_fraction x count) kept between 1 and count - 1."""
+    hashes = np.sort(np.asarray(hashes, dtype=np.uint64))
     num_val = min(max(1, round(val_fraction * len(hashes))), len(hashes) - 1)
     return int(hashes[num_val - 1])
 

@@ -21,6 +21,7 @@ from plait.data.shards import (
     VAL_FILE,
     PreparedData,
     prepared_from_meta,
+    split_threshold,
     token_dtype,
 )
 from plait.data.tokenizer import EOT, TOKENIZER_FILE, GivenTokenizer, train_tokenizer
@@ -33,9 +34,7 @@ def val_threshold(kept_hashes: list[int], val_fraction: float) -> int | None:
     """The largest document hash that goes to validation: the k smallest, as plait.data.shards splits."""
     if val_fraction == 0.0 or len(kept_hashes) < 2:
         return None
-    hashes = np.sort(np.array(kept_hashes, dtype=np.uint64))
-    num_val = min(max(1, round(val_fraction * len(hashes))), len(hashes) - 1)
-    return int(hashes[num_val - 1])
+    return split_threshold(np.array(kept_hashes, dtype=np.uint64), val_fraction)
 
 
 def sample_cutoff(kept_chars: int, sample_bytes: int) -> int:
