@@ -130,12 +130,7 @@ def test_layerless_end_chunks_chain_to_the_model(preset: str) -> None:
     first, last = all_names(chunks[0]), all_names(chunks[3])
     assert "embed.weight" in first and "lm_head.weight" in last
     assert not any(name.startswith("blocks.") for name in first | last)
-    ids = torch.randint(512, (2, 16))
-    hidden = ids
-    with torch.no_grad():
-        for chunk in chunks:
-            hidden = chunk(hidden)
-        torch.testing.assert_close(hidden, model(ids), **EXACT)
+    assert_chain_matches(chunks, model)
 
 
 def test_hf_llama_layerless_end_stages_match_the_model() -> None:
@@ -248,6 +243,16 @@ def test_hf_llama_stages(attn_implementation: str) -> None:
         )
 
 
+def assert_chain_matches(chunks: list, model: torch.nn.Module) -> None:
+    """The chunks applied one after another compute the model's logits."""
+    ids = torch.randint(512, (2, 16))
+    hidden = ids
+    with torch.no_grad():
+        for chunk in chunks:
+            hidden = chunk(hidden)
+        torch.testing.assert_close(hidden, model(ids), **EXACT)
+
+
 def test_single_rank_chunks_stay_tied_and_chain() -> None:
     torch.manual_seed(0)
     model = build("tiny", num_layers=4).eval()
@@ -255,12 +260,7 @@ def test_single_rank_chunks_stay_tied_and_chain() -> None:
     chunks = build_stage_chunks(model, rank=0, num_ranks=1, num_chunks=4, ranges=ranges)
     assert chunks[0].get_parameter("embed.weight") is chunks[3].get_parameter("lm_head.weight")
     assert all(chunk.tied_pairs == [] for chunk in chunks)
-    ids = torch.randint(512, (2, 16))
-    hidden = ids
-    with torch.no_grad():
-        for chunk in chunks:
-            hidden = chunk(hidden)
-        torch.testing.assert_close(hidden, model(ids), **EXACT)
+    assert_chain_matches(chunks, model)
 
 
 def test_interleaved_chunks_and_release_unused() -> None:
