@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 $(BIN)/plait: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,hf,eval,data]'
+	$(BIN)/pip install -q -e '.[test,hf,eval,data,tune]'
 	# timm's Lamb/Lars are the optimizer tests' second opinion; its own dependencies (torchvision) are not needed
 	$(BIN)/pip install -q --no-deps timm==1.0.31
 	touch $@
