@@ -1,0 +1,88 @@
+"""The model a recipe fine-tunes: a `plait train` checkpoint or a local Hugging Face directory.
+
+Both go through plait's own loaders (`plait.train.generate.load_for_inference` for checkpoints,
+`plait.checkpoint.hf_pretrained` for transformers directories); this module only gives recipes one
+tokenizer interface over the two, with the chat template where the tokenizer has one.
+
+Example:
+    >>> model, tokenizer = load_base("runs/gpt-10m-eval/checkpoints/step-000300")  # doctest: +SKIP
+    >>> ids = tokenizer.encode("def add(a, b):")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from plait.eval.sources import check_paths, eot_id, is_hf_dir
+
+
+@dataclass(frozen=True)
+class BaseTokenizer:
+    """The base model's tokenizer: `tokenizers` encoding plus, for a transformers directory, its chat template.
+
+    ``hf`` is the transformers tokenizer (None for a plait checkpoint, whose tokenizer has no chat template).
+    """
+
+    backend: Tokenizer = field(repr=False)
+    eot_id: int
+    hf: Any = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.hf is not None and bool(getattr(self.hf, "chat_template", None))
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens (templates put those in as text)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The tokenizer's chat template applied to `messages` ({"role", "content"} dicts), as text."""
+        if not self.has_chat_template:
+            raise ValueError(
+                'the base model\'s tokenizer has no chat template; set data.template = "plain" (the '
+                "### Instruction/### Response template) or fine-tune a model whose tokenizer_config.json has one"
+            )
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def load_base(path: str | Path) -> tuple[nn.Module, BaseTokenizer]:
+    """The model (fp32, train mode, on CPU) and tokenizer at `path`: a plait checkpoint or an HF directory."""
+    path = Path(path)
+    check_paths([str(path)])
+    if is_hf_dir(path):
+        return _load_hf(path)
+    from plait.train.generate import load_for_inference
+
+    model, tokenizer = load_for_inference(path)
+    return model.float().train(), BaseTokenizer(backend=tokenizer, eot_id=eot_id(tokenizer))
+
+
+def _load_hf(path: Path) -> tuple[nn.Module, BaseTokenizer]:
+    from transformers import AutoTokenizer
+
+    from plait.checkpoint.hf_pretrained import inspect_pretrained, load_pretrained_model
+
+    pretrained = inspect_pretrained(path)
+    model = load_pretrained_model(pretrained, tp_group=None, device=torch.device("cpu"))
+    tokenizer = BaseTokenizer(
+        backend=Tokenizer.from_str(pretrained.tokenizer.json),
+        eot_id=pretrained.tokenizer.eot_id,
+        hf=AutoTokenizer.from_pretrained(path),
+    )
+    return model, tokenizer

@@ -1,0 +1,31 @@
+"""The recipes `plait finetune` runs: a config's `recipe.kind` -> "module:function".
+
+Each recipe adds its own line. The function takes the checked `FinetuneConfig` and runs the recipe
+on this rank (the process group, when launched with --nproc, already exists).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+RECIPES: dict[str, str] = {
+    "sft": "plait.recipes.sft:run",
+}
+
+
+def recipe_kinds() -> list[str]:
+    return sorted(RECIPES)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in RECIPES:
+        raise ValueError(f"recipe.kind={kind!r} is not a recipe; use one of {', '.join(recipe_kinds())}")
+
+
+def recipe_function(kind: str) -> Callable[..., Any]:
+    """The function that runs recipe `kind`, imported on demand (recipes pull in peft, diffusers, ...)."""
+    check_kind(kind)
+    module_name, _, function_name = RECIPES[kind].partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
