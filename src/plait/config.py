@@ -679,9 +679,10 @@ def _table(name: str, values: Any) -> dict[str, Any]:
     return dict(values)
 
 
-def _build_section(name: str, values: dict[str, Any]) -> Any:
-    cls = SECTIONS[name]
-    if name == "model":
+def build_section(name: str, values: dict[str, Any], *, sections: typing.Mapping[str, type] = SECTIONS) -> Any:
+    """One TOML table as its dataclass, every key checked against the field's type (see plait.config_types)."""
+    cls = sections[name]
+    if cls is ModelConfig:
         return _model_section(values)
     types = _field_types(cls)
     for key in values:
@@ -721,25 +722,27 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ValueError(f"{name} is outside any section; put it under [{_section_of(name)}]")
         if name not in SECTIONS:
             raise ValueError(f"unknown config section [{name}]{_closest(name, SECTIONS)}; valid: {', '.join(SECTIONS)}")
-    return Config(**{name: _build_section(name, raw.get(name, {})) for name in SECTIONS})
+    return Config(**{name: build_section(name, raw.get(name, {})) for name in SECTIONS})
 
 
-def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a raw config dict (a new dict)."""
-    merged = {name: _table(name, raw.get(name, {})) for name in SECTIONS} | {
-        k: v for k, v in raw.items() if k not in SECTIONS
+def apply_overrides(
+    raw: dict[str, Any], overrides: typing.Sequence[str], *, sections: typing.Mapping[str, type] = SECTIONS
+) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw config dict (a new dict); `sections` names the tables."""
+    merged = {name: _table(name, raw.get(name, {})) for name in sections} | {
+        k: v for k, v in raw.items() if k not in sections
     }
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"--set {item!r}: write it as section.key=value, e.g. --set plan.dp=2")
         path, text = item.split("=", 1)
         section, key = path.split(".", 1)
-        if section not in SECTIONS:
+        if section not in sections:
             raise ValueError(
-                f"--set {item!r}: unknown section {section!r}{_closest(section, SECTIONS)}; valid: {', '.join(SECTIONS)}"
+                f"--set {item!r}: unknown section {section!r}{_closest(section, sections)}; valid: {', '.join(sections)}"
             )
-        types = _field_types(SECTIONS[section])
-        if section != "model" and key not in types:
+        types = _field_types(sections[section])
+        if sections[section] is not ModelConfig and key not in types:
             raise ValueError(
                 f"--set {item!r}: unknown key {path}{_closest(key, types)}; valid keys: {', '.join(types)}"
             )
@@ -749,17 +752,19 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML config (or start from defaults) and apply --set overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"config file {path} is a directory; pass a TOML file, such as configs/gpt-tiny.toml")
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist; pass a TOML file such as configs/gpt-tiny.toml")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"config file {path} is not valid TOML: {err}; fix it (see configs/gpt-tiny.toml)"
-            ) from None
+    raw = read_toml(path) if path is not None else {}
     return config_from_dict(apply_overrides(raw, overrides))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file as a dict, or one ValueError line saying what is wrong with the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; pass a TOML file, such as configs/gpt-tiny.toml")
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; pass a TOML file such as configs/gpt-tiny.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path} is not valid TOML: {err}; fix it (see configs/gpt-tiny.toml)") from None
+    return raw
