@@ -83,6 +83,19 @@ def held_out_functions(part: HeldOut) -> list[Function]:
     return functions
 
 
+def training_functions(part: HeldOut) -> list[Function]:
+    """Documented functions of the training documents (fine-tuning pairs; never a held-out body), in order."""
+    held = {function.body for text in part.documents for function in _documented_functions(text)}
+    seen: set[str] = set()
+    functions = []
+    for text in part.train_text.split("\0"):
+        for function in _documented_functions(text):
+            if function.body not in seen and function.body not in held:
+                seen.add(function.body)
+                functions.append(function)
+    return functions
+
+
 def _documented_functions(text: str) -> Iterator[Function]:
     try:
         tree = ast.parse(text)
