@@ -34,6 +34,7 @@ from plait.checkpoint import hf_model_export
 from plait.checkpoint.hf_config import ARCHITECTURES, GPT2, MIXTRAL, gpt_config_from_hf, hf_config_dict, hf_family
 from plait.checkpoint.hf_weights import check_plait_state, hf_to_plait, plait_to_hf
 from plait.checkpoint.io import MANIFEST_FILE, load_checkpoint, save_checkpoint
+from plait.checkpoint.lora_merge import merge_lora
 from plait.config import Config, DataConfig, ModelConfig, config_from_dict, model_config_for
 from plait.data.tokenizer import EOT, TOKENIZER_FILE
 from plait.models.gpt import GPTConfig
@@ -61,6 +62,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     _require_checkpoint(checkpoint_dir)
     _require_fresh(out_dir)
     model_state, trainer_state, raw_config = load_checkpoint(checkpoint_dir)
+    model_state = merge_lora(model_state, trainer_state.get("lora"))  # a LoRA run exports merged (plait.recipes.lora)
     if hf_config is not None or hf_model_export.is_hf_checkpoint(model_state, trainer_state, raw_config):
         return _export_hf_model(model_state, trainer_state, source=checkpoint_dir, out_dir=out_dir, hf_config=hf_config)
     config = model_config_for(config_from_dict(raw_config))

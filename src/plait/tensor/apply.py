@@ -31,6 +31,7 @@ from torch import nn
 from plait.distributed.comm import CommCounter
 from plait.tensor.comm import ProcessGroup, SharedEntry, gather_sequence
 from plait.tensor.layers import ColumnParallelLinear, RowParallelLinear
+from plait.tensor.lora import is_lora_layer, shard_lora_layer
 from plait.tensor.sequence import SequenceScatter, mark_sequence_parallel, scatter_output_sequence
 from plait.tensor.vocab import VocabParallelEmbedding, VocabParallelHead
 
@@ -278,11 +279,12 @@ def apply_tensor_parallel(
         style = _match(plan, name) if name else None
         if style is None:
             continue
-        new = (
-            _apply_head(model, name, module, style, ctx)
-            if style.kind == "vocab_head"
-            else BUILDERS[style.kind](module, name, style, ctx)
-        )
+        if style.kind == "vocab_head":
+            new = _apply_head(model, name, module, style, ctx)
+        elif is_lora_layer(module):  # peft's wrapper: its base and factors split (plait.tensor.lora)
+            new = shard_lora_layer(module, name, style=style, ctx=ctx, build=BUILDERS[style.kind])
+        else:
+            new = BUILDERS[style.kind](module, name, style, ctx)
         if new is not module:
             _swap(model, name, new)
         changed.append(name)

@@ -1,0 +1,52 @@
+"""Merging LoRA adapters into their base weights: a checkpoint of a LoRA run exports as a plain model.
+
+A LoRA layer saves ``<module>.base_layer.weight`` (and ``.bias``) beside its factors
+``<module>.lora_A.<adapter>.weight`` (rank, in) and ``<module>.lora_B.<adapter>.weight`` (out, rank);
+the merged ``<module>.weight`` is ``W + scaling * B @ A`` (transposed for GPT-2's Conv1D layout,
+weight (in, out)). A base held as int8 (``.base_layer.weight_scale`` beside it) is dequantized first.
+The trainer state's ``lora`` record (written by plait.recipes.lora) gives the scaling and adapter name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+BASE = ".base_layer."
+
+
+def _merged_weight(state: dict[str, torch.Tensor], module: str, *, adapter: str, scaling: float) -> torch.Tensor:
+    weight = state[f"{module}{BASE}weight"]
+    scale = state.get(f"{module}{BASE}weight_scale")
+    if scale is not None:  # int8 per output row (plait.recipes.quantize)
+        weight = weight.double() * scale.double()[:, None]
+    a = state[f"{module}.lora_A.{adapter}.weight"].double()
+    b = state[f"{module}.lora_B.{adapter}.weight"].double()
+    delta = scaling * (b @ a)  # (out, in)
+    if delta.shape != weight.shape:  # Conv1D keeps (in, out)
+        delta = delta.T
+    dtype = weight.dtype if scale is None else torch.float32
+    return (weight.double() + delta).to(dtype)
+
+
+def merge_lora(state: dict[str, torch.Tensor], record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """`state` with every LoRA layer merged into a plain ``<module>.weight``/``.bias``; unchanged without a record."""
+    if not record:
+        return state
+    adapter, scaling = record.get("adapter", "default"), float(record["scaling"])
+    modules = [name.removesuffix(f"{BASE}weight") for name in state if name.endswith(f"{BASE}weight")]
+    if not modules:
+        raise ValueError(
+            "the checkpoint has a LoRA record but no LoRA layers ('.base_layer.weight'); is it a LoRA run?"
+        )
+    merged = {name: t for name, t in state.items() if not _is_lora_entry(name)}
+    for module in modules:
+        merged[f"{module}.weight"] = _merged_weight(state, module, adapter=adapter, scaling=scaling)
+        if f"{module}{BASE}bias" in state:
+            merged[f"{module}.bias"] = state[f"{module}{BASE}bias"]
+    return merged
+
+
+def _is_lora_entry(name: str) -> bool:
+    return BASE in name or ".lora_A." in name or ".lora_B." in name

@@ -1,0 +1,167 @@
+"""LoRA adapters on plait's models (and Hugging Face models) through peft, trainable under any plan.
+
+`add_lora` injects peft's LoRA layers into the model instance (`peft.inject_adapter_in_model`): each
+targeted Linear becomes peft's `lora.Linear` holding the frozen `base_layer` and the trainable
+`lora_A`/`lora_B`. `plait.boost` then applies the plan as usual: ZeRO gives only the adapters
+optimizer state, gradient buckets and gradient communication (frozen parameters stay whole and
+replicated on every rank, under ZeRO-3 too), and tensor parallel splits the factors with their
+base (plait.tensor.lora). A checkpoint keeps the factors beside the base weights; `plait export`
+merges them (plait.checkpoint.lora_merge), and `save_adapter` writes them in peft's own format.
+
+Example:
+    >>> model = add_lora(plait.models.build("tiny"), LoraSettings(rank=4))  # doctest: +SKIP
+    >>> trainable_fraction(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from plait.recipes.quantize import QUANTIZE_KINDS, quantize_linears, quantized_numel
+
+# plait's GPT: attention and MLP projections (Llama-style models add gate_proj; HF Llama uses the same names).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_NAME = "default"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The `[lora]` section of a fine-tuning config.
+
+    ``target_modules`` are module names or name suffixes, as peft reads them ("q_proj" matches
+    "blocks.0.attn.q_proj"); each must match at least one linear layer. Unset, they are those of
+    the attention and MLP projections (``DEFAULT_TARGETS``) that the model has. ``quantize="int8"`` holds
+    the frozen base of every targeted layer as int8 with one fp32 scale per output row
+    (QLoRA-style; plait.recipes.quantize).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank!r}: the adapter rank must be a positive integer, e.g. 8")
+        if not self.alpha > 0:
+            raise ValueError(
+                f"lora.alpha={self.alpha!r}: the scale numerator must be positive (scaling = alpha / rank)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout!r}: choose a probability in [0, 1)")
+        targets = self.target_modules
+        if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
+            raise ValueError(
+                f"lora.target_modules={list(targets)!r}: list module names, e.g. {list(DEFAULT_TARGETS[:2])}"
+            )
+        if self.quantize not in (None, *QUANTIZE_KINDS):
+            raise ValueError(f"lora.quantize={self.quantize!r}: choose one of {list(QUANTIZE_KINDS)} or leave it unset")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self, targets: tuple[str, ...] | None = None) -> Any:
+        """peft's LoraConfig for these settings, on `targets` (default: the settings' own)."""
+        from peft import LoraConfig
+
+        targets = targets or self.target_modules or DEFAULT_TARGETS
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(targets))
+
+    def to_dict(self) -> dict[str, Any]:
+        targets = None if self.target_modules is None else list(self.target_modules)
+        return dataclasses.asdict(self) | {"target_modules": targets}
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith(f".{target}")  # peft's rule for a list of target names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def resolve_targets(model: nn.Module, settings: LoraSettings) -> tuple[str, ...]:
+    """The settings' target names, or (unset) the default projections `model` has."""
+    if settings.target_modules is not None:
+        return settings.target_modules
+    linears = _linear_names(model)
+    present = tuple(t for t in DEFAULT_TARGETS if any(_matches(name, t) for name in linears))
+    return present or DEFAULT_TARGETS  # none present: check_targets names what the model has
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and _is_linear(module)]
+
+
+def check_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """The names of the linear layers `targets` pick; ValueError naming any target that matches none."""
+    linears = _linear_names(model)
+    missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
+    if missing:
+        shown = ", ".join(linears[:6]) + (", ..." if len(linears) > 6 else "")
+        raise ValueError(
+            f"lora.target_modules {missing} match no linear layer of {type(model).__name__}; "
+            f"its linear layers include: {shown or 'none'}"
+        )
+    return [name for name in linears if any(_matches(name, t) for t in targets)]
+
+
+def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Inject LoRA adapters into `model` in place (every other parameter frozen); returns the model."""
+    from peft import inject_adapter_in_model
+
+    targets = resolve_targets(model, settings)
+    names = check_targets(model, targets)
+    if settings.quantize is not None:
+        quantize_linears(model, names, kind=settings.quantize)
+    return inject_adapter_in_model(settings.peft_config(targets), model, adapter_name=ADAPTER_NAME)
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts of `model`: tied parameters once, int8-held base weights included."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized_numel(model)
+
+
+def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole model state's LoRA factors under peft's saved names (``base_model.model.<module>.lora_A.weight``)."""
+    marker = f".{ADAPTER_NAME}.weight"
+    return {
+        f"base_model.model.{name.removesuffix(marker)}.weight": tensor.detach().contiguous()
+        for name, tensor in state.items()
+        if name.endswith(marker) and (".lora_A." in name or ".lora_B." in name)
+    }
+
+
+def save_adapter(state: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path) -> Path:
+    """Write the adapters alone in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state(state)
+    if not tensors:
+        raise ValueError("the state holds no LoRA factors (no '.lora_A.default.weight' entries); train with [lora]")
+    settings.peft_config().save_pretrained(str(out_dir))
+    safetensors.torch.save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return out_dir
+
+
+def checkpoint_record(settings: LoraSettings) -> dict[str, Any]:
+    """What a checkpoint's trainer state keeps (``extra={"lora": ...}``) so export can merge the adapters."""
+    return {"lora": settings.to_dict() | {"scaling": settings.scaling, "adapter": ADAPTER_NAME}}
+
+
+def read_settings(record: dict[str, Any]) -> LoraSettings:
+    fields = {f.name for f in dataclasses.fields(LoraSettings)}
+    return LoraSettings(**{key: value for key, value in record.items() if key in fields})
