@@ -1,0 +1,277 @@
+"""Preference pairs: from the default corpus (a true function body preferred to a corrupted one) or a jsonl.
+
+Corpus pairs: the prompt is a documented function's header (decorators, signature, docstring), the
+chosen response its true body (the first lines, as `plait.data.heldout` cuts them), the rejected one
+the same body corrupted in a way that keeps it plausible code:
+
+- ``swap``: two adjacent one-line statements of the same indentation exchanged (neither opens a block
+  nor leaves a bracket open, so the result parses where the body did);
+- ``operator``: one comparison, arithmetic or boolean operator flipped, or one integer constant or
+  True/False changed (``==`` -> ``!=``, ``<`` -> ``>=``, ``+`` -> ``-``, ``and`` -> ``or``, ``0`` -> ``1``, ...);
+- ``other``: the body of another function of the same split with the same number of lines and the
+  nearest length in characters.
+
+Training pairs come from training documents only, held-out pairs from validation documents only
+(the split `plait eval` uses). Jsonl pairs: `read_preference_jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.data.heldout import Function, held_out, held_out_functions, training_functions
+from plait.losses import IGNORE_INDEX
+
+CORRUPTIONS = ("swap", "operator", "other")
+
+# (pattern, replacement); the spaces keep unary minus, keyword arguments and `for x in` untouched.
+_OPERATOR_FLIPS = (
+    (r" == ", " != "),
+    (r" != ", " == "),
+    (r" <= ", " > "),
+    (r" >= ", " < "),
+    (r" < ", " >= "),
+    (r" > ", " <= "),
+    (r" \+ ", " - "),
+    (r" - ", " + "),
+    (r" and ", " or "),
+    (r" or ", " and "),
+    (r" is not ", " is "),
+    (r"\bTrue\b", "False"),
+    (r"\bFalse\b", "True"),
+)
+_INTEGER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt and two responses, ``chosen`` preferred; ``kind`` says how the pair was made, ``line`` where
+    it was read (1-based; 0 for corpus pairs)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    kind: str = ""
+    line: int = 0
+
+
+def swap_lines(body: str, rng: random.Random) -> str | None:
+    """``body`` with two adjacent, different one-line statements of equal indentation exchanged (None if none)."""
+    lines = body.splitlines()
+    spots = [i for i in range(len(lines) - 1) if _swappable(lines[i], lines[i + 1])]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    return "\n".join(lines) + "\n"
+
+
+def _swappable(first: str, second: str) -> bool:
+    return first != second and _indent(first) == _indent(second) and _is_simple(first) and _is_simple(second)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _is_simple(line: str) -> bool:
+    """A whole one-line statement: it opens no block and leaves no bracket open (so a swap keeps it parseable)."""
+    code = line.rstrip()
+    opened = sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}")
+    return not code.endswith((":", "\\")) and opened == 0
+
+
+def flip_operator(body: str, rng: random.Random) -> str | None:
+    """``body`` with one operator flipped or one integer constant changed (None if it has neither)."""
+    edits = [(m.start(), m.end(), new) for pattern, new in _OPERATOR_FLIPS for m in re.finditer(pattern, body)]
+    edits += [(m.start(), m.end(), str(int(m.group()) + 1)) for m in _INTEGER.finditer(body)]
+    if not edits:
+        return None
+    start, end, new = rng.choice(sorted(edits))
+    return body[:start] + new + body[end:]
+
+
+def other_body(function: Function, pool: Sequence[Function]) -> str | None:
+    """The body in ``pool`` with ``function``'s line count and the nearest length, not equal to its own."""
+    lines = function.body.count("\n")
+    candidates = [f.body for f in pool if f.body.count("\n") == lines and f.body.strip() != function.body.strip()]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda body: (abs(len(body) - len(function.body)), body))
+
+
+def corrupt(function: Function, kind: str, *, pool: Sequence[Function], rng: random.Random) -> str | None:
+    """``function``'s body corrupted by ``kind`` (one of CORRUPTIONS); None where that corruption does not apply."""
+    if kind == "swap":
+        rejected = swap_lines(function.body, rng)
+    elif kind == "operator":
+        rejected = flip_operator(function.body, rng)
+    elif kind == "other":
+        rejected = other_body(function, pool)
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; use one of {', '.join(CORRUPTIONS)}")
+    return rejected if rejected is not None and rejected.strip() != function.body.strip() else None
+
+
+def function_pairs(functions: Sequence[Function], *, per_function: int = 1, seed: int = 0) -> list[PreferencePair]:
+    """Up to ``per_function`` pairs per function, each with a different corruption drawn at random.
+
+    >>> f = Function(name="f", header="def f(x):\\n    \\"\\"\\"Add one.\\"\\"\\"\\n", body="    y = x + 1\\n    return y\\n")
+    >>> [p.kind for p in function_pairs([f], per_function=3)]
+    ['swap', 'operator']
+    """
+    if not 1 <= per_function <= len(CORRUPTIONS):
+        raise ValueError(f"per_function={per_function}: choose 1..{len(CORRUPTIONS)} corruptions per function")
+    rng = random.Random(seed)
+    pairs = []
+    for function in functions:
+        kinds = rng.sample(CORRUPTIONS, len(CORRUPTIONS))
+        made = 0
+        for kind in kinds:
+            rejected = corrupt(function, kind, pool=functions, rng=rng)
+            if rejected is not None:
+                pairs.append(PreferencePair(function.header, function.body, rejected, kind=kind))
+                made += 1
+            if made == per_function:
+                break
+    return pairs
+
+
+def corpus_pairs(
+    corpus: str = "stdlib", *, split: str, val_fraction: float = 0.01, per_function: int = 1, seed: int = 0
+) -> list[PreferencePair]:
+    """Preference pairs from ``corpus``: ``split="train"`` from training documents, ``"heldout"`` from validation
+    documents (the recorded split `plait eval` reads)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: use 'train' (training documents) or 'heldout' (validation documents)")
+    part = held_out(corpus, val_fraction=val_fraction)
+    functions = training_functions(part) if split == "train" else held_out_functions(part)
+    return function_pairs(functions, per_function=per_function, seed=seed)
+
+
+@dataclass(frozen=True)
+class PairFields:
+    """The jsonl field names of a preference record. ``prompt=""``: chosen and rejected hold the prompt too
+    (Anthropic-HH style), split at their longest common prefix, cut back to a whitespace."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+    def needed(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.prompt, self.chosen, self.rejected) if name)
+
+
+def read_preference_jsonl(path: str | Path, *, fields: PairFields = PairFields()) -> list[PreferencePair]:
+    """Preference pairs from a jsonl file, one record a line (blank lines skipped).
+
+    Refused in one line, before anything runs: a line that is not a JSON object, records lacking a configured
+    field or holding a non-string there (count and first bad line), pairs whose chosen and rejected responses
+    are identical (count and first line). When the prompt is given and both responses start with it, it is
+    stripped from them (the variant where chosen/rejected repeat the prompt).
+    """
+    path = Path(path)
+    records = list(_records(path))
+    if not records:
+        raise ValueError(f"{path}: no records; give a jsonl with one {{{', '.join(fields.needed())}}} object a line")
+    bad = [(line, record) for line, record in records if not _has_fields(record, fields)]
+    if bad:
+        line, record = bad[0]
+        raise ValueError(
+            f"{path}: {len(bad)} of {len(records)} records lack string fields {list(fields.needed())} "
+            f"(first: line {line}, keys {sorted(record)}); set data.prompt_field/chosen_field/rejected_field to the "
+            'records\' names (prompt_field = "" when chosen and rejected include the prompt)'
+        )
+    pairs = [_pair(record, fields, line=line) for line, record in records]
+    check_distinct(pairs, source=str(path))
+    return pairs
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg}); one JSON object a line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {number} is a {type(record).__name__}, not a JSON object")
+            yield number, record
+
+
+def _has_fields(record: dict, fields: PairFields) -> bool:
+    return all(isinstance(record.get(name), str) for name in fields.needed())
+
+
+def _pair(record: dict, fields: PairFields, *, line: int) -> PreferencePair:
+    chosen, rejected = record[fields.chosen], record[fields.rejected]
+    if not fields.prompt:
+        prompt = _common_prefix(chosen, rejected)
+    else:
+        prompt = record[fields.prompt]
+        if not (prompt and chosen.startswith(prompt) and rejected.startswith(prompt)):
+            return PreferencePair(prompt, chosen, rejected, line=line)
+    return PreferencePair(prompt, chosen[len(prompt) :], rejected[len(prompt) :], line=line)
+
+
+def _common_prefix(first: str, second: str) -> str:
+    """The longest common prefix, cut back to end at a whitespace so neither response starts mid-word."""
+    size = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        size += 1
+    if size < min(len(first), len(second)):
+        while size and not first[size - 1].isspace():
+            size -= 1
+    return first[:size]
+
+
+def check_distinct(pairs: Sequence[PreferencePair], *, source: str) -> None:
+    """Refuse pairs whose chosen and rejected responses are identical (they teach nothing): count and first line."""
+    same = [pair for pair in pairs if pair.chosen == pair.rejected]
+    if same:
+        first = f"line {same[0].line}" if same[0].line else f"prompt {same[0].prompt[:40]!r}"
+        raise ValueError(
+            f"{source}: {len(same)} of {len(pairs)} preference pairs have identical chosen and rejected "
+            f"(first: {first}); drop them: a pair must say which response is preferred"
+        )
+
+
+def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, seq_len: int) -> dict[str, torch.Tensor]:
+    """Pairs as a batch, chosen at row 2i and rejected at 2i+1, right-padded with the tokenizer's end of text.
+
+    ``labels`` are the response tokens (-100 on the prompt and padding). A prompt keeps its last
+    ``seq_len // 2`` tokens, so every response keeps at least half the sequence; longer responses are cut.
+    ``tokenizer`` has ``encode(text) -> list[int]`` and ``eot_id`` (`plait.recipes.base.BaseTokenizer`).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: a preference sequence needs room for a prompt and a response (>= 2)")
+    rows = [
+        _row(tokenizer.encode(pair.prompt), tokenizer.encode(response), seq_len=seq_len)
+        for pair in pairs
+        for response in (pair.chosen, pair.rejected)
+    ]
+    input_ids = torch.full((len(rows), seq_len), tokenizer.eot_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for index, (ids, num_prompt) in enumerate(rows):
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        labels[index, num_prompt : len(ids)] = torch.tensor(ids[num_prompt:])
+        attention_mask[index, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _row(prompt: list[int], response: list[int], *, seq_len: int) -> tuple[list[int], int]:
+    prompt = prompt[-(seq_len // 2) :] if prompt else []
+    return (prompt + response)[:seq_len], len(prompt)
