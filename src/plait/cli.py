@@ -95,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     from plait.data.prepare.cli import add_data_parser
     from plait.eval.cli import add_eval_parser
     from plait.planner.cli import add_plan_parser
+    from plait.recipes.cli import add_finetune_parser
 
     add_plan_parser(commands)
     add_data_parser(commands)
     add_eval_parser(commands)
+    add_finetune_parser(commands)
     add_bench_parser(commands)
     return parser
 
@@ -377,6 +379,12 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_eval(args, argv)
 
 
+def cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.recipes.cli import cmd_finetune as run_finetune
+
+    return run_finetune(args, argv)
+
+
 def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.bench.cli import cmd_bench as run_bench
 
@@ -394,6 +402,7 @@ COMMANDS = {
     "data": cmd_data,
     "eval": cmd_eval,
     "bench": cmd_bench,
+    "finetune": cmd_finetune,
 }
 
 

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from plait.checkpoint.io import CONFIG_FILE, read_trainer_state
 from plait.eval.sources import check_paths, eot_id, is_hf_dir
 
 
@@ -74,15 +76,49 @@ def load_base(path: str | Path) -> tuple[nn.Module, BaseTokenizer]:
 
 
 def _load_hf(path: Path) -> tuple[nn.Module, BaseTokenizer]:
-    from transformers import AutoTokenizer
-
     from plait.checkpoint.hf_pretrained import inspect_pretrained, load_pretrained_model
 
     pretrained = inspect_pretrained(path)
     model = load_pretrained_model(pretrained, tp_group=None, device=torch.device("cpu"))
-    tokenizer = BaseTokenizer(
-        backend=Tokenizer.from_str(pretrained.tokenizer.json),
-        eot_id=pretrained.tokenizer.eot_id,
-        hf=AutoTokenizer.from_pretrained(path),
-    )
-    return model, tokenizer
+    return model, _hf_tokenizer(path, pretrained.tokenizer.json, eot=pretrained.tokenizer.eot_id)
+
+
+def _hf_tokenizer(path: Path, backend_json: str, *, eot: int) -> BaseTokenizer:
+    from transformers import AutoTokenizer
+
+    return BaseTokenizer(backend=Tokenizer.from_str(backend_json), eot_id=eot, hf=AutoTokenizer.from_pretrained(path))
+
+
+def load_tokenizer(path: str | Path) -> BaseTokenizer:
+    """The base's tokenizer alone (no weights read), for checks before launch."""
+    path = Path(path)
+    check_paths([str(path)])
+    if is_hf_dir(path):
+        from plait.checkpoint.hf_pretrained import inspect_pretrained
+
+        pretrained = inspect_pretrained(path)
+        return _hf_tokenizer(path, pretrained.tokenizer.json, eot=pretrained.tokenizer.eot_id)
+    saved = read_trainer_state(path).get("tokenizer")
+    if not saved:
+        raise ValueError(f"{path} holds no tokenizer; fine-tune a checkpoint `plait train` wrote, or an HF directory")
+    tokenizer = Tokenizer.from_str(saved)
+    return BaseTokenizer(backend=tokenizer, eot_id=eot_id(tokenizer))
+
+
+def checkpoint_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, trainer-state entries) a checkpoint fine-tuned from `path` keeps, so that `plait eval`,
+    `plait generate` and `plait export` read it as they read the base: the base's config.json and tokenizer,
+    its transformers record (an HF model) and its data record (so `plait eval` scores the same held-out split)."""
+    path = Path(path)
+    if is_hf_dir(path):
+        from plait.checkpoint.hf_pretrained import inspect_pretrained
+        from plait.config import Config, ModelConfig
+        from plait.train.setup import Validated, checkpoint_extra
+
+        pretrained = inspect_pretrained(path)
+        extra = checkpoint_extra(Validated(plan=Config().plan, model_config=None, pretrained=pretrained))
+        config = Config(model=ModelConfig(pretrained=str(path))).to_dict()
+        return config, {**extra, "tokenizer": pretrained.tokenizer.json}
+    state = read_trainer_state(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    return config, {key: state[key] for key in ("tokenizer", "hf", "loader") if key in state}
