@@ -262,9 +262,15 @@ ELASTIC_SETS = (
 )  # steps long enough to kill in
 
 
+# torchrun's defaults wait 15 s for the lost node's keep-alive to expire, then 30 s for late joiners; the
+# last call still leaves the second launcher 5 s to join the first round (the test checks it did: dp=2).
+RDZV_CONF = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
 def elastic_node(out_dir: Path, data_sets: list[str], *, node_rank: int, endpoint: str, log: Path) -> subprocess.Popen:
     """One node of a 1:2 elastic job: a launcher with one rank, dp following the world."""
     flags = ["--nnodes", "1:2", "--node-rank", str(node_rank), "--rdzv-endpoint", endpoint, "--max-restarts", "2"]
+    flags += ["--rdzv-conf", RDZV_CONF]
     command = train_command(out_dir, data_sets, *ELASTIC_SETS, "--set", "plan.dp=-1", *flags, nproc=1)
     return start(command, log)
 
@@ -277,11 +283,9 @@ def test_an_elastic_job_that_loses_a_node_continues_on_the_rest_resharded(
     SIGKILLed); node 0 restarts alone from the step-5 checkpoint, resharded to dp=1, and finishes."""
     from tests.distributed.test_readme_example import free_port
 
-    whole = subprocess.run(
-        train_command(tmp_path / "whole", data_sets, *ELASTIC_SETS), cwd=REPO, capture_output=True, timeout=180
-    )
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    reference = losses(tmp_path / "whole")
+    whole = start(train_command(tmp_path / "whole", data_sets, *ELASTIC_SETS), tmp_path / "whole.txt")
+    jobs.append(whole)
+    wait_for_step(tmp_path / "whole", 1, whole, timeout_s=180)  # the data cache is built: the nodes only read it
     out_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     first = elastic_node(out_dir, data_sets, node_rank=0, endpoint=endpoint, log=tmp_path / "node0.txt")
     jobs.append(first)
@@ -294,6 +298,8 @@ def test_an_elastic_job_that_loses_a_node_continues_on_the_rest_resharded(
     assert lost_after < STEPS, "the run ended before node 1 was lost"
     assert first.wait(timeout=240) == 0, (tmp_path / "node0.txt").read_text()[-3000:]
     print(f"node 1 lost after step {lost_after}; node 0 finished alone {time.monotonic() - started:.1f} s later")
+    assert whole.wait(timeout=180) == 0, (tmp_path / "whole.txt").read_text()[-3000:]  # ran beside the nodes
+    reference = losses(tmp_path / "whole")
     found = losses(out_dir)
     assert sorted(found) == list(range(1, STEPS + 1))
     assert {s: found[s] for s in range(1, 6)} == {s: reference[s] for s in range(1, 6)}  # two nodes: dp=2, as one

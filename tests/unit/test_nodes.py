@@ -27,6 +27,12 @@ ENDPOINT = "10.0.0.1:29400"
             "--rdzv-endpoint 10.0.0.1: give node 0's address and a free port",
         ),
         (dict(num_nodes=2, rdzv_endpoint="host:99999"), "as HOST:PORT"),
+        (dict(num_nodes=2, rdzv_endpoint=ENDPOINT, rdzv_conf="last_call_timeout=1"), "add --nnodes MIN:MAX"),
+        (
+            dict(num_nodes=2, min_nodes=1, rdzv_endpoint=ENDPOINT, rdzv_conf="is_host=1"),
+            "'is_host=1' is not KEY=N with KEY one of join_timeout",
+        ),
+        (dict(num_nodes=2, min_nodes=1, rdzv_endpoint=ENDPOINT, rdzv_conf="join_timeout=1.5"), "not KEY=N"),
     ],
 )
 def test_wrong_node_flags_are_refused_with_the_fix(nodes: dict, message: str) -> None:
@@ -55,6 +61,7 @@ def test_torchrun_joins_the_nodes_with_the_static_rendezvous() -> None:
 
 def test_the_ranks_do_not_see_the_node_flags() -> None:
     argv = ["train", "c.toml", "--nnodes", "2", "--node-rank=1", "--rdzv-endpoint", ENDPOINT, "--set", "a.b=1"]
+    argv += ["--rdzv-conf", "last_call_timeout=2"]
     assert strip_node_flags(argv) == ["train", "c.toml", "--set", "a.b=1"]
 
 
@@ -126,6 +133,16 @@ def test_an_elastic_range_joins_through_the_c10d_rendezvous_hosted_by_node_0() -
     assert (parsed.nnodes, parsed.rdzv_backend, parsed.rdzv_endpoint) == ("1:2", "c10d", ENDPOINT)
     assert parsed.rdzv_conf == "is_host=0"  # node 0 hosts the store, so losing another node never loses it
     assert "--rdzv-conf=is_host=1" in Nodes(num_nodes=2, min_nodes=1, rdzv_endpoint=ENDPOINT).torchrun_flags()
+
+
+def test_rdzv_conf_reaches_torchruns_rendezvous_beside_is_host() -> None:
+    argv = ["train", "--nnodes", "1:2", "--rdzv-endpoint", ENDPOINT, "--rdzv-conf", "last_call_timeout=2"]
+    nodes = Nodes.from_args(cli.build_parser().parse_args(argv))
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    parsed = get_args_parser().parse_args([*nodes.torchrun_flags(), "--nproc-per-node=1", "x.py"])
+    config, _, _ = config_from_args(parsed)
+    assert config.rdzv_configs["is_host"] == "1" and config.rdzv_configs["last_call_timeout"] == "2"
 
 
 @pytest.mark.parametrize(

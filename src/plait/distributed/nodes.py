@@ -11,7 +11,10 @@ its fastest-varying axis, share a node and its data-parallel groups span the nod
 `--nnodes MIN:MAX` is elastic (torchrun's c10d rendezvous, node 0 hosting its store): the job
 starts with as many nodes as join, up to MAX, and after a node is lost a restart
 (`--max-restarts`) continues on the nodes left, down to MIN, from the newest checkpoint,
-resharded to the smaller world (the plan's dp follows the world: `plan.dp = -1`).
+resharded to the smaller world (the plan's dp follows the world: `plan.dp = -1`). `--rdzv-conf`
+tunes that rendezvous with torchrun's keys: after a loss the nodes left wait for the lost node's
+keep-alive to expire (keep_alive_interval x keep_alive_max_attempt, 15 s by default) and then
+last_call_timeout (30 s) for late joiners before they restart.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-NODE_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint")
+NODE_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-conf")
+RDZV_KEYS = (
+    "join_timeout",
+    "last_call_timeout",
+    "close_timeout",
+    "heartbeat_timeout",
+    "keep_alive_interval",
+    "keep_alive_max_attempt",
+    "read_timeout",
+)  # torchrun's c10d rendezvous options, each a whole number (seconds or a count)
 
 
 def add_node_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +49,12 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="node 0's address and a free port, the same on every node",
     )
+    group.add_argument(
+        "--rdzv-conf",
+        default="",
+        metavar="KEY=N,...",
+        help=f"elastic rendezvous options (--nnodes MIN:MAX), as torchrun's: {', '.join(RDZV_KEYS)}",
+    )
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,7 @@ class Nodes:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     min_nodes: int | None = None  # fewer than num_nodes: elastic; None: exactly num_nodes
+    rdzv_conf: str = ""  # extra torchrun --rdzv-conf items for the elastic rendezvous, "KEY=N,..."
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -66,6 +85,8 @@ class Nodes:
             )
         if self.num_nodes > 1:
             _check_endpoint(self.rdzv_endpoint)
+        if self.rdzv_conf:
+            _check_rdzv_conf(self.rdzv_conf, elastic=self.elastic)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Nodes:
@@ -75,6 +96,7 @@ class Nodes:
             min_nodes=least if least != most else None,
             node_rank=getattr(args, "node_rank", 0),
             rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
+            rdzv_conf=getattr(args, "rdzv_conf", "") or "",
         )
 
     @property
@@ -114,7 +136,7 @@ class Nodes:
                 "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={self.rdzv_endpoint}",
                 "--rdzv-id=plait",
-                f"--rdzv-conf=is_host={int(self.is_first)}",
+                "--rdzv-conf=" + ",".join(filter(None, [f"is_host={int(self.is_first)}", self.rdzv_conf])),
             ]
         if self.num_nodes == 1:
             return ["--standalone"]
@@ -150,3 +172,15 @@ def _check_endpoint(endpoint: str | None) -> None:
             f"--rdzv-endpoint {endpoint}: give node 0's address and a free port as HOST:PORT, the same on every "
             "node (e.g. 10.0.0.1:29400)"
         )
+
+
+def _check_rdzv_conf(text: str, *, elastic: bool) -> None:
+    if not elastic:
+        raise ValueError(f"--rdzv-conf {text}: it tunes the elastic rendezvous; add --nnodes MIN:MAX or drop it")
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in RDZV_KEYS or not value.isdigit():
+            raise ValueError(
+                f"--rdzv-conf {text}: {item!r} is not KEY=N with KEY one of {', '.join(RDZV_KEYS)} "
+                "(e.g. last_call_timeout=5,keep_alive_interval=2)"
+            )
