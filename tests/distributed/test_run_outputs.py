@@ -1,9 +1,8 @@
-"""What a run leaves behind for its user: every rank's log file, a resumed run's summary, verify's run."""
+"""What a run leaves behind for its user: every rank's log file and a resumed run's summary (verify's kept
+run: test_train_loop's command-line test)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,22 +42,3 @@ def test_every_rank_logs_to_a_file_and_a_resumed_summary_starts_from_its_validat
         assert start == 2 and first_val == pytest.approx(whole_val_at_2, rel=1e-5)  # the loaded weights' loss
         assert f"validation loss {first_val:.4f} (resumed at step 2) -> " in line and "?" not in line
     assert "[rank 1] step 4/4" in (tmp_path / "resumed" / LOG_FILE).read_text()
-
-
-def test_verify_keeps_the_plans_run_where_it_says(small_corpus: list[str], tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    corpus = ", ".join(f"'{p}'" for p in small_corpus)
-    config.write_text(
-        f'[model]\npreset = "tiny"\n[data]\ncorpus = [{corpus}]\nseq_len = 32\nvocab_size = 512\nval_fraction = 0.1\n'
-        f"cache_dir = '{tmp_path / 'cache'}'\n[plan]\ndp = 1\n"
-        f"[train]\nsteps = 2\nglobal_batch = 4\nwarmup = 1\neval_batches = 1\nout_dir = '{tmp_path / 'run'}'\n"
-    )
-    verify = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "verify", str(config)], capture_output=True, text=True, timeout=120
-    )
-    assert verify.returncode == 0, verify.stderr[-3000:]
-    kept = tmp_path / "run-verify"  # the default: next to the config's out_dir
-    assert f"is in {kept}" in verify.stdout
-    assert len(read_metrics(kept / "metrics.csv")) == 1 + 2  # the step-0 validation row, 2 steps
-    assert "done: 2 steps" in (kept / LOG_FILE).read_text()
-    assert (kept / "checkpoints" / "step-000002" / "manifest.json").is_file()

@@ -108,9 +108,13 @@ def test_checkpoint_holds_each_ranks_pieces_once(small_corpus: list[str], tmp_pa
 
 
 def test_verify_and_generate_from_the_command_line(small_corpus: list[str], tmp_path: Path) -> None:
-    """`plait verify` launches 2 ranks through torchrun and checks them against one process."""
+    """`plait verify` launches 2 ranks through torchrun, checks them against one process and keeps the
+    plan's run where it says; `plait generate` reads that run's last checkpoint."""
     import subprocess
     import sys
+
+    from plait.train.logs import read_metrics
+    from plait.train.loop import LOG_FILE
 
     config = tmp_path / "c.toml"
     corpus = ", ".join(f"'{p}'" for p in small_corpus)
@@ -126,12 +130,12 @@ def test_verify_and_generate_from_the_command_line(small_corpus: list[str], tmp_
     assert verify.returncode == 0, verify.stderr[-3000:]
     assert "PASS: worst relative difference" in verify.stdout
     assert len([line for line in verify.stdout.splitlines() if line.strip()[:1].isdigit()]) == 6
-
-    train = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "train", str(config)], capture_output=True, text=True, timeout=120
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000006"
+    kept = tmp_path / "run-verify"  # the default: next to the config's out_dir
+    assert f"is in {kept}" in verify.stdout
+    assert len(read_metrics(kept / "metrics.csv")) == 1 + 6  # the step-0 validation row, 6 steps
+    assert "done: 6 steps" in (kept / LOG_FILE).read_text()
+    checkpoint = kept / "checkpoints" / "step-000006"
+    assert (checkpoint / "manifest.json").is_file()
     generate = subprocess.run(
         [sys.executable, "-m", "plait.cli", "generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "8"],
         capture_output=True,
