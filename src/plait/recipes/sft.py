@@ -30,6 +30,7 @@ from plait.recipes.data.readers import read_examples
 from plait.recipes.loop import CheckpointRecord, FinetuneSummary, RecipeData, train_recipe
 
 EVAL_ROWS_PER_BATCH = 8
+LOSS_FN = causal_lm  # the mean over the global batch's response tokens (a (sum, count) pair)
 
 
 def split_examples(data: FinetuneDataConfig) -> tuple[list[Example], list[Example]]:
@@ -143,7 +144,7 @@ def run(config: FinetuneConfig) -> FinetuneSummary:
     return train_recipe(
         config,
         model,
-        loss_fn=causal_lm,
+        loss_fn=LOSS_FN,
         data=data.recipe_data(global_batch=config.train.global_batch),
         record=CheckpointRecord(config=config_dict, extra=extra),
     )
