@@ -11,7 +11,7 @@ import plait
 from plait.checkpoint.hf_export import export_hf
 from plait.checkpoint.io import save_checkpoint
 from plait.config import Config, DataConfig, ModelConfig
-from plait.recipes.lora import LoraSettings, add_lora, checkpoint_record, save_adapter, trainable_fraction
+from plait.recipes.lora import LoraSettings, add_lora, lora_record, save_adapter, trainable_fraction
 from plait.recipes.quantize import Int8Linear
 from plait.tensor.apply import Context, Style
 from plait.tensor.lora import shard_lora_layer
@@ -91,7 +91,7 @@ def lora_checkpoint(path: Path, preset: str, settings: LoraSettings) -> torch.nn
     torch.manual_seed(0)
     model = add_lora(plait.models.build(model_config_for(config)), settings).eval()
     randomise_adapters(model)
-    trainer_state = {"step": 1, **checkpoint_record(settings)}
+    trainer_state = {"step": 1, **lora_record(settings)}
     save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
     return model
 

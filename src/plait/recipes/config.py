@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import Plan, TrainConfig, apply_overrides, build_section, read_toml
+from plait.recipes.lora import LoraSettings
 from plait.recipes.registry import check_kind
 
 SOURCES = ("corpus", "jsonl")
@@ -109,7 +110,9 @@ def _check_train(train: TrainConfig) -> None:
 
 
 # Recipe-specific tables: [kind] -> its dataclass (a recipe adds its line).
-RECIPE_SECTIONS: dict[str, type] = {}
+RECIPE_SECTIONS: dict[str, type] = {
+    "lora": LoraSettings,
+}
 
 SECTIONS: dict[str, type] = {
     "base": BaseConfig,

@@ -32,7 +32,7 @@ ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraSettings:
     """The `[lora]` section of a fine-tuning config.
 
@@ -46,12 +46,12 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
+    target_modules: list[str] | None = None
     quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_modules is not None:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            self.target_modules = list(self.target_modules)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora.rank={self.rank!r}: the adapter rank must be a positive integer, e.g. 8")
         if not self.alpha > 0:
@@ -76,12 +76,11 @@ class LoraSettings:
         """peft's LoraConfig for these settings, on `targets` (default: the settings' own)."""
         from peft import LoraConfig
 
-        targets = targets or self.target_modules or DEFAULT_TARGETS
+        targets = targets or tuple(self.target_modules or DEFAULT_TARGETS)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(targets))
 
     def to_dict(self) -> dict[str, Any]:
-        targets = None if self.target_modules is None else list(self.target_modules)
-        return dataclasses.asdict(self) | {"target_modules": targets}
+        return dataclasses.asdict(self)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -95,7 +94,7 @@ def _is_linear(module: nn.Module) -> bool:
 def resolve_targets(model: nn.Module, settings: LoraSettings) -> tuple[str, ...]:
     """The settings' target names, or (unset) the default projections `model` has."""
     if settings.target_modules is not None:
-        return settings.target_modules
+        return tuple(settings.target_modules)
     linears = _linear_names(model)
     present = tuple(t for t in DEFAULT_TARGETS if any(_matches(name, t) for name in linears))
     return present or DEFAULT_TARGETS  # none present: check_targets names what the model has
@@ -157,7 +156,7 @@ def save_adapter(state: dict[str, torch.Tensor], settings: LoraSettings, out_dir
     return out_dir
 
 
-def checkpoint_record(settings: LoraSettings) -> dict[str, Any]:
+def lora_record(settings: LoraSettings) -> dict[str, Any]:
     """What a checkpoint's trainer state keeps (``extra={"lora": ...}``) so export can merge the adapters."""
     return {"lora": settings.to_dict() | {"scaling": settings.scaling, "adapter": ADAPTER_NAME}}
 
@@ -165,3 +164,44 @@ def checkpoint_record(settings: LoraSettings) -> dict[str, Any]:
 def read_settings(record: dict[str, Any]) -> LoraSettings:
     fields = {f.name for f in dataclasses.fields(LoraSettings)}
     return LoraSettings(**{key: value for key, value in record.items() if key in fields})
+
+
+def save_adapter_of_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a LoRA run's checkpoint's adapters alone, in peft's format (its trainer state's record)."""
+    from plait.checkpoint.io import load_checkpoint
+
+    model_state, trainer_state, _ = load_checkpoint(Path(checkpoint_dir))
+    if "lora" not in trainer_state:
+        raise ValueError(f"{checkpoint_dir} is not a checkpoint of a LoRA run (no 'lora' record); train with [lora]")
+    return save_adapter(model_state, read_settings(trainer_state["lora"]), out_dir)
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+def run(config: Any) -> Any:
+    """`plait finetune` with recipe.kind = "lora": SFT (plait.recipes.sft's data and loss) of the base with
+    LoRA adapters per the [lora] table; the last checkpoint's adapters also go to <out_dir>/adapter."""
+    from plait.checkpoint.io import checkpoint_name
+    from plait.losses import causal_lm
+    from plait.recipes.base import checkpoint_record, load_base
+    from plait.recipes.loop import CheckpointRecord, train_recipe
+    from plait.recipes.sft import SFTData
+
+    settings = config.section("lora")
+    model, tokenizer = load_base(config.base.path)
+    data = SFTData.build(config.data, tokenizer, model=model, seed=config.train.seed)
+    model = add_lora(model, settings)
+    config_dict, extra = checkpoint_record(config.base.path)
+    record = CheckpointRecord(config=config_dict, extra={**extra, **lora_record(settings)})
+    batches = data.recipe_data(global_batch=config.train.global_batch)
+    summary = train_recipe(config, model, loss_fn=causal_lm, data=batches, record=record)
+    if _is_rank_zero():
+        last = Path(summary.out_dir) / "checkpoints" / checkpoint_name(summary.steps)
+        save_adapter_of_checkpoint(last, Path(summary.out_dir) / "adapter")
+    return summary

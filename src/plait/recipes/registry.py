@@ -12,6 +12,7 @@ from typing import Any
 
 RECIPES: dict[str, str] = {
     "sft": "plait.recipes.sft:run",
+    "lora": "plait.recipes.lora:run",
 }
 
 
