@@ -212,13 +212,30 @@ class FlatUnit:
         """The unit's full gradients as one padded buffer in the reduce dtype."""
         reduce_dtype = self.config.reduce_dtype
         if self.grad_full is not None:
-            return self.grad_full if self.grad_full.dtype == reduce_dtype else self.grad_full.to(reduce_dtype)
+            if self.grad_full.dtype == reduce_dtype:
+                return self.grad_full
+            if self._casts_into_grad_shard:  # the cast lands where the sum is kept: no temporary, no copy back
+                self.grad_shard.copy_(self.grad_full)
+                return self.grad_shard
+            return self.grad_full.to(reduce_dtype)
         flat = torch.zeros(self.layout.padded_numel, dtype=reduce_dtype, device=self.full.device)
         for param, view in zip(self.params, views_of(flat, self.layout), strict=True):
             if param.grad is not None:
                 view.copy_(param.grad)
             param.grad = None
         return flat
+
+    @property
+    def _casts_into_grad_shard(self) -> bool:
+        """Unsharded 16-bit stage 1 (ZeRO-0 in bf16): the fp32 gradient shard is the whole padded buffer, on
+        the device, in the reduce dtype, so the 16-bit gradients can be cast into it and summed in place."""
+        shard = self.grad_shard
+        return (
+            self.layout.shard_size == self.layout.padded_numel
+            and self.tiers.grads == "device"
+            and shard.dtype == self.config.reduce_dtype
+            and shard.device == self.full.device
+        )
 
     def start_reduce(self) -> PendingReduce:
         """Sum this unit's gradients over dp; the shard lands in grad_shard at `finish_reduce`."""
@@ -269,7 +286,7 @@ class FlatUnit:
     def zero_grads(self) -> None:
         if self.pages is not None and self.pages.grads is not None:
             self.pages.grads.mark_fresh()
-        else:
+        elif self.grad_full is None:  # stage 1: finish_reduce overwrites the shard, or it views grad_full
             self.grad_shard.zero_()
         if self.grad_full is not None:
             self.grad_full.zero_()
