@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import plait
 from plait.models import build
@@ -28,6 +28,7 @@ def tiny_tokenizer() -> BaseTokenizer:
     """A byte-level BPE of 300 tokens trained on the test's words, <eot> at id 0 (no chat template)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<eot>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
