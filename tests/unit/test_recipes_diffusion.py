@@ -105,7 +105,7 @@ def test_ema_refuses_bad_decay() -> None:
         ({"model_type": "vae"}, "diffusion model type 'vae' is unknown; choose one of unet, dit"),
         ({"image_size": 17}, "image_size=17 cannot pass a UNet of 2 levels.*use a multiple of 2"),
         ({"image_size": 18, "channels": (8, 8, 8)}, "image_size=18 cannot pass a UNet of 3 levels.*multiple of 4"),
-        ({"channels": (8, 12)}, r"channels=\(8, 12\) must each be a multiple of norm_groups=8"),
+        ({"channels": (8, 12)}, r"channels=\[8, 12\] must each be a multiple of norm_groups=8"),
         ({"model_type": "dit", "image_size": 15, "patch_size": 2}, "the patch size must divide the image size"),
         ({"beta_schedule": "cosine"}, "beta_schedule='cosine': choose one of"),
     ],

@@ -14,7 +14,7 @@ digit's label is the class embedding's input); `class_conditional=False` trains 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ class DiffusionConfig:
     model_type: str = "unet"
     image_size: int = 16
     in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)
+    channels: list[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
     norm_groups: int = 8
     attention: bool = False  # UNet: self-attention at the lowest resolution and in the middle block
@@ -46,7 +46,7 @@ class DiffusionConfig:
     num_heads: int = 2  # DiT only
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "channels", [int(c) for c in self.channels])
         if self.model_type not in MODEL_TYPES:
             raise ValueError(
                 f"diffusion model type {self.model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}"
@@ -84,6 +84,22 @@ class DiffusionConfig:
             raise ValueError(f"channels={self.channels} must each be a multiple of norm_groups={self.norm_groups}")
 
 
+@dataclass(frozen=True)
+class DiffusionSection(DiffusionConfig):
+    """The [diffusion] table of `plait finetune`: the model's fields and the run's EMA, held-out and
+    sampling settings (plait.recipes.diffusion_run.DiffusionTraining takes them with [train]'s)."""
+
+    ema_decay: float = 0.995
+    ema_warmup: int = 10
+    heldout_images: int = 360
+    heldout_batch: int = 40
+    num_samples: int = 40
+    sample_steps: int = 100
+
+    def model_config(self) -> DiffusionConfig:
+        return DiffusionConfig(**{f.name: getattr(self, f.name) for f in fields(DiffusionConfig)})
+
+
 def build_denoiser(config: DiffusionConfig) -> nn.Module:
     """A freshly initialised diffusers denoiser (UNet2DModel or DiTTransformer2DModel)."""
     import diffusers  # here: only diffusion recipes need diffusers
@@ -109,7 +125,7 @@ def build_denoiser(config: DiffusionConfig) -> nn.Module:
         sample_size=config.image_size,
         in_channels=config.in_channels,
         out_channels=config.in_channels,
-        block_out_channels=config.channels,
+        block_out_channels=tuple(config.channels),
         layers_per_block=config.layers_per_block,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
