@@ -11,10 +11,12 @@ import plait
 from plait.checkpoint.hf_export import export_hf
 from plait.checkpoint.io import save_checkpoint
 from plait.config import Config, DataConfig, ModelConfig
+from plait.data.tokenizer import train_tokenizer
 from plait.recipes.lora import LoraSettings, add_lora, lora_record, save_adapter, trainable_fraction
 from plait.recipes.quantize import Int8Linear
 from plait.tensor.apply import Context, Style
 from plait.tensor.lora import shard_lora_layer
+from plait.train.generate import load_for_inference
 from plait.train.setup import model_config_for
 
 transformers = pytest.importorskip("transformers")
@@ -91,13 +93,14 @@ def lora_checkpoint(path: Path, preset: str, settings: LoraSettings) -> torch.nn
     torch.manual_seed(0)
     model = add_lora(plait.models.build(model_config_for(config)), settings).eval()
     randomise_adapters(model)
-    trainer_state = {"step": 1, **lora_record(settings)}
+    tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 8, vocab_size=300).to_str()
+    trainer_state = {"step": 1, "tokenizer": tokenizer, **lora_record(settings)}
     save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
     return model
 
 
 @pytest.mark.parametrize(("preset", "quantize"), [("tiny", None), ("tiny-llama", None), ("tiny-llama", "int8")])
-def test_merged_export_loads_in_transformers_with_plait_logits(
+def test_merged_export_and_plait_inference_give_the_adapted_logits(
     preset: str, quantize: str | None, tmp_path: Path
 ) -> None:
     model = lora_checkpoint(tmp_path / "ckpt", preset, LoraSettings(rank=4, alpha=8.0, quantize=quantize))
@@ -108,6 +111,8 @@ def test_merged_export_loads_in_transformers_with_plait_logits(
         torch.testing.assert_close(theirs(ids).logits, model(ids), rtol=0, atol=1e-5)
         base = model.blocks[0].mlp.down_proj.base_layer
         base_weight = base.dequantized() if quantize else base.weight
+        inference, _ = load_for_inference(tmp_path / "ckpt")  # plait generate/eval read it merged
+        torch.testing.assert_close(inference(ids), model(ids), rtol=0, atol=1e-5)
         merged = theirs.get_submodule(DOWN[preset]).weight
         merged = merged.T if merged.shape != base_weight.shape else merged  # GPT-2's Conv1D is (in, out)
         assert (merged - base_weight).abs().max() > 1e-3  # the adapter is in the export

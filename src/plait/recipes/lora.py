@@ -184,13 +184,10 @@ def _is_rank_zero() -> bool:
     return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
-def run(config: Any) -> Any:
-    """`plait finetune` with recipe.kind = "lora": SFT (plait.recipes.sft's data and loss) of the base with
-    LoRA adapters per the [lora] table; the last checkpoint's adapters also go to <out_dir>/adapter."""
-    from plait.checkpoint.io import checkpoint_name
-    from plait.losses import causal_lm
+def prepare(config: Any) -> tuple[nn.Module, Any, Any]:
+    """The LoRA recipe's (model with adapters, RecipeData, CheckpointRecord) for a FinetuneConfig."""
     from plait.recipes.base import checkpoint_record, load_base
-    from plait.recipes.loop import CheckpointRecord, train_recipe
+    from plait.recipes.loop import CheckpointRecord
     from plait.recipes.sft import SFTData
 
     settings = config.section("lora")
@@ -199,8 +196,18 @@ def run(config: Any) -> Any:
     model = add_lora(model, settings)
     config_dict, extra = checkpoint_record(config.base.path)
     record = CheckpointRecord(config=config_dict, extra={**extra, **lora_record(settings)})
-    batches = data.recipe_data(global_batch=config.train.global_batch)
-    summary = train_recipe(config, model, loss_fn=causal_lm, data=batches, record=record)
+    return model, data.recipe_data(global_batch=config.train.global_batch), record
+
+
+def run(config: Any) -> Any:
+    """`plait finetune` with recipe.kind = "lora": SFT (plait.recipes.sft's data and loss) of the base with
+    LoRA adapters per the [lora] table; the last checkpoint's adapters also go to <out_dir>/adapter."""
+    from plait.checkpoint.io import checkpoint_name
+    from plait.losses import causal_lm
+    from plait.recipes.loop import train_recipe
+
+    model, data, record = prepare(config)
+    summary = train_recipe(config, model, loss_fn=causal_lm, data=data, record=record)
     if _is_rank_zero():
         last = Path(summary.out_dir) / "checkpoints" / checkpoint_name(summary.steps)
         save_adapter_of_checkpoint(last, Path(summary.out_dir) / "adapter")

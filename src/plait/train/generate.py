@@ -12,6 +12,7 @@ from torch import nn
 
 from plait.checkpoint import hf_model_export
 from plait.checkpoint.io import load_checkpoint
+from plait.checkpoint.lora_merge import merge_lora
 from plait.config import config_from_dict
 from plait.losses import logits_of
 from plait.models.gpt import GPT
@@ -44,6 +45,7 @@ def _context_length(model: nn.Module) -> int:
 def load_for_inference(path: Path) -> tuple[nn.Module, Tokenizer]:
     """The model and tokenizer stored in a `plait train` checkpoint."""
     model_state, trainer_state, raw_config = load_checkpoint(path)
+    model_state = merge_lora(model_state, trainer_state.get("lora"))  # a LoRA run's checkpoint: adapters merged
     model = _build(model_state, trainer_state, raw_config, path)
     model.eval()
     tokenizer = trainer_state.get("tokenizer")
