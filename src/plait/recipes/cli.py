@@ -38,11 +38,15 @@ def preflight(config: FinetuneConfig, *, world_size: int) -> None:
     from plait.recipes.data.instructions import resolve_template
     from plait.recipes.data.readers import read_examples
     from plait.recipes.loop import checked_plan
+    from plait.recipes.preference import KINDS as PREFERENCE_KINDS
+    from plait.recipes.preference import check_preference_input
 
-    checked_plan(config, world_size=world_size)
+    plan = checked_plan(config, world_size=world_size)
     tokenizer = load_tokenizer(config.base.path)
     resolve_template(config.data.template, tokenizer)
-    if config.data.source == "jsonl":
+    if config.recipe.kind in PREFERENCE_KINDS:  # chosen/rejected pairs, not instruction records
+        check_preference_input(config, dp=plan.dp)
+    elif config.data.source == "jsonl":
         read_examples(config.data)
 
 

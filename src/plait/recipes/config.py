@@ -30,6 +30,7 @@ from typing import Any
 from plait.config import Plan, TrainConfig, apply_overrides, build_section, read_toml
 from plait.recipes.diffusion import DiffusionSection
 from plait.recipes.lora import LoraSettings
+from plait.recipes.preference import DPOSection, RewardSection, SimPOSection
 from plait.recipes.registry import check_kind
 
 SOURCES = ("corpus", "jsonl")
@@ -112,6 +113,9 @@ def _check_train(train: TrainConfig) -> None:
 
 # Recipe-specific tables: [kind] -> its dataclass (a recipe adds its line).
 RECIPE_SECTIONS: dict[str, type] = {
+    "reward": RewardSection,
+    "dpo": DPOSection,
+    "simpo": SimPOSection,
     "lora": LoraSettings,
     "diffusion": DiffusionSection,
 }

@@ -12,6 +12,9 @@ from typing import Any
 
 RECIPES: dict[str, str] = {
     "sft": "plait.recipes.sft:run",
+    "reward": "plait.recipes.preference_run:run_reward",
+    "dpo": "plait.recipes.preference_run:run_dpo",
+    "simpo": "plait.recipes.preference_run:run_simpo",
     "lora": "plait.recipes.lora:run",
     "diffusion": "plait.recipes.diffusion_run:run",
 }

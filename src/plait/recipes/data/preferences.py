@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from plait.data.heldout import Function, held_out, held_out_functions, training_functions
+from plait.data.heldout import Function, HeldOut, held_out, held_out_functions, training_functions
 from plait.losses import IGNORE_INDEX
 
 CORRUPTIONS = ("swap", "operator", "other")
@@ -146,13 +146,19 @@ def function_pairs(functions: Sequence[Function], *, per_function: int = 1, seed
 
 
 def corpus_pairs(
-    corpus: str = "stdlib", *, split: str, val_fraction: float = 0.01, per_function: int = 1, seed: int = 0
+    corpus: str = "stdlib",
+    *,
+    split: str,
+    val_fraction: float = 0.01,
+    per_function: int = 1,
+    seed: int = 0,
+    part: HeldOut | None = None,
 ) -> list[PreferencePair]:
     """Preference pairs from ``corpus``: ``split="train"`` from training documents, ``"heldout"`` from validation
-    documents (the recorded split `plait eval` reads)."""
+    documents (the recorded split `plait eval` reads; ``part``: that split, already read)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: use 'train' (training documents) or 'heldout' (validation documents)")
-    part = held_out(corpus, val_fraction=val_fraction)
+    part = part if part is not None else held_out(corpus, val_fraction=val_fraction)
     functions = training_functions(part) if split == "train" else held_out_functions(part)
     return function_pairs(functions, per_function=per_function, seed=seed)
 
