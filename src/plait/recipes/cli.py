@@ -34,6 +34,11 @@ def ranks_wanted(config: FinetuneConfig, nproc: int | None) -> int:
 
 def preflight(config: FinetuneConfig, *, world_size: int) -> None:
     """The checks that need no process group: plan and batch, base model, data records, template."""
+    if config.recipe.kind == "diffusion":  # trains from scratch on images: no base model, tokenizer or text
+        from plait.recipes.diffusion_run import preflight as diffusion_preflight
+
+        diffusion_preflight(config, world_size=world_size)
+        return
     from plait.recipes.base import load_tokenizer
     from plait.recipes.data.instructions import resolve_template
     from plait.recipes.data.readers import read_examples

@@ -220,19 +220,28 @@ def check_plan(plan: plait.Plan) -> None:
             )
 
 
+def preflight(config: Any, *, world_size: int) -> None:
+    """`plait finetune`'s checks for this recipe, before any collective: the [diffusion] table against the
+    digits, the plan (dp and ZeRO only) and the batch. No base model, tokenizer or text is read."""
+    from plait.recipes.loop import checked_plan
+
+    check_digits(config.section("diffusion").model_config())
+    check_plan(config.plan)
+    checked_plan(config, world_size=world_size)
+
+
 def run(config: Any) -> dict[str, Any]:
     """`plait finetune` with recipe.kind="diffusion" (every rank): train on the digits from scratch
     ([base] is not read), then on rank 0 write train.out_dir/samples.png (EMA weights), the EMA and
     the trained denoisers in diffusers' format (ema/, denoiser/) and diffusion.json."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    preflight(config, world_size=world)
     section = config.section("diffusion")
     model_config = section.model_config()
-    check_digits(model_config)
-    check_plan(config.plan)
     training = training_from(section, config.train)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    config.check_batching(world)
     logger = get_logger()
-    trained = train_diffusion(model_config, training, plan=config.plan, log=logger.info)
+    log = logger.info if is_main_rank() else _quiet
+    trained = train_diffusion(model_config, training, plan=config.plan, log=log)
     states = {"ema": trained.ema.state_dict(), "denoiser": trained.engine.model_state_dict()}  # every rank
     summary = {"heldout_mse": trained.heldout, "final_loss": trained.losses[-1], "steps": training.steps}
     if is_main_rank():
@@ -242,6 +251,10 @@ def run(config: Any) -> dict[str, Any]:
             f"{trained.heldout['trained']:.4f}, EMA {trained.heldout['ema']:.4f}; wrote {config.train.out_dir}"
         )
     return summary
+
+
+def _quiet(_line: str) -> None:
+    pass
 
 
 def _write_outputs(
