@@ -138,3 +138,19 @@ def test_the_model_predicts_noise_and_samples_images(model_type: str, tmp_path) 
     from PIL import Image
 
     assert Image.open(path).size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))
+
+
+def test_the_finetune_config_and_its_refusals() -> None:
+    from plait.recipes.config import load_finetune_config
+    from plait.recipes.diffusion_run import preflight
+
+    path = "configs/finetune/diffusion.toml"
+    config = load_finetune_config(path, ["train.steps=3"])
+    assert config.section("diffusion").model_config().channels == [32, 64]
+    preflight(config, world_size=2)  # dp=-1 x ZeRO-2 over 2 ranks: a batch of 32 splits
+    with pytest.raises(ValueError, match="image_size=17 cannot pass a UNet of 2 levels"):
+        load_finetune_config(path, ["diffusion.image_size=17"])
+    with pytest.raises(ValueError, match="diffusion model type 'vae' is unknown"):
+        load_finetune_config(path, ["diffusion.model_type=vae"])
+    with pytest.raises(ValueError, match=r"plan\.pp=2: the diffusion recipe runs under dp and ZeRO 0-3"):
+        preflight(load_finetune_config(path, ["plan.pp=2"]), world_size=2)
