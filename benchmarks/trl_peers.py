@@ -1,0 +1,240 @@
+"""plait's fine-tuning recipes against TRL's trainers on the same model and data, one process each
+(issue 19's peer Show): tokens/s and peak memory side by side, blocks alternated, ratios.
+
+SFT: the demo's model (a plait checkpoint; TRL trains its Hugging Face export, the same weights as a
+GPT2LMHeadModel) on the first --examples docstring -> body pairs of the corpus's training documents, the
+prompt (### Instruction / ### Response template) masked from the loss on both sides, AdamW at a constant lr,
+batches of --batch sequences, one thread. Systems:
+
+- ``plait``: plait's SFT recipe as `plait finetune` runs it: pairs packed into --seq-len rows, each pair
+  attending only to itself (position ids per pair);
+- ``plait-unpacked``: the same recipe with data.pack=false, one pair per row (TRL's layout);
+- ``trl``: TRL's SFTTrainer on prompt/completion records, completion-only loss, no packing (TRL's packing
+  keeps pairs apart only with FlashAttention, which this CPU has not: padding_free needs it).
+
+Each block trains over the same examples in a forked child (fresh peak-RSS mark after set-up); blocks run in
+rounds whose order rotates (A B C, B C A, C A B, ...). tokens/s counts the pairs' own tokens (no padding),
+so packing's gain shows. A DPO part (TRL's DPOTrainer) belongs beside `sft` in PEERS.
+
+    python benchmarks/trl_peers.py [--rounds 4] [--examples 96] [--only sft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    RESULTS_DIR,
+    current_rss_bytes,
+    environment,
+    finish,
+    format_bytes,
+    format_table,
+    load_average,
+    peak_rss_bytes,
+    ratio_summary,
+    reset_peak_rss,
+    spread,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASES = ("runs/gpt-10m-eval/checkpoints/step-000300", "runs/gpt-10m/checkpoints/step-000300")
+LR = 1e-4
+
+
+def default_base() -> str:
+    return str(next((ROOT / base for base in BASES if (ROOT / base).is_dir()), ROOT / BASES[-1]))
+
+
+def trl_records(examples: list) -> list[dict[str, str]]:
+    """plait's pairs as TRL's prompt/completion records, the prompt in plait's plain template (TRL ends the
+    completion with the end-of-sequence token, as plait's template does)."""
+    from plait.recipes.data.instructions import PLAIN_PROMPT
+
+    return [
+        {"prompt": PLAIN_PROMPT.format(content=e.turns[0].content), "completion": e.turns[1].content} for e in examples
+    ]
+
+
+def plait_sft_block(args: argparse.Namespace, *, pack_rows: bool) -> dict[str, float]:
+    """Train plait's SFT recipe over the pairs; seconds of the steps, tokens trained, steady peak RSS."""
+    import plait
+    from plait.recipes.base import load_base
+    from plait.recipes.data.instructions import pack, render
+    from plait.recipes.sft import LOSS_FN, SFTData
+
+    model, tokenizer = load_base(args.base)
+    rendered = [render(e, tokenizer, template="plain") for e in args.pairs]
+    rows = pack(rendered, seq_len=args.seq_len, pack=pack_rows)
+    data = SFTData(train_rows=rows, eval_rows=[], seq_len=args.seq_len, pad_id=tokenizer.eot_id, positions=True)
+    engine = plait.boost(
+        model,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0),
+        loss_fn=LOSS_FN,
+        plan=plait.Plan(),
+        max_grad_norm=1.0,
+    )
+    steps = math.ceil(len(rows) / args.batch)
+    batches = [data.train_batch(s, 0, 1, global_batch=args.batch) for s in range(steps)]
+    tokens = sum(len(t.ids) for s in range(steps) for row in data.step_rows(s, global_batch=args.batch) for t in row)
+    reset_peak_rss()
+    rss_before = current_rss_bytes()
+    start = time.perf_counter()
+    for batch in batches:
+        engine.train_step(batch)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "steps": steps, **memory(rss_before)}
+
+
+def trl_sft_block(args: argparse.Namespace) -> dict[str, float]:
+    """TRL's SFTTrainer over the same pairs (the base's Hugging Face export)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    records = trl_records(args.pairs)
+    with tempfile.TemporaryDirectory(prefix="trl-sft-") as out:
+        config = SFTConfig(
+            output_dir=out, per_device_train_batch_size=args.batch, num_train_epochs=1, learning_rate=LR,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            max_length=args.seq_len, packing=False, completion_only_loss=True, save_strategy="no",
+            report_to=[], logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+            disable_tqdm=True, optim="adamw_torch",
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        )
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        reset_peak_rss()
+        rss_before = current_rss_bytes()
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "steps": result.global_step, **memory(rss_before)}
+
+
+def memory(rss_before: int | None) -> dict[str, float]:
+    """Peak RSS over the training steps, and its growth over the RSS the block had set up (the forked
+    children share the parent's pages, which both peaks count alike)."""
+    peak = peak_rss_bytes() or 0
+    return {"peak_rss": peak, "peak_rss_growth": peak - (rss_before or 0)}
+
+
+def _child(block: Callable[[], dict], queue: Any) -> None:
+    torch.set_num_threads(1)
+    queue.put(block())
+
+
+def forked(block: Callable[[], dict]) -> dict[str, float]:
+    """Run `block` in a forked child (its own peak-RSS mark, nothing left behind) and return its result."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(block, queue))
+    child.start()
+    result = queue.get(timeout=1800)
+    child.join()
+    return result
+
+
+def rotated(names: list[str], round_index: int) -> list[str]:
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def run_sft(args: argparse.Namespace) -> dict[str, Any]:
+    from plait.checkpoint.hf_export import export_hf
+    from plait.recipes.data.instructions import corpus_examples
+
+    args.pairs = corpus_examples("stdlib", val_fraction=0.01, held=False)[: args.examples]
+    scratch = tempfile.TemporaryDirectory(prefix="trl-peer-hf-")
+    export_hf(args.base, scratch.name)
+    args.hf_dir = scratch.name
+    blocks = {
+        "plait": lambda: plait_sft_block(args, pack_rows=True),
+        "plait-unpacked": lambda: plait_sft_block(args, pack_rows=False),
+        "trl": lambda: trl_sft_block(args),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in blocks}
+    orders = []
+    for index in range(args.rounds):
+        order = rotated(list(blocks), index)
+        orders.append(order)
+        for name in order:
+            runs[name].append(forked(blocks[name]))
+            print(f"round {index + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
+    scratch.cleanup()
+    return summarise(runs, orders)
+
+
+def summarise(runs: dict[str, list[dict]], orders: list[list[str]]) -> dict[str, Any]:
+    rates = {name: [r["tokens"] / r["seconds"] for r in results] for name, results in runs.items()}
+    peaks = {name: [r["peak_rss"] for r in results] for name, results in runs.items()}
+    growth = {name: [r["peak_rss_growth"] for r in results] for name, results in runs.items()}
+    return {
+        "runs": runs,
+        "orders": orders,
+        "tokens_per_s": {name: spread(values) for name, values in rates.items()},
+        "peak_rss_bytes": {name: spread(values) for name, values in peaks.items()},
+        "peak_rss_growth_bytes": {name: spread(values) for name, values in growth.items()},
+        "ratio_tokens_per_s_vs_trl": {n: ratio_summary(rates[n], rates["trl"]) for n in rates if n != "trl"},
+        "ratio_peak_rss_vs_trl": {n: ratio_summary(peaks[n], peaks["trl"]) for n in peaks if n != "trl"},
+    }
+
+
+PEERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sft": run_sft}
+
+
+def print_table(name: str, result: dict[str, Any]) -> None:
+    rows = []
+    for system, rate in result["tokens_per_s"].items():
+        ratio = result["ratio_tokens_per_s_vs_trl"].get(system, {}).get("median", 1.0)
+        peak = result["peak_rss_bytes"][system]["median"]
+        memory = result["ratio_peak_rss_vs_trl"].get(system, {}).get("median", 1.0)
+        grown = format_bytes(result["peak_rss_growth_bytes"][system]["median"])
+        rows.append([system, f"{rate['median']:.0f}", f"{ratio:.2f}", format_bytes(peak), f"{memory:.2f}", grown])
+    print(f"\n{name}")
+    headers = ["system", "tokens/s (median)", "x trl", "peak RSS (median)", "x trl", "growth in steps"]
+    print(format_table(headers, rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=default_base())
+    parser.add_argument("--only", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "trl-peers.json"))
+    args = parser.parse_args()
+    start, load_before = time.perf_counter(), load_average()
+    results, walls = {}, {}
+    for name in args.only:
+        began = time.perf_counter()
+        results[name] = PEERS[name](args)
+        walls[name] = time.perf_counter() - began
+        print_table(name, results[name])
+    settings = {k: v for k, v in vars(args).items() if k not in ("pairs", "hf_dir")}
+    payload = {
+        "settings": settings,
+        "results": results,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "environment": environment(),
+    }
+    finish(args.out, payload, wall_s=time.perf_counter() - start, phase_wall_s=walls)
+
+
+if __name__ == "__main__":
+    main()
