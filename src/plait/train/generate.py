@@ -73,14 +73,18 @@ def sample(
     ids = torch.tensor([prompt_ids])
     for _ in range(max_new_tokens):
         logits = logits_of(model(ids[:, -_context_length(model) :]))[0, -1]  # (vocab,)
-        if temperature <= 0:
-            next_id = logits.argmax()
-        else:
-            top = torch.topk(logits / temperature, min(top_k, logits.numel()))
-            choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
-            next_id = top.indices[choice[0]]
+        next_id = pick_token(logits, temperature=temperature, top_k=top_k, generator=generator)
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0].tolist()
+
+
+def pick_token(logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """One token id (0-dim) drawn from ``logits`` (vocab,) with temperature and top-k (temperature 0: greedy)."""
+    if temperature <= 0:
+        return logits.argmax()
+    top = torch.topk(logits / temperature, min(top_k, logits.numel()))
+    choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
+    return top.indices[choice[0]]
 
 
 def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int) -> None:
