@@ -1,4 +1,5 @@
-"""LoRA (peft) under dp=2 x ZeRO-2, ZeRO-3, tp=2 and tp=2 with sequence parallel, against one plain process.
+"""LoRA (peft) under dp=2 x ZeRO-2, ZeRO-3, tp=2 and tp=2 with sequence parallel, and QLoRA-style (an int8 base)
+under dp=2 x ZeRO-2, against one plain process.
 
 The adapters start non-zero (peft starts lora_B at zero, which would hide a wrong split of the
 factors for the first step), only they train, and under ZeRO only they hold optimizer state and
@@ -23,11 +24,12 @@ PLANS = {
     "dp2-zero3": {"dp": 2, "zero": 3},
     "tp2": {"dp": 1, "tp": 2},
     "tp2-sp": {"dp": 1, "tp": 2, "sequence_parallel": True},
+    "dp2-zero2-int8": {"dp": 2, "zero": 2},
 }
 
 
-def lora_model() -> torch.nn.Module:
-    model = add_lora(fresh_model(PRESET), LoraSettings(rank=4, alpha=8.0))
+def lora_model(quantize: str | None = None) -> torch.nn.Module:
+    model = add_lora(fresh_model(PRESET), LoraSettings(rank=4, alpha=8.0, quantize=quantize))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -44,8 +46,12 @@ def batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
     return make_batches(vocab_size)[:STEPS]
 
 
-def train_plan(rank: int, world_size: int, plan: dict) -> tuple[list[float], dict[str, torch.Tensor], dict]:
-    model = lora_model()
+def quantize_of(plan: str) -> str | None:
+    return "int8" if plan.endswith("-int8") else None
+
+
+def train_plan(rank: int, world_size: int, plan: dict, quantize: str | None) -> tuple[list, dict, dict]:
+    model = lora_model(quantize)
     engine = plait.boost(
         model,
         optimizer=optimizer,
@@ -62,22 +68,27 @@ def train_plan(rank: int, world_size: int, plan: dict) -> tuple[list[float], dic
     return losses, engine.model_state_dict(), facts
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = lora_model()
+def reference(quantize: str | None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = lora_model(quantize)
     kwargs = dict(optimizer=optimizer, loss_fn=plait.losses.causal_lm, lr_scheduler=scheduler, max_grad_norm=1.0)
     losses = train_reference(model, batches(model.config.vocab_size), **kwargs)
     return losses, model.state_dict()
 
 
+@pytest.fixture(scope="module")
+def references() -> dict[str | None, tuple[list[float], dict[str, torch.Tensor]]]:
+    return {quantize: reference(quantize) for quantize in (None, "int8")}  # before any rank is forked
+
+
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_lora_matches_one_process(plan: str, reference: tuple) -> None:
-    results = run_ranks(train_plan, 2, PLANS[plan], timeout_s=180)
-    assert_parity([(losses, state) for losses, state, _ in results], reference)
-    frozen_before = {k: v for k, v in lora_model().state_dict().items() if ".lora_" not in k}
-    for name, value in frozen_before.items():  # the base did not move
+def test_lora_matches_one_process(plan: str, references: dict) -> None:
+    quantize = quantize_of(plan)
+    results = run_ranks(train_plan, 2, PLANS[plan], quantize, timeout_s=180)
+    assert_parity([(losses, state) for losses, state, _ in results], references[quantize])
+    frozen_before = {k: v for k, v in lora_model(quantize).state_dict().items() if ".lora_" not in k}
+    for name, value in frozen_before.items():  # the base did not move (int8 weights and scales included)
         torch.testing.assert_close(results[0][1][name], value, rtol=0, atol=0)
-    adapters = adapter_numel(lora_model())
+    adapters = adapter_numel(lora_model(quantize))
     facts = [f for _, _, f in results]
     zero = PLANS[plan].get("zero")
     if zero:  # only the adapters are sharded into the optimizer (a unit pads to a multiple of dp)

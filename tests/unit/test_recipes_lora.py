@@ -103,7 +103,9 @@ def lora_checkpoint(path: Path, preset: str, settings: LoraSettings) -> torch.nn
 def test_merged_export_and_plait_inference_give_the_adapted_logits(
     preset: str, quantize: str | None, tmp_path: Path
 ) -> None:
-    model = lora_checkpoint(tmp_path / "ckpt", preset, LoraSettings(rank=4, alpha=8.0, quantize=quantize))
+    targets = ["q_proj", "v_proj", "down_proj"] if quantize else None  # int8: layers without adapters too
+    settings = LoraSettings(rank=4, alpha=8.0, target_modules=targets, quantize=quantize)
+    model = lora_checkpoint(tmp_path / "ckpt", preset, settings)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(512, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -4,6 +4,7 @@ A LoRA layer saves ``<module>.base_layer.weight`` (and ``.bias``) beside its fac
 ``<module>.lora_A.<adapter>.weight`` (rank, in) and ``<module>.lora_B.<adapter>.weight`` (out, rank);
 the merged ``<module>.weight`` is ``W + scaling * B @ A`` (transposed for GPT-2's Conv1D layout,
 weight (in, out)). A base held as int8 (``.base_layer.weight_scale`` beside it) is dequantized first.
+Every other int8-held layer (``<module>.weight`` beside ``<module>.weight_scale``) is dequantized too.
 The trainer state's ``lora`` record (written by plait.recipes.lora) gives the scaling and adapter name.
 """
 
@@ -14,20 +15,27 @@ from typing import Any
 import torch
 
 BASE = ".base_layer."
+SCALE = ".weight_scale"
+
+
+def _dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Int8 weights (plait.recipes.quantize: one scale per output row) as fp32; their scales dropped."""
+    out = {name: t for name, t in state.items() if not name.endswith(SCALE)}
+    for name, scale in state.items():
+        if name.endswith(SCALE):
+            weight = f"{name.removesuffix(SCALE)}.weight"
+            out[weight] = (state[weight].double() * scale.double()[:, None]).float()
+    return out
 
 
 def _merged_weight(state: dict[str, torch.Tensor], module: str, *, adapter: str, scaling: float) -> torch.Tensor:
     weight = state[f"{module}{BASE}weight"]
-    scale = state.get(f"{module}{BASE}weight_scale")
-    if scale is not None:  # int8 per output row (plait.recipes.quantize)
-        weight = weight.double() * scale.double()[:, None]
     a = state[f"{module}.lora_A.{adapter}.weight"].double()
     b = state[f"{module}.lora_B.{adapter}.weight"].double()
     delta = scaling * (b @ a)  # (out, in)
     if delta.shape != weight.shape:  # Conv1D keeps (in, out)
         delta = delta.T
-    dtype = weight.dtype if scale is None else torch.float32
-    return (weight.double() + delta).to(dtype)
+    return (weight.double() + delta).to(weight.dtype)
 
 
 def merge_lora(state: dict[str, torch.Tensor], record: dict[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -35,6 +43,7 @@ def merge_lora(state: dict[str, torch.Tensor], record: dict[str, Any] | None) ->
     if not record:
         return state
     adapter, scaling = record.get("adapter", "default"), float(record["scaling"])
+    state = _dequantized(state)
     modules = [name.removesuffix(f"{BASE}weight") for name in state if name.endswith(f"{BASE}weight")]
     if not modules:
         raise ValueError(

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from plait.recipes.quantize import QUANTIZE_KINDS, quantize_linears, quantized_numel
+from plait.recipes.quantize import QUANTIZE_KINDS, base_linears, quantize_linears, quantized_numel
 
 # plait's GPT: attention and MLP projections (Llama-style models add gate_proj; HF Llama uses the same names).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +39,7 @@ class LoraSettings:
     ``target_modules`` are module names or name suffixes, as peft reads them ("q_proj" matches
     "blocks.0.attn.q_proj"); each must match at least one linear layer. Unset, they are those of
     the attention and MLP projections (``DEFAULT_TARGETS``) that the model has. ``quantize="int8"`` holds
-    the frozen base of every targeted layer as int8 with one fp32 scale per output row
+    every frozen linear layer but the output head as int8 with one fp32 scale per output row
     (QLoRA-style; plait.recipes.quantize).
     """
 
@@ -122,9 +122,9 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import inject_adapter_in_model
 
     targets = resolve_targets(model, settings)
-    names = check_targets(model, targets)
+    check_targets(model, targets)
     if settings.quantize is not None:
-        quantize_linears(model, names, kind=settings.quantize)
+        quantize_linears(model, base_linears(model), kind=settings.quantize)
     return inject_adapter_in_model(settings.peft_config(targets), model, adapter_name=ADAPTER_NAME)
 
 

@@ -49,6 +49,20 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return weight.float() * scale.float()[:, None]
 
 
+def base_linears(model: nn.Module) -> list[str]:
+    """The linear layers QLoRA holds in low-bit form: every nn.Linear but the output head (``lm_head``, or one
+    whose weight is tied to another module's, like the embedding), which stays as it is."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not name.endswith("lm_head") and owners[id(module.weight)] == 1
+    ]
+
+
 def quantize_linears(model: nn.Module, names: list[str], *, kind: str) -> None:
     """Swap each named nn.Linear of `model` for its int8 form, in place."""
     if kind not in QUANTIZE_KINDS:
