@@ -9,7 +9,9 @@ digit's label is the class embedding's input); `class_conditional=False` trains 
 
     config = DiffusionConfig(image_size=16)
     engine = plait.boost(build_diffusion(config), optimizer=..., loss_fn=noise_prediction, plan=plan)
-    images = sample(denoiser_of(engine.model), config, labels=torch.arange(10), seed=0)  # (10, 1, 16, 16) in [0, 1]
+    ...  # engine.train_step(batch) for batches of plait.recipes.data.diffusion.DiffusionLoader
+    denoiser = denoiser_from_state(config, engine.model_state_dict())  # every rank: ZeRO-3 gathers
+    images = sample(denoiser, config, labels=torch.arange(10), seed=0)  # (10, 1, 16, 16) in [0, 1]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DiffusionConfig:
     image_size: int = 16
     in_channels: int = 1
     channels: list[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
+    layers_per_block: int = 1  # UNet: resnet blocks per level; DiT: transformer blocks
     norm_groups: int = 8
     attention: bool = False  # UNet: self-attention at the lowest resolution and in the middle block
     class_conditional: bool = True
