@@ -17,6 +17,8 @@ each rank's peak RSS.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -24,12 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from offload_jobs import LR, make_batch, peak_rss_bytes
 
 import plait
+
+
+def _deepspeed() -> Any:
+    """DeepSpeed, imported only when a job runs: the module imports, and main() explains, without it."""
+    return importlib.import_module("deepspeed")
 
 
 def ds_config(spec: dict[str, Any], world: int) -> dict[str, Any]:
@@ -54,6 +60,7 @@ def ds_config(spec: dict[str, Any], world: int) -> dict[str, Any]:
 
 def build_model(spec: dict[str, Any], config: dict[str, Any]) -> torch.nn.Module:
     lazy = config["zero_optimization"]["stage"] == 3
+    deepspeed = _deepspeed()
     context = deepspeed.zero.Init(config_dict_or_path=config) if lazy else contextlib.nullcontext()
     torch.manual_seed(spec.get("seed", 0))
     with context:
@@ -66,6 +73,7 @@ def build_model(spec: dict[str, Any], config: dict[str, Any]) -> torch.nn.Module
 def init_partitioned(model: torch.nn.Module, *, seed: int) -> None:
     """plait's init, module by module in its order, on the gathered parameters (rank 0 draws, as
     plait's ranks draw, from the same seed: the same initial weights as plait's runs)."""
+    deepspeed = _deepspeed()
     torch.manual_seed(seed)
     for module in model.init_order():
         params = list(module.parameters())
@@ -81,6 +89,7 @@ def global_mean(value: float) -> float:
 
 
 def train(spec: dict[str, Any]) -> dict[str, Any]:
+    deepspeed = _deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(spec.get("threads", 1))
@@ -115,6 +124,11 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        sys.exit(
+            "deepspeed is not importable here: pip install --target DIR --no-deps deepspeed hjson msgpack ninja "
+            "psutil py-cpuinfo einops nvidia-ml-py, then PYTHONPATH=DIR; offload.py reports plait's rows without it"
+        )
     spec = json.loads(Path(sys.argv[1]).read_text())
     result = train(spec)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -22,8 +22,9 @@ Three phases, all in the same two rank processes:
    Stages run in priority order 3, 2, 1, 0; one whose estimated cost would
    overrun the time budget is skipped and reported as such.
 
-DeepSpeed (a ZeRO peer that runs on CPU/gloo, FACTS.md) is not installed here,
-so it is reported as not run.
+Where DeepSpeed is importable (benchmarks/zero_deepspeed.py: `pip install --target
+DIR ...` and PYTHONPATH=DIR), each timed stage also alternates plait with DeepSpeed
+ZeRO at the same stage; otherwise the JSON says why it did not run.
 
     python benchmarks/zero.py                 # the full run (~8 min on 2 cores)
     python benchmarks/zero.py --quick         # the tiny model, a smoke check
@@ -65,6 +66,7 @@ from common import (
     wait_for_quiet,
 )
 from torch.nn.parallel import DistributedDataParallel
+from zero_deepspeed import DeepSpeedSystem, deepspeed_missing
 
 import plait
 from plait.models import build
@@ -90,7 +92,6 @@ FORMULA_TEXT = {
     "fp32": {0: "16P", 1: "8P+8P/N", 2: "4P+12P/N", 3: "16P/N"},
     "bf16": {0: "16P", 1: "4P+12P/N", 2: "2P+14P/N", 3: "16P/N"},
 }
-DEEPSPEED_NOTE = "not run: deepspeed is not installed in this environment (the benchmark installs nothing)"
 
 
 @dataclass(frozen=True)
@@ -422,17 +423,25 @@ def speed_stage(rank: int, config: ZeroBenchConfig, stage: int) -> dict[str, Any
     peer_name, peer_label = PEERS[stage]
     model = build_model(config)
     reference = copy.deepcopy(model)  # the same initial weights for both
+    ds_model = copy.deepcopy(model) if deepspeed_missing() is None else None
     num_params = sum(p.numel() for p in model.parameters())
     systems = {"plait": PlaitSystem(model, config, stage), peer_name: make_peer(peer_name, reference, config)}
     batches = make_batches(
         config, vocab_size=model.config.vocab_size, rank=rank, num_batches=8, batch=config.batch, seq=config.seq
     )
+    if ds_model is not None:
+        systems["deepspeed"] = DeepSpeedSystem(ds_model, stage=stage, rank=rank, world_size=WORLD_SIZE, config=config)
     runners = {name: Runner(system, batches, config) for name, system in systems.items()}
     warmup_loss = {name: global_mean(runner.run_steps(config.warmup)) for name, runner in runners.items()}
     for runner in runners.values():
-        runner.step_index = 0  # both replay the same batches from here on
+        runner.step_index = 0  # every system replays the same batches from here on
     started = time.perf_counter()
-    timing = run_alternating({name: runner.block for name, runner in runners.items()}, num_pairs=config.pairs)
+    timing = run_alternating({name: runners[name].block for name in ("plait", peer_name)}, num_pairs=config.pairs)
+    ds_timing = None
+    if ds_model is not None:  # a second A B alternation, plait against DeepSpeed (the harness pairs two)
+        ds_timing = run_alternating(
+            {name: runners[name].block for name in ("plait", "deepspeed")}, num_pairs=config.pairs
+        )
     result = {
         "stage": stage,
         "peer": peer_name,
@@ -447,6 +456,8 @@ def speed_stage(rank: int, config: ZeroBenchConfig, stage: int) -> dict[str, Any
         "plait_comm_bytes_per_step": runners["plait"].comm_bytes_per_step,
         "plait_comm_bytes_by_kind_last_block": dict(systems["plait"].engine.comm.bytes_by_kind),
         "model_state_bytes": {name: s.states for name, s in systems.items()},
+        "deepspeed_timing": ds_timing,
+        "deepspeed_version": getattr(systems.get("deepspeed"), "version", None),
     }
     if config.profile:
         result["profile"] = profile_steps(runners, rank=rank)
@@ -539,7 +550,26 @@ def summarize_speed(results: list[dict[str, Any]], config: ZeroBenchConfig) -> d
             "plait_comm_bytes_by_kind_last_block": record["plait_comm_bytes_by_kind_last_block"],
             "stage_wall_s": record["stage_wall_s"],
         }
+        if record.get("deepspeed_timing"):
+            out["stages"][stage]["deepspeed"] = summarize_deepspeed(record, tokens=tokens, config=config)
     return out
+
+
+def summarize_deepspeed(record: dict[str, Any], *, tokens: int, config: ZeroBenchConfig) -> dict[str, Any]:
+    """plait against DeepSpeed from the stage's second alternation; first blocks' losses compared."""
+    seconds = record["deepspeed_timing"]["seconds"]
+    rates = {name: [tokens / s for s in values] for name, values in seconds.items()}
+    first = {name: record["block_losses"][name][0] for name in ("plait", "deepspeed")}
+    rel = abs(first["plait"] - first["deepspeed"]) / abs(first["deepspeed"])
+    return {
+        "version": record["deepspeed_version"],
+        "tokens_per_s": {name: spread(values) for name, values in rates.items()},
+        "seconds_per_block": seconds,
+        "orders": record["deepspeed_timing"]["orders"],
+        "step_s_median": {name: statistics.median(values) / config.steps for name, values in seconds.items()},
+        "ratio_plait_over_deepspeed": ratio_summary(rates["plait"], rates["deepspeed"]),
+        "loss_check": {"first_block": first, "first_block_rel_diff": rel, "agree": rel < 1e-3},
+    }
 
 
 def print_memory(rows: list[dict[str, Any]]) -> None:
@@ -690,7 +720,17 @@ def print_speed(speed: dict[str, Any], config: ZeroBenchConfig, model_line: str)
         )
     for stage, reason in speed["skipped"].items():
         print(f"  stage {stage}: skipped ({reason})")
-    print(f"  DeepSpeed ZeRO 1-3: {DEEPSPEED_NOTE}")
+    for stage in sorted(speed["stages"]):
+        ds = speed["stages"][stage].get("deepspeed")
+        if ds:
+            ratio, losses = ds["ratio_plait_over_deepspeed"], ds["loss_check"]["first_block"]
+            print(
+                f"  stage {stage} vs DeepSpeed {ds['version']} ZeRO-{stage}: tok/s plait "
+                f"{ds['tokens_per_s']['plait']['median']:.1f}, deepspeed {ds['tokens_per_s']['deepspeed']['median']:.1f}"
+                f" | ratio {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f}) | first-block loss "
+                f"{losses['plait']:.5f} / {losses['deepspeed']:.5f}"
+            )
+    print(f"  DeepSpeed: {deepspeed_missing() or 'ran beside each timed stage (above)'}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ZeroBenchConfig, Path, float, bool]:
@@ -766,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         "wait_for_dp_benchmark": wait,
         "wall_s": wall_s,
         "phase_wall_s": lead["phase_wall_s"],
-        "deepspeed": DEEPSPEED_NOTE,
+        "deepspeed": deepspeed_missing() or "ran in the speed phase (speed.stages.N.deepspeed)",
     }
     if "memory" in lead:
         print_memory(lead["memory"])

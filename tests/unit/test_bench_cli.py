@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from plait.bench.read import read_gpu, read_moe, read_zero
 from plait.bench.report import write_outputs
-from plait.bench.runner import case_command
+from plait.bench.runner import case_command, case_environment
 from plait.bench.suites import SUITES, all_cases
 from plait.cli import main
 
@@ -135,3 +136,34 @@ def test_moe_rows_carry_the_all_to_all_share_and_deepspeed_refusals():
     rows = read_moe({"rows": [plait_row, refused]})
     assert rows[0]["comm_share"] == 0.1 and rows[0]["tokens_per_s"] == {"median": 5.0, "min": 4.0, "max": 6.0}
     assert rows[1]["system"] == "deepspeed ep2" and rows[1]["tokens_per_s"] is None
+
+
+def test_deepspeed_row_reads_what_the_zero_script_ran():
+    payload = _zero_payload()
+    payload["deepspeed"] = "ran in the speed phase (speed.stages.N.deepspeed)"
+    ratio = {"per_pair": [4.0, 5.0], "median": 4.5, "min": 4.0, "max": 5.0}
+    payload["speed"]["stages"]["3"]["deepspeed"] = {
+        "tokens_per_s": {"plait": {"median": 90.0}, "deepspeed": {"median": 20.0, "min": 18.0, "max": 22.0}},
+        "ratio_plait_over_deepspeed": ratio,
+        "step_s_median": {"plait": 0.1, "deepspeed": 0.5},
+    }
+    ds = read_zero(payload)[2]
+    assert ds["system"] == "deepspeed" and ds["status"] == "ran"
+    assert ds["tokens_per_s"]["median"] == 20.0 and ds["ratio_plait_over_peer"] == ratio and ds["step_s"] == 0.5
+
+
+def test_deepspeed_row_says_why_not_from_the_script_not_this_process():
+    (ds,) = [row for row in read_zero(_zero_payload()) if row["system"] == "deepspeed"]
+    assert ds["status"] == "not run: deepspeed is not installed"  # the script's words, whatever is importable here
+
+
+def test_peer_path_goes_first_on_the_cases_pythonpath(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = case_environment([tmp_path])
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path.resolve()), "/elsewhere"]
+
+
+def test_peer_path_that_is_not_a_directory(capsys, tmp_path):
+    err = _error_line(capsys, ["bench", "--peer-path", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert "--peer-path" in err and "is not a directory" in err
+    assert not (tmp_path / "out").exists()

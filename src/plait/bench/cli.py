@@ -17,6 +17,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where the JSON, .md and .png go")
     bench.add_argument("--repeats", type=int, default=None, help="A/B pairs per case (default: each script's own)")
     bench.add_argument("--timeout", type=float, default=1800.0, help="seconds before a case counts as hung")
+    bench.add_argument(
+        "--peer-path",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory a peer was installed into (pip install --target DIR deepspeed ...): put on the cases' "
+        "PYTHONPATH; repeatable",
+    )
 
 
 def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -30,6 +39,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         out=args.out,
         repeats=args.repeats,
         timeout_s=args.timeout,
+        peer_paths=args.peer_path,
     )
     record = run_bench(options)
     paths = write_outputs(record, options.out)

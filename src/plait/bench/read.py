@@ -7,7 +7,6 @@ seconds per step, model-state bytes per rank, peak RSS per rank, comm bytes per 
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 
@@ -31,10 +30,13 @@ def _not_run(system: str, why: str) -> dict[str, Any]:
 
 
 def deepspeed_row(recorded: str | None) -> dict[str, Any]:
-    """DeepSpeed's row: 'not installed' when it is not importable here, else what the script recorded."""
-    if importlib.util.find_spec("deepspeed") is None:
-        return _not_run("deepspeed", "not installed")
-    return _not_run("deepspeed", recorded or "installed; the script did not run it")
+    """DeepSpeed's row when the script did not run it: why, as the script recorded it. The script, not
+    this process, decides: it runs with the case's PYTHONPATH (`plait bench --peer-path DIR`)."""
+    if recorded and "No module named 'deepspeed'" in recorded:
+        recorded = (
+            "not installed where the case ran (pip install --target DIR deepspeed ...; plait bench --peer-path DIR)"
+        )
+    return _not_run("deepspeed", recorded or "the script did not run it")
 
 
 def read_dp(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,7 +79,16 @@ def read_zero(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 comm_bytes_per_step_per_rank=record["plait_comm_bytes_per_step"] if name == "plait" else None,
             )
         )
-    return [*rows, deepspeed_row(payload.get("deepspeed"))]
+    ds = record.get("deepspeed")
+    if not ds:
+        return [*rows, deepspeed_row(payload.get("deepspeed"))]
+    ds_row = _row(
+        "deepspeed",
+        tokens_per_s=ds["tokens_per_s"]["deepspeed"],
+        ratio_plait_over_peer=ds["ratio_plait_over_deepspeed"],
+        step_s=ds["step_s_median"]["deepspeed"],
+    )
+    return [*rows, ds_row]
 
 
 def read_pipeline(payload: dict[str, Any]) -> list[dict[str, Any]]:

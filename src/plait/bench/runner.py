@@ -40,8 +40,15 @@ class BenchOptions:
     repeats: int | None = None  # A/B pairs per case; None: the script's own default
     benchmarks_dir: Path = field(default_factory=default_benchmarks_dir)
     timeout_s: float = 1800.0
+    peer_paths: list[Path] = field(default_factory=list)  # put first on the cases' PYTHONPATH
 
     def __post_init__(self) -> None:
+        self.peer_paths = [Path(path) for path in self.peer_paths]
+        missing = [str(path) for path in self.peer_paths if not path.is_dir()]
+        if missing:
+            raise ValueError(
+                f"--peer-path {missing[0]} is not a directory; pass the DIR of `pip install --target DIR deepspeed ...`"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +100,7 @@ def run_case(case: Case, options: BenchOptions) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             timeout=options.timeout_s,
             cwd=options.benchmarks_dir.parent,
-            env=os.environ.copy(),
+            env=case_environment(options.peer_paths),
         )
     record = {
         "case": case_record(case),
@@ -111,6 +118,18 @@ def run_case(case: Case, options: BenchOptions) -> dict[str, Any]:
     record["raw_json"] = str(raw_json)
     record["rows"] = READERS[case.reader](json.loads(raw_json.read_text()))
     return record
+
+
+def case_environment(peer_paths: list[Path]) -> dict[str, str]:
+    """This process's environment with the peers' directories first on PYTHONPATH (the scripts import
+    DeepSpeed from there; each script records whether it could)."""
+    env = os.environ.copy()
+    paths = [str(path.resolve()) for path in peer_paths]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
 
 
 def case_record(case: Case) -> dict[str, Any]:
@@ -192,6 +211,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "suite": options.suite,
         "device": options.device,
         "repeats": options.repeats,
+        "peer_paths": [str(path) for path in options.peer_paths],
         "environment": env,
         "peaks": {name: {"flops": p.flops, "line": p.line()} for name, p in peaks.items()},
         "load_average_start": load_start,
