@@ -22,6 +22,7 @@ from plait.recipes.data.preferences import (
     function_pairs,
     read_preference_jsonl,
     swap_lines,
+    trim_padding,
 )
 from plait.recipes.dpo import DPOLoss, SimPOLoss, implicit_reward_accuracy, sequence_logps, with_reference_logps
 from plait.recipes.reward import RewardModel, last_token_index, pairwise_loss
@@ -163,6 +164,9 @@ def test_encode_pairs_interleaves_and_masks_the_prompt() -> None:
     assert (labels[0] != -100).sum() == 2 and (labels[1] != -100).sum() == 1 and mask[0].sum() == 6
     assert labels[0, :4].eq(-100).all() and labels[0, 4:6].tolist() == Chars().encode("XY")
     assert mask[2].sum() == 8 and (labels[2] != -100).sum() == 7  # "p" + the response cut at seq_len
+    short = encode_pairs([PreferencePair("ab", "c", "de")], Chars(), seq_len=40)
+    trimmed = trim_padding(short, multiple_of=8)
+    assert trimmed["input_ids"].shape == (2, 8) and torch.equal(trimmed["labels"], short["labels"][:, :8])
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -18,7 +18,7 @@ log-probs come from the vocab-sharded logits (`vocab_parallel_cross_entropy`), n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,7 @@ def implicit_reward_accuracy(policy: nn.Module, batches: Iterable[Batch], *, bet
     Each batch carries ``ref_logps`` (`with_reference_logps`). At step 0 the policy is the reference, so
     every margin is 0 and the accuracy 0.5 by construction.
     """
-    return _pair_summary(policy, batches, lambda logps, batch: beta * (logps - batch["ref_logps"]))
+    return summarise(*pair_results(policy, batches, implicit_reward(beta)))
 
 
 @torch.no_grad()
@@ -158,10 +158,19 @@ def likelihood_accuracy(model: nn.Module, batches: Iterable[Batch], *, normalise
     def score(logps: torch.Tensor, batch: Batch) -> torch.Tensor:
         return logps / response_lengths(batch["labels"]).clamp(min=1) if normalise else logps
 
-    return _pair_summary(model, batches, score)
+    return summarise(*pair_results(model, batches, score))
 
 
-def _pair_summary(model: nn.Module, batches: Iterable[Batch], score: Any) -> dict[str, Any]:
+def implicit_reward(beta: float) -> Callable[[torch.Tensor, Batch], torch.Tensor]:
+    """DPO's implicit reward of each row: beta x (logp - the reference's logp)."""
+    return lambda logps, batch: beta * (logps - batch["ref_logps"])
+
+
+@torch.no_grad()
+def pair_results(
+    model: nn.Module, batches: Iterable[Batch], score: Callable[[torch.Tensor, Batch], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: win (1, 0.5 for a tie, 0) and margin of ``score(response logps, batch)``, chosen - rejected."""
     wins, margins = [], []
     was_training = model.training
     model.eval()
@@ -171,4 +180,4 @@ def _pair_summary(model: nn.Module, batches: Iterable[Batch], score: Any) -> dic
         wins.append(pair_accuracy(chosen, rejected))
         margins.append(chosen - rejected)
     model.train(was_training)
-    return summarise(torch.cat(wins), torch.cat(margins))
+    return torch.cat(wins), torch.cat(margins)

@@ -24,7 +24,13 @@ from torch import nn
 from plait.data.heldout import held_out
 from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig, FinetuneDataConfig
-from plait.recipes.data.preferences import PreferencePair, corpus_pairs, encode_pairs, read_preference_jsonl
+from plait.recipes.data.preferences import (
+    PreferencePair,
+    corpus_pairs,
+    encode_pairs,
+    read_preference_jsonl,
+    trim_padding,
+)
 from plait.recipes.dpo import DPOLoss, SimPOLoss, with_reference_logps
 from plait.recipes.loop import CheckpointRecord, FinetuneSummary, RecipeData, train_recipe
 from plait.recipes.preference import PreferenceSection, check_pair_batching
@@ -81,7 +87,8 @@ class PreferenceData:
         return self._orders[epoch]
 
     def encode(self, pairs: list[PreferencePair]) -> Batch:
-        return self.prepare(encode_pairs(pairs, self.tokenizer, seq_len=self.seq_len))
+        """``pairs`` as a batch cut to its longest row (a multiple of 16 columns), then ``prepare``d."""
+        return self.prepare(trim_padding(encode_pairs(pairs, self.tokenizer, seq_len=self.seq_len)))
 
     def step_pairs(self, step: int, *, num_pairs: int) -> list[PreferencePair]:
         count = len(self.train)

@@ -122,6 +122,12 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def preference_accuracy(model: RewardModel, batches: Iterable[Batch]) -> dict[str, Any]:
     """Held-out accuracy (ties half) and the mean score margin with its standard error, over ``batches``."""
+    return summarise(*reward_results(model, batches))
+
+
+@torch.no_grad()
+def reward_results(model: RewardModel, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: win (1, 0.5 for a tie, 0) and score margin, chosen - rejected."""
     wins, margins = [], []
     was_training = model.training
     model.eval()
@@ -130,7 +136,7 @@ def preference_accuracy(model: RewardModel, batches: Iterable[Batch]) -> dict[st
         wins.append(pair_accuracy(chosen, rejected))
         margins.append(chosen - rejected)
     model.train(was_training)
-    return summarise(torch.cat(wins), torch.cat(margins))
+    return torch.cat(wins), torch.cat(margins)
 
 
 def summarise(wins: torch.Tensor, margins: torch.Tensor) -> dict[str, Any]:

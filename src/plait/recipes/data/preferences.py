@@ -281,3 +281,11 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, *, seq_len: in
 def _row(prompt: list[int], response: list[int], *, seq_len: int) -> tuple[list[int], int]:
     prompt = prompt[-(seq_len // 2) :] if prompt else []
     return (prompt + response)[:seq_len], len(prompt)
+
+
+def trim_padding(batch: dict[str, torch.Tensor], *, multiple_of: int = 16) -> dict[str, torch.Tensor]:
+    """``batch`` cut after its longest row's last real token (rounded up to ``multiple_of`` columns, so sequence
+    and context parallel still split it): causal attention makes the trailing padding dead weight."""
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    width = min(batch["input_ids"].size(1), -(-longest // multiple_of) * multiple_of)
+    return {key: value[:, :width] if value.dim() == 2 else value for key, value in batch.items()}
