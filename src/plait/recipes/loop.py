@@ -138,7 +138,7 @@ class FinetuneRun:
             path,
             extra={**self.record.extra, "step": self.step, "finetune": self.config.to_dict()},
             config=self.record.config,
-            on_commit=lambda done: self._committed(done),
+            on_commit=self._committed,
         )
 
     def _committed(self, path: Path) -> None:
