@@ -10,6 +10,7 @@ import torch
 import plait
 from plait.checkpoint.hf_export import export_hf
 from plait.checkpoint.io import save_checkpoint
+from plait.checkpoint.lora_merge import merge_lora
 from plait.config import Config, DataConfig, ModelConfig
 from plait.data.tokenizer import train_tokenizer
 from plait.recipes.lora import LoraSettings, add_lora, lora_record, save_adapter, trainable_fraction
@@ -94,7 +95,7 @@ def lora_checkpoint(path: Path, preset: str, settings: LoraSettings) -> torch.nn
     model = add_lora(plait.models.build(model_config_for(config)), settings).eval()
     randomise_adapters(model)
     tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 8, vocab_size=300).to_str()
-    trainer_state = {"step": 1, "tokenizer": tokenizer, **lora_record(settings)}
+    trainer_state = {"step": 1, "tokenizer": tokenizer, **lora_record(settings, model)}
     save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
     return model
 
@@ -132,3 +133,18 @@ def test_adapters_save_alone_in_peft_format_and_load_back(tmp_path: Path) -> Non
     for name, value in model.state_dict().items():
         if ".lora_" in name:
             torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_transformers_gpt2_conv1d_layers_merge_in_their_layout() -> None:
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    settings = LoraSettings(rank=2, target_modules=["c_attn", "c_proj"])  # c_proj (32, 32): square, layout unseen
+    model = add_lora(model, settings)
+    randomise_adapters(model)
+    merged = merge_lora(model.state_dict(), lora_record(settings, model)["lora"])
+    plain = transformers.GPT2LMHeadModel(config).eval()
+    plain.load_state_dict(merged)
+    ids = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

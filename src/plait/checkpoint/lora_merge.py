@@ -2,8 +2,8 @@
 
 A LoRA layer saves ``<module>.base_layer.weight`` (and ``.bias``) beside its factors
 ``<module>.lora_A.<adapter>.weight`` (rank, in) and ``<module>.lora_B.<adapter>.weight`` (out, rank);
-the merged ``<module>.weight`` is ``W + scaling * B @ A`` (transposed for GPT-2's Conv1D layout,
-weight (in, out)). A base held as int8 (``.base_layer.weight_scale`` beside it) is dequantized first.
+the merged ``<module>.weight`` is ``W + scaling * B @ A`` (transposed for the layers the record lists
+under ``conv1d``: transformers' GPT-2 Conv1D keeps its weight as (in, out)). A base held as int8 (``.base_layer.weight_scale`` beside it) is dequantized first.
 Every other int8-held layer (``<module>.weight`` beside ``<module>.weight_scale``) is dequantized too.
 The trainer state's ``lora`` record (written by plait.recipes.lora) gives the scaling and adapter name.
 """
@@ -28,13 +28,17 @@ def _dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merged_weight(state: dict[str, torch.Tensor], module: str, *, adapter: str, scaling: float) -> torch.Tensor:
+def _merged_weight(
+    state: dict[str, torch.Tensor], module: str, *, adapter: str, scaling: float, transposed: bool
+) -> torch.Tensor:
     weight = state[f"{module}{BASE}weight"]
     a = state[f"{module}.lora_A.{adapter}.weight"].double()
     b = state[f"{module}.lora_B.{adapter}.weight"].double()
     delta = scaling * (b @ a)  # (out, in)
-    if delta.shape != weight.shape:  # Conv1D keeps (in, out)
+    if transposed:
         delta = delta.T
+    if delta.shape != weight.shape:
+        raise ValueError(f"{module}: LoRA update {tuple(delta.shape)} does not fit its base {tuple(weight.shape)}")
     return (weight.double() + delta).to(weight.dtype)
 
 
@@ -43,6 +47,7 @@ def merge_lora(state: dict[str, torch.Tensor], record: dict[str, Any] | None) ->
     if not record:
         return state
     adapter, scaling = record.get("adapter", "default"), float(record["scaling"])
+    conv1d = set(record.get("conv1d", ()))
     state = _dequantized(state)
     modules = [name.removesuffix(f"{BASE}weight") for name in state if name.endswith(f"{BASE}weight")]
     if not modules:
@@ -51,7 +56,10 @@ def merge_lora(state: dict[str, torch.Tensor], record: dict[str, Any] | None) ->
         )
     merged = {name: t for name, t in state.items() if not _is_lora_entry(name)}
     for module in modules:
-        merged[f"{module}.weight"] = _merged_weight(state, module, adapter=adapter, scaling=scaling)
+        transposed = module in conv1d
+        merged[f"{module}.weight"] = _merged_weight(
+            state, module, adapter=adapter, scaling=scaling, transposed=transposed
+        )
         if f"{module}{BASE}bias" in state:
             merged[f"{module}.bias"] = state[f"{module}{BASE}bias"]
     return merged

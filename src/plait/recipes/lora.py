@@ -87,8 +87,12 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith(f".{target}")  # peft's rule for a list of target names
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 linear layer
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def resolve_targets(model: nn.Module, settings: LoraSettings) -> tuple[str, ...]:
@@ -156,9 +160,16 @@ def save_adapter(state: dict[str, torch.Tensor], settings: LoraSettings, out_dir
     return out_dir
 
 
-def lora_record(settings: LoraSettings) -> dict[str, Any]:
-    """What a checkpoint's trainer state keeps (``extra={"lora": ...}``) so export can merge the adapters."""
-    return {"lora": settings.to_dict() | {"scaling": settings.scaling, "adapter": ADAPTER_NAME}}
+def lora_record(settings: LoraSettings, model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's trainer state keeps (``extra={"lora": ...}``) so export can merge the adapters of
+    `model`: the scaling, and the layers whose base keeps GPT-2's Conv1D layout (weight (in, out))."""
+    conv1d = [name for name, m in model.named_modules() if name.endswith("base_layer") and _is_conv1d(m)]
+    extra = {
+        "scaling": settings.scaling,
+        "adapter": ADAPTER_NAME,
+        "conv1d": [n.removesuffix(".base_layer") for n in conv1d],
+    }
+    return {"lora": settings.to_dict() | extra}
 
 
 def read_settings(record: dict[str, Any]) -> LoraSettings:
@@ -184,19 +195,21 @@ def _is_rank_zero() -> bool:
     return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare(config: Any) -> tuple[nn.Module, Any, Any]:
-    """The LoRA recipe's (model with adapters, RecipeData, CheckpointRecord) for a FinetuneConfig."""
+def prepare(config: Any, *, sft_data: Any = None) -> tuple[nn.Module, Any, Any]:
+    """The LoRA recipe's (model with adapters, RecipeData, CheckpointRecord) for a FinetuneConfig; `sft_data`
+    (plait.recipes.sft.SFTData) reuses rows already built for the same base and data section."""
     from plait.recipes.base import checkpoint_record, load_base
     from plait.recipes.loop import CheckpointRecord
     from plait.recipes.sft import SFTData
 
     settings = config.section("lora")
     model, tokenizer = load_base(config.base.path)
-    data = SFTData.build(config.data, tokenizer, model=model, seed=config.train.seed)
+    if sft_data is None:
+        sft_data = SFTData.build(config.data, tokenizer, model=model, seed=config.train.seed)
     model = add_lora(model, settings)
     config_dict, extra = checkpoint_record(config.base.path)
-    record = CheckpointRecord(config=config_dict, extra={**extra, **lora_record(settings)})
-    return model, data.recipe_data(global_batch=config.train.global_batch), record
+    record = CheckpointRecord(config=config_dict, extra={**extra, **lora_record(settings, model)})
+    return model, sft_data.recipe_data(global_batch=config.train.global_batch), record
 
 
 def run(config: Any) -> Any:
