@@ -14,6 +14,10 @@ Within a group the three systems run in rounds whose order rotates (A B C, B C A
 ratios are per round, quoted as the median with the spread. MFU (plait.train.metrics: 6N + 12 L d s
 FLOPs per token) is against one thread's matmul rate in the same precision, measured at the model's
 products' shapes (the fastest of q/k/v, out, MLP up/down, head) and, beside it, at 2048^3.
+After the timed rounds rank 0 profiles `--region-steps` steps of each system: the JSON's `regions`
+say where a step's time goes (ms by phase: compiled blocks forward/backward, eager head/loss,
+gradient accumulation and reduction, optimizer, the step's tail; and by kind: matmul, attention,
+casts, zeroing, ...; see profile_regions.py).
 
     python benchmarks/fusion.py            # the full run (~8-10 min on 2 cores, compilation included)
     python benchmarks/fusion.py --quick    # a tiny model and 3 rounds: a smoke check
@@ -44,6 +48,7 @@ from common import (
     verdict,
     write_json,
 )
+from profile_regions import profile_steps
 
 import plait
 from plait.models import build
@@ -69,7 +74,7 @@ class BenchConfig:
     precisions: tuple[str, ...] = ("fp32", "bf16")
     groups: tuple[str, ...] = ("zero0", "zero3")
     quick: bool = False
-    profile: bool = False  # torch.profiler tables of one step per system (rank 0), zero0 fp32 only
+    region_steps: int = 2  # profiled steps per system after the timed rounds (rank 0): where the time goes
 
     def model_overrides(self) -> dict[str, int]:
         fields = {"d_model": self.d_model, "num_layers": self.layers}
@@ -187,11 +192,7 @@ def run_group(rank: int, config: BenchConfig, *, group: str, precision: str) -> 
         for name, system in systems.items()
         if isinstance(system, PlaitSystem) and system.engine.compiled is not None
     }
-    tables = (
-        profile_steps(systems, batches[2], rank=rank)
-        if config.profile and key_of(group, precision) == "zero0-fp32"
-        else {}
-    )
+    regions = region_breakdown(systems, batches[2], rank=rank, steps=config.region_steps) if config.region_steps else {}
     return {
         "seconds": seconds,
         "cpu_s": cpu_s,
@@ -199,7 +200,7 @@ def run_group(rank: int, config: BenchConfig, *, group: str, precision: str) -> 
         "first_step_s": first_step_s,
         "last_loss": losses,
         "compile": stats,
-        "profile": tables,
+        "regions": regions,
     }
 
 
@@ -207,20 +208,14 @@ def key_of(group: str, precision: str) -> str:
     return f"{group}-{precision}"
 
 
-def profile_steps(systems: dict[str, Any], batch: dict[str, torch.Tensor], *, rank: int) -> dict[str, str]:
-    """torch.profiler's top ops by self CPU time over one step of each system (rank 0; every rank steps)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    tables = {}
+def region_breakdown(systems: dict[str, Any], batch: dict[str, torch.Tensor], *, rank: int, steps: int) -> dict:
+    """Where each system's step goes (profile_regions: ms per step by phase and by kind, rank 0's main thread)."""
+    out = {}
     for name, system in systems.items():
-        dist.barrier()
-        if rank != 0:
-            system.step(batch)
-            continue
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            system.step(batch)
-        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return tables
+        table = profile_steps(lambda system=system: system.step(batch).item(), rank=rank, steps=steps)
+        keep = ("wall_ms", "cpu_ms", "unprofiled_wall_ms", "by_phase", "by_kind", "by_phase_kind", "top_ops")
+        out[name] = {k: table[k] for k in keep if k in table}
+    return out
 
 
 def rank_main(rank: int, world_size: int, config: BenchConfig) -> dict[str, Any]:
@@ -296,6 +291,11 @@ def summarize(results: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
                 for name, values in rates.items()
             },
             "load_before": run["load_before"],
+            # ms per step on rank 0 by phase and by kind (profile_regions), profiled after the timed rounds
+            "regions": {
+                name: {k: table[k] for k in ("wall_ms", "cpu_ms", "by_phase", "by_kind") if k in table}
+                for name, table in run.get("regions", {}).items()
+            },
         }
         summary["runs"][key] = entry
     return summary
@@ -348,6 +348,12 @@ def print_report(summary: dict[str, Any], results: list[dict[str, Any]], config:
         )
         for line in run["compile_log"].values():
             print(f"  {line}")
+        for name, table in run["regions"].items():
+            phases = sorted(table["by_phase"].items(), key=lambda kv: -kv[1])[:6]
+            where = ", ".join(f"{phase} {ms:.0f}" for phase, ms in phases)
+            print(
+                f"  {name} ms/step (rank 0, profiled): wall {table['wall_ms']:.0f}, CPU {table['cpu_ms']:.0f}: {where}"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
@@ -357,7 +363,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None)
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny model, 3 rounds: a smoke check")
-    parser.add_argument("--profile", action="store_true", help="profile one step of each zero0 fp32 system (rank 0)")
+    parser.add_argument(
+        "--region-steps", type=int, default=2, help="profiled steps per system for the breakdown by region (0: none)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/fusion.json)")
     args = parser.parse_args(argv)
     base: dict[str, Any] = {"d_model": 128, "layers": 2, "seq": 64, "rounds": 3, "steps": 2} if args.quick else {}
@@ -368,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
         precisions=precisions,
         groups=tuple(args.groups or GROUPS),
         quick=args.quick,
-        profile=args.profile,
+        region_steps=args.region_steps,
     )
     return config, args.out or RESULTS_DIR / ("fusion-quick.json" if config.quick else "fusion.json")
 
@@ -390,11 +398,6 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "per_rank": results,
     }
-    for key, run in results[0]["runs"].items():
-        for name, table in run.get("profile", {}).items():
-            path = out_path.with_name(f"{out_path.stem}-profile-{key}-{name}.txt")
-            path.write_text(table)
-            print(f"profile of one {name} step ({key}, rank 0) -> {path}")
     print(f"\nwrote {write_json(out_path, payload)}")
     return 0
 
