@@ -154,3 +154,16 @@ def test_the_finetune_config_and_its_refusals() -> None:
         load_finetune_config(path, ["diffusion.model_type=vae"])
     with pytest.raises(ValueError, match=r"plan\.pp=2: the diffusion recipe runs under dp and ZeRO 0-3"):
         preflight(load_finetune_config(path, ["plan.pp=2"]), world_size=2)
+
+
+def test_dit_has_no_label_dropout_and_refuses_zero3() -> None:
+    from diffusers.models.embeddings import LabelEmbedding
+
+    from plait.recipes.diffusion_run import check_plan
+
+    dit = DiffusionConfig(model_type="dit", image_size=8, channels=[16])
+    embeddings = [m for m in build_diffusion(dit).modules() if isinstance(m, LabelEmbedding)]
+    assert embeddings and all(m.dropout_prob == 0 for m in embeddings)  # drawn from a rank's generator otherwise
+    check_plan(plait.Plan(zero=2), config=dit)
+    with pytest.raises(ValueError, match=r"plan\.zero=3 with model_type='dit' is not available"):
+        check_plan(plait.Plan(zero=3), config=dit)

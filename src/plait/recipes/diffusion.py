@@ -108,15 +108,17 @@ def build_denoiser(config: DiffusionConfig) -> nn.Module:
 
     if config.model_type == "dit":
         width = config.channels[0]
-        return diffusers.DiTTransformer2DModel(
-            num_attention_heads=config.num_heads,
-            attention_head_dim=width // config.num_heads,
-            in_channels=config.in_channels,
-            num_layers=config.layers_per_block,
-            patch_size=config.patch_size,
-            sample_size=config.image_size,
-            num_embeds_ada_norm=config.num_classes,
-            norm_num_groups=config.norm_groups,
+        return _without_label_dropout(
+            diffusers.DiTTransformer2DModel(
+                num_attention_heads=config.num_heads,
+                attention_head_dim=width // config.num_heads,
+                in_channels=config.in_channels,
+                num_layers=config.layers_per_block,
+                patch_size=config.patch_size,
+                sample_size=config.image_size,
+                num_embeds_ada_norm=config.num_classes,
+                norm_num_groups=config.norm_groups,
+            )
         )
     levels = len(config.channels)
     down = ["DownBlock2D"] * levels
@@ -135,6 +137,17 @@ def build_denoiser(config: DiffusionConfig) -> nn.Module:
         add_attention=config.attention,
         num_class_embeds=config.num_classes if config.class_conditional else None,
     )
+
+
+def _without_label_dropout(denoiser: nn.Module) -> nn.Module:
+    """DiT's label embedding drops 10% of labels in training (for classifier-free guidance) with the rank's
+    own generator, which no dp split can reproduce; the recipe samples without guidance: switch it off."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in denoiser.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return denoiser
 
 
 def build_scheduler(config: DiffusionConfig) -> Any:

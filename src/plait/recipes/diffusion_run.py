@@ -112,6 +112,7 @@ def heldout_loss(engine: Engine, batches: list[Batch], *, ema: EMA | None = None
 
 
 def boost_diffusion(config: DiffusionConfig, training: DiffusionTraining, *, plan: plait.Plan) -> Engine:
+    check_plan(plan, config=config)  # before boost's first collective
     torch.manual_seed(training.seed)
     return plait.boost(
         build_diffusion(config),
@@ -210,14 +211,20 @@ def training_from(section: DiffusionSection, train: Any) -> DiffusionTraining:
     )
 
 
-def check_plan(plan: plait.Plan) -> None:
-    """The recipe runs under dp and ZeRO 0-3; diffusers' denoisers have no tp/pp/cp/ep plan in plait."""
+def check_plan(plan: plait.Plan, *, config: DiffusionConfig) -> None:
+    """The recipe runs under dp and ZeRO 0-3 (the DiT under 0-2); diffusers' denoisers have no tp/pp/cp/ep
+    plan in plait."""
     for axis in ("tp", "pp", "cp", "ep"):
         if getattr(plan, axis) != 1:
             raise ValueError(
                 f"plan.{axis}={getattr(plan, axis)}: the diffusion recipe runs under dp and ZeRO 0-3 "
                 f"(plait has no {axis} plan for diffusers' UNet/DiT); set plan.{axis}=1"
             )
+    if config.model_type == "dit" and plan.zero == 3:  # ZeRO-3 gathers a block's weights for its own forward only
+        raise ValueError(
+            "plan.zero=3 with model_type='dit' is not available: diffusers' DiT calls its first block's "
+            "embedding from outside that block; use plan.zero<=2 or model_type='unet'"
+        )
 
 
 def preflight(config: Any, *, world_size: int) -> None:
@@ -225,8 +232,9 @@ def preflight(config: Any, *, world_size: int) -> None:
     digits, the plan (dp and ZeRO only) and the batch. No base model, tokenizer or text is read."""
     from plait.recipes.loop import checked_plan
 
-    check_digits(config.section("diffusion").model_config())
-    check_plan(config.plan)
+    model_config = config.section("diffusion").model_config()
+    check_digits(model_config)
+    check_plan(config.plan, config=model_config)
     checked_plan(config, world_size=world_size)
 
 
