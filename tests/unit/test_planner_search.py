@@ -15,9 +15,15 @@ from plait.planner.search import is_valid
 GIB = 2**30
 
 
-def test_every_plan_is_valid_and_fitting_plans_come_fastest_first() -> None:
+@pytest.fixture(scope="module")
+def llama_7b_on_8_h100():
+    """The search two tests read (a few seconds each time): llama-7b, 64 x 4096 tokens, one node of 8 H100."""
+    return search(ModelShape(get_preset("llama-7b")), Workload(64, 4096), cluster=Cluster.preset("h100", nodes=1))
+
+
+def test_every_plan_is_valid_and_fitting_plans_come_fastest_first(llama_7b_on_8_h100) -> None:
     shape = ModelShape(get_preset("llama-7b"))
-    result = search(shape, Workload(64, 4096), cluster=Cluster.preset("h100", nodes=1))
+    result = llama_7b_on_8_h100
     assert result.best is not None and result.num_invalid > 0
     for est in result.estimates:
         plan = est.plan
@@ -117,7 +123,7 @@ def test_interleaving_chunks_range_from_two_to_one_layer_per_virtual_stage() -> 
     assert chunks == {(2, c) for c in range(2, 7)} | {(4, c) for c in range(2, 4)}
 
 
-def test_cp_is_searched_where_sequences_run_out_and_only_then() -> None:
+def test_cp_is_searched_where_sequences_run_out_and_only_then(llama_7b_on_8_h100) -> None:
     shape = ModelShape(get_preset("llama-7b"))
     long_and_few = Workload(2, 131072)  # 2 sequences on 32 GPUs: dp <= 2, tp <= 8 leaves pp or cp
     cluster = Cluster.preset("h100", nodes=4)
@@ -126,5 +132,5 @@ def test_cp_is_searched_where_sequences_run_out_and_only_then() -> None:
     assert best is not None and without_cp is not None
     assert best.plan.cp > 1 and without_cp.plan.pp > 1  # a pipeline of 1 micro-batch per rank is mostly bubble
     assert best.step_s < without_cp.step_s
-    plenty = search(shape, Workload(64, 4096), cluster=Cluster.preset("h100", nodes=1))
+    plenty = llama_7b_on_8_h100
     assert plenty.best is not None and all(e.plan.cp == 1 for e in plenty.estimates)  # dp does the same work
