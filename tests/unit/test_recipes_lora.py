@@ -13,6 +13,8 @@ from plait.checkpoint.io import save_checkpoint
 from plait.checkpoint.lora_merge import merge_lora
 from plait.config import Config, DataConfig, ModelConfig
 from plait.data.tokenizer import train_tokenizer
+from plait.recipes.cli import preflight
+from plait.recipes.config import finetune_config_from_dict
 from plait.recipes.lora import LoraSettings, add_lora, lora_record, save_adapter, trainable_fraction
 from plait.recipes.quantize import Int8Linear
 from plait.tensor.apply import Context, Style
@@ -148,3 +150,18 @@ def test_transformers_gpt2_conv1d_layers_merge_in_their_layout() -> None:
     ids = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lora", "plan", "message"),
+    [
+        ({"target_modules": ["c_attn"]}, {}, r"\['c_attn'\] match no linear layer of GPT"),
+        ({"quantize": "int8"}, {"tp": 2}, r"an int8 base cannot be split over tp; set plan\.tp=1"),
+    ],
+)
+def test_bad_lora_input_is_refused_before_launch(lora: dict, plan: dict, message: str, tmp_path: Path) -> None:
+    lora_checkpoint(tmp_path / "base", "tiny", LoraSettings(rank=2))
+    raw = {"base": {"path": str(tmp_path / "base")}, "recipe": {"kind": "lora"}, "lora": lora, "plan": plan}
+    config = finetune_config_from_dict(raw | {"train": {"global_batch": 2}})
+    with pytest.raises(ValueError, match=message):
+        preflight(config, world_size=2)

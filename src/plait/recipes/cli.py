@@ -49,6 +49,10 @@ def preflight(config: FinetuneConfig, *, world_size: int) -> None:
     plan = checked_plan(config, world_size=world_size)
     tokenizer = load_tokenizer(config.base.path)
     resolve_template(config.data.template, tokenizer)
+    if config.recipe.kind == "lora":  # target modules against the base's names, int8 base without tp
+        from plait.recipes.lora import preflight as lora_preflight
+
+        lora_preflight(config)
     if config.recipe.kind in PREFERENCE_KINDS:  # chosen/rejected pairs, not instruction records
         check_preference_input(config, dp=plan.dp)
     elif config.data.source == "jsonl":

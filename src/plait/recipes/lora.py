@@ -195,6 +195,39 @@ def _is_rank_zero() -> bool:
     return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
+def base_skeleton(path: str | Path) -> nn.Module:
+    """The base model's modules on the meta device (names and shapes; no weights read): a Hugging Face
+    directory through plait's inspect_pretrained, a plait checkpoint from its config.json."""
+    import json
+
+    from plait.checkpoint.hf_pretrained import inspect_pretrained
+    from plait.checkpoint.io import CONFIG_FILE
+    from plait.config import config_from_dict
+    from plait.eval.sources import is_hf_dir
+    from plait.models import build
+    from plait.train.setup import model_config_for
+
+    path = Path(path)
+    if is_hf_dir(path):
+        return inspect_pretrained(path).meta_model
+    raw = json.loads((path / CONFIG_FILE).read_text())
+    with torch.device("meta"):
+        return build(model_config_for(config_from_dict(raw)))
+
+
+def preflight(config: Any) -> None:
+    """The [lora] checks that need no process group: target modules against the base's module names, and an
+    int8 base only without tp (one line each, before launch)."""
+    settings = config.section("lora")
+    if settings.quantize is not None and config.plan.tp > 1:
+        raise ValueError(
+            f"lora.quantize={settings.quantize!r} with plan.tp={config.plan.tp}: an int8 base cannot be split over "
+            "tp; set plan.tp=1 (dp and ZeRO work) or leave lora.quantize unset"
+        )
+    skeleton = base_skeleton(config.base.path)
+    check_targets(skeleton, resolve_targets(skeleton, settings))
+
+
 def prepare(config: Any, *, sft_data: Any = None) -> tuple[nn.Module, Any, Any]:
     """The LoRA recipe's (model with adapters, RecipeData, CheckpointRecord) for a FinetuneConfig; `sft_data`
     (plait.recipes.sft.SFTData) reuses rows already built for the same base and data section."""
