@@ -147,3 +147,12 @@ def test_plait_finetune_refuses_a_missing_base_in_one_line(tmp_path: Path, capsy
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and not (tmp_path / "none").exists()
+
+
+def test_batches_are_cut_after_their_longest_row() -> None:
+    from plait.recipes.sft import SFTData
+
+    short, longer = Tokens([1, 2, 3], [IGNORE, 2, 3]), Tokens(list(range(1, 21)), [IGNORE, *range(2, 21)])
+    data = SFTData(train_rows=[[short], [longer]], eval_rows=[], seq_len=64, pad_id=0, positions=True)
+    widths = {data.train_batch(0, rank, 2, global_batch=2)["input_ids"].shape[1] for rank in (0, 1)}
+    assert widths == {16, 32}  # 3 and 20 tokens, rounded up to 16 columns; never seq_len's 64

@@ -30,6 +30,7 @@ from plait.recipes.data.readers import read_examples
 from plait.recipes.loop import CheckpointRecord, FinetuneSummary, RecipeData, train_recipe
 
 EVAL_ROWS_PER_BATCH = 8
+PAD_MULTIPLE = 16  # a batch is cut after its longest row, to a multiple of this (sp/cp still split it)
 LOSS_FN = causal_lm  # the mean over the global batch's response tokens (a (sum, count) pair)
 
 
@@ -111,7 +112,11 @@ class SFTData:
         return self._orders[epoch]
 
     def _batch(self, rows: list[list[Tokens]]) -> dict[str, torch.Tensor]:
-        return collate(rows, seq_len=self.seq_len, pad_id=self.pad_id, positions=self.positions)
+        """The rows padded to the longest of them (rounded up), not to seq_len: causal attention makes trailing
+        padding dead weight, and unpacked pairs are mostly shorter than a row."""
+        longest = max(sum(len(tokens.ids) for tokens in row) for row in rows)
+        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        return collate(rows, seq_len=width, pad_id=self.pad_id, positions=self.positions)
 
     def step_rows(self, step: int, *, global_batch: int) -> list[list[Tokens]]:
         count = len(self.train_rows)
