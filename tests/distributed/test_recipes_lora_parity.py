@@ -99,3 +99,40 @@ def test_lora_matches_one_process(plan: str, references: dict) -> None:
         volume = facts[0]["volume"]
         assert volume["all_gather"] == STEPS * (2 if zero == 3 else 1) * 4 * optimized
         assert 2 * 4 * optimized * STEPS < volume["all_reduce"] <= (2 * 4 * optimized + 64) * STEPS
+
+
+def hf_lora_model() -> torch.nn.Module:
+    """A transformers Llama (its own tp plan: q/k/v/gate/up colwise, o/down rowwise) with adapters on every projection."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=32,
+    )  # fmt: skip
+    model = add_lora(transformers.LlamaForCausalLM(config), LoraSettings(rank=2))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model
+
+
+def train_hf(rank: int, world_size: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    engine = plait.boost(
+        hf_lora_model(),
+        optimizer=optimizer,
+        loss_fn=plait.losses.causal_lm,
+        plan=plait.Plan(dp=1, tp=2),
+        lr_scheduler=scheduler,
+        max_grad_norm=1.0,
+    )
+    return [engine.train_step(b).loss.item() for b in batches(512)], engine.model_state_dict()
+
+
+def test_lora_on_a_transformers_llama_under_tp2_matches_one_process() -> None:
+    model = hf_lora_model()
+    kwargs = dict(optimizer=optimizer, loss_fn=plait.losses.causal_lm, lr_scheduler=scheduler, max_grad_norm=1.0)
+    reference = (train_reference(model, batches(512), **kwargs), model.state_dict())
+    assert_parity(run_ranks(train_hf, 2, timeout_s=180), reference)
