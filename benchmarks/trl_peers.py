@@ -14,7 +14,12 @@ batches of --batch sequences, one thread. Systems:
 
 Each block trains over the same examples in a forked child (fresh peak-RSS mark after set-up); blocks run in
 rounds whose order rotates (A B C, B C A, C A B, ...). tokens/s counts the pairs' own tokens (no padding),
-so packing's gain shows. A DPO part (TRL's DPOTrainer) belongs beside `sft` in PEERS.
+so packing's gain shows.
+
+DPO (``--only dpo``): plait's DPO recipe against TRL's DPOTrainer on the first --examples corpus preference
+pairs (true body chosen, corrupted body rejected) of training documents, --dpo-batch pairs a step, beta 0.1;
+each with its reference a frozen copy of the base evaluated every step; tokens/s counts prompt + response
+tokens of both rows of every pair (no padding).
 
     python benchmarks/trl_peers.py [--rounds 4] [--examples 96] [--only sft]
 """
@@ -22,6 +27,7 @@ so packing's gain shows. A DPO part (TRL's DPOTrainer) belongs beside `sft` in P
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import multiprocessing
 import tempfile
@@ -192,7 +198,97 @@ def summarise(runs: dict[str, list[dict]], orders: list[list[str]]) -> dict[str,
     }
 
 
-PEERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sft": run_sft}
+def plait_dpo_block(args: argparse.Namespace) -> dict[str, float]:
+    """plait's DPO recipe over the preference pairs: the reference a frozen copy of the base, its log-probs
+    computed each step under no_grad (as `plait finetune` does), rows cut to the batch's longest."""
+    import plait
+    from plait.recipes.base import load_base
+    from plait.recipes.dpo import DPOLoss, with_reference_logps
+    from plait.recipes.preference_run import PreferenceData
+
+    model, tokenizer = load_base(args.base)
+    data = PreferenceData(args.dpo_pairs, [], tokenizer, seq_len=args.seq_len)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    engine = plait.boost(
+        model,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=DPO_LR, weight_decay=0.0),
+        loss_fn=DPOLoss(beta=DPO_BETA),
+        plan=plait.Plan(),
+        max_grad_norm=1.0,
+    )
+    steps = math.ceil(len(args.dpo_pairs) / args.dpo_batch)
+    batches = [data.train_batch(s, 0, 1, global_batch=2 * args.dpo_batch) for s in range(steps)]
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    reset_peak_rss()
+    rss_before = current_rss_bytes()
+    start = time.perf_counter()
+    for batch in batches:
+        engine.train_step(with_reference_logps(reference, batch))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "steps": steps, **memory(rss_before)}
+
+
+def trl_dpo_block(args: argparse.Namespace) -> dict[str, float]:
+    """TRL's DPOTrainer over the same pairs (the base's Hugging Face export; its reference a frozen copy of the
+    model evaluated each step, TRL's default; TRL appends EOS to each response)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in args.dpo_pairs]
+    with tempfile.TemporaryDirectory(prefix="trl-dpo-") as out:
+        config = DPOConfig(
+            output_dir=out, per_device_train_batch_size=args.dpo_batch, num_train_epochs=1, learning_rate=DPO_LR,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=DPO_BETA,
+            max_length=args.seq_len, truncation_mode="keep_start", save_strategy="no", report_to=[],
+            logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            optim="adamw_torch",
+        )  # fmt: skip
+        trainer = DPOTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        )
+        data = trainer.train_dataset
+        tokens = sum(
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True)
+        )
+        reset_peak_rss()
+        rss_before = current_rss_bytes()
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "steps": result.global_step, **memory(rss_before)}
+
+
+def run_dpo(args: argparse.Namespace) -> dict[str, Any]:
+    """plait DPO vs TRL's DPOTrainer: the first --examples corpus preference pairs of training documents,
+    --dpo-batch pairs a step, AdamW at a constant lr, beta 0.1, one thread each."""
+    from plait.checkpoint.hf_export import export_hf
+    from plait.recipes.data.preferences import corpus_pairs
+
+    args.dpo_pairs = corpus_pairs("stdlib", split="train", per_function=1)[: args.examples]
+    scratch = tempfile.TemporaryDirectory(prefix="trl-peer-hf-")
+    export_hf(args.base, scratch.name)
+    args.hf_dir = scratch.name
+    blocks = {"plait": lambda: plait_dpo_block(args), "trl": lambda: trl_dpo_block(args)}
+    runs: dict[str, list[dict]] = {name: [] for name in blocks}
+    orders = []
+    for index in range(args.rounds):
+        order = rotated(list(blocks), index)
+        orders.append(order)
+        for name in order:
+            runs[name].append(forked(blocks[name]))
+            print(f"round {index + 1}/{args.rounds} dpo {name}: {runs[name][-1]}", flush=True)
+    scratch.cleanup()
+    return summarise(runs, orders)
+
+
+DPO_LR = 5e-5
+DPO_BETA = 0.1
+PEERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"sft": run_sft, "dpo": run_dpo}
 
 
 def print_table(name: str, result: dict[str, Any]) -> None:
@@ -216,6 +312,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--dpo-batch", type=int, default=4, help="dpo: pairs per step (2 rows each)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "trl-peers.json"))
     args = parser.parse_args()
     start, load_before = time.perf_counter(), load_average()
@@ -225,7 +322,7 @@ def main() -> None:
         results[name] = PEERS[name](args)
         walls[name] = time.perf_counter() - began
         print_table(name, results[name])
-    settings = {k: v for k, v in vars(args).items() if k not in ("pairs", "hf_dir")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("pairs", "dpo_pairs", "hf_dir")}
     payload = {
         "settings": settings,
         "results": results,
