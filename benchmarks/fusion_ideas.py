@@ -12,6 +12,8 @@ with the load average. Ratios are before / after: above 1 means the idea is fast
                     a copy into the shard; the shard zeroed each step)
     compile-full    plan.compile "full" (embeddings, head with the blocks) vs "blocks"; -bf16 in bf16
     bucket-5mb      plan.bucket_mb 5 vs 25 (fp32: a smaller last bucket to wait for after backward)
+    bf16-grads-into-fp32  an experiment (bf16_grads_into_fp32 below): each 16-bit gradient cast straight
+                    into the fp32 shard as autograd produces it, vs the 16-bit buffer and its cast
 
     python benchmarks/fusion_ideas.py --ideas bf16-reduce compile-full --pairs 5
 """
@@ -35,6 +37,7 @@ from fusion import PRESET, WORLD_SIZE, BenchConfig, optimizer
 
 import plait
 from plait.models import build
+from plait.zero.flat import views_of
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,12 @@ class Idea:
 
 IDEAS = {
     "baseline-noise": Idea(Variant(), Variant()),
+    "baseline-noise-bf16": Idea(Variant(precision="bf16"), Variant(precision="bf16")),
     "bf16-reduce": Idea(Variant(precision="bf16", tweak="bf16-reduce-before"), Variant(precision="bf16")),
     "compile-full": Idea(Variant(), Variant(compile="full")),
     "compile-full-bf16": Idea(Variant(precision="bf16"), Variant(precision="bf16", compile="full")),
     "bucket-5mb": Idea(Variant(), Variant(bucket_mb=5.0)),
+    "bf16-grads-into-fp32": Idea(Variant(precision="bf16"), Variant(precision="bf16", tweak="bf16-grads-into-fp32")),
 }
 
 
@@ -78,7 +83,48 @@ def bf16_reduce_before(engine: Any) -> None:
         unit.zero_grads = types.MethodType(_zero_both, unit)
 
 
+def bf16_grads_into_fp32(engine: Any) -> None:
+    """An experiment for bf16 ZeRO-0 (not in plait: .grad would be None between steps, the 16-bit gradient
+    buffer would go, and the memory model with it): each parameter's 16-bit gradient, as autograd hands it
+    over, is cast into its view of the fp32 gradient shard (copied on the step's first micro-batch, added
+    after), so there is no 16-bit add_ into a zeroed buffer and no cast of the whole buffer at the reduction."""
+    zero = engine.data_parallel
+    zero.remove_hooks()
+    first: set[int] = set()
+    for unit in zero.units:
+        views = dict(zip(map(id, unit.params), views_of(unit.grad_shard, unit.layout), strict=True))
+        for param in unit.params:
+            param.register_post_accumulate_grad_hook(_move_grad(views[id(param)], first))
+            first.add(id(param))
+            param.grad = None
+        unit._flat_grads = types.MethodType(lambda unit: unit.grad_shard, unit)
+        unit.zero_grads = types.MethodType(_drop_grads(first), unit)
+    zero._register_grad_hooks()  # after the moves: a unit is reduced once its last gradient has moved
+
+
+def _move_grad(view: torch.Tensor, first: set[int]) -> Callable[[torch.Tensor], None]:
+    def move(param: torch.Tensor) -> None:
+        if id(param) in first:
+            view.copy_(param.grad)
+            first.discard(id(param))
+        else:
+            view.add_(param.grad)
+        param.grad = None
+
+    return move
+
+
+def _drop_grads(first: set[int]) -> Callable[[Any], None]:
+    def zero_grads(unit: Any) -> None:
+        for param in unit.params:
+            param.grad = None
+            first.add(id(param))
+
+    return zero_grads
+
+
 TWEAKS: dict[str, Callable[[Any], None]] = {
+    "bf16-grads-into-fp32": bf16_grads_into_fp32,
     "bf16-reduce-before": bf16_reduce_before,
 }
 
