@@ -79,6 +79,13 @@ def test_a_quantized_base_is_refused_under_tp() -> None:
         shard_lora_layer(layer, "blocks.0.attn.q_proj", style=Style("colwise"), ctx=ctx, build=lambda *a: a[0])
 
 
+def test_lora_dropout_is_refused_under_tp() -> None:
+    model = add_lora(plait.models.build("tiny"), LoraSettings(rank=2, dropout=0.1))
+    ctx = Context(group=None, tp=2, sequence_parallel=False)
+    with pytest.raises(ValueError, match=r"LoRA dropout under plan\.tp > 1 .* set lora\.dropout=0"):
+        shard_lora_layer(model.blocks[0].attn.q_proj, "q", style=Style("colwise"), ctx=ctx, build=lambda *a: a[0])
+
+
 def test_int8_base_is_close_to_fp32_and_a_quarter_of_the_bytes() -> None:
     linear = torch.nn.Linear(64, 32)
     quantized = Int8Linear(linear)
@@ -157,6 +164,7 @@ def test_transformers_gpt2_conv1d_layers_merge_in_their_layout() -> None:
     [
         ({"target_modules": ["c_attn"]}, {}, r"\['c_attn'\] match no linear layer of GPT"),
         ({"quantize": "int8"}, {"tp": 2}, r"an int8 base cannot be split over tp; set plan\.tp=1"),
+        ({"dropout": 0.1}, {"tp": 2}, r"lora\.dropout=0\.1 with plan\.tp=2: .* set lora\.dropout=0"),
     ],
 )
 def test_bad_lora_input_is_refused_before_launch(lora: dict, plan: dict, message: str, tmp_path: Path) -> None:

@@ -217,12 +217,17 @@ def base_skeleton(path: str | Path) -> nn.Module:
 
 def preflight(config: Any) -> None:
     """The [lora] checks that need no process group: target modules against the base's module names, and an
-    int8 base only without tp (one line each, before launch)."""
+    int8 base or adapter dropout only without tp (one line each, before launch)."""
     settings = config.section("lora")
     if settings.quantize is not None and config.plan.tp > 1:
         raise ValueError(
             f"lora.quantize={settings.quantize!r} with plan.tp={config.plan.tp}: an int8 base cannot be split over "
             "tp; set plan.tp=1 (dp and ZeRO work) or leave lora.quantize unset"
+        )
+    if settings.dropout > 0 and config.plan.tp > 1:
+        raise ValueError(
+            f"lora.dropout={settings.dropout} with plan.tp={config.plan.tp}: tp ranks would drop different inputs "
+            "of the replicated adapter factor; set lora.dropout=0"
         )
     skeleton = base_skeleton(config.base.path)
     check_targets(skeleton, resolve_targets(skeleton, settings))

@@ -38,6 +38,9 @@ def _check_plain(module: nn.Module, name: str, *, sequence_input: str | None) ->
         raise ValueError(f"{name}: LoRA variants (DoRA, ...) under plan.tp > 1 are not available; use plain LoRA")
     if any(not isinstance(layer, nn.Linear) for layer in [*module.lora_A.values(), *module.lora_B.values()]):
         raise ValueError(f"{name}: only LoRA factors that are nn.Linear can be split over tp")
+    if any(isinstance(drop, nn.Dropout) and drop.p > 0 for drop in module.lora_dropout.values()):
+        # tp ranks would drop different elements of the input the replicated lora_A sees, and its copies drift
+        raise ValueError(f"{name}: LoRA dropout under plan.tp > 1 is not available; set lora.dropout=0")
     if any(layer.bias is not None for layer in module.lora_B.values()):
         raise ValueError(f"{name}: LoRA with lora_bias under plan.tp > 1 is not available; set lora_bias=False")
     if sequence_input is not None:
