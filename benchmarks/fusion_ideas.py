@@ -1,12 +1,12 @@
 """Ideas for a faster compiled dp=2 step, each measured side by side against the code it would replace.
 
 Each idea is a pair of plait ZeRO-0 systems (compiled blocks, bench-dp, fusion.py's batches) that
-differ in one thing; the pair runs A B, B A, ... (plait.bench's run_alternating), `--steps` timed
+differ in one thing; the pair runs A B, B A, ... (plait.bench's pair_order), `--steps` timed
 steps per block after one untimed step, on 2 ranks of 1 thread. Per pair: the wall ratio (between
 barriers) and the ratio of rank 0's main-thread CPU seconds (robust to other work on the box),
 with the load average. Ratios are before / after: above 1 means the idea is faster.
 
-    baseline-noise  the same code twice: the spread any ratio below carries
+    baseline-noise  the same code twice (-bf16: in bf16): the spread any ratio below carries
     bf16-reduce     bf16 ZeRO-0: the 16-bit gradients cast straight into the fp32 gradient shard and
                     summed there, no fp32 shard zeroing (before: a cast to a temporary, its all-reduce,
                     a copy into the shard; the shard zeroed each step)
@@ -14,6 +14,11 @@ with the load average. Ratios are before / after: above 1 means the idea is fast
     bucket-5mb      plan.bucket_mb 5 vs 25 (fp32: a smaller last bucket to wait for after backward)
     bf16-grads-into-fp32  an experiment (bf16_grads_into_fp32 below): each 16-bit gradient cast straight
                     into the fp32 shard as autograd produces it, vs the 16-bit buffer and its cast
+
+Tried and dropped, their code gone (results/fusion-ideas-grad-copy-first.json, -math-attention.json):
+fp32 gradients copied into their bucket views on the first accumulation instead of zeroing the buffers
+(CPU 1.000); SDPA's math path for 16-bit CPU attention up to 128 tokens (CPU 1.080, but it keeps the
+attention probabilities for backward, which the planner's memory model does not count).
 
     python benchmarks/fusion_ideas.py --ideas bf16-reduce compile-full --pairs 5
 """
@@ -32,7 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, environment, format_table, load_average, ratio_summary, run_ranks, write_json
+from common import (
+    RESULTS_DIR,
+    environment,
+    format_table,
+    load_average,
+    pair_order,
+    ratio_summary,
+    run_ranks,
+    write_json,
+)
 from fusion import PRESET, WORLD_SIZE, BenchConfig, optimizer
 
 import plait
@@ -166,7 +180,7 @@ def measure_idea(rank: int, idea: Idea, config: IdeasConfig) -> dict[str, Any]:
     record["load"] = []
     for pair in range(config.pairs):
         record["load"].append(load_average())
-        for name in ("before", "after") if pair % 2 == 0 else ("after", "before"):
+        for name in pair_order(pair, ["before", "after"]):
             engines[name].train_step(batches[0])  # untimed: re-fault what the other system used
             torch.distributed.barrier()
             cpu0, wall0 = time.thread_time(), time.perf_counter()
