@@ -5,6 +5,7 @@ infinite loop, writes outside its directory, the network)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from plait.recipes.sandbox import SandboxLimits, graded_reward, run_sandboxed
 
 HEADER = 'def double(x):\n    """\n    >>> double(2)\n    4\n    """\n'
 LIMITS = SandboxLimits(cpu_s=1, wall_s=3.0)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 
 
 def direct_gae(rewards, values, mask, gamma, lam):
@@ -132,3 +134,21 @@ def test_sandbox_refuses_writes_outside_its_dir_and_the_network(tmp_path) -> Non
     network = "import socket\n" + HEADER + "    socket.socket()\n    return 4\n"
     assert run_sandboxed(network, entry="double", limits=LIMITS).errors == 1
     assert not os.path.exists(os.path.join(os.getcwd(), "mine.txt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("grpo.group=1", "use >= 2"), ("grpo.temperature=0", "rollouts sample"), ("grpo.reward='judge'", "choose one of")],
+)
+def test_grpo_config_refuses_bad_settings_in_one_line(override: str, message: str) -> None:
+    from plait.recipes.config import load_finetune_config
+
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(CONFIGS / "grpo.toml", [override])
+    assert load_finetune_config(CONFIGS / "ppo.toml").section("ppo").ppo_epochs == 2
+
+
+def test_completion_body_stops_where_the_function_ends() -> None:
+    from plait.recipes.data.verifiable import completion_body
+
+    assert completion_body("    return 1\n\n    \ndef other():\n    pass\n") == "    return 1\n\n    \n"

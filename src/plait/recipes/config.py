@@ -32,6 +32,7 @@ from plait.recipes.diffusion import DiffusionSection
 from plait.recipes.lora import LoraSettings
 from plait.recipes.preference import DPOSection, RewardSection, SimPOSection
 from plait.recipes.registry import check_kind
+from plait.recipes.rl_config import GRPOSection, PPOSection
 
 SOURCES = ("corpus", "jsonl")
 FORMATS = ("alpaca", "sharegpt")
@@ -118,6 +119,8 @@ RECIPE_SECTIONS: dict[str, type] = {
     "simpo": SimPOSection,
     "lora": LoraSettings,
     "diffusion": DiffusionSection,
+    "grpo": GRPOSection,
+    "ppo": PPOSection,
 }
 
 SECTIONS: dict[str, type] = {

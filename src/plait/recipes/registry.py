@@ -17,6 +17,8 @@ RECIPES: dict[str, str] = {
     "simpo": "plait.recipes.preference_run:run_simpo",
     "lora": "plait.recipes.lora:run",
     "diffusion": "plait.recipes.diffusion_run:run",
+    "grpo": "plait.recipes.rl_run:run_grpo",
+    "ppo": "plait.recipes.rl_run:run_ppo",
 }
 
 

@@ -1,0 +1,76 @@
+"""The config tables of the RL recipes: [grpo] and [ppo] in a `plait finetune` TOML.
+
+    [recipe]
+    kind = "grpo"
+    [grpo]
+    group = 4                  # completions per prompt
+    max_new_tokens = 48
+    kl_coef = 0.04
+
+`train.global_batch` counts prompts per step (all dp ranks together); a GRPO step is one rollout and
+one optimizer step, a PPO step one rollout and `ppo_epochs` optimizer steps of actor and critic.
+Light on imports: `plait.recipes.config` reads these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REWARDS = ("verifiable",)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class RolloutSection:
+    """Sampling and the sandboxed verifiable reward, shared by [grpo] and [ppo]."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 50
+    sandbox_cpu_s: int = 2
+    sandbox_wall_s: float = 6.0
+    reward: str = "verifiable"  # the graded doctest reward (plait.recipes.sandbox.graded_reward)
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens}: sample at least 1 token, e.g. 48")
+        _require(self.temperature > 0, f"temperature={self.temperature}: rollouts sample; use > 0, e.g. 1.0")
+        _require(self.top_k >= 1, f"top_k={self.top_k}: use at least 1, e.g. 50")
+        _require(self.sandbox_cpu_s >= 1 and self.sandbox_wall_s > 0, "sandbox_cpu_s >= 1 and sandbox_wall_s > 0")
+        _require(self.reward in REWARDS, f"reward={self.reward!r}: choose one of {', '.join(REWARDS)}")
+
+
+@dataclass
+class GRPOSection(RolloutSection):
+    """[grpo]: ``group`` completions per prompt, clipped policy gradient plus kl_coef x k3 KL to the base."""
+
+    group: int = 4
+    clip: float = 0.2
+    kl_coef: float = 0.04
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.group >= 2, f"group={self.group}: GRPO compares completions of a prompt; use >= 2, e.g. 4")
+        _require(0 < self.clip < 1, f"clip={self.clip}: use a fraction in (0, 1), e.g. 0.2")
+        _require(self.kl_coef >= 0, f"kl_coef={self.kl_coef}: use >= 0, e.g. 0.04")
+
+
+@dataclass
+class PPOSection(RolloutSection):
+    """[ppo]: per-token KL in the reward, GAE (gamma, lam), clipped policy and value losses, ppo_epochs."""
+
+    samples_per_prompt: int = 1
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    ppo_epochs: int = 4
+    critic_lr_ratio: float = 2.0  # the critic's learning rate over train.lr
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.critic_lr_ratio > 0, f"critic_lr_ratio={self.critic_lr_ratio}: use > 0, e.g. 2.0")

@@ -1,0 +1,190 @@
+"""`plait finetune` for the RL recipes: recipe.kind = "grpo" or "ppo", with the verifiable reward.
+
+Prompts are the corpus's doctest-carrying functions of training documents (`plait.recipes.data.verifiable`,
+kept where the true body passes its doctests in the sandbox and the prompt leaves room for the completion);
+step s takes train.global_batch of them in order (wrapping), split over dp ranks in contiguous shares.
+The loop is `plait.recipes.loop`'s (metrics line, metrics.csv, checkpoints); a step here is one rollout
+(the actor's weights gathered once into a plain replica, sampled under no_grad) then the updates. PPO's
+critic is a second engine on the same plan (its learning rate train.lr x critic_lr_ratio); the reference
+is a frozen copy of the base on every rank. The loss logged is the policy loss; the mean reward is logged
+beside it. Not evaluated on held-out tasks: the validation documents hold none.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.distributed.launch import is_main_rank, log_file
+from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
+from plait.recipes.config import FinetuneConfig
+from plait.recipes.data.verifiable import VerifiableTask, corpus_tasks, verifiable_reward, verified
+from plait.recipes.grpo import PolicyLoss, grpo_batch
+from plait.recipes.loop import (
+    LOG_FILE,
+    CheckpointRecord,
+    FinetuneRun,
+    FinetuneSummary,
+    RecipeData,
+    build_engine,
+    summary_line,
+)
+from plait.recipes.ppo import (
+    PPOModels,
+    PPOSettings,
+    ValueModel,
+    ppo_iteration,
+    refresh,
+    value_loss_for,
+)
+from plait.recipes.rl_config import RolloutSection
+from plait.recipes.rollout import SamplingConfig
+from plait.recipes.sandbox import SandboxLimits
+from plait.train.logs import DEFAULT_COLUMNS, MetricsLog
+
+
+def rl_tasks(config: FinetuneConfig, tokenizer: BaseTokenizer, *, context: int) -> list[VerifiableTask]:
+    """The verifiable prompts that fit the context, refused in one line when there are none."""
+    section: RolloutSection = config.section(config.recipe.kind)
+    tasks = corpus_tasks(config.data.corpus, split="train", val_fraction=config.data.val_fraction)
+    tasks = verified(tasks, limits=limits_of(section))
+    fitting = [t for t in tasks if len(tokenizer.encode(t.prompt)) + section.max_new_tokens <= context]
+    if not fitting:
+        raise ValueError(
+            f"no doctest-carrying function of data.corpus={config.data.corpus!r} fits {context} positions with "
+            f"max_new_tokens={section.max_new_tokens}; lower [{config.recipe.kind}].max_new_tokens"
+        )
+    return fitting[: config.data.max_examples] if config.data.max_examples else fitting
+
+
+def limits_of(section: RolloutSection) -> SandboxLimits:
+    return SandboxLimits(cpu_s=section.sandbox_cpu_s, wall_s=section.sandbox_wall_s)
+
+
+def sampling_of(section: RolloutSection, *, seed: int) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=section.max_new_tokens, temperature=section.temperature, top_k=section.top_k, seed=seed
+    )
+
+
+class RLRun(FinetuneRun):
+    """FinetuneRun whose step is a rollout of this rank's prompts followed by the recipe's updates."""
+
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        model: nn.Module,
+        *,
+        loss_fn: Any,
+        tasks: list,
+        tokenizer: Any,
+        record: CheckpointRecord,
+    ) -> None:
+        data = RecipeData(train_batch=lambda *_: {}, eval_batches=lambda *_: [], tokens_per_step=0)
+        self.replica, self.reference = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(config, model, loss_fn=loss_fn, data=data, record=record)
+        self.tasks, self.tokenizer = tasks, tokenizer
+        self.section = config.section(config.recipe.kind)
+        self.metrics_log.close()  # reopened with the recipe's own columns
+        columns = (*DEFAULT_COLUMNS, "reward", "value_loss")
+        self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), columns=columns)
+
+    def evaluate(self) -> float | None:
+        return None
+
+    def my_tasks(self, *, per_prompt: int) -> tuple[list[VerifiableTask], list[list[int]], int]:
+        count, size = self.config.train.global_batch, self.engine.dp_size
+        share = count // size
+        chosen = [self.tasks[(self.step * count + k) % len(self.tasks)] for k in range(count)]
+        mine = chosen[self.engine.dp_rank * share : (self.engine.dp_rank + 1) * share]
+        first = (self.step * count + self.engine.dp_rank * share) * per_prompt
+        return mine, [self.tokenizer.encode(t.prompt) for t in mine], first
+
+    def record_step(self, losses: list[float], rewards: torch.Tensor) -> dict[str, Any]:
+        self.losses.append(losses[-1])
+        total = torch.stack([rewards.double().sum(), torch.tensor(rewards.numel(), dtype=torch.double)])
+        if dist.is_initialized():  # the mean over every rank's samples, as one process would log it
+            dist.all_reduce(total, group=self.mesh.group("dp"))
+        reward = float(total[0] / total[1])
+        return {"loss": losses[-1], "reward": reward, "lr": self.engine.optimizer.param_groups[0]["lr"]}
+
+
+class GRPORun(RLRun):
+    def train_one_step(self) -> dict[str, Any]:
+        section = self.section
+        mine, prompts, first = self.my_tasks(per_prompt=section.group)
+        reward_fn = verifiable_reward(mine, self.tokenizer, samples=section.group, limits=limits_of(section))
+        batch, rewards = grpo_batch(
+            refresh(self.replica, self.engine), self.reference, prompts, group=section.group, first_index=first,
+            sampling=sampling_of(section, seed=self.config.train.seed), eos_id=self.tokenizer.eot_id, reward_fn=reward_fn,
+        )  # fmt: skip
+        return self.record_step([self.engine.train_step(batch).loss.item()], rewards)
+
+
+class PPORun(RLRun):
+    def __init__(self, config: FinetuneConfig, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(config, model, **kwargs)
+        section = self.section
+        self.settings = PPOSettings(
+            sampling=sampling_of(section, seed=config.train.seed), samples_per_prompt=section.samples_per_prompt,
+            kl_coef=section.kl_coef, gamma=section.gamma, lam=section.lam, clip=section.clip,
+            value_clip=section.value_clip, ppo_epochs=section.ppo_epochs,
+        )  # fmt: skip
+        critic = ValueModel(copy.deepcopy(self.reference).requires_grad_(True).train())
+        self.critic_replica = copy.deepcopy(critic)
+        critic_train = dataclasses.replace(config.train, lr=config.train.lr * section.critic_lr_ratio)
+        critic_config = dataclasses.replace(config, train=critic_train)
+        self.critic = build_engine(critic_config, critic, loss_fn=value_loss_for(self.settings), mesh=self.mesh)
+
+    def train_one_step(self) -> dict[str, Any]:
+        per = self.settings.samples_per_prompt
+        mine, prompts, first = self.my_tasks(per_prompt=per)
+        reward_fn = verifiable_reward(mine, self.tokenizer, samples=per, limits=limits_of(self.section))
+        models = PPOModels(self.engine, self.critic, self.replica, self.critic_replica, self.reference, reward_fn)
+        stats = ppo_iteration(models, prompts, first_index=first, settings=self.settings, eos_id=self.tokenizer.eot_id)
+        values = self.record_step(stats["policy_losses"], stats["scores"])
+        return {**values, "value_loss": stats["value_losses"][-1]}
+
+
+def _context(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "max_seq_len", None) or config.max_position_embeddings
+
+
+def _run(config: FinetuneConfig, run_class: type[RLRun], loss_fn: Any) -> FinetuneSummary:
+    model, tokenizer = load_base(config.base.path)
+    tasks = rl_tasks(config, tokenizer, context=_context(model))  # refused here, before any collective
+    config_dict, extra = checkpoint_record(config.base.path)
+    record = CheckpointRecord(config=config_dict, extra=extra)
+    owns_group = not dist.is_initialized()
+    try:
+        with log_file(Path(config.train.out_dir) / LOG_FILE):
+            run = run_class(config, model, loss_fn=loss_fn, tasks=tasks, tokenizer=tokenizer, record=record)
+            try:
+                summary = run.run()
+            finally:
+                run.engine.close()
+            if is_main_rank():
+                run.log.info(f"done: {summary_line(summary)}")
+            return summary
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_grpo(config: FinetuneConfig) -> FinetuneSummary:
+    """recipe.kind = "grpo": group-relative policy optimisation against the sandboxed doctest reward."""
+    section = config.section("grpo")
+    return _run(config, GRPORun, PolicyLoss(clip=section.clip, kl_coef=section.kl_coef))
+
+
+def run_ppo(config: FinetuneConfig) -> FinetuneSummary:
+    """recipe.kind = "ppo": actor, critic, reference and the sandboxed doctest reward."""
+    section = config.section("ppo")
+    return _run(config, PPORun, PolicyLoss(clip=section.clip, kl_coef=0.0))
