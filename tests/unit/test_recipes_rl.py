@@ -152,3 +152,18 @@ def test_completion_body_stops_where_the_function_ends() -> None:
     from plait.recipes.data.verifiable import completion_body
 
     assert completion_body("    return 1\n\n    \ndef other():\n    pass\n") == "    return 1\n\n    \n"
+
+
+def test_a_reward_model_scores_rollouts_at_their_last_real_token() -> None:
+    from plait.recipes.ppo import reward_model_fn
+    from plait.recipes.reward import RewardModel
+
+    sampled = rollout(
+        tiny_policy(), [[5, 6, 7]], num_samples=2, first_index=0, sampling=SamplingConfig(max_new_tokens=4), eos_id=0
+    )
+    reward = RewardModel(tiny_policy())
+    scores = reward_model_fn(reward)(sampled)
+    for row in range(2):
+        length = int(sampled.attention_mask[row].sum())
+        alone = reward(sampled.input_ids[row : row + 1, :length])
+        torch.testing.assert_close(scores[row : row + 1], alone, rtol=1e-5, atol=1e-6)

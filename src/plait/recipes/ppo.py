@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from plait.recipes.grpo import PolicyLoss, count_completion_tokens
-from plait.recipes.reward import final_hidden, hidden_size_of
+from plait.recipes.reward import RewardModel, final_hidden, hidden_size_of
 from plait.recipes.rollout import Rollout, SamplingConfig, policy_logps, rollout
 
 Batch = dict[str, torch.Tensor]
@@ -145,6 +145,13 @@ def ppo_batch(
     advantages, returns = gae(rewards, values, mask, gamma=settings.gamma, lam=settings.lam)
     batch.update(advantages=advantages, returns=returns, old_values=values)
     return batch, scores
+
+
+def reward_model_fn(model: RewardModel) -> Callable[[Rollout], torch.Tensor]:
+    """A trained reward model (`plait.recipes.reward.RewardModel`, frozen) as PPO's reward: each row's score at
+    its last real token (the end token, or the last sampled one)."""
+    model.eval().requires_grad_(False)
+    return lambda sampled: model.score(sampled.input_ids, sampled.attention_mask)
 
 
 def refresh(replica: nn.Module, engine: object) -> nn.Module:
