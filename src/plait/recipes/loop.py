@@ -42,7 +42,7 @@ class RecipeData:
 
     train_batch: Callable[[int, int, int], Batch]
     eval_batches: Callable[[int, int], list[Batch]]
-    tokens_per_step: int  # tokens of one global batch (all ranks), for tokens/s
+    tokens_per_step: int | Callable[[int], int]  # tokens of one global batch (all ranks), or step -> tokens
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ class FinetuneRun:
         result = self.engine.train_step(batch)
         loss = result.loss.item()
         seconds = time.perf_counter() - start
-        self.throughput.record(self.step, self.data.tokens_per_step, seconds)
+        tokens = self.data.tokens_per_step
+        self.throughput.record(self.step, tokens(self.step) if callable(tokens) else tokens, seconds)
         self.losses.append(loss)
         return {
             "loss": loss,

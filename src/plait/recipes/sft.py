@@ -123,6 +123,10 @@ class SFTData:
         spots = range(step * global_batch, (step + 1) * global_batch)
         return [self.train_rows[self._order(spot // count)[spot % count]] for spot in spots]
 
+    def step_tokens(self, step: int, *, global_batch: int) -> int:
+        """The pairs' own tokens in step `step`'s global batch (padding not counted), for tokens/s."""
+        return sum(len(tokens.ids) for row in self.step_rows(step, global_batch=global_batch) for tokens in row)
+
     def train_batch(self, step: int, dp_rank: int, dp_size: int, *, global_batch: int) -> dict[str, torch.Tensor]:
         """This dp rank's contiguous share of step `step`'s global batch."""
         per_rank = global_batch // dp_size
@@ -137,7 +141,7 @@ class SFTData:
         return RecipeData(
             train_batch=lambda step, rank, size: self.train_batch(step, rank, size, global_batch=global_batch),
             eval_batches=self.eval_batches,
-            tokens_per_step=global_batch * self.seq_len,
+            tokens_per_step=lambda step: self.step_tokens(step, global_batch=global_batch),
         )
 
 
