@@ -185,4 +185,9 @@ def test_eval_writes_json_markdown_and_plot(root: Path, tmp_path: Path) -> None:
     assert 0.0 <= first["plait_code_choice"]["acc"] <= 1.0
     assert results["checkpoints"][0]["results"] != results["checkpoints"][1]["results"]  # other weights
     assert "| plait_code_choice | acc |" in (out / "results.md").read_text()
+    stderr = first["plait_code_choice"]["acc_mutual_info_stderr"]  # a mean's: sd / sqrt(n)
+    assert (
+        0.0 <= stderr < 1.0
+        and f"{first['plait_code_choice']['acc_mutual_info']:.6g} ± {stderr:.2g}" in (out / "results.md").read_text()
+    )
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"

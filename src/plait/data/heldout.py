@@ -70,12 +70,14 @@ class Function:
     body: str
 
 
-def held_out_functions(part: HeldOut) -> list[Function]:
-    """Documented functions of the held-out documents whose body no training document contains, in order."""
+def held_out_functions(part: HeldOut, *, documented_only: bool = True) -> list[Function]:
+    """Functions of the held-out documents whose body no training document contains, in order: those with
+    a docstring (the header is signature and docstring), or with ``documented_only=False`` every function
+    with a body below its signature line (an undocumented one's header is its signature alone)."""
     seen: set[str] = set()
     functions = []
     for text in part.documents:
-        for function in _documented_functions(text):
+        for function in _functions(text, documented_only=documented_only):
             if function.body in seen or function.body.strip() in part.train_text:
                 continue
             seen.add(function.body)
@@ -97,24 +99,31 @@ def training_functions(part: HeldOut) -> list[Function]:
 
 
 def _documented_functions(text: str) -> Iterator[Function]:
+    return _functions(text, documented_only=True)
+
+
+def _functions(text: str, *, documented_only: bool) -> Iterator[Function]:
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):  # Python 2 test data and deliberate syntax errors in the stdlib
         return
     lines = text.splitlines()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and ast.get_docstring(node):
-            function = _split(node, lines)
-            if function is not None:
-                yield function
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            documented = bool(ast.get_docstring(node))
+            if documented or not documented_only:
+                function = _split(node, lines, documented=documented)
+                if function is not None:
+                    yield function
 
 
-def _split(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> Function | None:
-    docstring_end = node.body[0].end_lineno
-    if len(node.body) < 2 or docstring_end is None or node.end_lineno is None:
+def _split(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], *, documented: bool) -> Function | None:
+    # the header ends with the docstring, or (undocumented) on the line before the first statement
+    header_end = node.body[0].end_lineno if documented else node.body[0].lineno - 1
+    if len(node.body) < 1 + documented or header_end is None or header_end < node.lineno or node.end_lineno is None:
         return None
     segment = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-    header_lines = docstring_end - node.lineno + 1
+    header_lines = header_end - node.lineno + 1
     seg_lines = segment.splitlines()
     body = [line for line in seg_lines[header_lines:] if line.strip()][:_MAX_BODY_LINES]
     header = "\n".join(seg_lines[:header_lines]) + "\n"

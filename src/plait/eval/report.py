@@ -11,7 +11,7 @@ from plait.data.tokenizer import atomic_path
 _PLOTTED = {
     "plait_perplexity": "byte_perplexity",
     "plait_next_token": "acc",
-    "plait_code_choice": "acc",
+    "plait_code_choice": "acc_mutual_info",
     "plait_code_line": "exact_match",
 }
 
@@ -35,20 +35,29 @@ def _write(path: Path, text: str) -> Path:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per task and metric, one column per checkpoint (with its step)."""
+    """One row per task and metric, one column per checkpoint (with its step); value ± standard error."""
     checkpoints = results["checkpoints"]
     header = "| task | metric | " + " | ".join(f"{c['label']} (step {c['step']})" for c in checkpoints) + " |"
     lines = [header, "|" + " --- |" * (len(checkpoints) + 2)]
     for task, metric in _task_metrics(checkpoints):
-        values = [c["results"].get(task, {}).get(metric) for c in checkpoints]
-        cells = " | ".join("" if v is None else f"{v:.6g}" for v in values)
+        cells = " | ".join(_cell(c["results"].get(task, {}), metric) for c in checkpoints)
         lines.append(f"| {task} | {metric} | {cells} |")
     data = results["data"]
     counts = ", ".join(f"{k.removeprefix('num_')}: {v}" for k, v in data.items() if k.startswith("num_plait"))
     lines += ["", f"Held-out data: {data['source']}, split v{data['split']['version']} ({counts} samples)."]
     if "chance_code_choice" in data:
-        lines.append(f"Chance level of plait_code_choice acc: {data['chance_code_choice']:.4g} (1 / choices).")
+        lines.append(
+            f"Chance level of plait_code_choice (acc, acc_norm, acc_mutual_info): {data['chance_code_choice']:.4g} "
+            "(1 / choices); its headline is acc_mutual_info (see the task's YAML)."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _cell(metrics: dict[str, float], metric: str) -> str:
+    value, stderr = metrics.get(metric), metrics.get(f"{metric}_stderr")
+    if value is None:
+        return ""
+    return f"{value:.6g}" if stderr is None else f"{value:.6g} ± {stderr:.2g}"
 
 
 def _task_metrics(checkpoints: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -56,7 +65,8 @@ def _task_metrics(checkpoints: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for checkpoint in checkpoints:
         for task, metrics in checkpoint["results"].items():
             for metric in metrics:
-                seen[(task, metric)] = None
+                if not (metric.endswith("_stderr") and metric.removesuffix("_stderr") in metrics):
+                    seen[(task, metric)] = None
     return list(seen)
 
 
@@ -69,8 +79,11 @@ def plot_metrics(results: dict[str, Any], png_path: Path) -> None:
     figure = Figure(figsize=(4 * max(1, len(panels)), 3.5), dpi=100)
     for index, (task, metric) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
-        points = [(c["step"], c["results"][task][metric]) for c in checkpoints if metric in c["results"].get(task, {})]
-        axes.plot(*zip(*points, strict=True), "o-")
+        scored = [c for c in checkpoints if metric in c["results"].get(task, {})]
+        steps = [c["step"] for c in scored]
+        values = [c["results"][task][metric] for c in scored]
+        errors = [c["results"][task].get(f"{metric}_stderr", 0.0) for c in scored]
+        axes.errorbar(steps, values, yerr=errors, fmt="o-", capsize=3)
         axes.set_title(task.removeprefix("plait_"), fontsize=10)
         axes.set_xlabel("step")
         axes.set_ylabel(metric)

@@ -179,7 +179,7 @@ def _evaluate(checkpoint: Checkpoint, tasks: list[Any], *, request: EvalRequest,
         model=lm,
         tasks=tasks,
         limit=request.limit,
-        bootstrap_iters=0,
+        bootstrap_iters=1000,  # a mean's standard error is closed-form; only median-like metrics resample
         log_samples=False,
         task_manager=task_manager,
         random_seed=0,
@@ -220,11 +220,11 @@ def _world_size() -> int:
 
 
 def _metrics(output: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm_eval's results (its 'acc,none' keys, stderr left out)."""
+    """{task: {metric: value}} from lm_eval's results (its 'acc,none' keys; 'acc_stderr' where lm_eval gives one)."""
     metrics: dict[str, dict[str, float]] = {}
     for task, values in (output or {}).get("results", {}).items():
         for key, value in values.items():
             name, _, _ = key.partition(",")
-            if isinstance(value, int | float) and "stderr" not in name and name not in ("alias", "sample_len"):
+            if isinstance(value, int | float) and name not in ("alias", "sample_len"):
                 metrics.setdefault(task, {})[name] = float(value)
     return metrics
