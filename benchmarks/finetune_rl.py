@@ -15,6 +15,8 @@ function ends (the first unindented line).
 
     python benchmarks/finetune_rl.py                      # from the repository root; a few minutes on 2 busy cores
     python benchmarks/finetune_rl.py --ppo-iters 2 --grpo-iters 1 --tag smoke
+    python benchmarks/finetune_rl.py --fixed-prompts --prompts 8 --samples 4 --lr 3e-4 --ppo-epochs 4 \
+        --grpo-iters 0 --tag fixed-8x4-lr3e-4         # PPO only, the run whose reward rose (README)
 
 Writes benchmarks/results/finetune_rl.json (--tag: -TAG suffix).
 """
