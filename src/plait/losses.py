@@ -42,6 +42,18 @@ def aligned_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     )
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy (batch, seq), fp32, of ``logits`` (batch, seq, vocab) against ``targets`` at the
+    same positions (0 where IGNORE_INDEX); under tensor parallel the vocab-sharded slice is read where it lies
+    (its shard record lives on that tensor object, so pass the model's whole output, not a slice of it)."""
+    shard = is_vocab_sharded(logits)
+    if shard is not None:
+        return vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+
+
 class CausalLM:
     """Next-token cross entropy: (sum over predicted tokens, number of them).
 

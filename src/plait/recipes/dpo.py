@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.losses import IGNORE_INDEX, logits_of
+from plait.losses import IGNORE_INDEX, logits_of, token_nll
 from plait.recipes.reward import count_pairs, pair_accuracy, split_pairs, summarise
-from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
 
 Batch = dict[str, torch.Tensor]
 
@@ -44,15 +43,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``logits`` (rows, seq, vocab or vocab/tp) are the model's whole output: under tp the vocab-sharded
     slice is read where it lies (its shard record lives on that tensor object, so it is not sliced first).
     """
-    targets = shifted_targets(labels)
-    shard = is_vocab_sharded(logits)
-    if shard is not None:
-        per_token = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX)
-    else:
-        per_token = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
-    return -per_token.sum(dim=1)
+    return -token_nll(logits, shifted_targets(labels)).sum(dim=1)
 
 
 def response_lengths(labels: torch.Tensor) -> torch.Tensor:

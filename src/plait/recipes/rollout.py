@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.losses import IGNORE_INDEX, logits_of
+from plait.losses import IGNORE_INDEX, logits_of, token_nll
 from plait.recipes.dpo import shifted_targets
-from plait.tensor.cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
 from plait.train.generate import pick_token
 
 Batch = dict[str, torch.Tensor]
@@ -69,13 +68,7 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
     ``logits`` are the model's whole output; under tp the vocab-sharded slice is read where it lies.
     """
     targets = shifted_targets(torch.where(mask.bool(), input_ids, IGNORE_INDEX))  # position t: target t+1
-    shard = is_vocab_sharded(logits)
-    if shard is not None:
-        nll = vocab_parallel_cross_entropy(logits, targets, shard=shard, ignore_index=IGNORE_INDEX)
-    else:
-        nll = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
+    nll = token_nll(logits, targets)
     return torch.cat([nll.new_zeros(nll.size(0), 1), -nll[:, :-1]], dim=1)
 
 
