@@ -23,12 +23,11 @@ from plait.checkpoint.io import checkpoint_name, prune_checkpoints
 from plait.config import Plan
 from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is_main_rank, log_file
 from plait.distributed.mesh import Mesh
-from plait.engine import Engine, boost
-from plait.optim import lr_schedule
+from plait.engine import Engine
 from plait.recipes.config import FinetuneConfig
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
-from plait.train.optimizers import optimizer_from_config
+from plait.train.loop import engine_for
 from plait.train.setup import launched_world_size, seed_everything
 
 LOG_FILE = "finetune.log"  # in out_dir: every rank's log lines
@@ -73,18 +72,7 @@ def checked_plan(config: FinetuneConfig, *, world_size: int) -> Plan:
 
 
 def build_engine(config: FinetuneConfig, model: nn.Module, *, loss_fn: Any, mesh: Mesh) -> Engine:
-    train = config.train
-    return boost(
-        model,
-        optimizer=optimizer_from_config(train),
-        loss_fn=loss_fn,
-        mesh=mesh,
-        lr_scheduler=lambda opt: lr_schedule(
-            opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
-        ),
-        max_grad_norm=train.max_grad_norm,
-        on_nonfinite=train.on_nonfinite,
-    )
+    return engine_for(config.train, model, loss_fn=loss_fn, mesh=mesh)
 
 
 class FinetuneRun:

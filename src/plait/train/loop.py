@@ -12,7 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
-from plait.config import Config
+from plait.config import Config, TrainConfig
 from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is_main_rank, log_file
 from plait.distributed.mesh import Mesh
 from plait.engine import Engine, boost
@@ -50,11 +50,16 @@ class RunSummary:
 
 
 def build_engine(config: Config, model: torch.nn.Module, *, mesh: Mesh) -> Engine:
-    train = config.train
+    # causal_lm unless [task] names another (plait.tasks)
+    return engine_for(config.train, model, loss_fn=text_task(config).loss_fn, mesh=mesh)
+
+
+def engine_for(train: TrainConfig, model: torch.nn.Module, *, loss_fn: Any, mesh: Mesh) -> Engine:
+    """`boost` with the [train] table's optimizer, schedule, clipping and non-finite policy."""
     return boost(
         model,
         optimizer=optimizer_from_config(train),
-        loss_fn=text_task(config).loss_fn,  # causal_lm unless [task] names another (plait.tasks)
+        loss_fn=loss_fn,
         mesh=mesh,
         lr_scheduler=lambda opt: lr_schedule(
             opt, name=train.schedule, warmup=train.warmup, total=train.steps, min_ratio=train.min_lr_ratio
