@@ -18,7 +18,13 @@ function ends (the first unindented line).
     python benchmarks/finetune_rl.py --fixed-prompts --prompts 8 --samples 4 --lr 3e-4 --ppo-epochs 4 \
         --grpo-iters 0 --tag fixed-8x4-lr3e-4         # PPO only, the run whose reward rose (README)
 
-Writes benchmarks/results/finetune_rl.json (--tag: -TAG suffix).
+3. --reward model (benchmarks/rl_reward_model.py): PPO against a reward model trained on the corpus's preference
+   pairs instead of the sandbox; held-out reward and KL to the reference before/after, decoded samples.
+
+    python benchmarks/finetune_rl.py --reward model --reward-steps 200 --prompts 8 --samples 4 --max-new 24 \
+        --max-prompt-tokens 64 --lr 5e-5 --kl 0.05 --ppo-epochs 4 --threads 2
+
+Writes benchmarks/results/finetune_rl.json (--reward model: finetune_rl-reward-model.json; --tag: -TAG suffix).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 from common import RESULTS_DIR, environment, finish, format_table, load_average
+from rl_reward_model import learned_reward_run
 
 import plait
 from plait.recipes.base import load_base
@@ -73,6 +80,15 @@ def parse_args() -> argparse.Namespace:
         "--max-prompt-tokens", type=int, default=80, help="keep tasks whose prompt is this short (0: all that fit)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument(
+        "--reward", choices=("verifiable", "model"), default="verifiable",
+        help="model: PPO against a reward model trained on the corpus's preference pairs (rl_reward_model.py)",
+    )  # fmt: skip
+    parser.add_argument("--reward-steps", type=int, default=60, help="--reward model: reward-model steps")
+    parser.add_argument("--reward-lr", type=float, default=2e-4)
+    parser.add_argument("--reward-pairs", type=int, default=8, help="preference pairs per reward-model step")
+    parser.add_argument("--eval-prompts", type=int, default=16, help="--reward model: held-out prompts")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
     return parser.parse_args()
 
@@ -186,6 +202,8 @@ def main() -> None:
     load_before, start, phases = load_average(), time.perf_counter(), {}
     base, tokenizer = load_base(args.base)
     torch.set_num_threads(args.threads)
+    if args.reward == "model":
+        return main_learned_reward(args, base, tokenizer, start=start, load_before=load_before)
     tasks = load_tasks(
         tokenizer, context=base.config.max_seq_len, max_new=args.max_new, max_prompt=args.max_prompt_tokens
     )
@@ -220,6 +238,28 @@ def main() -> None:
     }
     suffix = f"-{args.tag}" if args.tag else ""
     finish(RESULTS_DIR / f"finetune_rl{suffix}.json", payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
+
+
+def main_learned_reward(args: argparse.Namespace, base: Any, tokenizer: Any, *, start: float, load_before: Any) -> None:
+    payload, rows = learned_reward_run(args, base, tokenizer)
+    headers = ["learned reward (standardised)", "mean ± spread", "KL to reference"]
+    print()
+    print(format_table(headers, rows))
+    payload = {
+        "environment": environment(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "settings": vars(args),
+        **payload,
+        "table": {"headers": headers, "rows": rows},
+    }
+    suffix = f"-{args.tag}" if args.tag else ""
+    finish(
+        RESULTS_DIR / f"finetune_rl-reward-model{suffix}.json",
+        payload,
+        wall_s=time.perf_counter() - start,
+        phase_wall_s=payload["phase_wall_s"],
+    )
 
 
 if __name__ == "__main__":
