@@ -2,8 +2,10 @@
 
 Pairs from the default corpus (plait.recipes.data.preferences): a documented function's header as the
 prompt, its true body chosen, a corrupted body rejected (swapped statements, a flipped operator or
-constant, another function's body of the same line count). Training pairs from training documents (one
-corruption per function), held-out pairs from validation documents (every corruption that applies).
+constant, another function's body of the same line count). Training pairs from documented functions of
+training documents (one corruption per function), held-out pairs from every function of the validation
+documents (an undocumented one prompted by its signature; --documented-only: the documented ones), every
+corruption that applies.
 
 1. The base model's plain log-likelihood preference on the held-out pairs: logp(chosen) > logp(rejected),
    summed and per token.
@@ -53,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--documented-only",
+        action="store_true",
+        help="held-out pairs from documented validation functions only (default: every validation function)",
+    )
     parser.add_argument("--tag", default="")
     return parser.parse_args()
 
@@ -175,7 +182,9 @@ def main() -> None:
     _, tokenizer = load_base(args.base)
     part = held_out("stdlib", val_fraction=0.01)
     train_pairs = corpus_pairs(split="train", per_function=1, seed=args.seed, part=part)
-    held_pairs = corpus_pairs(split="heldout", per_function=3, seed=args.seed, part=part)
+    held_pairs = corpus_pairs(
+        split="heldout", per_function=3, seed=args.seed, part=part, documented_only=args.documented_only
+    )
     kinds = [pair.kind for pair in held_pairs]
     held = eval_batches(held_pairs, tokenizer, seq_len=args.seq_len)
     data = PreferenceData(train_pairs, held_pairs, tokenizer, seq_len=args.seq_len, seed=args.seed)

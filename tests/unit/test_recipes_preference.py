@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import plait
-from plait.data.heldout import Function
+from plait.data.heldout import Function, HeldOut
 from plait.recipes.data.preferences import (
     PairFields,
     PreferencePair,
+    corpus_pairs,
     encode_pairs,
     flip_operator,
     function_pairs,
@@ -25,6 +26,7 @@ from plait.recipes.data.preferences import (
     trim_padding,
 )
 from plait.recipes.dpo import DPOLoss, SimPOLoss, implicit_reward_accuracy, sequence_logps, with_reference_logps
+from plait.recipes.preference_run import PreferenceData
 from plait.recipes.reward import RewardModel, last_token_index, pairwise_loss
 
 VOCAB = 11
@@ -198,3 +200,37 @@ def test_jsonl_refusals_name_the_count_and_first_line(tmp_path: Path) -> None:
     broken.write_text('{"prompt": "p"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_preference_jsonl(broken)
+
+
+HELD_DOCUMENT = '''
+def documented(x):
+    """Add one."""
+    y = x + 1
+    return y
+
+
+def undocumented(a, b):
+    c = a * b
+    d = c - 2
+    return d
+'''
+
+
+def test_heldout_pairs_may_take_every_validation_function() -> None:
+    part = HeldOut(documents=(HELD_DOCUMENT,), train_text="", split={})
+    documented = corpus_pairs(split="heldout", per_function=3, part=part)
+    every = corpus_pairs(split="heldout", per_function=3, part=part, documented_only=False)
+    assert {pair.prompt.splitlines()[0] for pair in documented} == {"def documented(x):"}
+    assert {pair.prompt.splitlines()[0] for pair in every} == {"def documented(x):", "def undocumented(a, b):"}
+    with pytest.raises(ValueError, match="heldout. only"):
+        corpus_pairs(split="train", part=part, documented_only=False)
+
+
+def test_preference_tokens_per_step_counts_real_tokens_only() -> None:
+    pairs = [PreferencePair("abcdef", "XY", "Z"), PreferencePair("p", "long response", "r")] * 2
+    data = PreferenceData(pairs, [], Chars(), seq_len=8)
+    counts = data.recipe_data(global_batch=4).tokens_per_step
+    step0 = data.step_pairs(0, num_pairs=2)
+    expected = sum(min(8, min(len(p.prompt), 4) + len(r)) for p in step0 for r in (p.chosen, p.rejected))
+    assert callable(counts) and counts(0) == expected < 4 * 8
+    assert [counts(step) for step in range(4)] == [data.step_tokens(step, global_batch=4) for step in range(4)]

@@ -101,6 +101,11 @@ class PreferenceData:
         pairs = self.step_pairs(step, num_pairs=global_batch // 2)
         return self.encode(pairs[dp_rank * per_rank : (dp_rank + 1) * per_rank])
 
+    def step_tokens(self, step: int, *, global_batch: int) -> int:
+        """The real tokens of step ``step``'s global batch (prompts and responses, padding not counted), for tokens/s."""
+        pairs = self.step_pairs(step, num_pairs=global_batch // 2)
+        return int(encode_pairs(pairs, self.tokenizer, seq_len=self.seq_len)["attention_mask"].sum())
+
     def eval_batches(self, dp_rank: int, dp_size: int) -> list[Batch]:
         mine = self.held[dp_rank::dp_size]
         return [self.encode(mine[i : i + EVAL_PAIRS_PER_BATCH]) for i in range(0, len(mine), EVAL_PAIRS_PER_BATCH)]
@@ -109,7 +114,7 @@ class PreferenceData:
         return RecipeData(
             train_batch=lambda step, rank, size: self.train_batch(step, rank, size, global_batch=global_batch),
             eval_batches=self.eval_batches,
-            tokens_per_step=global_batch * self.seq_len,
+            tokens_per_step=lambda step: self.step_tokens(step, global_batch=global_batch),
         )
 
 

@@ -153,13 +153,26 @@ def corpus_pairs(
     per_function: int = 1,
     seed: int = 0,
     part: HeldOut | None = None,
+    documented_only: bool = True,
 ) -> list[PreferencePair]:
     """Preference pairs from ``corpus``: ``split="train"`` from training documents, ``"heldout"`` from validation
-    documents (the recorded split `plait eval` reads; ``part``: that split, already read)."""
+    documents (the recorded split `plait eval` reads; ``part``: that split, already read).
+
+    ``documented_only=False`` (held-out only) takes every validation function, an undocumented one prompted by
+    its signature alone: ~8x the pairs to measure on. The default keeps documented ones, the prompts training
+    pairs have; training pairs are always from documented training functions."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: use 'train' (training documents) or 'heldout' (validation documents)")
+    if split == "train" and not documented_only:
+        raise ValueError(
+            "documented_only=False applies to split='heldout' only: training pairs come from documented training "
+            "functions; drop documented_only for split='train'"
+        )
     part = part if part is not None else held_out(corpus, val_fraction=val_fraction)
-    functions = training_functions(part) if split == "train" else held_out_functions(part)
+    if split == "train":
+        functions = training_functions(part)
+    else:
+        functions = held_out_functions(part, documented_only=documented_only)
     return function_pairs(functions, per_function=per_function, seed=seed)
 
 
