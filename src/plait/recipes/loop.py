@@ -192,10 +192,16 @@ def train_recipe(
     config: FinetuneConfig, model: nn.Module, *, loss_fn: Any, data: RecipeData, record: CheckpointRecord
 ) -> FinetuneSummary:
     """Fine-tune `model` per `config` on this rank (under torchrun every rank calls this)."""
-    owns_group = not dist.is_initialized()  # under a test harness the caller owns it
+    return run_to_end(config, lambda: FinetuneRun(config, model, loss_fn=loss_fn, data=data, record=record))
+
+
+def run_to_end(config: FinetuneConfig, make_run: Callable[[], FinetuneRun]) -> FinetuneSummary:
+    """Build a run inside its log file, run it, close its engine, log the summary on rank 0 and leave the
+    process group as found (under a test harness the caller owns it)."""
+    owns_group = not dist.is_initialized()
     try:
         with log_file(Path(config.train.out_dir) / LOG_FILE):
-            run = FinetuneRun(config, model, loss_fn=loss_fn, data=data, record=record)
+            run = make_run()
             try:
                 summary = run.run()
             finally:

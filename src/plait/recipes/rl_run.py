@@ -14,26 +14,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.distributed.launch import is_main_rank, log_file
+from plait.distributed.launch import is_main_rank
 from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig
 from plait.recipes.data.verifiable import VerifiableTask, corpus_tasks, verifiable_reward, verified
 from plait.recipes.grpo import PolicyLoss, grpo_batch
 from plait.recipes.loop import (
-    LOG_FILE,
     CheckpointRecord,
     FinetuneRun,
     FinetuneSummary,
     RecipeData,
     build_engine,
-    summary_line,
+    run_to_end,
 )
 from plait.recipes.ppo import (
     PPOModels,
@@ -162,20 +160,9 @@ def _run(config: FinetuneConfig, run_class: type[RLRun], loss_fn: Any) -> Finetu
     tasks = rl_tasks(config, tokenizer, context=_context(model))  # refused here, before any collective
     config_dict, extra = checkpoint_record(config.base.path)
     record = CheckpointRecord(config=config_dict, extra=extra)
-    owns_group = not dist.is_initialized()
-    try:
-        with log_file(Path(config.train.out_dir) / LOG_FILE):
-            run = run_class(config, model, loss_fn=loss_fn, tasks=tasks, tokenizer=tokenizer, record=record)
-            try:
-                summary = run.run()
-            finally:
-                run.engine.close()
-            if is_main_rank():
-                run.log.info(f"done: {summary_line(summary)}")
-            return summary
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_to_end(
+        config, lambda: run_class(config, model, loss_fn=loss_fn, tasks=tasks, tokenizer=tokenizer, record=record)
+    )
 
 
 def run_grpo(config: FinetuneConfig) -> FinetuneSummary:
