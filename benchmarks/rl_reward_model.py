@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import torch
-from finetune_dpo import by_kind, eval_batches, optimizer, schedule, train
+from finetune_dpo import eval_batches, fit_reward_model, optimizer
 
 import plait
 from plait.data.heldout import held_out, held_out_functions, training_functions
@@ -43,7 +43,7 @@ from plait.recipes.ppo import (
     value_loss_for,
 )
 from plait.recipes.preference_run import PreferenceData
-from plait.recipes.reward import RewardModel, pairwise_loss, reward_results
+from plait.recipes.reward import RewardModel
 from plait.recipes.rollout import Rollout, SamplingConfig, rollout
 
 SEQ_LEN = 128  # finetune_dpo.py's: a pair's prompt keeps its last 64 tokens
@@ -56,19 +56,17 @@ def train_reward_model(args: argparse.Namespace, base: torch.nn.Module, tokenize
     kinds = [pair.kind for pair in held_pairs]
     held = eval_batches(held_pairs, tokenizer, seq_len=SEQ_LEN)
     data = PreferenceData(train_pairs, held_pairs, tokenizer, seq_len=SEQ_LEN, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = RewardModel(copy.deepcopy(base))
-    before = by_kind(*reward_results(model, held), kinds)
-    engine = plait.boost(
-        model,
-        optimizer=optimizer(args.reward_lr),
-        loss_fn=pairwise_loss,
-        plan=plait.Plan(),
-        lr_scheduler=schedule(args.reward_steps),
-        max_grad_norm=1.0,
+    model, fitted = fit_reward_model(
+        copy.deepcopy(base),
+        data,
+        held,
+        kinds,
+        steps=args.reward_steps,
+        lr=args.reward_lr,
+        pairs=args.reward_pairs,
+        seed=args.seed,
     )
-    trained = train(engine, data, steps=args.reward_steps, pairs=args.reward_pairs, log="reward")
-    after = by_kind(*reward_results(model, held), kinds)
+    before, after, trained = fitted["before"], fitted["after"], fitted["train"]
     chosen = torch.cat([model.score(b["input_ids"][0::2], b["attention_mask"][0::2]) for b in held])
     norm = {"mean": float(chosen.mean()), "std": float(chosen.std())}
     summary = {"pairs": {"train": len(train_pairs), "heldout": len(held_pairs)}, "before": before}
