@@ -31,6 +31,7 @@ from plait.recipes.data.preferences import (
     read_preference_jsonl,
     trim_padding,
 )
+from plait.recipes.data.readers import hold_out_last
 from plait.recipes.dpo import DPOLoss, SimPOLoss, with_reference_logps
 from plait.recipes.loop import CheckpointRecord, FinetuneSummary, RecipeData, train_recipe
 from plait.recipes.preference import PreferenceSection, check_pair_batching
@@ -50,13 +51,7 @@ def split_pairs(data: FinetuneDataConfig, section: PreferenceSection, *, seed: i
         held = corpus_pairs(data.corpus, split="heldout", per_function=3, seed=seed, part=part)
     else:
         pairs = read_preference_jsonl(data.path, fields=section.fields)
-        if len(pairs) <= data.eval_examples:
-            raise ValueError(
-                f"data.path={data.path} has {len(pairs)} pairs and data.eval_examples={data.eval_examples} of them "
-                "are held out, leaving none to train on; lower data.eval_examples"
-            )
-        cut = len(pairs) - data.eval_examples
-        train, held = pairs[:cut], pairs[cut:]
+        train, held = hold_out_last(pairs, data=data, noun="pairs")
     train = train[: data.max_examples] if data.max_examples else train
     return train, held[: data.eval_examples]
 

@@ -26,7 +26,7 @@ from plait.models.gpt import GPT
 from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig, FinetuneDataConfig
 from plait.recipes.data.instructions import Example, Tokens, collate, corpus_examples, pack, render, resolve_template
-from plait.recipes.data.readers import read_examples
+from plait.recipes.data.readers import hold_out_last, read_examples
 from plait.recipes.loop import CheckpointRecord, FinetuneSummary, RecipeData, train_recipe
 
 EVAL_ROWS_PER_BATCH = 8
@@ -42,14 +42,7 @@ def split_examples(data: FinetuneDataConfig) -> tuple[list[Example], list[Exampl
         train = corpus_examples(data.corpus, val_fraction=data.val_fraction, held=False, part=part)
         held = corpus_examples(data.corpus, val_fraction=data.val_fraction, held=True, part=part)
     else:
-        records = read_examples(data)
-        if len(records) <= data.eval_examples:
-            raise ValueError(
-                f"data.path={data.path} has {len(records)} records and data.eval_examples={data.eval_examples} "
-                "of them are held out, leaving none to train on; lower data.eval_examples"
-            )
-        cut = len(records) - data.eval_examples
-        train, held = records[:cut], records[cut:]
+        train, held = hold_out_last(read_examples(data), data=data, noun="records")
     train = train[: data.max_examples] if data.max_examples else train
     return train, held[: data.eval_examples]
 

@@ -95,3 +95,15 @@ def read_examples(data: FinetuneDataConfig) -> list[Example]:
     if not examples:
         raise ValueError(f"data.path={data.path} holds no records; write one JSON object per line")
     return examples
+
+
+def hold_out_last(records: list, *, data: Any, noun: str) -> tuple[list, list]:
+    """(training, held-out) of a jsonl's records: the last `data.eval_examples` held out, refused in one line
+    when none would be left to train on."""
+    if len(records) <= data.eval_examples:
+        raise ValueError(
+            f"data.path={data.path} has {len(records)} {noun} and data.eval_examples={data.eval_examples} of them "
+            "are held out, leaving none to train on; lower data.eval_examples"
+        )
+    cut = len(records) - data.eval_examples
+    return records[:cut], records[cut:]
