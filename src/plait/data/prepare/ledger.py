@@ -57,13 +57,16 @@ class Record:
         return np.fromfile(self.signatures, dtype=np.uint32).reshape(-1, num_perm)
 
 
-def record_for(work_dir: Path, task: FileTask, *, rules_fingerprint: str) -> Record:
-    """The record of ``task`` under ``work_dir``; a changed file or changed rules give a new key."""
+def record_key(task: FileTask, *, rules_fingerprint: str) -> str:
+    """The key of ``task``'s record (24 characters: a run keeps one per file); a changed file or rules change it."""
     try:
         stat = task.path.stat()
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         identity = "unreadable"
     text = f"v{_RECORD_VERSION}\0{task.name}\0{task.path.resolve()}\0{identity}\0{task.field}\0{rules_fingerprint}"
-    key = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def record_at(work_dir: Path, key: str) -> Record:
     return Record(work_dir / f"{key}.json", work_dir / f"{key}.docs.jsonl", work_dir / f"{key}.sig")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from plait.data.prepare.clean import clean_file
 from plait.data.prepare.dedup import DedupResult, deduplicate
-from plait.data.prepare.ledger import WORK_DIR, Record, record_for
+from plait.data.prepare.ledger import WORK_DIR, Record, record_at, record_key
 from plait.data.prepare.output import (
     load_given_tokenizer,
     sample_cutoff,
@@ -30,10 +32,12 @@ from plait.data.prepare.output import (
 from plait.data.prepare.report import build_report, write_report
 from plait.data.prepare.rules import PrepareConfig
 from plait.data.prepare.sources import FileTask, list_files
+from plait.data.prepare.totals import CleanTotals
 from plait.data.shards import META_FILE
 from plait.data.tokenizer import TOKENIZER_FILE, GivenTokenizer
 
 Progress = Callable[[str], None]
+Files = Callable[[], Iterator[tuple[FileTask, Record]]]  # every file with its ledger record, in file order
 # The rule a user loosens when one stage removed everything.
 _LOOSEN = {
     "empty": "the documents are empty",
@@ -95,49 +99,58 @@ def _run(
 ) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    records = [record_for(out / WORK_DIR, t, rules_fingerprint=config.fingerprint()) for t in tasks]
-    stats, num_resumed = _clean_all(tasks, records, config=config, say=say)
+    # One 24-character key per file, not Record objects (three paths each): the file list dominates what
+    # the main process holds for a corpus of many small files.
+    keys = [record_key(t, rules_fingerprint=config.fingerprint()) for t in tasks]
+
+    def files() -> Iterator[tuple[FileTask, Record]]:
+        return ((task, record_at(out / WORK_DIR, key)) for task, key in zip(tasks, keys, strict=True))
+
+    totals, num_resumed = _clean_all(files, config=config, say=say)
     seconds["clean"] = time.perf_counter() - started
     say(f"deduplicating ({'exact + near' if config.dedup.near else 'exact'})")
     with (staging / "duplicates.tsv").open("w") as pairs:
         pairs.write("kind\tdropped\tkept\tsimilarity\n")
-        dedup = deduplicate(zip(tasks, records, strict=True), config.dedup, pairs_out=pairs)
+        dedup = deduplicate(files(), config.dedup, pairs_out=pairs)
     seconds["dedup"] = time.perf_counter() - started - sum(seconds.values())
     if not dedup.kept_hashes:
-        raise ValueError(_empty_message(stats, dedup))
-    output = _tokenize(tasks, records, dedup=dedup, staging=staging, config=config, given=given, say=say)
+        raise ValueError(_empty_message(totals, dedup))
+    output = _tokenize(files, dedup=dedup, staging=staging, config=config, given=given, say=say)
     seconds["tokenize"] = time.perf_counter() - started - sum(seconds.values())
-    report = build_report(stats, dedup, output=output)
+    report = build_report(totals, dedup, output=output)
     total = time.perf_counter() - started
     report["run"] = {
         "files_resumed": num_resumed,
         "seconds": {k: round(v, 2) for k, v in {**seconds, "total": total}.items()},
         "workers": config.workers,
         "input_mb_per_s": round(report["input"]["bytes"] / 1e6 / max(total, 1e-9), 2),
+        "peak_rss_mib": _peak_rss_mib(),
     }
     write_report(staging, report)
     return report
 
 
-def _clean_all(
-    tasks: list[FileTask], records: list[Record], *, config: PrepareConfig, say: Progress
-) -> tuple[list[dict[str, Any]], int]:
-    """Every file's counts: read from the ledger when done, else cleaned by a pool of workers."""
-    todo = [i for i, record in enumerate(records) if not record.done()]
-    say(
-        f"cleaning {len(todo)} of {len(tasks)} files ({len(tasks) - len(todo)} done before) on {config.workers} workers"
-    )
-    cleaned = dict(zip(todo, _map((tasks[i], records[i], config) for i in todo), strict=True)) if todo else {}
-    return [cleaned[i] if i in cleaned else records[i].read_stats() for i in range(len(tasks))], len(tasks) - len(todo)
+def _clean_all(files: Files, *, config: PrepareConfig, say: Progress) -> tuple[CleanTotals, int]:
+    """The counts of every file, folded in file order: read from the ledger when done, else cleaned by workers."""
+    done = [record.done() for _, record in files()]
+    num_todo = len(done) - sum(done)
+    say(f"cleaning {num_todo} of {len(done)} files ({sum(done)} done before) on {config.workers} workers")
+    totals = CleanTotals()
+    jobs = ((task, record, config) for (task, record), finished in zip(files(), done, strict=True) if not finished)
+    with _cleaned(jobs, workers=min(config.workers, num_todo)) as cleaned:
+        for (_, record), finished in zip(files(), done, strict=True):
+            totals.add(record.read_stats() if finished else next(cleaned))
+    return totals, sum(done)
 
 
-def _map(jobs: Iterator[tuple[FileTask, Record, PrepareConfig]]) -> list[dict[str, Any]]:
-    jobs_list = list(jobs)
-    workers = min(jobs_list[0][2].workers, len(jobs_list))
-    if workers == 1:
-        return [_clean_job(job) for job in jobs_list]
+@contextmanager
+def _cleaned(jobs: Iterator[tuple[FileTask, Record, PrepareConfig]], *, workers: int) -> Iterator[Iterator[dict]]:
+    """Each job's counts, in job order; jobs are handed out as workers take them, never listed."""
+    if workers <= 1:
+        yield map(_clean_job, jobs)
+        return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(pool.imap(_clean_job, jobs_list, chunksize=1))
+        yield pool.imap(_clean_job, jobs, chunksize=1)
 
 
 def _clean_job(job: tuple[FileTask, Record, PrepareConfig]) -> dict[str, Any]:
@@ -145,8 +158,8 @@ def _clean_job(job: tuple[FileTask, Record, PrepareConfig]) -> dict[str, Any]:
     return clean_file(task, record, config)
 
 
-def _kept_documents(tasks: list[FileTask], records: list[Record], dedup: DedupResult) -> Iterator[tuple[str, int]]:
-    for task, record in zip(tasks, records, strict=True):
+def _kept_documents(files: Files, dedup: DedupResult) -> Iterator[tuple[str, int]]:
+    for task, record in files():
         dropped = dedup.dropped.get(task.index, set())
         for doc in record.iter_docs():
             if doc["index"] not in dropped:
@@ -154,8 +167,7 @@ def _kept_documents(tasks: list[FileTask], records: list[Record], dedup: DedupRe
 
 
 def _tokenize(
-    tasks: list[FileTask],
-    records: list[Record],
+    files: Files,
     *,
     dedup: DedupResult,
     staging: Path,
@@ -164,7 +176,7 @@ def _tokenize(
     say: Progress,
 ) -> dict[str, Any]:
     def documents() -> Iterator[tuple[str, int]]:
-        return _kept_documents(tasks, records, dedup)
+        return _kept_documents(files, dedup)
 
     rules = config.tokenizer
     if given is None:
@@ -172,11 +184,13 @@ def _tokenize(
         say(
             f"training a {rules.vocab_size}-token tokenizer on ~{min(rules.sample_bytes, dedup.kept_chars) / 1e6:.0f} MB"
         )
-        trained = train_on_sample(documents, cutoff=cutoff, vocab_size=rules.vocab_size)
+        trained, sample_bytes = train_on_sample(
+            documents, cutoff=cutoff, max_bytes=rules.sample_bytes, vocab_size=rules.vocab_size
+        )
         given = GivenTokenizer(json=trained.to_str(), eot_id=0, vocab_size=trained.get_vocab_size())
-        how = f"trained on a {min(rules.sample_bytes, dedup.kept_chars) / 1e6:.1f} MB sample"
+        how = f"trained on a {sample_bytes / 1e6:.1f} MB sample"
     else:
-        how = "given"
+        how, sample_bytes = "given", 0
     tokenizer = given.load()
     (staging / TOKENIZER_FILE).write_text(given.json)
     say("tokenizing and packing the kept documents")
@@ -192,7 +206,14 @@ def _tokenize(
         "val_tokens": counts["num_val_tokens"],
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer": how,
+        "tokenizer_sample_bytes": sample_bytes,
     }
+
+
+def _peak_rss_mib() -> dict[str, float]:
+    """The kernel's high-water marks: this process over its life so far, and its largest finished child."""
+    usage = {"main": resource.RUSAGE_SELF, "largest_child": resource.RUSAGE_CHILDREN}
+    return {name: round(resource.getrusage(who).ru_maxrss / 1024, 1) for name, who in usage.items()}
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -202,11 +223,8 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging / name, out / name)
 
 
-def _empty_message(stats: list[dict[str, Any]], dedup: DedupResult) -> str:
-    removed = {"bad files": sum(1 for s in stats if s["bad"])}
-    for s in stats:
-        for name, (docs, _) in s["dropped"].items():
-            removed[name] = removed.get(name, 0) + docs
+def _empty_message(totals: CleanTotals, dedup: DedupResult) -> str:
+    removed = {"bad files": totals.num_bad, **{name: docs for name, (docs, _) in totals.dropped.items()}}
     removed["exact_dup"], removed["near_dup"] = dedup.num_exact, dedup.num_near
     worst = max(removed, key=lambda name: removed[name])
     hint = _LOOSEN.get(worst, "check the sources (see the counts)")

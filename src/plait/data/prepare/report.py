@@ -9,28 +9,23 @@ from typing import Any
 from plait.data.prepare.clean import LENGTH_BINS
 from plait.data.prepare.dedup import DedupResult
 from plait.data.prepare.filters import FILTERS
+from plait.data.prepare.totals import CleanTotals
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LENGTHS_PNG = "lengths.png"
 STAGES = ("empty", *FILTERS)
-_MAX_NAMED_BAD_FILES = 200
 
 
-def build_report(stats: list[dict[str, Any]], dedup: DedupResult, *, output: dict[str, Any]) -> dict[str, Any]:
+def build_report(totals: CleanTotals, dedup: DedupResult, *, output: dict[str, Any]) -> dict[str, Any]:
     """Counts per stage (documents, characters, tokens), bad files, scrubbing, duplicates and lengths."""
     chars_per_token = output["chars"] / max(output["tokens"], 1)
-    bad = [{"name": s["name"], "reason": s["bad"]} for s in stats if s["bad"]]
-    docs_in, chars_in = sum(s["docs_in"] for s in stats), sum(s["chars_in"] for s in stats)
+    docs_in, chars_in = totals.docs_in, totals.chars_in
     stages = [_stage("read", docs=docs_in, chars=chars_in, removed=(0, 0), chars_per_token=chars_per_token)]
     remaining = [docs_in, chars_in]
     for name in STAGES:
-        removed = (
-            sum(s["dropped"].get(name, [0, 0])[0] for s in stats),
-            sum(s["dropped"].get(name, [0, 0])[1] for s in stats),
-        )
+        removed = totals.removed(name)
         remaining = [remaining[0] - removed[0], remaining[1] - removed[1]]
-        examples = [e for s in stats for e in s["examples"].get(name, [])][:5]
         stages.append(
             _stage(
                 name,
@@ -38,11 +33,10 @@ def build_report(stats: list[dict[str, Any]], dedup: DedupResult, *, output: dic
                 chars=remaining[1],
                 removed=removed,
                 chars_per_token=chars_per_token,
-                examples=examples,
+                examples=totals.examples.get(name, []),
             )
         )
-    scrub_delta = sum(s["chars_kept"] for s in stats) - remaining[1]  # placeholders change lengths
-    remaining[1] += scrub_delta
+    remaining[1] = totals.chars_kept  # scrub placeholders change lengths
     for name, removed in (
         ("exact_dup", (dedup.num_exact, dedup.chars_exact)),
         ("near_dup", (dedup.num_near, dedup.chars_near)),
@@ -52,24 +46,15 @@ def build_report(stats: list[dict[str, Any]], dedup: DedupResult, *, output: dic
             _stage(name, docs=remaining[0], chars=remaining[1], removed=removed, chars_per_token=chars_per_token)
         )
     return {
-        "input": {
-            "files": len(stats),
-            "bytes": sum(s["bytes"] for s in stats),
-            "documents": docs_in,
-            "chars": chars_in,
-        },
-        "bad_files": {"count": len(bad), "by_reason": _by_reason(bad), "files": bad[:_MAX_NAMED_BAD_FILES]},
+        "input": {"files": totals.files, "bytes": totals.bytes, "documents": docs_in, "chars": chars_in},
+        "bad_files": {"count": totals.num_bad, "by_reason": dict(totals.bad_by_reason), "files": totals.bad_named},
         "stages": stages,
-        "scrub": {
-            "emails": sum(s["emails"] for s in stats),
-            "keys": sum(s["keys"] for s in stats),
-            "documents": sum(s["scrubbed_docs"] for s in stats),
-        },
+        "scrub": {"emails": totals.emails, "keys": totals.keys, "documents": totals.scrubbed_docs},
         "duplicates": _duplicates(dedup),
         "output": {**output, "chars_per_token": round(chars_per_token, 3)},
         "lengths": {
             "bin_edges_chars": [round(float(e), 1) for e in LENGTH_BINS],
-            "input": _dense([s["hist_in"] for s in stats]),
+            "input": list(totals.hist_in),
             "kept": dedup.hist_kept,
         },
     }
@@ -97,14 +82,6 @@ def _stage(
     }
 
 
-def _by_reason(bad: list[dict[str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for entry in bad:
-        reason = entry["reason"].split(" (")[0]
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts
-
-
 def _duplicates(dedup: DedupResult) -> dict[str, Any]:
     sizes: dict[int, int] = {}
     for size in dedup.cluster_sizes.values():
@@ -123,14 +100,6 @@ def _duplicates(dedup: DedupResult) -> dict[str, Any]:
             "bytes_estimate": dedup.index_bytes_estimate,
         },
     }
-
-
-def _dense(histograms: list[dict[str, int]]) -> list[int]:
-    counts = [0] * (len(LENGTH_BINS) - 1)
-    for histogram in histograms:
-        for key, count in histogram.items():
-            counts[int(key)] += count
-    return counts
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> None:

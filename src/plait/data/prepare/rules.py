@@ -91,7 +91,7 @@ class ScrubRules:
 @dataclass(frozen=True)
 class TokenizerRules:
     vocab_size: int = 8192
-    sample_bytes: int = 64_000_000  # the tokenizer trains on about this much of the kept text
+    sample_bytes: int = 64_000_000  # the tokenizer trains on at most this much kept text (UTF-8 bytes)
     val_fraction: float = 0.01
 
     def __post_init__(self) -> None:
