@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+from datasketch import MinHashLSH
+
 from plait.data.prepare import PrepareConfig, prepare_corpus
 from plait.data.prepare.clean import empty_stats
+from plait.data.prepare.dedup import _LSH_WEIGHTS
+from plait.data.prepare.lsh import BandIndex
+from plait.data.prepare.minhash import lean
 from plait.data.prepare.output import capped_sample, sample_cutoff
 from plait.data.prepare.rules import TokenizerRules
 from plait.data.prepare.sources import FileTask
@@ -53,3 +59,25 @@ def test_totals_keep_bounded_names_and_exact_counts(tmp_path):
     assert len(totals.bad_named) == min(num_files // 2, MAX_NAMED_BAD_FILES) and totals.bad_named[0]["name"] == "f1"
     assert totals.examples["min_chars"] == [f"f{i}" for i in range(MAX_EXAMPLES)]
     assert totals.dropped["min_chars"] == [num_files, 4 * num_files] and totals.hist_in[1] == 2 * num_files
+
+
+def test_band_index_finds_datasketchs_candidates_in_under_1kb_a_document():
+    num_perm, rng = 128, np.random.default_rng(0)
+    base = rng.integers(0, 2**32, size=(3000, num_perm), dtype=np.uint64).astype(np.uint32)
+    # Copies of earlier signatures with most values redrawn: some share a band with their original, some not.
+    mutated = base[rng.integers(0, len(base), size=1500)].copy()
+    redraw = rng.random(mutated.shape) < 0.6
+    mutated[redraw] = rng.integers(0, 2**32, size=int(redraw.sum()), dtype=np.uint64).astype(np.uint32)
+    signatures = np.concatenate([base, mutated])[rng.permutation(4500)]
+    index = BandIndex(threshold=0.5, num_perm=num_perm, weights=_LSH_WEIGHTS)
+    reference = MinHashLSH(threshold=0.5, num_perm=num_perm, weights=_LSH_WEIGHTS)
+    with_candidates = 0
+    for doc_id, signature in enumerate(signatures):  # query then insert, as deduplicate does
+        expected = sorted(reference.query(lean(signature)))
+        assert index.query(signature) == expected
+        with_candidates += bool(expected)
+        assert index.insert(signature) == doc_id
+        reference.insert(doc_id, lean(signature), check_duplication=False)
+    assert with_candidates > 300  # the mutated copies were found, through the merged arrays and the pending dict
+    assert np.array_equal(index.signature(4000), signatures[4000])
+    assert index.nbytes() < 1024 * len(signatures)

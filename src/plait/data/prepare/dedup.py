@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
-from datasketch import MinHashLSH
 
 from plait.data.prepare.clean import LENGTH_BINS, _bin, doc_name
 from plait.data.prepare.ledger import Record
-from plait.data.prepare.minhash import lean, similarity
+from plait.data.prepare.lsh import BandIndex
+from plait.data.prepare.minhash import similarity
 from plait.data.prepare.rules import DedupRules
 from plait.data.prepare.sources import FileTask
 
@@ -25,8 +25,6 @@ _EXAMPLE_CLUSTERS = 10
 # Band sizes chosen to miss few true pairs (false negatives weigh 0.8): every candidate is checked against
 # the threshold with the full signature, so a false positive costs one comparison, never a wrong drop.
 _LSH_WEIGHTS = (0.2, 0.8)
-# datasketch keeps, per band, a dict entry holding the band's bytes and a key list: about this much per doc and band.
-_INDEX_BYTES_PER_BAND_ENTRY = 200
 
 
 @dataclass
@@ -52,8 +50,7 @@ def deduplicate(
     """Decide which cleaned documents are duplicates; write ``kind  dropped  kept  similarity`` lines."""
     result = DedupResult()
     first_of: dict[int, str] = {}  # content hash -> the kept document's name
-    lsh = MinHashLSH(threshold=rules.threshold, num_perm=rules.num_perm, weights=_LSH_WEIGHTS) if rules.near else None
-    indexed: list[np.ndarray] = []
+    lsh = BandIndex(threshold=rules.threshold, num_perm=rules.num_perm, weights=_LSH_WEIGHTS) if rules.near else None
     indexed_names: list[str] = []
     for task, record in files:
         signatures = record.load_signatures(rules.num_perm) if lsh is not None else None
@@ -63,7 +60,7 @@ def deduplicate(
             kind, similar = ("exact", 1.0) if duplicate is not None else ("", 0.0)
             if duplicate is None and lsh is not None:
                 assert signatures is not None
-                duplicate, similar = _near(signatures[row], lsh, indexed=indexed, names=indexed_names, rules=rules)
+                duplicate, similar = _near(signatures[row], lsh, names=indexed_names, rules=rules)
                 kind = "near" if duplicate is not None else ""
             if duplicate is not None:
                 _drop(result, task=task, doc=doc, kind=kind, chars=text_len)
@@ -76,11 +73,9 @@ def deduplicate(
             result.kept_chars += text_len
             result.hist_kept[_bin(text_len)] += 1
             if lsh is not None:
-                _index(
-                    lsh, signatures[row], name=name, indexed=indexed, names=indexed_names, result=result, rules=rules
-                )
+                _index(lsh, signatures[row], name=name, names=indexed_names, result=result, rules=rules)
     if lsh is not None:
-        result.index_bytes_estimate = result.num_indexed * (lsh.b * _INDEX_BYTES_PER_BAND_ENTRY + rules.num_perm * 4)
+        result.index_bytes_estimate = lsh.nbytes() + sum(len(name) + 49 for name in indexed_names)
     return result
 
 
@@ -88,33 +83,23 @@ def _exact(content_hash: int, first_of: dict[int, str]) -> str | None:
     return first_of.get(content_hash)
 
 
-def _near(
-    signature: np.ndarray, lsh: MinHashLSH, *, indexed: list[np.ndarray], names: list[str], rules: DedupRules
-) -> tuple[str | None, float]:
-    """The most similar indexed document at or above the threshold (LSH candidates, checked)."""
+def _near(signature: np.ndarray, lsh: BandIndex, *, names: list[str], rules: DedupRules) -> tuple[str | None, float]:
+    """The most similar indexed document at or above the threshold (LSH candidates, checked; ties: the oldest)."""
     best, best_similarity = None, 0.0
-    for key in lsh.query(lean(signature)):
-        value = similarity(signature, indexed[key])
+    for key in lsh.query(signature):
+        value = similarity(signature, lsh.signature(key))
         if value >= rules.threshold and value > best_similarity:
             best, best_similarity = names[key], value
     return best, best_similarity
 
 
 def _index(
-    lsh: MinHashLSH,
-    signature: np.ndarray,
-    *,
-    name: str,
-    indexed: list[np.ndarray],
-    names: list[str],
-    result: DedupResult,
-    rules: DedupRules,
+    lsh: BandIndex, signature: np.ndarray, *, name: str, names: list[str], result: DedupResult, rules: DedupRules
 ) -> None:
-    if len(indexed) >= rules.max_index_docs:
+    if lsh.size >= rules.max_index_docs:
         result.num_unindexed += 1
         return
-    lsh.insert(len(indexed), lean(signature), check_duplication=False)
-    indexed.append(signature.copy())
+    lsh.insert(signature)
     names.append(name)
     result.num_indexed += 1
 
