@@ -232,9 +232,10 @@ def _run_figures(report: dict) -> dict[str, Any]:
         "peak_hwm_max_mib": round(report["measured"]["peak_hwm_max"] / 2**20, 1),
         "peak_hwm_max_process": report["measured"]["peak_hwm_max_process"],
         "peak_hwm_main_mib": round(report["measured"]["peak_hwm_main"] / 2**20, 1),
-        "getrusage_peak_rss_mib": report["run"]["peak_rss_mib"],
+        "report_peak_rss_mib": report["run"]["peak_rss_mib"],
         "memory_measured": "fresh `plait data prepare` process; VmHWM of each process and PSS sum read every "
-        f"{_SAMPLE_S} s from /proc; getrusage: the run's main process and largest finished child",
+        f"{_SAMPLE_S} s from /proc; the report's own: main's VmHWM at the end of each stage, getrusage's largest "
+        "finished child (a worker)",
         "lsh_index": report["duplicates"]["lsh_index"],
         "output": report["output"],
         "stages": {s["stage"]: s["docs_removed"] for s in report["stages"]},

@@ -29,7 +29,7 @@ from plait.data.prepare.output import (
     write_meta,
     write_shards,
 )
-from plait.data.prepare.report import build_report, write_report
+from plait.data.prepare.report import LENGTHS_PNG, build_report, plot_lengths, write_report
 from plait.data.prepare.rules import PrepareConfig
 from plait.data.prepare.sources import FileTask, list_files
 from plait.data.prepare.totals import CleanTotals
@@ -108,23 +108,32 @@ def _run(
 
     totals, num_resumed = _clean_all(files, config=config, say=say)
     seconds["clean"] = time.perf_counter() - started
+    peaks = {"clean": _own_peak_mib()}
     say(f"deduplicating ({'exact + near' if config.dedup.near else 'exact'})")
     with (staging / "duplicates.tsv").open("w") as pairs:
         pairs.write("kind\tdropped\tkept\tsimilarity\n")
         dedup = deduplicate(files(), config.dedup, pairs_out=pairs)
     seconds["dedup"] = time.perf_counter() - started - sum(seconds.values())
+    peaks["dedup"] = _own_peak_mib()
     if not dedup.kept_hashes:
         raise ValueError(_empty_message(totals, dedup))
     output = _tokenize(files, dedup=dedup, staging=staging, config=config, given=given, say=say)
     seconds["tokenize"] = time.perf_counter() - started - sum(seconds.values())
+    peaks["tokenize"] = _own_peak_mib()
     report = build_report(totals, dedup, output=output)
+    plot_lengths(staging / LENGTHS_PNG, report["lengths"])  # before the peaks: matplotlib loads here
+    peaks["report"] = _own_peak_mib()
     total = time.perf_counter() - started
     report["run"] = {
         "files_resumed": num_resumed,
         "seconds": {k: round(v, 2) for k, v in {**seconds, "total": total}.items()},
         "workers": config.workers,
         "input_mb_per_s": round(report["input"]["bytes"] / 1e6 / max(total, 1e-9), 2),
-        "peak_rss_mib": _peak_rss_mib(),
+        # The main process's peak RSS by the end of each stage, and the largest worker's.
+        "peak_rss_mib": {
+            "main_by_stage": peaks,
+            "largest_child": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        },
     }
     write_report(staging, report)
     return report
@@ -210,10 +219,14 @@ def _tokenize(
     }
 
 
-def _peak_rss_mib() -> dict[str, float]:
-    """The kernel's high-water marks: this process over its life so far, and its largest finished child."""
-    usage = {"main": resource.RUSAGE_SELF, "largest_child": resource.RUSAGE_CHILDREN}
-    return {name: round(resource.getrusage(who).ru_maxrss / 1024, 1) for name, who in usage.items()}
+def _own_peak_mib() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (getrusage's maximum carries over the
+    RSS of the process that forked and exec'd this one), or getrusage where there is no /proc."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _publish(staging: Path, out: Path) -> None:

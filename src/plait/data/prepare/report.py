@@ -103,9 +103,9 @@ def _duplicates(dedup: DedupResult) -> dict[str, Any]:
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> None:
+    """report.json and report.md (lengths.png is plot_lengths')."""
     (directory / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (directory / REPORT_MD).write_text(markdown(report))
-    plot_lengths(directory / LENGTHS_PNG, report["lengths"])
 
 
 def markdown(report: dict[str, Any]) -> str:
