@@ -14,12 +14,17 @@ Module names are part of the contract: parallel plans address parameters by name
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from plait.models.gpt_config import GPTConfig
 from plait.models.head_output import LMHead, with_head
 from plait.models.layers import Attention, build_mlp, build_norm
+
+if TYPE_CHECKING:
+    from plait.models.kv_cache import KVCache
 
 __all__ = ["GPT", "Block", "GPTConfig"]
 
@@ -56,6 +61,15 @@ class Block(nn.Module):
             return x + attn_out + self.drop(self.mlp(normed))
         x = x + attn_out
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, *, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Inference only (no dropout): ``forward`` for new positions, attending over ``cache``."""
+        normed = self.norm1(x)
+        attn_out = self.attn.decode(normed, cache, layer=layer, positions=positions)
+        if self.norm2 is None:
+            return x + attn_out + self.mlp(normed)
+        x = x + attn_out
+        return x + self.mlp(self.norm2(x))
 
 
 class GPT(nn.Module):
@@ -190,6 +204,26 @@ class GPT(nn.Module):
             x = block(x, position_ids=position_ids)
         if return_hidden:
             return with_head(self.norm_f(x), self.lm_head)
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def decode(
+        self, input_ids: torch.Tensor, cache: KVCache, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Inference only: logits (batch, new, vocab_size) of ``input_ids`` (batch, new), the positions
+        after those ``cache`` holds, whose keys/values it then holds too. No dropout, no gradients.
+
+        ``attention_mask`` (batch, new), 0 on left padding: padding takes no position and is never
+        attended to. Past ``max_seq_len`` positions the cache refuses (ValueError).
+        `plait.models.kv_cache.IncrementalDecoder` drives it.
+        """
+        self._check_input(input_ids)
+        positions = cache.reserve(input_ids, attention_mask)  # (new,) or (batch, new)
+        x = self.embed(input_ids)  # (batch, new, d_model)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, cache, layer=layer, positions=positions)
         return self.lm_head(self.norm_f(x))
 
     def _check_input(self, input_ids: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import nn
 from plait.models.gpt_config import GPTConfig
 from plait.models.kept_inputs import keep_inputs
 from plait.moe import MoEConfig, MoELayer
+
+if TYPE_CHECKING:
+    from plait.models.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -177,6 +181,23 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, *, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Inference only: attention of the new positions ``x`` (batch, new, d_model) over ``cache``'s
+        past and themselves; their keys/values join the cache. ``positions`` from ``cache.reserve``."""
+        batch, seq, _ = x.shape
+        q = self._split_heads(self.q_proj(x), self.num_heads)  # (batch, heads, new, head_dim)
+        k = self._split_heads(self.k_proj(x), self.num_kv_heads)
+        v = self._split_heads(self.v_proj(x), self.num_kv_heads)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, theta=self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.append(layer, k, v)  # (batch, kv_heads, past + new, head_dim)
+        gqa = self._sdpa_groups_heads(q)
+        if not gqa:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attention_mask(x.device), enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _split_heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         batch, seq, _ = x.shape

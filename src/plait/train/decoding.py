@@ -1,0 +1,85 @@
+"""Incremental decoding for generation: one interface over plait's GPT (``GPT.decode`` with a
+`plait.models.kv_cache.KVCache`), Hugging Face causal LMs (their own cache, through
+``past_key_values`` / ``use_cache=True``) and any other module (no cache: the whole sequence again
+each step, what an uncached loop computes).
+
+Example:
+    >>> decoder = IncrementalDecoder(model)
+    >>> logits = decoder.feed(prompt_ids)[:, -1]        # (batch, vocab): the prompt, at once
+    >>> logits = decoder.feed(next_ids[:, None])[:, -1]  # then one position per step
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.losses import logits_of
+from plait.models.gpt import GPT
+from plait.models.kv_cache import KVCache
+
+__all__ = ["IncrementalDecoder"]
+
+
+class IncrementalDecoder:
+    """Feeds new tokens to a causal LM and returns their logits, keeping the past in a cache.
+
+    plait's GPT: ``GPT.decode`` with a `KVCache` of ``model.config.max_seq_len`` positions. A Hugging
+    Face causal LM (anything with ``prepare_inputs_for_generation``, peft's wrappers too): its own
+    ``past_key_values``. Any other module: the whole sequence each step (``cache=False`` forces this).
+    ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real.
+    """
+
+    def __init__(self, model: nn.Module, *, cache: bool = True) -> None:
+        self.model = model
+        self.kind = _kind(model) if cache else "full"
+        self._cache: KVCache | None = None
+        self._past: object = None
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, new, vocab) of the new positions ``input_ids`` (batch, new) given all fed before."""
+        self._remember(input_ids, attention_mask)
+        if self.kind == "plait":
+            if self._cache is None:
+                config = self.model.config
+                self._cache = KVCache(num_layers=config.num_layers, capacity=config.max_seq_len)
+            return self.model.decode(input_ids, self._cache, attention_mask=attention_mask)
+        if self.kind == "hf":
+            return self._feed_hf(input_ids)
+        assert self._ids is not None
+        mask = {} if self._mask is None else {"attention_mask": self._mask}
+        return logits_of(self.model(self._ids, **mask))[:, -input_ids.shape[1] :]
+
+    def _remember(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if self.kind == "plait":
+            return  # the KVCache keeps its own
+        self._ids = input_ids if self._ids is None else torch.cat([self._ids, input_ids], dim=1)
+        if attention_mask is not None or self._mask is not None:
+            new = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            old = torch.ones_like(self._ids[:, : -input_ids.shape[1]]) if self._mask is None else self._mask
+            self._mask = torch.cat([old, new], dim=1)
+
+    def _feed_hf(self, input_ids: torch.Tensor) -> torch.Tensor:
+        padding = self._hf_padding()
+        if "position_ids" in padding:
+            padding["position_ids"] = padding["position_ids"][:, -input_ids.shape[1] :]
+        out = self.model(input_ids=input_ids, past_key_values=self._past, use_cache=True, **padding)
+        self._past = out.past_key_values
+        return out.logits
+
+    def _hf_padding(self) -> dict[str, torch.Tensor]:
+        """HF's attention mask over every position and position ids counting real tokens only."""
+        if self._mask is None:
+            return {}
+        positions = (self._mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"attention_mask": self._mask, "position_ids": positions}
+
+
+def _kind(model: nn.Module) -> str:
+    if isinstance(model, GPT) and all(block.attn.context_attention is None for block in model.blocks):
+        return "plait"
+    if callable(getattr(model, "prepare_inputs_for_generation", None)):
+        return "hf"
+    return "full"
