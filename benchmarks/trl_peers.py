@@ -103,12 +103,9 @@ def plait_sft_block(args: argparse.Namespace, *, pack_rows: bool) -> dict[str, f
 def trl_sft_block(args: argparse.Namespace) -> dict[str, float]:
     """TRL's SFTTrainer over the same pairs (the base's Hugging Face export)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    model, tokenizer = hf_model(args.hf_dir)
     records = trl_records(args.pairs)
     with tempfile.TemporaryDirectory(prefix="trl-sft-") as out:
         config = SFTConfig(
@@ -122,12 +119,7 @@ def trl_sft_block(args: argparse.Namespace) -> dict[str, float]:
             model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer
         )
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-        reset_peak_rss()
-        rss_before = current_rss_bytes()
-        start = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "steps": result.global_step, **memory(rss_before)}
+        return {"tokens": tokens, **timed_train(trainer)}
 
 
 def memory(rss_before: int | None) -> dict[str, float]:
@@ -135,6 +127,25 @@ def memory(rss_before: int | None) -> dict[str, float]:
     children share the parent's pages, which both peaks count alike)."""
     peak = peak_rss_bytes() or 0
     return {"peak_rss": peak, "peak_rss_growth": peak - (rss_before or 0)}
+
+
+def hf_model(hf_dir: str) -> tuple[Any, Any]:
+    """The base's Hugging Face export in fp32 and its tokenizer, padding with the end-of-sequence token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), tokenizer
+
+
+def timed_train(trainer: Any) -> dict[str, float]:
+    """A TRL trainer's whole train(), timed, from a fresh peak-RSS mark."""
+    reset_peak_rss()
+    rss_before = current_rss_bytes()
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": result.global_step, **memory(rss_before)}
 
 
 def _child(block: Callable[[], dict], queue: Any) -> None:
@@ -159,18 +170,25 @@ def rotated(names: list[str], round_index: int) -> list[str]:
 
 
 def run_sft(args: argparse.Namespace) -> dict[str, Any]:
-    from plait.checkpoint.hf_export import export_hf
     from plait.recipes.data.instructions import corpus_examples
 
     args.pairs = corpus_examples("stdlib", val_fraction=0.01, held=False)[: args.examples]
-    scratch = tempfile.TemporaryDirectory(prefix="trl-peer-hf-")
-    export_hf(args.base, scratch.name)
-    args.hf_dir = scratch.name
     blocks = {
         "plait": lambda: plait_sft_block(args, pack_rows=True),
         "plait-unpacked": lambda: plait_sft_block(args, pack_rows=False),
         "trl": lambda: trl_sft_block(args),
     }
+    return rounds(args, blocks, label="")
+
+
+def rounds(args: argparse.Namespace, blocks: dict[str, Callable[[], dict]], *, label: str) -> dict[str, Any]:
+    """Export the base for TRL (args.hf_dir), then run every block once a round in rotated order, each in a
+    forked child; the summary of all rounds."""
+    from plait.checkpoint.hf_export import export_hf
+
+    scratch = tempfile.TemporaryDirectory(prefix="trl-peer-hf-")
+    export_hf(args.base, scratch.name)
+    args.hf_dir = scratch.name
     runs: dict[str, list[dict]] = {name: [] for name in blocks}
     orders = []
     for index in range(args.rounds):
@@ -178,7 +196,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
         orders.append(order)
         for name in order:
             runs[name].append(forked(blocks[name]))
-            print(f"round {index + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
+            print(f"round {index + 1}/{args.rounds} {label}{name}: {runs[name][-1]}", flush=True)
     scratch.cleanup()
     return summarise(runs, orders)
 
@@ -232,12 +250,9 @@ def trl_dpo_block(args: argparse.Namespace) -> dict[str, float]:
     """TRL's DPOTrainer over the same pairs (the base's Hugging Face export; its reference a frozen copy of the
     model evaluated each step, TRL's default; TRL appends EOS to each response)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    model, tokenizer = hf_model(args.hf_dir)
     records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in args.dpo_pairs]
     with tempfile.TemporaryDirectory(prefix="trl-dpo-") as out:
         config = DPOConfig(
@@ -255,35 +270,17 @@ def trl_dpo_block(args: argparse.Namespace) -> dict[str, float]:
             2 * len(p) + len(c) + len(r)
             for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True)
         )
-        reset_peak_rss()
-        rss_before = current_rss_bytes()
-        start = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "steps": result.global_step, **memory(rss_before)}
+        return {"tokens": tokens, **timed_train(trainer)}
 
 
 def run_dpo(args: argparse.Namespace) -> dict[str, Any]:
     """plait DPO vs TRL's DPOTrainer: the first --examples corpus preference pairs of training documents,
     --dpo-batch pairs a step, AdamW at a constant lr, beta 0.1, one thread each."""
-    from plait.checkpoint.hf_export import export_hf
     from plait.recipes.data.preferences import corpus_pairs
 
     args.dpo_pairs = corpus_pairs("stdlib", split="train", per_function=1)[: args.examples]
-    scratch = tempfile.TemporaryDirectory(prefix="trl-peer-hf-")
-    export_hf(args.base, scratch.name)
-    args.hf_dir = scratch.name
     blocks = {"plait": lambda: plait_dpo_block(args), "trl": lambda: trl_dpo_block(args)}
-    runs: dict[str, list[dict]] = {name: [] for name in blocks}
-    orders = []
-    for index in range(args.rounds):
-        order = rotated(list(blocks), index)
-        orders.append(order)
-        for name in order:
-            runs[name].append(forked(blocks[name]))
-            print(f"round {index + 1}/{args.rounds} dpo {name}: {runs[name][-1]}", flush=True)
-    scratch.cleanup()
-    return summarise(runs, orders)
+    return rounds(args, blocks, label="dpo ")
 
 
 DPO_LR = 5e-5
