@@ -5,8 +5,9 @@ needed while sampling); every row has its own generator seeded from its *global*
 sample is the same whichever dp rank draws it and in whichever batch. The token choice is
 `plait.train.generate.pick_token` (temperature, top-k), the sampler `plait generate` uses.
 
-There is no KV cache (plait's GPT forward takes none): each new token costs one forward over the
-prefix, which is what the tiny models of these recipes can afford.
+Decoding is incremental (`plait.train.decoding.IncrementalDecoder`: plait's GPT with its KV cache,
+Hugging Face models with theirs): the prompt is one forward, each new token one forward over itself.
+``SamplingConfig(kv_cache=False)`` recomputes the whole prefix per token instead (the same tokens).
 
 A `Rollout` is right-padded to one width: ``input_ids`` (rows, seq), ``attention_mask`` (1 on prompt
 and completion tokens), ``completion_mask`` (1 on completion tokens, up to and including the end
@@ -25,6 +26,7 @@ from torch import nn
 
 from plait.losses import IGNORE_INDEX, logits_of, token_nll
 from plait.recipes.dpo import shifted_targets
+from plait.train.decoding import IncrementalDecoder
 from plait.train.generate import pick_token
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +38,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 50
     seed: int = 0
+    kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -106,14 +109,16 @@ def sample_group(
     alive = torch.ones(num_samples, dtype=torch.bool)
     was_training = model.training
     model.eval()
+    decoder, fresh = IncrementalDecoder(model, cache=sampling.kv_cache), ids
     for _ in range(sampling.max_new_tokens):
-        last = logits_of(model(ids))[:, -1]  # (rows, vocab)
+        last = decoder.feed(fresh)[:, -1]  # (rows, vocab)
         picks = [
             pick_token(last[i], temperature=sampling.temperature, top_k=sampling.top_k, generator=generators[i])
             for i in range(num_samples)
         ]
         next_ids = torch.where(alive, torch.stack(picks), eos_id)
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        fresh = next_ids[:, None]
+        ids = torch.cat([ids, fresh], dim=1)
         alive = alive & (next_ids != eos_id)
         if not alive.any():
             break

@@ -1,7 +1,7 @@
 """Incremental decoding for generation: one interface over plait's GPT (``GPT.decode`` with a
-`plait.models.kv_cache.KVCache`), Hugging Face causal LMs (their own cache, through
-``past_key_values`` / ``use_cache=True``) and any other module (no cache: the whole sequence again
-each step, what an uncached loop computes).
+`plait.models.kv_cache.KVCache`), Hugging Face causal LMs (their own cache: ``use_cache=True`` with ``cache``, or ``past_key_values`` before
+transformers 5.25) and any other module (no cache: the whole sequence again each step, what an
+uncached loop computes).
 
 Example:
     >>> decoder = IncrementalDecoder(model)
@@ -10,6 +10,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ class IncrementalDecoder:
 
     plait's GPT: ``GPT.decode`` with a `KVCache` of ``model.config.max_seq_len`` positions. A Hugging
     Face causal LM (anything with ``prepare_inputs_for_generation``, peft's wrappers too): its own
-    ``past_key_values``. Any other module: the whole sequence each step (``cache=False`` forces this).
+    cache object, passed back each step. Any other module: the whole sequence each step (``cache=False`` forces this).
     ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real.
     """
 
@@ -65,8 +67,9 @@ class IncrementalDecoder:
         padding = self._hf_padding()
         if "position_ids" in padding:
             padding["position_ids"] = padding["position_ids"][:, -input_ids.shape[1] :]
-        out = self.model(input_ids=input_ids, past_key_values=self._past, use_cache=True, **padding)
-        self._past = out.past_key_values
+        name = _hf_cache_argument(self.model)
+        out = self.model(input_ids=input_ids, use_cache=True, **{name: self._past}, **padding)
+        self._past = getattr(out, name)
         return out.logits
 
     def _hf_padding(self) -> dict[str, torch.Tensor]:
@@ -75,6 +78,13 @@ class IncrementalDecoder:
             return {}
         positions = (self._mask.cumsum(dim=1) - 1).clamp(min=0)
         return {"attention_mask": self._mask, "position_ids": positions}
+
+
+def _hf_cache_argument(model: nn.Module) -> str:
+    """``cache`` where the model's forward takes it (transformers >= 5.25 deprecates the older name),
+    else ``past_key_values``; the output carries the cache under the same name."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _kind(model: nn.Module) -> str:

@@ -16,6 +16,7 @@ from plait.checkpoint.lora_merge import merge_lora
 from plait.config import config_from_dict
 from plait.losses import logits_of
 from plait.models.gpt import GPT
+from plait.train.decoding import IncrementalDecoder
 from plait.train.setup import model_config_for
 
 
@@ -65,14 +66,24 @@ def sample(
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    kv_cache: bool = True,
 ) -> list[int]:
-    """Autoregressive sampling with temperature and top-k (temperature 0: greedy)."""
+    """Autoregressive sampling with temperature and top-k (temperature 0: greedy).
+
+    Incremental (`plait.train.decoding.IncrementalDecoder`) while the sequence fits the model's context;
+    past it, each token is one forward over the last context's worth of tokens (a sliding window, which
+    a cache cannot give: every position would move). ``kv_cache=False``: always the whole window.
+    """
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids])
-    for _ in range(max_new_tokens):
-        logits = logits_of(model(ids[:, -_context_length(model) :]))[0, -1]  # (vocab,)
+    decoder, context = IncrementalDecoder(model, cache=kv_cache), _context_length(model)
+    for step in range(max_new_tokens):
+        if ids.shape[1] <= context:
+            logits = decoder.feed(ids if step == 0 else ids[:, -1:])[0, -1]  # (vocab,)
+        else:
+            logits = logits_of(model(ids[:, -context:]))[0, -1]
         next_id = pick_token(logits, temperature=temperature, top_k=top_k, generator=generator)
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0].tolist()
