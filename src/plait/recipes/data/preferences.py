@@ -8,8 +8,8 @@ the same body corrupted in a way that keeps it plausible code:
   nor leaves a bracket open, so the result parses where the body did);
 - ``operator``: one comparison, arithmetic or boolean operator flipped, or one integer constant or
   True/False changed (``==`` -> ``!=``, ``<`` -> ``>=``, ``+`` -> ``-``, ``and`` -> ``or``, ``0`` -> ``1``, ...);
-- ``other``: the body of another function of the same split with the same number of lines and the
-  nearest length in characters.
+- ``other``: the body of another function of the same split with the same number of lines, drawn at
+  random among the 2 x OTHER_NEAR nearest in length (so no one body is the rejected response of many pairs).
 
 Training pairs come from training documents only, held-out pairs from validation documents only
 (the split `plait eval` uses). Jsonl pairs: `read_preference_jsonl`.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,26 +28,15 @@ import torch
 
 from plait.data.heldout import Function, HeldOut, held_out, held_out_functions, training_functions
 from plait.losses import IGNORE_INDEX
-
-CORRUPTIONS = ("swap", "operator", "other")
-
-# (pattern, replacement); the spaces keep unary minus, keyword arguments and `for x in` untouched.
-_OPERATOR_FLIPS = (
-    (r" == ", " != "),
-    (r" != ", " == "),
-    (r" <= ", " > "),
-    (r" >= ", " < "),
-    (r" < ", " >= "),
-    (r" > ", " <= "),
-    (r" \+ ", " - "),
-    (r" - ", " + "),
-    (r" and ", " or "),
-    (r" or ", " and "),
-    (r" is not ", " is "),
-    (r"\bTrue\b", "False"),
-    (r"\bFalse\b", "True"),
+from plait.recipes.data.corruptions import (  # noqa: F401  (re-exported: the pairs' corruptions)
+    CORRUPTIONS,
+    OTHER_NEAR,
+    BodyPool,
+    corrupt,
+    flip_operator,
+    other_body,
+    swap_lines,
 )
-_INTEGER = re.compile(r"(?<![\w.])\d+(?![\w.])")
 
 
 @dataclass(frozen=True)
@@ -63,64 +51,6 @@ class PreferencePair:
     line: int = 0
 
 
-def swap_lines(body: str, rng: random.Random) -> str | None:
-    """``body`` with two adjacent, different one-line statements of equal indentation exchanged (None if none)."""
-    lines = body.splitlines()
-    spots = [i for i in range(len(lines) - 1) if _swappable(lines[i], lines[i + 1])]
-    if not spots:
-        return None
-    i = rng.choice(spots)
-    lines[i], lines[i + 1] = lines[i + 1], lines[i]
-    return "\n".join(lines) + "\n"
-
-
-def _swappable(first: str, second: str) -> bool:
-    return first != second and _indent(first) == _indent(second) and _is_simple(first) and _is_simple(second)
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def _is_simple(line: str) -> bool:
-    """A whole one-line statement: it opens no block and leaves no bracket open (so a swap keeps it parseable)."""
-    code = line.rstrip()
-    opened = sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}")
-    return not code.endswith((":", "\\")) and opened == 0
-
-
-def flip_operator(body: str, rng: random.Random) -> str | None:
-    """``body`` with one operator flipped or one integer constant changed (None if it has neither)."""
-    edits = [(m.start(), m.end(), new) for pattern, new in _OPERATOR_FLIPS for m in re.finditer(pattern, body)]
-    edits += [(m.start(), m.end(), str(int(m.group()) + 1)) for m in _INTEGER.finditer(body)]
-    if not edits:
-        return None
-    start, end, new = rng.choice(sorted(edits))
-    return body[:start] + new + body[end:]
-
-
-def other_body(function: Function, pool: Sequence[Function]) -> str | None:
-    """The body in ``pool`` with ``function``'s line count and the nearest length, not equal to its own."""
-    lines = function.body.count("\n")
-    candidates = [f.body for f in pool if f.body.count("\n") == lines and f.body.strip() != function.body.strip()]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda body: (abs(len(body) - len(function.body)), body))
-
-
-def corrupt(function: Function, kind: str, *, pool: Sequence[Function], rng: random.Random) -> str | None:
-    """``function``'s body corrupted by ``kind`` (one of CORRUPTIONS); None where that corruption does not apply."""
-    if kind == "swap":
-        rejected = swap_lines(function.body, rng)
-    elif kind == "operator":
-        rejected = flip_operator(function.body, rng)
-    elif kind == "other":
-        rejected = other_body(function, pool)
-    else:
-        raise ValueError(f"unknown corruption {kind!r}; use one of {', '.join(CORRUPTIONS)}")
-    return rejected if rejected is not None and rejected.strip() != function.body.strip() else None
-
-
 def function_pairs(functions: Sequence[Function], *, per_function: int = 1, seed: int = 0) -> list[PreferencePair]:
     """Up to ``per_function`` pairs per function, each with a different corruption drawn at random.
 
@@ -131,12 +61,13 @@ def function_pairs(functions: Sequence[Function], *, per_function: int = 1, seed
     if not 1 <= per_function <= len(CORRUPTIONS):
         raise ValueError(f"per_function={per_function}: choose 1..{len(CORRUPTIONS)} corruptions per function")
     rng = random.Random(seed)
+    pool = BodyPool(functions)
     pairs = []
     for function in functions:
         kinds = rng.sample(CORRUPTIONS, len(CORRUPTIONS))
         made = 0
         for kind in kinds:
-            rejected = corrupt(function, kind, pool=functions, rng=rng)
+            rejected = corrupt(function, kind, pool=pool, rng=rng)
             if rejected is not None:
                 pairs.append(PreferencePair(function.header, function.body, rejected, kind=kind))
                 made += 1
@@ -174,6 +105,26 @@ def corpus_pairs(
     else:
         functions = held_out_functions(part, documented_only=documented_only)
     return function_pairs(functions, per_function=per_function, seed=seed)
+
+
+def split_training_functions(
+    part: HeldOut, *, dev_fraction: float, seed: int = 0
+) -> tuple[list[Function], list[Function]]:
+    """Documented functions of the training documents in two disjoint parts, (train, dev): dev from a seeded
+    ``dev_fraction`` of the training documents, train from the rest less any body dev has. Settings are chosen
+    on dev, so the validation documents stay unseen until the final measurement."""
+    if not 0.0 < dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction={dev_fraction}: give a share of the training documents in (0, 1)")
+    documents = part.train_text.split("\0")
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    dev_ids = set(order[: max(1, round(dev_fraction * len(documents)))])
+    dev_text = "\0".join(documents[i] for i in sorted(dev_ids))
+    rest_text = "\0".join(documents[i] for i in range(len(documents)) if i not in dev_ids)
+    dev = training_functions(HeldOut(documents=part.documents, train_text=dev_text, split=part.split))
+    rest = training_functions(HeldOut(documents=part.documents, train_text=rest_text, split=part.split))
+    dev_bodies = {function.body for function in dev}
+    return [function for function in rest if function.body not in dev_bodies], dev
 
 
 @dataclass(frozen=True)
