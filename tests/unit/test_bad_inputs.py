@@ -452,11 +452,11 @@ def test_the_catalogue_has_at_least_60_cases() -> None:
 
 def test_the_base_config_passes_every_check_before_launch(root: Path) -> None:
     """So each case fails for its own reason: the base config itself is launchable."""
-    from plait.cli import _preflight
+    from plait.cli.launching import preflight
     from plait.train.setup import validate
 
     config = base_config(root)
-    _preflight(config, validated=validate(config, world_size=1), resume=None)
+    preflight(config, validated=validate(config, world_size=1), resume=None)
     assert not Path(config.train.out_dir).exists()
 
 
@@ -512,12 +512,12 @@ def test_val_fraction_zero_is_accepted() -> None:
 
 def test_resume_under_another_plan_passes_the_checks(root: Path) -> None:
     """Another plan is fine (the checkpoint reshards); another model or precision family is not (above)."""
-    from plait.cli import _preflight
+    from plait.cli.launching import preflight
     from plait.train.setup import validate
 
     config = load_config(None, [*(item.format(root=root, case="replan") for item in BASE[1::2]), "plan.zero=2"])
     checkpoint = str(root / "used" / "checkpoints" / "step-000010")
-    _preflight(config, validated=validate(config, world_size=4), resume=checkpoint)
+    preflight(config, validated=validate(config, world_size=4), resume=checkpoint)
 
 
 def test_a_used_out_dir_is_refused_and_resume_auto_continues_it(

@@ -91,7 +91,7 @@ def test_document_mask_is_refused_for_a_transformers_model(tmp_path) -> None:
 def test_verify_hands_its_run_every_section_of_the_config() -> None:
     """`plait verify` re-launches `plait train` with --set arguments; data and model overrides
     given on its command line must reach that run (they once did not: the plan trained on the default corpus)."""
-    from plait.cli import _sets_for
+    from plait.cli.verify import sets_for
     from plait.config import load_config
 
     config = load_config(
@@ -106,5 +106,5 @@ def test_verify_hands_its_run_every_section_of_the_config() -> None:
             "train.lr=0.002",
         ],
     )
-    sets = _sets_for(config)
+    sets = sets_for(config)
     assert load_config(None, sets[1::2]) == config

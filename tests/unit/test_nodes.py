@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from plait import cli
+from plait.cli import launching
 from plait.distributed.nodes import Nodes, strip_node_flags
 
 ENDPOINT = "10.0.0.1:29400"
@@ -99,7 +100,7 @@ def test_only_node_0_refuses_a_used_out_dir(
         launched.append((nproc, argv, nodes))
         return 0
 
-    monkeypatch.setattr(cli, "_launch", launch)
+    monkeypatch.setattr(launching, "launch", launch)
 
     def train(node_rank: int) -> int:
         flags = ["--nproc", "2", "--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-endpoint", ENDPOINT]
@@ -166,7 +167,7 @@ def test_a_wrong_node_range_is_refused(nnodes: str, message: str) -> None:
 def test_an_elastic_job_is_checked_for_every_world_it_may_run_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
-    monkeypatch.setattr(cli, "_launch", lambda *args, **kwargs: pytest.fail("launched"))
+    monkeypatch.setattr(launching, "launch", lambda *args, **kwargs: pytest.fail("launched"))
     config = write_config(tmp_path)
     code = cli.main(["train", str(config), "--nnodes", "1:2", "--rdzv-endpoint", ENDPOINT, *flags])
     assert code == 2
