@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from typing import Any
 
 import torch
 from common import RESULTS_DIR, environment, finish, format_table, load_average
-from rl_reward_model import learned_reward_run
+from rl_reward_model import learned_reward_run, ppo_settings, window
 
 import plait
 from plait.recipes.base import load_base
@@ -45,7 +44,6 @@ from plait.recipes.data.verifiable import VerifiableTask, corpus_tasks, verifiab
 from plait.recipes.grpo import PolicyLoss, grpo_batch
 from plait.recipes.ppo import (
     PPOModels,
-    PPOSettings,
     ValueModel,
     policy_loss_for,
     ppo_iteration,
@@ -118,12 +116,7 @@ def rates(scores: torch.Tensor) -> dict[str, float]:
 
 
 def run_ppo(args: argparse.Namespace, base: torch.nn.Module, tokenizer: Any, tasks: list) -> dict[str, Any]:
-    settings = PPOSettings(
-        sampling=SamplingConfig(max_new_tokens=args.max_new, temperature=1.0, top_k=50, seed=1),
-        samples_per_prompt=args.samples,
-        kl_coef=args.kl,
-        ppo_epochs=args.ppo_epochs,
-    )
+    settings = ppo_settings(args)
     torch.manual_seed(0)
     critic = ValueModel(copy.deepcopy(base))
     models = PPOModels(
@@ -193,10 +186,6 @@ def run_grpo(args: argparse.Namespace, base: torch.nn.Module, tokenizer: Any, ta
     return {"before": before, "after": after, "iterations": iterations}
 
 
-def window(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def main() -> None:
     args = parse_args()
     load_before, start, phases = load_average(), time.perf_counter(), {}
@@ -223,26 +212,36 @@ def main() -> None:
         *[[f"GRPO {when}, {len(tasks)} tasks x {args.eval_samples}", f"{grpo[when]['mean_reward']:.3f}",
            f"{grpo[when]['parse_rate']:.3f}", f"{grpo[when]['pass_rate']:.3f}"] for when in ("before", "after") if grpo],
     ]  # fmt: skip
-    print()
-    print(format_table(headers, rows))
     payload = {
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "settings": vars(args),
         "tasks": {"verified_fitting": len(tasks), "names": [task.name for task in tasks]},
         "reward": "graded: 1.0 doctests pass, 0.5 defined and examples run without raising, 0.2 parses, 0 otherwise",
         "ppo": ppo,
         "grpo": grpo,
-        "table": {"headers": headers, "rows": rows},
     }
-    suffix = f"-{args.tag}" if args.tag else ""
-    finish(RESULTS_DIR / f"finetune_rl{suffix}.json", payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
+    report(args, "finetune_rl", payload, table=(headers, rows), start=start, load_before=load_before, phases=phases)
 
 
 def main_learned_reward(args: argparse.Namespace, base: Any, tokenizer: Any, *, start: float, load_before: Any) -> None:
     payload, rows = learned_reward_run(args, base, tokenizer)
     headers = ["learned reward (standardised)", "mean ± spread", "KL to reference"]
+    report(
+        args, "finetune_rl-reward-model", payload, table=(headers, rows), start=start, load_before=load_before,
+        phases=payload["phase_wall_s"],
+    )  # fmt: skip
+
+
+def report(
+    args: argparse.Namespace,
+    name: str,
+    payload: dict[str, Any],
+    *,
+    table: tuple[list[str], list[list[str]]],
+    start: float,
+    load_before: Any,
+    phases: dict[str, float],
+) -> None:
+    """Print the table; write RESULTS_DIR/NAME[-TAG].json with the environment, load, settings and table."""
+    headers, rows = table
     print()
     print(format_table(headers, rows))
     payload = {
@@ -254,12 +253,7 @@ def main_learned_reward(args: argparse.Namespace, base: Any, tokenizer: Any, *, 
         "table": {"headers": headers, "rows": rows},
     }
     suffix = f"-{args.tag}" if args.tag else ""
-    finish(
-        RESULTS_DIR / f"finetune_rl-reward-model{suffix}.json",
-        payload,
-        wall_s=time.perf_counter() - start,
-        phase_wall_s=payload["phase_wall_s"],
-    )
+    finish(RESULTS_DIR / f"{name}{suffix}.json", payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
 
 
 if __name__ == "__main__":

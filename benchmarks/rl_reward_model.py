@@ -149,6 +149,16 @@ def evaluate(
     }
 
 
+def ppo_settings(args: argparse.Namespace) -> PPOSettings:
+    """PPO's settings from the command line (both reward paths): seeded sampling at temperature 1, top-k 50."""
+    return PPOSettings(
+        sampling=SamplingConfig(max_new_tokens=args.max_new, temperature=1.0, top_k=50, seed=1),
+        samples_per_prompt=args.samples,
+        kl_coef=args.kl,
+        ppo_epochs=args.ppo_epochs,
+    )
+
+
 def run_ppo(
     args: argparse.Namespace,
     base: torch.nn.Module,
@@ -158,12 +168,7 @@ def run_ppo(
     prompts: list,
     tokenizer: Any,
 ) -> tuple[dict, torch.nn.Module]:
-    settings = PPOSettings(
-        sampling=SamplingConfig(max_new_tokens=args.max_new, temperature=1.0, top_k=50, seed=1),
-        samples_per_prompt=args.samples,
-        kl_coef=args.kl,
-        ppo_epochs=args.ppo_epochs,
-    )
+    settings = ppo_settings(args)
     torch.manual_seed(0)
     critic = ValueModel(copy.deepcopy(base))
     reference, replica = copy.deepcopy(base).eval().requires_grad_(False), copy.deepcopy(base)
