@@ -70,7 +70,7 @@ class DedupRules:
     threshold: float = 0.5  # estimated Jaccard similarity at which a document is a near duplicate
     num_perm: int = 128
     shingle_words: int = 2
-    max_index_docs: int = 200_000  # the LSH index's bound; documents past it are kept but not indexed
+    max_index_docs: int = 200_000  # the LSH index's bound (~1.2 KB a document); past it: kept, not indexed
     near: bool = True
 
     def __post_init__(self) -> None:
