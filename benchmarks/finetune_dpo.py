@@ -2,21 +2,28 @@
 
 Pairs from the default corpus (plait.recipes.data.preferences): a documented function's header as the
 prompt, its true body chosen, a corrupted body rejected (swapped statements, a flipped operator or
-constant, another function's body of the same line count). Training pairs from documented functions of
-training documents (one corruption per function), held-out pairs from every function of the validation
-documents (an undocumented one prompted by its signature; --documented-only: the documented ones), every
-corruption that applies.
+constant, another function's body of the same line count and near length). Training pairs from documented
+functions of the training documents (--per-function corruptions each, 3: every one that applies, as held-out),
+less a dev split (--dev-fraction of the training documents, never trained on); held-out pairs from every
+function of the validation documents (an undocumented one prompted by its signature; --documented-only: the
+documented ones), every corruption that applies.
+
+The protocol: settings (steps, lr, beta) are chosen on the dev split (--eval dev, --eval-every N for the
+accuracy along the run), then one run with them measures the held-out pairs (--eval heldout, the default).
 
 1. The base model's plain log-likelihood preference on the held-out pairs: logp(chosen) > logp(rejected),
    summed and per token.
 2. DPO (plait.boost, one process): the reference's held-out log-probs computed once before training; the
    training batches' from a frozen copy of the base (as `plait finetune` does). Held-out accuracy of the implicit reward
    beta x (logp - ref logp), chosen > rejected (ties count half: 0.5 by construction at step 0), with the
-   mean margin and its standard error, before and after; also per corruption kind.
+   mean margin and its standard error, before and after; also per corruption kind; the policy's plain
+   log-likelihood preference against the base's on the same pairs (per pair: flipped right or wrong,
+   McNemar's exact test).
 3. A reward model (a scalar head on the same base) trained on the same pairs: held-out accuracy before
-   (the untrained head) and after.
+   (the untrained head) and after (--reward-steps 0: skipped).
 
-    python benchmarks/finetune_dpo.py                          # ~15 min on 2 busy cores
+    python benchmarks/finetune_dpo.py --eval dev --eval-every 50 --reward-steps 0 --tag dev
+    python benchmarks/finetune_dpo.py                                   # ~15-25 min on 2 busy cores
     python benchmarks/finetune_dpo.py --steps 20 --reward-steps 20 --tag smoke
 
 Writes benchmarks/results/finetune_dpo.json (--tag: -TAG suffix).
@@ -26,21 +33,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from common import RESULTS_DIR, environment, finish, format_table, load_average
+from preference_measures import by_kind, eval_batches, kind_rows, mcnemar, pairwise, row, row_logps
 
 import plait
-from plait.data.heldout import held_out
-from plait.losses import logits_of
+from plait.data.heldout import HeldOut, held_out, training_functions
 from plait.recipes.base import load_base
-from plait.recipes.data.preferences import CORRUPTIONS, PreferencePair, corpus_pairs, encode_pairs
-from plait.recipes.dpo import DPOLoss, response_lengths, sequence_logps
+from plait.recipes.data.preferences import (
+    CORRUPTIONS,
+    PreferencePair,
+    corpus_pairs,
+    function_pairs,
+    split_training_functions,
+)
+from plait.recipes.dpo import DPOLoss, response_lengths
 from plait.recipes.preference_run import PreferenceData, frozen_reference
-from plait.recipes.reward import RewardModel, pair_accuracy, pairwise_loss, reward_results, summarise
-
-EVAL_PAIRS = 16  # per forward
+from plait.recipes.reward import RewardModel, pairwise_loss, reward_results
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,43 +72,38 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="held-out pairs from documented validation functions only (default: every validation function)",
     )
+    parser.add_argument(
+        "--per-function", type=int, default=3, help="training pairs per function, one corruption each (held-out: 3)"
+    )
+    parser.add_argument(
+        "--dev-fraction",
+        type=float,
+        default=0.1,
+        help="share of the training documents held back as the dev split (never trained on; 0: none)",
+    )
+    parser.add_argument(
+        "--eval",
+        choices=("heldout", "dev"),
+        default="heldout",
+        help="measure on the validation documents' pairs (the final figure) or the dev split (to choose settings)",
+    )
+    parser.add_argument("--eval-every", type=int, default=0, help="also measure every N DPO steps (0: at the end)")
     parser.add_argument("--tag", default="")
     return parser.parse_args()
 
 
-def eval_batches(pairs: list[PreferencePair], tokenizer: Any, *, seq_len: int) -> list[dict[str, torch.Tensor]]:
-    return [
-        encode_pairs(pairs[i : i + EVAL_PAIRS], tokenizer, seq_len=seq_len) for i in range(0, len(pairs), EVAL_PAIRS)
-    ]
-
-
-def by_kind(wins: torch.Tensor, margins: torch.Tensor, kinds: list[str]) -> dict[str, Any]:
-    """The summary over all pairs and over each corruption kind's pairs."""
-    result = {"all": summarise(wins, margins)}
-    for kind in CORRUPTIONS:
-        rows = torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)
-        if rows.numel():
-            result[kind] = summarise(wins[rows], margins[rows])
-    return result
-
-
-@torch.no_grad()
-def row_logps(model: torch.nn.Module, batches: list) -> torch.Tensor:
-    """Every held-out row's response log-prob (one forward per batch; each metric is derived from these)."""
-    model.eval()
-    logps = [sequence_logps(logits_of(model(b["input_ids"], b["attention_mask"])), b["labels"]) for b in batches]
-    model.train()
-    return torch.cat(logps)
-
-
-def pairwise(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair (rows 2i, 2i+1): win (ties half) and margin, chosen - rejected."""
-    chosen, rejected = scores[0::2], scores[1::2]
-    return pair_accuracy(chosen, rejected), chosen - rejected
-
-
-def train(engine: plait.Engine, data: PreferenceData, *, steps: int, pairs: int, log: str) -> dict[str, Any]:
-    losses, seconds = [], []
+def train(
+    engine: plait.Engine,
+    data: PreferenceData,
+    *,
+    steps: int,
+    pairs: int,
+    log: str,
+    every: int = 0,
+    measure: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``steps`` steps; ``measure()`` after every ``every`` of them (not the last: the caller measures that)."""
+    losses, seconds, curve = [], [], []
     for step in range(steps):
         batch = data.train_batch(step, 0, 1, global_batch=2 * pairs)
         start = time.perf_counter()
@@ -104,7 +111,10 @@ def train(engine: plait.Engine, data: PreferenceData, *, steps: int, pairs: int,
         seconds.append(time.perf_counter() - start)
         if step % 10 == 0 or step == steps - 1:
             print(f"{log} step {step + 1}/{steps} loss {losses[-1]:.4f} ({seconds[-1]:.2f} s)", flush=True)
-    return {"losses": losses, "step_s_median": sorted(seconds)[len(seconds) // 2]}
+        if measure is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            curve.append({"step": step + 1, **measure()})
+            print(f"{log} step {step + 1}: {curve[-1]['implicit']['all']}", flush=True)
+    return {"losses": losses, "step_s_median": sorted(seconds)[len(seconds) // 2], "curve": curve}
 
 
 def optimizer(lr: float) -> Any:
@@ -133,7 +143,11 @@ def run_dpo(args: argparse.Namespace, data: PreferenceData, held: list, kinds: l
         lr_scheduler=schedule(args.steps),
         max_grad_norm=1.0,
     )
-    trained = train(engine, data, steps=args.steps, pairs=args.pairs, log="dpo")
+
+    def measure() -> dict[str, Any]:
+        return {"implicit": by_kind(*pairwise(args.beta * (row_logps(policy, held) - reference)), kinds)}
+
+    trained = train(engine, data, steps=args.steps, pairs=args.pairs, log="dpo", every=args.eval_every, measure=measure)
     data.prepare = lambda batch: batch
     trained_logps = row_logps(policy, held)
     implicit = pairwise(args.beta * (trained_logps - reference))
@@ -143,7 +157,17 @@ def run_dpo(args: argparse.Namespace, data: PreferenceData, held: list, kinds: l
         "implicit": by_kind(*implicit, kinds),
     }
     held_loss = -torch.nn.functional.logsigmoid(implicit[1])
-    return {"before": before, "after": after, "train": trained, "heldout_dpo_loss_after": float(held_loss.mean())}
+    paired = {
+        name: mcnemar(pairwise(reference)[1][rows] > 0, pairwise(trained_logps)[1][rows] > 0)
+        for name, rows in kind_rows(kinds).items()
+    }
+    return {
+        "before": before,
+        "after": after,
+        "train": trained,
+        "heldout_dpo_loss_after": float(held_loss.mean()),
+        "loglik_paired": paired,
+    }
 
 
 def run_reward(args: argparse.Namespace, data: PreferenceData, held: list, kinds: list[str]) -> dict[str, Any]:
@@ -181,15 +205,22 @@ def fit_reward_model(
     return model, {"before": before, "after": by_kind(*reward_results(model, held), kinds), "train": trained}
 
 
-def row(name: str, summary: dict[str, Any]) -> list[str]:
-    s = summary["all"]
-    kinds = " / ".join(f"{summary[k]['accuracy']:.3f}" for k in CORRUPTIONS if k in summary)
-    return [
-        name,
-        f"{s['accuracy']:.3f} ± {s['accuracy_stderr']:.3f}",
-        f"{s['margin']:+.4f} ± {s['margin_stderr']:.4f}",
-        kinds,
-    ]
+def make_pairs(args: argparse.Namespace, part: HeldOut) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, measured pairs): training from the training documents less the dev share; measured
+    from the dev share (--eval dev) or the validation documents."""
+    if args.dev_fraction:
+        functions, dev = split_training_functions(part, dev_fraction=args.dev_fraction, seed=args.seed)
+    elif args.eval == "dev":
+        raise ValueError("--eval dev measures on the dev split: give --dev-fraction > 0")
+    else:
+        functions = training_functions(part)
+    train_pairs = function_pairs(functions, per_function=args.per_function, seed=args.seed)
+    if args.eval == "dev":
+        return train_pairs, function_pairs(dev, per_function=3, seed=args.seed)
+    held = corpus_pairs(
+        split="heldout", per_function=3, seed=args.seed, part=part, documented_only=args.documented_only
+    )
+    return train_pairs, held
 
 
 def main() -> None:
@@ -199,35 +230,36 @@ def main() -> None:
     load_before = load_average()
     _, tokenizer = load_base(args.base)
     part = held_out("stdlib", val_fraction=0.01)
-    train_pairs = corpus_pairs(split="train", per_function=1, seed=args.seed, part=part)
-    held_pairs = corpus_pairs(
-        split="heldout", per_function=3, seed=args.seed, part=part, documented_only=args.documented_only
-    )
+    train_pairs, held_pairs = make_pairs(args, part)
     kinds = [pair.kind for pair in held_pairs]
     held = eval_batches(held_pairs, tokenizer, seq_len=args.seq_len)
     data = PreferenceData(train_pairs, held_pairs, tokenizer, seq_len=args.seq_len, seed=args.seed)
     phases = {"data": time.perf_counter() - start}
-    print(f"{len(train_pairs)} training pairs, {len(held_pairs)} held-out pairs ({args.steps} x {args.pairs} used)")
+    print(f"{len(train_pairs)} training pairs, {len(held_pairs)} {args.eval} pairs ({args.steps} x {args.pairs} used)")
 
     mark = time.perf_counter()
     dpo = run_dpo(args, data, held, kinds)
     phases["dpo"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    reward = run_reward(args, data, held, kinds)
+    reward = run_reward(args, data, held, kinds) if args.reward_steps else None
     phases["reward"] = time.perf_counter() - mark
 
-    headers = ["held-out pairs", "accuracy ± se", "mean margin ± se", "swap / operator / other"]
+    headers = [f"{args.eval} pairs", "accuracy ± se", "mean margin ± se", "swap / operator / other"]
     rows = [
         row("base: log-likelihood (sum)", dpo["before"]["loglik_sum"]),
         row("base: log-likelihood (per token)", dpo["before"]["loglik_per_token"]),
         row("DPO implicit reward, step 0", dpo["before"]["implicit"]),
         row(f"DPO implicit reward, step {args.steps}", dpo["after"]["implicit"]),
         row("DPO policy: log-likelihood (sum)", dpo["after"]["loglik_sum"]),
-        row("reward model, untrained head", reward["before"]),
-        row(f"reward model, step {args.reward_steps}", reward["after"]),
     ]
+    if reward is not None:
+        rows += [
+            row("reward model, untrained head", reward["before"]),
+            row(f"reward model, step {args.reward_steps}", reward["after"]),
+        ]
     print()
     print(format_table(headers, rows))
+    print("log-likelihood preference, base -> DPO policy, per pair:", dpo["loglik_paired"])
     wall = time.perf_counter() - start
     payload = {
         "environment": environment(),
@@ -236,7 +268,9 @@ def main() -> None:
         "settings": vars(args),
         "pairs": {
             "train": len(train_pairs),
+            "eval": args.eval,
             "heldout": len(held_pairs),
+            "train_kinds": {k: sum(p.kind == k for p in train_pairs) for k in CORRUPTIONS},
             "heldout_kinds": {k: kinds.count(k) for k in CORRUPTIONS},
         },
         "dpo": dpo,
