@@ -26,7 +26,8 @@ __all__ = ["IncrementalDecoder"]
 class IncrementalDecoder:
     """Feeds new tokens to a causal LM and returns their logits, keeping the past in a cache.
 
-    plait's GPT: ``GPT.decode`` with a `KVCache` of ``model.config.max_seq_len`` positions. A Hugging
+    plait's GPT: ``GPT.decode`` with a `KVCache` of ``model.config.max_seq_len`` positions (not with
+    capacity-limited experts, whose dropped tokens depend on the whole sequence: no cache). A Hugging
     Face causal LM (anything with ``prepare_inputs_for_generation``, peft's wrappers too): its own
     cache object, passed back each step. Any other module: the whole sequence each step (``cache=False`` forces this).
     ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real.
@@ -88,8 +89,18 @@ def _hf_cache_argument(model: nn.Module) -> str:
 
 
 def _kind(model: nn.Module) -> str:
-    if isinstance(model, GPT) and all(block.attn.context_attention is None for block in model.blocks):
-        return "plait"
+    if isinstance(model, GPT):
+        return "plait" if _gpt_decodes_causally(model) else "full"
     if callable(getattr(model, "prepare_inputs_for_generation", None)):
         return "hf"
     return "full"
+
+
+def _gpt_decodes_causally(model: GPT) -> bool:
+    """Whether a token's logits depend on earlier tokens only, so a cache reproduces the full forward.
+    Not with capacity-limited experts (which tokens are dropped depends on the whole batch) nor under
+    context parallel (attention runs over the cp ring)."""
+    config = model.config
+    if config.moe_experts and config.moe_capacity_factor is not None:
+        return False
+    return all(block.attn.context_attention is None for block in model.blocks)
