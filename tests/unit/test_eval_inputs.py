@@ -123,6 +123,7 @@ CLI_CASES = {
         "records held-out split version 0, this plait makes version 1",
     ),
     "empty tasks": (["eval", "{ckpt}", "--tasks", ","], "names no task"),
+    "no threads": (["eval", "{ckpt}", "--threads", "0"], "--threads 0: give each rank at least 1 intra-op thread"),
 }
 
 
@@ -183,6 +184,7 @@ def test_eval_writes_json_markdown_and_plot(root: Path, tmp_path: Path) -> None:
     assert set(first) == {"plait_perplexity", "plait_next_token", "plait_code_choice", "plait_code_line"}
     assert first["plait_perplexity"]["byte_perplexity"] > 1.0
     assert 0.0 <= first["plait_code_choice"]["acc"] <= 1.0
+    assert 0.0 <= first["plait_code_choice"]["acc_mutual_info_pool4"] <= 1.0  # the YAML's process_results ran
     assert results["checkpoints"][0]["results"] != results["checkpoints"][1]["results"]  # other weights
     assert "| plait_code_choice | acc |" in (out / "results.md").read_text()
     stderr = first["plait_code_choice"]["acc_mutual_info_stderr"]  # a mean's: sd / sqrt(n)

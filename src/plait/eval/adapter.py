@@ -45,7 +45,10 @@ class PlaitLM(LM):
         return whole[:num_context], whole[num_context:]
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self.scorer.score([self._pair(*request.args) for request in requests])
+        # each distinct request once: plait_code_choice asks a body's unconditional score in every row whose pool holds it
+        unique = list(dict.fromkeys(tuple(request.args) for request in requests))
+        scores = dict(zip(unique, self.scorer.score([self._pair(*args) for args in unique]), strict=True))
+        return [scores[tuple(request.args)] for request in requests]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Each document in disjoint windows of the model's context, the first preceded by end-of-text."""

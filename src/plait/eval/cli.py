@@ -29,6 +29,7 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--limit", type=int, default=None, help="at most N samples per task (a quick look)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (as train.threads)")
 
 
 def eval_plan(text: str | None) -> Plan | None:
@@ -65,6 +66,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         include_path=args.include_path,
         batch_size=args.batch_size,
         limit=args.limit,
+        threads=args.threads,
     )
     nproc = _ranks(plan, args.nproc)
     if nproc > 1 and not under_torchrun():

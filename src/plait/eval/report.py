@@ -11,7 +11,7 @@ from plait.data.tokenizer import atomic_path
 _PLOTTED = {
     "plait_perplexity": "byte_perplexity",
     "plait_next_token": "acc",
-    "plait_code_choice": "acc_mutual_info",
+    "plait_code_choice": "acc_mutual_info_pool4",
     "plait_code_line": "exact_match",
 }
 
@@ -47,8 +47,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines += ["", f"Held-out data: {data['source']}, split v{data['split']['version']} ({counts} samples)."]
     if "chance_code_choice" in data:
         lines.append(
-            f"Chance level of plait_code_choice (acc, acc_norm, acc_mutual_info): {data['chance_code_choice']:.4g} "
-            "(1 / choices); its headline is acc_mutual_info (see the task's YAML)."
+            f"Chance level of plait_code_choice: {data['chance_code_choice']:.4g} (1 / choices) for acc, acc_norm, "
+            "acc_mutual_info and the pool's expected *_pool4, 0.5 for the pairwise *_pair; its headline is "
+            "acc_mutual_info_pool4 (see the task's YAML)."
         )
     return "\n".join(lines) + "\n"
 

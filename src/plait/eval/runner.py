@@ -50,6 +50,7 @@ class EvalRequest:
     include_path: str | None = None
     batch_size: int = 16
     limit: int | None = None  # samples per task (lm_eval's limit), for a quick look
+    threads: int = 1  # intra-op threads per rank, as plait train's train.threads
     sizes: TaskSizes = field(default_factory=TaskSizes)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class EvalRequest:
             raise ValueError(f"--batch-size {self.batch_size}: score at least 1 sequence per forward")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit}: use 1 or more samples per task (or leave it out: all)")
+        if self.threads < 1:
+            raise ValueError(f"--threads {self.threads}: give each rank at least 1 intra-op thread")
         if self.plan is not None:
             _check_plan(self.plan)
 
@@ -128,6 +131,7 @@ def run_eval(request: EvalRequest, *, task_manager: Any = None) -> dict[str, Any
     from plait.distributed.launch import is_main_rank
     from plait.eval.report import write_report
 
+    torch.set_num_threads(request.threads)  # torch's default, every core per rank, oversubscribes a shared machine
     with tempfile.TemporaryDirectory(prefix="plait-eval-") as imported:
         prepared = prepare(request, imported_dir=Path(imported), task_manager=task_manager)
         task_files = write_task_data(

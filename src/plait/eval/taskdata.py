@@ -26,11 +26,17 @@ class TaskSizes:
     code_choice: int = 2048
     code_line: int = 64
     num_choices: int = 4
+    pool_distractors: int = 15  # code choice: distractors scored per function; num_choices - 1 drawn from them
     context_tokens: int = 127  # the next-token task's context, at most
 
     def __post_init__(self) -> None:
         if min(self.next_token, self.code_choice, self.code_line, self.context_tokens) < 1 or self.num_choices < 2:
             raise ValueError(f"TaskSizes {self}: every count must be >= 1 and num_choices >= 2")
+        if self.pool_distractors < self.num_choices - 1:
+            raise ValueError(
+                f"TaskSizes pool_distractors={self.pool_distractors}: the pool must hold the num_choices - 1 = "
+                f"{self.num_choices - 1} distractors a draw takes; raise it"
+            )
 
 
 def write_task_data(part: HeldOut, tokenizer: Tokenizer, directory: Path, *, sizes: TaskSizes) -> dict[str, Path]:
@@ -84,13 +90,17 @@ def _exact_position(ids: list[int], position: int, *, tokenizer: Tokenizer, cont
 def choice_rows(
     functions: list[Function], *, pool: list[Function], tokenizer: Tokenizer, sizes: TaskSizes
 ) -> list[dict]:
-    """The true body among ``num_choices - 1`` distractors: the other bodies of ``pool`` nearest it in tokens.
+    """The true body among ``num_choices - 1`` distractors, then the rest of its pool: the other bodies of
+    ``pool`` nearest it in tokens, ``sizes.pool_distractors`` of them (fewer when the pool is smaller).
 
-    Equal token counts keep a summed log-likelihood from favouring the shorter choice. Ties are broken by
-    a hash of the (true body, candidate) pair, a fresh draw per row: a hash of the candidate alone gave
-    every row of one length the same few distractors (245 of the demo's 463 bodies filled all 1,389
-    slots, one of them 19 times), so a handful of bodies swayed every score together."""
+    The first ``num_choices`` choices are the single draw (the nearest ``num_choices - 1``, the true body at
+    ``label``); ``single_draw`` says how many, for plait.eval.choice_pool. Equal token counts keep a summed
+    log-likelihood from favouring the shorter choice. Ties are broken by a hash of the (true body, candidate)
+    pair, a fresh draw per row: a hash of the candidate alone gave every row of one length the same few
+    distractors (245 of the demo's 463 bodies filled all 1,389 slots, one of them 19 times), so a handful
+    of bodies swayed every score together."""
     num_tokens = {f.body: len(tokenizer.encode(f.body, add_special_tokens=False).ids) for f in pool}
+    drawn = sizes.num_choices - 1
     rows = []
     for function in functions:
         length = num_tokens[function.body]
@@ -98,12 +108,20 @@ def choice_rows(
             (f for f in pool if f.body != function.body),
             key=lambda f: (abs(num_tokens[f.body] - length), document_hash(function.body + "\0" + f.body)),
         )
-        distractors = [f.body for f in others[: sizes.num_choices - 1]]
-        if len(distractors) < sizes.num_choices - 1:
+        distractors = [f.body for f in others[: sizes.pool_distractors]]
+        if len(distractors) < drawn:
             continue
         label = document_hash(function.header + function.body) % sizes.num_choices
         choices = [*distractors[:label], function.body, *distractors[label:]]
-        rows.append({"name": function.name, "prompt": function.header, "choices": choices, "label": label})
+        rows.append(
+            {
+                "name": function.name,
+                "prompt": function.header,
+                "choices": choices,
+                "label": label,
+                "single_draw": sizes.num_choices,
+            }
+        )
     return rows
 
 

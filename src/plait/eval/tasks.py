@@ -41,7 +41,7 @@ def plait_task_config(task: str, data_file: Path) -> dict[str, Any]:
     """plait's YAML for ``task`` with its locally written data file."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    config = load_yaml(TASKS_DIR / f"{task}.yaml", resolve_func=False)
+    config = load_yaml(TASKS_DIR / f"{task}.yaml", resolve_func=True)  # process_results: a file beside the YAML
     # datasets caches beside the data file (a temporary directory), not in the user's ~/.cache
     kwargs = {"data_files": {"test": str(data_file)}, "cache_dir": str(data_file.parent / "datasets-cache")}
     return {**config, "dataset_kwargs": kwargs}
