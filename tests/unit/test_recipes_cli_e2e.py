@@ -101,3 +101,17 @@ def test_plait_finetune_runs_and_generate_reads_its_checkpoint(
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert captured.out.startswith("def add"), captured.out[-500:]
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_recipes_refuse_a_jsonl_source_in_one_line(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = tmp_path / "prompts.jsonl"
+    records.write_text('{"prompt": "def f(x):", "response": "    return x"}\n')
+    sets = ["data.source=jsonl", f"data.path={records}", f"train.out_dir={tmp_path / 'out'}"]
+    code = main(["finetune", str(CONFIGS / "finetune" / f"{kind}.toml")] + [p for s in sets for p in ("--set", s)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f'data.source="jsonl" is not read by recipe {kind!r}' in err and 'data.source="corpus"' in err, err
+    assert not (tmp_path / "out").exists()

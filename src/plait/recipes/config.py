@@ -123,6 +123,8 @@ RECIPE_SECTIONS: dict[str, type] = {
     "ppo": PPOSection,
 }
 
+CORPUS_ONLY = ("grpo", "ppo")  # verifiable prompts need doctests: no jsonl reader
+
 SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "recipe": RecipeConfig,
@@ -143,6 +145,12 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_train(self.train)
+        _require(
+            self.recipe.kind not in CORPUS_ONLY or self.data.source == "corpus",
+            f'data.source="{self.data.source}" is not read by recipe {self.recipe.kind!r}: its prompts are '
+            "data.corpus's doctest-carrying functions, scored by running their doctests; set "
+            'data.source="corpus"',
+        )
         for name in self.options:
             _require(
                 name == self.recipe.kind,
