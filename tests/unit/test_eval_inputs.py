@@ -124,6 +124,11 @@ CLI_CASES = {
     ),
     "empty tasks": (["eval", "{ckpt}", "--tasks", ","], "names no task"),
     "no threads": (["eval", "{ckpt}", "--threads", "0"], "--threads 0: give each rank at least 1 intra-op thread"),
+    "max length past context": (
+        ["eval", "{ckpt}", "--max-length", "65"],
+        "--max-length 65: {root}/run/checkpoints/step-000010 has 64 positions; give at most 64",
+    ),
+    "max length 1": (["eval", "{ckpt}", "--max-length", "1"], "--max-length 1: score windows of at least 2 tokens"),
 }
 
 

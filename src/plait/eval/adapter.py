@@ -51,7 +51,7 @@ class PlaitLM(LM):
         return [scores[tuple(request.args)] for request in requests]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Each document in disjoint windows of the model's context, the first preceded by end-of-text."""
+        """Each document in disjoint windows of the scorer's max_length, the first preceded by end-of-text."""
         windows: list[Pair] = []
         owners: list[int] = []
         for index, request in enumerate(requests):

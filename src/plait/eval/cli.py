@@ -30,6 +30,12 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--limit", type=int, default=None, help="at most N samples per task (a quick look)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (as train.threads)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per scored window (default: the sequence length the checkpoint was trained at)",
+    )
 
 
 def eval_plan(text: str | None) -> Plan | None:
@@ -67,6 +73,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         threads=args.threads,
+        max_length=args.max_length,
     )
     nproc = _ranks(plan, args.nproc)
     if nproc > 1 and not under_torchrun():

@@ -37,6 +37,7 @@ from plait.eval.tasks import (
     plait_task_names,
     split_names,
 )
+from plait.eval.window import scoring_window
 
 
 @dataclass
@@ -51,6 +52,7 @@ class EvalRequest:
     batch_size: int = 16
     limit: int | None = None  # samples per task (lm_eval's limit), for a quick look
     threads: int = 1  # intra-op threads per rank, as plait train's train.threads
+    max_length: int | None = None  # tokens per scored window; default: the length each checkpoint was trained at
     sizes: TaskSizes = field(default_factory=TaskSizes)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class EvalRequest:
             raise ValueError(f"--limit {self.limit}: use 1 or more samples per task (or leave it out: all)")
         if self.threads < 1:
             raise ValueError(f"--threads {self.threads}: give each rank at least 1 intra-op thread")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max-length {self.max_length}: score windows of at least 2 tokens")
         if self.plan is not None:
             _check_plan(self.plan)
 
@@ -97,6 +101,8 @@ def prepare(request: EvalRequest, *, imported_dir: Path, task_manager: Any = Non
         task_manager = task_manager or _task_manager(request.include_path, defaults=True)
         check_other_tasks(others, task_manager)
     checkpoints = [_checkpoint(Path(path), imported_dir=imported_dir) for path in request.paths]
+    for checkpoint in checkpoints:
+        window(checkpoint, override=request.max_length)  # a too-long --max-length is refused before any rank starts
     data = eval_data(checkpoints[0])
     check_tokenizers(checkpoints, data)
     out_dir = Path(request.out_dir) if request.out_dir else _default_out(checkpoints[0].path)
@@ -177,7 +183,8 @@ def _evaluate(checkpoint: Checkpoint, tasks: list[Any], *, request: EvalRequest,
     from plait.train.generate import load_for_inference
 
     model, tokenizer = load_for_inference(checkpoint.path)
-    scorer = _scorer(model, request=request)
+    max_length = window(checkpoint, override=request.max_length)
+    scorer = _scorer(model, max_length=max_length, request=request)
     lm = PlaitLM(scorer, tokenizer, eot_id=eot_id(tokenizer))
     output = lm_eval.simple_evaluate(
         model=lm,
@@ -195,15 +202,27 @@ def _evaluate(checkpoint: Checkpoint, tasks: list[Any], *, request: EvalRequest,
         "checkpoint": str(checkpoint.path),
         "label": checkpoint.label,
         "step": checkpoint.step,
+        "max_length": max_length,
         "results": _metrics(output),
     }
 
 
-def _scorer(model: torch.nn.Module, *, request: EvalRequest) -> Any:
+def window(checkpoint: Checkpoint, *, override: int | None) -> int:
+    """The tokens each of the checkpoint's scored windows holds (plait.eval.window)."""
+    return scoring_window(
+        label=str(checkpoint.origin or checkpoint.path),
+        context=checkpoint.context,
+        trained=checkpoint.trained_length,
+        override=override,
+    )
+
+
+def _scorer(model: torch.nn.Module, *, max_length: int, request: EvalRequest) -> Any:
     from plait.eval.scorer import DataRanks, Scorer
     from plait.train.generate import _context_length
 
-    max_length = _context_length(model)
+    if max_length > _context_length(model):  # the configs read before loading said otherwise: never run past it
+        raise ValueError(f"a window of {max_length} tokens exceeds the model's {_context_length(model)} positions")
     if request.plan is None or _world_size() == 1:
         return Scorer(model, max_length=max_length, batch_size=request.batch_size)
     import plait

@@ -14,6 +14,7 @@ from plait.checkpoint.io import read_trainer_state
 from plait.config import DataConfig
 from plait.data.heldout import SPLIT_VERSION, HeldOut, held_out
 from plait.data.shards import META_FILE
+from plait.eval.window import model_context, trained_length
 
 _MANIFEST = "manifest.json"
 _HF_CONFIG = "config.json"
@@ -29,6 +30,8 @@ class Checkpoint:
     tokenizer_json: str
     trained_by_plait: bool  # `plait train` wrote it (its config names the run's data)
     data: dict[str, Any]  # its config's [data]
+    context: int  # the model's positions
+    trained_length: int | None  # the longest sequence its training recorded (plait.eval.window)
     origin: Path | None = None  # the Hugging Face directory it was imported from
 
 
@@ -53,7 +56,7 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_checkpoint(path: Path, *, origin: Path | None = None) -> Checkpoint:
-    """The checkpoint's step, tokenizer and data settings, without reading its weights."""
+    """The checkpoint's step, tokenizer, data settings and lengths, without reading its weights."""
     trainer_state = read_trainer_state(path)
     tokenizer = trainer_state.get("tokenizer")
     if not tokenizer:
@@ -66,6 +69,8 @@ def read_checkpoint(path: Path, *, origin: Path | None = None) -> Checkpoint:
         tokenizer_json=tokenizer,
         trained_by_plait="loader" in trainer_state,
         data=config.get("data") or {},
+        context=model_context(path, config, trainer_state),
+        trained_length=trained_length(config, trainer_state),
         origin=origin,
     )
 

@@ -37,7 +37,11 @@ def _build(
 
 
 def _context_length(model: nn.Module) -> int:
-    config = model.config
+    return config_context_length(model.config)
+
+
+def config_context_length(config: Any) -> int:
+    """The positions of a plait GPTConfig or a transformers config."""
     return (
         getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None) or config.n_positions
     )
