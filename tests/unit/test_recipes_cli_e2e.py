@@ -45,15 +45,19 @@ def write_corpus(directory: Path, count: int) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    texts = write_corpus(root / "corpus", 10)
+def save_base(path: Path, texts: list[str]) -> None:
+    """A gpt-tiny checkpoint as `plait train` leaves it: weights, config and the tokenizer of ``texts``."""
     config = load_config(CONFIGS / "gpt-tiny.toml", ["data.vocab_size=300", "data.seq_len=64", "plan.dp=1"])
     torch.manual_seed(0)
     model = GPT(model_config_for(config))
     trainer_state = {"step": 10, "tokenizer": train_tokenizer(texts, vocab_size=300).to_str()}
-    save_checkpoint(root / "base", model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
+    save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    save_base(root / "base", write_corpus(root / "corpus", 10))
     return root
 
 
@@ -72,18 +76,19 @@ RECIPES = {
     "dpo": ["data.seq_len=64"],
     "grpo": ["grpo.group=2", "grpo.max_new_tokens=6", "train.global_batch=1", "data.max_examples=2"],
     "ppo": ["ppo.max_new_tokens=6", "ppo.ppo_epochs=1", "train.global_batch=1", "data.max_examples=2"],
+    "reward": ["data.seq_len=64"],
 }
 
 
-def finetune(root: Path, kind: str) -> tuple[int, Path]:
-    out = root / "runs" / kind
-    sets = [*COMMON, *RECIPES[kind], f"base.path={root / 'base'}", f"data.corpus={root / 'corpus'}"]
+def finetune(root: Path, kind: str, *extra: str, name: str = "") -> tuple[int, Path]:
+    out = root / "runs" / (name or kind)
+    sets = [*COMMON, *RECIPES[kind], f"base.path={root / 'base'}", f"data.corpus={root / 'corpus'}", *extra]
     sets.append(f"train.out_dir={out}")
     argv = ["finetune", str(CONFIGS / "finetune" / f"{kind}.toml")]
     return main(argv + [part for item in sets for part in ("--set", item)]), out
 
 
-@pytest.mark.parametrize("kind", list(RECIPES))
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "ppo"])
 def test_plait_finetune_runs_and_generate_reads_its_checkpoint(
     kind: str, root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -115,3 +120,56 @@ def test_rl_recipes_refuse_a_jsonl_source_in_one_line(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f'data.source="jsonl" is not read by recipe {kind!r}' in err and 'data.source="corpus"' in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_ppo_reads_a_saved_reward_model_and_refuses_others_in_one_line(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, reward_out = finetune(root, "reward")
+    assert code == 0, capsys.readouterr().err[-2000:]
+    reward_path = reward_out / "checkpoints" / "step-000001"
+    code, out = finetune(root, "ppo", "ppo.reward=model", f"ppo.reward_path={reward_path}", name="ppo-rm")
+    assert code == 0, capsys.readouterr().err[-2000:]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    grades = (0.0, 0.2, 0.5, 1.0)  # the sandbox's: a mean of two of these would mean the model went unused
+    sandbox_means = [(a + b) / 2 for a in grades for b in grades]
+    reward = float(rows[-1]["reward"])
+    assert rows[-1]["step"] == "1" and min(abs(reward - m) for m in sandbox_means) > 1e-6, rows[-1]
+    save_base(root / "other-base", ["an unrelated tokenizer's text " * 20])
+    refusals = {
+        str(root / "nowhere"): "does not exist",
+        str(root / "base"): "holds no reward head",  # a plait checkpoint, but a plain LM
+    }
+    capsys.readouterr()  # the runs' output
+    for path, message in refusals.items():
+        code, out = finetune(root, "ppo", "ppo.reward=model", f"ppo.reward_path={path}", name="refused")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    code, _ = finetune(
+        root, "ppo", "ppo.reward=model", f"ppo.reward_path={reward_path}", f"base.path={root / 'other-base'}",
+        name="refused",
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "tokenizer differs from base.path's" in err, err
+    assert not (root / "runs" / "refused").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.reward=model"], 'reward="model" reads reward_path'),
+        (["ppo.reward_path=runs/reward/checkpoints/step-000001"], '"verifiable" takes none'),
+    ],
+)
+def test_ppo_reward_settings_are_refused_in_one_line(overrides: list[str], message: str) -> None:
+    from plait.recipes.config import load_finetune_config
+
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(CONFIGS / "finetune" / "ppo.toml", overrides)
+
+
+def test_grpo_refuses_a_learned_reward() -> None:
+    from plait.recipes.config import load_finetune_config
+
+    with pytest.raises(ValueError, match='GRPO scores with the doctest reward; set reward="verifiable"'):
+        load_finetune_config(CONFIGS / "finetune" / "grpo.toml", ["grpo.reward=model"])

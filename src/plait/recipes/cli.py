@@ -53,6 +53,10 @@ def preflight(config: FinetuneConfig, *, world_size: int) -> None:
         from plait.recipes.lora import preflight as lora_preflight
 
         lora_preflight(config)
+    if config.recipe.kind == "ppo" and config.section("ppo").reward == "model":  # a saved reward model
+        from plait.recipes.reward_checkpoint import check_reward_checkpoint
+
+        check_reward_checkpoint(config.section("ppo").reward_path, tokenizer)
     if config.recipe.kind in PREFERENCE_KINDS:  # chosen/rejected pairs, not instruction records
         check_preference_input(config, dp=plan.dp)
     elif config.data.source == "jsonl":

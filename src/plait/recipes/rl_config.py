@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REWARDS = ("verifiable",)
+REWARDS = ("verifiable", "model")  # "model": [ppo] only, a saved reward model at reward_path
 
 
 def _require(condition: bool, message: str) -> None:
@@ -33,7 +33,7 @@ class RolloutSection:
     top_k: int = 50
     sandbox_cpu_s: int = 2
     sandbox_wall_s: float = 6.0
-    reward: str = "verifiable"  # the graded doctest reward (plait.recipes.sandbox.graded_reward)
+    reward: str = "verifiable"  # the graded doctest reward (plait.recipes.sandbox.graded_reward), or "model"
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens}: sample at least 1 token, e.g. 48")
@@ -53,6 +53,11 @@ class GRPOSection(RolloutSection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            self.reward == "verifiable",
+            f'reward={self.reward!r}: GRPO scores with the doctest reward; set reward="verifiable" '
+            '(a learned reward model is [ppo] reward="model")',
+        )
         _require(self.group >= 2, f"group={self.group}: GRPO compares completions of a prompt; use >= 2, e.g. 4")
         _require(0 < self.clip < 1, f"clip={self.clip}: use a fraction in (0, 1), e.g. 0.2")
         _require(self.kl_coef >= 0, f"kl_coef={self.kl_coef}: use >= 0, e.g. 0.04")
@@ -70,7 +75,13 @@ class PPOSection(RolloutSection):
     value_clip: float = 0.2
     ppo_epochs: int = 4
     critic_lr_ratio: float = 2.0  # the critic's learning rate over train.lr
+    reward_path: str = ""  # reward="model": a checkpoint of a recipe.kind="reward" run (same base)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            (self.reward == "model") == (self.reward_path != ""),
+            f'reward={self.reward!r}, reward_path={self.reward_path!r}: reward="model" reads reward_path (a '
+            'recipe.kind="reward" checkpoint, e.g. "runs/reward/checkpoints/step-000100"); "verifiable" takes none',
+        )
         _require(self.critic_lr_ratio > 0, f"critic_lr_ratio={self.critic_lr_ratio}: use > 0, e.g. 2.0")

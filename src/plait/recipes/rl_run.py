@@ -39,8 +39,10 @@ from plait.recipes.ppo import (
     ValueModel,
     ppo_iteration,
     refresh,
+    reward_model_fn,
     value_loss_for,
 )
+from plait.recipes.reward_checkpoint import load_reward_model
 from plait.recipes.rl_config import RolloutSection
 from plait.recipes.rollout import SamplingConfig
 from plait.recipes.sandbox import SandboxLimits
@@ -126,8 +128,11 @@ class GRPORun(RLRun):
 
 
 class PPORun(RLRun):
-    def __init__(self, config: FinetuneConfig, model: nn.Module, **kwargs: Any) -> None:
+    def __init__(
+        self, config: FinetuneConfig, model: nn.Module, *, reward_model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(config, model, **kwargs)
+        self.reward_model = reward_model  # frozen, [ppo] reward="model"; None: the sandboxed doctest reward
         section = self.section
         self.settings = PPOSettings(
             sampling=sampling_of(section, seed=config.train.seed), samples_per_prompt=section.samples_per_prompt,
@@ -143,7 +148,10 @@ class PPORun(RLRun):
     def train_one_step(self) -> dict[str, Any]:
         per = self.settings.samples_per_prompt
         mine, prompts, first = self.my_tasks(per_prompt=per)
-        reward_fn = verifiable_reward(mine, self.tokenizer, samples=per, limits=limits_of(self.section))
+        if self.reward_model is not None:
+            reward_fn = reward_model_fn(self.reward_model)
+        else:
+            reward_fn = verifiable_reward(mine, self.tokenizer, samples=per, limits=limits_of(self.section))
         models = PPOModels(self.engine, self.critic, self.replica, self.critic_replica, self.reference, reward_fn)
         stats = ppo_iteration(models, prompts, first_index=first, settings=self.settings, eos_id=self.tokenizer.eot_id)
         values = self.record_step(stats["policy_losses"], stats["scores"])
@@ -158,11 +166,21 @@ def _context(model: nn.Module) -> int:
 def _run(config: FinetuneConfig, run_class: type[RLRun], loss_fn: Any) -> FinetuneSummary:
     model, tokenizer = load_base(config.base.path)
     tasks = rl_tasks(config, tokenizer, context=_context(model))  # refused here, before any collective
+    extra_args = {"reward_model": _reward_model(config, model, tokenizer)} if run_class is PPORun else {}
     config_dict, extra = checkpoint_record(config.base.path)
     record = CheckpointRecord(config=config_dict, extra=extra)
     return run_to_end(
-        config, lambda: run_class(config, model, loss_fn=loss_fn, tasks=tasks, tokenizer=tokenizer, record=record)
+        config,
+        lambda: run_class(
+            config, model, loss_fn=loss_fn, tasks=tasks, tokenizer=tokenizer, record=record, **extra_args
+        ),
     )
+
+
+def _reward_model(config: FinetuneConfig, model: nn.Module, tokenizer: BaseTokenizer) -> nn.Module | None:
+    """[ppo] reward="model": the saved reward model (refused here, before any collective); else None."""
+    section = config.section("ppo")
+    return load_reward_model(section.reward_path, model, tokenizer) if section.reward == "model" else None
 
 
 def run_grpo(config: FinetuneConfig) -> FinetuneSummary:
