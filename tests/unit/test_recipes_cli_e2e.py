@@ -15,6 +15,8 @@ from plait.cli import main
 from plait.config import load_config, model_config_for
 from plait.data.tokenizer import train_tokenizer
 from plait.models.gpt import GPT
+from plait.recipes.rl_run import module_bytes
+from plait.train.generate import load_for_inference
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DOC = '''def add{i}(x):
@@ -173,3 +175,28 @@ def test_grpo_refuses_a_learned_reward() -> None:
 
     with pytest.raises(ValueError, match='GRPO scores with the doctest reward; set reward="verifiable"'):
         load_finetune_config(CONFIGS / "finetune" / "grpo.toml", ["grpo.reward=model"])
+
+
+def last_row(root: Path, kind: str, *extra: str, name: str = "") -> dict[str, str]:
+    """The last metrics row of run ``name`` (made here unless an earlier test of this module made it)."""
+    out = root / "runs" / (name or kind)
+    if not (out / "metrics.csv").exists():
+        code, _ = finetune(root, kind, *extra, name=name)
+        assert code == 0
+    return list(csv.DictReader((out / "metrics.csv").open()))[-1]
+
+
+def test_rl_logs_rollout_tokens_per_s_and_the_state_of_every_model_it_holds(root: Path) -> None:
+    model = load_for_inference(root / "base")[0]
+    base = module_bytes([model])  # one plain copy of the base's weights
+    head = model.config.d_model * 4 + 4  # a scalar head's weight and bias, fp32
+    sft, grpo, ppo = (last_row(root, kind) for kind in ("sft", "grpo", "ppo"))
+    for row in (grpo, ppo):  # a rollout's real tokens over the whole step's time
+        tokens = float(row["tokens_per_s"]) * float(row["step_s"])
+        assert tokens > 0 and abs(tokens - round(tokens)) < 1e-3, row
+    # GRPO: the actor's engine (as sft's at dp=1, same model and Adam) + the sampling replica + the reference
+    assert float(grpo["state_bytes"]) == float(sft["state_bytes"]) + 2 * base
+    # PPO: GRPO's + the critic's engine (sft's + the head's weights, grads, two Adam moments and two fp32
+    # Adam step counters) + the critic's replica (the base and its head)
+    critic_engine = float(sft["state_bytes"]) + 4 * head + 2 * 4
+    assert float(ppo["state_bytes"]) == float(grpo["state_bytes"]) + critic_engine + base + head

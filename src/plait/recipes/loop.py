@@ -136,12 +136,16 @@ class FinetuneRun:
 
     def _log_line(self, values: dict[str, Any], bar: tqdm) -> None:
         values["tokens_per_s"] = self.throughput.recent_tokens_per_s()
-        values["state_bytes"] = self.engine.state_bytes()["total"]
+        values["state_bytes"] = self.state_bytes()
         values["peak_rss"] = metrics.peak_rss_bytes()
         line = format_metrics_line(self.step, self.config.train.steps, values)
         if is_main_rank():
             bar.write(line)
         self.log.info(line, extra={FILE_ONLY: True})
+
+    def state_bytes(self) -> int:
+        """Bytes of model state this rank holds (a recipe with more models than its engine adds theirs)."""
+        return self.engine.state_bytes()["total"]
 
     def run(self) -> FinetuneSummary:
         train = self.config.train

@@ -192,7 +192,8 @@ def ppo_iteration(
     for _ in range(settings.ppo_epochs):
         policy_losses.append(models.actor.train_step(batch).loss.item())  # type: ignore[attr-defined]
         value_losses.append(models.critic.train_step(batch).loss.item())  # type: ignore[attr-defined]
-    return {"scores": scores, "policy_losses": policy_losses, "value_losses": value_losses}
+    tokens = int(batch["attention_mask"].sum())  # this rank's rollout tokens, prompts and responses
+    return {"scores": scores, "policy_losses": policy_losses, "value_losses": value_losses, "tokens": tokens}
 
 
 def policy_loss_for(settings: PPOSettings) -> PolicyLoss:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -106,6 +107,29 @@ class RLRun(FinetuneRun):
         first = (self.step * count + self.engine.dp_rank * share) * per_prompt
         return mine, [self.tokenizer.encode(t.prompt) for t in mine], first
 
+    def train_one_step(self) -> dict[str, Any]:
+        """The recipe's step timed whole (rollout, scoring, updates); tokens/s counts every rank's rollout
+        tokens (prompts and responses, padding not) over that time."""
+        start = time.perf_counter()
+        values, tokens = self.rl_step()
+        seconds = time.perf_counter() - start
+        count = torch.tensor(float(tokens), dtype=torch.double)
+        if dist.is_initialized():
+            dist.all_reduce(count, group=self.mesh.group("dp"))
+        self.throughput.record(self.step, int(count), seconds)
+        return {**values, "step_s": seconds}
+
+    def rl_step(self) -> tuple[dict[str, Any], int]:
+        """One rollout and its updates on this rank: (logged values, this rank's rollout tokens)."""
+        raise NotImplementedError
+
+    def held_modules(self) -> list[nn.Module]:
+        """The plain models this rank keeps beside its engine: the sampling replica and the reference."""
+        return [self.replica, self.reference]
+
+    def state_bytes(self) -> int:
+        return super().state_bytes() + module_bytes(self.held_modules())
+
     def record_step(self, losses: list[float], rewards: torch.Tensor) -> dict[str, Any]:
         self.losses.append(losses[-1])
         total = torch.stack([rewards.double().sum(), torch.tensor(rewards.numel(), dtype=torch.double)])
@@ -115,8 +139,18 @@ class RLRun(FinetuneRun):
         return {"loss": losses[-1], "reward": reward, "lr": self.engine.optimizer.param_groups[0]["lr"]}
 
 
+def module_bytes(modules: list[nn.Module]) -> int:
+    """Bytes of the distinct parameter and buffer storages of ``modules``."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for m in modules
+        for t in (*m.parameters(), *m.buffers())
+    }
+    return sum(storages.values())
+
+
 class GRPORun(RLRun):
-    def train_one_step(self) -> dict[str, Any]:
+    def rl_step(self) -> tuple[dict[str, Any], int]:
         section = self.section
         mine, prompts, first = self.my_tasks(per_prompt=section.group)
         reward_fn = verifiable_reward(mine, self.tokenizer, samples=section.group, limits=limits_of(section))
@@ -124,7 +158,8 @@ class GRPORun(RLRun):
             refresh(self.replica, self.engine), self.reference, prompts, group=section.group, first_index=first,
             sampling=sampling_of(section, seed=self.config.train.seed), eos_id=self.tokenizer.eot_id, reward_fn=reward_fn,
         )  # fmt: skip
-        return self.record_step([self.engine.train_step(batch).loss.item()], rewards)
+        values = self.record_step([self.engine.train_step(batch).loss.item()], rewards)
+        return values, int(batch["attention_mask"].sum())
 
 
 class PPORun(RLRun):
@@ -145,7 +180,15 @@ class PPORun(RLRun):
         critic_config = dataclasses.replace(config, train=critic_train)
         self.critic = build_engine(critic_config, critic, loss_fn=value_loss_for(self.settings), mesh=self.mesh)
 
-    def train_one_step(self) -> dict[str, Any]:
+    def held_modules(self) -> list[nn.Module]:
+        """Besides the actor's: the critic's engine (in state_bytes), its replica and a reward model."""
+        reward = [self.reward_model] if self.reward_model is not None else []
+        return [*super().held_modules(), self.critic_replica, *reward]
+
+    def state_bytes(self) -> int:
+        return super().state_bytes() + self.critic.state_bytes()["total"]
+
+    def rl_step(self) -> tuple[dict[str, Any], int]:
         per = self.settings.samples_per_prompt
         mine, prompts, first = self.my_tasks(per_prompt=per)
         if self.reward_model is not None:
@@ -155,7 +198,7 @@ class PPORun(RLRun):
         models = PPOModels(self.engine, self.critic, self.replica, self.critic_replica, self.reference, reward_fn)
         stats = ppo_iteration(models, prompts, first_index=first, settings=self.settings, eos_id=self.tokenizer.eot_id)
         values = self.record_step(stats["policy_losses"], stats["scores"])
-        return {**values, "value_loss": stats["value_losses"][-1]}
+        return {**values, "value_loss": stats["value_losses"][-1]}, stats["tokens"]
 
 
 def _context(model: nn.Module) -> int:
