@@ -7,7 +7,11 @@ variables, no current directory on sys.path) in a new temporary working director
 - an audit hook installed before the program runs that refuses sockets (no network), new processes
   (subprocess, os.system, exec, fork) and any file write, removal or rename outside the working directory;
 - stdout and stderr captured and capped.
-The child reports a verdict on its last line; anything else (a crash, a kill) is scored from the exit.
+The child writes its verdict as one line starting with a random nonce of this run (sent on stdin, never in its
+globals) and exits at once (os._exit: no atexit handler or finalizer of the program runs after it); a line
+the program prints cannot carry the nonce, so it is never read as a verdict; no nonce line (a crash, a kill,
+the program exiting first) is scored from the exit. Not covered: a program that patches the doctest runner
+or walks the interpreter's frames in its own process (the doctests run there).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import ast
 import json
 import os
 import resource
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,30 +49,38 @@ def hook(event, args):
             raise PermissionError("sandbox: writing outside the working directory")
     if event in WRITES and args and not _inside(args[0]):
         raise PermissionError("sandbox: " + event + " outside the working directory")
-request = json.loads(sys.stdin.read())
 import doctest
 class Runner(doctest.DocTestRunner):
     errors = 0
     def report_unexpected_exception(self, out, test, example, exc_info):
         self.errors += 1
-sys.addaudithook(hook)
-verdict = {"parsed": False, "defined": False, "examples": 0, "failed": 0, "errors": 0}
-try:
-    code = compile(request["source"], "<completion>", "exec")
-    verdict["parsed"] = True
-    namespace = {"__name__": "__sandbox__"}
-    exec(code, namespace)
-    verdict["defined"] = request["entry"] in namespace
-    if verdict["defined"]:
-        runner = Runner(verbose=False, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        for test in doctest.DocTestFinder(recurse=False).find(namespace[request["entry"]], request["entry"], globs=namespace):
-            result = runner.run(test, out=lambda text: None)
-            verdict["examples"] += result.attempted
-            verdict["failed"] += result.failed
-        verdict["errors"] = runner.errors
-except BaseException as error:
-    verdict["exception"] = type(error).__name__
-print("\n" + json.dumps(verdict))
+def main(request, write, dumps, exit):
+    nonce = request.pop("nonce")  # held only in this frame: the verdict line must start with it
+    source, entry = request.pop("source"), request.pop("entry")
+    sys.addaudithook(hook)
+    verdict = {"parsed": False, "defined": False, "examples": 0, "failed": 0, "errors": 0}
+    try:
+        code = compile(source, "<completion>", "exec")
+        verdict["parsed"] = True
+        namespace = {"__name__": "__sandbox__"}
+        exec(code, namespace)
+        verdict["defined"] = entry in namespace
+        if verdict["defined"]:
+            runner = Runner(verbose=False, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+            for test in doctest.DocTestFinder(recurse=False).find(namespace[entry], entry, globs=namespace):
+                result = runner.run(test, out=lambda text: None)
+                verdict["examples"] += result.attempted
+                verdict["failed"] += result.failed
+            verdict["errors"] = runner.errors
+    except BaseException as error:
+        verdict["exception"] = type(error).__name__
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        pass
+    write(1, ("\n" + nonce + " " + dumps(verdict) + "\n").encode())
+    exit(0)  # at once: no atexit handler, finalizer or thread of the program runs after the verdict
+main(json.loads(sys.stdin.read()), os.write, json.dumps, os._exit)
 """
 
 
@@ -109,7 +122,8 @@ def _limit(limits: SandboxLimits) -> None:
 
 def run_sandboxed(source: str, *, entry: str, limits: SandboxLimits = SandboxLimits()) -> Verdict:
     """Execute ``source`` and the doctests of its function ``entry`` in a sandboxed subprocess."""
-    request = json.dumps({"source": source, "entry": entry})
+    nonce = secrets.token_hex(16)
+    request = json.dumps({"source": source, "entry": entry, "nonce": nonce})
     with tempfile.TemporaryDirectory(prefix="plait-sandbox-") as workdir:
         process = subprocess.Popen(
             [sys.executable, "-I", "-c", _CHILD],
@@ -124,7 +138,8 @@ def run_sandboxed(source: str, *, entry: str, limits: SandboxLimits = SandboxLim
             return Verdict(
                 parses(source), False, 0, 0, 0, "timeout", out.decode(errors="replace")[: limits.output_chars]
             )
-    return _verdict(out.decode(errors="replace"), returncode=process.returncode, cap=limits.output_chars, source=source)
+    output = out.decode(errors="replace")
+    return _verdict(output, returncode=process.returncode, cap=limits.output_chars, source=source, nonce=nonce)
 
 
 def parses(source: str) -> bool:
@@ -136,12 +151,13 @@ def parses(source: str) -> bool:
     return True
 
 
-def _verdict(output: str, *, returncode: int, cap: int, source: str) -> Verdict:
-    lines = output.rstrip().splitlines()
+def _verdict(output: str, *, returncode: int, cap: int, source: str, nonce: str) -> Verdict:
+    marked = [line for line in output.splitlines() if line.startswith(nonce + " ")]
     try:
-        report = json.loads(lines[-1]) if returncode == 0 and lines else None
+        report = json.loads(marked[0][len(nonce) + 1 :]) if returncode == 0 and len(marked) == 1 else None
     except json.JSONDecodeError:
         report = None
+    output = "\n".join(line for line in output.splitlines() if not line.startswith(nonce))
     if report is None:  # killed (CPU limit, memory) or the interpreter died
         return Verdict(parses(source), False, 0, 0, 0, "crashed", output[:cap])
     status = "exception" if "exception" in report else "ok"
