@@ -84,7 +84,8 @@ RECIPES = {
 
 def finetune(root: Path, kind: str, *extra: str, name: str = "") -> tuple[int, Path]:
     out = root / "runs" / (name or kind)
-    sets = [*COMMON, *RECIPES[kind], f"base.path={root / 'base'}", f"data.corpus={root / 'corpus'}", *extra]
+    sets = [*COMMON, *RECIPES[kind], f"base.path={root / 'base'}", f"data.corpus={root / 'corpus'}"]
+    sets += [f"data.cache_dir={root / 'cache'}", *extra]
     sets.append(f"train.out_dir={out}")
     argv = ["finetune", str(CONFIGS / "finetune" / f"{kind}.toml")]
     return main(argv + [part for item in sets for part in ("--set", item)]), out

@@ -53,6 +53,10 @@ def preflight(config: FinetuneConfig, *, world_size: int) -> None:
         from plait.recipes.lora import preflight as lora_preflight
 
         lora_preflight(config)
+    if config.recipe.kind in ("grpo", "ppo"):  # verified once here, so that the ranks read the cache
+        from plait.recipes.rl_run import verified_tasks
+
+        verified_tasks(config)
     if config.recipe.kind == "ppo" and config.section("ppo").reward == "model":  # a saved reward model
         from plait.recipes.reward_checkpoint import check_reward_checkpoint
 

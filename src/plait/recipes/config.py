@@ -83,6 +83,7 @@ class FinetuneDataConfig:
     pack: bool = True  # several examples per row, each attending only to itself (plait's document mask)
     max_examples: int = 0  # 0: every training example
     eval_examples: int = 64  # held-out examples scored for the eval loss (0: none)
+    cache_dir: str = ".cache/plait"  # grpo/ppo: verified doctest tasks, built once (as plait train's data.cache_dir)
 
     def __post_init__(self) -> None:
         _require(self.source in SOURCES, f"data.source={self.source!r}: choose one of {', '.join(SOURCES)}")

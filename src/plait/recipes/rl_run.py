@@ -24,7 +24,7 @@ from torch import nn
 from plait.distributed.launch import is_main_rank
 from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig
-from plait.recipes.data.verifiable import VerifiableTask, corpus_tasks, verifiable_reward, verified
+from plait.recipes.data.verifiable import VerifiableTask, cached_verified_tasks, verifiable_reward
 from plait.recipes.grpo import PolicyLoss, grpo_batch
 from plait.recipes.loop import (
     CheckpointRecord,
@@ -53,8 +53,7 @@ from plait.train.logs import DEFAULT_COLUMNS, MetricsLog
 def rl_tasks(config: FinetuneConfig, tokenizer: BaseTokenizer, *, context: int) -> list[VerifiableTask]:
     """The verifiable prompts that fit the context, refused in one line when there are none."""
     section: RolloutSection = config.section(config.recipe.kind)
-    tasks = corpus_tasks(config.data.corpus, split="train", val_fraction=config.data.val_fraction)
-    tasks = verified(tasks, limits=limits_of(section))
+    tasks = verified_tasks(config)
     fitting = [t for t in tasks if len(tokenizer.encode(t.prompt)) + section.max_new_tokens <= context]
     if not fitting:
         raise ValueError(
@@ -62,6 +61,14 @@ def rl_tasks(config: FinetuneConfig, tokenizer: BaseTokenizer, *, context: int) 
             f"max_new_tokens={section.max_new_tokens}; lower [{config.recipe.kind}].max_new_tokens"
         )
     return fitting[: config.data.max_examples] if config.data.max_examples else fitting
+
+
+def verified_tasks(config: FinetuneConfig) -> list[VerifiableTask]:
+    """The training documents' tasks whose true body passes in the sandbox (cached: see the data module)."""
+    data, section = config.data, config.section(config.recipe.kind)
+    return cached_verified_tasks(
+        data.corpus, split="train", val_fraction=data.val_fraction, limits=limits_of(section), cache_dir=data.cache_dir
+    )
 
 
 def limits_of(section: RolloutSection) -> SandboxLimits:

@@ -14,13 +14,19 @@ in the sandbox), 0 in validation documents.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import hashlib
+import json
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from plait.data.corpus import Corpus
+from plait.data.corpus import Corpus, corpus_fingerprint
 from plait.data.heldout import HeldOut, held_out
 from plait.recipes.sandbox import SandboxLimits, graded_reward, run_sandboxed
 
@@ -118,3 +124,26 @@ def verifiable_reward(
         return torch.tensor(scores)
 
     return reward
+
+
+CACHE_VERSION = 1  # bump when task extraction or the sandbox's verdict changes
+
+
+def cached_verified_tasks(
+    corpus: Corpus, *, split: str, val_fraction: float, limits: SandboxLimits, cache_dir: str | Path
+) -> list[VerifiableTask]:
+    """`verified(corpus_tasks(...))`, built once and kept under ``cache_dir/verifiable/`` keyed by the
+    corpus's content, the split, the sandbox limits, this Python and CACHE_VERSION (verifying runs every
+    true body in the sandbox: minutes on the stdlib). Written atomically, so ranks racing write the same file."""
+    key = json.dumps(
+        [corpus_fingerprint(corpus), split, val_fraction, dataclasses.asdict(limits), sys.version, CACHE_VERSION]
+    )
+    path = Path(cache_dir) / "verifiable" / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
+    if path.is_file():
+        return [VerifiableTask(**record) for record in json.loads(path.read_text())]
+    tasks = verified(corpus_tasks(corpus, split=split, val_fraction=val_fraction), limits=limits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps([dataclasses.asdict(task) for task in tasks]))
+    os.replace(partial, path)
+    return tasks
