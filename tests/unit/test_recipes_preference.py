@@ -222,8 +222,6 @@ def test_heldout_pairs_may_take_every_validation_function() -> None:
     every = corpus_pairs(split="heldout", per_function=3, part=part, documented_only=False)
     assert {pair.prompt.splitlines()[0] for pair in documented} == {"def documented(x):"}
     assert {pair.prompt.splitlines()[0] for pair in every} == {"def documented(x):", "def undocumented(a, b):"}
-    with pytest.raises(ValueError, match="split='heldout' only"):
-        corpus_pairs(split="train", part=part, documented_only=False)
 
 
 def test_preference_tokens_per_step_counts_real_tokens_only() -> None:

@@ -85,21 +85,19 @@ def held_out_functions(part: HeldOut, *, documented_only: bool = True) -> list[F
     return functions
 
 
-def training_functions(part: HeldOut) -> list[Function]:
-    """Documented functions of the training documents (fine-tuning pairs; never a held-out body), in order."""
-    held = {function.body for text in part.documents for function in _documented_functions(text)}
+def training_functions(part: HeldOut, *, documented_only: bool = True) -> list[Function]:
+    """Documented functions of the training documents (fine-tuning pairs; never a held-out body), in order;
+    with ``documented_only=False`` every function, an undocumented one's header its signature alone (as
+    `held_out_functions` makes them), and no body of any held-out function."""
+    held = {function.body for text in part.documents for function in _functions(text, documented_only=documented_only)}
     seen: set[str] = set()
     functions = []
     for text in part.train_text.split("\0"):
-        for function in _documented_functions(text):
+        for function in _functions(text, documented_only=documented_only):
             if function.body not in seen and function.body not in held:
                 seen.add(function.body)
                 functions.append(function)
     return functions
-
-
-def _documented_functions(text: str) -> Iterator[Function]:
-    return _functions(text, documented_only=True)
 
 
 def _functions(text: str, *, documented_only: bool) -> Iterator[Function]:

@@ -1,7 +1,7 @@
 """Preference pairs: from the default corpus (a true function body preferred to a corrupted one) or a jsonl.
 
-Corpus pairs: the prompt is a documented function's header (decorators, signature, docstring), the
-chosen response its true body (the first lines, as `plait.data.heldout` cuts them), the rejected one
+Corpus pairs: the prompt is a function's header (decorators, signature, docstring; an undocumented
+function's, with documented_only=False, its signature alone), the chosen response its true body (the first lines, as `plait.data.heldout` cuts them), the rejected one
 the same body corrupted in a way that keeps it plausible code:
 
 - ``swap``: two adjacent one-line statements of the same indentation exchanged (neither opens a block
@@ -89,30 +89,25 @@ def corpus_pairs(
     """Preference pairs from ``corpus``: ``split="train"`` from training documents, ``"heldout"`` from validation
     documents (the recorded split `plait eval` reads; ``part``: that split, already read).
 
-    ``documented_only=False`` (held-out only) takes every validation function, an undocumented one prompted by
-    its signature alone: ~8x the pairs to measure on. The default keeps documented ones, the prompts training
-    pairs have; training pairs are always from documented training functions."""
+    ``documented_only=False`` takes every function of the split, an undocumented one prompted by its signature
+    alone (~8x the pairs); the default keeps documented ones (signature and docstring)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: use 'train' (training documents) or 'heldout' (validation documents)")
-    if split == "train" and not documented_only:
-        raise ValueError(
-            "documented_only=False applies to split='heldout' only: training pairs come from documented training "
-            "functions; drop documented_only for split='train'"
-        )
     part = part if part is not None else held_out(corpus, val_fraction=val_fraction)
     if split == "train":
-        functions = training_functions(part)
+        functions = training_functions(part, documented_only=documented_only)
     else:
         functions = held_out_functions(part, documented_only=documented_only)
     return function_pairs(functions, per_function=per_function, seed=seed)
 
 
 def split_training_functions(
-    part: HeldOut, *, dev_fraction: float, seed: int = 0
+    part: HeldOut, *, dev_fraction: float, seed: int = 0, documented_only: bool = True
 ) -> tuple[list[Function], list[Function]]:
-    """Documented functions of the training documents in two disjoint parts, (train, dev): dev from a seeded
-    ``dev_fraction`` of the training documents, train from the rest less any body dev has. Settings are chosen
-    on dev, so the validation documents stay unseen until the final measurement."""
+    """Functions of the training documents (documented ones, or every one: see `training_functions`) in two
+    disjoint parts, (train, dev): dev from a seeded ``dev_fraction`` of the training documents, train from the
+    rest less any body dev has. Settings are chosen on dev, so the validation documents stay unseen until the
+    final measurement."""
     if not 0.0 < dev_fraction < 1.0:
         raise ValueError(f"dev_fraction={dev_fraction}: give a share of the training documents in (0, 1)")
     documents = part.train_text.split("\0")
@@ -121,8 +116,12 @@ def split_training_functions(
     dev_ids = set(order[: max(1, round(dev_fraction * len(documents)))])
     dev_text = "\0".join(documents[i] for i in sorted(dev_ids))
     rest_text = "\0".join(documents[i] for i in range(len(documents)) if i not in dev_ids)
-    dev = training_functions(HeldOut(documents=part.documents, train_text=dev_text, split=part.split))
-    rest = training_functions(HeldOut(documents=part.documents, train_text=rest_text, split=part.split))
+    dev, rest = (
+        training_functions(
+            HeldOut(documents=part.documents, train_text=text, split=part.split), documented_only=documented_only
+        )
+        for text in (dev_text, rest_text)
+    )
     dev_bodies = {function.body for function in dev}
     return [function for function in rest if function.body not in dev_bodies], dev
 
