@@ -28,6 +28,7 @@ from torch import nn
 
 from plait.recipes.grpo import PolicyLoss, count_completion_tokens
 from plait.recipes.reward import RewardModel, final_hidden, hidden_size_of
+from plait.recipes.rl_config import PPO_FIELDS, PPOSection, check_ppo
 from plait.recipes.rollout import Rollout, SamplingConfig, policy_logps, rollout
 
 Batch = dict[str, torch.Tensor]
@@ -105,12 +106,12 @@ class PPOSettings:
     ppo_epochs: int = 4
 
     def __post_init__(self) -> None:
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma={self.gamma}, lam={self.lam}: both are discounts in [0, 1], e.g. 1.0 and 0.95")
-        if self.ppo_epochs < 1 or self.samples_per_prompt < 1:
-            raise ValueError("ppo_epochs and samples_per_prompt must be >= 1, e.g. 4 and 1")
-        if self.kl_coef < 0 or self.value_clip <= 0:
-            raise ValueError(f"kl_coef={self.kl_coef} must be >= 0 and value_clip={self.value_clip} > 0")
+        check_ppo(self)
+
+    @classmethod
+    def from_section(cls, section: PPOSection, *, sampling: SamplingConfig) -> PPOSettings:
+        """The settings a `plait finetune` [ppo] table gives (its PPO_FIELDS as they are)."""
+        return cls(sampling=sampling, **{name: getattr(section, name) for name in PPO_FIELDS})
 
 
 @torch.no_grad()

@@ -24,6 +24,22 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# The [ppo] fields plait.recipes.ppo.PPOSettings takes as they are (PPOSettings.from_section).
+PPO_FIELDS = ("samples_per_prompt", "kl_coef", "gamma", "lam", "clip", "value_clip", "ppo_epochs")
+
+
+def check_ppo(values: object) -> None:
+    """The checks of PPO's settings, shared by [ppo] (at config load) and PPOSettings (in Python)."""
+    gamma, lam = values.gamma, values.lam  # type: ignore[attr-defined]
+    _require(
+        0 <= gamma <= 1 and 0 <= lam <= 1, f"gamma={gamma}, lam={lam}: both are discounts in [0, 1], e.g. 1.0 and 0.95"
+    )
+    epochs, samples = values.ppo_epochs, values.samples_per_prompt  # type: ignore[attr-defined]
+    _require(epochs >= 1 and samples >= 1, "ppo_epochs and samples_per_prompt must be >= 1, e.g. 4 and 1")
+    kl_coef, value_clip = values.kl_coef, values.value_clip  # type: ignore[attr-defined]
+    _require(kl_coef >= 0 and value_clip > 0, f"kl_coef={kl_coef} must be >= 0 and value_clip={value_clip} > 0")
+
+
 @dataclass
 class RolloutSection:
     """Sampling and the sandboxed verifiable reward, shared by [grpo] and [ppo]."""
@@ -84,4 +100,5 @@ class PPOSection(RolloutSection):
             f'reward={self.reward!r}, reward_path={self.reward_path!r}: reward="model" reads reward_path (a '
             'recipe.kind="reward" checkpoint, e.g. "runs/reward/checkpoints/step-000100"); "verifiable" takes none',
         )
+        check_ppo(self)
         _require(self.critic_lr_ratio > 0, f"critic_lr_ratio={self.critic_lr_ratio}: use > 0, e.g. 2.0")

@@ -176,11 +176,7 @@ class PPORun(RLRun):
         super().__init__(config, model, **kwargs)
         self.reward_model = reward_model  # frozen, [ppo] reward="model"; None: the sandboxed doctest reward
         section = self.section
-        self.settings = PPOSettings(
-            sampling=sampling_of(section, seed=config.train.seed), samples_per_prompt=section.samples_per_prompt,
-            kl_coef=section.kl_coef, gamma=section.gamma, lam=section.lam, clip=section.clip,
-            value_clip=section.value_clip, ppo_epochs=section.ppo_epochs,
-        )  # fmt: skip
+        self.settings = PPOSettings.from_section(section, sampling=sampling_of(section, seed=config.train.seed))
         critic = ValueModel(copy.deepcopy(self.reference).requires_grad_(True).train())
         self.critic_replica = copy.deepcopy(critic)
         critic_train = dataclasses.replace(config.train, lr=config.train.lr * section.critic_lr_ratio)
