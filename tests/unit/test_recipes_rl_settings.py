@@ -34,3 +34,10 @@ def test_bad_ppo_settings_are_refused_when_the_config_loads(override: str, messa
         load_finetune_config(PPO_TOML, [override])
     with pytest.raises(ValueError, match=message):  # and in Python, by the same check
         PPOSettings(**{override.split("=")[0].removeprefix("ppo."): float(override.split("=")[1])})
+
+
+def test_every_recipe_has_a_preflight_entry_that_imports() -> None:
+    from plait.recipes.registry import PREFLIGHTS, RECIPES, recipe_preflight
+
+    assert set(PREFLIGHTS) == set(RECIPES)
+    assert all(callable(recipe_preflight(kind)) for kind in RECIPES)

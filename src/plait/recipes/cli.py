@@ -33,38 +33,11 @@ def ranks_wanted(config: FinetuneConfig, nproc: int | None) -> int:
 
 
 def preflight(config: FinetuneConfig, *, world_size: int) -> None:
-    """The checks that need no process group: plan and batch, base model, data records, template."""
-    if config.recipe.kind == "diffusion":  # trains from scratch on images: no base model, tokenizer or text
-        from plait.recipes.diffusion_run import preflight as diffusion_preflight
+    """The checks that need no process group (plan and batch, base model, data records, template, ...): the
+    recipe's own entry in plait.recipes.registry.PREFLIGHTS."""
+    from plait.recipes.registry import recipe_preflight
 
-        diffusion_preflight(config, world_size=world_size)
-        return
-    from plait.recipes.base import load_tokenizer
-    from plait.recipes.data.instructions import resolve_template
-    from plait.recipes.data.readers import read_examples
-    from plait.recipes.loop import checked_plan
-    from plait.recipes.preference import KINDS as PREFERENCE_KINDS
-    from plait.recipes.preference import check_preference_input
-
-    plan = checked_plan(config, world_size=world_size)
-    tokenizer = load_tokenizer(config.base.path)
-    resolve_template(config.data.template, tokenizer)
-    if config.recipe.kind == "lora":  # target modules against the base's names, int8 base without tp
-        from plait.recipes.lora import preflight as lora_preflight
-
-        lora_preflight(config)
-    if config.recipe.kind in ("grpo", "ppo"):  # verified once here, so that the ranks read the cache
-        from plait.recipes.rl_run import verified_tasks
-
-        verified_tasks(config)
-    if config.recipe.kind == "ppo" and config.section("ppo").reward == "model":  # a saved reward model
-        from plait.recipes.reward_checkpoint import check_reward_checkpoint
-
-        check_reward_checkpoint(config.section("ppo").reward_path, tokenizer)
-    if config.recipe.kind in PREFERENCE_KINDS:  # chosen/rejected pairs, not instruction records
-        check_preference_input(config, dp=plan.dp)
-    elif config.data.source == "jsonl":
-        read_examples(config.data)
+    recipe_preflight(config.recipe.kind)(config, world_size=world_size)
 
 
 def cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:

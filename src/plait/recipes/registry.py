@@ -21,6 +21,18 @@ RECIPES: dict[str, str] = {
     "ppo": "plait.recipes.rl_run:run_ppo",
 }
 
+# recipe.kind -> its checks before launch (plait.recipes.preflight), run by `plait finetune` before any rank.
+PREFLIGHTS: dict[str, str] = {
+    "sft": "plait.recipes.preflight:instructions",
+    "reward": "plait.recipes.preflight:preferences",
+    "dpo": "plait.recipes.preflight:preferences",
+    "simpo": "plait.recipes.preflight:preferences",
+    "lora": "plait.recipes.preflight:lora",
+    "diffusion": "plait.recipes.preflight:diffusion",
+    "grpo": "plait.recipes.preflight:rl",
+    "ppo": "plait.recipes.preflight:rl",
+}
+
 
 def recipe_kinds() -> list[str]:
     return sorted(RECIPES)
@@ -34,5 +46,15 @@ def check_kind(kind: str) -> None:
 def recipe_function(kind: str) -> Callable[..., Any]:
     """The function that runs recipe `kind`, imported on demand (recipes pull in peft, diffusers, ...)."""
     check_kind(kind)
-    module_name, _, function_name = RECIPES[kind].partition(":")
+    return _imported(RECIPES[kind])
+
+
+def recipe_preflight(kind: str) -> Callable[..., None]:
+    """Recipe `kind`'s checks before launch: ``(config, *, world_size)``, each refusing in one line."""
+    check_kind(kind)
+    return _imported(PREFLIGHTS[kind])
+
+
+def _imported(target: str) -> Any:
+    module_name, _, function_name = target.partition(":")
     return getattr(importlib.import_module(module_name), function_name)
