@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,11 +86,25 @@ class _ConsoleFilter(_RankFilter):
         return super().filter(record) and not getattr(record, FILE_ONLY, False)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record arrives, not the stream of the first call: a
+    program (or pytest's capture) that swaps or closes stderr between runs in one process must not
+    leave plait writing into a closed file."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _console_handler(logger: logging.Logger) -> logging.Handler:
     for handler in logger.handlers:
         if any(isinstance(f, _ConsoleFilter) for f in handler.filters):
             return handler
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.addFilter(_ConsoleFilter())
     handler.setFormatter(logging.Formatter("[rank %(rank)s] %(message)s"))
     logger.addHandler(handler)
