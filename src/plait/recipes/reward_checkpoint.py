@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from torch import nn
 
-from plait.checkpoint.io import MODEL_PREFIX, load_checkpoint, open_checkpoint, read_trainer_state
+from plait.checkpoint.io import MANIFEST_FILE, MODEL_PREFIX, load_checkpoint, open_checkpoint, read_trainer_state
 from plait.recipes.base import BaseTokenizer
 from plait.recipes.reward import RewardModel
 
@@ -27,7 +27,7 @@ def check_reward_checkpoint(path: str | Path, tokenizer: BaseTokenizer) -> None:
     where = f"[ppo] reward_path={str(path)!r}"
     if not path.exists():
         raise ValueError(f'{where} does not exist; give a step-N directory of a recipe.kind="reward" run')
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise ValueError(f'{where} is not a plait checkpoint; give a step-N directory of a recipe.kind="reward" run')
     if MODEL_PREFIX + HEAD not in open_checkpoint(path).names(MODEL_PREFIX):
         raise ValueError(f'{where} holds no reward head ({HEAD}); give a checkpoint of a recipe.kind="reward" run')
