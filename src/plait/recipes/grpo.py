@@ -102,7 +102,7 @@ def grpo_batch(
     ``ref_logps`` (None: no KL term, zeros).
     """
     sampled = rollout(policy, prompts, num_samples=group, first_index=first_index, sampling=sampling, eos_id=eos_id)
-    rewards = reward_fn(sampled).float()
+    rewards = reward_fn(sampled).float().to(sampled.input_ids.device)  # a sandbox's scores come on the CPU
     batch = sampled.batch()
     batch["advantages"] = group_advantages(rewards, group=group)[:, None] * batch["completion_mask"]
     batch["ref_logps"] = policy_logps(reference, batch) if reference is not None else torch.zeros_like(sampled.logps)

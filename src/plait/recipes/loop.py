@@ -84,7 +84,7 @@ class FinetuneRun:
         plan = checked_plan(config, world_size=launched_world_size())
         device = init_distributed(timeout_s=config.train.collective_timeout_s)
         torch.set_num_threads(config.train.threads)
-        self.config, self.data, self.record = config, data, record
+        self.config, self.data, self.record, self.device = config, data, record, device
         self.log = get_logger()
         self.mesh = Mesh(plan, device_type=device.type)
         seed_everything(config.train.seed)

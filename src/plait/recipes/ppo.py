@@ -135,7 +135,7 @@ def ppo_batch(
         sampling=settings.sampling,
         eos_id=eos_id,
     )
-    scores = reward_fn(sampled).float()
+    scores = reward_fn(sampled).float().to(sampled.input_ids.device)  # a sandbox's scores come on the CPU
     batch = sampled.batch()
     mask = batch["completion_mask"]
     ref_logps = policy_logps(reference, batch)

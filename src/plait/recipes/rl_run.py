@@ -47,6 +47,7 @@ from plait.recipes.reward_checkpoint import load_reward_model
 from plait.recipes.rl_config import RolloutSection
 from plait.recipes.rollout import SamplingConfig
 from plait.recipes.sandbox import SandboxLimits
+from plait.train.decoding import model_device
 from plait.train.logs import DEFAULT_COLUMNS, MetricsLog
 
 
@@ -97,6 +98,8 @@ class RLRun(FinetuneRun):
         data = RecipeData(train_batch=lambda *_: {}, eval_batches=lambda *_: [], tokens_per_step=0)
         self.replica, self.reference = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
         super().__init__(config, model, loss_fn=loss_fn, data=data, record=record)
+        for held in (self.replica, self.reference):
+            held.to(self.device)  # sampled and scored where the engine runs
         self.tasks, self.tokenizer = tasks, tokenizer
         self.section = config.section(config.recipe.kind)
         self.metrics_log.close()  # reopened with the recipe's own columns
@@ -120,7 +123,7 @@ class RLRun(FinetuneRun):
         start = time.perf_counter()
         values, tokens = self.rl_step()
         seconds = time.perf_counter() - start
-        count = torch.tensor(float(tokens), dtype=torch.double)
+        count = torch.tensor(float(tokens), dtype=torch.double, device=model_device(self.replica))  # NCCL: on the GPU
         if dist.is_initialized():
             dist.all_reduce(count, group=self.mesh.group("dp"))
         self.throughput.record(self.step, int(count), seconds)
@@ -139,7 +142,7 @@ class RLRun(FinetuneRun):
 
     def record_step(self, losses: list[float], rewards: torch.Tensor) -> dict[str, Any]:
         self.losses.append(losses[-1])
-        total = torch.stack([rewards.double().sum(), torch.tensor(rewards.numel(), dtype=torch.double)])
+        total = torch.stack([rewards.double().sum(), rewards.new_tensor(rewards.numel(), dtype=torch.double)])
         if dist.is_initialized():  # the mean over every rank's samples, as one process would log it
             dist.all_reduce(total, group=self.mesh.group("dp"))
         reward = float(total[0] / total[1])
@@ -174,7 +177,8 @@ class PPORun(RLRun):
         self, config: FinetuneConfig, model: nn.Module, *, reward_model: nn.Module | None = None, **kwargs: Any
     ) -> None:
         super().__init__(config, model, **kwargs)
-        self.reward_model = reward_model  # frozen, [ppo] reward="model"; None: the sandboxed doctest reward
+        # frozen, [ppo] reward="model"; None: the sandboxed doctest reward
+        self.reward_model = None if reward_model is None else reward_model.to(self.device)
         section = self.section
         self.settings = PPOSettings.from_section(section, sampling=sampling_of(section, seed=config.train.seed))
         critic = ValueModel(copy.deepcopy(self.reference).requires_grad_(True).train())

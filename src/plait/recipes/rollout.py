@@ -8,6 +8,8 @@ sample is the same whichever dp rank draws it and in whichever batch. The token 
 Decoding is incremental (`plait.train.decoding.IncrementalDecoder`: plait's GPT with its KV cache,
 Hugging Face models with theirs): the prompt is one forward, each new token one forward over itself.
 ``SamplingConfig(kv_cache=False)`` recomputes the whole prefix per token instead (the same tokens).
+Tokens are picked on the CPU (the per-row generators live there, so a GPU draws what a CPU draws);
+the finished `Rollout` lies on the model's device.
 
 A `Rollout` is right-padded to one width: ``input_ids`` (rows, seq), ``attention_mask`` (1 on prompt
 and completion tokens), ``completion_mask`` (1 on completion tokens, up to and including the end
@@ -26,7 +28,7 @@ from torch import nn
 
 from plait.losses import IGNORE_INDEX, logits_of, token_nll
 from plait.recipes.dpo import shifted_targets
-from plait.train.decoding import IncrementalDecoder
+from plait.train.decoding import IncrementalDecoder, model_device
 from plait.train.generate import pick_token
 
 Batch = dict[str, torch.Tensor]
@@ -111,7 +113,7 @@ def sample_group(
     model.eval()
     decoder, fresh = IncrementalDecoder(model, cache=sampling.kv_cache), ids
     for _ in range(sampling.max_new_tokens):
-        last = decoder.feed(fresh)[:, -1]  # (rows, vocab)
+        last = decoder.feed(fresh)[:, -1].float().cpu()  # (rows, vocab)
         picks = [
             pick_token(last[i], temperature=sampling.temperature, top_k=sampling.top_k, generator=generators[i])
             for i in range(num_samples)
@@ -164,5 +166,7 @@ def rollout(
     completion = torch.cat([F.pad(mask, (0, width - mask.size(1))) for _, mask in groups])
     prompt_mask = torch.cat([F.pad(torch.ones(num_samples, len(p)), (0, width - len(p))) for p in prompts])
     attention_mask = ((prompt_mask + completion) > 0).long()
+    device = model_device(model)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion}
-    return Rollout(input_ids, attention_mask, completion, policy_logps(model, batch))
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    return Rollout(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], policy_logps(model, batch))

@@ -20,7 +20,13 @@ from plait.losses import logits_of
 from plait.models.gpt import GPT
 from plait.models.kv_cache import KVCache
 
-__all__ = ["IncrementalDecoder"]
+__all__ = ["IncrementalDecoder", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lies (the CPU for a module without parameters)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 class IncrementalDecoder:
@@ -31,10 +37,11 @@ class IncrementalDecoder:
     Face causal LM (anything with ``prepare_inputs_for_generation``, peft's wrappers too): its own
     cache object, passed back each step. Any other module: the whole sequence each step (``cache=False`` forces this).
     ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real.
+    Inputs may lie anywhere: they are moved to the model's device, where the logits come back.
     """
 
     def __init__(self, model: nn.Module, *, cache: bool = True) -> None:
-        self.model = model
+        self.model, self.device = model, model_device(model)
         self.kind = _kind(model) if cache else "full"
         self._cache: KVCache | None = None
         self._past: object = None
@@ -43,6 +50,8 @@ class IncrementalDecoder:
 
     def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, new, vocab) of the new positions ``input_ids`` (batch, new) given all fed before."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
         self._remember(input_ids, attention_mask)
         if self.kind == "plait":
             if self._cache is None:

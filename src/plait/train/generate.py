@@ -87,7 +87,8 @@ def sample(
         if ids.shape[1] <= context:
             logits = decoder.feed(ids if step == 0 else ids[:, -1:])[0, -1]  # (vocab,)
         else:
-            logits = logits_of(model(ids[:, -context:]))[0, -1]
+            logits = logits_of(model(ids[:, -context:].to(decoder.device)))[0, -1]
+        logits = logits.float().cpu()  # picked where the generator lies
         next_id = pick_token(logits, temperature=temperature, top_k=top_k, generator=generator)
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0].tolist()
