@@ -28,6 +28,7 @@ from plait.bench.harness import (
     verdict,
     wait_for_quiet,
     write_json,
+    write_results,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -56,4 +57,5 @@ __all__ = [
     "verdict",
     "wait_for_quiet",
     "write_json",
+    "write_results",
 ]

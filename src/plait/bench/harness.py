@@ -270,6 +270,26 @@ def finish(path: str | Path, payload: dict[str, Any], *, wall_s: float, phase_wa
     print(f"wrote {write_json(path, payload)}")
 
 
+def write_results(
+    path: str | Path,
+    payload: dict[str, Any],
+    *,
+    tag: str | None,
+    load_before: float | None,
+    started: float,
+    phases: dict[str, float],
+) -> Path:
+    """Write `payload` after the keys every result file has (environment, load average before and
+    after) to `path`, with `-TAG` before its suffix where `tag` is set; print the wall time since
+    `started` (a `time.perf_counter()` reading) by phase. Returns the path written."""
+    path = Path(path)
+    if tag:
+        path = path.with_name(f"{path.stem}-{tag}{path.suffix}")
+    common = {"environment": environment(), "load_average_before": load_before, "load_average_after": load_average()}
+    finish(path, common | payload, wall_s=time.perf_counter() - started, phase_wall_s=phases)
+    return path
+
+
 def format_bytes(num_bytes: float | None) -> str:
     if num_bytes is None:
         return "n/a"
