@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, environment, finish, format_table, load_average
+from common import RESULTS_DIR, format_table, load_average, write_results
 from preference_measures import by_kind, eval_batches, kind_rows, mcnemar, pairwise, row, row_logps
 
 import plait
@@ -275,11 +275,7 @@ def main() -> None:
     print()
     print(format_table(headers, rows))
     print("log-likelihood preference, base -> DPO policy, per pair:", dpo["loglik_paired"])
-    wall = time.perf_counter() - start
     payload = {
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
         "settings": vars(args),
         "pairs": {
             "train": len(train_pairs),
@@ -292,8 +288,9 @@ def main() -> None:
         "reward": reward,
         "table": {"headers": headers, "rows": rows},
     }
-    suffix = f"-{args.tag}" if args.tag else ""
-    finish(RESULTS_DIR / f"finetune_dpo{suffix}.json", payload, wall_s=wall, phase_wall_s=phases)
+    write_results(
+        RESULTS_DIR / "finetune_dpo.json", payload, tag=args.tag, load_before=load_before, started=start, phases=phases
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import RESULTS_DIR, environment, finish, format_table, load_average, run_ranks
+from common import RESULTS_DIR, format_table, load_average, run_ranks, write_results
 
 from plait.checkpoint.hf_export import export_hf
 from plait.checkpoint.io import checkpoint_name, load_checkpoint
@@ -163,15 +163,10 @@ def main() -> None:
         for r in rows
     ]
     print(format_table(headers, table))
-    payload = {
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "args": vars(args),
-        "rows": rows,
-    }
-    path = RESULTS_DIR / f"finetune_lora{'-' + args.tag if args.tag else ''}.json"
-    finish(path, payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
+    payload = {"args": vars(args), "rows": rows}
+    write_results(
+        RESULTS_DIR / "finetune_lora.json", payload, tag=args.tag, load_before=load_before, started=start, phases=phases
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, environment, finish, format_table, load_average
+from common import RESULTS_DIR, format_table, load_average, write_results
 from rl_reward_model import learned_reward_run, ppo_settings, window
 
 import plait
@@ -244,16 +244,10 @@ def report(
     headers, rows = table
     print()
     print(format_table(headers, rows))
-    payload = {
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "settings": vars(args),
-        **payload,
-        "table": {"headers": headers, "rows": rows},
-    }
-    suffix = f"-{args.tag}" if args.tag else ""
-    finish(RESULTS_DIR / f"{name}{suffix}.json", payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
+    payload = {"settings": vars(args), **payload, "table": {"headers": headers, "rows": rows}}
+    write_results(
+        RESULTS_DIR / f"{name}.json", payload, tag=args.tag, load_before=load_before, started=start, phases=phases
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, finish, format_table, load_average
+from common import RESULTS_DIR, format_table, load_average, write_results
 
 from plait.recipes.config import load_finetune_config
 from plait.recipes.sft import run
@@ -88,12 +88,9 @@ def main() -> None:
         "steps": args.steps,
         "runs": rows,
         "held_out_loss_falls": all(r["fall"] > 0 for r in rows),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "environment": environment(),
     }
-    wall = time.perf_counter() - start
-    finish(args.out, payload, wall_s=wall, phase_wall_s={r["template"]: r["wall_s"] for r in rows})
+    phases = {r["template"]: r["wall_s"] for r in rows}
+    write_results(args.out, payload, tag=None, load_before=load_before, started=start, phases=phases)
 
 
 if __name__ == "__main__":

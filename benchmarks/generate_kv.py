@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import transformers
-from common import RESULTS_DIR, environment, finish, format_table, load_average, ratio_summary, run_alternating
+from common import RESULTS_DIR, format_table, load_average, ratio_summary, run_alternating, write_results
 
 import plait
 from plait.recipes.rollout import SamplingConfig, sample_group
@@ -119,15 +119,13 @@ def main() -> None:
     ]
     print(format_table(headers, table))
     payload = {
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
         "args": vars(args),
         "note": "tokens/s from each way's median block; speedup = uncached s / cached s per pair",
         "rows": rows,
     }
-    path = RESULTS_DIR / f"generate_kv{'-' + args.tag if args.tag else ''}.json"
-    finish(path, payload, wall_s=time.perf_counter() - start, phase_wall_s=phases)
+    write_results(
+        RESULTS_DIR / "generate_kv.json", payload, tag=args.tag, load_before=load_before, started=start, phases=phases
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and the best plan.
     python benchmarks/planner_search.py                 # 128 nodes
     python benchmarks/planner_search.py --nodes 256
 
-Writes benchmarks/results/planner_search.json.
+Writes benchmarks/results/planner_search.json (planner_search-TAG.json with --tag TAG).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import RESULTS_DIR, environment, format_table, load_average, write_json
+from common import RESULTS_DIR, format_table, load_average, write_results
 
 from plait.models.gpt_config import GPTConfig
 from plait.planner import Cluster, ModelShape, Workload, search
@@ -28,12 +28,13 @@ TARGET_CPU_S = 60.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=128, help="nodes of 8 A100-80GB")
+    parser.add_argument("--tag", default="", help="write planner_search-TAG.json")
     args = parser.parse_args()
     config = GPTConfig(vocab_size=51200, max_seq_len=2048, d_model=10240, num_layers=60, num_heads=80)
     load_before = load_average()
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     result = search(ModelShape(config), Workload(1792, 2048), cluster=Cluster.preset("a100-80gb", nodes=args.nodes))
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - started
     best = result.best
     row = {
         "gpus": 8 * args.nodes,
@@ -54,8 +55,10 @@ def main() -> None:
     print(
         f"CPU seconds {cpu:.1f} against the {TARGET_CPU_S:.0f} s target: {'met' if row['meets_target'] else 'NOT met'}"
     )
-    payload = {"environment": environment(), "load_average_before": load_before, "load_average_after": load_average()}
-    write_json(RESULTS_DIR / "planner_search.json", payload | row)
+    write_results(
+        RESULTS_DIR / "planner_search.json", row, tag=args.tag, load_before=load_before, started=started,
+        phases={"search": wall},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

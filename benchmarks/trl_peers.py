@@ -40,8 +40,6 @@ import torch
 from common import (
     RESULTS_DIR,
     current_rss_bytes,
-    environment,
-    finish,
     format_bytes,
     format_table,
     load_average,
@@ -49,6 +47,7 @@ from common import (
     ratio_summary,
     reset_peak_rss,
     spread,
+    write_results,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,14 +319,8 @@ def main() -> None:
         walls[name] = time.perf_counter() - began
         print_table(name, results[name])
     settings = {k: v for k, v in vars(args).items() if k not in ("pairs", "dpo_pairs", "hf_dir")}
-    payload = {
-        "settings": settings,
-        "results": results,
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "environment": environment(),
-    }
-    finish(args.out, payload, wall_s=time.perf_counter() - start, phase_wall_s=walls)
+    payload = {"settings": settings, "results": results}
+    write_results(args.out, payload, tag=None, load_before=load_before, started=start, phases=walls)
 
 
 if __name__ == "__main__":
