@@ -297,8 +297,13 @@ GENERATE = {
     ),
     "generate tokens beyond context": (
         ["generate", "{ckpt}", "--max-new-tokens", "100000000"],
-        "the model sees 64 positions and the prompt takes",
+        "the model reads a window of 64 tokens (the length the checkpoint was trained at",
     ),
+    "generate max-length past context": (
+        ["generate", "{ckpt}", "--max-length", "65"],
+        "step-000010 has 64 positions; give at most 64 (or leave it out for the length it was trained at, 64)",
+    ),
+    "generate max-length one": (["generate", "{ckpt}", "--max-length", "1"], "--max-length 1: a window holds"),
     "generate missing checkpoint": (["generate", "{root}/nope"], "is not a checkpoint directory"),
     "generate corrupt checkpoint": (["generate", "{root}/bad/truncated/checkpoints/step-000010"], "is corrupt"),
     "generate not a checkpoint": (["generate", "{root}/data"], "manifest.json is missing"),

@@ -10,7 +10,9 @@ from pathlib import Path
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.train.generate import check_sampling, generate_text
 
-    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    check_sampling(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, max_length=args.max_length
+    )
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint directory; use one under <out_dir>/checkpoints")
@@ -21,6 +23,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        max_length=args.max_length,
     )
     print(text)
     return 0

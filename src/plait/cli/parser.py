@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens the model sees, prompt and new (default: the sequence length the checkpoint was trained at; "
+        "at most its context)",
+    )
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     export.add_argument("checkpoint")
     export.add_argument("--to", required=True, choices=["hf"], help="hf: config.json + model.safetensors")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from plait.checkpoint.lengths import inference_window
 from plait.config import Plan
 from plait.eval.sources import (
     Checkpoint,
@@ -37,7 +38,6 @@ from plait.eval.tasks import (
     plait_task_names,
     split_names,
 )
-from plait.eval.window import scoring_window
 
 
 @dataclass
@@ -208,8 +208,8 @@ def _evaluate(checkpoint: Checkpoint, tasks: list[Any], *, request: EvalRequest,
 
 
 def window(checkpoint: Checkpoint, *, override: int | None) -> int:
-    """The tokens each of the checkpoint's scored windows holds (plait.eval.window)."""
-    return scoring_window(
+    """The tokens each of the checkpoint's scored windows holds (plait.checkpoint.lengths)."""
+    return inference_window(
         label=str(checkpoint.origin or checkpoint.path),
         context=checkpoint.context,
         trained=checkpoint.trained_length,

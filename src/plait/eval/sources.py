@@ -11,10 +11,10 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from plait.checkpoint.io import read_trainer_state
+from plait.checkpoint.lengths import model_context, trained_length
 from plait.config import DataConfig
 from plait.data.heldout import SPLIT_VERSION, HeldOut, held_out
 from plait.data.shards import META_FILE
-from plait.eval.window import model_context, trained_length
 
 _MANIFEST = "manifest.json"
 _HF_CONFIG = "config.json"
@@ -31,7 +31,7 @@ class Checkpoint:
     trained_by_plait: bool  # `plait train` wrote it (its config names the run's data)
     data: dict[str, Any]  # its config's [data]
     context: int  # the model's positions
-    trained_length: int | None  # the longest sequence its training recorded (plait.eval.window)
+    trained_length: int | None  # the longest sequence its training recorded (plait.checkpoint.lengths)
     origin: Path | None = None  # the Hugging Face directory it was imported from
 
 

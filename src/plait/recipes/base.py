@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from plait.checkpoint.io import CONFIG_FILE, read_trainer_state
+from plait.checkpoint.lengths import checkpoint_window, lineage
 from plait.eval.sources import check_paths, eot_id, is_hf_dir
 
 
@@ -105,10 +106,23 @@ def load_tokenizer(path: str | Path) -> BaseTokenizer:
     return BaseTokenizer(backend=tokenizer, eot_id=eot_id(tokenizer))
 
 
+def base_window(path: str | Path) -> int | None:
+    """The longest sequence to show the base (prompt and new tokens): the length a plait checkpoint was
+    trained at, never past its context (`plait.checkpoint.lengths`); a Hugging Face directory's context
+    (None where its config states none). Configs only, no weights read."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        return checkpoint_window(path)
+    from plait.checkpoint.hf_pretrained import inspect_pretrained
+
+    return inspect_pretrained(path).max_positions
+
+
 def checkpoint_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, trainer-state entries) a checkpoint fine-tuned from `path` keeps, so that `plait eval`,
     `plait generate` and `plait export` read it as they read the base: the base's config.json and tokenizer,
-    its transformers record (an HF model) and its data record (so `plait eval` scores the same held-out split)."""
+    its transformers record (an HF model), its data record (so `plait eval` scores the same held-out split) and
+    its trained length (`plait.checkpoint.lengths.lineage`: a fine-tune of a fine-tune keeps the longest)."""
     path = Path(path)
     if is_hf_dir(path):
         from plait.checkpoint.hf_pretrained import inspect_pretrained
@@ -118,7 +132,8 @@ def checkpoint_record(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
         pretrained = inspect_pretrained(path)
         extra = checkpoint_extra(Validated(plan=Config().plan, model_config=None, pretrained=pretrained))
         config = Config(model=ModelConfig(pretrained=str(path))).to_dict()
-        return config, {**extra, "tokenizer": pretrained.tokenizer.json}
+        return config, {**extra, "tokenizer": pretrained.tokenizer.json, **lineage(config, {})}
     state = read_trainer_state(path)
     config = json.loads((path / CONFIG_FILE).read_text())
-    return config, {key: state[key] for key in ("tokenizer", "hf", "loader") if key in state}
+    kept = {key: state[key] for key in ("tokenizer", "hf", "loader") if key in state}
+    return config, {**kept, **lineage(config, state)}

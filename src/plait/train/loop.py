@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait.checkpoint.io import checkpoint_name, prune_checkpoints
+from plait.checkpoint.lengths import checkpoint_lineage
 from plait.config import Config, TrainConfig
 from plait.distributed.launch import FILE_ONLY, get_logger, init_distributed, is_main_rank, log_file
 from plait.distributed.mesh import Mesh
@@ -91,6 +92,8 @@ class Run:
             checkpoint, note = newest_verified_checkpoint(self.out_dir)
         if note and is_main_rank():
             self.log.info(note)
+        if checkpoint and is_main_rank():  # its stages count towards the trained length (plait.checkpoint.lengths)
+            self.checkpoint_extra.update(checkpoint_lineage(checkpoint))
         self.step = restore(checkpoint, engine=self.engine, loader=self.data.loader) if checkpoint else 0
         self.metrics_log = MetricsLog(self.out_dir, enabled=is_main_rank(), start_step=self.step)
         self.throughput = metrics.Throughput()
