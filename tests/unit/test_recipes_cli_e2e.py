@@ -47,12 +47,16 @@ def write_corpus(directory: Path, count: int) -> list[str]:
     return texts
 
 
-def save_base(path: Path, texts: list[str]) -> None:
-    """A gpt-tiny checkpoint as `plait train` leaves it: weights, config and the tokenizer of ``texts``."""
-    config = load_config(CONFIGS / "gpt-tiny.toml", ["data.vocab_size=300", "data.seq_len=64", "plan.dp=1"])
+def save_base(path: Path, texts: list[str], *, trained_at: int | None = None) -> None:
+    """A gpt-tiny checkpoint (64 positions) as `plait train` leaves it: weights, config and the tokenizer of
+    ``texts``; ``trained_at``: its record of training at that data.seq_len (else none: the whole context)."""
+    seq_len = f"data.seq_len={trained_at or 64}"
+    config = load_config(CONFIGS / "gpt-tiny.toml", ["data.vocab_size=300", seq_len, "plan.dp=1"])
     torch.manual_seed(0)
     model = GPT(model_config_for(config))
     trainer_state = {"step": 10, "tokenizer": train_tokenizer(texts, vocab_size=300).to_str()}
+    if trained_at is not None:
+        trainer_state["loader"] = {}
     save_checkpoint(path, model_state=model.state_dict(), trainer_state=trainer_state, config=config.to_dict())
 
 
@@ -155,6 +159,19 @@ def test_ppo_reads_a_saved_reward_model_and_refuses_others_in_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2 and "tokenizer differs from base.path's" in err, err
     assert not (root / "runs" / "refused").exists()
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_refuses_prompts_past_the_base_trained_length_before_launch(
+    kind: str, root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shortest prompt takes 26 tokens: + 6 new fits the base's 64 positions, not the 30 it was trained at."""
+    save_base(root / "base-30", [DOC.format(i=i, j=i + 1, k=4 * i) for i in range(10)], trained_at=30)
+    code, out = finetune(root, kind, f"base.path={root / 'base-30'}", name=f"{kind}-30")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "fits 30 tokens with max_new_tokens=6" in err and f"lower [{kind}].max_new_tokens to 4 or fewer" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -52,16 +52,18 @@ def preferences(config: FinetuneConfig, *, world_size: int) -> None:
 
 
 def rl(config: FinetuneConfig, *, world_size: int) -> None:
-    """grpo, ppo: the verified doctest tasks, built here once so that the ranks read the cache; a saved
-    reward model ([ppo] reward="model") that holds a head and the policy's tokenizer."""
+    """grpo, ppo: the verified doctest tasks, built here once so that the ranks read the cache, some of which
+    fit the base's trained length with max_new_tokens; a saved reward model ([ppo] reward="model") that holds
+    a head and the policy's tokenizer."""
+    from plait.recipes.base import base_window
     from plait.recipes.reward_checkpoint import check_reward_checkpoint
-    from plait.recipes.rl_run import verified_tasks
+    from plait.recipes.rl_run import rl_tasks
 
     _, tokenizer = text_checks(config, world_size=world_size)
-    verified_tasks(config)
     section = config.section(config.recipe.kind)
     if section.reward == "model":
         check_reward_checkpoint(section.reward_path, tokenizer)
+    rl_tasks(config, tokenizer, window=base_window(config.base.path))
 
 
 def diffusion(config: FinetuneConfig, *, world_size: int) -> None:

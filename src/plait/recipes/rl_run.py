@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.distributed.launch import is_main_rank
-from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
+from plait.recipes.base import BaseTokenizer, base_window, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig
 from plait.recipes.data.verifiable import VerifiableTask, cached_verified_tasks, verifiable_reward
 from plait.recipes.grpo import PolicyLoss, grpo_batch
@@ -51,17 +51,30 @@ from plait.train.decoding import model_device
 from plait.train.logs import DEFAULT_COLUMNS, MetricsLog
 
 
-def rl_tasks(config: FinetuneConfig, tokenizer: BaseTokenizer, *, context: int) -> list[VerifiableTask]:
-    """The verifiable prompts that fit the context, refused in one line when there are none."""
+def rl_tasks(config: FinetuneConfig, tokenizer: BaseTokenizer, *, window: int | None) -> list[VerifiableTask]:
+    """The verifiable prompts whose prompt + max_new_tokens fit ``window`` (the base's trained length,
+    `plait.recipes.base.base_window`; None: no bound), refused in one line when none does."""
     section: RolloutSection = config.section(config.recipe.kind)
     tasks = verified_tasks(config)
-    fitting = [t for t in tasks if len(tokenizer.encode(t.prompt)) + section.max_new_tokens <= context]
+    lengths = [len(tokenizer.encode(t.prompt)) for t in tasks]
+    fitting = [t for t, n in zip(tasks, lengths, strict=True) if window is None or n + section.max_new_tokens <= window]
     if not fitting:
-        raise ValueError(
-            f"no doctest-carrying function of data.corpus={config.data.corpus!r} fits {context} positions with "
-            f"max_new_tokens={section.max_new_tokens}; lower [{config.recipe.kind}].max_new_tokens"
-        )
+        raise ValueError(_none_fits(config, window=window, shortest=min(lengths, default=0)))
     return fitting[: config.data.max_examples] if config.data.max_examples else fitting
+
+
+def _none_fits(config: FinetuneConfig, *, window: int | None, shortest: int) -> str:
+    kind, corpus = config.recipe.kind, config.data.corpus
+    max_new = config.section(kind).max_new_tokens
+    if window is None or shortest == 0:  # no bound, or no task at all
+        return f"no doctest-carrying function of data.corpus={corpus!r} passes its doctests; use another corpus"
+    room = window - shortest
+    fix = f"lower [{kind}].max_new_tokens to {room} or fewer" if room > 0 else "every prompt alone fills it"
+    return (
+        f"no doctest-carrying function of data.corpus={corpus!r} fits {window} tokens with max_new_tokens={max_new} "
+        f"({window}: the length base.path was trained at, at most its context, where positions past it never had "
+        f"a loss); {fix}, or fine-tune the base at a longer data.seq_len first"
+    )
 
 
 def verified_tasks(config: FinetuneConfig) -> list[VerifiableTask]:
@@ -208,14 +221,9 @@ class PPORun(RLRun):
         return {**values, "value_loss": stats["value_losses"][-1]}, stats["tokens"]
 
 
-def _context(model: nn.Module) -> int:
-    config = model.config
-    return getattr(config, "max_seq_len", None) or config.max_position_embeddings
-
-
 def _run(config: FinetuneConfig, run_class: type[RLRun], loss_fn: Any) -> FinetuneSummary:
     model, tokenizer = load_base(config.base.path)
-    tasks = rl_tasks(config, tokenizer, context=_context(model))  # refused here, before any collective
+    tasks = rl_tasks(config, tokenizer, window=base_window(config.base.path))  # refused before any collective
     extra_args = {"reward_model": _reward_model(config, model, tokenizer)} if run_class is PPORun else {}
     config_dict, extra = checkpoint_record(config.base.path)
     record = CheckpointRecord(config=config_dict, extra=extra)
