@@ -1,5 +1,6 @@
 """plait eval under dp=2 and tp=2 gives one process's numbers: perplexities within 1e-5 relative,
-accuracies and exact matches equal (dp shares the requests, tp gathers vocab-parallel logits)."""
+accuracies and exact matches equal (dp shares the requests, tp gathers vocab-parallel logits); greedy
+generation through the KV cache under tp=2 gives one process's tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import plait
 from plait.eval.cli import eval_plan
 from plait.eval.runner import EvalRequest, run_eval
+from plait.eval.scorer import DataRanks, Scorer
+from plait.losses import causal_lm
 from tests.distributed.harness import run_ranks
 from tests.unit.test_eval_inputs import save_eval_checkpoint, write_eval_corpus
 
@@ -53,3 +58,32 @@ def test_plan_matches_one_process(plan: str, root: Path, reference: dict[str, An
             else:
                 assert got == expected, (plan, task, metric, got, expected)
     assert (root / f"out-{plan}" / "results.json").is_file()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [3]]
+
+
+def _scaled_tiny() -> torch.nn.Module:
+    """tiny, far from init (each next token depends on its position and past, not a repeat of the last)."""
+    torch.manual_seed(0)
+    model = plait.models.build("tiny")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(8)
+    return model
+
+
+def _greedy_rank(rank: int, world_size: int) -> list[list[int]]:
+    engine = plait.boost(
+        _scaled_tiny(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0), loss_fn=causal_lm, plan=eval_plan("tp=2")
+    )
+    ranks = DataRanks(rank=engine.dp_rank, size=engine.dp_size, group=engine.mesh.group("data"))
+    scorer = Scorer(engine.model, max_length=24, batch_size=3, ranks=ranks)  # the KV cache, vocab-parallel logits
+    return scorer.greedy(PROMPTS, max_new_tokens=10, stop=lambda ids: False)
+
+
+def test_cached_greedy_generation_under_tp_is_one_process_whole_rows() -> None:
+    expected = Scorer(_scaled_tiny(), max_length=24, batch_size=3, kv_cache=False).greedy(
+        PROMPTS, max_new_tokens=10, stop=lambda ids: False
+    )
+    assert run_ranks(_greedy_rank, 2, timeout_s=120) == [expected, expected]

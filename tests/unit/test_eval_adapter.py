@@ -4,6 +4,7 @@ generate's greedy sampler."""
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -85,3 +86,36 @@ def test_greedy_generation_is_plait_generates(lm: PlaitLM) -> None:
         expected = sample(lm.scorer.model, ids, max_new_tokens=12, temperature=0)[len(ids) :]
         text = lm.tokenizer.decode(expected).split("\n\n\n")[0]
         assert output == text, (prompt, output, text)
+
+
+class CountingForwards:
+    """Counts full forwards of ``model`` (GPT.decode, the cached path, runs none)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self.handle = model.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+
+@pytest.mark.parametrize(("max_length", "max_gen_toks"), [(48, 12), (16, 20)])  # (16, 20): slides past 16
+def test_greedy_generation_with_the_cache_is_the_whole_row_recomputed(
+    lm: PlaitLM, max_length: int, max_gen_toks: int
+) -> None:
+    """Prompts of different lengths share a batch (left-padded for the cache, right-padded without)."""
+    prompts = ["def add(a, b):\n    '''Sum", "x = [i", "print(", "return a + b\n\n\nprint(add(1, 2))\n"]
+    kwargs = {"until": ["\n\n\n"], "max_gen_toks": max_gen_toks}
+    model = copy.deepcopy(lm.scorer.model)
+    with torch.no_grad():  # far from init, where the next token depends on its position and past (not a repeat)
+        for param in model.parameters():
+            param.mul_(8)
+    outputs, forwards = {}, {}
+    for cache in (True, False):
+        scorer = Scorer(model, max_length=max_length, batch_size=3, kv_cache=cache)
+        counter = CountingForwards(scorer.model)
+        outputs[cache] = PlaitLM(scorer, lm.tokenizer, eot_id=0).generate_until(
+            requests(*((p, kwargs) for p in prompts))
+        )
+        forwards[cache] = counter.count
+        counter.handle.remove()
+    assert outputs[True] == outputs[False] and all(len(set(text)) > 4 for text in outputs[True]), outputs
+    slides = max_gen_toks >= max_length
+    assert (forwards[True] > 0) == slides and forwards[False] > 0, forwards  # the cache ran whenever it could

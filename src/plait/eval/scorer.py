@@ -17,6 +17,7 @@ from torch import nn
 
 from plait.losses import logits_of
 from plait.tensor.cross_entropy import gather_vocab_logits, is_vocab_sharded
+from plait.train.decoding import IncrementalDecoder
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 T = TypeVar("T")
@@ -36,12 +37,19 @@ class Scorer:
     """A causal LM (plait's GPT or a Hugging Face model, possibly tensor-parallel) that scores token ids."""
 
     def __init__(
-        self, model: nn.Module, *, max_length: int, batch_size: int = 16, ranks: DataRanks | None = None
+        self,
+        model: nn.Module,
+        *,
+        max_length: int,
+        batch_size: int = 16,
+        ranks: DataRanks | None = None,
+        kv_cache: bool = True,
     ) -> None:
         self.model = model.eval()
         self.max_length = max_length
         self.batch_size = batch_size
         self.ranks = ranks or DataRanks()
+        self.kv_cache = kv_cache  # greedy decoding through the model's KV cache (False: the whole row each token)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -49,7 +57,11 @@ class Scorer:
         """Full-vocabulary fp32 logits (batch, longest row, vocab) of right-padded rows."""
         width = max(len(row) for row in rows)
         ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], device=self.device)
-        logits = logits_of(self.model(input_ids=ids))
+        return self._full_vocab(logits_of(self.model(input_ids=ids)))
+
+    @staticmethod
+    def _full_vocab(logits: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the whole vocabulary (tensor-parallel peers gather their slices)."""
         if is_vocab_sharded(logits) is not None:
             logits = gather_vocab_logits(logits)
         return logits.float()
@@ -97,20 +109,44 @@ class Scorer:
         keep = max(1, self.max_length - max_new_tokens)
         rows = [list(prompt[-keep:]) for prompt in prompts]
         new: list[list[int]] = [[] for _ in prompts]
-        active = [i for i in range(len(prompts)) if rows[i]]
-        for _ in range(max_new_tokens):
-            if not active:
-                break
-            for start in range(0, len(active), self.batch_size):
-                batch = active[start : start + self.batch_size]
-                logits = self.logits([rows[i][-self.max_length :] for i in batch])
-                for row_index, i in enumerate(batch):
-                    last = min(len(rows[i]), self.max_length) - 1
-                    token = int(logits[row_index, last].argmax())
-                    rows[i].append(token)
-                    new[i].append(token)
-            active = [i for i in active if not stop(new[i])]
+        order = [i for i in range(len(prompts)) if rows[i]]
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            self._greedy_batch([rows[i] for i in batch], [new[i] for i in batch], max_new_tokens, stop)
         return new
+
+    def _greedy_batch(
+        self, rows: list[list[int]], new: list[list[int]], max_new_tokens: int, stop: Callable[[list[int]], bool]
+    ) -> None:
+        """Extends ``rows`` and ``new`` in place. The prompts go in once, left-padded, then one token a step
+        through `IncrementalDecoder`'s cache while the batch fits max_length. Without a cache (``kv_cache``
+        off, or a model the decoder cannot cache for), or past max_length (only when max_new_tokens reaches
+        it: a cache cannot shift every position), each step is one forward over every row's last max_length
+        tokens."""
+        width = max(len(row) for row in rows)
+        decoder = IncrementalDecoder(self.model, cache=self.kv_cache)
+        ids = torch.tensor([[PAD_ID] * (width - len(row)) + row for row in rows])
+        mask: torch.Tensor | None = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        active = [True] * len(rows)
+        for step in range(max_new_tokens):
+            if decoder.kind != "full" and width + step <= self.max_length:
+                last = self._full_vocab(decoder.feed(ids, mask))[:, -1]  # (rows, vocab); gathered before slicing
+            else:
+                last = self._last_logits(rows)
+            tokens = last.argmax(-1).tolist()
+            for k, token in enumerate(tokens):
+                if active[k]:
+                    rows[k].append(token)
+                    new[k].append(token)
+                    active[k] = not stop(new[k])
+            if not any(active):
+                return
+            ids, mask = torch.tensor(tokens)[:, None], None
+
+    def _last_logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """(rows, vocab): each row's next-token logits from one forward over its last max_length tokens."""
+        logits = self.logits([row[-self.max_length :] for row in rows])
+        return torch.stack([logits[k, min(len(row), self.max_length) - 1] for k, row in enumerate(rows)])
 
 
 def _continuation_score(logits: torch.Tensor, row: list[int], targets: list[int]) -> tuple[float, bool]:
