@@ -22,9 +22,10 @@ from dataclasses import dataclass, fields
 
 from plait.config import Plan
 from plait.planner.activations import FP32, head_working_bytes, layer_activations, ring_working_bytes
-from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
-from plait.planner.shape import ModelShape, Unit
-from plait.planner.workload import PARAM_BYTES, Workload
+from plait.planner.layout import StageLayout
+from plait.planner.plan_model import PlanModel
+from plait.planner.shape import Unit
+from plait.planner.workload import PARAM_BYTES
 
 ADAM_BYTES = 8
 
@@ -155,23 +156,8 @@ def held_through_schedule(units: list[Unit], plan: Plan) -> Phase:
     return Phase(working=grads, comm=gathered)
 
 
-class MemoryModel:
+class MemoryModel(PlanModel):
     """Estimates `MemoryBreakdown`s; holds a cache of simulated schedules for a search."""
-
-    def __init__(
-        self,
-        shape: ModelShape,
-        workload: Workload,
-        *,
-        profile: str = "plait",
-        schedules: ScheduleCache | None = None,
-        layouts: LayoutCache | None = None,
-    ) -> None:
-        self.shape = shape
-        self.workload = workload
-        self.profile = profile
-        self.schedules = schedules or ScheduleCache()
-        self.layouts = layouts or LayoutCache(shape)
 
     def estimate(self, plan: Plan, *, reserved: float = 0.0) -> MemoryBreakdown:
         """The busiest pipeline rank's breakdown (every rank's when pp == 1)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from plait.config import Plan
 from plait.planner.activations import FP32, layer_activations
@@ -30,9 +30,10 @@ from plait.planner.comm import (
     moe_tp_layer_seconds,
     tp_layer_seconds,
 )
-from plait.planner.layout import LayoutCache, ScheduleCache, StageLayout
+from plait.planner.layout import StageLayout
 from plait.planner.memory import ADAM_BYTES, unit_state_bytes
-from plait.planner.shape import ModelShape, Unit
+from plait.planner.plan_model import PlanModel
+from plait.planner.shape import Unit
 from plait.planner.workload import PARAM_BYTES, Workload
 
 OPS_PER_LAYER = 30  # operators one layer's forward launches (norms, projections, attention, MLP, residuals)
@@ -85,23 +86,11 @@ class PassCost:
         return self.forward + self.backward + self.tp_forward + self.tp_backward + self.ep_forward + self.ep_backward
 
 
-class TimeModel:
-    def __init__(
-        self,
-        shape: ModelShape,
-        workload: Workload,
-        *,
-        cluster: Cluster,
-        profile: str = "plait",
-        schedules: ScheduleCache | None = None,
-        layouts: LayoutCache | None = None,
-    ) -> None:
-        self.shape = shape
-        self.workload = workload
-        self.cluster = cluster
-        self.profile = profile
-        self.schedules = schedules or ScheduleCache()
-        self.layouts = layouts or LayoutCache(shape)
+@dataclass(eq=False)
+class TimeModel(PlanModel):
+    """Estimates `TimeBreakdown`s of plans on `cluster`."""
+
+    cluster: Cluster = field(kw_only=True)
 
     def estimate(self, plan: Plan) -> TimeBreakdown:
         if plan.cp > 1:
