@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from plait.optim.layerwise import LayerwiseOptimizer, NormReducer, local_norms, safe_ratio, squared_norms
+from plait.optim.layerwise import LayerwiseOptimizer, NormReducer, adapts, local_norms, safe_ratio, squared_norms
 
 
 class Lamb(LayerwiseOptimizer):
@@ -38,20 +38,14 @@ class Lamb(LayerwiseOptimizer):
         super().__init__(params, {**defaults, "always_adapt": always_adapt})
         self.norms = norms
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         work = [(group, *self._updates(group)) for group in self.param_groups]
-        adapted = [(group, params, updates) for group, params, updates in work if _adapts(group)]
+        adapted = [(group, params, updates) for group, params, updates in work if adapts(group)]
         ratios = iter(self._trust_ratios(adapted))
         for group, params, updates in work:
-            if _adapts(group):
+            if adapts(group):
                 torch._foreach_mul_(updates, [next(ratios) for _ in updates])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
-        return loss
 
     def _updates(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Adam's direction plus decoupled decay, for each parameter with a gradient.
@@ -109,7 +103,3 @@ class Lamb(LayerwiseOptimizer):
         ratios = safe_ratio(weight_norm, update_norm, keep=(weight_norm > 0) & (update_norm > 0))
         clip = torch.tensor([bool(group["trust_clip"]) for group, group_params, _ in adapted for _ in group_params])
         return torch.where(clip, ratios.clamp(max=1.0), ratios).tolist()
-
-
-def _adapts(group: dict[str, Any]) -> bool:
-    return bool(group["weight_decay"] or group["always_adapt"])

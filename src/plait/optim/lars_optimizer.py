@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from plait.optim.layerwise import LayerwiseOptimizer, NormReducer, local_norms, squared_norms
+from plait.optim.layerwise import LayerwiseOptimizer, NormReducer, adapts, local_norms, squared_norms
 
 
 class Lars(LayerwiseOptimizer):
@@ -47,24 +47,18 @@ class Lars(LayerwiseOptimizer):
         super().__init__(params, {**defaults, **extra})
         self.norms = norms
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        adapted = [(group, params) for group, params in work if _adapts(group) and params]
+        adapted = [(group, params) for group, params in work if adapts(group) and params]
         ratios = iter(self._local_rates(adapted))
         for group, params in work:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if _adapts(group):
+            if adapts(group):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 torch._foreach_mul_(grads, [next(ratios) for _ in params])
             self._momentum_step(group, params, grads)
-        return loss
 
     def _local_rates(self, adapted: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[float]:
         params = [p for _, group_params in adapted for p in group_params]
@@ -102,7 +96,3 @@ class Lars(LayerwiseOptimizer):
             maximize=False,
             is_first_step=first_step,
         )
-
-
-def _adapts(group: dict[str, Any]) -> bool:
-    return bool(group["weight_decay"] or group["always_adapt"])

@@ -9,8 +9,8 @@ parameters at once, reading the placement records (as gradient clipping does).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -82,9 +82,24 @@ class MeshNorms:
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """An optimizer that needs whole-parameter norms: the engine hands it ``MeshNorms`` for its mesh."""
+    """An optimizer that needs whole-parameter norms: the engine hands it ``MeshNorms`` for its mesh.
+
+    ``step`` runs the closure (if any) with gradients on, then ``_update``, which subclasses define.
+    """
 
     norms: NormReducer = staticmethod(local_norms)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define _update (one step of every group)")
 
 
 def use_mesh_norms(optimizer: torch.optim.Optimizer, *, mesh: object, offloaded: bool) -> None:
@@ -117,3 +132,8 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor, *, keep: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` where ``keep`` holds, else 1 (no adaptation for a zero norm)."""
     return torch.where(keep, numerator / denominator.clamp(min=torch.finfo(denominator.dtype).tiny), 1.0)
+
+
+def adapts(group: dict[str, Any]) -> bool:
+    """Whether a group's parameters take the layer-wise step: decayed ones, or any with ``always_adapt``."""
+    return bool(group["weight_decay"] or group["always_adapt"])
