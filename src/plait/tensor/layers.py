@@ -48,7 +48,29 @@ def _set_bias(module: nn.Module, bias: nn.Parameter | None) -> None:
         module.bias = bias
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What both layers hold: this rank's weight and bias, the group, and the weight's layout."""
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        *,
+        group: ProcessGroup | None,
+        sequence_parallel: bool = False,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        _set_bias(self, bias)
+        self.group = group
+        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
+        self.sequence_parallel = sequence_parallel
+        self.transposed = transposed
+        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """A linear layer whose output features are split over the tensor-parallel group.
 
     The output is this rank's features, [seg0_local, seg1_local, ...] when the
@@ -70,16 +92,9 @@ class ColumnParallelLinear(nn.Module):
         transposed: bool = False,
         entry: SharedEntry | None = None,
     ) -> None:
-        super().__init__()
-        self.weight = weight
-        _set_bias(self, bias)
-        self.group = group
-        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
+        super().__init__(weight, bias, group=group, sequence_parallel=sequence_parallel, transposed=transposed)
         self.entry = entry or SharedEntry()
-        self.sequence_parallel = sequence_parallel
         self.gather_output = gather_output
-        self.transposed = transposed
-        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
         self.local_partition = tuple(local_partition) or (self.out_features,)
 
     @classmethod
@@ -172,7 +187,7 @@ def _column_shards(
     return local_weight, local_bias, local
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """A linear layer whose input features are split over the tensor-parallel group.
 
     Takes this rank's input features (the un-gathered output of a
@@ -182,24 +197,6 @@ class RowParallelLinear(nn.Module):
     own sequence chunk only, so the bias gradient is partial over tp and its
     placement says so (`partial_grad_axes=("tp",)`).
     """
-
-    def __init__(
-        self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None,
-        *,
-        group: ProcessGroup | None,
-        sequence_parallel: bool = False,
-        transposed: bool = False,
-    ) -> None:
-        super().__init__()
-        self.weight = weight
-        _set_bias(self, bias)
-        self.group = group
-        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
-        self.sequence_parallel = sequence_parallel
-        self.transposed = transposed
-        self.in_features, self.out_features = weight.shape if transposed else weight.shape[::-1]
 
     @classmethod
     def from_dense(
