@@ -1,6 +1,7 @@
-"""plait eval under dp=2 and tp=2 gives one process's numbers: perplexities within 1e-5 relative,
-accuracies and exact matches equal (dp shares the requests, tp gathers vocab-parallel logits); greedy
-generation through the KV cache under tp=2 gives one process's tokens."""
+"""plait eval under dp=2, tp=2, pp=2 and pp=2 x dp=2 gives one process's numbers: perplexities within
+1e-5 relative, accuracies and exact matches equal (dp shares the requests, tp gathers vocab-parallel
+logits, pp broadcasts the last stage's); greedy generation through the KV cache under tp=2, and whole
+rows under pp=2 and pp=2 x tp=2 (rows stopping at different steps), gives one process's tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import plait
 from plait.eval.cli import eval_plan
-from plait.eval.runner import EvalRequest, run_eval
+from plait.eval.runner import EvalRequest, _scorer, run_eval
 from plait.eval.scorer import DataRanks, Scorer
 from plait.losses import causal_lm
 from tests.distributed.harness import run_ranks
@@ -45,10 +46,10 @@ def reference(root: Path) -> dict[str, Any]:
     return run_eval(_request(root, None, "out-one"))["checkpoints"][0]["results"]
 
 
-@pytest.mark.parametrize("plan", ["dp=2", "tp=2"])
-def test_plan_matches_one_process(plan: str, root: Path, reference: dict[str, Any]) -> None:
-    results = run_ranks(_rank, 2, root, plan, timeout_s=120)
-    assert results[0] == results[1]  # every rank returns the gathered results
+@pytest.mark.parametrize(("plan", "world"), [("dp=2", 2), ("tp=2", 2), ("pp=2", 2), ("pp=2 dp=2", 4)])
+def test_plan_matches_one_process(plan: str, world: int, root: Path, reference: dict[str, Any]) -> None:
+    results = run_ranks(_rank, world, root, plan, timeout_s=180)
+    assert all(result == results[0] for result in results)  # every rank returns the gathered results
     assert set(results[0]) == set(reference)
     for task, metrics in reference.items():
         for metric, expected in metrics.items():
@@ -87,3 +88,22 @@ def test_cached_greedy_generation_under_tp_is_one_process_whole_rows() -> None:
         PROMPTS, max_new_tokens=10, stop=lambda ids: False
     )
     assert run_ranks(_greedy_rank, 2, timeout_s=120) == [expected, expected]
+
+
+def _stop_at_multiple_of_7(ids: list[int]) -> bool:
+    return ids[-1] % 7 == 0  # rows end at different steps: every pp rank must still run the same forwards
+
+
+def _pipeline_greedy_rank(rank: int, world_size: int, plan: str) -> list[list[int]]:
+    request = EvalRequest(paths=["unused"], plan=eval_plan(plan), batch_size=3)
+    scorer = _scorer(_scaled_tiny(), max_length=24, request=request)  # what plait eval scores with
+    return scorer.greedy(PROMPTS, max_new_tokens=10, stop=_stop_at_multiple_of_7)
+
+
+@pytest.mark.parametrize(("plan", "world"), [("pp=2", 2), ("pp=2 tp=2", 4)])
+def test_greedy_generation_under_pp_is_one_process(plan: str, world: int) -> None:
+    expected = Scorer(_scaled_tiny(), max_length=24, batch_size=3, kv_cache=False).greedy(
+        PROMPTS, max_new_tokens=10, stop=_stop_at_multiple_of_7
+    )
+    assert {len(new) for new in expected} != {10}  # some rows stop early
+    assert run_ranks(_pipeline_greedy_rank, world, plan, timeout_s=120) == [expected] * world

@@ -116,7 +116,10 @@ CLI_CASES = {
         ["eval", "{ckpt}", "{root}/other/step-000010"],
         "other/step-000010: its tokenizer differs from the eval data's",
     ),
-    "plan pp": (["eval", "{ckpt}", "--plan", "pp=2"], "pp=2 is not supported for evaluation yet"),
+    "plan cp": (
+        ["eval", "{ckpt}", "--plan", "cp=2"],
+        "plait eval runs under dp, tp and pp (zero 0-2); cp=2 is not supported for evaluation yet",
+    ),
     "ranks without plan": (["eval", "{ckpt}", "--nproc", "2"], "--nproc 2 without --plan"),
     "split version": (
         ["eval", "{root}/stale/step-000010"],

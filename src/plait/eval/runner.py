@@ -71,12 +71,12 @@ class EvalRequest:
 
 
 def _check_plan(plan: Plan) -> None:
-    unsupported = {name: getattr(plan, name) for name in ("pp", "cp", "ep") if getattr(plan, name) > 1}
+    unsupported = {name: getattr(plan, name) for name in ("cp", "ep") if getattr(plan, name) > 1}
     if unsupported or plan.zero == 3:
         shown = ", ".join(f"{k}={v}" for k, v in unsupported.items()) or "zero=3"
         raise ValueError(
-            f"plait eval runs under dp and tp (zero 0-2); {shown} is not supported for evaluation yet: "
-            "use tp to split a model too big for one rank"
+            f"plait eval runs under dp, tp and pp (zero 0-2); {shown} is not supported for evaluation yet: "
+            "use tp or pp to split a model too big for one rank"
         )
 
 
@@ -218,6 +218,7 @@ def window(checkpoint: Checkpoint, *, override: int | None) -> int:
 
 
 def _scorer(model: torch.nn.Module, *, max_length: int, request: EvalRequest) -> Any:
+    from plait.eval.pipeline_logits import PipelineLogits
     from plait.eval.scorer import DataRanks, Scorer
     from plait.train.generate import _context_length
 
@@ -229,10 +230,23 @@ def _scorer(model: torch.nn.Module, *, max_length: int, request: EvalRequest) ->
     from plait.losses import causal_lm
 
     engine = plait.boost(
-        model, optimizer=lambda params: torch.optim.SGD(params, lr=0.0), loss_fn=causal_lm, plan=request.plan
+        model,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+        loss_fn=causal_lm,
+        plan=_boost_plan(request.plan),
     )
     ranks = DataRanks(rank=engine.dp_rank, size=engine.dp_size, group=engine.mesh.group("data"))
-    return Scorer(engine.model, max_length=max_length, batch_size=request.batch_size, ranks=ranks)
+    # under pp a rank holds some stages only: every pp rank gets the last stage's logits
+    scored = engine.model if engine.pipeline is None else PipelineLogits(engine)
+    return Scorer(scored, max_length=max_length, batch_size=request.batch_size, ranks=ranks)
+
+
+def _boost_plan(plan: Plan) -> Plan:
+    """The plan with enough micro-batches for its pipeline schedule's checks: evaluation never runs the
+    schedule (each batch goes through the stages in turn), so `--plan "pp=2"` needs no microbatches=."""
+    if plan.pp == 1:
+        return plan
+    return dataclasses.replace(plan, microbatches=-(-max(plan.microbatches, plan.pp) // plan.pp) * plan.pp)
 
 
 def _world_size() -> int:
