@@ -6,6 +6,8 @@ one by name. Rank r of p is stage r; micro-batches enter in order 0..m-1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from plait.pipeline.schedules_base import Action, Schedule
 
 
@@ -34,15 +36,26 @@ def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
 
     Rank r holds at most p - r micro-batches' activations. Needs m >= p.
     """
-    _check_enough_microbatches("1f1b", num_ranks, num_microbatches)
-    rank_actions = tuple(_one_f_one_b_rank(rank, num_ranks, num_microbatches) for rank in range(num_ranks))
+    return _rank_by_rank("1f1b", _one_f_one_b_rank, num_ranks, num_microbatches, splits_weight_grad=False)
+
+
+def _rank_by_rank(
+    name: str,
+    rank_order: Callable[[int, int, int], tuple[Action, ...]],
+    num_ranks: int,
+    num_microbatches: int,
+    *,
+    splits_weight_grad: bool,
+) -> Schedule:
+    """A one-chunk schedule that needs m >= p, each rank's order from ``rank_order(rank, p, m)``."""
+    _check_enough_microbatches(name, num_ranks, num_microbatches)
     return Schedule(
-        name="1f1b",
+        name=name,
         num_ranks=num_ranks,
         num_microbatches=num_microbatches,
         num_chunks=1,
-        splits_weight_grad=False,
-        rank_actions=rank_actions,
+        splits_weight_grad=splits_weight_grad,
+        rank_actions=tuple(rank_order(rank, num_ranks, num_microbatches) for rank in range(num_ranks)),
     )
 
 
@@ -64,16 +77,7 @@ def zero_bubble_h1(num_ranks: int, num_microbatches: int) -> Schedule:
     then the r W passes still owed, which fill the cool-down bubble. Peak
     activations stay 1F1B's: p micro-batches, counting until W. Needs m >= p.
     """
-    _check_enough_microbatches("zb-h1", num_ranks, num_microbatches)
-    rank_actions = tuple(_zero_bubble_h1_rank(rank, num_ranks, num_microbatches) for rank in range(num_ranks))
-    return Schedule(
-        name="zb-h1",
-        num_ranks=num_ranks,
-        num_microbatches=num_microbatches,
-        num_chunks=1,
-        splits_weight_grad=True,
-        rank_actions=rank_actions,
-    )
+    return _rank_by_rank("zb-h1", _zero_bubble_h1_rank, num_ranks, num_microbatches, splits_weight_grad=True)
 
 
 def _zero_bubble_h1_rank(rank: int, num_ranks: int, num_microbatches: int) -> tuple[Action, ...]:
