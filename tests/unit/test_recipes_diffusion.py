@@ -167,3 +167,69 @@ def test_dit_has_no_label_dropout_and_refuses_zero3() -> None:
     check_plan(plait.Plan(zero=2), config=dit)
     with pytest.raises(ValueError, match=r"plan\.zero=3 with model_type='dit' is not available"):
         check_plan(plait.Plan(zero=3), config=dit)
+
+
+def tiny_engine(**train_keys):
+    """The tiny UNet's engine from a [train] table (through training_from, as `plait finetune` maps it)."""
+    from plait.config import TrainConfig
+    from plait.recipes.diffusion import DiffusionSection
+    from plait.recipes.diffusion_run import boost_diffusion
+    from plait.recipes.diffusion_training import training_from
+
+    section = DiffusionSection(image_size=8, channels=(8, 16), norm_groups=4, num_train_timesteps=50)
+    training = training_from(section, TrainConfig(**train_keys))
+    return boost_diffusion(section.model_config(), training, plan=plait.Plan())
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "lars"])
+def test_train_optimizer_is_the_engines(optimizer: str) -> None:
+    engine = tiny_engine(optimizer=optimizer, lr=1e-3, beta2=0.98, momentum=0.8, weight_decay=0.01)
+    expected = {"lamb": plait.optim.Lamb, "lars": plait.optim.Lars}[optimizer]
+    assert type(engine.optimizer) is expected
+    group = engine.optimizer.param_groups[0]
+    assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01  # the matrices' group, before warmup
+    assert group["betas"] == (0.9, 0.98) if optimizer == "lamb" else group["momentum"] == 0.8
+
+
+def test_train_schedule_sets_the_lr_sequence() -> None:
+    from plait.optim.schedules import warmup_cosine_factor, warmup_poly_factor
+
+    steps, warmup, ratio = 4, 1, 0.0
+    engine = tiny_engine(schedule="poly", min_lr_ratio=ratio, steps=steps, warmup=warmup, lr=1e-3, global_batch=8)
+    data = loader(0, 1)
+    lrs = []
+    for _ in range(steps - 1):
+        engine.train_step(data.next_batch())
+        lrs.append(engine.optimizer.param_groups[0]["lr"])  # the lr of the next step
+    poly = [1e-3 * warmup_poly_factor(k, warmup=warmup, total=steps, end_ratio=ratio) for k in range(1, steps)]
+    cosine = [1e-3 * warmup_cosine_factor(k, warmup=warmup, total=steps, min_ratio=ratio) for k in range(1, steps)]
+    assert lrs == pytest.approx(poly, rel=1e-12) and lrs != pytest.approx(cosine, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.eval_every=10", r"train\.eval_every=10 does not apply to the diffusion recipe: it scores held-out"),
+        ("train.checkpoint_every=5", r"train\.checkpoint_every=5 does not apply to the diffusion recipe: it writes"),
+    ],
+)
+def test_train_keys_the_recipe_does_not_read_are_refused_in_one_line(override: str, message: str) -> None:
+    from plait.recipes.config import load_finetune_config
+    from plait.recipes.diffusion_run import preflight
+
+    with pytest.raises(ValueError, match=message) as caught:
+        preflight(load_finetune_config("configs/finetune/diffusion.toml", [override]), world_size=2)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_shipped_config_keeps_the_recipes_optimisation() -> None:
+    """configs/finetune/diffusion.toml trains as DiffusionTraining's defaults (the benchmark's figures) do."""
+    from plait.recipes.config import load_finetune_config
+    from plait.recipes.diffusion_training import training_from
+
+    config = load_finetune_config("configs/finetune/diffusion.toml")
+    shipped, default = training_from(config.section("diffusion"), config.train), DiffusionTraining()
+    names = ("optimizer", "schedule", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta2", "eps", "max_grad_norm")
+    assert {n: getattr(shipped, n) for n in names} == {n: getattr(default, n) for n in names}
+    with pytest.raises(ValueError, match=r"train\.optimizer='sgd': choose one of adamw, lamb, lars"):
+        DiffusionTraining(optimizer="sgd")

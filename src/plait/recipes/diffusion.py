@@ -89,7 +89,7 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class DiffusionSection(DiffusionConfig):
     """The [diffusion] table of `plait finetune`: the model's fields and the run's EMA, held-out and
-    sampling settings (plait.recipes.diffusion_run.DiffusionTraining takes them with [train]'s)."""
+    sampling settings (plait.recipes.diffusion_training.DiffusionTraining takes them with [train]'s)."""
 
     ema_decay: float = 0.995
     ema_warmup: int = 10

@@ -17,58 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import plait
 from plait.data.images import ImageSet, load_digits
 from plait.data.loader import Batch
-from plait.distributed.launch import get_logger, is_main_rank
+from plait.distributed.launch import get_logger, init_distributed, is_main_rank, join_launched_group
+from plait.distributed.mesh import Mesh
 from plait.engine import Engine
 from plait.recipes.data.diffusion import DiffusionLoader, heldout_batches
 from plait.recipes.diffusion import (
     DiffusionConfig,
-    DiffusionSection,
     build_diffusion,
     denoiser_from_state,
     noise_prediction,
     sample,
 )
+from plait.recipes.diffusion_training import DiffusionTraining, refuse_unread_train_keys, training_from
 from plait.recipes.ema import EMA
+from plait.train.loop import engine_for
+from plait.train.setup import launched_world_size
 
 HELDOUT_SEED = 12345  # the held-out problems' own draws, apart from any training seed
-
-
-@dataclass(frozen=True)
-class DiffusionTraining:
-    """The run: optimisation, EMA, held-out evaluation and sampling."""
-
-    steps: int = 600
-    global_batch: int = 32
-    lr: float = 2e-3
-    warmup: int = 30
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    ema_decay: float = 0.995
-    ema_warmup: int = 10
-    seed: int = 0
-    heldout_images: int = 360  # the first test images, each with fixed noise and timestep
-    heldout_batch: int = 40
-    num_samples: int = 40
-    sample_steps: int = 100
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "global_batch", "heldout_images", "heldout_batch", "sample_steps", "log_every")
-        bad = [name for name in positive if getattr(self, name) < 1]
-        if bad:
-            raise ValueError(f"diffusion training {bad[0]}={getattr(self, bad[0])}: use a positive number")
-        if not self.lr > 0 or self.warmup < 0 or self.num_samples < 0:
-            raise ValueError(
-                f"diffusion training lr={self.lr}, warmup={self.warmup}, num_samples={self.num_samples}: "
-                "use lr > 0, warmup >= 0 and num_samples >= 0"
-            )
 
 
 @dataclass
@@ -112,18 +82,20 @@ def heldout_loss(engine: Engine, batches: list[Batch], *, ema: EMA | None = None
 
 
 def boost_diffusion(config: DiffusionConfig, training: DiffusionTraining, *, plan: plait.Plan) -> Engine:
-    check_plan(plan, config=config)  # before boost's first collective
+    """The denoiser under `plan` with [train]'s optimizer, schedule, clipping and non-finite policy, built
+    by plait.train.loop.engine_for as for `plait train` and the other recipes."""
+    check_plan(plan, config=config)  # before the mesh's first collective
     torch.manual_seed(training.seed)
-    return plait.boost(
-        build_diffusion(config),
-        optimizer=lambda params: torch.optim.AdamW(
-            params, lr=training.lr, weight_decay=training.weight_decay, eps=training.eps
-        ),
-        loss_fn=noise_prediction,
-        plan=plan,
-        lr_scheduler=lambda opt: plait.optim.warmup_cosine(opt, warmup=training.warmup, total=training.steps),
-        max_grad_norm=training.max_grad_norm,
-    )
+    model = build_diffusion(config)
+    return engine_for(training.train_config(), model, loss_fn=noise_prediction, mesh=host_mesh(plan))
+
+
+def host_mesh(plan: plait.Plan) -> Mesh:
+    """The plan's mesh on the host (gloo), as plait.boost makes one: diffusers' denoisers train on the CPU
+    here, and a rank torchrun started joins its group."""
+    plan.check_available()
+    join_launched_group("cpu")
+    return Mesh(plan, device_type="cpu")
 
 
 def train_diffusion(
@@ -190,27 +162,6 @@ def write_grid(images: torch.Tensor, path: str | Path, *, columns: int = 10, sca
     return path
 
 
-def training_from(section: DiffusionSection, train: Any) -> DiffusionTraining:
-    """DiffusionTraining from the [diffusion] table and plait's [train] table (TrainConfig)."""
-    return DiffusionTraining(
-        steps=train.steps,
-        global_batch=train.global_batch,
-        lr=train.lr,
-        warmup=train.warmup,
-        weight_decay=train.weight_decay,
-        eps=train.eps,
-        max_grad_norm=train.max_grad_norm,
-        ema_decay=section.ema_decay,
-        ema_warmup=section.ema_warmup,
-        seed=train.seed,
-        heldout_images=section.heldout_images,
-        heldout_batch=section.heldout_batch,
-        num_samples=section.num_samples,
-        sample_steps=section.sample_steps,
-        log_every=train.log_every,
-    )
-
-
 def check_plan(plan: plait.Plan, *, config: DiffusionConfig) -> None:
     """The recipe runs under dp and ZeRO 0-3 (the DiT under 0-2); diffusers' denoisers have no tp/pp/cp/ep
     plan in plait."""
@@ -229,12 +180,14 @@ def check_plan(plan: plait.Plan, *, config: DiffusionConfig) -> None:
 
 def preflight(config: Any, *, world_size: int) -> None:
     """`plait finetune`'s checks for this recipe, before any collective: the [diffusion] table against the
-    digits, the plan (dp and ZeRO only) and the batch. No base model, tokenizer or text is read."""
+    digits, the plan (dp and ZeRO only), the [train] keys it does not read and the batch. No base model,
+    tokenizer or text is read."""
     from plait.recipes.loop import checked_plan
 
     model_config = config.section("diffusion").model_config()
     check_digits(model_config)
     check_plan(config.plan, config=model_config)
+    refuse_unread_train_keys(config.train)
     checked_plan(config, world_size=world_size)
 
 
@@ -242,8 +195,9 @@ def run(config: Any) -> dict[str, Any]:
     """`plait finetune` with recipe.kind="diffusion" (every rank): train on the digits from scratch
     ([base] is not read), then on rank 0 write train.out_dir/samples.png (EMA weights), the EMA and
     the trained denoisers in diffusers' format (ema/, denoiser/) and diffusion.json."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    preflight(config, world_size=world)
+    preflight(config, world_size=launched_world_size())
+    init_distributed(device_type="cpu", timeout_s=config.train.collective_timeout_s)  # launched: join the group
+    torch.set_num_threads(config.train.threads)
     section = config.section("diffusion")
     model_config = section.model_config()
     training = training_from(section, config.train)
