@@ -71,6 +71,30 @@ def test_left_padding_takes_no_position_and_is_never_attended(name: str) -> None
     torch.testing.assert_close(padded[0], logits_of(model(ids[:1]))[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-llama"])
+@torch.no_grad()
+def test_hf_left_padding_without_a_cache_takes_no_position(name: str) -> None:
+    model = MODELS[name]()
+    ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    decoder = IncrementalDecoder(model, cache=False)
+    assert decoder.kind == "full"
+    padded = _fed_in_steps(decoder, ids, prompt=8, mask=mask)
+    torch.testing.assert_close(padded[1, 4:], logits_of(model(ids[1:, 4:]))[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("preset", "cache"), [("tiny", False), ("switch-tiny", True)])
+def test_plait_left_padding_without_a_cache_is_refused(preset: str, cache: bool) -> None:
+    # plait's GPT forward ignores attention_mask: padding would take positions and be attended
+    decoder = IncrementalDecoder(_plait(preset), cache=cache)
+    assert decoder.kind == "full"
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match="one row at a time"):
+        decoder.feed(torch.ones(2, 3, dtype=torch.long), mask)
+    decoder.feed(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))  # no padding: fine
+
+
 def test_capacity_limited_experts_decode_without_a_cache() -> None:
     # capacity factor 1.25: which tokens drop depends on the whole sequence, which no cache reproduces
     assert IncrementalDecoder(_plait("switch-tiny")).kind == "full"

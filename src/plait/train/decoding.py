@@ -36,7 +36,9 @@ class IncrementalDecoder:
     capacity-limited experts, whose dropped tokens depend on the whole sequence: no cache). A Hugging
     Face causal LM (anything with ``prepare_inputs_for_generation``, peft's wrappers too): its own
     cache object, passed back each step. Any other module: the whole sequence each step (``cache=False`` forces this).
-    ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real.
+    ``attention_mask`` (batch, new) on a feed marks left padding (0); without it rows are all real. Left
+    padding without a cache is refused except for Hugging Face models: plait's GPT (and any other
+    module) would give padding positions and attend to it.
     Inputs may lie anywhere: they are moved to the model's device, where the logits come back.
     """
 
@@ -52,6 +54,7 @@ class IncrementalDecoder:
         """Logits (batch, new, vocab) of the new positions ``input_ids`` (batch, new) given all fed before."""
         input_ids = input_ids.to(self.device)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)
+        self._check_padding(attention_mask)
         self._remember(input_ids, attention_mask)
         if self.kind == "plait":
             if self._cache is None:
@@ -61,8 +64,18 @@ class IncrementalDecoder:
         if self.kind == "hf":
             return self._feed_hf(input_ids)
         assert self._ids is not None
-        mask = {} if self._mask is None else {"attention_mask": self._mask}
-        return logits_of(self.model(self._ids, **mask))[:, -input_ids.shape[1] :]
+        padding = self._hf_padding() if _is_hf(self.model) else {}  # other models: rows all real (checked)
+        return logits_of(self.model(self._ids, **padding))[:, -input_ids.shape[1] :]
+
+    def _check_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Only a cache or a Hugging Face forward (mask and position ids) keeps padding out of the logits."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded and self.kind == "full" and not _is_hf(self.model):
+            raise ValueError(
+                f"left padding (attention_mask with zeros) for {type(self.model).__name__} without a KV cache: its "
+                "forward would give the padding positions and attend to it; feed rows without left padding "
+                "(e.g. one row at a time)"
+            )
 
     def _remember(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if self.kind == "plait":
@@ -100,9 +113,12 @@ def _hf_cache_argument(model: nn.Module) -> str:
 def _kind(model: nn.Module) -> str:
     if isinstance(model, GPT):
         return "plait" if _gpt_decodes_causally(model) else "full"
-    if callable(getattr(model, "prepare_inputs_for_generation", None)):
-        return "hf"
-    return "full"
+    return "hf" if _is_hf(model) else "full"
+
+
+def _is_hf(model: nn.Module) -> bool:
+    """A Hugging Face causal LM (peft's wrappers too), whose forward honours attention_mask and position_ids."""
+    return callable(getattr(model, "prepare_inputs_for_generation", None))
 
 
 def _gpt_decodes_causally(model: GPT) -> bool:
