@@ -23,7 +23,7 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         default=",".join(PLAIT_TASKS),
         help=f"comma-separated: plait's {', '.join(PLAIT_TASKS)}, or lm-eval tasks whose data is local",
     )
-    parser.add_argument("--plan", default=None, help='e.g. "dp=2" or "tp=2" (unset keys: tp=pp=1, zero=0)')
+    parser.add_argument("--plan", default=None, help='e.g. "dp=2", "tp=2" or "pp=2" (unset keys: tp=pp=1, zero=0)')
     parser.add_argument("--nproc", type=int, default=None, help="ranks to launch (default: the plan's product)")
     parser.add_argument("--out", default=None, help="results.json, results.md, metrics.png (default: <run>/eval)")
     parser.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
