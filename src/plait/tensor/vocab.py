@@ -31,6 +31,7 @@ from plait.tensor.comm import (
     tp_rank_and_size,
 )
 from plait.tensor.cross_entropy import VocabShard, set_vocab_shard
+from plait.tensor.layers import _ParallelLinear
 
 
 def _shard_rows(weight: torch.Tensor, *, group: ProcessGroup | None, name: str) -> nn.Parameter:
@@ -112,7 +113,7 @@ class VocabParallelEmbedding(nn.Module):
         )
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_ParallelLinear):
     """The LM head, column-parallel over the vocabulary, that never gathers the logits.
 
     Returns this rank's logits (batch, seq, vocab columns it holds) tagged with a
@@ -130,15 +131,8 @@ class VocabParallelHead(nn.Module):
         vocab_size: int,
         sequence_parallel: bool = False,
     ) -> None:
-        super().__init__()
-        self.weight = weight  # (ceil(vocab / tp), dim), zero rows past the vocabulary
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = bias
-        self.group = group
-        self.counter: CommCounter | None = None  # set by `count_collectives` once the engine has one
-        self.sequence_parallel = sequence_parallel
+        # weight (ceil(vocab / tp), dim), zero rows past the vocabulary
+        super().__init__(weight, bias, group=group, sequence_parallel=sequence_parallel)
         self.range = _VocabRange(group, rows=weight.shape[0], vocab_size=vocab_size)
         self.vocab_size = vocab_size
 
