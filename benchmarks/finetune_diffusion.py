@@ -12,7 +12,7 @@ score it on held-out denoising, sample with the EMA weights, and let a digits cl
    the untrained model's samples as a control: it is confident on many of those noise blobs too, so the
    share labelled confidently *as the class asked for* must also be at least half.
 
-    python benchmarks/finetune_diffusion.py                       # 7 min 50 s at load 16-26 (the committed run)
+    python benchmarks/finetune_diffusion.py                       # 355 s at load 2.9-6.2 (the committed run)
     python benchmarks/finetune_diffusion.py --nproc 1 --zero 0 --steps 300
 
 Writes benchmarks/results/finetune_diffusion.json and finetune_diffusion.png (--tag: -TAG suffix).
