@@ -23,6 +23,11 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def rank_device() -> torch.device:
+    """This rank's device once `init_distributed` ran: its CUDA device where CUDA is available, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(*, device_type: str | None = None, timeout_s: float = 600.0) -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...).
 

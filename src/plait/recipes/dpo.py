@@ -28,6 +28,7 @@ from torch import nn
 
 from plait.losses import IGNORE_INDEX, logits_of, token_nll
 from plait.recipes.reward import count_pairs, pair_accuracy, split_pairs, summarise
+from plait.train.decoding import model_device
 
 Batch = dict[str, torch.Tensor]
 
@@ -62,8 +63,11 @@ def reference_logps(reference: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def with_reference_logps(reference: nn.Module, batch: Batch) -> Batch:
-    """``batch`` plus ``ref_logps`` (rows,), the reference's log-probs computed once under no_grad."""
-    return {**batch, "ref_logps": reference_logps(reference, batch)}
+    """``batch`` plus ``ref_logps`` (rows,), the reference's log-probs computed once under no_grad, where
+    the reference lies (a GPU), returned beside the batch's tensors."""
+    device = model_device(reference)
+    on_device = {name: tensor.to(device) for name, tensor in batch.items()}
+    return {**batch, "ref_logps": reference_logps(reference, on_device).to(batch["input_ids"].device)}
 
 
 def _check_beta(name: str, beta: float) -> None:

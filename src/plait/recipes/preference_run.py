@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from plait.data.heldout import held_out
+from plait.distributed.launch import rank_device
 from plait.recipes.base import BaseTokenizer, checkpoint_record, load_base
 from plait.recipes.config import FinetuneConfig, FinetuneDataConfig
 from plait.recipes.data.preferences import (
@@ -116,7 +117,12 @@ class PreferenceData:
 def frozen_reference(model: nn.Module) -> Callable[[Batch], Batch]:
     """A frozen copy of ``model`` as it is now, adding its response log-probs to each batch (no_grad)."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return lambda batch: with_reference_logps(reference, batch)
+
+    def prepare(batch: Batch) -> Batch:
+        reference.to(rank_device())  # the run's GPU is known once the group is joined; a no-op after the first
+        return with_reference_logps(reference, batch)
+
+    return prepare
 
 
 def _prepared(config: FinetuneConfig) -> tuple[nn.Module, PreferenceData, CheckpointRecord]:
