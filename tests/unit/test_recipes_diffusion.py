@@ -211,6 +211,7 @@ def test_train_schedule_sets_the_lr_sequence() -> None:
     [
         ("train.eval_every=10", r"train\.eval_every=10 does not apply to the diffusion recipe: it scores held-out"),
         ("train.checkpoint_every=5", r"train\.checkpoint_every=5 does not apply to the diffusion recipe: it writes"),
+        ("train.hang_timeout_s=60", r"train\.hang_timeout_s=60(\.0)? does not apply to the diffusion recipe: its loop"),
     ],
 )
 def test_train_keys_the_recipe_does_not_read_are_refused_in_one_line(override: str, message: str) -> None:

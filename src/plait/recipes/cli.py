@@ -8,6 +8,7 @@ lacks) is one line here, before any rank starts; the ranks check again before th
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,5 +50,8 @@ def cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return launch_cli(nproc, strip_flag(argv, "--nproc"), out_dir=config.train.out_dir)
     from plait.recipes.registry import recipe_function
 
-    recipe_function(config.recipe.kind)(config)  # rank 0 logs the summary line
+    summary = recipe_function(config.recipe.kind)(config)  # rank 0 logs the summary line
+    stopped_by = getattr(summary, "stopped_by", None)  # diffusion's summary is a dict: it never stops early
+    if stopped_by is not None:  # SIGINT/SIGTERM: saved and stopped (128 + N, as `plait train` and a shell)
+        return 128 + getattr(signal.Signals, stopped_by, signal.SIGINT).value
     return 0

@@ -47,6 +47,7 @@ UNREAD_TRAIN_KEYS = {
     "keep_checkpoints": _WRITTEN_ONCE,
     "async_checkpoints": _WRITTEN_ONCE,
     "checkpoint_every_s": _WRITTEN_ONCE,
+    "hang_timeout_s": "its loop has no hang watchdog (a hung collective fails after train.collective_timeout_s)",
 }
 
 

@@ -1,6 +1,9 @@
 """The loop behind `plait finetune`: a recipe's model, loss and batches trained by `plait.boost` under the
 config's plan, with `plait train`'s progress bar, metrics line, metrics.csv/TensorBoard log, loss plot and
-checkpoints (which `plait eval`, `plait generate` and `plait export` read like a `plait train` checkpoint).
+checkpoints (which `plait eval`, `plait generate` and `plait export` read like a `plait train` checkpoint),
+and `plait train`'s operations (plait.train.operations): the hang watchdog, SIGINT/SIGTERM finishing the step
+and saving it (train.save_on_signal), time-based saves (train.checkpoint_every_s), background checkpoint
+writes (train.async_checkpoints), all agreed by every rank after each step.
 
 A recipe hands the loop a `RecipeData`: this rank's share of each step's batch and of the held-out batches,
 cut by dp rank (tensor and pipeline peers get the same share), so every plan sees the same global batch.
@@ -28,6 +31,7 @@ from plait.recipes.config import FinetuneConfig
 from plait.train import metrics
 from plait.train.logs import MetricsLog, format_metrics_line, plot_loss_curve
 from plait.train.loop import engine_for
+from plait.train.operations import Operations
 from plait.train.setup import launched_world_size, seed_everything
 
 LOG_FILE = "finetune.log"  # in out_dir: every rank's log lines
@@ -61,6 +65,7 @@ class FinetuneSummary:
     losses: list[float]
     tokens_per_s: float
     out_dir: str
+    stopped_by: str | None = None  # SIGINT/SIGTERM: the run stopped early (train.save_on_signal saved it)
 
 
 def checked_plan(config: FinetuneConfig, *, world_size: int) -> Plan:
@@ -95,6 +100,7 @@ class FinetuneRun:
         self.eval_losses: list[float] = []
         self.losses: list[float] = []
         self.step = 0
+        self.operations = Operations(config, comm=self.engine.comm, device=device)
         self.log.info(f"{self.mesh} | recipe {config.recipe.kind} | base {config.base.path}")
 
     def evaluate(self) -> float | None:
@@ -122,11 +128,13 @@ class FinetuneRun:
         }
 
     def save(self) -> None:
+        self.operations.progress(self.step, "saving a checkpoint")
         path = self.out_dir / "checkpoints" / checkpoint_name(self.step)
         self.engine.save(
             path,
             extra={**self.record.extra, "step": self.step, "finetune": self.config.to_dict()},
             config=self.record.config,
+            asynchronous=self.config.train.async_checkpoints,
             on_commit=self._committed,
         )
 
@@ -149,6 +157,7 @@ class FinetuneRun:
 
     def run(self) -> FinetuneSummary:
         train = self.config.train
+        self.operations.start(self.step)
         first = self.evaluate()
         self.metrics_log.log(0, {"val_loss": first})
         bar = tqdm(total=train.steps, disable=not is_main_rank(), desc=self.config.recipe.kind, unit="step")
@@ -163,8 +172,14 @@ class FinetuneRun:
             if self.step % train.log_every == 0 or last:
                 self._log_line(values, bar)
             self.metrics_log.log(self.step, values)
-            if self.step % train.checkpoint_every == 0 or last:
+            saved = self.step % train.checkpoint_every == 0 or last
+            if saved:
                 self.save()
+            stop = self.operations.end_of_step(
+                self.step, saved=saved, save=self.save, wait_for_save=self.engine.wait_for_save, resumable=False
+            )  # `plait finetune` has no --resume: the stop line names the checkpoint only
+            if stop:
+                break
         bar.close()
         return self.finish(first)
 
@@ -180,6 +195,7 @@ class FinetuneRun:
             losses=self.losses,
             tokens_per_s=self.throughput.tokens_per_s(),
             out_dir=str(self.out_dir),
+            stopped_by=self.operations.stopped_by,
         )
 
 
@@ -209,6 +225,7 @@ def run_to_end(config: FinetuneConfig, make_run: Callable[[], FinetuneRun]) -> F
             try:
                 summary = run.run()
             finally:
+                run.operations.close()  # the watchdog and the signal handlers end with the run, a failed one too
                 run.engine.close()
             if is_main_rank():
                 run.log.info(f"done: {summary_line(summary)}")

@@ -196,20 +196,12 @@ class Run:
         return self.finish(first_val, start_step=start_step)
 
     def end_of_step(self, *, saved: bool) -> bool:
-        """Every rank agrees whether to stop (SIGINT/SIGTERM on any rank) or save (train.checkpoint_every_s);
-        True when the run stops here, its step saved if train.save_on_signal."""
-        verdict = self.operations.after_step(self.step, saved=saved)
-        if not saved and (verdict.save or (verdict.stop and self.config.train.save_on_signal)):
-            self.save()
-            self.operations.saved()
-            saved = True
-        if verdict.stop:
-            self.engine.wait_for_save()
-            self.stopped_by = self.operations.signals.received or "a signal to another rank"
-            checkpoint = self.out_dir / "checkpoints" / checkpoint_name(self.step) if saved else None
-            if is_main_rank():
-                self.log.info(self.operations.stop_line(self.step, checkpoint))
-        return verdict.stop
+        """Every rank agrees whether to stop or save (plait.train.operations); True when the run stops here."""
+        stop = self.operations.end_of_step(
+            self.step, saved=saved, save=self.save, wait_for_save=self.engine.wait_for_save
+        )
+        self.stopped_by = self.operations.stopped_by
+        return stop
 
     def finish(self, first_val: float | None, *, start_step: int) -> RunSummary:
         self.engine.wait_for_save()

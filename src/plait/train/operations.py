@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from plait.checkpoint.io import checkpoint_name
 from plait.config import Config
 from plait.distributed.job import launched_job_address, remove_job_file, write_job_file
 from plait.distributed.launch import FILE_ONLY, get_logger
@@ -94,6 +96,7 @@ class Operations:
         )
         self._last_save = time.monotonic()
         self._failing = threading.Lock()
+        self.stopped_by: str | None = None  # set when the run stopped on SIGINT/SIGTERM (on any rank)
 
     def start(self, step: int) -> None:
         self.signals.install()
@@ -123,9 +126,36 @@ class Operations:
     def saved(self) -> None:
         self._last_save = time.monotonic()
 
-    def stop_line(self, step: int, checkpoint: Path | None) -> str:
+    def end_of_step(
+        self,
+        step: int,
+        *,
+        saved: bool,
+        save: Callable[[], None],
+        wait_for_save: Callable[[], None],
+        resumable: bool = True,
+    ) -> bool:
+        """Every rank agrees whether to stop (SIGINT/SIGTERM on any rank) or save (train.checkpoint_every_s),
+        saving step `step` through `save` when due; True when the run stops here, its step saved if
+        train.save_on_signal (`stopped_by` then names the signal). `resumable`: the stop line offers
+        --resume (a command without it says where the checkpoint is only)."""
+        verdict = self.after_step(step, saved=saved)
+        if not saved and (verdict.save or (verdict.stop and self.train.save_on_signal)):
+            save()
+            self.saved()
+            saved = True
+        if verdict.stop:
+            wait_for_save()
+            self.stopped_by = self.signals.received or "a signal to another rank"
+            checkpoint = self.out_dir / "checkpoints" / checkpoint_name(step) if saved else None
+            if self.rank == 0:
+                self.log.info(self.stop_line(step, checkpoint, resumable=resumable))
+        return verdict.stop
+
+    def stop_line(self, step: int, checkpoint: Path | None, *, resumable: bool = True) -> str:
         received = self.signals.received or "a signal to another rank"
-        saved = f"saved {checkpoint}; continue with --resume {checkpoint}" if checkpoint else "no checkpoint saved"
+        hint = f"; continue with --resume {checkpoint}" if resumable else ""
+        saved = f"saved {checkpoint}{hint}" if checkpoint else "no checkpoint saved"
         return f"stopped by {received} after step {step}; {saved}"
 
     def close(self) -> None:
