@@ -46,7 +46,9 @@ def reference(root: Path) -> dict[str, Any]:
     return run_eval(_request(root, None, "out-one"))["checkpoints"][0]["results"]
 
 
-@pytest.mark.parametrize(("plan", "world"), [("dp=2", 2), ("tp=2", 2), ("pp=2", 2), ("pp=2 dp=2", 4)])
+@pytest.mark.parametrize(
+    ("plan", "world"), [("dp=2", 2), ("tp=2", 2), ("pp=2", 2), ("pp=2 dp=2", 4), ("dp=2 zero=3", 2)]
+)
 def test_plan_matches_one_process(plan: str, world: int, root: Path, reference: dict[str, Any]) -> None:
     results = run_ranks(_rank, world, root, plan, timeout_s=180)
     assert all(result == results[0] for result in results)  # every rank returns the gathered results
@@ -107,3 +109,38 @@ def test_greedy_generation_under_pp_is_one_process(plan: str, world: int) -> Non
     )
     assert {len(new) for new in expected} != {10}  # some rows stop early
     assert run_ranks(_pipeline_greedy_rank, world, plan, timeout_s=120) == [expected] * world
+
+
+PAIRS = [([5, 6, 7], [8, 9]), ([11, 12, 13, 14, 15, 16, 17], [3]), ([13], [14, 15, 16]), ([3, 4], [5]), ([9, 8], [7])]
+
+
+def _moe(preset: str) -> torch.nn.Module:
+    """An MoE preset far from init (a sharp router: few routing decisions near a tie)."""
+    torch.manual_seed(0)
+    model = plait.models.build(preset, max_seq_len=24)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4)
+    return model
+
+
+def _moe_rank(rank: int, world_size: int, preset: str, plan: str) -> tuple[Any, Any]:
+    request = EvalRequest(paths=["unused"], plan=eval_plan(plan), batch_size=2)
+    scorer = _scorer(_moe(preset), max_length=24, request=request)  # what plait eval scores with
+    return scorer.score(PAIRS), scorer.greedy(PROMPTS, max_new_tokens=8, stop=_stop_at_multiple_of_7)
+
+
+@pytest.mark.parametrize(
+    ("preset", "plan"), [("mixtral-tiny", "ep=2"), ("switch-tiny", "ep=2"), ("switch-tiny", "dp=2 zero=3")]
+)
+def test_moe_scores_and_greedy_under_ep_and_zero3_are_one_process(preset: str, plan: str) -> None:
+    """Every rank scores every request (unequal dp shares would leave ep's all-to-all or ZeRO-3's
+    all-gather unmatched), so each gets one process's log-likelihoods and tokens."""
+    one = Scorer(_moe(preset), max_length=24, batch_size=2, kv_cache=False)  # whole rows: no cache to trust
+    scores = one.score(PAIRS)
+    expected = one.greedy(PROMPTS, max_new_tokens=8, stop=_stop_at_multiple_of_7)
+    assert {len(new) for new in expected} != {8}  # some rows stop early
+    for got_scores, got_tokens in run_ranks(_moe_rank, 2, preset, plan, timeout_s=120):
+        assert got_tokens == expected
+        for (got, got_greedy), (want, want_greedy) in zip(got_scores, scores, strict=True):
+            assert math.isclose(got, want, rel_tol=1e-5) and got_greedy == want_greedy, (got, want)

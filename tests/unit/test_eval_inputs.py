@@ -118,7 +118,7 @@ CLI_CASES = {
     ),
     "plan cp": (
         ["eval", "{ckpt}", "--plan", "cp=2"],
-        "plait eval runs under dp, tp and pp (zero 0-2); cp=2 is not supported for evaluation yet",
+        "plait eval runs under dp, tp, pp, ep and ZeRO 0-3; cp=2 is not supported for evaluation: its forward needs",
     ),
     "ranks without plan": (["eval", "{ckpt}", "--nproc", "2"], "--nproc 2 without --plan"),
     "split version": (

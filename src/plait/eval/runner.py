@@ -71,11 +71,10 @@ class EvalRequest:
 
 
 def _check_plan(plan: Plan) -> None:
-    unsupported = {name: getattr(plan, name) for name in ("cp", "ep") if getattr(plan, name) > 1}
-    if unsupported or plan.zero == 3:
-        shown = ", ".join(f"{k}={v}" for k, v in unsupported.items()) or "zero=3"
+    if plan.cp > 1:
         raise ValueError(
-            f"plait eval runs under dp, tp and pp (zero 0-2); {shown} is not supported for evaluation yet: "
+            f"plait eval runs under dp, tp, pp, ep and ZeRO 0-3; cp={plan.cp} is not supported for evaluation: "
+            "its forward needs each sequence sharded over the cp ranks, which the scorer does not do; "
             "use tp or pp to split a model too big for one rank"
         )
 
@@ -219,7 +218,7 @@ def window(checkpoint: Checkpoint, *, override: int | None) -> int:
 
 def _scorer(model: torch.nn.Module, *, max_length: int, request: EvalRequest) -> Any:
     from plait.eval.pipeline_logits import PipelineLogits
-    from plait.eval.scorer import DataRanks, Scorer
+    from plait.eval.scorer import Scorer
     from plait.train.generate import _context_length
 
     if max_length > _context_length(model):  # the configs read before loading said otherwise: never run past it
@@ -235,10 +234,24 @@ def _scorer(model: torch.nn.Module, *, max_length: int, request: EvalRequest) ->
         loss_fn=causal_lm,
         plan=_boost_plan(request.plan),
     )
-    ranks = DataRanks(rank=engine.dp_rank, size=engine.dp_size, group=engine.mesh.group("data"))
+    ranks = _data_ranks(engine, plan=request.plan)
     # under pp a rank holds some stages only: every pp rank gets the last stage's logits
     scored = engine.model if engine.pipeline is None else PipelineLogits(engine)
-    return Scorer(scored, max_length=max_length, batch_size=request.batch_size, ranks=ranks)
+    # under ZeRO-3 the KV cache's decoder calls the model's parts, not the forward whose hooks gather
+    # the parameters: greedy generation then runs whole rows
+    cache = request.plan.zero != 3
+    return Scorer(scored, max_length=max_length, batch_size=request.batch_size, ranks=ranks, kv_cache=cache)
+
+
+def _data_ranks(engine: Any, *, plan: Plan) -> Any:
+    """dp ranks share the requests, except under ZeRO-3 (each forward all-gathers the parameters over dp)
+    and ep (each MoE layer exchanges tokens over ep): there every rank scores every request, so all run
+    the same forwards in lockstep (unequal shares, or rows stopping at different steps, would hang)."""
+    from plait.eval.scorer import DataRanks
+
+    if plan.zero == 3 or plan.ep > 1:
+        return DataRanks()
+    return DataRanks(rank=engine.dp_rank, size=engine.dp_size, group=engine.mesh.group("data"))
 
 
 def _boost_plan(plan: Plan) -> Plan:
